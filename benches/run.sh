@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Kiln's benchmark: a trivial guest invoked synchronously over loopback, next to bare hyper doing
+# the same HTTP work, in the same run. The server is pinned to CPU 0 and wrk to CPU 1, so the
+# numbers compare servers on one core each. Prints req/s and latency percentiles and the ratio.
+#
+# Usage: benches/run.sh [--quick]      (quick: 5 s per run instead of 15 s)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+duration=15s
+[[ "${1:-}" == "--quick" ]] && duration=5s
+connections=32
+
+runtime/scripts/setup.sh
+if ! command -v wrk >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk
+fi
+cargo build --release -p kiln -p kiln-bench
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+cat >"$work/post.lua" <<LUA
+wrk.method = "POST"
+wrk.body = "{}"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("KILN_TOKEN")
+LUA
+
+# Runs wrk and prints "req/s p50_ms p99_ms".
+drive() {
+  local url=$1
+  taskset -c 1 wrk -t1 -c"$connections" -d"$duration" --latency -s "$work/post.lua" "$url" >"$work/wrk.txt"
+  awk '
+    /Requests\/sec/ {rps=$2}
+    /^ +50%/ {p50=$2} /^ +99%/ {p99=$2}
+    /Non-2xx/ {print "non-2xx responses: " $0 > "/dev/stderr"; bad=1}
+    function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
+    END { printf "%.0f %.3f %.3f\n", rps, ms(p50), ms(p99); exit bad }' "$work/wrk.txt"
+}
+
+wait_for() { for _ in $(seq 100); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "server at $1 did not start" >&2; exit 1; }
+
+# Bare hyper.
+taskset -c 0 target/release/bare-hyper 127.0.0.1:7979 2>/dev/null &
+pids+=($!)
+wait_for http://127.0.0.1:7979/
+read -r hyper_rps hyper_p50 hyper_p99 < <(KILN_TOKEN=none drive http://127.0.0.1:7979/)
+
+# Kiln with the trivial guest.
+taskset -c 0 target/release/kiln serve --listen 127.0.0.1:7878 --data "$work/data" 2>"$work/kiln.log" &
+pids+=($!)
+wait_for http://127.0.0.1:7878/healthz
+export KILN_TOKEN=$(cat "$work/data/admin.token")
+curl -fsS -X PUT -H "Authorization: Bearer $KILN_TOKEN" --data-binary @guests/wat/hello.wat \
+  http://127.0.0.1:7878/v1/functions/hello >/dev/null
+read -r kiln_rps kiln_p50 kiln_p99 < <(drive http://127.0.0.1:7878/v1/functions/hello/invoke)
+
+printf '\n%-28s %10s %10s %10s\n' "system (c=$connections, $duration)" "req/s" "p50 ms" "p99 ms"
+printf '%-28s %10s %10s %10s\n' "bare hyper" "$hyper_rps" "$hyper_p50" "$hyper_p99"
+printf '%-28s %10s %10s %10s\n' "kiln sync invoke (hello)" "$kiln_rps" "$kiln_p50" "$kiln_p99"
+awk -v k="$kiln_rps" -v h="$hyper_rps" -v kp="$kiln_p99" -v hp="$hyper_p99" \
+  'BEGIN { printf "\nkiln / bare hyper: req/s %.2fx, p99 %.2fx\n", k/h, kp/hp }'

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what building, testing and running Kiln needs on a fresh machine. Idempotent: each step
+# checks before it installs. Needs the Rust toolchain (rustup) already present.
+set -euo pipefail
+
+# The guests (tests, examples) compile to WASI preview 1 modules and preview 2 components.
+installed=$(rustup target list --installed)
+for target in wasm32-wasip1 wasm32-wasip2; do
+  if ! grep -qx "$target" <<<"$installed"; then
+    echo "setup: installing Rust target $target"
+    rustup target add "$target"
+  fi
+done
+
+# curl drives the README walkthrough.
+if ! command -v curl >/dev/null 2>&1; then
+  echo "setup: installing curl"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl
+fi

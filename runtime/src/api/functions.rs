@@ -1,0 +1,132 @@
+//! Deploy, list, get and delete.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde::Serialize;
+
+use super::body::{self, Body};
+use super::error::ApiError;
+use crate::app::App;
+use crate::config::FunctionConfig;
+use crate::deploy;
+use crate::store::VersionRecord;
+
+/// A version as the API shows it.
+#[derive(Serialize)]
+struct VersionView<'a> {
+    name: &'a str,
+    version: u32,
+    digest: String,
+    kind: &'static str,
+    tier: &'static str,
+    handle: String,
+    config: &'a FunctionConfig,
+    created_at: &'a str,
+}
+
+impl<'a> From<&'a VersionRecord> for VersionView<'a> {
+    fn from(r: &'a VersionRecord) -> Self {
+        VersionView {
+            name: &r.name,
+            version: r.version,
+            digest: r.digest.prefixed(),
+            kind: r.kind.as_str(),
+            tier: r.config.tier.as_str(),
+            handle: format!("{}@{}", r.name, r.version),
+            config: &r.config,
+            created_at: &r.created_at,
+        }
+    }
+}
+
+pub async fn deploy(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let (parts, incoming) = req.into_parts();
+    // The code cap plus room for the multipart framing and a config part.
+    let limit = app.config.max_code_bytes + 64 * 1024;
+    let bytes = body::read(&parts.headers, incoming, limit, app.config.body_read_timeout).await?;
+    let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let (code, config) = if content_type.starts_with("multipart/form-data") {
+        parse_multipart(content_type, bytes).await?
+    } else {
+        (bytes, FunctionConfig::default())
+    };
+    if code.len() as u64 > app.config.max_code_bytes {
+        return Err(ApiError::payload_too_large(app.config.max_code_bytes));
+    }
+    let deployed = deploy::deploy(app, name, code, config).await?;
+    let status = if deployed.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(body::json(status, &VersionView::from(&deployed.record)))
+}
+
+async fn parse_multipart(content_type: &str, bytes: Bytes) -> Result<(Bytes, FunctionConfig), ApiError> {
+    let bad = |msg: String| ApiError::invalid_request(format!("multipart body: {msg}"));
+    let boundary = multer::parse_boundary(content_type).map_err(|e| bad(e.to_string()))?;
+    let stream = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(bytes) });
+    let mut multipart = multer::Multipart::new(stream, boundary);
+    let (mut code, mut config) = (None, None);
+    while let Some(field) = multipart.next_field().await.map_err(|e| bad(e.to_string()))? {
+        let name = field.name().unwrap_or("").to_owned();
+        let data = field.bytes().await.map_err(|e| bad(e.to_string()))?;
+        let slot = match name.as_str() {
+            "code" => &mut code,
+            "config" => &mut config,
+            other => return Err(bad(format!("unexpected part {other:?}; expected `code` and optionally `config`"))),
+        };
+        if slot.replace(data).is_some() {
+            return Err(bad(format!("part {name:?} appears twice")));
+        }
+    }
+    let code = code.ok_or_else(|| bad("no `code` part".into()))?;
+    let config = match config {
+        Some(json) => FunctionConfig::from_json(&json).map_err(ApiError::invalid_request)?,
+        None => FunctionConfig::default(),
+    };
+    Ok((code, config))
+}
+
+pub async fn list(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
+    let store = app.store.clone();
+    let records = tokio::task::spawn_blocking(move || store.all_latest())
+        .await
+        .expect("store task panicked")
+        .map_err(ApiError::internal)?;
+    let functions: Vec<VersionView> = records.iter().map(VersionView::from).collect();
+    Ok(body::json(StatusCode::OK, &serde_json::json!({ "functions": functions })))
+}
+
+pub async fn get(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
+    let store = app.store.clone();
+    let owned = name.to_owned();
+    let versions = tokio::task::spawn_blocking(move || store.versions(&owned))
+        .await
+        .expect("store task panicked")
+        .map_err(ApiError::internal)?;
+    let Some(latest) = versions.last() else {
+        return Err(ApiError::not_found(format!("no function named `{name}`")));
+    };
+    let mut view = serde_json::to_value(VersionView::from(latest)).expect("serialises");
+    let list: Vec<_> = versions
+        .iter()
+        .map(|v| {
+            serde_json::json!({
+                "version": v.version,
+                "digest": v.digest.prefixed(),
+                "handle": format!("{}@{}", v.name, v.version),
+                "created_at": v.created_at,
+            })
+        })
+        .collect();
+    view["versions"] = list.into();
+    Ok(body::json(StatusCode::OK, &view))
+}
+
+pub async fn delete(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
+    deploy::delete(app, name).await?;
+    Ok(Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .body(Body::default())
+        .expect("static response"))
+}

@@ -1,0 +1,57 @@
+//! Synchronous invoke: the request body is the guest's stdin, its stdout the response body.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::body::{self, Body};
+use super::error::ApiError;
+use crate::app::App;
+use crate::invoke::{self, InvokeError};
+
+const INVOCATION_ID: &str = "x-kiln-invocation-id";
+const VERSION: &str = "x-kiln-version";
+const DURATION_US: &str = "x-kiln-duration-us";
+
+pub async fn sync(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let version = super::version_param(req.uri().query())?;
+    let (function, concurrency) = app.resolve(name, version).await?;
+    let (parts, incoming) = req.into_parts();
+    let input = body::read(&parts.headers, incoming, app.config.max_sync_input_bytes, app.config.body_read_timeout).await?;
+
+    let id = uuid::Uuid::now_v7();
+    let started = Instant::now();
+    let outcome = invoke::invoke(app, &function, &concurrency, input).await;
+    let duration = started.elapsed();
+    let metrics = &app.metrics;
+    let mut response = match outcome {
+        Ok(success) => {
+            metrics.invocations_ok.inc();
+            let response = Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/octet-stream")
+                .body(Body::new(success.stdout))
+                .expect("static headers are valid");
+            response
+        }
+        Err(e) => {
+            let counter = match &e {
+                InvokeError::Failed(_) => &metrics.invocations_failed,
+                InvokeError::Timeout(_) => &metrics.invocations_timeout,
+                InvokeError::FunctionBusy(..) | InvokeError::PoolBusy(_) => &metrics.invocations_rejected,
+            };
+            counter.inc();
+            tracing::debug!(function = name, version = function.record.version, id = %id, error = %e, "invocation failed");
+            body::error(&ApiError::from(e))
+        }
+    };
+    let headers = response.headers_mut();
+    let mut buf = uuid::Uuid::encode_buffer();
+    let id_text = id.as_hyphenated().encode_lower(&mut buf);
+    headers.insert(INVOCATION_ID, HeaderValue::from_str(id_text).expect("uuid is ASCII"));
+    headers.insert(VERSION, function.version_header.clone());
+    headers.insert(DURATION_US, HeaderValue::from(duration.as_micros() as u64));
+    Ok(response)
+}

@@ -1,0 +1,118 @@
+//! HTTP routes of `../shared/API.md`. `handle` is the whole request pipeline: route, refuse during
+//! shutdown, authenticate, validate names, then the handler. Handlers return `Result<_, ApiError>`
+//! and `error.rs` turns every failure into the contract's status and JSON body.
+
+pub mod body;
+pub mod error;
+mod functions;
+mod invoke;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::{header, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::app::App;
+use crate::config::is_valid_function_name;
+use crate::metrics::Gauges;
+use body::Body;
+use error::ApiError;
+
+pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let response = match route(&app, req).await {
+        Ok(response) => response,
+        Err(e) => body::error(&e),
+    };
+    Ok(response)
+}
+
+async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let method = req.method().clone();
+    match segments.as_slice() {
+        ["healthz"] => return Ok(healthz(app)),
+        ["metrics"] => return Ok(metrics(app)),
+        ["v1", ..] => {}
+        _ => return Err(ApiError::not_found(format!("no route for {path}"))),
+    }
+    if app.is_shutting_down() {
+        return Err(ApiError::unavailable("kiln is shutting down"));
+    }
+    if !app.auth.check(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes())) {
+        return Err(ApiError::unauthorized());
+    }
+    match (segments.as_slice(), method) {
+        (["v1", "functions"], Method::GET) => functions::list(app).await,
+        (["v1", "functions"], _) => Err(ApiError::method_not_allowed()),
+        (["v1", "functions", name, rest @ ..], method) => {
+            if !is_valid_function_name(name) {
+                return Err(ApiError::invalid_request(format!(
+                    "invalid function name {name:?}: names match ^[a-z0-9][a-z0-9_-]{{0,63}}$"
+                )));
+            }
+            match (rest, method) {
+                ([], Method::PUT) => functions::deploy(app, name, req).await,
+                ([], Method::GET) => functions::get(app, name).await,
+                ([], Method::DELETE) => functions::delete(app, name).await,
+                ([], _) | (["invoke"], _) => match req.method() {
+                    &Method::POST if rest == ["invoke"] => invoke::sync(app, name, req).await,
+                    _ => Err(ApiError::method_not_allowed()),
+                },
+                _ => Err(ApiError::not_found(format!("no route for {path}"))),
+            }
+        }
+        _ => Err(ApiError::not_found(format!("no route for {path}"))),
+    }
+}
+
+fn healthz(app: &App) -> Response<Body> {
+    if app.is_shutting_down() {
+        return body::error(&ApiError::unavailable("kiln is shutting down"));
+    }
+    body::json(StatusCode::OK, &serde_json::json!({ "status": "ok", "tiers": { "wasm": true, "microvm": false } }))
+}
+
+fn metrics(app: &App) -> Response<Body> {
+    let gauges = Gauges {
+        compilations: app.cache.compilations(),
+        functions: app.registry.len(),
+        instances_in_use: app.config.max_instances as usize - app.instance_permits.available_permits(),
+    };
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
+        .body(Body::from(app.metrics.render(&gauges)))
+        .expect("static headers are valid")
+}
+
+/// Parses the `version` query parameter; other parameters are refused so a typo is not ignored.
+fn version_param(query: Option<&str>) -> Result<Option<u32>, ApiError> {
+    let mut version = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("version", v)) => {
+                let parsed = v.parse::<u32>().ok().filter(|v| *v > 0);
+                version = Some(parsed.ok_or_else(|| {
+                    ApiError::invalid_request(format!("version must be a positive integer, not {v:?}"))
+                })?);
+            }
+            _ => return Err(ApiError::invalid_request(format!("unknown query parameter {pair:?}"))),
+        }
+    }
+    Ok(version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_query() {
+        assert_eq!(version_param(None).unwrap(), None);
+        assert_eq!(version_param(Some("version=3")).unwrap(), Some(3));
+        assert!(version_param(Some("version=0")).is_err());
+        assert!(version_param(Some("version=x")).is_err());
+        assert!(version_param(Some("verison=1")).is_err());
+    }
+}

@@ -1,0 +1,184 @@
+//! One invocation, start to finish: take the function's and the pool's permits, build a fresh
+//! WASI context, instantiate from the pre-linked `InstancePre` (a pool slot with a copy-on-write
+//! memory image), call the entry point under a deadline, and shape the outcome. Nothing here
+//! compiles or touches the disk.
+
+use bytes::Bytes;
+use wasmtime::component::ResourceTable;
+use wasmtime::{Store, Trap};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::pipe::MemoryInputPipe;
+use wasmtime_wasi::{I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::app::App;
+use crate::config::{STDERR_CAP, STDOUT_CAP};
+use crate::limits::{CappedOutput, MemoryLimiter};
+use crate::pool::ticks_for;
+use crate::registry::{Concurrency, Entry, LoadedFunction};
+
+/// Store data of a core-module (WASI preview 1) instance.
+pub struct ModuleState {
+    pub wasi: WasiP1Ctx,
+    pub limiter: MemoryLimiter,
+}
+
+/// Store data of a component instance.
+pub struct ComponentState {
+    pub wasi: WasiCtx,
+    pub table: ResourceTable,
+    pub limiter: MemoryLimiter,
+}
+
+impl WasiView for ComponentState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// A successful invocation: the guest exited 0.
+pub struct Success {
+    pub stdout: Bytes,
+}
+
+/// Why an invocation did not succeed. `Failed` and `Timeout` are the guest's doing; the others are
+/// capacity answers the caller may retry.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    #[error("function `{0}` is already running its maximum of {1} concurrent invocations")]
+    FunctionBusy(String, u32),
+    #[error("the server is running its maximum of {0} concurrent instances")]
+    PoolBusy(u32),
+    #[error("the function ran past its timeout of {0} ms")]
+    Timeout(u64),
+    #[error("{}", .0.message)]
+    Failed(Failure),
+}
+
+/// What the caller learns of a failed guest.
+#[derive(Debug)]
+pub struct Failure {
+    pub message: String,
+    pub trap: Option<String>,
+    pub exit_code: Option<i32>,
+    pub stderr_tail: String,
+}
+
+/// Bytes of stderr an error body carries.
+const STDERR_TAIL: usize = 4096;
+
+pub async fn invoke(
+    app: &App,
+    f: &LoadedFunction,
+    concurrency: &Concurrency,
+    input: Bytes,
+) -> Result<Success, InvokeError> {
+    let config = &f.record.config;
+    let _function_permit = concurrency
+        .permits
+        .try_acquire()
+        .map_err(|_| InvokeError::FunctionBusy(f.record.name.clone(), concurrency.limit))?;
+    let _pool_permit = app
+        .instance_permits
+        .try_acquire()
+        .map_err(|_| InvokeError::PoolBusy(app.config.max_instances))?;
+
+    let stdout = CappedOutput::new("stdout", STDOUT_CAP);
+    let stderr = CappedOutput::new("stderr", STDERR_CAP);
+    let mut wasi = WasiCtxBuilder::new();
+    wasi.stdin(MemoryInputPipe::new(input))
+        .stdout(stdout.clone())
+        .stderr(stderr.clone())
+        .args(&f.args)
+        .envs(&f.env)
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
+    let limiter = MemoryLimiter::new(config.memory_bytes());
+
+    // Guest code is bounded by the epoch deadline (it traps with `Trap::Interrupt`); time parked
+    // in a host call (a sleep, say) by the host-side timeout, which drops the call's future.
+    let deadline = config.timeout();
+    let ticks = ticks_for(deadline);
+    let (outcome, memory_exceeded) = match &f.entry {
+        Entry::Module(pre) => {
+            let mut store = Store::new(&app.engine, ModuleState { wasi: wasi.build_p1(), limiter });
+            store.limiter(|s| &mut s.limiter);
+            store.set_epoch_deadline(ticks);
+            let run = async {
+                let instance = pre.instantiate_async(&mut store).await?;
+                let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+                start.call_async(&mut store, ()).await
+            };
+            let outcome = tokio::time::timeout(deadline, run).await;
+            (outcome, store.data().limiter.exceeded())
+        }
+        Entry::Component(pre) => {
+            let state = ComponentState { wasi: wasi.build(), table: ResourceTable::new(), limiter };
+            let mut store = Store::new(&app.engine, state);
+            store.limiter(|s| &mut s.limiter);
+            store.set_epoch_deadline(ticks);
+            let run = async {
+                let command = pre.instantiate_async(&mut store).await?;
+                match command.wasi_cli_run().call_run(&mut store).await? {
+                    Ok(()) => Ok(()),
+                    Err(()) => Err(wasmtime::Error::new(I32Exit(1))),
+                }
+            };
+            let outcome = tokio::time::timeout(deadline, run).await;
+            (outcome, store.data().limiter.exceeded())
+        }
+    };
+
+    let error = match outcome {
+        Ok(Ok(())) => return Ok(Success { stdout: stdout.take() }),
+        Ok(Err(error)) => error,
+        Err(_elapsed) => return Err(InvokeError::Timeout(config.timeout_ms)),
+    };
+    if let Some(I32Exit(code)) = error.downcast_ref::<I32Exit>() {
+        if *code == 0 {
+            return Ok(Success { stdout: stdout.take() });
+        }
+    }
+    Err(classify(error, config.timeout_ms, memory_exceeded, &stdout, &stderr))
+}
+
+/// Turns a guest's error into what the caller is told, naming the limit it hit when it hit one.
+fn classify(
+    error: wasmtime::Error,
+    timeout_ms: u64,
+    memory_exceeded: bool,
+    stdout: &CappedOutput,
+    stderr: &CappedOutput,
+) -> InvokeError {
+    let trap = error.downcast_ref::<Trap>().copied();
+    if trap == Some(Trap::Interrupt) {
+        return InvokeError::Timeout(timeout_ms);
+    }
+    let exit_code = error.downcast_ref::<I32Exit>().map(|e| e.0);
+    let message = if let Some(code) = exit_code {
+        format!("the function exited with code {code}")
+    } else if memory_exceeded {
+        format!("the function exceeded its memory limit: {}", root_message(&error))
+    } else if stdout.overflowed() {
+        format!("the function's {}", stdout.limit_message())
+    } else if stderr.overflowed() {
+        format!("the function's {}", stderr.limit_message())
+    } else if trap == Some(Trap::StackOverflow) {
+        "the function trapped: stack overflow".to_owned()
+    } else if let Some(trap) = trap {
+        format!("the function trapped: {trap}")
+    } else {
+        format!("the function failed: {}", root_message(&error))
+    };
+    InvokeError::Failed(Failure {
+        message,
+        trap: trap.map(|t| t.to_string()),
+        exit_code,
+        stderr_tail: stderr.tail(STDERR_TAIL),
+    })
+}
+
+/// The innermost cause of an error, without wasmtime's backtrace context.
+fn root_message(error: &wasmtime::Error) -> String {
+    error.chain().last().map(|e| e.to_string()).unwrap_or_default()
+}

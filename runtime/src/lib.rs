@@ -1,0 +1,23 @@
+//! Kiln: a self-hosted serverless function runtime. Functions (WebAssembly modules and components)
+//! are deployed over HTTP, compiled ahead of time for this CPU, and invoked in fresh instances from
+//! a pooling allocator.
+//!
+//! The modules follow a request's path: `server` accepts connections, `api` routes and shapes
+//! answers, `auth` checks tokens; `deploy` runs `validate` → `compile` → `store` → `registry`;
+//! `invoke` runs a guest under `limits` in an instance from the `pool`. `app` holds it all.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod compile;
+pub mod config;
+pub mod deploy;
+pub mod invoke;
+pub mod limits;
+pub mod metrics;
+pub mod pool;
+pub mod registry;
+pub mod server;
+pub mod shutdown;
+pub mod store;
+pub mod validate;

@@ -1,0 +1,204 @@
+//! Per-invocation limits that live inside a store: the memory limiter and the capped output
+//! streams. Each records *which* limit was hit, so the failure reaches the user as "memory limit of
+//! 128 MiB exceeded", not as an anonymous trap.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use wasmtime::ResourceLimiter;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
+
+use crate::pool::TABLE_ELEMENTS;
+
+/// Caps a store's linear memory (all memories together) and table sizes.
+pub struct MemoryLimiter {
+    limit: usize,
+    used: usize,
+    exceeded: bool,
+}
+
+impl MemoryLimiter {
+    pub fn new(limit: usize) -> MemoryLimiter {
+        MemoryLimiter { limit, used: 0, exceeded: false }
+    }
+
+    /// True once a growth past the limit was refused (the guest then trapped).
+    pub fn exceeded(&self) -> bool {
+        self.exceeded
+    }
+
+    pub fn limit_mib(&self) -> usize {
+        self.limit >> 20
+    }
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        let used = self.used - current + desired;
+        if used > self.limit {
+            self.exceeded = true;
+            // Trapping (rather than failing `memory.grow` with -1) ends the invocation with a
+            // clear reason instead of letting the guest limp on or abort with its own message.
+            wasmtime::bail!("memory limit of {} MiB exceeded", self.limit_mib());
+        }
+        self.used = used;
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= TABLE_ELEMENTS)
+    }
+}
+
+/// An in-memory stdout/stderr with a hard cap. Writing past the cap traps the guest with a message
+/// naming the stream and the cap; the buffer never grows beyond it.
+#[derive(Clone)]
+pub struct CappedOutput {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    stream: &'static str,
+    cap: usize,
+    buf: Mutex<BytesMut>,
+    overflowed: AtomicBool,
+}
+
+impl CappedOutput {
+    pub fn new(stream: &'static str, cap: usize) -> CappedOutput {
+        CappedOutput {
+            inner: Arc::new(Shared {
+                stream,
+                cap,
+                buf: Mutex::new(BytesMut::new()),
+                overflowed: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn overflowed(&self) -> bool {
+        self.inner.overflowed.load(Ordering::Relaxed)
+    }
+
+    /// The bytes written so far. Takes them out when this is the last handle (the usual case once
+    /// the store is gone), else copies.
+    pub fn take(self) -> Bytes {
+        match Arc::try_unwrap(self.inner) {
+            Ok(shared) => shared.buf.into_inner().unwrap_or_else(|e| e.into_inner()).freeze(),
+            Err(shared) => Bytes::copy_from_slice(&shared.buf.lock().unwrap_or_else(|e| e.into_inner())),
+        }
+    }
+
+    /// The last `max` bytes written, as text for an error body.
+    pub fn tail(&self, max: usize) -> String {
+        let buf = self.inner.buf.lock().unwrap_or_else(|e| e.into_inner());
+        let start = buf.len().saturating_sub(max);
+        String::from_utf8_lossy(&buf[start..]).into_owned()
+    }
+
+    pub fn limit_message(&self) -> String {
+        format!("{} exceeded its limit of {} bytes", self.inner.stream, self.inner.cap)
+    }
+
+    fn overflow(&self) -> StreamError {
+        self.inner.overflowed.store(true, Ordering::Relaxed);
+        StreamError::Trap(wasmtime::format_err!("{}", self.limit_message()))
+    }
+
+    fn append(&self, bytes: &[u8]) -> Result<(), StreamError> {
+        let mut buf = self.inner.buf.lock().unwrap_or_else(|e| e.into_inner());
+        if bytes.len() > self.inner.cap - buf.len() {
+            drop(buf);
+            return Err(self.overflow());
+        }
+        buf.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl OutputStream for CappedOutput {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.append(&bytes)
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        let room = self.inner.cap - self.inner.buf.lock().unwrap_or_else(|e| e.into_inner()).len();
+        if room == 0 {
+            return Err(self.overflow());
+        }
+        Ok(room)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for CappedOutput {
+    async fn ready(&mut self) {}
+}
+
+impl IsTerminal for CappedOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for CappedOutput {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl tokio::io::AsyncWrite for CappedOutput {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(
+            self.append(buf)
+                .map(|()| buf.len())
+                .map_err(|_| std::io::Error::other(self.limit_message())),
+        )
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_cap_is_hard() {
+        let mut out = CappedOutput::new("stdout", 8);
+        out.write(Bytes::from_static(b"12345")).unwrap();
+        assert_eq!(out.check_write().unwrap(), 3);
+        assert!(out.write(Bytes::from_static(b"6789")).is_err());
+        assert!(out.overflowed());
+        assert_eq!(out.tail(3), "345");
+        assert_eq!(out.clone().take(), Bytes::from_static(b"12345"));
+    }
+
+    #[test]
+    fn memory_limit_counts_growth() {
+        let mut limiter = MemoryLimiter::new(1 << 20);
+        assert!(limiter.memory_growing(0, 512 << 10, None).unwrap());
+        assert!(limiter.memory_growing(512 << 10, 1 << 20, None).unwrap());
+        assert!(limiter.memory_growing(1 << 20, 2 << 20, None).is_err());
+        assert!(limiter.exceeded());
+    }
+}

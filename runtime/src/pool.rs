@@ -1,0 +1,112 @@
+//! The wasmtime engine and its pooling instance allocator, sized from one number: `max_instances`,
+//! the most guest instances alive at once. Pool slots are reserved virtual memory set up at start,
+//! so an invocation's instance comes from a free slot with a copy-on-write image of its memory
+//! instead of fresh `mmap`s (the shape follows Spin's `crates/core`).
+//!
+//! Each pool dimension derives from `max_instances`:
+//!
+//! | pool               | size                  | why                                              |
+//! |--------------------|-----------------------|--------------------------------------------------|
+//! | component instances| max_instances         | one per live invocation                          |
+//! | core instances     | 4 × max_instances     | a component holds a few core instances           |
+//! | memories           | max_instances         | ~4 GiB + guard of address space each             |
+//! | tables             | 2 × max_instances     | cheap: 8 bytes per element                       |
+//! | async stacks       | max_instances         | one fiber stack per running invocation           |
+//!
+//! Epoch interruption bounds guest code in time: a ticker thread advances the engine's epoch every
+//! `EPOCH_TICK`, and each store gets a deadline in ticks.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::{Config, Engine, Enabled, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use crate::config::MAX_MEMORY_MB;
+
+/// Granularity of timeouts for guest code.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// Elements a table may hold; tables larger than this are rejected at deploy.
+pub const TABLE_ELEMENTS: usize = 100_000;
+pub const MEMORIES_PER_MODULE: u32 = 1;
+pub const TABLES_PER_MODULE: u32 = 4;
+/// Deepest Wasm stack a guest may use before it traps with a stack overflow.
+pub const MAX_WASM_STACK: usize = 1 << 20;
+
+const MIB: usize = 1 << 20;
+
+/// Builds the one engine every function shares. Its settings are part of the compile cache key
+/// (see `compile`), so changing anything here recompiles cached code, never misloads it.
+pub fn engine(max_instances: u32) -> wasmtime::Result<Engine> {
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(max_instances)
+        .total_core_instances(4 * max_instances)
+        .total_memories(max_instances)
+        .total_tables(2 * max_instances)
+        .total_stacks(max_instances)
+        .max_core_instances_per_component(32)
+        .max_memories_per_component(8)
+        .max_tables_per_component(16)
+        .max_memories_per_module(MEMORIES_PER_MODULE)
+        .max_tables_per_module(TABLES_PER_MODULE)
+        .table_elements(TABLE_ELEMENTS)
+        .max_core_instance_size(MIB)
+        .max_component_instance_size(MIB)
+        // The pool's ceiling; each function's own `memory_mb` is enforced per store.
+        .max_memory_size(MAX_MEMORY_MB as usize * MIB)
+        // Keep the first pages of a slot resident and reset them with memset (cheaper than
+        // madvise + page faults for small guests); PAGEMAP_SCAN resets only the dirtied pages.
+        .linear_memory_keep_resident(2 * MIB)
+        .table_keep_resident(MIB / 2)
+        .async_stack_keep_resident(64 * 1024)
+        .pagemap_scan(Enabled::Auto);
+
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(MAX_WASM_STACK)
+        .async_stack_size(MAX_WASM_STACK + 512 * 1024)
+        .memory_init_cow(true)
+        .cranelift_opt_level(wasmtime::OptLevel::Speed)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Engine::new(&config)
+}
+
+/// Advances the engine's epoch every `EPOCH_TICK` until dropped.
+pub struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    pub fn start(engine: &Engine) -> EpochTicker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let engine = engine.weak();
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name("kiln-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match engine.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .expect("spawning the epoch thread");
+        EpochTicker { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Epoch ticks that cover `timeout`, rounded up, plus one because the current tick may be nearly over.
+pub fn ticks_for(timeout: Duration) -> u64 {
+    let tick = EPOCH_TICK.as_nanos();
+    (timeout.as_nanos().div_ceil(tick) as u64).saturating_add(1)
+}

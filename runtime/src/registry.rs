@@ -1,0 +1,180 @@
+//! The in-memory map from function names to what runs them. Every function in the store has an
+//! entry here (filled at start-up, kept in step by deploy and delete); each version's compiled code
+//! is loaded and linked once, on first use or at deploy, and then shared by every invocation.
+//!
+//! Entries are immutable and replaced whole on deploy, so the invoke path takes no lock beyond one
+//! shard read of the map.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use http::HeaderValue;
+use tokio::sync::{OnceCell, Semaphore};
+use wasmtime::component::Linker as ComponentLinker;
+use wasmtime::{Engine, InstancePre, Linker};
+use wasmtime_wasi::p2::bindings::CommandPre;
+
+use crate::compile::Compiled;
+use crate::invoke::{ComponentState, ModuleState};
+use crate::store::VersionRecord;
+
+/// Linked, ready-to-instantiate code.
+pub enum Entry {
+    Module(InstancePre<ModuleState>),
+    Component(CommandPre<ComponentState>),
+}
+
+/// One version, loaded: everything an invocation needs, computed once.
+pub struct LoadedFunction {
+    pub record: VersionRecord,
+    pub entry: Entry,
+    pub args: [String; 1],
+    pub env: Vec<(String, String)>,
+    pub version_header: HeaderValue,
+}
+
+/// The linkers every function is linked against: WASI preview 1 for modules, WASI 0.2 for
+/// components. Built once; nothing else is ever linked in (deny by default).
+pub struct Linkers {
+    module: Linker<ModuleState>,
+    component: ComponentLinker<ComponentState>,
+}
+
+impl Linkers {
+    pub fn new(engine: &Engine) -> wasmtime::Result<Linkers> {
+        let mut module = Linker::new(engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut module, |s: &mut ModuleState| &mut s.wasi)?;
+        let mut component = ComponentLinker::new(engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut component)?;
+        Ok(Linkers { module, component })
+    }
+
+    /// Resolves a compiled artifact's imports. Fails (with the missing import's name) when the code
+    /// needs something Kiln does not provide.
+    pub fn link(&self, compiled: &Compiled) -> Result<Entry, String> {
+        match compiled {
+            Compiled::Module(module) => self
+                .module
+                .instantiate_pre(module)
+                .map(Entry::Module)
+                .map_err(|e| format!("{e:#}")),
+            Compiled::Component(component) => {
+                let pre = self.component.instantiate_pre(component).map_err(|e| format!("{e:#}"))?;
+                CommandPre::new(pre).map(Entry::Component).map_err(|e| format!("{e:#}"))
+            }
+        }
+    }
+}
+
+/// A function's versions known to this process.
+#[derive(Clone)]
+struct FunctionEntry {
+    latest: u32,
+    versions: HashMap<u32, Arc<Slot>>,
+    concurrency: Arc<Concurrency>,
+}
+
+/// A function's concurrency limit (from its latest version's config) and the permits that enforce
+/// it, shared by all its versions.
+pub struct Concurrency {
+    pub permits: Semaphore,
+    pub limit: u32,
+}
+
+impl Concurrency {
+    fn new(limit: u32) -> Arc<Concurrency> {
+        Arc::new(Concurrency { permits: Semaphore::new(limit as usize), limit })
+    }
+}
+
+/// A version and, once loaded, its code.
+pub struct Slot {
+    pub record: VersionRecord,
+    pub loaded: OnceCell<Arc<LoadedFunction>>,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    functions: DashMap<String, Arc<FunctionEntry>>,
+}
+
+pub enum Lookup {
+    Found(Arc<Slot>, Arc<Concurrency>),
+    /// The function exists but this version is not in memory; the store may have it.
+    NotLoaded(Arc<Concurrency>),
+    NoFunction,
+}
+
+impl Registry {
+    pub fn lookup(&self, name: &str, version: Option<u32>) -> Lookup {
+        let Some(entry) = self.functions.get(name).map(|e| e.clone()) else {
+            return Lookup::NoFunction;
+        };
+        match entry.versions.get(&version.unwrap_or(entry.latest)) {
+            Some(slot) => Lookup::Found(slot.clone(), entry.concurrency.clone()),
+            None => Lookup::NotLoaded(entry.concurrency.clone()),
+        }
+    }
+
+    /// Makes `record` its function's latest version (creating the function if new), optionally
+    /// already loaded. Deploy and start-up call it.
+    pub fn install(&self, record: VersionRecord, loaded: Option<Arc<LoadedFunction>>) -> Arc<Slot> {
+        let limit = record.config.max_concurrency;
+        let version = record.version;
+        let slot = Arc::new(Slot { record, loaded: OnceCell::new_with(loaded) });
+        // `entry` holds the shard's write lock: concurrent updates of one function serialise here.
+        let mut current = self.functions.entry(slot.record.name.clone()).or_insert_with(|| {
+            Arc::new(FunctionEntry { latest: version, versions: HashMap::new(), concurrency: Concurrency::new(limit) })
+        });
+        let mut entry = FunctionEntry::clone(&current);
+        if entry.concurrency.limit != limit {
+            // A new limit applies to invocations that start from now on.
+            entry.concurrency = Concurrency::new(limit);
+        }
+        entry.latest = version;
+        entry.versions.insert(version, slot.clone());
+        *current = Arc::new(entry);
+        slot
+    }
+
+    /// Adds an older version loaded on demand. Does nothing if the function was deleted meanwhile
+    /// (the slot still serves the invocation that asked for it).
+    pub fn add_version(&self, record: VersionRecord) -> Arc<Slot> {
+        let version = record.version;
+        let slot = Arc::new(Slot { record, loaded: OnceCell::new() });
+        if let Some(mut current) = self.functions.get_mut(&slot.record.name) {
+            if let Some(existing) = current.versions.get(&version) {
+                return existing.clone();
+            }
+            let mut entry = FunctionEntry::clone(&current);
+            entry.versions.insert(version, slot.clone());
+            *current = Arc::new(entry);
+        }
+        slot
+    }
+
+    pub fn remove(&self, name: &str) {
+        self.functions.remove(name);
+    }
+
+    pub fn len(&self) -> usize {
+        self.functions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.functions.is_empty()
+    }
+}
+
+impl LoadedFunction {
+    pub fn new(record: VersionRecord, entry: Entry) -> LoadedFunction {
+        LoadedFunction {
+            args: [record.name.clone()],
+            env: record.config.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            version_header: HeaderValue::from(record.version),
+            entry,
+            record,
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! The accept loop: HTTP/1.1 and h2c on one port (hyper-util's auto builder), guarded against
+//! hostile clients from the first byte — a cap on open connections, a deadline for request headers
+//! (slowloris), capped header sizes and h2 streams; bodies have their own limits in `api::body`.
+//!
+//! Shutdown: stop accepting, answer new requests on open connections with 503, let in-flight ones
+//! finish (bounded by `shutdown_grace`), then return.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::api;
+use crate::app::App;
+
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+const MAX_H2_STREAMS: u32 = 256;
+
+fn http_builder(app: &App) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.config.header_read_timeout)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_H2_STREAMS)
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then drains.
+pub async fn run(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    let builder = http_builder(&app);
+    let graceful = GracefulShutdown::new();
+    let connection_permits = Arc::new(Semaphore::new(app.config.max_connections));
+    tokio::pin!(shutdown);
+
+    loop {
+        // Waiting for a permit before accepting leaves excess clients in the kernel's backlog
+        // rather than holding sockets we cannot serve.
+        let permit = tokio::select! {
+            permit = connection_permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = service_fn(move |req| api::handle(app.clone(), req));
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+
+    app.begin_shutdown();
+    drop(listener);
+    tracing::info!("shutting down: draining in-flight requests");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = tokio::time::sleep(app.config.shutdown_grace) => {
+            tracing::warn!(grace = ?app.config.shutdown_grace, "connections still open after the grace period; closing")
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! Durable state: SQLite (WAL, `synchronous=FULL`) for functions, versions and tokens, and
+//! content-addressed files for artifacts (`files`). A version row is the commit point of a deploy:
+//! it is written last, in one transaction, after every file it names is durably on disk.
+//!
+//! Calls block on disk; async callers run them on the blocking pool. The connection sits behind a
+//! std `Mutex` because every call is short and never awaits while holding it.
+
+pub mod files;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use time::format_description::well_known::Rfc3339;
+
+pub use files::{Digest, Layout};
+
+use crate::config::FunctionConfig;
+use crate::validate::ArtifactKind;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// One deployed version of a function, as stored.
+#[derive(Debug, Clone)]
+pub struct VersionRecord {
+    pub name: String,
+    pub version: u32,
+    pub digest: Digest,
+    pub kind: ArtifactKind,
+    pub config: FunctionConfig,
+    pub created_at: String,
+}
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts how many have run.
+const MIGRATIONS: &[&str] = &[r#"
+    CREATE TABLE functions (
+        name        TEXT PRIMARY KEY,
+        created_at  TEXT NOT NULL
+    );
+    CREATE TABLE versions (
+        name        TEXT NOT NULL REFERENCES functions(name) ON DELETE CASCADE,
+        version     INTEGER NOT NULL,
+        digest      TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        config      TEXT NOT NULL,
+        created_at  TEXT NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    CREATE INDEX versions_by_digest ON versions(digest);
+    -- Version numbers are never reused, even after a function is deleted and deployed again,
+    -- so a handle `name@N` always means the same code.
+    CREATE TABLE version_counters (
+        name          TEXT PRIMARY KEY,
+        last_version  INTEGER NOT NULL
+    );
+    CREATE TABLE tokens (
+        id          TEXT PRIMARY KEY,
+        hash        BLOB NOT NULL,
+        scope       TEXT NOT NULL,
+        created_at  TEXT NOT NULL
+    );
+"#];
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .expect("formatting the current time cannot fail")
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let mut conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let applied: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", i + 1)?;
+            tx.commit()?;
+        }
+        Ok(Store { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite half-written (transactions roll
+        // back on drop), so a poisoned lock is still safe to use.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Commits a new version unless the latest one already has this digest and config, in which
+    /// case that one is returned with `created = false`. One IMMEDIATE transaction, so two
+    /// identical deploys racing each other still produce one version.
+    pub fn commit_version(
+        &self,
+        name: &str,
+        digest: &Digest,
+        kind: ArtifactKind,
+        config: &FunctionConfig,
+    ) -> Result<(VersionRecord, bool), StoreError> {
+        let config_json = serde_json::to_string(config).expect("config serialises");
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if let Some(latest) = latest_in(&tx, name)? {
+            if latest.digest == *digest && latest.config == *config {
+                return Ok((latest, false));
+            }
+        }
+        let now = now_rfc3339();
+        tx.execute(
+            "INSERT OR IGNORE INTO functions (name, created_at) VALUES (?1, ?2)",
+            params![name, now],
+        )?;
+        let version: u32 = tx.query_row(
+            "INSERT INTO version_counters (name, last_version) VALUES (?1, 1)
+             ON CONFLICT(name) DO UPDATE SET last_version = last_version + 1
+             RETURNING last_version",
+            params![name],
+            |r| r.get(0),
+        )?;
+        tx.execute(
+            "INSERT INTO versions (name, version, digest, kind, config, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![name, version, digest.hex(), kind.as_str(), config_json, now],
+        )?;
+        tx.commit()?;
+        let record = VersionRecord {
+            name: name.to_owned(),
+            version,
+            digest: digest.clone(),
+            kind,
+            config: config.clone(),
+            created_at: now,
+        };
+        Ok((record, true))
+    }
+
+    pub fn latest(&self, name: &str) -> Result<Option<VersionRecord>, StoreError> {
+        latest_in(&self.conn(), name)
+    }
+
+    pub fn version(&self, name: &str, version: u32) -> Result<Option<VersionRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT name, version, digest, kind, config, created_at FROM versions
+             WHERE name = ?1 AND version = ?2",
+        )?;
+        let row = stmt.query_row(params![name, version], raw_row).optional()?;
+        row.map(decode).transpose()
+    }
+
+    /// Every version of a function, oldest first; empty when there is no such function.
+    pub fn versions(&self, name: &str) -> Result<Vec<VersionRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT name, version, digest, kind, config, created_at FROM versions
+             WHERE name = ?1 ORDER BY version",
+        )?;
+        let rows = stmt.query_map(params![name], raw_row)?;
+        rows.map(|r| decode(r?)).collect()
+    }
+
+    /// The latest version of every function, ordered by name.
+    pub fn all_latest(&self) -> Result<Vec<VersionRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT v.name, v.version, v.digest, v.kind, v.config, v.created_at
+             FROM versions v
+             WHERE v.version = (SELECT MAX(version) FROM versions WHERE name = v.name)
+             ORDER BY v.name",
+        )?;
+        let rows = stmt.query_map([], raw_row)?;
+        rows.map(|r| decode(r?)).collect()
+    }
+
+    /// Deletes a function and its versions. Returns `None` if there was no such function, else
+    /// the digests its versions used that no other version references any more.
+    pub fn delete_function(&self, name: &str) -> Result<Option<Vec<Digest>>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let digests: Vec<String> = {
+            let mut stmt = tx.prepare("SELECT DISTINCT digest FROM versions WHERE name = ?1")?;
+            let rows = stmt.query_map(params![name], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        if tx.execute("DELETE FROM functions WHERE name = ?1", params![name])? == 0 {
+            return Ok(None);
+        }
+        let mut orphans = Vec::new();
+        for digest in digests {
+            let still_used: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM versions WHERE digest = ?1)",
+                params![digest],
+                |r| r.get(0),
+            )?;
+            if !still_used {
+                orphans.push(parse_digest(&digest)?);
+            }
+        }
+        tx.commit()?;
+        Ok(Some(orphans))
+    }
+
+    /// Every digest some version references (for sweeping unreferenced files at start-up).
+    pub fn referenced_digests(&self) -> Result<HashSet<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT DISTINCT digest FROM versions")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn token_hash(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row("SELECT hash FROM tokens WHERE id = ?1", params![id], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn put_token_hash(&self, id: &str, hash: &[u8], scope: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO tokens (id, hash, scope, created_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(id) DO UPDATE SET hash = excluded.hash, scope = excluded.scope",
+            params![id, hash, scope, now_rfc3339()],
+        )?;
+        Ok(())
+    }
+}
+
+type RawRow = (String, u32, String, String, String, String);
+
+fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+}
+
+fn decode((name, version, digest, kind, config, created_at): RawRow) -> Result<VersionRecord, StoreError> {
+    Ok(VersionRecord {
+        digest: parse_digest(&digest)?,
+        kind: ArtifactKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("kind {kind:?}")))?,
+        config: serde_json::from_str(&config)
+            .map_err(|e| StoreError::Corrupt(format!("config of {name}@{version}: {e}")))?,
+        name,
+        version,
+        created_at,
+    })
+}
+
+fn parse_digest(hex: &str) -> Result<Digest, StoreError> {
+    Digest::parse(hex).ok_or_else(|| StoreError::Corrupt(format!("digest {hex:?}")))
+}
+
+fn latest_in(conn: &Connection, name: &str) -> Result<Option<VersionRecord>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT name, version, digest, kind, config, created_at FROM versions
+         WHERE name = ?1 ORDER BY version DESC LIMIT 1",
+    )?;
+    let row = stmt.query_row(params![name], raw_row).optional()?;
+    row.map(decode).transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kiln.db")).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn versions_dedupe_and_are_never_reused() {
+        let (_dir, store) = store();
+        let a = Digest::of(b"a");
+        let b = Digest::of(b"b");
+        let cfg = FunctionConfig::default();
+        let (v1, created) = store.commit_version("f", &a, ArtifactKind::Module, &cfg).unwrap();
+        assert!(created);
+        assert_eq!(v1.version, 1);
+        let (same, created) = store.commit_version("f", &a, ArtifactKind::Module, &cfg).unwrap();
+        assert!(!created);
+        assert_eq!(same.version, 1);
+        let other_cfg = FunctionConfig { timeout_ms: 5, ..cfg.clone() };
+        let (v2, _) = store.commit_version("f", &a, ArtifactKind::Module, &other_cfg).unwrap();
+        assert_eq!(v2.version, 2);
+        store.commit_version("g", &b, ArtifactKind::Module, &cfg).unwrap();
+        assert_eq!(store.all_latest().unwrap().len(), 2);
+
+        let orphans = store.delete_function("f").unwrap().unwrap();
+        assert_eq!(orphans, vec![a.clone()]);
+        assert!(store.delete_function("f").unwrap().is_none());
+        assert!(store.latest("f").unwrap().is_none());
+        let (v3, _) = store.commit_version("f", &a, ArtifactKind::Module, &cfg).unwrap();
+        assert_eq!(v3.version, 3, "a re-created function continues its numbering");
+    }
+
+    #[test]
+    fn reopening_keeps_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        {
+            let store = Store::open(&path).unwrap();
+            let cfg = FunctionConfig::default();
+            store.commit_version("f", &Digest::of(b"x"), ArtifactKind::Component, &cfg).unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let latest = store.latest("f").unwrap().unwrap();
+        assert_eq!(latest.kind, ArtifactKind::Component);
+        assert_eq!(store.version("f", 1).unwrap().unwrap().digest, latest.digest);
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests: the real `kiln` binary over real sockets with real SQLite. One test binary
+//! (one link) with a module per topic.
+
+mod api;
+mod errors;
+mod lifecycle;
+mod support;

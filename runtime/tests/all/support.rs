@@ -1,0 +1,233 @@
+//! Test support: the real `kiln` binary on a loopback port with its own data directory, a blocking
+//! HTTP client, and the guests under `guests/`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use reqwest::blocking::{multipart, Client, Response};
+
+pub struct Kiln {
+    child: Child,
+    pub addr: String,
+    pub token: String,
+    pub data: PathBuf,
+    log: Arc<Mutex<String>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Kiln {
+    /// A server on a fresh data directory.
+    pub fn start() -> Kiln {
+        Kiln::start_with(&[])
+    }
+
+    pub fn start_with(args: &[&str]) -> Kiln {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut kiln = Kiln::start_in(dir.path(), args);
+        kiln._dir = Some(dir);
+        kiln
+    }
+
+    /// A server on an existing data directory (restart tests).
+    pub fn start_in(data: &Path, args: &[&str]) -> Kiln {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--max-instances", "64", "--data"])
+            .arg(data)
+            .args(args)
+            .env_remove("KILN_ADMIN_TOKEN")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting kiln");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("kiln listening on http://").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                    let _ = addr_tx.send(addr);
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = match addr_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("kiln did not start; its log:\n{}", log.lock().unwrap());
+            }
+        };
+        let token = std::fs::read_to_string(data.join("admin.token")).expect("admin token file").trim().to_owned();
+        Kiln { child, addr, token, data: data.to_path_buf(), log, _dir: None }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the server's log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        client().get(self.url(path)).bearer_auth(&self.token).send().expect("GET")
+    }
+
+    pub fn delete(&self, path: &str) -> Response {
+        client().delete(self.url(path)).bearer_auth(&self.token).send().expect("DELETE")
+    }
+
+    /// Deploys raw code with the default config.
+    pub fn deploy(&self, name: &str, code: impl Into<Vec<u8>>) -> Response {
+        client()
+            .put(self.url(&format!("/v1/functions/{name}")))
+            .bearer_auth(&self.token)
+            .header("content-type", "application/wasm")
+            .body(code.into())
+            .send()
+            .expect("deploy")
+    }
+
+    /// Deploys code with a config, as multipart.
+    pub fn deploy_with(&self, name: &str, code: impl Into<Vec<u8>>, config: serde_json::Value) -> Response {
+        let form = multipart::Form::new()
+            .part("code", multipart::Part::bytes(code.into()))
+            .part("config", multipart::Part::text(config.to_string()));
+        client()
+            .put(self.url(&format!("/v1/functions/{name}")))
+            .bearer_auth(&self.token)
+            .multipart(form)
+            .send()
+            .expect("deploy")
+    }
+
+    /// Deploys and asserts it worked.
+    pub fn must_deploy(&self, name: &str, code: impl Into<Vec<u8>>) -> serde_json::Value {
+        let response = self.deploy(name, code);
+        let status = response.status();
+        let body = response.text().unwrap();
+        assert!(status.is_success(), "deploy of {name} failed: {status} {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    pub fn invoke(&self, name: &str, input: impl Into<Vec<u8>>) -> Response {
+        self.invoke_path(&format!("/v1/functions/{name}/invoke"), input)
+    }
+
+    pub fn invoke_path(&self, path: &str, input: impl Into<Vec<u8>>) -> Response {
+        client().post(self.url(path)).bearer_auth(&self.token).body(input.into()).send().expect("invoke")
+    }
+
+    pub fn metric(&self, name: &str) -> u64 {
+        let text = client().get(self.url("/metrics")).send().unwrap().text().unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("metric {name} not found in:\n{text}"))
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the process to exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        signal(self.pid(), libc::SIGTERM);
+        wait_timeout(&mut self.child, Duration::from_secs(40)).expect("kiln did not exit after SIGTERM")
+    }
+}
+
+impl Drop for Kiln {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn signal(pid: i32, sig: i32) {
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(pid, sig) };
+}
+
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+pub fn client() -> Client {
+    static CLIENT: OnceLock<Client> = OnceLock::new();
+    CLIENT
+        .get_or_init(|| Client::builder().timeout(Duration::from_secs(120)).build().unwrap())
+        .clone()
+}
+
+/// Asserts an error answer: status, JSON body shape, code; returns the error object.
+pub fn expect_error(response: Response, status: u16, code: &str) -> serde_json::Value {
+    let got = response.status().as_u16();
+    let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+    let body = response.text().unwrap();
+    assert_eq!(got, status, "expected {status} {code}, got {got}: {body}");
+    assert_eq!(content_type.as_deref(), Some("application/json"));
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    let error = json["error"].clone();
+    assert_eq!(error["code"], code, "{body}");
+    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    error
+}
+
+pub fn guests_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests")
+}
+
+/// The WAT source of `guests/wat/<name>.wat` (Kiln accepts WAT text as well as binary).
+pub fn wat(name: &str) -> Vec<u8> {
+    std::fs::read(guests_dir().join(format!("wat/{name}.wat"))).expect("guest WAT")
+}
+
+/// A `guests/` Rust crate built as a `wasm32-wasip2` component (once per test process).
+pub fn component(name: &str) -> Vec<u8> {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let dir = guests_dir();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(&dir)
+            .args(["build", "--release", "--target", "wasm32-wasip2", "--target-dir"])
+            .arg(dir.join("target"))
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTFLAGS")
+            .status()
+            .expect("running cargo for the guests");
+        assert!(status.success(), "building the guests failed (is the wasm32-wasip2 target installed? run runtime/scripts/setup.sh)");
+    });
+    std::fs::read(dir.join(format!("target/wasm32-wasip2/release/{name}.wasm"))).expect("built guest")
+}
