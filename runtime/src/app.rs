@@ -67,7 +67,10 @@ impl App {
     /// serving or from a blocking task.
     pub fn open(config: ServerConfig) -> Result<Arc<App>, StartError> {
         let layout = Layout::new(config.data_dir.clone());
-        let data_err = |source| StartError::DataDir { path: layout.root.display().to_string(), source };
+        let data_err = |source| StartError::DataDir {
+            path: layout.root.display().to_string(),
+            source,
+        };
         layout.prepare().map_err(data_err)?;
         let store = Arc::new(Store::open(&layout.database())?);
         let (auth, source) = Auth::init(&store, &layout.admin_token(), config.admin_token.as_deref())?;

@@ -45,8 +45,15 @@ pub fn generate_token() -> String {
 }
 
 impl Auth {
-    pub fn init(store: &Store, token_file: &Path, from_env: Option<&str>) -> Result<(Auth, AdminTokenSource), AuthSetupError> {
-        let io_err = |source| AuthSetupError::Io { path: token_file.display().to_string(), source };
+    pub fn init(
+        store: &Store,
+        token_file: &Path,
+        from_env: Option<&str>,
+    ) -> Result<(Auth, AdminTokenSource), AuthSetupError> {
+        let io_err = |source| AuthSetupError::Io {
+            path: token_file.display().to_string(),
+            source,
+        };
         let (token, source) = match from_env {
             Some(token) => (token.to_owned(), AdminTokenSource::Environment),
             None => match std::fs::read_to_string(token_file) {
@@ -89,7 +96,10 @@ impl Auth {
 fn bearer_token(header: &[u8]) -> Option<&str> {
     let header = std::str::from_utf8(header).ok()?;
     let (scheme, token) = header.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 #[cfg(test)]

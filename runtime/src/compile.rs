@@ -48,7 +48,13 @@ impl CompileCache {
             std::fs::create_dir_all(&dir)?;
             tracing::info!(key = %key, cpu = %cpu_features(), "new engine/CPU cache key: functions compile again on first use");
         }
-        Ok(CompileCache { engine, layout, dir, key, compilations: AtomicU64::new(0) })
+        Ok(CompileCache {
+            engine,
+            layout,
+            dir,
+            key,
+            compilations: AtomicU64::new(0),
+        })
     }
 
     pub fn key(&self) -> &str {
@@ -157,8 +163,24 @@ pub fn cpu_features() -> String {
             ($($f:tt),*) => {$( if std::arch::is_x86_feature_detected!($f) { features.push($f); } )*};
         }
         detect!(
-            "sse3", "ssse3", "sse4.1", "sse4.2", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2", "lzcnt",
-            "avx512f", "avx512vl", "avx512dq", "avx512bw", "avx512vbmi", "avx512bitalg", "avx512vpopcntdq"
+            "sse3",
+            "ssse3",
+            "sse4.1",
+            "sse4.2",
+            "popcnt",
+            "avx",
+            "avx2",
+            "fma",
+            "bmi1",
+            "bmi2",
+            "lzcnt",
+            "avx512f",
+            "avx512vl",
+            "avx512dq",
+            "avx512bw",
+            "avx512vbmi",
+            "avx512bitalg",
+            "avx512vpopcntdq"
         );
         features.join(",")
     }

@@ -113,8 +113,7 @@ impl Default for FunctionConfig {
 impl FunctionConfig {
     /// Parses and checks a config document; the error text is shown to the user as is.
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
-        let config: FunctionConfig =
-            serde_json::from_slice(bytes).map_err(|e| format!("config is not valid: {e}"))?;
+        let config: FunctionConfig = serde_json::from_slice(bytes).map_err(|e| format!("config is not valid: {e}"))?;
         config.check()?;
         Ok(config)
     }
@@ -150,7 +149,9 @@ impl FunctionConfig {
         }
         for host in &self.allowed_hosts {
             if !(host.starts_with("http://") || host.starts_with("https://")) {
-                return Err(format!("allowed_hosts entry {host:?} must start with http:// or https://"));
+                return Err(format!(
+                    "allowed_hosts entry {host:?} must start with http:// or https://"
+                ));
             }
         }
         Ok(())

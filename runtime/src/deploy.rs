@@ -45,10 +45,20 @@ pub struct Deployed {
 /// What stage 1 produces: code ready to commit, or the latest version if nothing changed.
 enum Prepared {
     Unchanged(VersionRecord),
-    New { digest: Digest, kind: validate::ArtifactKind, bytes: Vec<u8>, cwasm: Vec<u8> },
+    New {
+        digest: Digest,
+        kind: validate::ArtifactKind,
+        bytes: Vec<u8>,
+        cwasm: Vec<u8>,
+    },
 }
 
-pub async fn deploy(app: &Arc<App>, name: &str, upload: Bytes, config: FunctionConfig) -> Result<Deployed, DeployError> {
+pub async fn deploy(
+    app: &Arc<App>,
+    name: &str,
+    upload: Bytes,
+    config: FunctionConfig,
+) -> Result<Deployed, DeployError> {
     if config.tier == Tier::Microvm {
         return Err(DeployError::TierUnavailable(
             "the microvm tier is not available on this host (no KVM-backed VMM is running); deploy WebAssembly with \"tier\": \"wasm\"".into(),
@@ -64,7 +74,12 @@ pub async fn deploy(app: &Arc<App>, name: &str, upload: Bytes, config: FunctionC
     };
     let (digest, kind, bytes, cwasm) = match prepared {
         Prepared::Unchanged(record) => return Ok(Deployed { record, created: false }),
-        Prepared::New { digest, kind, bytes, cwasm } => (digest, kind, bytes, cwasm),
+        Prepared::New {
+            digest,
+            kind,
+            bytes,
+            cwasm,
+        } => (digest, kind, bytes, cwasm),
     };
 
     let _commit = app.commit_lock.lock().await;
@@ -110,14 +125,24 @@ fn prepare(app: &App, name: &str, upload: &[u8], config: &FunctionConfig) -> Res
             return Ok(Prepared::Unchanged(latest));
         }
     }
-    tracing::info!(function = name, digest = digest.hex(), kind = artifact.kind.as_str(), "compiling");
+    tracing::info!(
+        function = name,
+        digest = digest.hex(),
+        kind = artifact.kind.as_str(),
+        "compiling"
+    );
     let invalid = |e: CompileError| DeployError::InvalidCode(e.to_string());
     let cwasm = app.cache.precompile(artifact.kind, &artifact.bytes).map_err(invalid)?;
     let compiled = app.cache.load_bytes(artifact.kind, &cwasm).map_err(invalid)?;
     app.linkers
         .link(&compiled)
         .map_err(|e| DeployError::InvalidCode(format!("cannot be linked: {e}")))?;
-    Ok(Prepared::New { digest, kind: artifact.kind, bytes: artifact.bytes, cwasm })
+    Ok(Prepared::New {
+        digest,
+        kind: artifact.kind,
+        bytes: artifact.bytes,
+        cwasm,
+    })
 }
 
 fn cache_error(e: CompileError) -> DeployError {

@@ -31,7 +31,10 @@ pub struct ComponentState {
 
 impl WasiView for ComponentState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -101,7 +104,13 @@ pub async fn invoke(
     let ticks = ticks_for(deadline);
     let (outcome, memory_exceeded) = match &f.entry {
         Entry::Module(pre) => {
-            let mut store = Store::new(&app.engine, ModuleState { wasi: wasi.build_p1(), limiter });
+            let mut store = Store::new(
+                &app.engine,
+                ModuleState {
+                    wasi: wasi.build_p1(),
+                    limiter,
+                },
+            );
             store.limiter(|s| &mut s.limiter);
             store.set_epoch_deadline(ticks);
             let run = async {
@@ -113,7 +122,11 @@ pub async fn invoke(
             (outcome, store.data().limiter.exceeded())
         }
         Entry::Component(pre) => {
-            let state = ComponentState { wasi: wasi.build(), table: ResourceTable::new(), limiter };
+            let state = ComponentState {
+                wasi: wasi.build(),
+                table: ResourceTable::new(),
+                limiter,
+            };
             let mut store = Store::new(&app.engine, state);
             store.limiter(|s| &mut s.limiter);
             store.set_epoch_deadline(ticks);

@@ -52,14 +52,24 @@ impl Metrics {
                 ("{outcome=\"rejected\"}", self.invocations_rejected.get()),
             ],
         );
-        metric("kiln_deploys_total", "counter", "Deploys that created a version.", &[("", self.deploys.get())]);
+        metric(
+            "kiln_deploys_total",
+            "counter",
+            "Deploys that created a version.",
+            &[("", self.deploys.get())],
+        );
         metric(
             "kiln_compilations_total",
             "counter",
             "Ahead-of-time compilations done by this process (deploys and cache misses).",
             &[("", gauges.compilations)],
         );
-        metric("kiln_functions", "gauge", "Deployed functions.", &[("", gauges.functions as u64)]);
+        metric(
+            "kiln_functions",
+            "gauge",
+            "Deployed functions.",
+            &[("", gauges.functions as u64)],
+        );
         metric(
             "kiln_pool_instances_in_use",
             "gauge",

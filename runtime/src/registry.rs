@@ -60,7 +60,10 @@ impl Linkers {
                 .map(Entry::Module)
                 .map_err(|e| format!("{e:#}")),
             Compiled::Component(component) => {
-                let pre = self.component.instantiate_pre(component).map_err(|e| format!("{e:#}"))?;
+                let pre = self
+                    .component
+                    .instantiate_pre(component)
+                    .map_err(|e| format!("{e:#}"))?;
                 CommandPre::new(pre).map(Entry::Component).map_err(|e| format!("{e:#}"))
             }
         }
@@ -84,7 +87,10 @@ pub struct Concurrency {
 
 impl Concurrency {
     fn new(limit: u32) -> Arc<Concurrency> {
-        Arc::new(Concurrency { permits: Semaphore::new(limit as usize), limit })
+        Arc::new(Concurrency {
+            permits: Semaphore::new(limit as usize),
+            limit,
+        })
     }
 }
 
@@ -122,10 +128,17 @@ impl Registry {
     pub fn install(&self, record: VersionRecord, loaded: Option<Arc<LoadedFunction>>) -> Arc<Slot> {
         let limit = record.config.max_concurrency;
         let version = record.version;
-        let slot = Arc::new(Slot { record, loaded: OnceCell::new_with(loaded) });
+        let slot = Arc::new(Slot {
+            record,
+            loaded: OnceCell::new_with(loaded),
+        });
         // `entry` holds the shard's write lock: concurrent updates of one function serialise here.
         let mut current = self.functions.entry(slot.record.name.clone()).or_insert_with(|| {
-            Arc::new(FunctionEntry { latest: version, versions: HashMap::new(), concurrency: Concurrency::new(limit) })
+            Arc::new(FunctionEntry {
+                latest: version,
+                versions: HashMap::new(),
+                concurrency: Concurrency::new(limit),
+            })
         });
         let mut entry = FunctionEntry::clone(&current);
         if entry.concurrency.limit != limit {
@@ -142,7 +155,10 @@ impl Registry {
     /// (the slot still serves the invocation that asked for it).
     pub fn add_version(&self, record: VersionRecord) -> Arc<Slot> {
         let version = record.version;
-        let slot = Arc::new(Slot { record, loaded: OnceCell::new() });
+        let slot = Arc::new(Slot {
+            record,
+            loaded: OnceCell::new(),
+        });
         if let Some(mut current) = self.functions.get_mut(&slot.record.name) {
             if let Some(existing) = current.versions.get(&version) {
                 return existing.clone();

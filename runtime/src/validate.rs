@@ -69,7 +69,9 @@ pub fn inspect(upload: &[u8], limits: &CodeLimits) -> Result<Artifact, InvalidCo
     } else if Parser::is_core_wasm(&bytes) {
         ArtifactKind::Module
     } else {
-        return Err(invalid("unsupported WebAssembly binary version (expected a module or a component)"));
+        return Err(invalid(
+            "unsupported WebAssembly binary version (expected a module or a component)",
+        ));
     };
     Validator::new_with_features(WasmFeatures::default())
         .validate_all(&bytes)
@@ -93,15 +95,17 @@ fn to_binary(upload: &[u8]) -> Result<Vec<u8>, InvalidCode> {
             "this is a native ELF executable, not WebAssembly; native code runs only on the microvm tier (\"tier\": \"microvm\")",
         ));
     }
-    let looks_like_text = std::str::from_utf8(upload)
-        .map(|s| s.trim_start().starts_with('('))
-        .unwrap_or(false);
-    if looks_like_text {
-        return wat::parse_bytes(upload)
-            .map(|b| b.into_owned())
-            .map_err(|e| invalid(format!("invalid WebAssembly text: {e}")));
+    let is_text = !upload.contains(&0) && std::str::from_utf8(upload).is_ok();
+    if is_text {
+        return wat::parse_bytes(upload).map(|b| b.into_owned()).map_err(|e| {
+            invalid(format!(
+                "not WebAssembly: no `\\0asm` header, and not valid WebAssembly text (WAT) either: {e}"
+            ))
+        });
     }
-    Err(invalid("not WebAssembly: the upload does not start with the `\\0asm` header (nor is it WAT text)"))
+    Err(invalid(
+        "not WebAssembly: the upload does not start with the `\\0asm` header",
+    ))
 }
 
 fn check_module(bytes: &[u8], limits: &CodeLimits) -> Result<(), InvalidCode> {

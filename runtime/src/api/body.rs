@@ -50,7 +50,9 @@ pub fn error(e: &ApiError) -> Response<Body> {
         .body(Full::new(Bytes::from(e.body())))
         .expect("static headers are valid");
     if e.status == StatusCode::SERVICE_UNAVAILABLE {
-        response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
     }
     response
 }

@@ -47,7 +47,11 @@ pub async fn deploy(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Resul
     // The code cap plus room for the multipart framing and a config part.
     let limit = app.config.max_code_bytes + 64 * 1024;
     let bytes = body::read(&parts.headers, incoming, limit, app.config.body_read_timeout).await?;
-    let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let (code, config) = if content_type.starts_with("multipart/form-data") {
         parse_multipart(content_type, bytes).await?
     } else {
@@ -57,7 +61,11 @@ pub async fn deploy(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Resul
         return Err(ApiError::payload_too_large(app.config.max_code_bytes));
     }
     let deployed = deploy::deploy(app, name, code, config).await?;
-    let status = if deployed.created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if deployed.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok(body::json(status, &VersionView::from(&deployed.record)))
 }
 
@@ -73,7 +81,11 @@ async fn parse_multipart(content_type: &str, bytes: Bytes) -> Result<(Bytes, Fun
         let slot = match name.as_str() {
             "code" => &mut code,
             "config" => &mut config,
-            other => return Err(bad(format!("unexpected part {other:?}; expected `code` and optionally `config`"))),
+            other => {
+                return Err(bad(format!(
+                    "unexpected part {other:?}; expected `code` and optionally `config`"
+                )))
+            }
         };
         if slot.replace(data).is_some() {
             return Err(bad(format!("part {name:?} appears twice")));
@@ -94,7 +106,10 @@ pub async fn list(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
         .expect("store task panicked")
         .map_err(ApiError::internal)?;
     let functions: Vec<VersionView> = records.iter().map(VersionView::from).collect();
-    Ok(body::json(StatusCode::OK, &serde_json::json!({ "functions": functions })))
+    Ok(body::json(
+        StatusCode::OK,
+        &serde_json::json!({ "functions": functions }),
+    ))
 }
 
 pub async fn get(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {

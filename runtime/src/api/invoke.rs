@@ -19,7 +19,13 @@ pub async fn sync(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Result<
     let version = super::version_param(req.uri().query())?;
     let (function, concurrency) = app.resolve(name, version).await?;
     let (parts, incoming) = req.into_parts();
-    let input = body::read(&parts.headers, incoming, app.config.max_sync_input_bytes, app.config.body_read_timeout).await?;
+    let input = body::read(
+        &parts.headers,
+        incoming,
+        app.config.max_sync_input_bytes,
+        app.config.body_read_timeout,
+    )
+    .await?;
 
     let id = uuid::Uuid::now_v7();
     let started = Instant::now();

@@ -40,7 +40,10 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
     if app.is_shutting_down() {
         return Err(ApiError::unavailable("kiln is shutting down"));
     }
-    if !app.auth.check(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes())) {
+    if !app
+        .auth
+        .check(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()))
+    {
         return Err(ApiError::unauthorized());
     }
     match (segments.as_slice(), method) {
@@ -71,7 +74,10 @@ fn healthz(app: &App) -> Response<Body> {
     if app.is_shutting_down() {
         return body::error(&ApiError::unavailable("kiln is shutting down"));
     }
-    body::json(StatusCode::OK, &serde_json::json!({ "status": "ok", "tiers": { "wasm": true, "microvm": false } }))
+    body::json(
+        StatusCode::OK,
+        &serde_json::json!({ "status": "ok", "tiers": { "wasm": true, "microvm": false } }),
+    )
 }
 
 fn metrics(app: &App) -> Response<Body> {

@@ -292,7 +292,10 @@ mod tests {
         let (same, created) = store.commit_version("f", &a, ArtifactKind::Module, &cfg).unwrap();
         assert!(!created);
         assert_eq!(same.version, 1);
-        let other_cfg = FunctionConfig { timeout_ms: 5, ..cfg.clone() };
+        let other_cfg = FunctionConfig {
+            timeout_ms: 5,
+            ..cfg.clone()
+        };
         let (v2, _) = store.commit_version("f", &a, ArtifactKind::Module, &other_cfg).unwrap();
         assert_eq!(v2.version, 2);
         store.commit_version("g", &b, ArtifactKind::Module, &cfg).unwrap();
@@ -313,7 +316,9 @@ mod tests {
         {
             let store = Store::open(&path).unwrap();
             let cfg = FunctionConfig::default();
-            store.commit_version("f", &Digest::of(b"x"), ArtifactKind::Component, &cfg).unwrap();
+            store
+                .commit_version("f", &Digest::of(b"x"), ArtifactKind::Component, &cfg)
+                .unwrap();
         }
         let store = Store::open(&path).unwrap();
         let latest = store.latest("f").unwrap().unwrap();

@@ -45,20 +45,27 @@ fn component_round_trip_with_env_and_args() {
     assert_eq!(response.status(), 201);
     let deployed: serde_json::Value = response.json().unwrap();
     assert_eq!(deployed["kind"], "component");
-    assert_eq!(kiln.invoke("greet", "Ada").text().unwrap(), "Hello, Ada! (from greet)\n");
+    assert_eq!(
+        kiln.invoke("greet", "Ada").text().unwrap(),
+        "Hello, Ada! (from greet)\n"
+    );
 
     let response = kiln.deploy_with("greet", code, json!({"env": {"GREETING": "Bonjour"}}));
     assert_eq!(response.status(), 201);
     assert_eq!(response.json::<serde_json::Value>().unwrap()["version"], 2);
-    assert_eq!(kiln.invoke("greet", "Ada").text().unwrap(), "Bonjour, Ada! (from greet)\n");
+    assert_eq!(
+        kiln.invoke("greet", "Ada").text().unwrap(),
+        "Bonjour, Ada! (from greet)\n"
+    );
     // Older versions stay invocable by number.
     let response = kiln.invoke_path("/v1/functions/greet/invoke?version=1", "Ada");
     assert_eq!(response.headers()["x-kiln-version"], "1");
     assert_eq!(response.text().unwrap(), "Hello, Ada! (from greet)\n");
 
     // The guest's own failure (empty input → exit 2) is the function's failure, with its stderr.
+    // WASI 0.2's `exit` carries only success or failure, so a component's failure is code 1.
     let error = expect_error(kiln.invoke("greet", ""), 502, "function_failed");
-    assert_eq!(error["exit_code"], 2);
+    assert_eq!(error["exit_code"], 1);
     assert!(error["stderr"].as_str().unwrap().contains("send a name"), "{error}");
 }
 
@@ -124,7 +131,10 @@ fn list_get_and_delete() {
 fn http2_prior_knowledge_h2c() {
     let kiln = Kiln::start();
     kiln.must_deploy("hello", wat("hello"));
-    let h2 = reqwest::blocking::Client::builder().http2_prior_knowledge().build().unwrap();
+    let h2 = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
     let response = h2
         .post(kiln.url("/v1/functions/hello/invoke"))
         .bearer_auth(&kiln.token)

@@ -10,10 +10,26 @@ fn missing_or_wrong_token_is_401() {
     let kiln = Kiln::start();
     let url = kiln.url("/v1/functions");
     expect_error(client().get(&url).send().unwrap(), 401, "unauthorized");
-    expect_error(client().get(&url).bearer_auth("kiln_wrong").send().unwrap(), 401, "unauthorized");
-    expect_error(client().get(&url).header("authorization", kiln.token.clone()).send().unwrap(), 401, "unauthorized");
+    expect_error(
+        client().get(&url).bearer_auth("kiln_wrong").send().unwrap(),
+        401,
+        "unauthorized",
+    );
+    expect_error(
+        client()
+            .get(&url)
+            .header("authorization", kiln.token.clone())
+            .send()
+            .unwrap(),
+        401,
+        "unauthorized",
+    );
     // Auth comes before anything else: no function is revealed or touched.
-    expect_error(client().put(kiln.url("/v1/functions/x")).body("junk").send().unwrap(), 401, "unauthorized");
+    expect_error(
+        client().put(kiln.url("/v1/functions/x")).body("junk").send().unwrap(),
+        401,
+        "unauthorized",
+    );
     // Health and metrics need no token.
     assert_eq!(client().get(kiln.url("/healthz")).send().unwrap().status(), 200);
     assert_eq!(client().get(kiln.url("/metrics")).send().unwrap().status(), 200);
@@ -22,18 +38,30 @@ fn missing_or_wrong_token_is_401() {
 #[test]
 fn bad_names_queries_and_routes() {
     let kiln = Kiln::start();
-    for name in ["Hello", "-x", "a.b", "%2e%2e", &"a".repeat(65)] {
+    for name in ["Hello", "-x", "a.b", "a%20b", "caf%C3%A9", &"a".repeat(65)] {
         expect_error(kiln.deploy(name, wat("hello")), 400, "invalid_request");
         expect_error(kiln.invoke(name, ""), 400, "invalid_request");
     }
     kiln.must_deploy("hello", wat("hello"));
-    expect_error(kiln.invoke_path("/v1/functions/hello/invoke?version=abc", ""), 400, "invalid_request");
-    expect_error(kiln.invoke_path("/v1/functions/hello/invoke?version=7", ""), 404, "not_found");
+    expect_error(
+        kiln.invoke_path("/v1/functions/hello/invoke?version=abc", ""),
+        400,
+        "invalid_request",
+    );
+    expect_error(
+        kiln.invoke_path("/v1/functions/hello/invoke?version=7", ""),
+        404,
+        "not_found",
+    );
     expect_error(kiln.invoke("nope", ""), 404, "not_found");
     expect_error(kiln.get("/v1/functions/nope"), 404, "not_found");
     expect_error(kiln.get("/v1/nothing-here"), 404, "not_found");
     expect_error(client().get(kiln.url("/elsewhere")).send().unwrap(), 404, "not_found");
-    let wrong_method = client().post(kiln.url("/v1/functions")).bearer_auth(&kiln.token).send().unwrap();
+    let wrong_method = client()
+        .post(kiln.url("/v1/functions"))
+        .bearer_auth(&kiln.token)
+        .send()
+        .unwrap();
     expect_error(wrong_method, 405, "method_not_allowed");
 }
 
@@ -47,13 +75,25 @@ fn invalid_code_is_422_and_leaves_nothing() {
         elf
     };
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("garbage", (0..4096u32).map(|i| (i * 31 % 256) as u8).collect(), "\\0asm"),
+        (
+            "garbage",
+            (0..4096u32).map(|i| (i * 31 % 256) as u8).collect(),
+            "\\0asm",
+        ),
         ("elf", elf, "ELF"),
         ("truncated", hello[..hello.len() - 5].to_vec(), "invalid WebAssembly"),
         ("empty", Vec::new(), "empty"),
-        ("bad-wat", b"(module (func (export \"_start\") (call 99)))".to_vec(), "invalid"),
+        (
+            "bad-wat",
+            b"(module (func (export \"_start\") (call 99)))".to_vec(),
+            "invalid",
+        ),
         ("no-start", b"(module (memory 1))".to_vec(), "_start"),
-        ("env-import", br#"(module (import "env" "secret" (func)) (func (export "_start")))"#.to_vec(), "env::secret"),
+        (
+            "env-import",
+            br#"(module (import "env" "secret" (func)) (func (export "_start")))"#.to_vec(),
+            "env::secret",
+        ),
         (
             "unknown-wasi",
             br#"(module (import "wasi_snapshot_preview1" "no_such_call" (func)) (func (export "_start")))"#.to_vec(),
@@ -63,7 +103,10 @@ fn invalid_code_is_422_and_leaves_nothing() {
     for (name, code, needle) in cases {
         let error = expect_error(kiln.deploy(name, code), 422, "invalid_code");
         let message = error["message"].as_str().unwrap();
-        assert!(message.contains(needle), "{name}: {message:?} should mention {needle:?}");
+        assert!(
+            message.contains(needle),
+            "{name}: {message:?} should mention {needle:?}"
+        );
         expect_error(kiln.get(&format!("/v1/functions/{name}")), 404, "not_found");
     }
     let list: serde_json::Value = kiln.get("/v1/functions").json().unwrap();
@@ -74,7 +117,12 @@ fn invalid_code_is_422_and_leaves_nothing() {
 #[test]
 fn bad_config_is_400() {
     let kiln = Kiln::start();
-    let cases = [json!({"timeout_ms": 0}), json!({"memory_mb": 1_000_000}), json!({"nope": true}), json!({"env": {"A=B": "x"}})];
+    let cases = [
+        json!({"timeout_ms": 0}),
+        json!({"memory_mb": 1_000_000}),
+        json!({"nope": true}),
+        json!({"env": {"A=B": "x"}}),
+    ];
     for config in cases {
         expect_error(kiln.deploy_with("f", wat("hello"), config), 400, "invalid_request");
     }
@@ -82,27 +130,104 @@ fn bad_config_is_400() {
     let form = reqwest::blocking::multipart::Form::new()
         .part("code", reqwest::blocking::multipart::Part::bytes(wat("hello")))
         .part("config", reqwest::blocking::multipart::Part::text("{not json"));
-    let response = client().put(kiln.url("/v1/functions/f")).bearer_auth(&kiln.token).multipart(form).send().unwrap();
+    let response = client()
+        .put(kiln.url("/v1/functions/f"))
+        .bearer_auth(&kiln.token)
+        .multipart(form)
+        .send()
+        .unwrap();
     expect_error(response, 400, "invalid_request");
     // No code part.
     let form = reqwest::blocking::multipart::Form::new().part("config", reqwest::blocking::multipart::Part::text("{}"));
-    let response = client().put(kiln.url("/v1/functions/f")).bearer_auth(&kiln.token).multipart(form).send().unwrap();
+    let response = client()
+        .put(kiln.url("/v1/functions/f"))
+        .bearer_auth(&kiln.token)
+        .multipart(form)
+        .send()
+        .unwrap();
     expect_error(response, 400, "invalid_request");
     // The microvm tier is not available here.
-    expect_error(kiln.deploy_with("f", wat("hello"), json!({"tier": "microvm"})), 503, "unavailable");
+    expect_error(
+        kiln.deploy_with("f", wat("hello"), json!({"tier": "microvm"})),
+        503,
+        "unavailable",
+    );
 }
 
 #[test]
 fn oversized_bodies_are_413() {
     let kiln = Kiln::start();
     kiln.must_deploy("echo", wat("echo"));
-    let six_mib = 6 << 20;
-    expect_error(kiln.invoke("echo", vec![b'x'; six_mib + 1]), 413, "payload_too_large");
+    let six_mib: usize = 6 << 20;
+    // A declared length over the cap is refused before the body is sent (the client waits for
+    // `100 Continue`, as curl does for large bodies).
+    let invoke = format!(
+        "POST /v1/functions/echo/invoke HTTP/1.1\r\nHost: k\r\nAuthorization: Bearer {}\r\n",
+        kiln.token
+    );
+    let head = format!(
+        "{invoke}Content-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        six_mib + 1
+    );
+    let (status, body) = raw_exchange(&kiln.addr, head.as_bytes());
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("payload_too_large"), "{body}");
+    // A chunked body (no declared length) is cut off when it passes the cap.
+    let mut chunked = format!("{invoke}Transfer-Encoding: chunked\r\n\r\n").into_bytes();
+    let chunk = vec![b'x'; 1 << 20];
+    for _ in 0..7 {
+        chunked.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        chunked.extend_from_slice(&chunk);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    let (status, _) = raw_exchange(&kiln.addr, &chunked);
+    assert_eq!(status, 413);
     // Exactly at the cap is accepted (and echoed back whole: the output cap is the same 6 MiB).
     let response = kiln.invoke("echo", vec![b'x'; six_mib]);
     assert_eq!(response.status(), 200);
     assert_eq!(response.bytes().unwrap().len(), six_mib);
-    expect_error(kiln.deploy("big", vec![0u8; (64 << 20) + 70 * 1024]), 413, "payload_too_large");
+
+    let deploy = format!(
+        "PUT /v1/functions/big HTTP/1.1\r\nHost: k\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        kiln.token,
+        (65 << 20)
+    );
+    let (status, body) = raw_exchange(&kiln.addr, deploy.as_bytes());
+    assert_eq!(status, 413, "{body}");
+    expect_error(kiln.get("/v1/functions/big"), 404, "not_found");
+}
+
+/// Writes `request` on a fresh connection (ignoring a write cut short by the server's answer) and
+/// reads the status and body of the answer.
+fn raw_exchange(addr: &str, request: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let _ = stream.write_all(request);
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+        let text = String::from_utf8_lossy(&answer);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head.lines().find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap())
+            });
+            if length.is_some_and(|len| body.len() >= len) {
+                break;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text)
 }
 
 #[test]
@@ -130,6 +255,9 @@ fn time_spent_in_a_host_call_counts_toward_the_timeout() {
     assert_eq!(kiln.invoke("sleep", "10").text().unwrap(), "slept");
     let started = std::time::Instant::now();
     expect_error(kiln.invoke("sleep", "5000"), 504, "timeout");
-    assert!(started.elapsed() < std::time::Duration::from_secs(3), "the timeout ended the sleep");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "the timeout ended the sleep"
+    );
     assert_eq!(kiln.invoke("sleep", "1").text().unwrap(), "slept");
 }

@@ -22,7 +22,11 @@ fn restart_keeps_functions_and_does_not_recompile() {
     assert_eq!(kiln.token, token, "the admin token survives a restart");
     assert_eq!(kiln.invoke("hello", "").text().unwrap(), "Hello from Kiln!\n");
     assert_eq!(kiln.invoke("greet", "Bo").text().unwrap(), "Hello, Bo! (from greet)\n");
-    assert_eq!(kiln.metric("kiln_compilations_total"), 0, "code came from the compile cache");
+    assert_eq!(
+        kiln.metric("kiln_compilations_total"),
+        0,
+        "code came from the compile cache"
+    );
     assert_eq!(kiln.metric("kiln_functions"), 2);
 
     // A node with another CPU or engine finds no cache entry under its key and recompiles on
@@ -58,7 +62,11 @@ fn a_deploy_killed_mid_compile_leaves_no_version() {
     let url = kiln.url("/v1/functions/doomed");
     let token = kiln.token.clone();
     let upload = std::thread::spawn(move || client().put(url).bearer_auth(token).body(slow_to_compile()).send());
-    assert!(kiln.wait_for_log("function=\"doomed\"", Duration::from_secs(60)), "{}", kiln.log());
+    assert!(
+        kiln.wait_for_log("function=\"doomed\"", Duration::from_secs(60)),
+        "{}",
+        kiln.log()
+    );
     kiln.kill();
     assert!(upload.join().unwrap().is_err(), "the deploy never answered");
 
@@ -95,7 +103,8 @@ fn slow_header_clients_neither_starve_others_nor_stay_open() {
     let mut slow: Vec<TcpStream> = (0..200)
         .map(|_| {
             let mut s = TcpStream::connect(&kiln.addr).unwrap();
-            s.write_all(b"POST /v1/functions/hello/invoke HTTP/1.1\r\nHost: x\r\n").unwrap();
+            s.write_all(b"POST /v1/functions/hello/invoke HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
             s
         })
         .collect();

@@ -65,8 +65,18 @@ impl Kiln {
                 panic!("kiln did not start; its log:\n{}", log.lock().unwrap());
             }
         };
-        let token = std::fs::read_to_string(data.join("admin.token")).expect("admin token file").trim().to_owned();
-        Kiln { child, addr, token, data: data.to_path_buf(), log, _dir: None }
+        let token = std::fs::read_to_string(data.join("admin.token"))
+            .expect("admin token file")
+            .trim()
+            .to_owned();
+        Kiln {
+            child,
+            addr,
+            token,
+            data: data.to_path_buf(),
+            log,
+            _dir: None,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -90,11 +100,19 @@ impl Kiln {
     }
 
     pub fn get(&self, path: &str) -> Response {
-        client().get(self.url(path)).bearer_auth(&self.token).send().expect("GET")
+        client()
+            .get(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .expect("GET")
     }
 
     pub fn delete(&self, path: &str) -> Response {
-        client().delete(self.url(path)).bearer_auth(&self.token).send().expect("DELETE")
+        client()
+            .delete(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .expect("DELETE")
     }
 
     /// Deploys raw code with the default config.
@@ -135,7 +153,12 @@ impl Kiln {
     }
 
     pub fn invoke_path(&self, path: &str, input: impl Into<Vec<u8>>) -> Response {
-        client().post(self.url(path)).bearer_auth(&self.token).body(input.into()).send().expect("invoke")
+        client()
+            .post(self.url(path))
+            .bearer_auth(&self.token)
+            .body(input.into())
+            .send()
+            .expect("invoke")
     }
 
     pub fn metric(&self, name: &str) -> u64 {
@@ -193,7 +216,10 @@ pub fn client() -> Client {
 /// Asserts an error answer: status, JSON body shape, code; returns the error object.
 pub fn expect_error(response: Response, status: u16, code: &str) -> serde_json::Value {
     let got = response.status().as_u16();
-    let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned());
     let body = response.text().unwrap();
     assert_eq!(got, status, "expected {status} {code}, got {got}: {body}");
     assert_eq!(content_type.as_deref(), Some("application/json"));
@@ -227,7 +253,10 @@ pub fn component(name: &str) -> Vec<u8> {
             .env_remove("RUSTFLAGS")
             .status()
             .expect("running cargo for the guests");
-        assert!(status.success(), "building the guests failed (is the wasm32-wasip2 target installed? run runtime/scripts/setup.sh)");
+        assert!(
+            status.success(),
+            "building the guests failed (is the wasm32-wasip2 target installed? run runtime/scripts/setup.sh)"
+        );
     });
     std::fs::read(dir.join(format!("target/wasm32-wasip2/release/{name}.wasm"))).expect("built guest")
 }
