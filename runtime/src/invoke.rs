@@ -3,9 +3,11 @@
 //! memory image), call the entry point under a deadline, and shape the outcome. Nothing here
 //! compiles or touches the disk.
 
+use std::time::{Duration, Instant};
+
 use bytes::Bytes;
 use wasmtime::component::ResourceTable;
-use wasmtime::{Store, Trap};
+use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -66,6 +68,9 @@ pub struct Failure {
     pub stderr_tail: String,
 }
 
+/// Longest stretch guest code runs before it yields to the other tasks on its thread.
+const SLICE: Duration = Duration::from_millis(10);
+
 /// Bytes of stderr an error body carries.
 const STDERR_TAIL: usize = 4096;
 
@@ -98,10 +103,9 @@ pub async fn invoke(
         .allow_ip_name_lookup(false);
     let limiter = MemoryLimiter::new(config.memory_bytes());
 
-    // Guest code is bounded by the epoch deadline (it traps with `Trap::Interrupt`); time parked
-    // in a host call (a sleep, say) by the host-side timeout, which drops the call's future.
+    // Guest code runs in epoch slices and is interrupted once the deadline has passed; time parked
+    // in a host call (a sleep, say) is bounded by the host-side timeout, which drops the future.
     let deadline = config.timeout();
-    let ticks = ticks_for(deadline);
     let (outcome, memory_exceeded) = match &f.entry {
         Entry::Module(pre) => {
             let mut store = Store::new(
@@ -112,7 +116,7 @@ pub async fn invoke(
                 },
             );
             store.limiter(|s| &mut s.limiter);
-            store.set_epoch_deadline(ticks);
+            arm_deadline(&mut store, deadline);
             let run = async {
                 let instance = pre.instantiate_async(&mut store).await?;
                 let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
@@ -129,7 +133,7 @@ pub async fn invoke(
             };
             let mut store = Store::new(&app.engine, state);
             store.limiter(|s| &mut s.limiter);
-            store.set_epoch_deadline(ticks);
+            arm_deadline(&mut store, deadline);
             let run = async {
                 let command = pre.instantiate_async(&mut store).await?;
                 match command.wasi_cli_run().call_run(&mut store).await? {
@@ -153,6 +157,24 @@ pub async fn invoke(
         }
     }
     Err(classify(error, config.timeout_ms, memory_exceeded, &stdout, &stderr))
+}
+
+/// Runs guest code in slices of `SLICE` and interrupts it (`Trap::Interrupt`) once `timeout` has
+/// passed. Between slices the guest yields to the async executor, so a guest spinning on a core
+/// cannot starve the server's other requests for the length of its timeout.
+fn arm_deadline<T>(store: &mut Store<T>, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let slice_ticks = ticks_for(SLICE).min(ticks_for(timeout));
+    store.set_epoch_deadline(slice_ticks);
+    store.epoch_deadline_callback(move |_| {
+        if Instant::now() >= deadline {
+            return Ok(UpdateDeadline::Interrupt);
+        }
+        Ok(UpdateDeadline::YieldCustom(
+            slice_ticks,
+            Box::pin(tokio::task::yield_now()),
+        ))
+    });
 }
 
 /// Turns a guest's error into what the caller is told, naming the limit it hit when it hit one.

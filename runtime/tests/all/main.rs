@@ -4,4 +4,5 @@
 mod api;
 mod errors;
 mod lifecycle;
+mod limits;
 mod support;

@@ -260,3 +260,8 @@ pub fn component(name: &str) -> Vec<u8> {
     });
     std::fs::read(dir.join(format!("target/wasm32-wasip2/release/{name}.wasm"))).expect("built guest")
 }
+
+/// The WAT source of `guests/hostile/<name>.wat`.
+pub fn hostile(name: &str) -> Vec<u8> {
+    std::fs::read(guests_dir().join(format!("hostile/{name}.wat"))).expect("hostile guest WAT")
+}
