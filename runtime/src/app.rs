@@ -144,7 +144,11 @@ impl App {
             Lookup::Found(slot, concurrency) => (slot, concurrency),
             Lookup::NoFunction => return Err(LoadError::NoFunction(name.to_owned())),
             Lookup::NotLoaded(concurrency) => {
-                let version = version.expect("the latest version is always registered");
+                // `install` registers every function with its latest version, so only an explicit
+                // older version can be missing here.
+                let Some(version) = version else {
+                    return Err(LoadError::NoFunction(name.to_owned()));
+                };
                 let store = self.store.clone();
                 let owned = name.to_owned();
                 let record = tokio::task::spawn_blocking(move || store.version(&owned, version))
@@ -164,7 +168,7 @@ impl App {
     async fn load(&self, slot: &Slot) -> Result<Arc<LoadedFunction>, LoadError> {
         let record = slot.record.clone();
         let cache = self.cache.clone();
-        let compiled = tokio::task::spawn_blocking(move || cache.load(record.kind, &record.digest))
+        let compiled = tokio::task::spawn_blocking(move || cache.load(record.kind, &record.code_digest))
             .await
             .expect("compile task panicked")?;
         let entry = self.linkers.link(&compiled).map_err(LoadError::Link)?;

@@ -1,7 +1,8 @@
 //! Deploying and deleting functions. A deploy runs in stages, and only the last one is visible:
 //!
-//! 1. inspect the upload (validate) and, unless it equals the latest version, compile it ahead of
-//!    time and link it — all in memory, so a failure or a crash here leaves nothing behind;
+//! 1. inspect the upload (validate) and, unless it equals the latest version, run its init hook
+//!    into a snapshot (`snapshot`), compile the code ahead of time and link it — all in memory,
+//!    so a failure or a crash here leaves nothing behind;
 //! 2. under the commit lock: write the artifact and the compiled code (temp file, fsync, rename),
 //!    then commit the version row in one SQLite transaction — the commit point;
 //! 3. install the loaded version in the registry.
@@ -17,6 +18,7 @@ use crate::compile::CompileError;
 use crate::config::{FunctionConfig, Tier};
 use crate::pool::{MEMORIES_PER_MODULE, TABLES_PER_MODULE, TABLE_ELEMENTS};
 use crate::registry::LoadedFunction;
+use crate::snapshot;
 use crate::store::{Digest, StoreError, VersionRecord};
 use crate::validate::{self, CodeLimits};
 
@@ -46,9 +48,13 @@ pub struct Deployed {
 enum Prepared {
     Unchanged(VersionRecord),
     New {
+        /// The upload, and its digest.
         digest: Digest,
+        upload: Vec<u8>,
+        /// The code that runs (the init hook's snapshot, or the upload itself), and its digest.
+        code_digest: Digest,
+        snapshot: Option<Vec<u8>>,
         kind: validate::ArtifactKind,
-        bytes: Vec<u8>,
         cwasm: Vec<u8>,
     },
 }
@@ -72,14 +78,16 @@ pub async fn deploy(
             .await
             .expect("deploy task panicked")?
     };
-    let (digest, kind, bytes, cwasm) = match prepared {
+    let (digest, upload, code_digest, snapshot, kind, cwasm) = match prepared {
         Prepared::Unchanged(record) => return Ok(Deployed { record, created: false }),
         Prepared::New {
             digest,
+            upload,
+            code_digest,
+            snapshot,
             kind,
-            bytes,
             cwasm,
-        } => (digest, kind, bytes, cwasm),
+        } => (digest, upload, code_digest, snapshot, kind, cwasm),
     };
 
     let _commit = app.commit_lock.lock().await;
@@ -87,9 +95,12 @@ pub async fn deploy(
         let app = app.clone();
         let name = name.to_owned();
         tokio::task::spawn_blocking(move || -> Result<_, DeployError> {
-            app.layout.write_artifact(&digest, &bytes)?;
-            app.cache.store(&digest, &cwasm).map_err(cache_error)?;
-            Ok(app.store.commit_version(&name, &digest, kind, &config)?)
+            app.layout.write_artifact(&digest, &upload)?;
+            if let Some(snapshot) = &snapshot {
+                app.layout.write_artifact(&code_digest, snapshot)?;
+            }
+            app.cache.store(&code_digest, &cwasm).map_err(cache_error)?;
+            Ok(app.store.commit_version(&name, &digest, &code_digest, kind, &config)?)
         })
         .await
         .expect("commit task panicked")?
@@ -97,7 +108,7 @@ pub async fn deploy(
     if created {
         // Serve from the mapped file (shared page cache) rather than the deploy's heap copy.
         let cache = app.cache.clone();
-        let (kind, digest) = (record.kind, record.digest.clone());
+        let (kind, digest) = (record.kind, record.code_digest.clone());
         let compiled = tokio::task::spawn_blocking(move || cache.load(kind, &digest))
             .await
             .expect("load task panicked")
@@ -125,22 +136,35 @@ fn prepare(app: &App, name: &str, upload: &[u8], config: &FunctionConfig) -> Res
             return Ok(Prepared::Unchanged(latest));
         }
     }
+    let snapshot = match artifact.init_hook {
+        Some(hook) => {
+            tracing::info!(function = name, digest = digest.hex(), hook, "running the init hook");
+            let snapshot =
+                snapshot::preinitialize(app, name, &artifact.bytes, hook, config).map_err(DeployError::InvalidCode)?;
+            Some(snapshot)
+        }
+        None => None,
+    };
+    let code = snapshot.as_deref().unwrap_or(&artifact.bytes);
+    let code_digest = Digest::of(code);
     tracing::info!(
         function = name,
-        digest = digest.hex(),
+        digest = code_digest.hex(),
         kind = artifact.kind.as_str(),
         "compiling"
     );
     let invalid = |e: CompileError| DeployError::InvalidCode(e.to_string());
-    let cwasm = app.cache.precompile(artifact.kind, &artifact.bytes).map_err(invalid)?;
+    let cwasm = app.cache.precompile(artifact.kind, code).map_err(invalid)?;
     let compiled = app.cache.load_bytes(artifact.kind, &cwasm).map_err(invalid)?;
     app.linkers
         .link(&compiled)
         .map_err(|e| DeployError::InvalidCode(format!("cannot be linked: {e}")))?;
     Ok(Prepared::New {
         digest,
+        upload: artifact.bytes,
+        code_digest,
+        snapshot,
         kind: artifact.kind,
-        bytes: artifact.bytes,
         cwasm,
     })
 }

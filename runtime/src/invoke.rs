@@ -17,6 +17,7 @@ use crate::config::{STDERR_CAP, STDOUT_CAP};
 use crate::limits::{CappedOutput, MemoryLimiter};
 use crate::pool::ticks_for;
 use crate::registry::{Concurrency, Entry, LoadedFunction};
+use crate::validate::RESTORE_HOOK;
 
 /// Store data of a core-module (WASI preview 1) instance.
 pub struct ModuleState {
@@ -92,22 +93,14 @@ pub async fn invoke(
 
     let stdout = CappedOutput::new("stdout", STDOUT_CAP);
     let stderr = CappedOutput::new("stderr", STDERR_CAP);
-    let mut wasi = WasiCtxBuilder::new();
-    wasi.stdin(MemoryInputPipe::new(input))
-        .stdout(stdout.clone())
-        .stderr(stderr.clone())
-        .args(&f.args)
-        .envs(&f.env)
-        .allow_tcp(false)
-        .allow_udp(false)
-        .allow_ip_name_lookup(false);
+    let mut wasi = guest_wasi(&f.args, &f.env, input, &stdout, &stderr);
     let limiter = MemoryLimiter::new(config.memory_bytes());
 
     // Guest code runs in epoch slices and is interrupted once the deadline has passed; time parked
     // in a host call (a sleep, say) is bounded by the host-side timeout, which drops the future.
     let deadline = config.timeout();
     let (outcome, memory_exceeded) = match &f.entry {
-        Entry::Module(pre) => {
+        Entry::Module { pre, restore } => {
             let mut store = Store::new(
                 &app.engine,
                 ModuleState {
@@ -119,6 +112,10 @@ pub async fn invoke(
             arm_deadline(&mut store, deadline);
             let run = async {
                 let instance = pre.instantiate_async(&mut store).await?;
+                if *restore {
+                    let hook = instance.get_typed_func::<(), ()>(&mut store, RESTORE_HOOK)?;
+                    hook.call_async(&mut store, ()).await?;
+                }
                 let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
                 start.call_async(&mut store, ()).await
             };
@@ -159,10 +156,32 @@ pub async fn invoke(
     Err(classify(error, config.timeout_ms, memory_exceeded, &stdout, &stderr))
 }
 
+/// The WASI context of a guest: its stdio, args and env, and nothing else — no preopened
+/// directories, no sockets, no name lookups (deny by default). Random and clocks are fresh per
+/// context, so every instance draws its own entropy.
+pub(crate) fn guest_wasi(
+    args: &[String],
+    env: &[(String, String)],
+    stdin: Bytes,
+    stdout: &CappedOutput,
+    stderr: &CappedOutput,
+) -> WasiCtxBuilder {
+    let mut wasi = WasiCtxBuilder::new();
+    wasi.stdin(MemoryInputPipe::new(stdin))
+        .stdout(stdout.clone())
+        .stderr(stderr.clone())
+        .args(args)
+        .envs(env)
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
+    wasi
+}
+
 /// Runs guest code in slices of `SLICE` and interrupts it (`Trap::Interrupt`) once `timeout` has
 /// passed. Between slices the guest yields to the async executor, so a guest spinning on a core
 /// cannot starve the server's other requests for the length of its timeout.
-fn arm_deadline<T>(store: &mut Store<T>, timeout: Duration) {
+pub(crate) fn arm_deadline<T>(store: &mut Store<T>, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     let slice_ticks = ticks_for(SLICE).min(ticks_for(timeout));
     store.set_epoch_deadline(slice_ticks);
@@ -178,7 +197,7 @@ fn arm_deadline<T>(store: &mut Store<T>, timeout: Duration) {
 }
 
 /// Turns a guest's error into what the caller is told, naming the limit it hit when it hit one.
-fn classify(
+pub(crate) fn classify(
     error: wasmtime::Error,
     timeout_ms: u64,
     memory_exceeded: bool,

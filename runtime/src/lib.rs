@@ -19,5 +19,6 @@ pub mod pool;
 pub mod registry;
 pub mod server;
 pub mod shutdown;
+pub mod snapshot;
 pub mod store;
 pub mod validate;

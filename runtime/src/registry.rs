@@ -12,16 +12,21 @@ use dashmap::DashMap;
 use http::HeaderValue;
 use tokio::sync::{OnceCell, Semaphore};
 use wasmtime::component::Linker as ComponentLinker;
-use wasmtime::{Engine, InstancePre, Linker};
+use wasmtime::{Engine, ExternType, InstancePre, Linker};
 use wasmtime_wasi::p2::bindings::CommandPre;
 
 use crate::compile::Compiled;
 use crate::invoke::{ComponentState, ModuleState};
 use crate::store::VersionRecord;
+use crate::validate::RESTORE_HOOK;
 
 /// Linked, ready-to-instantiate code.
 pub enum Entry {
-    Module(InstancePre<ModuleState>),
+    /// `restore`: the module exports the restore hook, called before `_start`.
+    Module {
+        pre: InstancePre<ModuleState>,
+        restore: bool,
+    },
     Component(CommandPre<ComponentState>),
 }
 
@@ -50,15 +55,27 @@ impl Linkers {
         Ok(Linkers { module, component })
     }
 
+    pub fn module(&self) -> &Linker<ModuleState> {
+        &self.module
+    }
+
     /// Resolves a compiled artifact's imports. Fails (with the missing import's name) when the code
     /// needs something Kiln does not provide.
     pub fn link(&self, compiled: &Compiled) -> Result<Entry, String> {
         match compiled {
-            Compiled::Module(module) => self
-                .module
-                .instantiate_pre(module)
-                .map(Entry::Module)
-                .map_err(|e| format!("{e:#}")),
+            Compiled::Module(module) => {
+                let restore = match module.get_export(RESTORE_HOOK) {
+                    None => false,
+                    Some(ExternType::Func(ty)) if ty.params().len() == 0 && ty.results().len() == 0 => true,
+                    Some(_) => {
+                        return Err(format!(
+                            "`{RESTORE_HOOK}` must be a function with no parameters and no results"
+                        ))
+                    }
+                };
+                let pre = self.module.instantiate_pre(module).map_err(|e| format!("{e:#}"))?;
+                Ok(Entry::Module { pre, restore })
+            }
             Compiled::Component(component) => {
                 let pre = self
                     .component

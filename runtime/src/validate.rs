@@ -2,7 +2,7 @@
 //! or component (or WAT text, converted here), is it valid, does it import only what Kiln provides,
 //! and does it fit the limits it will run under. Every rejection says, for a person, what is wrong.
 
-use wasmparser::{Parser, Payload, TypeRef, Validator, WasmFeatures};
+use wasmparser::{Operator, Parser, Payload, TypeRef, Validator, WasmFeatures};
 
 /// What kind of artifact a version runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +46,15 @@ pub struct CodeLimits {
 pub struct Artifact {
     pub kind: ArtifactKind,
     pub bytes: Vec<u8>,
+    /// The init hook this module exports, to be run once at deploy and snapshotted.
+    pub init_hook: Option<&'static str>,
 }
+
+/// Init-hook export names, in order of preference: Wizer's classic name (the API's), and the
+/// name `wasmtime-wizer` uses by default.
+pub const INIT_HOOKS: [&str; 2] = ["wizer.initialize", "wizer-initialize"];
+/// The restore hook, run on every fresh instance before the entry point.
+pub const RESTORE_HOOK: &str = "kiln.restore";
 
 /// Why an upload is not runnable code; the text goes to the user in the 422 body.
 #[derive(Debug, thiserror::Error)]
@@ -76,11 +84,15 @@ pub fn inspect(upload: &[u8], limits: &CodeLimits) -> Result<Artifact, InvalidCo
     Validator::new_with_features(WasmFeatures::default())
         .validate_all(&bytes)
         .map_err(|e| invalid(format!("invalid WebAssembly: {e}")))?;
-    match kind {
+    check_compile_cost(&bytes)?;
+    let init_hook = match kind {
         ArtifactKind::Module => check_module(&bytes, limits)?,
-        ArtifactKind::Component => check_component(&bytes)?,
-    }
-    Ok(Artifact { kind, bytes })
+        ArtifactKind::Component => {
+            check_component(&bytes)?;
+            None
+        }
+    };
+    Ok(Artifact { kind, bytes, init_hook })
 }
 
 fn to_binary(upload: &[u8]) -> Result<Vec<u8>, InvalidCode> {
@@ -108,10 +120,12 @@ fn to_binary(upload: &[u8]) -> Result<Vec<u8>, InvalidCode> {
     ))
 }
 
-fn check_module(bytes: &[u8], limits: &CodeLimits) -> Result<(), InvalidCode> {
+/// Checks a module; returns the init hook it exports, if any.
+fn check_module(bytes: &[u8], limits: &CodeLimits) -> Result<Option<&'static str>, InvalidCode> {
     let mut memories = 0;
     let mut tables = 0;
     let mut has_start = false;
+    let mut init_hook = None;
     for payload in Parser::new(0).parse_all(bytes) {
         match payload.map_err(|e| invalid(format!("invalid WebAssembly: {e}")))? {
             Payload::ImportSection(reader) => {
@@ -161,8 +175,12 @@ fn check_module(bytes: &[u8], limits: &CodeLimits) -> Result<(), InvalidCode> {
             Payload::ExportSection(reader) => {
                 for export in reader {
                     let export = export.map_err(|e| invalid(e.to_string()))?;
-                    if export.name == "_start" && export.kind == wasmparser::ExternalKind::Func {
-                        has_start = true;
+                    if export.kind != wasmparser::ExternalKind::Func {
+                        continue;
+                    }
+                    has_start |= export.name == "_start";
+                    if let Some(hook) = INIT_HOOKS.iter().find(|h| **h == export.name) {
+                        init_hook = init_hook.or(Some(*hook));
                     }
                 }
             }
@@ -185,6 +203,114 @@ fn check_module(bytes: &[u8], limits: &CodeLimits) -> Result<(), InvalidCode> {
         return Err(invalid(
             "exports no `_start` function: a module must be a WASI preview 1 command",
         ));
+    }
+    Ok(init_hook)
+}
+
+/// Budgets that keep compilation time bounded. Cranelift's register allocation and SSA
+/// construction are superlinear in some shapes of code that cost the uploader almost nothing: a
+/// 340 KB function with 30,000 locals live across one loop compiles for over a minute, 120 KB of
+/// 40,000 nested loops for three minutes, 130 KB declaring 50,000 locals in each of 10,000
+/// functions for a minute (measured on 2 cores). Real code is far from these budgets: a 10.8 MB
+/// Rust debug build (47,693 functions) declares 226,644 locals, has 4,285 loop levels in all and a
+/// locals-across-loops estimate of 5.4 million. Each budget is at least 20 times that, and each
+/// caps the time of its shape of code to a few seconds.
+const MAX_DECLARED_LOCALS: u64 = 5_000_000;
+/// Loop levels summed over every loop (a loop nested d deep counts d): deep nesting is quadratic.
+const MAX_LOOP_LEVELS: u64 = 1_000_000;
+/// Sum over functions of K × P, where K is the number of distinct locals used inside loops and P
+/// the number of (loop, local) pairs where the loop uses the local: each pair is a value live
+/// around that loop, and register allocation grows with pairs times the values they compete with.
+const MAX_LOOP_LOCALS_COST: u64 = 100_000_000;
+
+/// Rejects code whose compilation would take disproportionately long (see the budgets above).
+/// Runs over every function body, including those of modules nested in a component.
+fn check_compile_cost(bytes: &[u8]) -> Result<(), InvalidCode> {
+    let too_complex = |what: String| {
+        invalid(format!(
+            "too complex to compile in reasonable time: {what}; split the code into smaller functions"
+        ))
+    };
+    let mut declared_locals = 0u64;
+    let mut loop_levels = 0u64;
+    let mut loop_locals_cost = 0u64;
+    let mut function = 0u64;
+    // Per local: the clock at which it was last counted for every loop then open.
+    let mut counted_at: Vec<u64> = Vec::new();
+    for payload in Parser::new(0).parse_all(bytes) {
+        let Payload::CodeSectionEntry(body) = payload.map_err(|e| invalid(format!("invalid WebAssembly: {e}")))? else {
+            continue;
+        };
+        let bad = |e: wasmparser::BinaryReaderError| invalid(format!("invalid WebAssembly: {e}"));
+        for locals in body.get_locals_reader().map_err(bad)? {
+            declared_locals += u64::from(locals.map_err(bad)?.0);
+        }
+        if declared_locals > MAX_DECLARED_LOCALS {
+            return Err(too_complex(format!(
+                "its functions declare more than {MAX_DECLARED_LOCALS} locals in all"
+            )));
+        }
+        // Control frames (true for a loop) and the clock values at which the open loops opened.
+        let mut frames: Vec<bool> = Vec::new();
+        let mut open_loops: Vec<u64> = Vec::new();
+        let mut clock = 0u64;
+        let (mut k, mut p) = (0u64, 0u64);
+        counted_at.clear();
+        let mut ops = body.get_operators_reader().map_err(bad)?;
+        while !ops.eof() {
+            let local = match ops.read().map_err(bad)? {
+                Operator::Block { .. } | Operator::If { .. } | Operator::Try { .. } | Operator::TryTable { .. } => {
+                    frames.push(false);
+                    continue;
+                }
+                Operator::Loop { .. } => {
+                    frames.push(true);
+                    clock += 1;
+                    open_loops.push(clock);
+                    loop_levels += open_loops.len() as u64;
+                    if loop_levels > MAX_LOOP_LEVELS {
+                        return Err(too_complex(format!(
+                            "function body {function} nests loops at least {} deep, and loop levels summed over all loops pass {MAX_LOOP_LEVELS}",
+                            open_loops.len()
+                        )));
+                    }
+                    continue;
+                }
+                Operator::End | Operator::Delegate { .. } => {
+                    if frames.pop() == Some(true) {
+                        open_loops.pop();
+                    }
+                    continue;
+                }
+                Operator::LocalGet { local_index }
+                | Operator::LocalSet { local_index }
+                | Operator::LocalTee { local_index } => local_index as usize,
+                _ => continue,
+            };
+            if open_loops.is_empty() {
+                continue;
+            }
+            if local >= counted_at.len() {
+                counted_at.resize(local + 1, 0);
+            }
+            let last = counted_at[local];
+            if last == 0 {
+                k += 1;
+            }
+            // Loops opened at or before `last` are still open and already count this local.
+            p += (open_loops.len() - open_loops.partition_point(|&opened| opened <= last)) as u64;
+            counted_at[local] = clock;
+            if k.saturating_mul(p) > MAX_LOOP_LOCALS_COST {
+                break;
+            }
+        }
+        loop_locals_cost = loop_locals_cost.saturating_add(k.saturating_mul(p));
+        if loop_locals_cost > MAX_LOOP_LOCALS_COST {
+            return Err(too_complex(format!(
+                "function body {function} keeps at least {k} locals live around its loops, and the estimate of locals live across loops passes {MAX_LOOP_LOCALS_COST}"
+            )));
+        }
+        function += 1;
     }
     Ok(())
 }
@@ -250,6 +376,33 @@ mod tests {
         assert!(a.bytes.starts_with(b"\0asm"));
         let b = inspect(&a.bytes, &LIMITS).unwrap();
         assert_eq!(a.bytes, b.bytes);
+        assert_eq!(a.init_hook, None);
+        let hooked = inspect(
+            br#"(module (func (export "_start")) (func (export "wizer.initialize")))"#,
+            &LIMITS,
+        );
+        assert_eq!(hooked.unwrap().init_hook, Some("wizer.initialize"));
+    }
+
+    #[test]
+    fn compile_bombs_are_refused_and_ordinary_loops_are_not() {
+        let func = |locals: usize, body: String| {
+            format!(
+                "(module (func (export \"_start\") {} {body}))",
+                "(local i32)".repeat(locals)
+            )
+        };
+        // 1,500 nested loops: 1,125,750 loop levels.
+        let deep = func(0, format!("{}{}", "(loop ".repeat(1500), ")".repeat(1500)));
+        assert!(err(deep.as_bytes()).contains("nests loops at least 1414 deep"));
+        // 10,001 locals, all used inside one loop: 10,001 × 10,001 pairs.
+        let body = |n: usize| -> String { (0..n).map(|i| format!("(local.set {i} (local.get {i}))")).collect() };
+        let live = func(10_001, format!("(loop {})", body(10_001)));
+        assert!(err(live.as_bytes()).contains("keeps at least 10001 locals live around its loops"));
+        // Ordinary shapes pass: loops 20 deep using 200 locals, and 5,000 locals used outside loops.
+        let nested = func(200, format!("{}{}{}", "(loop ".repeat(20), body(200), ")".repeat(20)));
+        inspect(nested.as_bytes(), &LIMITS).unwrap();
+        inspect(func(5_000, body(5_000)).as_bytes(), &LIMITS).unwrap();
     }
 
     #[test]

@@ -20,6 +20,9 @@ struct VersionView<'a> {
     name: &'a str,
     version: u32,
     digest: String,
+    /// Present when an init hook ran at deploy: the digest of the snapshot that runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshot_digest: Option<String>,
     kind: &'static str,
     tier: &'static str,
     handle: String,
@@ -33,6 +36,7 @@ impl<'a> From<&'a VersionRecord> for VersionView<'a> {
             name: &r.name,
             version: r.version,
             digest: r.digest.prefixed(),
+            snapshot_digest: (r.code_digest != r.digest).then(|| r.code_digest.prefixed()),
             kind: r.kind.as_str(),
             tier: r.config.tier.as_str(),
             handle: format!("{}@{}", r.name, r.version),

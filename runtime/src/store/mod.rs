@@ -32,7 +32,10 @@ pub enum StoreError {
 pub struct VersionRecord {
     pub name: String,
     pub version: u32,
+    /// SHA-256 of the upload (in binary form).
     pub digest: Digest,
+    /// SHA-256 of the code that runs: the init-hook snapshot, or the upload itself.
+    pub code_digest: Digest,
     pub kind: ArtifactKind,
     pub config: FunctionConfig,
     pub created_at: String,
@@ -48,12 +51,14 @@ const MIGRATIONS: &[&str] = &[r#"
         name        TEXT NOT NULL REFERENCES functions(name) ON DELETE CASCADE,
         version     INTEGER NOT NULL,
         digest      TEXT NOT NULL,
+        code_digest TEXT NOT NULL,
         kind        TEXT NOT NULL,
         config      TEXT NOT NULL,
         created_at  TEXT NOT NULL,
         PRIMARY KEY (name, version)
     );
     CREATE INDEX versions_by_digest ON versions(digest);
+    CREATE INDEX versions_by_code_digest ON versions(code_digest);
     -- Version numbers are never reused, even after a function is deleted and deployed again,
     -- so a handle `name@N` always means the same code.
     CREATE TABLE version_counters (
@@ -108,6 +113,7 @@ impl Store {
         &self,
         name: &str,
         digest: &Digest,
+        code_digest: &Digest,
         kind: ArtifactKind,
         config: &FunctionConfig,
     ) -> Result<(VersionRecord, bool), StoreError> {
@@ -132,15 +138,24 @@ impl Store {
             |r| r.get(0),
         )?;
         tx.execute(
-            "INSERT INTO versions (name, version, digest, kind, config, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![name, version, digest.hex(), kind.as_str(), config_json, now],
+            "INSERT INTO versions (name, version, digest, code_digest, kind, config, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                name,
+                version,
+                digest.hex(),
+                code_digest.hex(),
+                kind.as_str(),
+                config_json,
+                now
+            ],
         )?;
         tx.commit()?;
         let record = VersionRecord {
             name: name.to_owned(),
             version,
             digest: digest.clone(),
+            code_digest: code_digest.clone(),
             kind,
             config: config.clone(),
             created_at: now,
@@ -155,7 +170,7 @@ impl Store {
     pub fn version(&self, name: &str, version: u32) -> Result<Option<VersionRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT name, version, digest, kind, config, created_at FROM versions
+            "SELECT name, version, digest, code_digest, kind, config, created_at FROM versions
              WHERE name = ?1 AND version = ?2",
         )?;
         let row = stmt.query_row(params![name, version], raw_row).optional()?;
@@ -166,7 +181,7 @@ impl Store {
     pub fn versions(&self, name: &str) -> Result<Vec<VersionRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT name, version, digest, kind, config, created_at FROM versions
+            "SELECT name, version, digest, code_digest, kind, config, created_at FROM versions
              WHERE name = ?1 ORDER BY version",
         )?;
         let rows = stmt.query_map(params![name], raw_row)?;
@@ -177,7 +192,7 @@ impl Store {
     pub fn all_latest(&self) -> Result<Vec<VersionRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT v.name, v.version, v.digest, v.kind, v.config, v.created_at
+            "SELECT v.name, v.version, v.digest, v.code_digest, v.kind, v.config, v.created_at
              FROM versions v
              WHERE v.version = (SELECT MAX(version) FROM versions WHERE name = v.name)
              ORDER BY v.name",
@@ -192,7 +207,9 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let digests: Vec<String> = {
-            let mut stmt = tx.prepare("SELECT DISTINCT digest FROM versions WHERE name = ?1")?;
+            let mut stmt = tx.prepare(
+                "SELECT digest FROM versions WHERE name = ?1 UNION SELECT code_digest FROM versions WHERE name = ?1",
+            )?;
             let rows = stmt.query_map(params![name], |r| r.get(0))?;
             rows.collect::<Result<_, _>>()?
         };
@@ -202,7 +219,7 @@ impl Store {
         let mut orphans = Vec::new();
         for digest in digests {
             let still_used: bool = tx.query_row(
-                "SELECT EXISTS (SELECT 1 FROM versions WHERE digest = ?1)",
+                "SELECT EXISTS (SELECT 1 FROM versions WHERE digest = ?1 OR code_digest = ?1)",
                 params![digest],
                 |r| r.get(0),
             )?;
@@ -217,7 +234,7 @@ impl Store {
     /// Every digest some version references (for sweeping unreferenced files at start-up).
     pub fn referenced_digests(&self) -> Result<HashSet<String>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT DISTINCT digest FROM versions")?;
+        let mut stmt = conn.prepare("SELECT digest FROM versions UNION SELECT code_digest FROM versions")?;
         let rows = stmt.query_map([], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -239,15 +256,24 @@ impl Store {
     }
 }
 
-type RawRow = (String, u32, String, String, String, String);
+type RawRow = (String, u32, String, String, String, String, String);
 
 fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+    ))
 }
 
-fn decode((name, version, digest, kind, config, created_at): RawRow) -> Result<VersionRecord, StoreError> {
+fn decode((name, version, digest, code_digest, kind, config, created_at): RawRow) -> Result<VersionRecord, StoreError> {
     Ok(VersionRecord {
         digest: parse_digest(&digest)?,
+        code_digest: parse_digest(&code_digest)?,
         kind: ArtifactKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("kind {kind:?}")))?,
         config: serde_json::from_str(&config)
             .map_err(|e| StoreError::Corrupt(format!("config of {name}@{version}: {e}")))?,
@@ -263,7 +289,7 @@ fn parse_digest(hex: &str) -> Result<Digest, StoreError> {
 
 fn latest_in(conn: &Connection, name: &str) -> Result<Option<VersionRecord>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT name, version, digest, kind, config, created_at FROM versions
+        "SELECT name, version, digest, code_digest, kind, config, created_at FROM versions
          WHERE name = ?1 ORDER BY version DESC LIMIT 1",
     )?;
     let row = stmt.query_row(params![name], raw_row).optional()?;
@@ -286,26 +312,28 @@ mod tests {
         let a = Digest::of(b"a");
         let b = Digest::of(b"b");
         let cfg = FunctionConfig::default();
-        let (v1, created) = store.commit_version("f", &a, ArtifactKind::Module, &cfg).unwrap();
+        let (v1, created) = store.commit_version("f", &a, &a, ArtifactKind::Module, &cfg).unwrap();
         assert!(created);
         assert_eq!(v1.version, 1);
-        let (same, created) = store.commit_version("f", &a, ArtifactKind::Module, &cfg).unwrap();
+        let (same, created) = store.commit_version("f", &a, &a, ArtifactKind::Module, &cfg).unwrap();
         assert!(!created);
         assert_eq!(same.version, 1);
         let other_cfg = FunctionConfig {
             timeout_ms: 5,
             ..cfg.clone()
         };
-        let (v2, _) = store.commit_version("f", &a, ArtifactKind::Module, &other_cfg).unwrap();
+        let (v2, _) = store
+            .commit_version("f", &a, &a, ArtifactKind::Module, &other_cfg)
+            .unwrap();
         assert_eq!(v2.version, 2);
-        store.commit_version("g", &b, ArtifactKind::Module, &cfg).unwrap();
+        store.commit_version("g", &b, &b, ArtifactKind::Module, &cfg).unwrap();
         assert_eq!(store.all_latest().unwrap().len(), 2);
 
         let orphans = store.delete_function("f").unwrap().unwrap();
         assert_eq!(orphans, vec![a.clone()]);
         assert!(store.delete_function("f").unwrap().is_none());
         assert!(store.latest("f").unwrap().is_none());
-        let (v3, _) = store.commit_version("f", &a, ArtifactKind::Module, &cfg).unwrap();
+        let (v3, _) = store.commit_version("f", &a, &a, ArtifactKind::Module, &cfg).unwrap();
         assert_eq!(v3.version, 3, "a re-created function continues its numbering");
     }
 
@@ -317,12 +345,14 @@ mod tests {
             let store = Store::open(&path).unwrap();
             let cfg = FunctionConfig::default();
             store
-                .commit_version("f", &Digest::of(b"x"), ArtifactKind::Component, &cfg)
+                .commit_version("f", &Digest::of(b"x"), &Digest::of(b"y"), ArtifactKind::Component, &cfg)
                 .unwrap();
         }
         let store = Store::open(&path).unwrap();
         let latest = store.latest("f").unwrap().unwrap();
         assert_eq!(latest.kind, ArtifactKind::Component);
         assert_eq!(store.version("f", 1).unwrap().unwrap().digest, latest.digest);
+        assert_eq!(latest.code_digest, Digest::of(b"y"));
+        assert_eq!(store.referenced_digests().unwrap().len(), 2);
     }
 }

@@ -5,4 +5,5 @@ mod api;
 mod errors;
 mod lifecycle;
 mod limits;
+mod snapshot;
 mod support;
