@@ -14,7 +14,7 @@ use wasmtime_wasi::{I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::app::App;
 use crate::config::{STDERR_CAP, STDOUT_CAP};
-use crate::limits::{CappedOutput, MemoryLimiter};
+use crate::limits::{CappedOutput, MemoryLimiter, MAX_HOST_OBJECTS, MAX_RANDOM_BYTES};
 use crate::pool::ticks_for;
 use crate::registry::{Concurrency, Entry, LoadedFunction};
 use crate::validate::RESTORE_HOOK;
@@ -30,6 +30,26 @@ pub struct ComponentState {
     pub wasi: WasiCtx,
     pub table: ResourceTable,
     pub limiter: MemoryLimiter,
+}
+
+impl ModuleState {
+    pub fn new(mut wasi: WasiCtxBuilder, limiter: MemoryLimiter) -> ModuleState {
+        let mut wasi = wasi.build_p1();
+        wasi.ctx().table.set_max_capacity(MAX_HOST_OBJECTS);
+        ModuleState { wasi, limiter }
+    }
+}
+
+impl ComponentState {
+    pub fn new(mut wasi: WasiCtxBuilder, limiter: MemoryLimiter) -> ComponentState {
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_HOST_OBJECTS);
+        ComponentState {
+            wasi: wasi.build(),
+            table,
+            limiter,
+        }
+    }
 }
 
 impl WasiView for ComponentState {
@@ -93,7 +113,7 @@ pub async fn invoke(
 
     let stdout = CappedOutput::new("stdout", STDOUT_CAP);
     let stderr = CappedOutput::new("stderr", STDERR_CAP);
-    let mut wasi = guest_wasi(&f.args, &f.env, input, &stdout, &stderr);
+    let wasi = guest_wasi(&f.args, &f.env, input, &stdout, &stderr);
     let limiter = MemoryLimiter::new(config.memory_bytes());
 
     // Guest code runs in epoch slices and is interrupted once the deadline has passed; time parked
@@ -101,13 +121,7 @@ pub async fn invoke(
     let deadline = config.timeout();
     let (outcome, memory_exceeded) = match &f.entry {
         Entry::Module { pre, restore } => {
-            let mut store = Store::new(
-                &app.engine,
-                ModuleState {
-                    wasi: wasi.build_p1(),
-                    limiter,
-                },
-            );
+            let mut store = Store::new(&app.engine, ModuleState::new(wasi, limiter));
             store.limiter(|s| &mut s.limiter);
             arm_deadline(&mut store, deadline);
             let run = async {
@@ -123,11 +137,7 @@ pub async fn invoke(
             (outcome, store.data().limiter.exceeded())
         }
         Entry::Component(pre) => {
-            let state = ComponentState {
-                wasi: wasi.build(),
-                table: ResourceTable::new(),
-                limiter,
-            };
+            let state = ComponentState::new(wasi, limiter);
             let mut store = Store::new(&app.engine, state);
             store.limiter(|s| &mut s.limiter);
             arm_deadline(&mut store, deadline);
@@ -174,7 +184,8 @@ pub(crate) fn guest_wasi(
         .envs(env)
         .allow_tcp(false)
         .allow_udp(false)
-        .allow_ip_name_lookup(false);
+        .allow_ip_name_lookup(false)
+        .max_random_size(MAX_RANDOM_BYTES);
     wasi
 }
 

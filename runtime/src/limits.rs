@@ -14,6 +14,12 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 
 use crate::pool::TABLE_ELEMENTS;
 
+/// Host objects (handles, pollables, streams) one instance may hold at once. Each costs host memory
+/// and host time, and a guest can ask for many in one call (a `poll_oneoff` with a million timers).
+pub const MAX_HOST_OBJECTS: usize = 10_000;
+/// Bytes one `random_get` may ask for: the host fills them without yielding.
+pub const MAX_RANDOM_BYTES: u64 = 1 << 20;
+
 /// Caps a store's linear memory (all memories together) and table sizes.
 pub struct MemoryLimiter {
     limit: usize,

@@ -87,7 +87,9 @@ async fn serve(config: ServerConfig) -> Result<(), String> {
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // wasmtime-wasi opens an INFO span for every WASI call a guest makes; recording them
+        // would cost the invoke path more than the guest's own work.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,wasmtime_wasi=warn,wiggle=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

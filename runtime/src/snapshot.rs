@@ -29,9 +29,9 @@ pub fn preinitialize(
     let stdout = CappedOutput::new("stdout", STDERR_CAP);
     let stderr = CappedOutput::new("stderr", STDERR_CAP);
     let env: Vec<(String, String)> = config.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let wasi = guest_wasi(&[name.to_owned()], &env, Bytes::new(), &stdout, &stderr).build_p1();
+    let wasi = guest_wasi(&[name.to_owned()], &env, Bytes::new(), &stdout, &stderr);
     let limiter = MemoryLimiter::new(config.memory_bytes());
-    let mut store = Store::new(&app.engine, ModuleState { wasi, limiter });
+    let mut store = Store::new(&app.engine, ModuleState::new(wasi, limiter));
     store.limiter(|s| &mut s.limiter);
     arm_deadline(&mut store, config.timeout());
 

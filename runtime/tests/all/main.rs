@@ -3,6 +3,7 @@
 
 mod api;
 mod errors;
+mod hostile;
 mod lifecycle;
 mod limits;
 mod snapshot;
