@@ -35,12 +35,11 @@ pub async fn sync(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Result<
     let mut response = match outcome {
         Ok(success) => {
             metrics.invocations_ok.inc();
-            let response = Response::builder()
+            Response::builder()
                 .status(StatusCode::OK)
                 .header(header::CONTENT_TYPE, "application/octet-stream")
                 .body(Body::new(success.stdout))
-                .expect("static headers are valid");
-            response
+                .expect("static headers are valid")
         }
         Err(e) => {
             let counter = match &e {
