@@ -109,11 +109,12 @@ pub async fn list(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
         .await
         .expect("store task panicked")
         .map_err(ApiError::internal)?;
-    let functions: Vec<VersionView> = records.iter().map(VersionView::from).collect();
-    Ok(body::json(
-        StatusCode::OK,
-        &serde_json::json!({ "functions": functions }),
-    ))
+    #[derive(Serialize)]
+    struct List<'a> {
+        functions: Vec<VersionView<'a>>,
+    }
+    let functions = records.iter().map(VersionView::from).collect();
+    Ok(body::json(StatusCode::OK, &List { functions }))
 }
 
 pub async fn get(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
