@@ -33,9 +33,16 @@ impl Kiln {
 
     /// A server on an existing data directory (restart tests).
     pub fn start_in(data: &Path, args: &[&str]) -> Kiln {
+        // A small pool keeps many test servers light; a test may ask for another size.
+        let pool: &[&str] = if args.contains(&"--max-instances") {
+            &[]
+        } else {
+            &["--max-instances", "64"]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--max-instances", "64", "--data"])
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data)
+            .args(pool)
             .args(args)
             .env_remove("KILN_ADMIN_TOKEN")
             .env("RUST_LOG", "info")
