@@ -11,9 +11,11 @@ use tokio::sync::Semaphore;
 use crate::auth::{AdminTokenSource, Auth, AuthSetupError};
 use crate::compile::{CompileCache, CompileError};
 use crate::config::ServerConfig;
+use crate::jobs::Jobs;
 use crate::metrics::Metrics;
 use crate::pool::{self, EpochTicker};
 use crate::registry::{Concurrency, Linkers, LoadedFunction, Lookup, Registry, Slot};
+use crate::signing::Signer;
 use crate::store::{Layout, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +54,8 @@ pub struct App {
     pub linkers: Linkers,
     pub registry: Registry,
     pub auth: Auth,
+    pub jobs: Jobs,
+    pub signer: Signer,
     pub metrics: Metrics,
     /// The global cap on live instances; equal to the pool's size, so the pool itself never runs
     /// dry mid-instantiation.
@@ -74,6 +78,8 @@ impl App {
         layout.prepare().map_err(data_err)?;
         let store = Arc::new(Store::open(&layout.database())?);
         let (auth, source) = Auth::init(&store, &layout.admin_token(), config.admin_token.as_deref())?;
+        let jobs = Jobs::open(&layout.database(), config.max_queued)?;
+        let signer = Signer::open(&layout.keys()).map_err(data_err)?;
         match source {
             AdminTokenSource::Environment => tracing::info!("admin token taken from KILN_ADMIN_TOKEN"),
             AdminTokenSource::ExistingFile | AdminTokenSource::CreatedFile => {
@@ -101,6 +107,8 @@ impl App {
             linkers,
             registry,
             auth,
+            jobs,
+            signer,
             metrics: Metrics::default(),
             commit_lock: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),

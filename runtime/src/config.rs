@@ -27,6 +27,14 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Time a client gets to send a request's headers (slowloris guard).
     pub header_read_timeout: Duration,
+    /// Largest body an asynchronous invoke accepts.
+    pub max_async_input_bytes: u64,
+    /// Asynchronous invocations waiting to run; past it submits get 429.
+    pub max_queued: u64,
+    /// Workers running asynchronous invocations.
+    pub async_workers: usize,
+    /// How long finished asynchronous invocations (and their results) are kept.
+    pub retention: Duration,
     /// Time a client gets to send a whole request body.
     pub body_read_timeout: Duration,
     /// How long shutdown waits for in-flight requests before closing connections.
@@ -43,6 +51,10 @@ impl ServerConfig {
             max_instances: 1000,
             max_code_bytes: 64 * MIB,
             max_sync_input_bytes: 6 * MIB,
+            max_async_input_bytes: MIB,
+            max_queued: 10_000,
+            async_workers: 8,
+            retention: Duration::from_secs(7 * 24 * 3600),
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(60),
@@ -56,6 +68,7 @@ impl ServerConfig {
 pub const MAX_TIMEOUT_MS: u64 = 15 * 60 * 1000;
 pub const MAX_MEMORY_MB: u64 = 4096;
 pub const MAX_ENV_VARS: usize = 256;
+pub const MAX_RETRIES: u32 = 10;
 pub const MAX_ENV_BYTES: usize = 64 * 1024;
 
 /// Which isolation tier runs the function.
@@ -94,6 +107,8 @@ pub struct FunctionConfig {
     pub allowed_hosts: Vec<String>,
     /// Serve the HTTP trigger without a bearer token.
     pub public: bool,
+    /// Times a failed asynchronous invocation is run again (with exponential backoff).
+    pub retries: u32,
 }
 
 impl Default for FunctionConfig {
@@ -106,6 +121,7 @@ impl Default for FunctionConfig {
             env: BTreeMap::new(),
             allowed_hosts: Vec::new(),
             public: false,
+            retries: 2,
         }
     }
 }
@@ -124,6 +140,9 @@ impl FunctionConfig {
         }
         if self.memory_mb == 0 || self.memory_mb > MAX_MEMORY_MB {
             return Err(format!("memory_mb must be between 1 and {MAX_MEMORY_MB}"));
+        }
+        if self.retries > MAX_RETRIES {
+            return Err(format!("retries must be at most {MAX_RETRIES}"));
         }
         if self.max_concurrency == 0 {
             return Err("max_concurrency must be at least 1".into());

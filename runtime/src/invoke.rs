@@ -64,6 +64,8 @@ impl WasiView for ComponentState {
 /// A successful invocation: the guest exited 0.
 pub struct Success {
     pub stdout: Bytes,
+    /// The guest's log, for callers that keep it (asynchronous invocations).
+    pub stderr: CappedOutput,
 }
 
 /// Why an invocation did not succeed. `Failed` and `Timeout` are the guest's doing; the others are
@@ -92,8 +94,8 @@ pub struct Failure {
 /// Longest stretch guest code runs before it yields to the other tasks on its thread.
 const SLICE: Duration = Duration::from_millis(10);
 
-/// Bytes of stderr an error body carries.
-const STDERR_TAIL: usize = 4096;
+/// Bytes of stderr an error body (or an invocation record) carries.
+pub const STDERR_TAIL: usize = 4096;
 
 pub async fn invoke(
     app: &App,
@@ -154,13 +156,21 @@ pub async fn invoke(
     };
 
     let error = match outcome {
-        Ok(Ok(())) => return Ok(Success { stdout: stdout.take() }),
+        Ok(Ok(())) => {
+            return Ok(Success {
+                stdout: stdout.take(),
+                stderr,
+            })
+        }
         Ok(Err(error)) => error,
         Err(_elapsed) => return Err(InvokeError::Timeout(config.timeout_ms)),
     };
     if let Some(I32Exit(code)) = error.downcast_ref::<I32Exit>() {
         if *code == 0 {
-            return Ok(Success { stdout: stdout.take() });
+            return Ok(Success {
+                stdout: stdout.take(),
+                stderr,
+            });
         }
     }
     Err(classify(error, config.timeout_ms, memory_exceeded, &stdout, &stderr))

@@ -33,6 +33,9 @@ struct ServeArgs {
     /// global concurrency cap.
     #[arg(long, env = "KILN_MAX_INSTANCES", default_value_t = 1000)]
     max_instances: u32,
+    /// Asynchronous invocations waiting to run at most; past it submits get 429.
+    #[arg(long, env = "KILN_MAX_QUEUED", default_value_t = 10_000)]
+    max_queued: u64,
     /// Time a client gets to send a request's headers before the connection is closed.
     #[arg(long, env = "KILN_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     header_read_timeout_ms: u64,
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
     init_logging(args.log_format);
     let mut config = ServerConfig::new(args.listen, args.data);
     config.max_instances = args.max_instances;
+    config.max_queued = args.max_queued;
     config.header_read_timeout = std::time::Duration::from_millis(args.header_read_timeout_ms);
     config.admin_token = std::env::var("KILN_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
 
@@ -81,6 +85,7 @@ async fn serve(config: ServerConfig) -> Result<(), String> {
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(address = %local, data = %app.layout.root.display(), "kiln listening on http://{local}");
     app.warm_up();
+    kiln::jobs::Jobs::start(&app);
     kiln::server::run(app, listener, kiln::shutdown::signal_received()).await;
     Ok(())
 }

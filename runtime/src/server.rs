@@ -80,11 +80,15 @@ pub async fn run(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Out
 
     app.begin_shutdown();
     drop(listener);
-    tracing::info!("shutting down: draining in-flight requests");
-    tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(app.config.shutdown_grace) => {
-            tracing::warn!(grace = ?app.config.shutdown_grace, "connections still open after the grace period; closing")
+    tracing::info!("shutting down: draining in-flight requests and async invocations");
+    let grace = app.config.shutdown_grace;
+    let connections = async {
+        tokio::select! {
+            () = graceful.shutdown() => tracing::info!("all connections closed"),
+            () = tokio::time::sleep(grace) => {
+                tracing::warn!(?grace, "connections still open after the grace period; closing")
+            }
         }
-    }
+    };
+    tokio::join!(connections, app.jobs.stop(grace));
 }

@@ -5,6 +5,7 @@
 pub mod body;
 pub mod error;
 mod functions;
+mod invocations;
 mod invoke;
 
 use std::convert::Infallible;
@@ -40,6 +41,13 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
     if app.is_shutting_down() {
         return Err(ApiError::unavailable("kiln is shutting down"));
     }
+    // Result URLs carry their own authority (a signature), not a token.
+    if let ["v1", "results", id] = segments.as_slice() {
+        return match method {
+            Method::GET => invocations::result(app, id, req.uri().query()).await,
+            _ => Err(ApiError::method_not_allowed()),
+        };
+    }
     if !app
         .auth
         .check(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()))
@@ -59,13 +67,14 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
                 ([], Method::PUT) => functions::deploy(app, name, req).await,
                 ([], Method::GET) => functions::get(app, name).await,
                 ([], Method::DELETE) => functions::delete(app, name).await,
-                ([], _) | (["invoke"], _) => match req.method() {
-                    &Method::POST if rest == ["invoke"] => invoke::sync(app, name, req).await,
-                    _ => Err(ApiError::method_not_allowed()),
-                },
+                (["invoke"], Method::POST) => invoke::sync(app, name, req).await,
+                (["invoke-async"], Method::POST) => invocations::submit(app, name, req).await,
+                ([] | ["invoke"] | ["invoke-async"], _) => Err(ApiError::method_not_allowed()),
                 _ => Err(ApiError::not_found(format!("no route for {path}"))),
             }
         }
+        (["v1", "invocations", id], Method::GET) => invocations::get(app, id, req.uri().query()).await,
+        (["v1", "invocations", _], _) => Err(ApiError::method_not_allowed()),
         _ => Err(ApiError::not_found(format!("no route for {path}"))),
     }
 }

@@ -82,6 +82,10 @@ impl Layout {
     pub fn compiled(&self) -> PathBuf {
         self.root.join("compiled")
     }
+    /// Keys that sign result URLs.
+    pub fn keys(&self) -> PathBuf {
+        self.root.join("keys")
+    }
 
     /// Creates the directories and empties `tmp/` of what a crash left behind.
     pub fn prepare(&self) -> io::Result<()> {

@@ -42,7 +42,8 @@ pub struct VersionRecord {
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts how many have run.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE functions (
         name        TEXT PRIMARY KEY,
         created_at  TEXT NOT NULL
@@ -71,10 +72,47 @@ const MIGRATIONS: &[&str] = &[r#"
         scope       TEXT NOT NULL,
         created_at  TEXT NOT NULL
     );
-"#];
+"#,
+    r#"
+    -- Asynchronous invocations: the queue and the record. A row exists only once its submit was
+    -- committed; `running` rows found at start-up go back to `queued` (at-least-once).
+    CREATE TABLE invocations (
+        id              TEXT PRIMARY KEY,
+        function        TEXT NOT NULL,
+        version         INTEGER NOT NULL,
+        state           TEXT NOT NULL,
+        input           BLOB NOT NULL,
+        idempotency_key TEXT,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        max_attempts    INTEGER NOT NULL,
+        run_after_ms    INTEGER NOT NULL,
+        created_at      TEXT NOT NULL,
+        finished_at     TEXT,
+        finished_ms     INTEGER,
+        duration_us     INTEGER,
+        error           TEXT,
+        stderr          TEXT,
+        result          BLOB
+    );
+    CREATE UNIQUE INDEX invocations_by_idempotency_key ON invocations(function, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX invocations_queue ON invocations(state, run_after_ms);
+    CREATE INDEX invocations_finished ON invocations(finished_ms) WHERE finished_ms IS NOT NULL;
+"#,
+];
 
 pub struct Store {
     conn: Mutex<Connection>,
+}
+
+/// Opens another connection to the same database (the async queue's writer has its own, so its
+/// batched commits never wait behind the API's reads).
+pub fn connect(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    Ok(conn)
 }
 
 pub fn now_rfc3339() -> String {
@@ -100,7 +138,7 @@ impl Store {
         Ok(Store { conn: Mutex::new(conn) })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite half-written (transactions roll
         // back on drop), so a poisoned lock is still safe to use.
         self.conn.lock().unwrap_or_else(|e| e.into_inner())

@@ -2,6 +2,7 @@
 //! (one link) with a module per topic.
 
 mod api;
+mod asynchronous;
 mod errors;
 mod hostile;
 mod lifecycle;

@@ -1,0 +1,145 @@
+//! Asynchronous invocations: submit, the record, and the result behind a signed URL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::body::{self, Body};
+use super::error::ApiError;
+use crate::app::App;
+use crate::jobs::{self, NewInvocation, SubmitError};
+use crate::signing::{self, Refused};
+
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+pub async fn submit(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let version = super::version_param(req.uri().query())?;
+    // Resolving loads the code now, so a submit for a missing function fails here, not later.
+    let (function, _) = app.resolve(name, version).await?;
+    let idempotency_key = match req.headers().get(IDEMPOTENCY_KEY) {
+        None => None,
+        Some(value) => {
+            let key = value.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 255);
+            Some(
+                key.ok_or_else(|| {
+                    ApiError::invalid_request("Idempotency-Key must be 1 to 255 visible ASCII characters")
+                })?
+                .to_owned(),
+            )
+        }
+    };
+    let (parts, incoming) = req.into_parts();
+    let input = body::read(
+        &parts.headers,
+        incoming,
+        app.config.max_async_input_bytes,
+        app.config.body_read_timeout,
+    )
+    .await?;
+    let invocation = NewInvocation {
+        function: name.to_owned(),
+        version: function.record.version,
+        input,
+        idempotency_key,
+        max_attempts: 1 + function.record.config.retries,
+    };
+    let id = app.jobs.submit(invocation).await.map_err(|e| match e {
+        e @ SubmitError::QueueFull(_) => {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", e.to_string())
+        }
+        SubmitError::Closed => ApiError::unavailable("kiln is shutting down"),
+        e @ SubmitError::Store(_) => ApiError::internal(e),
+    })?;
+    let status_url = format!("/v1/invocations/{id}");
+    let mut response = body::json(StatusCode::ACCEPTED, &json!({ "id": id, "status_url": status_url }));
+    response
+        .headers_mut()
+        .insert(header::LOCATION, status_url.parse().expect("ASCII path"));
+    Ok(response)
+}
+
+/// Invocation ids are UUIDs; anything else never touches the database.
+fn valid_id(id: &str) -> Result<(), ApiError> {
+    match uuid::Uuid::try_parse(id) {
+        Ok(parsed) if parsed.hyphenated().to_string() == id => Ok(()),
+        _ => Err(ApiError::not_found(format!("no invocation {id:?}"))),
+    }
+}
+
+/// `expires_in` (seconds) sets the result URL's lifetime: default 15 minutes, at most 7 days.
+fn url_lifetime(query: Option<&str>) -> Result<Duration, ApiError> {
+    let mut lifetime = signing::DEFAULT_LIFETIME;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("expires_in", v)) => {
+                let seconds = v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|s| (1..=signing::MAX_LIFETIME.as_secs()).contains(s));
+                lifetime = Duration::from_secs(seconds.ok_or_else(|| {
+                    ApiError::invalid_request(format!(
+                        "expires_in must be between 1 and {} seconds",
+                        signing::MAX_LIFETIME.as_secs()
+                    ))
+                })?);
+            }
+            _ => return Err(ApiError::invalid_request(format!("unknown query parameter {pair:?}"))),
+        }
+    }
+    Ok(lifetime)
+}
+
+pub async fn get(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+    valid_id(id)?;
+    let lifetime = url_lifetime(query)?;
+    let store = app.store.clone();
+    let owned = id.to_owned();
+    let record = tokio::task::spawn_blocking(move || jobs::load_record(&store.conn(), &owned))
+        .await
+        .expect("store task panicked")
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::not_found(format!("no invocation {id}")))?;
+    let result_url = (record.state == "succeeded").then(|| app.signer.url(&record.id, lifetime));
+    Ok(body::json(
+        StatusCode::OK,
+        &json!({
+            "id": record.id,
+            "function": record.function,
+            "version": record.version,
+            "state": record.state,
+            "attempts": record.attempts,
+            "created_at": record.created_at,
+            "finished_at": record.finished_at,
+            "duration_us": record.duration_us,
+            "error": record.error,
+            "stderr": record.stderr,
+            "result_url": result_url,
+        }),
+    ))
+}
+
+pub async fn result(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+    app.signer.verify(id, query).map_err(|refused| {
+        let message = match refused {
+            Refused::Expired => "the result URL has expired; fetch the invocation again for a new one",
+            Refused::Malformed | Refused::BadSignature => "the result URL is not valid",
+        };
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    })?;
+    let store = app.store.clone();
+    let owned = id.to_owned();
+    let result = tokio::task::spawn_blocking(move || jobs::load_result(&store.conn(), &owned))
+        .await
+        .expect("store task panicked")
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::not_found("the result is no longer kept"))?;
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .body(Body::new(Bytes::from(result)))
+        .expect("static headers are valid"))
+}

@@ -1,0 +1,218 @@
+//! Signed result URLs: `/v1/results/<id>?expires=<unix s>&kid=<key id>&sig=<hex>`, where `sig` is
+//! HMAC-SHA256 over the method, the path, the invocation id, the expiry and the key id. Fetching
+//! one needs no token; any change to the path or query, or a time past `expires`, is refused.
+//!
+//! Keys live in `<data>/keys/<kid>.key` (32 random bytes, mode 0600). The newest key signs; every
+//! key present verifies, so a key can be rotated by adding a new file and removed once the URLs it
+//! signed have expired.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// Lifetime of a URL unless the caller asks for another.
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(15 * 60);
+pub const MAX_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+
+pub struct Signer {
+    keys: HashMap<String, [u8; 32]>,
+    current: String,
+}
+
+/// Why a URL was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("the URL is not a valid signed result URL")]
+    Malformed,
+    #[error("the URL has expired")]
+    Expired,
+    #[error("the URL's signature does not match")]
+    BadSignature,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Signer {
+    /// Loads the keys in `dir`, creating the first one if there is none.
+    pub fn open(dir: &Path) -> std::io::Result<Signer> {
+        std::fs::create_dir_all(dir)?;
+        let mut keys = HashMap::new();
+        let mut newest: Option<(SystemTime, String)> = None;
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(kid) = name.to_str().and_then(|n| n.strip_suffix(".key")) else {
+                continue;
+            };
+            let bytes = std::fs::read(entry.path())?;
+            let Ok(key) = <[u8; 32]>::try_from(bytes.as_slice()) else {
+                tracing::warn!(file = %entry.path().display(), "ignoring a signing key that is not 32 bytes");
+                continue;
+            };
+            let modified = entry.metadata()?.modified()?;
+            if newest.as_ref().is_none_or(|(t, k)| (modified, kid) > (*t, k.as_str())) {
+                newest = Some((modified, kid.to_owned()));
+            }
+            keys.insert(kid.to_owned(), key);
+        }
+        let current = match newest {
+            Some((_, kid)) => kid,
+            None => {
+                let kid = hex::encode(rand::random::<[u8; 4]>());
+                let key: [u8; 32] = rand::random();
+                let mut file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(dir.join(format!("{kid}.key")))?;
+                file.write_all(&key)?;
+                file.sync_all()?;
+                keys.insert(kid.clone(), key);
+                kid
+            }
+        };
+        Ok(Signer { keys, current })
+    }
+
+    fn mac(&self, kid: &str, id: &str, expires: u64) -> Option<Hmac<Sha256>> {
+        let key = self.keys.get(kid)?;
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+        mac.update(format!("GET\n/v1/results/{id}\n{id}\n{expires}\n{kid}").as_bytes());
+        Some(mac)
+    }
+
+    /// A URL for the result of invocation `id`, valid for `lifetime` (capped at `MAX_LIFETIME`).
+    pub fn url(&self, id: &str, lifetime: Duration) -> String {
+        let expires = now_secs() + lifetime.min(MAX_LIFETIME).as_secs();
+        let sig = self
+            .mac(&self.current, id, expires)
+            .expect("the current key exists")
+            .finalize()
+            .into_bytes();
+        format!(
+            "/v1/results/{id}?expires={expires}&kid={}&sig={}",
+            self.current,
+            hex::encode(sig)
+        )
+    }
+
+    /// Checks the id from the path and the raw query of a result URL. The query must be exactly
+    /// what `url` produced: the three parameters, in order, nothing else.
+    pub fn verify(&self, id: &str, query: Option<&str>) -> Result<(), Refused> {
+        let mut parts = query.ok_or(Refused::Malformed)?.split('&');
+        let mut param = |name: &str| {
+            parts
+                .next()
+                .and_then(|p| p.strip_prefix(name))
+                .and_then(|p| p.strip_prefix('='))
+                .ok_or(Refused::Malformed)
+        };
+        let expires_text = param("expires")?;
+        let kid = param("kid")?;
+        let sig_hex = param("sig")?;
+        if parts.next().is_some() {
+            return Err(Refused::Malformed);
+        }
+        let expires: u64 = expires_text.parse().map_err(|_| Refused::Malformed)?;
+        // Canonical decimal only, so the signed text and the URL cannot differ (`+5`, `05`).
+        if expires.to_string() != expires_text {
+            return Err(Refused::Malformed);
+        }
+        let sig = hex::decode(sig_hex).map_err(|_| Refused::Malformed)?;
+        if hex::encode(&sig) != sig_hex {
+            return Err(Refused::Malformed);
+        }
+        let mac = self.mac(kid, id, expires).ok_or(Refused::BadSignature)?;
+        // `verify_slice` compares in constant time.
+        mac.verify_slice(&sig).map_err(|_| Refused::BadSignature)?;
+        if now_secs() > expires {
+            return Err(Refused::Expired);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(url: &str) -> (String, Option<String>) {
+        let (path, query) = url.split_once('?').unwrap();
+        (
+            path.strip_prefix("/v1/results/").unwrap_or(path).to_owned(),
+            Some(query.to_owned()),
+        )
+    }
+
+    #[test]
+    fn round_trip_and_every_single_byte_mutation_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = Signer::open(dir.path()).unwrap();
+        let url = signer.url("0193c8a4-0000-7000-8000-000000000001", DEFAULT_LIFETIME);
+        let (id, query) = split(&url);
+        assert_eq!(signer.verify(&id, query.as_deref()), Ok(()));
+        let prefix = "/v1/results/".len();
+        for position in prefix..url.len() {
+            for replacement in [b'0', b'f', b'x', b'&', b'=', b'%'] {
+                let mut bytes = url.clone().into_bytes();
+                if bytes[position] == replacement {
+                    continue;
+                }
+                bytes[position] = replacement;
+                let mutated = String::from_utf8(bytes).unwrap();
+                let Some((path, query)) = mutated.split_once('?') else {
+                    continue;
+                };
+                let id = &path[prefix..];
+                assert!(
+                    signer.verify(id, Some(query)).is_err(),
+                    "accepted a mutation at {position}: {mutated}"
+                );
+            }
+        }
+        // A key from another data directory does not verify.
+        let other = Signer::open(tempfile::tempdir().unwrap().path()).unwrap();
+        assert!(other.verify(&id, query.as_deref()).is_err());
+        // Reopening keeps the key, so URLs survive restarts.
+        let again = Signer::open(dir.path()).unwrap();
+        assert_eq!(again.verify(&id, query.as_deref()), Ok(()));
+    }
+
+    #[test]
+    fn expired_urls_are_refused_and_lifetimes_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = Signer::open(dir.path()).unwrap();
+        let expires = now_secs() - 1;
+        let sig = hex::encode(
+            signer
+                .mac(&signer.current, "abc", expires)
+                .unwrap()
+                .finalize()
+                .into_bytes(),
+        );
+        let query = format!("expires={expires}&kid={}&sig={sig}", signer.current);
+        assert_eq!(signer.verify("abc", Some(&query)), Err(Refused::Expired));
+        let url = signer.url("abc", Duration::from_secs(30 * 24 * 3600));
+        let expires: u64 = url
+            .split("expires=")
+            .nth(1)
+            .unwrap()
+            .split('&')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(expires <= now_secs() + MAX_LIFETIME.as_secs());
+    }
+}
