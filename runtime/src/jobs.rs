@@ -290,6 +290,12 @@ async fn work(app: Arc<App>) {
         let started = std::time::Instant::now();
         let outcome = run(&app, &claimed).await;
         let duration_us = started.elapsed().as_micros() as i64;
+        match &outcome {
+            Outcome::Succeeded { .. } => app.metrics.invocations_ok.inc(),
+            Outcome::Failed { error, .. } if error["code"] == "timeout" => app.metrics.invocations_timeout.inc(),
+            Outcome::Failed { .. } => app.metrics.invocations_failed.inc(),
+            Outcome::Busy => {}
+        }
         let record = move |conn: &Connection| record(conn, &claimed, outcome, duration_us).map(|()| None);
         if let Err(e) = db(Box::new(record)).await.expect("worker task panicked") {
             tracing::error!(error = %e, "recording an async invocation failed; it will run again");

@@ -30,6 +30,8 @@ pub struct Gauges {
     pub compilations: u64,
     pub functions: usize,
     pub instances_in_use: usize,
+    /// Asynchronous invocations queued or running.
+    pub async_queue_depth: u64,
 }
 
 impl Metrics {
@@ -75,6 +77,12 @@ impl Metrics {
             "gauge",
             "Guest instances alive now.",
             &[("", gauges.instances_in_use as u64)],
+        );
+        metric(
+            "kiln_async_queue_depth",
+            "gauge",
+            "Asynchronous invocations queued or running.",
+            &[("", gauges.async_queue_depth)],
         );
         out
     }

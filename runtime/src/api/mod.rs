@@ -34,7 +34,7 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
     let method = req.method().clone();
     match segments.as_slice() {
         ["healthz"] => return Ok(healthz(app)),
-        ["metrics"] => return Ok(metrics(app)),
+        ["metrics"] => return Ok(metrics(app).await),
         ["v1", ..] => {}
         _ => return Err(ApiError::not_found(format!("no route for {path}"))),
     }
@@ -89,8 +89,22 @@ fn healthz(app: &App) -> Response<Body> {
     )
 }
 
-fn metrics(app: &App) -> Response<Body> {
+async fn metrics(app: &Arc<App>) -> Response<Body> {
+    let store = app.store.clone();
+    let async_queue_depth = tokio::task::spawn_blocking(move || {
+        store
+            .conn()
+            .query_row(
+                "SELECT COUNT(*) FROM invocations WHERE state IN ('queued', 'running')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap_or(0)
+    })
+    .await
+    .unwrap_or(0);
     let gauges = Gauges {
+        async_queue_depth,
         compilations: app.cache.compilations(),
         functions: app.registry.len(),
         instances_in_use: app.config.max_instances as usize - app.instance_permits.available_permits(),
