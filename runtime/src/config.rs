@@ -53,7 +53,7 @@ impl ServerConfig {
             max_sync_input_bytes: 6 * MIB,
             max_async_input_bytes: MIB,
             max_queued: 10_000,
-            async_workers: 8,
+            async_workers: 4,
             retention: Duration::from_secs(7 * 24 * 3600),
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),

@@ -4,9 +4,9 @@
 //!   SQLite with `synchronous=FULL`. Submits go through one writer thread that commits whatever
 //!   has arrived as a single transaction, so concurrent submits share an fsync (group commit).
 //!   An `Idempotency-Key` maps a retried submit to the id of the first.
-//! - **Run**: workers claim the oldest due row (`queued` → `running`), run it exactly like a sync
-//!   invoke (same limits, same snapshot), and record the outcome; a failure is queued again with
-//!   exponential backoff until the function's `retries` are used up.
+//! - **Run**: workers claim the oldest due rows (`queued` → `running`, a few per transaction), run
+//!   them exactly like sync invokes (same limits, same snapshot), and record the outcomes together;
+//!   a failure is queued again with exponential backoff until the function's `retries` are used up.
 //! - **Crash**: claims and outcomes are committed without waiting for the disk (a crash can only
 //!   lose them, which means running the invocation again). At start-up, `running` rows return to
 //!   `queued`. Every accepted invocation is therefore finished or run again: at least once.
@@ -27,6 +27,8 @@ use crate::store::{self, now_rfc3339, StoreError};
 
 /// Submits committed together at most.
 const BATCH: usize = 512;
+/// Invocations a worker claims (and records) per transaction; they run concurrently.
+const CLAIM_BATCH: u32 = 16;
 /// Workers look for due retries at least this often.
 const POLL: Duration = Duration::from_millis(100);
 /// First retry delay; doubles per attempt, up to `MAX_BACKOFF`.
@@ -226,25 +228,25 @@ fn worker_connection(app: &App) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-fn claim(conn: &Connection) -> rusqlite::Result<Option<Claimed>> {
-    conn.query_row(
+/// Claims up to `CLAIM_BATCH` due invocations in one transaction.
+fn claim(conn: &Connection) -> rusqlite::Result<Vec<Claimed>> {
+    let mut stmt = conn.prepare_cached(
         "UPDATE invocations SET state = 'running', attempts = attempts + 1
-         WHERE id = (SELECT id FROM invocations WHERE state = 'queued' AND run_after_ms <= ?1
-                     ORDER BY run_after_ms, id LIMIT 1)
+         WHERE id IN (SELECT id FROM invocations WHERE state = 'queued' AND run_after_ms <= ?1
+                      ORDER BY run_after_ms, id LIMIT ?2)
          RETURNING id, function, version, input, attempts, max_attempts",
-        params![now_ms()],
-        |r| {
-            Ok(Claimed {
-                id: r.get(0)?,
-                function: r.get(1)?,
-                version: r.get(2)?,
-                input: r.get(3)?,
-                attempts: r.get(4)?,
-                max_attempts: r.get(5)?,
-            })
-        },
-    )
-    .optional()
+    )?;
+    let rows = stmt.query_map(params![now_ms(), CLAIM_BATCH], |r| {
+        Ok(Claimed {
+            id: r.get(0)?,
+            function: r.get(1)?,
+            version: r.get(2)?,
+            input: r.get(3)?,
+            attempts: r.get(4)?,
+            max_attempts: r.get(5)?,
+        })
+    })?;
+    rows.collect()
 }
 
 /// What a run ended with, as it is recorded.
@@ -267,14 +269,14 @@ async fn work(app: Arc<App>) {
         Ok(conn) => Arc::new(std::sync::Mutex::new(conn)),
         Err(e) => return tracing::error!(error = %e, "async worker cannot open the database"),
     };
-    let db = |f: Box<dyn FnOnce(&Connection) -> rusqlite::Result<Option<Claimed>> + Send>| {
+    let db = |f: Box<dyn FnOnce(&mut Connection) -> rusqlite::Result<Vec<Claimed>> + Send>| {
         let conn = conn.clone();
-        tokio::task::spawn_blocking(move || f(&conn.lock().unwrap_or_else(|e| e.into_inner())))
+        tokio::task::spawn_blocking(move || f(&mut conn.lock().unwrap_or_else(|e| e.into_inner())))
     };
     while !app.is_shutting_down() {
-        let claimed = match db(Box::new(claim)).await.expect("worker task panicked") {
-            Ok(Some(claimed)) => claimed,
-            Ok(None) => {
+        let claimed = match db(Box::new(|conn| claim(conn))).await.expect("worker task panicked") {
+            Ok(claimed) if !claimed.is_empty() => claimed,
+            Ok(_) => {
                 tokio::select! {
                     () = app.jobs.wake.notified() => {}
                     () = tokio::time::sleep(POLL) => {}
@@ -287,18 +289,34 @@ async fn work(app: Arc<App>) {
                 continue;
             }
         };
-        let started = std::time::Instant::now();
-        let outcome = run(&app, &claimed).await;
-        let duration_us = started.elapsed().as_micros() as i64;
-        match &outcome {
-            Outcome::Succeeded { .. } => app.metrics.invocations_ok.inc(),
-            Outcome::Failed { error, .. } if error["code"] == "timeout" => app.metrics.invocations_timeout.inc(),
-            Outcome::Failed { .. } => app.metrics.invocations_failed.inc(),
-            Outcome::Busy => {}
-        }
-        let record = move |conn: &Connection| record(conn, &claimed, outcome, duration_us).map(|()| None);
-        if let Err(e) = db(Box::new(record)).await.expect("worker task panicked") {
-            tracing::error!(error = %e, "recording an async invocation failed; it will run again");
+        // The batch runs concurrently; its outcomes are recorded together, in one transaction.
+        let outcomes = futures_util::future::join_all(claimed.into_iter().map(|claimed| {
+            let app = &app;
+            async move {
+                let started = std::time::Instant::now();
+                let outcome = run(app, &claimed).await;
+                let duration_us = started.elapsed().as_micros() as i64;
+                match &outcome {
+                    Outcome::Succeeded { .. } => app.metrics.invocations_ok.inc(),
+                    Outcome::Failed { error, .. } if error["code"] == "timeout" => {
+                        app.metrics.invocations_timeout.inc()
+                    }
+                    Outcome::Failed { .. } => app.metrics.invocations_failed.inc(),
+                    Outcome::Busy => {}
+                }
+                (claimed, outcome, duration_us)
+            }
+        }))
+        .await;
+        let record_all = move |conn: &mut Connection| {
+            let tx = conn.transaction()?;
+            for (claimed, outcome, duration_us) in outcomes {
+                record(&tx, &claimed, outcome, duration_us)?;
+            }
+            tx.commit().map(|()| Vec::new())
+        };
+        if let Err(e) = db(Box::new(record_all)).await.expect("worker task panicked") {
+            tracing::error!(error = %e, "recording async invocations failed; they will run again");
         }
     }
 }
