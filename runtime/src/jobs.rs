@@ -21,6 +21,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::json;
 use tokio::sync::{oneshot, Notify};
 
+use crate::api::error::ApiError;
 use crate::app::{App, LoadError};
 use crate::invoke::{self, InvokeError, STDERR_TAIL};
 use crate::store::{self, now_rfc3339, StoreError};
@@ -349,22 +350,19 @@ async fn run(app: &App, claimed: &Claimed) -> Outcome {
             stderr: success.stderr.tail(STDERR_TAIL),
         },
         Err(InvokeError::FunctionBusy(..) | InvokeError::PoolBusy(_)) => Outcome::Busy,
-        Err(e @ InvokeError::Timeout(_)) => Outcome::Failed {
-            error: json!({"code": "timeout", "message": e.to_string()}),
-            stderr: String::new(),
-            retry: true,
-        },
-        Err(InvokeError::Failed(failure)) => {
-            let mut error = json!({"code": "function_failed", "message": failure.message});
-            if let Some(trap) = failure.trap {
-                error["trap"] = trap.into();
-            }
-            if let Some(code) = failure.exit_code {
-                error["exit_code"] = code.into();
+        Err(e) => {
+            // The same error object a sync invoke answers with; stderr is kept in its own column.
+            let stderr = match &e {
+                InvokeError::Failed(failure) => failure.stderr_tail.clone(),
+                _ => String::new(),
+            };
+            let mut error = ApiError::from(e).object();
+            if let Some(object) = error.as_object_mut() {
+                object.remove("stderr");
             }
             Outcome::Failed {
                 error,
-                stderr: failure.stderr_tail,
+                stderr,
                 retry: true,
             }
         }

@@ -66,12 +66,17 @@ impl ApiError {
         )
     }
 
-    pub fn body(&self) -> Vec<u8> {
+    /// The error object: `{"code", "message", ...details}`.
+    pub fn object(&self) -> Value {
         let mut error = Map::with_capacity(2 + self.details.len());
         error.insert("code".into(), self.code.into());
         error.insert("message".into(), self.message.clone().into());
         error.extend(self.details.clone());
-        serde_json::to_vec(&json!({ "error": error })).expect("JSON of strings serialises")
+        Value::Object(error)
+    }
+
+    pub fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(&json!({ "error": self.object() })).expect("JSON of strings serialises")
     }
 }
 
