@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::support::{client, expect_error, wat, Kiln};
+use crate::support::{client, expect_error, raw_exchange, wat, Kiln};
 
 #[test]
 fn missing_or_wrong_token_is_401() {
@@ -195,39 +195,6 @@ fn oversized_bodies_are_413() {
     let (status, body) = raw_exchange(&kiln.addr, deploy.as_bytes());
     assert_eq!(status, 413, "{body}");
     expect_error(kiln.get("/v1/functions/big"), 404, "not_found");
-}
-
-/// Writes `request` on a fresh connection (ignoring a write cut short by the server's answer) and
-/// reads the status and body of the answer.
-fn raw_exchange(addr: &str, request: &[u8]) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    let _ = stream.write_all(request);
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => answer.extend_from_slice(&buf[..n]),
-        }
-        let text = String::from_utf8_lossy(&answer);
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let length = head.lines().find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("content-length:")
-                    .map(|v| v.trim().parse::<usize>().unwrap())
-            });
-            if length.is_some_and(|len| body.len() >= len) {
-                break;
-            }
-        }
-    }
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, text)
 }
 
 #[test]
