@@ -104,22 +104,35 @@ pub async fn get(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Respon
         .map_err(ApiError::internal)?
         .ok_or_else(|| ApiError::not_found(format!("no invocation {id}")))?;
     let result_url = (record.state == "succeeded").then(|| app.signer.url(&record.id, lifetime));
-    Ok(body::json(
-        StatusCode::OK,
-        &json!({
-            "id": record.id,
-            "function": record.function,
-            "version": record.version,
-            "state": record.state,
-            "attempts": record.attempts,
-            "created_at": record.created_at,
-            "finished_at": record.finished_at,
-            "duration_us": record.duration_us,
-            "error": record.error,
-            "stderr": record.stderr,
-            "result_url": result_url,
-        }),
-    ))
+    /// The record as the API shows it, in the contract's field order.
+    #[derive(serde::Serialize)]
+    struct View {
+        id: String,
+        function: String,
+        version: u32,
+        state: String,
+        attempts: u32,
+        created_at: String,
+        finished_at: Option<String>,
+        duration_us: Option<i64>,
+        error: Option<serde_json::Value>,
+        stderr: Option<String>,
+        result_url: Option<String>,
+    }
+    let view = View {
+        id: record.id,
+        function: record.function,
+        version: record.version,
+        state: record.state,
+        attempts: record.attempts,
+        created_at: record.created_at,
+        finished_at: record.finished_at,
+        duration_us: record.duration_us,
+        error: record.error,
+        stderr: record.stderr,
+        result_url,
+    };
+    Ok(body::json(StatusCode::OK, &view))
 }
 
 pub async fn result(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Response<Body>, ApiError> {
