@@ -265,12 +265,15 @@ enum Outcome {
     },
 }
 
+/// A step a worker runs on its connection, on the blocking pool.
+type DbCall = Box<dyn FnOnce(&mut Connection) -> rusqlite::Result<Vec<Claimed>> + Send>;
+
 async fn work(app: Arc<App>) {
     let conn = match worker_connection(&app) {
         Ok(conn) => Arc::new(std::sync::Mutex::new(conn)),
         Err(e) => return tracing::error!(error = %e, "async worker cannot open the database"),
     };
-    let db = |f: Box<dyn FnOnce(&mut Connection) -> rusqlite::Result<Vec<Claimed>> + Send>| {
+    let db = |f: DbCall| {
         let conn = conn.clone();
         tokio::task::spawn_blocking(move || f(&mut conn.lock().unwrap_or_else(|e| e.into_inner())))
     };
