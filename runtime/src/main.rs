@@ -36,6 +36,10 @@ struct ServeArgs {
     /// Asynchronous invocations waiting to run at most; past it submits get 429.
     #[arg(long, env = "KILN_MAX_QUEUED", default_value_t = 10_000)]
     max_queued: u64,
+    /// Workers running asynchronous invocations (each runs up to 16 at once); 0 accepts
+    /// asynchronous invocations without running them.
+    #[arg(long, env = "KILN_ASYNC_WORKERS", default_value_t = 4)]
+    async_workers: usize,
     /// Time a client gets to send a request's headers before the connection is closed.
     #[arg(long, env = "KILN_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     header_read_timeout_ms: u64,
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
     let mut config = ServerConfig::new(args.listen, args.data);
     config.max_instances = args.max_instances;
     config.max_queued = args.max_queued;
+    config.async_workers = args.async_workers;
     config.header_read_timeout = std::time::Duration::from_millis(args.header_read_timeout_ms);
     config.admin_token = std::env::var("KILN_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
 

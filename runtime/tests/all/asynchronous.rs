@@ -165,19 +165,23 @@ fn signed_result_urls_refuse_every_single_byte_change_and_expire() {
 
 #[test]
 fn a_full_queue_answers_429() {
-    let kiln = Kiln::start_with(&["--max-queued", "3"]);
-    let response = kiln.deploy_with("sleep", wat("sleep"), json!({"max_concurrency": 1, "timeout_ms": 5000}));
-    assert_eq!(response.status(), 201);
-    let answers: Vec<u16> = (0..30)
-        .map(|_| submit(&kiln, "sleep", "2000", None).status().as_u16())
-        .collect();
-    assert!(answers.iter().all(|s| *s == 202 || *s == 429), "{answers:?}");
-    let refused = answers.iter().filter(|s| **s == 429).count();
+    // No workers: what is accepted stays queued, so the cap is exact.
+    let kiln = Kiln::start_with(&["--max-queued", "3", "--async-workers", "0"]);
+    kiln.must_deploy("echo", wat("echo"));
+    for _ in 0..3 {
+        accepted(submit(&kiln, "echo", "x", None));
+    }
+    let error = expect_error(submit(&kiln, "echo", "x", None), 429, "too_many_requests");
     assert!(
-        refused >= 10,
-        "a queue of 3 (plus what workers hold) refused only {refused} of 30"
+        error["message"].as_str().unwrap().contains("3 invocations waiting"),
+        "{error}"
     );
-    expect_error(submit(&kiln, "sleep", "2000", None), 429, "too_many_requests");
+    // A retried submit of an accepted one is still answered: it takes no new place.
+    let kiln = Kiln::start_with(&["--max-queued", "1", "--async-workers", "0"]);
+    kiln.must_deploy("echo", wat("echo"));
+    let id = accepted(submit(&kiln, "echo", "x", Some("k")));
+    assert_eq!(accepted(submit(&kiln, "echo", "x", Some("k"))), id);
+    expect_error(submit(&kiln, "echo", "x", None), 429, "too_many_requests");
 }
 
 #[test]
