@@ -46,6 +46,8 @@ pub enum SubmitError {
     Store(#[from] StoreError),
     #[error("the async queue is shut down")]
     Closed,
+    #[error("committing the submit failed: {0}")]
+    Commit(String),
 }
 
 /// One accepted submit.
@@ -160,9 +162,7 @@ fn write_submits(mut conn: Connection, rx: mpsc::Receiver<Submit>, max_queued: u
             Err(e) => {
                 tracing::error!(error = %e, "committing async submits failed");
                 for submit in batch {
-                    let _ = submit
-                        .reply
-                        .send(Err(SubmitError::Store(StoreError::Corrupt(e.to_string()))));
+                    let _ = submit.reply.send(Err(SubmitError::Commit(e.to_string())));
                 }
             }
         }

@@ -52,7 +52,7 @@ pub async fn submit(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Resul
             ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", e.to_string())
         }
         SubmitError::Closed => ApiError::unavailable("kiln is shutting down"),
-        e @ SubmitError::Store(_) => ApiError::internal(e),
+        e @ (SubmitError::Store(_) | SubmitError::Commit(_)) => ApiError::internal(e),
     })?;
     let status_url = format!("/v1/invocations/{id}");
     let mut response = body::json(StatusCode::ACCEPTED, &json!({ "id": id, "status_url": status_url }));
