@@ -19,8 +19,8 @@ trap 'pkill -f "kiln serve --listen $addr" 2>/dev/null || true; rm -rf "$work"' 
 data=$work/data
 start() {
   target/release/kiln serve --listen $addr --data "$data" --max-queued 10000000 2>>"$work/kiln.log" &
-  for _ in $(seq 100); do curl -fsS "http://$addr/healthz" >/dev/null 2>&1 && return 0; sleep 0.05; done
-  echo "kiln did not start" >&2; exit 1
+  for _ in $(seq 600); do curl -fsS "http://$addr/healthz" >/dev/null 2>&1 && return 0; sleep 0.05; done
+  echo "kiln did not start within 30 s; its log ends with:" >&2; tail -20 "$work/kiln.log" >&2; exit 1
 }
 
 start
