@@ -69,6 +69,7 @@ pub const MAX_TIMEOUT_MS: u64 = 15 * 60 * 1000;
 pub const MAX_MEMORY_MB: u64 = 4096;
 pub const MAX_ENV_VARS: usize = 256;
 pub const MAX_RETRIES: u32 = 10;
+pub const MAX_ALLOWED_HOSTS: usize = 256;
 pub const MAX_ENV_BYTES: usize = 64 * 1024;
 
 /// Which isolation tier runs the function.
@@ -166,13 +167,10 @@ impl FunctionConfig {
         if self.env.values().any(|v| v.contains('\0')) {
             return Err("env values must not contain NUL bytes".into());
         }
-        for host in &self.allowed_hosts {
-            if !(host.starts_with("http://") || host.starts_with("https://")) {
-                return Err(format!(
-                    "allowed_hosts entry {host:?} must start with http:// or https://"
-                ));
-            }
+        if self.allowed_hosts.len() > MAX_ALLOWED_HOSTS {
+            return Err(format!("at most {MAX_ALLOWED_HOSTS} allowed_hosts entries"));
         }
+        crate::egress::Egress::new(&self.allowed_hosts)?;
         Ok(())
     }
 

@@ -12,8 +12,11 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
 use crate::app::App;
 use crate::config::{STDERR_CAP, STDOUT_CAP};
+use crate::egress::Egress;
 use crate::limits::{CappedOutput, MemoryLimiter, MAX_HOST_OBJECTS, MAX_RANDOM_BYTES};
 use crate::pool::ticks_for;
 use crate::registry::{Concurrency, Entry, LoadedFunction};
@@ -25,11 +28,14 @@ pub struct ModuleState {
     pub limiter: MemoryLimiter,
 }
 
-/// Store data of a component instance.
+/// Store data of a component instance (a `wasi:cli/command` or a `wasi:http/proxy`).
 pub struct ComponentState {
     pub wasi: WasiCtx,
     pub table: ResourceTable,
     pub limiter: MemoryLimiter,
+    pub http: WasiHttpCtx,
+    /// Where `wasi:http/outgoing-handler` may go: the function's `allowed_hosts`.
+    pub egress: Egress,
 }
 
 impl ModuleState {
@@ -41,13 +47,25 @@ impl ModuleState {
 }
 
 impl ComponentState {
-    pub fn new(mut wasi: WasiCtxBuilder, limiter: MemoryLimiter) -> ComponentState {
+    pub fn new(mut wasi: WasiCtxBuilder, limiter: MemoryLimiter, egress: Egress) -> ComponentState {
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_HOST_OBJECTS);
         ComponentState {
             wasi: wasi.build(),
             table,
             limiter,
+            http: WasiHttpCtx::new(),
+            egress,
+        }
+    }
+}
+
+impl WasiHttpView for ComponentState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.egress,
         }
     }
 }
@@ -80,6 +98,10 @@ pub enum InvokeError {
     Timeout(u64),
     #[error("{}", .0.message)]
     Failed(Failure),
+    #[error("function `{0}` is an HTTP-trigger function: call it at /fn/{0}/")]
+    HttpTrigger(String),
+    #[error("function `{0}` is not an HTTP-trigger function: invoke it at /v1/functions/{0}/invoke")]
+    NotHttpTrigger(String),
 }
 
 /// What the caller learns of a failed guest.
@@ -138,8 +160,9 @@ pub async fn invoke(
             let outcome = tokio::time::timeout(deadline, run).await;
             (outcome, store.data().limiter.exceeded())
         }
+        Entry::Http(_) => return Err(InvokeError::HttpTrigger(f.record.name.clone())),
         Entry::Component(pre) => {
-            let state = ComponentState::new(wasi, limiter);
+            let state = ComponentState::new(wasi, limiter, f.egress.clone());
             let mut store = Store::new(&app.engine, state);
             store.limiter(|s| &mut s.limiter);
             arm_deadline(&mut store, deadline);

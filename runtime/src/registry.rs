@@ -15,7 +15,10 @@ use wasmtime::component::Linker as ComponentLinker;
 use wasmtime::{Engine, ExternType, InstancePre, Linker};
 use wasmtime_wasi::p2::bindings::CommandPre;
 
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
 use crate::compile::Compiled;
+use crate::egress::Egress;
 use crate::invoke::{ComponentState, ModuleState};
 use crate::store::VersionRecord;
 use crate::validate::RESTORE_HOOK;
@@ -28,6 +31,8 @@ pub enum Entry {
         restore: bool,
     },
     Component(CommandPre<ComponentState>),
+    /// A `wasi:http/proxy` component, served at `/fn/{name}/...`.
+    Http(ProxyPre<ComponentState>),
 }
 
 /// One version, loaded: everything an invocation needs, computed once.
@@ -37,6 +42,7 @@ pub struct LoadedFunction {
     pub args: [String; 1],
     pub env: Vec<(String, String)>,
     pub version_header: HeaderValue,
+    pub egress: Egress,
 }
 
 /// The linkers every function is linked against: WASI preview 1 for modules, WASI 0.2 for
@@ -52,6 +58,8 @@ impl Linkers {
         wasmtime_wasi::p1::add_to_linker_async(&mut module, |s: &mut ModuleState| &mut s.wasi)?;
         let mut component = ComponentLinker::new(engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component)?;
+        // Components may make outbound requests; `egress` decides where they may go.
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut component)?;
         Ok(Linkers { module, component })
     }
 
@@ -81,6 +89,11 @@ impl Linkers {
                     .component
                     .instantiate_pre(component)
                     .map_err(|e| format!("{e:#}"))?;
+                // A component exporting the incoming handler is an HTTP trigger, even when (built
+                // with Rust's std) it also exports `wasi:cli/run`.
+                if let Ok(proxy) = ProxyPre::new(pre.clone()) {
+                    return Ok(Entry::Http(proxy));
+                }
                 CommandPre::new(pre).map(Entry::Component).map_err(|e| format!("{e:#}"))
             }
         }
@@ -206,6 +219,8 @@ impl LoadedFunction {
             args: [record.name.clone()],
             env: record.config.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             version_header: HeaderValue::from(record.version),
+            // The config was validated at deploy; a stored entry that no longer parses allows nothing.
+            egress: Egress::new(&record.config.allowed_hosts).unwrap_or_default(),
             entry,
             record,
         }

@@ -67,6 +67,7 @@ fn invalid(msg: impl Into<String>) -> InvalidCode {
 
 const WASI_P1: &str = "wasi_snapshot_preview1";
 const CLI_RUN: &str = "wasi:cli/run@0.2";
+const HTTP_HANDLER: &str = "wasi:http/incoming-handler@0.2";
 
 /// Inspects an upload. WAT text is accepted and converted to binary first, so the digest is always
 /// that of the binary that runs.
@@ -336,7 +337,7 @@ fn check_component(bytes: &[u8]) -> Result<(), InvalidCode> {
             Payload::ComponentExportSection(reader) if depth == 0 => {
                 for export in reader {
                     let name = export.map_err(|e| invalid(e.to_string()))?.name.name;
-                    has_run |= name.starts_with(CLI_RUN);
+                    has_run |= name.starts_with(CLI_RUN) || name.starts_with(HTTP_HANDLER);
                 }
             }
             _ => {}
@@ -344,7 +345,7 @@ fn check_component(bytes: &[u8]) -> Result<(), InvalidCode> {
     }
     if !has_run {
         return Err(invalid(
-            "exports no `wasi:cli/run` interface: a component must target the `wasi:cli/command` world",
+            "exports neither `wasi:cli/run` nor `wasi:http/incoming-handler`: a component must target the `wasi:cli/command` or the `wasi:http/proxy` world",
         ));
     }
     Ok(())

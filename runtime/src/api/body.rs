@@ -1,15 +1,68 @@
 //! Reading request bodies under a size cap and a time limit, and building responses.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, Response, StatusCode};
+use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use super::error::ApiError;
 
-pub type Body = Full<Bytes>;
+/// A response body: the API's own answers are whole; an HTTP-trigger function's is a stream the
+/// guest writes while the client reads.
+pub enum Body {
+    Full(Full<Bytes>),
+    Stream(HyperOutgoingBody),
+}
+
+impl Body {
+    pub fn new(bytes: impl Into<Bytes>) -> Body {
+        Body::Full(Full::new(bytes.into()))
+    }
+}
+
+impl Default for Body {
+    fn default() -> Body {
+        Body::new(Bytes::new())
+    }
+}
+
+impl From<String> for Body {
+    fn from(text: String) -> Body {
+        Body::new(text)
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            Body::Full(full) => Pin::new(full).poll_frame(cx).map_err(|never| match never {}),
+            Body::Stream(stream) => Pin::new(stream).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Full(full) => full.is_end_stream(),
+            Body::Stream(stream) => stream.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Full(full) => full.size_hint(),
+            Body::Stream(stream) => stream.size_hint(),
+        }
+    }
+}
 
 /// Reads a whole body of at most `limit` bytes within `timeout`. A declared `Content-Length` over
 /// the limit is refused before a byte is read.
@@ -39,7 +92,7 @@ pub fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body>
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(bytes)))
+        .body(Body::new(bytes))
         .expect("static headers are valid")
 }
 
@@ -47,7 +100,7 @@ pub fn error(e: &ApiError) -> Response<Body> {
     let mut response = Response::builder()
         .status(e.status)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(e.body())))
+        .body(Body::new(e.body()))
         .expect("static headers are valid");
     if e.status == StatusCode::SERVICE_UNAVAILABLE {
         response

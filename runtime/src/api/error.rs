@@ -107,6 +107,9 @@ impl From<InvokeError> for ApiError {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", e.to_string())
             }
             e @ InvokeError::Timeout(_) => ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", e.to_string()),
+            e @ (InvokeError::HttpTrigger(_) | InvokeError::NotHttpTrigger(_)) => {
+                ApiError::invalid_request(e.to_string())
+            }
             InvokeError::Failed(failure) => {
                 let mut error = ApiError::new(StatusCode::BAD_GATEWAY, "function_failed", failure.message);
                 if let Some(trap) = failure.trap {

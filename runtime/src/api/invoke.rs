@@ -12,7 +12,7 @@ use crate::app::App;
 use crate::invoke::{self, InvokeError};
 
 const INVOCATION_ID: &str = "x-kiln-invocation-id";
-const VERSION: &str = "x-kiln-version";
+pub(super) const VERSION: &str = "x-kiln-version";
 const DURATION_US: &str = "x-kiln-duration-us";
 
 pub async fn sync(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -45,7 +45,10 @@ pub async fn sync(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Result<
             let counter = match &e {
                 InvokeError::Failed(_) => &metrics.invocations_failed,
                 InvokeError::Timeout(_) => &metrics.invocations_timeout,
-                InvokeError::FunctionBusy(..) | InvokeError::PoolBusy(_) => &metrics.invocations_rejected,
+                InvokeError::FunctionBusy(..)
+                | InvokeError::PoolBusy(_)
+                | InvokeError::HttpTrigger(_)
+                | InvokeError::NotHttpTrigger(_) => &metrics.invocations_rejected,
             };
             counter.inc();
             tracing::debug!(function = name, version = function.record.version, id = %id, error = %e, "invocation failed");

@@ -5,6 +5,7 @@
 pub mod body;
 pub mod error;
 mod functions;
+mod http_trigger;
 mod invocations;
 mod invoke;
 
@@ -36,6 +37,13 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
         ["healthz"] => return Ok(healthz(app)),
         ["metrics"] => return Ok(metrics(app).await),
         ["v1", ..] => {}
+        ["fn", name, ..] => {
+            if app.is_shutting_down() {
+                return Err(ApiError::unavailable("kiln is shutting down"));
+            }
+            let name = name.to_string();
+            return http_trigger::handle(app, &name, req).await;
+        }
         _ => return Err(ApiError::not_found(format!("no route for {path}"))),
     }
     if app.is_shutting_down() {

@@ -125,9 +125,7 @@ impl Ledger {
     fn idle_wait(&self) -> Duration {
         let until_sweep = self.next_sweep.saturating_duration_since(Instant::now());
         match self.next_due {
-            Some(due) if self.can_hand_out() => {
-                Duration::from_millis((due - now_ms()).max(0) as u64).min(until_sweep)
-            }
+            Some(due) if self.can_hand_out() => Duration::from_millis((due - now_ms()).max(0) as u64).min(until_sweep),
             _ => until_sweep,
         }
     }
@@ -162,7 +160,9 @@ impl Ledger {
 
         let full_sync = !submits.is_empty();
         let result = self.set_sync(full_sync).and_then(|()| {
-            let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let mut turn = Turn::default();
             for d in done {
                 turn.queued_delta += record(&tx, d)?;
@@ -180,7 +180,14 @@ impl Ledger {
             }
             let mut queued = (self.queued as i64 + turn.queued_delta) as u64;
             for invocation in submits {
-                let answer = insert(&tx, invocation, &mut free, &mut queued, self.config.max_queued, &mut turn)?;
+                let answer = insert(
+                    &tx,
+                    invocation,
+                    &mut free,
+                    &mut queued,
+                    self.config.max_queued,
+                    &mut turn,
+                )?;
                 turn.answers.push(answer);
             }
             turn.queued_delta = queued as i64 - self.queued as i64;

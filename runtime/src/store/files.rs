@@ -96,7 +96,13 @@ impl Layout {
 
     /// Creates the directories and empties `tmp/` of what a crash left behind.
     pub fn prepare(&self) -> io::Result<()> {
-        for dir in [self.root.clone(), self.tmp(), self.artifacts(), self.compiled(), self.results()] {
+        for dir in [
+            self.root.clone(),
+            self.tmp(),
+            self.artifacts(),
+            self.compiled(),
+            self.results(),
+        ] {
             fs::create_dir_all(&dir)?;
         }
         for entry in fs::read_dir(self.tmp())? {

@@ -5,6 +5,7 @@ mod api;
 mod asynchronous;
 mod errors;
 mod hostile;
+mod http_trigger;
 mod lifecycle;
 mod limits;
 mod snapshot;

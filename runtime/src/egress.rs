@@ -1,0 +1,397 @@
+//! Outbound HTTP for guests (`wasi:http/outgoing-handler`): denied unless the destination matches
+//! the function's `allowed_hosts`.
+//!
+//! The check is made on the request's own scheme, host and port — never on a `Host` header the
+//! guest may have set — and then again on the addresses the host name resolves to: private,
+//! loopback, link-local and other non-public addresses are refused unless the matching entry
+//! names that address literally (`http://127.0.0.1:8080`). Kiln connects to the address it
+//! checked, not to a second lookup of the name, so a DNS answer that changes between check and
+//! connect (rebinding) cannot redirect the request.
+//!
+//! Entries are `scheme://host[:port]`; `host` may start with `*.` to match any subdomain; without
+//! a port, the scheme's default port (80 or 443) is the only one allowed.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use http::uri::Scheme;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use wasmtime_wasi_http::{Error, ForbiddenHeaderFilter, RequestOptions, WasiBody, WasiHttpHooks};
+
+/// Time to resolve and connect, unless the guest's request options ask for less.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time to the response's headers, unless the guest asks for less. The function's own timeout
+/// bounds the whole invocation anyway.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One `allowed_hosts` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    https: bool,
+    host: HostPattern,
+    port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HostPattern {
+    Exact(String),
+    /// `*.example.com`: any name ending in `.example.com`.
+    Subdomains(String),
+    Ip(IpAddr),
+}
+
+impl Rule {
+    pub fn parse(entry: &str) -> Result<Rule, String> {
+        let bad = |why: &str| format!("allowed_hosts entry {entry:?} {why}");
+        let (https, rest) = if let Some(rest) = entry.strip_prefix("https://") {
+            (true, rest)
+        } else if let Some(rest) = entry.strip_prefix("http://") {
+            (false, rest)
+        } else {
+            return Err(bad("must start with http:// or https://"));
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+            return Err(bad("must be scheme://host[:port], without a path, query or user"));
+        }
+        let default_port = if https { 443 } else { 80 };
+        let (host, port) = split_host_port(authority, default_port).ok_or_else(|| bad("has an invalid port"))?;
+        let host = if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+            HostPattern::Ip(ip)
+        } else {
+            let host = host.to_ascii_lowercase();
+            let (pattern, name) = match host.strip_prefix("*.") {
+                Some(suffix) => (HostPattern::Subdomains(suffix.to_owned()), suffix),
+                None => (HostPattern::Exact(host.clone()), host.as_str()),
+            };
+            let valid = !name.is_empty()
+                && name
+                    .split('.')
+                    .all(|label| !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+            if !valid {
+                return Err(bad("has an invalid host name"));
+            }
+            pattern
+        };
+        Ok(Rule { https, host, port })
+    }
+
+    fn matches(&self, https: bool, host: &Host, port: u16) -> bool {
+        if self.https != https || self.port != port {
+            return false;
+        }
+        match (&self.host, host) {
+            (HostPattern::Exact(rule), Host::Name(name)) => rule == name,
+            (HostPattern::Subdomains(suffix), Host::Name(name)) => name
+                .strip_suffix(suffix.as_str())
+                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+            (HostPattern::Ip(rule), Host::Ip(ip)) => rule == ip,
+            _ => false,
+        }
+    }
+}
+
+/// `host[:port]` with IPv6 in brackets.
+fn split_host_port(authority: &str, default_port: u16) -> Option<(&str, u16)> {
+    let port_at = if authority.starts_with('[') {
+        authority.find(']').map(|end| end + 1)?
+    } else {
+        authority.rfind(':').unwrap_or(authority.len())
+    };
+    let (host, port) = authority.split_at(port_at);
+    let port = match port.strip_prefix(':') {
+        None if port.is_empty() => default_port,
+        Some(digits) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => digits.parse().ok()?,
+        _ => return None,
+    };
+    (!host.is_empty()).then_some((host, port))
+}
+
+/// A request's destination host.
+#[derive(Debug, PartialEq, Eq)]
+enum Host {
+    Name(String),
+    Ip(IpAddr),
+}
+
+impl Host {
+    fn of(host: &str) -> Host {
+        let trimmed = host.trim_start_matches('[').trim_end_matches(']');
+        match trimmed.parse::<IpAddr>() {
+            Ok(ip) => Host::Ip(ip),
+            Err(_) => Host::Name(host.trim_end_matches('.').to_ascii_lowercase()),
+        }
+    }
+}
+
+/// True for addresses that are not on the public internet: loopback, private ranges, link-local,
+/// carrier-grade NAT, multicast, unspecified and reserved, including IPv4 inside IPv6 forms.
+pub fn is_internal(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || a >= 240
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 192 && b == 0 && v4.octets()[2] == 0)
+                || (a == 198 && (b == 18 || b == 19))
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_internal(IpAddr::V4(v4));
+            }
+            let segments = v6.segments();
+            // NAT64 (64:ff9b::/96) carries an IPv4 address in its last 32 bits.
+            if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                let [.., hi, lo] = segments;
+                let v4 = std::net::Ipv4Addr::from(((hi as u32) << 16) | lo as u32);
+                return is_internal(IpAddr::V4(v4));
+            }
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (segments[0] & 0xfe00) == 0xfc00 // unique local
+                || (segments[0] & 0xffc0) == 0xfe80 // link-local
+                || (segments[0] == 0x2001 && segments[1] == 0x0db8) // documentation
+        }
+    }
+}
+
+/// A function's outbound policy: the `WasiHttpHooks` of its instances.
+#[derive(Debug, Clone, Default)]
+pub struct Egress {
+    rules: Arc<[Rule]>,
+}
+
+impl Egress {
+    pub fn new(allowed_hosts: &[String]) -> Result<Egress, String> {
+        let rules = allowed_hosts
+            .iter()
+            .map(|entry| Rule::parse(entry))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Egress { rules: rules.into() })
+    }
+
+    /// Decides where a request may go: the addresses to connect to, or why not.
+    async fn destination(&self, uri: &http::Uri) -> Result<(Vec<SocketAddr>, bool, String), Error> {
+        let https = match uri.scheme() {
+            Some(s) if *s == Scheme::HTTPS => true,
+            Some(s) if *s == Scheme::HTTP => false,
+            _ => return Err(Error::HttpRequestDenied),
+        };
+        let authority = uri.authority().ok_or(Error::HttpRequestUriInvalid)?;
+        let host = Host::of(authority.host());
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let Some(rule) = self.rules.iter().find(|rule| rule.matches(https, &host, port)) else {
+            return Err(Error::HttpRequestDenied);
+        };
+        let (addresses, name) = match &host {
+            Host::Ip(ip) => (vec![SocketAddr::new(*ip, port)], ip.to_string()),
+            Host::Name(name) => {
+                let lookup = tokio::net::lookup_host((name.as_str(), port));
+                let found = tokio::time::timeout(CONNECT_TIMEOUT, lookup)
+                    .await
+                    .map_err(|_| Error::DnsTimeout)?
+                    .map_err(|_| Error::DnsError {
+                        rcode: Some("name not resolved".to_owned()),
+                        info_code: None,
+                    })?;
+                (found.collect(), name.clone())
+            }
+        };
+        // An internal address is reachable only through an entry that names it literally.
+        let literal = matches!(rule.host, HostPattern::Ip(_));
+        let allowed: Vec<SocketAddr> = addresses
+            .into_iter()
+            .filter(|addr| literal || !is_internal(addr.ip()))
+            .collect();
+        if allowed.is_empty() {
+            return Err(Error::DestinationIpProhibited);
+        }
+        Ok((allowed, https, name))
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
+
+fn tls_config() -> Arc<rustls::ClientConfig> {
+    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let roots = rustls::RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.into(),
+            };
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default TLS versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Arc::new(config)
+        })
+        .clone()
+}
+
+type IoFuture = Box<dyn Future<Output = Result<(), Error>> + Send>;
+
+/// Sends a request the policy allowed, to one of the checked addresses.
+async fn send(
+    egress: Egress,
+    mut request: http::Request<WasiBody>,
+    options: Option<RequestOptions>,
+) -> Result<(http::Response<WasiBody>, IoFuture), Error> {
+    let (addresses, https, name) = egress.destination(request.uri()).await?;
+    let connect_timeout = options
+        .and_then(|o| o.connect_timeout)
+        .unwrap_or(CONNECT_TIMEOUT)
+        .min(CONNECT_TIMEOUT);
+    let first_byte_timeout = options
+        .and_then(|o| o.first_byte_timeout)
+        .unwrap_or(FIRST_BYTE_TIMEOUT)
+        .min(FIRST_BYTE_TIMEOUT);
+    let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(&addresses[..]))
+        .await
+        .map_err(|_| Error::ConnectionTimeout)?
+        .map_err(Error::Connect)?;
+    let stream: Box<dyn Stream> = if https {
+        let server_name = match name.parse::<IpAddr>() {
+            Ok(ip) => rustls::pki_types::ServerName::from(ip),
+            Err(_) => rustls::pki_types::ServerName::try_from(name).map_err(|_| Error::HttpRequestUriInvalid)?,
+        };
+        let tls = tokio_rustls::TlsConnector::from(tls_config())
+            .connect(server_name, tcp)
+            .await
+            .map_err(Error::Tls)?;
+        Box::new(tls)
+    } else {
+        Box::new(tcp)
+    };
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(Error::from)?;
+    // The request line carries only the path; the authority travels in the Host header.
+    let path = request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    *request.uri_mut() = http::Uri::builder()
+        .path_and_query(path)
+        .build()
+        .map_err(|_| Error::HttpRequestUriInvalid)?;
+    // The connection must be driven while the response is awaited; it may also finish first (the
+    // server answered and closed), and then the response is already there to be taken.
+    let send = tokio::time::timeout(first_byte_timeout, sender.send_request(request));
+    tokio::pin!(send);
+    let mut connection = Some(Box::pin(connection));
+    let response = loop {
+        tokio::select! {
+            biased;
+            response = &mut send => {
+                break response.map_err(|_| Error::ConnectionReadTimeout)?.map_err(Error::from)?;
+            }
+            ended = async { connection.as_mut().expect("guarded").await }, if connection.is_some() => {
+                ended.map_err(Error::from)?;
+                connection = None;
+            }
+        }
+    };
+    let response = response.map(|body| body.map_err(Error::from).boxed_unsync());
+    let io: IoFuture = Box::new(async move {
+        match connection {
+            Some(connection) => connection.await.map_err(Error::from),
+            None => Ok(()),
+        }
+    });
+    Ok((response, io))
+}
+
+impl WasiHttpHooks for Egress {
+    fn forbidden_header_filter(&mut self) -> ForbiddenHeaderFilter {
+        Arc::new(|name| wasmtime_wasi_http::DEFAULT_FORBIDDEN_HEADERS.contains(name))
+    }
+
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
+    ) -> Box<dyn Future<Output = Result<(http::Response<WasiBody>, IoFuture), Error>> + Send> {
+        drop(fut);
+        let egress = self.clone();
+        Box::new(async move { send(egress, request, options).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_parse_strictly() {
+        assert!(Rule::parse("https://api.example.com").is_ok());
+        assert!(Rule::parse("http://127.0.0.1:8080/").is_ok());
+        assert!(Rule::parse("https://*.example.com:8443").is_ok());
+        assert!(Rule::parse("http://[::1]:9000").is_ok());
+        for bad in [
+            "ftp://x",
+            "example.com",
+            "https://",
+            "https://a.com/path",
+            "https://user@a.com",
+            "https://a.com:",
+            "https://a.com:99999",
+            "https://a..com",
+            "https://*.",
+        ] {
+            assert!(Rule::parse(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn matching_is_on_scheme_host_and_port() {
+        let exact = Rule::parse("https://api.example.com").unwrap();
+        assert!(exact.matches(true, &Host::of("API.example.com."), 443));
+        assert!(!exact.matches(false, &Host::of("api.example.com"), 443));
+        assert!(!exact.matches(true, &Host::of("api.example.com"), 8443));
+        assert!(!exact.matches(true, &Host::of("api.example.com.evil.net"), 443));
+        let wild = Rule::parse("https://*.example.com").unwrap();
+        assert!(wild.matches(true, &Host::of("a.b.example.com"), 443));
+        assert!(!wild.matches(true, &Host::of("example.com"), 443));
+        assert!(!wild.matches(true, &Host::of("evilexample.com"), 443));
+        let ip = Rule::parse("http://[::1]:9000").unwrap();
+        assert!(ip.matches(false, &Host::of("[::1]"), 9000));
+    }
+
+    #[test]
+    fn internal_addresses_are_recognised() {
+        for internal in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "64:ff9b::a00:1",
+        ] {
+            assert!(is_internal(internal.parse().unwrap()), "{internal}");
+        }
+        for public in ["93.184.216.34", "1.1.1.1", "2606:4700::1111"] {
+            assert!(!is_internal(public.parse().unwrap()), "{public}");
+        }
+    }
+}

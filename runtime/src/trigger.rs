@@ -1,0 +1,162 @@
+//! HTTP-trigger functions: one fresh instance of a `wasi:http/proxy` component per request, from
+//! the same pool and under the same limits as a sync invoke. The request body streams into the
+//! guest and the response body streams out while the guest writes it; the instance (and its
+//! permits) live until the guest returns or its timeout passes, which may be after the response
+//! headers have gone out.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use http::Request;
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use wasmtime::Store;
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::WasiHttpView;
+
+use crate::app::App;
+use crate::config::{STDERR_CAP, STDOUT_CAP};
+use crate::invoke::{arm_deadline, classify, guest_wasi, ComponentState, Failure, InvokeError, STDERR_TAIL};
+use crate::limits::{CappedOutput, MemoryLimiter};
+use crate::registry::{Concurrency, Entry, LoadedFunction};
+
+/// The function's and the pool's permits, held by the instance's task for as long as it runs and
+/// given back when it ends.
+struct Permits {
+    app: Arc<App>,
+    concurrency: Arc<Concurrency>,
+}
+
+impl Permits {
+    fn take(app: &Arc<App>, f: &LoadedFunction, concurrency: &Arc<Concurrency>) -> Result<Permits, InvokeError> {
+        concurrency
+            .permits
+            .try_acquire()
+            .map_err(|_| InvokeError::FunctionBusy(f.record.name.clone(), concurrency.limit))?
+            .forget();
+        match app.instance_permits.try_acquire() {
+            Ok(permit) => permit.forget(),
+            Err(_) => {
+                concurrency.permits.add_permits(1);
+                return Err(InvokeError::PoolBusy(app.config.max_instances));
+            }
+        }
+        Ok(Permits {
+            app: app.clone(),
+            concurrency: concurrency.clone(),
+        })
+    }
+}
+
+impl Drop for Permits {
+    fn drop(&mut self) {
+        self.app.instance_permits.add_permits(1);
+        self.concurrency.permits.add_permits(1);
+    }
+}
+
+/// Runs the guest on `request` (whose URI is already the guest's view: path and query after
+/// `/fn/{name}`). Answers as soon as the guest has set its response.
+pub async fn serve(
+    app: &Arc<App>,
+    f: Arc<LoadedFunction>,
+    concurrency: Arc<Concurrency>,
+    request: Request<Incoming>,
+) -> Result<http::Response<HyperOutgoingBody>, InvokeError> {
+    if !matches!(f.entry, Entry::Http(_)) {
+        return Err(InvokeError::NotHttpTrigger(f.record.name.clone()));
+    }
+    let permits = Permits::take(app, &f, &concurrency)?;
+    let config = &f.record.config;
+    let stdout = CappedOutput::new("stdout", STDOUT_CAP);
+    let stderr = CappedOutput::new("stderr", STDERR_CAP);
+    let wasi = guest_wasi(&f.args, &f.env, bytes::Bytes::new(), &stdout, &stderr);
+    let state = ComponentState::new(wasi, MemoryLimiter::new(config.memory_bytes()), f.egress.clone());
+    let mut store = Store::new(&app.engine, state);
+    store.limiter(|s| &mut s.limiter);
+    let deadline = config.timeout();
+    arm_deadline(&mut store, deadline);
+
+    let (sender, response) = oneshot::channel();
+    let setup = (|| -> wasmtime::Result<_> {
+        let request = store.data_mut().http().new_incoming_request(Scheme::Http, request)?;
+        let out = store.data_mut().http().new_response_outparam(sender)?;
+        Ok((request, out))
+    })();
+    let (request, out) = setup.map_err(|e| failed(format!("the request could not be handed to the function: {e}")))?;
+
+    let guest = f.clone();
+    let answered = Arc::new(AtomicBool::new(false));
+    let answered_in_task = answered.clone();
+    let task_stderr = stderr.clone();
+    let task = tokio::spawn(async move {
+        let _permits = permits;
+        let Entry::Http(pre) = &guest.entry else {
+            unreachable!("checked above")
+        };
+        let run = async {
+            let proxy = pre.instantiate_async(&mut store).await?;
+            proxy
+                .wasi_http_incoming_handler()
+                .call_handle(&mut store, request, out)
+                .await
+        };
+        let outcome = tokio::time::timeout(deadline, run).await;
+        let memory_exceeded = store.data().limiter.exceeded();
+        // A failure after the response started cannot change its status any more: the client sees
+        // the body cut short, and the log says why.
+        if answered_in_task.load(Ordering::Acquire) {
+            let error = match &outcome {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("{e:#}")),
+                Err(_) => Some(format!("ran past its timeout of {} ms", guest.record.config.timeout_ms)),
+            };
+            if let Some(error) = error {
+                let stderr = task_stderr.tail(512);
+                tracing::warn!(function = %guest.record.name, %error, %stderr, "http trigger failed while streaming its response");
+            }
+        }
+        (outcome, memory_exceeded)
+    });
+
+    match response.await {
+        Ok(Ok(response)) => {
+            answered.store(true, Ordering::Release);
+            Ok(response)
+        }
+        Ok(Err(code)) => Err(failed(format!(
+            "the function answered with an error: {}",
+            describe(&code)
+        ))),
+        // The guest's instance ended without setting a response: say why.
+        Err(_) => {
+            let (outcome, memory_exceeded) = task
+                .await
+                .map_err(|e| failed(format!("the function's task failed: {e}")))?;
+            Err(match outcome {
+                Err(_elapsed) => InvokeError::Timeout(config.timeout_ms),
+                Ok(Err(error)) => classify(error, config.timeout_ms, memory_exceeded, &stdout, &stderr),
+                Ok(Ok(())) => InvokeError::Failed(Failure {
+                    message: "the function returned without setting a response".to_owned(),
+                    trap: None,
+                    exit_code: None,
+                    stderr_tail: stderr.tail(STDERR_TAIL),
+                }),
+            })
+        }
+    }
+}
+
+fn failed(message: String) -> InvokeError {
+    InvokeError::Failed(Failure {
+        message,
+        trap: None,
+        exit_code: None,
+        stderr_tail: String::new(),
+    })
+}
+
+fn describe(code: &ErrorCode) -> String {
+    format!("{code:?}")
+}

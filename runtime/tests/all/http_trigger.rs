@@ -1,0 +1,290 @@
+//! HTTP-trigger functions (`wasi:http/proxy` components at `/fn/{name}/...`): what the guest sees,
+//! auth and `public`, limits mapped to 504/502, streamed bodies, and deny-by-default egress.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{client, component, expect_error, Kiln};
+
+fn fn_url(kiln: &Kiln, path: &str) -> String {
+    kiln.url(&format!("/fn/{path}"))
+}
+
+#[test]
+fn hello_over_http1_and_h2c_sees_method_path_query_and_headers() {
+    let kiln = Kiln::start();
+    kiln.must_deploy("hello", component("http-hello"));
+    let response = client()
+        .post(fn_url(&kiln, "hello/a/b?x=1&y=two"))
+        .bearer_auth(&kiln.token)
+        .header("x-test", "present")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "gone")
+        .body("ignored")
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-kiln-version"], "1");
+    let body = response.text().unwrap();
+    assert!(body.starts_with("hello from wasi:http\n"), "{body}");
+    assert!(body.contains("method: POST\n"), "{body}");
+    assert!(body.contains("path: /a/b?x=1&y=two\n"), "{body}");
+    let headers = body.lines().find_map(|l| l.strip_prefix("headers: ")).unwrap();
+    let headers: Vec<&str> = headers.split(',').collect();
+    assert!(headers.contains(&"x-test"), "{body}");
+    assert!(
+        !headers.contains(&"authorization"),
+        "the token reached the guest: {body}"
+    );
+    assert!(
+        !headers.contains(&"x-hop"),
+        "a hop-by-hop header reached the guest: {body}"
+    );
+
+    // The function's root, with and without the trailing slash.
+    for path in ["hello", "hello/"] {
+        let body = client()
+            .get(fn_url(&kiln, path))
+            .bearer_auth(&kiln.token)
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        assert!(body.contains("method: GET\npath: /\n"), "{path}: {body}");
+    }
+
+    let h2 = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = h2
+        .get(fn_url(&kiln, "hello/over/h2?q"))
+        .bearer_auth(&kiln.token)
+        .send()
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    assert!(response.text().unwrap().contains("path: /over/h2?q\n"));
+
+    // The two kinds of function are called at their own routes.
+    expect_error(kiln.invoke("hello", ""), 400, "invalid_request");
+    kiln.must_deploy("greet", component("greet"));
+    expect_error(
+        client()
+            .get(fn_url(&kiln, "greet/"))
+            .bearer_auth(&kiln.token)
+            .send()
+            .unwrap(),
+        400,
+        "invalid_request",
+    );
+}
+
+#[test]
+fn a_token_is_required_unless_the_function_is_public() {
+    let kiln = Kiln::start();
+    kiln.must_deploy("private", component("http-hello"));
+    let response = kiln.deploy_with("open", component("http-hello"), json!({"public": true}));
+    assert_eq!(response.status(), 201, "{}", response.text().unwrap());
+
+    expect_error(
+        client().get(fn_url(&kiln, "private/")).send().unwrap(),
+        401,
+        "unauthorized",
+    );
+    expect_error(
+        client()
+            .get(fn_url(&kiln, "private/"))
+            .bearer_auth("wrong")
+            .send()
+            .unwrap(),
+        401,
+        "unauthorized",
+    );
+    let open = client().get(fn_url(&kiln, "open/x")).send().unwrap();
+    assert_eq!(open.status(), 200);
+    assert!(open.text().unwrap().contains("path: /x\n"));
+    // Without a token a missing function is indistinguishable from a private one.
+    expect_error(
+        client().get(fn_url(&kiln, "missing/")).send().unwrap(),
+        401,
+        "unauthorized",
+    );
+    expect_error(
+        client()
+            .get(fn_url(&kiln, "missing/"))
+            .bearer_auth(&kiln.token)
+            .send()
+            .unwrap(),
+        404,
+        "not_found",
+    );
+    expect_error(
+        client()
+            .get(fn_url(&kiln, "Bad%20Name/"))
+            .bearer_auth(&kiln.token)
+            .send()
+            .unwrap(),
+        400,
+        "invalid_request",
+    );
+}
+
+#[test]
+fn timeout_is_504_and_a_trap_is_502_with_the_json_body() {
+    let kiln = Kiln::start();
+    let response = kiln.deploy_with("hello", component("http-hello"), json!({"timeout_ms": 300}));
+    assert_eq!(response.status(), 201, "{}", response.text().unwrap());
+    let get = |path: &str| {
+        client()
+            .get(fn_url(&kiln, path))
+            .bearer_auth(&kiln.token)
+            .send()
+            .unwrap()
+    };
+    expect_error(get("hello/spin"), 504, "timeout");
+    let error = expect_error(get("hello/trap"), 502, "function_failed");
+    assert!(error["trap"].is_string(), "{error}");
+    assert!(error["stderr"].as_str().unwrap().contains("asked to trap"), "{error}");
+    // The server is still healthy and the function still answers.
+    assert_eq!(get("hello/").status(), 200);
+    assert_eq!(kiln.metric("kiln_pool_instances_in_use "), 0);
+}
+
+/// Peak resident memory of a process, from /proc.
+fn peak_rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn ten_mib_streams_in_and_out_without_the_server_holding_it() {
+    let kiln = Kiln::start();
+    kiln.must_deploy("echo", component("http-echo"));
+    let roundtrip = |len: usize| {
+        // A body generated as it is sent, read back as it arrives: neither side holds it whole.
+        struct Pattern(usize, usize);
+        impl Read for Pattern {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let n = buf.len().min(self.1 - self.0);
+                for (i, b) in buf[..n].iter_mut().enumerate() {
+                    *b = ((self.0 + i) % 251) as u8;
+                }
+                self.0 += n;
+                Ok(n)
+            }
+        }
+        let mut response = client()
+            .post(fn_url(&kiln, "echo/"))
+            .bearer_auth(&kiln.token)
+            .body(reqwest::blocking::Body::sized(Pattern(0, len), len as u64))
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let (mut received, mut buf) = (0usize, vec![0u8; 64 * 1024]);
+        loop {
+            let n = response.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            for (i, b) in buf[..n].iter().enumerate() {
+                assert_eq!(*b, ((received + i) % 251) as u8, "byte {} differs", received + i);
+            }
+            received += n;
+        }
+        assert_eq!(received, len);
+    };
+    // Warm up (first instance, allocator arenas), then measure the peak across a 10 MiB echo.
+    roundtrip(1 << 20);
+    let before = peak_rss_kib(kiln.pid());
+    roundtrip(10 << 20);
+    let grown = peak_rss_kib(kiln.pid()).saturating_sub(before);
+    assert!(
+        grown < 6 * 1024,
+        "the server's peak memory grew by {grown} KiB over a 10 MiB echo: the body was buffered"
+    );
+}
+
+/// A one-shot HTTP server on loopback answering every request with `body`.
+fn upstream(body: &'static str) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(answer.as_bytes());
+        }
+    });
+    port
+}
+
+#[test]
+fn egress_is_denied_by_default_and_allowed_only_to_listed_public_or_literal_hosts() {
+    let kiln = Kiln::start();
+    let port = upstream("from upstream");
+    let other = upstream("should not be reached");
+    let deploy = |name: &str, allowed: serde_json::Value| {
+        let response = kiln.deploy_with(name, component("http-fetch"), json!({ "allowed_hosts": allowed }));
+        assert_eq!(response.status(), 201, "{}", response.text().unwrap());
+    };
+    let fetch = |name: &str, url: String| {
+        let response = client()
+            .post(fn_url(&kiln, &format!("{name}/")))
+            .bearer_auth(&kiln.token)
+            .body(url)
+            .send()
+            .unwrap();
+        (response.status().as_u16(), response.text().unwrap())
+    };
+    deploy("listed", json!([format!("http://127.0.0.1:{port}")]));
+    deploy("nothing", json!([]));
+    deploy("by-name", json!([format!("http://localhost:{port}")]));
+
+    let (status, body) = fetch("listed", format!("http://127.0.0.1:{port}/x"));
+    assert_eq!((status, body.as_str()), (200, "upstream 200\nfrom upstream"));
+
+    let (status, body) = fetch("nothing", format!("http://127.0.0.1:{port}/x"));
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("HttpRequestDenied"), "{body}");
+
+    // Another port on the same host is another destination.
+    let (status, body) = fetch("listed", format!("http://127.0.0.1:{other}/"));
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("HttpRequestDenied"), "{body}");
+    let (status, body) = fetch("listed", format!("https://127.0.0.1:{port}/"));
+    assert!(status == 502 && body.contains("HttpRequestDenied"), "{body}");
+
+    // A name that resolves to a loopback address is refused even when listed: only a literal
+    // address entry reaches an internal one.
+    let (status, body) = fetch("by-name", format!("http://localhost:{port}/"));
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("DestinationIpProhibited"), "{body}");
+
+    // A bad entry is refused at deploy.
+    let response = kiln.deploy_with(
+        "bad",
+        component("http-fetch"),
+        json!({"allowed_hosts": ["https://a.com/path"]}),
+    );
+    expect_error(response, 400, "invalid_request");
+}
