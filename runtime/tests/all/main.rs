@@ -7,5 +7,6 @@ mod errors;
 mod hostile;
 mod lifecycle;
 mod limits;
+mod sdk;
 mod snapshot;
 mod support;
