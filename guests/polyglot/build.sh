@@ -12,7 +12,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 tools=$here/.toolchain
-out=$here/../target/polyglot
+out=$(dirname "$here")/target/polyglot
 venv=$tools/venv
 # Pinned: the recipes in shared/TOOLCHAINS.md were checked with these.
 python_packages=(ziglang==0.14.1 componentize-py==0.25.1)
@@ -40,15 +40,41 @@ install_js() {
   touch "$stamp"
 }
 
+# One install at a time: the tests build the three languages in parallel, and C and Python share
+# the venv.
 install() {
+  mkdir -p "$tools"
+  (
+    flock 9
+    case $1 in
+      c | python) install_venv ;;
+      js) install_js ;;
+    esac
+  ) 9>"$tools/.install.lock"
+}
+
+# Up to date when the output is newer than its sources (the toolchain stamps count as sources).
+fresh() {
+  local target=$out/hello-$1.wasm
+  [[ -f $target ]] || return 1
+  local sources=("$here/build.sh")
   case $1 in
-    c | python) install_venv ;;
-    js) install_js ;;
+    c) sources+=("$here/c/hello.c" "$venv"/.installed-*) ;;
+    python) sources+=("$here/python/app.py" "$here/wit" "$venv"/.installed-*) ;;
+    js) sources+=("$here/js/hello.js" "$here/js/build.mjs" "$here/wit" "$here/js/node_modules/.installed") ;;
   esac
+  local source
+  for source in "${sources[@]}"; do
+    [[ -e $source && $target -nt $source ]] || return 1
+  done
 }
 
 build() {
   mkdir -p "$out"
+  if fresh "$1"; then
+    log "$out/hello-$1.wasm is up to date"
+    return 0
+  fi
   case $1 in
     c)
       # zig keeps its build of wasi-libc (~20 s the first time) in this cache.

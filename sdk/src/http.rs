@@ -86,7 +86,7 @@ pub fn read_body(request: &IncomingRequest) -> Result<Vec<u8>, BodyError> {
 pub fn respond(out: ResponseOutparam, status: u16, headers: &[(&str, &str)], body: &[u8]) {
     let fields = Fields::new();
     for (name, value) in headers {
-        let _ = fields.append(&(*name).to_owned(), &value.as_bytes().to_vec());
+        let _ = fields.append(name, value.as_bytes());
     }
     let response = OutgoingResponse::new(fields);
     if response.set_status_code(status).is_err() {

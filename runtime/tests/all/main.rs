@@ -7,6 +7,7 @@ mod errors;
 mod hostile;
 mod lifecycle;
 mod limits;
+mod polyglot;
 mod sdk;
 mod snapshot;
 mod support;
