@@ -76,7 +76,9 @@
 //! ```
 //!
 //! Randomness drawn during init is in the snapshot too, and so shared by every invocation: draw
-//! per-invocation randomness in the function, or reseed in a [`restore`] hook.
+//! per-invocation randomness in the function, or reseed in a [`restore`] hook. That includes
+//! std's `HashMap` hashing keys, which are drawn once per thread: a map made at init fixes them
+//! for every later `RandomState::new()` of the snapshot.
 //!
 //! # Also here
 //!
@@ -159,22 +161,28 @@ pub use kiln_sdk_macros::init;
 /// (exported as `kiln.restore`).
 ///
 /// Use it to refresh what must not be shared by every invocation of a snapshot: reseed a random
-/// generator, forget a timestamp taken at init. It takes no arguments and returns `()`. Only
-/// `wasm32-wasip1` modules have it; components are never restored from a snapshot, so there it
-/// is not exported and never runs.
+/// generator (from the `getrandom` crate, which asks the host each time), forget a timestamp
+/// taken at init. It takes no arguments and returns `()`. Only `wasm32-wasip1` modules have it;
+/// components are never restored from a snapshot, so there it is not exported and never runs.
 ///
 /// ```no_run
-/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::sync::Mutex;
+/// use std::time::SystemTime;
 ///
-/// static SEED: AtomicU64 = AtomicU64::new(0);
+/// /// When this instance started: set at init, so wrong in every invocation until restored.
+/// static STARTED: Mutex<Option<SystemTime>> = Mutex::new(None);
+///
+/// #[kiln_sdk::init]
+/// fn init() {
+///     *STARTED.lock().unwrap() = Some(SystemTime::now());
+/// }
 ///
 /// #[kiln_sdk::restore]
-/// fn reseed() {
-///     let fresh = std::collections::hash_map::RandomState::new(); // draws from random_get
-///     SEED.store(std::hash::BuildHasher::hash_one(&fresh, 0u8), Ordering::Relaxed);
+/// fn restore() {
+///     *STARTED.lock().unwrap() = Some(SystemTime::now());
 /// }
 /// # #[kiln_sdk::function]
-/// # fn handle(_: ()) -> Result<u64, String> { Ok(SEED.load(Ordering::Relaxed)) }
+/// # fn handle(_: ()) -> Result<bool, String> { Ok(STARTED.lock().unwrap().is_some()) }
 /// ```
 pub use kiln_sdk_macros::restore;
 
@@ -184,3 +192,36 @@ pub mod __private {
     pub use crate::entry::{run_function, run_init, run_restore};
     pub use serde_json;
 }
+
+/// What the macros refuse, checked as doc tests (`cargo test`):
+///
+/// A handler named `main` (the macro writes `main`):
+/// ```compile_fail
+/// #[kiln_sdk::function]
+/// fn main(input: String) -> Result<String, String> { Ok(input) }
+/// ```
+/// An async handler:
+/// ```compile_fail
+/// #[kiln_sdk::function]
+/// async fn handle(input: String) -> Result<String, String> { Ok(input) }
+/// ```
+/// Arguments to the attribute:
+/// ```compile_fail
+/// #[kiln_sdk::init(fast)]
+/// fn init() {}
+/// # #[kiln_sdk::function] fn handle(_: ()) -> Result<(), String> { Ok(()) }
+/// ```
+/// A handler whose output cannot be serialised:
+/// ```compile_fail
+/// struct Opaque;
+/// #[kiln_sdk::function]
+/// fn handle(_: ()) -> Result<Opaque, String> { Ok(Opaque) }
+/// ```
+/// A restore hook that returns something:
+/// ```compile_fail
+/// #[kiln_sdk::restore]
+/// fn restore() -> u32 { 1 }
+/// # #[kiln_sdk::function] fn handle(_: ()) -> Result<(), String> { Ok(()) }
+/// ```
+#[cfg(doctest)]
+pub struct MacroMisuse;
