@@ -28,29 +28,41 @@ where
     if let Err(e) = std::io::stdin().read_to_end(&mut body) {
         return fail(EXIT_INVALID_INPUT, format_args!("cannot read the request body: {e}"));
     }
-    // An empty body is JSON `null`, so `Option<T>` and `()` take a request without one.
-    let parsed = if body.iter().all(u8::is_ascii_whitespace) {
-        serde_json::from_slice(b"null")
-    } else {
-        serde_json::from_slice(&body)
-    };
-    let input = match parsed {
-        Ok(input) => input,
-        Err(e) => return fail(EXIT_INVALID_INPUT, format_args!("invalid input: {e}")),
-    };
-    let output = match handler(input) {
-        Ok(output) => output,
-        Err(e) => return fail(EXIT_FAILED, format_args!("{e}")),
-    };
-    let json = match serde_json::to_vec(&output) {
+    let json = match call(&body, handler) {
         Ok(json) => json,
-        Err(e) => return fail(EXIT_INVALID_OUTPUT, format_args!("cannot serialise the output: {e}")),
+        Err(Failure { code, message }) => return fail(code, format_args!("{message}")),
     };
     let mut stdout = std::io::stdout().lock();
     if let Err(e) = stdout.write_all(&json).and_then(|()| stdout.flush()) {
         return fail(EXIT_INVALID_OUTPUT, format_args!("cannot write the output: {e}"));
     }
     ExitCode::SUCCESS
+}
+
+/// Why a call failed: the exit code and the line for stderr.
+#[derive(Debug, PartialEq)]
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+/// The request body through `handler`: the response body, or the failure to report.
+fn call<T, U, E>(body: &[u8], handler: impl FnOnce(T) -> Result<U, E>) -> Result<Vec<u8>, Failure>
+where
+    T: DeserializeOwned,
+    U: Serialize,
+    E: Display,
+{
+    let failure = |code, message| Failure { code, message };
+    // An empty body is JSON `null`, so `Option<T>` and `()` take a request without one.
+    let parsed = if body.iter().all(u8::is_ascii_whitespace) {
+        serde_json::from_slice(b"null")
+    } else {
+        serde_json::from_slice(body)
+    };
+    let input = parsed.map_err(|e| failure(EXIT_INVALID_INPUT, format!("invalid input: {e}")))?;
+    let output = handler(input).map_err(|e| failure(EXIT_FAILED, e.to_string()))?;
+    serde_json::to_vec(&output).map_err(|e| failure(EXIT_INVALID_OUTPUT, format!("cannot serialise the output: {e}")))
 }
 
 fn fail(code: u8, message: std::fmt::Arguments<'_>) -> ExitCode {
@@ -90,4 +102,51 @@ pub fn run_init<R: InitOutcome>(hook: impl FnOnce() -> R) {
 /// Runs the restore hook.
 pub fn run_restore(hook: impl FnOnce()) {
     hook();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn greet(name: Option<String>) -> Result<String, String> {
+        match name {
+            Some(name) if name.is_empty() => Err("the name is empty".into()),
+            Some(name) => Ok(format!("Hello, {name}!")),
+            None => Ok("Hello, stranger!".into()),
+        }
+    }
+
+    #[test]
+    fn json_in_json_out() {
+        assert_eq!(call(br#""Ada""#, greet).unwrap(), br#""Hello, Ada!""#);
+    }
+
+    #[test]
+    fn an_empty_body_is_null() {
+        assert_eq!(call(b"", greet).unwrap(), br#""Hello, stranger!""#);
+        assert_eq!(call(b" \n", greet).unwrap(), br#""Hello, stranger!""#);
+        let err = call(b"", |n: u32| Ok::<_, String>(n)).unwrap_err();
+        assert_eq!(err.code, EXIT_INVALID_INPUT);
+        assert!(err.message.starts_with("invalid input: invalid type: null"), "{err:?}");
+    }
+
+    #[test]
+    fn errors_carry_their_exit_code_and_text() {
+        assert_eq!(
+            call(br#""""#, greet),
+            Err(Failure {
+                code: EXIT_FAILED,
+                message: "the name is empty".into()
+            })
+        );
+        let err = call(b"{not json", greet).unwrap_err();
+        assert_eq!(err.code, EXIT_INVALID_INPUT);
+        assert!(err.message.starts_with("invalid input: "), "{err:?}");
+        // JSON object keys must be strings.
+        let err = call(b"null", |()| Ok::<_, String>(HashMap::from([((1, 2), 3)]))).unwrap_err();
+        assert_eq!(err.code, EXIT_INVALID_OUTPUT);
+        assert!(err.message.starts_with("cannot serialise the output: "), "{err:?}");
+    }
 }
