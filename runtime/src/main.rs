@@ -36,9 +36,9 @@ struct ServeArgs {
     /// Asynchronous invocations waiting to run at most; past it submits get 429.
     #[arg(long, env = "KILN_MAX_QUEUED", default_value_t = 10_000)]
     max_queued: u64,
-    /// Workers running asynchronous invocations (each runs up to 16 at once); 0 accepts
-    /// asynchronous invocations without running them.
-    #[arg(long, env = "KILN_ASYNC_WORKERS", default_value_t = 4)]
+    /// Asynchronous invocations running at once; 0 accepts asynchronous invocations without
+    /// running them.
+    #[arg(long, env = "KILN_ASYNC_WORKERS", default_value_t = 64)]
     async_workers: usize,
     /// Time a client gets to send a request's headers before the connection is closed.
     #[arg(long, env = "KILN_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]

@@ -99,6 +99,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX invocations_queue ON invocations(state, run_after_ms);
     CREATE INDEX invocations_finished ON invocations(finished_ms) WHERE finished_ms IS NOT NULL;
 "#,
+    r#"
+    -- Results too large for their row live in `<data>/results/<digest>`.
+    ALTER TABLE invocations ADD COLUMN result_digest TEXT;
+    CREATE INDEX invocations_by_result_digest ON invocations(result_digest) WHERE result_digest IS NOT NULL;
+"#,
 ];
 
 pub struct Store {
