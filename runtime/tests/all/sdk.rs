@@ -242,7 +242,7 @@ fn on_a_component_the_init_hook_runs_when_each_instance_starts() {
 fn the_http_guest_builds_as_a_proxy_component() {
     // Serving it at /fn/{name}/... is the HTTP trigger's to test; here: the SDK's HTTP helper
     // builds, and the result is a component exporting the incoming handler and not a command.
-    let code = component("http_hello");
+    let code = component("sdk_http");
     assert!(
         code.starts_with(b"\0asm") && code[4..8] != [1, 0, 0, 0],
         "not a component"
