@@ -3,5 +3,5 @@
 # Extra arguments go to `kiln serve`, e.g. `runtime/scripts/serve.sh --listen 0.0.0.0:7878`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-runtime/scripts/setup.sh
+KILN_SETUP_POLYGLOT=0 runtime/scripts/setup.sh
 exec cargo run --release -p kiln -- serve "$@"

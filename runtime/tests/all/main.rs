@@ -8,5 +8,7 @@ mod hostile;
 mod http_trigger;
 mod lifecycle;
 mod limits;
+mod polyglot;
+mod sdk;
 mod snapshot;
 mod support;
