@@ -239,21 +239,22 @@ fn on_a_component_the_init_hook_runs_when_each_instance_starts() {
 }
 
 #[test]
-fn the_http_guest_builds_as_a_proxy_component() {
-    // Serving it at /fn/{name}/... is the HTTP trigger's to test; here: the SDK's HTTP helper
-    // builds, and the result is a component exporting the incoming handler and not a command.
-    let code = component("sdk_http");
-    assert!(
-        code.starts_with(b"\0asm") && code[4..8] != [1, 0, 0, 0],
-        "not a component"
-    );
-    let text = String::from_utf8_lossy(&code);
-    assert!(
-        text.contains("wasi:http/incoming-handler@0.2"),
-        "no incoming handler export"
-    );
-    assert!(
-        !text.contains("wasi:cli/run@0.2"),
-        "a proxy component has no wasi:cli/run"
-    );
+fn the_sdk_http_guest_is_served_as_an_http_trigger() {
+    let kiln = Kiln::start();
+    kiln.must_deploy("hi", component("sdk_http"));
+    let get = crate::support::client()
+        .get(kiln.url("/fn/hi/Ada"))
+        .bearer_auth(&kiln.token)
+        .send()
+        .unwrap();
+    assert_eq!(get.status(), 200);
+    assert_eq!(get.text().unwrap(), "Hello, Ada!\n");
+    let post = crate::support::client()
+        .post(kiln.url("/fn/hi/"))
+        .bearer_auth(&kiln.token)
+        .body("echo me")
+        .send()
+        .unwrap();
+    assert_eq!(post.status(), 200);
+    assert_eq!(post.text().unwrap(), "echo me");
 }
