@@ -41,6 +41,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Where the admin token comes from when `KILN_ADMIN_TOKEN` is set.
     pub admin_token: Option<String>,
+    /// Logs of synchronous invocations kept at most (the newest); older ones also go after
+    /// `retention`. 100k entries of at most 4 KiB stderr each bound the table to ~400 MiB.
+    pub max_kept_logs: u64,
 }
 
 impl ServerConfig {
@@ -60,6 +63,7 @@ impl ServerConfig {
             body_read_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
             admin_token: None,
+            max_kept_logs: 100_000,
         }
     }
 }

@@ -9,13 +9,16 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod cli;
 pub mod compile;
 pub mod config;
 pub mod deploy;
 pub mod invoke;
 pub mod jobs;
 pub mod limits;
+pub mod logs;
 pub mod metrics;
+pub mod observe;
 pub mod pool;
 pub mod registry;
 pub mod server;

@@ -1,10 +1,11 @@
-//! The `kiln` binary: parses flags and starts the server.
+//! The `kiln` binary: `kiln serve` starts the server; every other command is the client
+//! (`kiln::cli`), talking to a server over its HTTP API.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use kiln::app::App;
 use kiln::config::ServerConfig;
 
@@ -13,12 +14,18 @@ use kiln::config::ServerConfig;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    connection: kiln::cli::Connection,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Serve the HTTP API.
     Serve(ServeArgs),
+    #[command(flatten)]
+    Client(kiln::cli::Command),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(clap::Args)]
@@ -55,7 +62,23 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
-    let Command::Serve(args) = Cli::parse().command;
+    let cli = Cli::parse();
+    let args = match cli.command {
+        Command::Serve(args) => args,
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Client(command) => {
+            return match kiln::cli::run(&cli.connection, command) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kiln: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
+    };
     init_logging(args.log_format);
     let mut config = ServerConfig::new(args.listen, args.data);
     config.max_instances = args.max_instances;
@@ -91,7 +114,10 @@ async fn serve(config: ServerConfig) -> Result<(), String> {
     tracing::info!(address = %local, data = %app.layout.root.display(), "kiln listening on http://{local}");
     app.warm_up();
     kiln::jobs::Jobs::start(&app);
+    let logs_of = app.clone();
     kiln::server::run(app, listener, kiln::shutdown::signal_received()).await;
+    // Invocation logs still queued for the disk are written before the process ends.
+    let _ = tokio::task::spawn_blocking(move || logs_of.logs.flush()).await;
     Ok(())
 }
 

@@ -47,6 +47,14 @@ impl<'a> From<&'a VersionRecord> for VersionView<'a> {
 }
 
 pub async fn deploy(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let answer = deploy_version(app, name, req).await;
+    if answer.is_err() {
+        app.metrics.deploys_failed.inc();
+    }
+    answer
+}
+
+async fn deploy_version(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let (parts, incoming) = req.into_parts();
     // The code cap plus room for the multipart framing and a config part.
     let limit = app.config.max_code_bytes + 64 * 1024;
@@ -68,6 +76,7 @@ pub async fn deploy(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Resul
     let status = if deployed.created {
         StatusCode::CREATED
     } else {
+        app.metrics.deploys_unchanged.inc();
         StatusCode::OK
     };
     Ok(body::json(status, &VersionView::from(&deployed.record)))

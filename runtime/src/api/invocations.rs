@@ -63,7 +63,7 @@ pub async fn submit(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Resul
 }
 
 /// Invocation ids are UUIDs; anything else never touches the database.
-fn valid_id(id: &str) -> Result<(), ApiError> {
+pub(super) fn valid_id(id: &str) -> Result<(), ApiError> {
     match uuid::Uuid::try_parse(id) {
         Ok(parsed) if parsed.hyphenated().to_string() == id => Ok(()),
         _ => Err(ApiError::not_found(format!("no invocation {id:?}"))),

@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use super::body::{self, Body};
 use super::error::ApiError;
 use crate::app::App;
-use crate::invoke::{self, InvokeError};
+use crate::invoke;
 
 const INVOCATION_ID: &str = "x-kiln-invocation-id";
 const VERSION: &str = "x-kiln-version";
@@ -31,26 +31,14 @@ pub async fn sync(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Result<
     let started = Instant::now();
     let outcome = invoke::invoke(app, &function, &concurrency, input).await;
     let duration = started.elapsed();
-    let metrics = &app.metrics;
+    crate::observe::sync_invocation(app, id, &function.record, &outcome, duration);
     let mut response = match outcome {
-        Ok(success) => {
-            metrics.invocations_ok.inc();
-            Response::builder()
-                .status(StatusCode::OK)
-                .header(header::CONTENT_TYPE, "application/octet-stream")
-                .body(Body::new(success.stdout))
-                .expect("static headers are valid")
-        }
-        Err(e) => {
-            let counter = match &e {
-                InvokeError::Failed(_) => &metrics.invocations_failed,
-                InvokeError::Timeout(_) => &metrics.invocations_timeout,
-                InvokeError::FunctionBusy(..) | InvokeError::PoolBusy(_) => &metrics.invocations_rejected,
-            };
-            counter.inc();
-            tracing::debug!(function = name, version = function.record.version, id = %id, error = %e, "invocation failed");
-            body::error(&ApiError::from(e))
-        }
+        Ok(success) => Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .body(Body::new(success.stdout))
+            .expect("static headers are valid"),
+        Err(e) => body::error(&ApiError::from(e)),
     };
     let headers = response.headers_mut();
     let mut buf = uuid::Uuid::encode_buffer();

@@ -7,6 +7,7 @@ pub mod error;
 mod functions;
 mod invocations;
 mod invoke;
+mod logs;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -75,6 +76,8 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
         }
         (["v1", "invocations", id], Method::GET) => invocations::get(app, id, req.uri().query()).await,
         (["v1", "invocations", _], _) => Err(ApiError::method_not_allowed()),
+        (["v1", "invocations", id, "logs"], Method::GET) => logs::get(app, id).await,
+        (["v1", "invocations", _, "logs"], _) => Err(ApiError::method_not_allowed()),
         _ => Err(ApiError::not_found(format!("no route for {path}"))),
     }
 }

@@ -99,6 +99,20 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX invocations_queue ON invocations(state, run_after_ms);
     CREATE INDEX invocations_finished ON invocations(finished_ms) WHERE finished_ms IS NOT NULL;
 "#,
+    r#"
+    -- Logs of synchronous invocations (asynchronous ones keep theirs in `invocations`), written in
+    -- batches off the request path (see `logs.rs`). Ids are UUIDv7, so key order is time order and
+    -- the retention sweep deletes a key range.
+    CREATE TABLE invocation_logs (
+        id          TEXT PRIMARY KEY,
+        function    TEXT NOT NULL,
+        version     INTEGER NOT NULL,
+        outcome     TEXT NOT NULL,
+        duration_us INTEGER NOT NULL,
+        created_ms  INTEGER NOT NULL,
+        stderr      TEXT NOT NULL
+    ) WITHOUT ROWID;
+"#,
 ];
 
 pub struct Store {

@@ -3,6 +3,7 @@
 
 mod api;
 mod asynchronous;
+mod cli;
 mod errors;
 mod hostile;
 mod lifecycle;

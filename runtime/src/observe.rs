@@ -1,0 +1,56 @@
+//! What is recorded about each finished synchronous invocation, in one place: its metrics, its
+//! one structured log line, and its kept log (the guest's stderr tail). Everything here is cheap
+//! and non-blocking: atomics, one `tracing` event, one channel send.
+//!
+//! The log line carries the id, function, version, outcome and duration (and Kiln's error message
+//! for a failure); never the request or response body, the guest's stderr, or a token.
+
+use std::time::Duration;
+
+use crate::app::App;
+use crate::invoke::{InvokeError, Success, STDERR_TAIL};
+use crate::logs::LogEntry;
+use crate::metrics::Outcome;
+use crate::store::VersionRecord;
+
+pub fn sync_invocation(
+    app: &App,
+    id: uuid::Uuid,
+    record: &VersionRecord,
+    result: &Result<Success, InvokeError>,
+    duration: Duration,
+) {
+    let (outcome, stderr, error) = match result {
+        Ok(success) => (Outcome::Success, success.stderr.tail(STDERR_TAIL), None),
+        Err(e @ InvokeError::Failed(failure)) => (Outcome::Failed, failure.stderr_tail.clone(), Some(e)),
+        Err(e @ InvokeError::Timeout(_)) => (Outcome::Timeout, String::new(), Some(e)),
+        Err(e @ (InvokeError::FunctionBusy(..) | InvokeError::PoolBusy(_))) => {
+            (Outcome::Rejected, String::new(), Some(e))
+        }
+    };
+    app.metrics.observe(&record.name, outcome, duration);
+    let duration_us = duration.as_micros() as u64;
+    match error {
+        None => tracing::info!(
+            target: "kiln::invocation",
+            id = %id, function = %record.name, version = record.version,
+            outcome = outcome.as_str(), duration_us, "invocation"
+        ),
+        Some(error) => tracing::info!(
+            target: "kiln::invocation",
+            id = %id, function = %record.name, version = record.version,
+            outcome = outcome.as_str(), duration_us, error = %error, "invocation"
+        ),
+    }
+    // A refused invocation never ran: there is nothing to keep.
+    if outcome != Outcome::Rejected {
+        app.logs.record(LogEntry {
+            id,
+            function: record.name.clone(),
+            version: record.version,
+            outcome: outcome.as_str(),
+            duration_us,
+            stderr,
+        });
+    }
+}
