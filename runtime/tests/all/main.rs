@@ -8,5 +8,6 @@ mod errors;
 mod hostile;
 mod lifecycle;
 mod limits;
+mod ops;
 mod snapshot;
 mod support;

@@ -57,7 +57,12 @@ impl Kiln {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("kiln listening on http://").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                    // The address ends at the first character an address cannot have (a space
+                    // in text logs, a quote in JSON logs).
+                    let addr: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']'))
+                        .collect();
                     let _ = addr_tx.send(addr);
                 }
                 let mut log = sink.lock().unwrap();
