@@ -8,6 +8,7 @@ mod functions;
 mod invocations;
 mod invoke;
 mod logs;
+mod tokens;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -49,13 +50,17 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
             _ => Err(ApiError::method_not_allowed()),
         };
     }
-    if !app
+    let principal = app
         .auth
-        .check(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()))
-    {
-        return Err(ApiError::unauthorized());
-    }
+        .authenticate(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()))
+        .ok_or_else(ApiError::unauthorized)?;
+    tokens::authorize(&principal, &segments, &method)?;
     match (segments.as_slice(), method) {
+        (["v1", "tokens"], Method::POST) => tokens::create(app, req).await,
+        (["v1", "tokens"], Method::GET) => tokens::list(app).await,
+        (["v1", "tokens"], _) => Err(ApiError::method_not_allowed()),
+        (["v1", "tokens", id], Method::DELETE) => tokens::delete(app, id).await,
+        (["v1", "tokens", _], _) => Err(ApiError::method_not_allowed()),
         (["v1", "functions"], Method::GET) => functions::list(app).await,
         (["v1", "functions"], _) => Err(ApiError::method_not_allowed()),
         (["v1", "functions", name, rest @ ..], method) => {

@@ -6,6 +6,7 @@
 //! std `Mutex` because every call is short and never awaits while holding it.
 
 pub mod files;
+mod tokens;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -15,6 +16,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use time::format_description::well_known::Rfc3339;
 
 pub use files::{Digest, Layout};
+pub use tokens::TokenRow;
 
 use crate::config::FunctionConfig;
 use crate::validate::ArtifactKind;

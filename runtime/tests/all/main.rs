@@ -11,3 +11,4 @@ mod limits;
 mod ops;
 mod snapshot;
 mod support;
+mod tokens;

@@ -1,0 +1,111 @@
+//! Scoped tokens: `POST /v1/tokens` (create an invoke-only token for named functions; the secret
+//! is in this answer only), `GET /v1/tokens` (list, without secrets), `DELETE /v1/tokens/{id}`
+//! (revoke). Admin only. `authorize` is where a scoped token's limits are enforced.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::body::{self, Body};
+use super::error::ApiError;
+use crate::app::App;
+use crate::auth::Principal;
+use crate::config::is_valid_function_name;
+
+/// A token may name this many functions at most.
+const MAX_FUNCTIONS: usize = 1000;
+
+fn forbidden(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+}
+
+/// Lets the admin token through everything, and an invoke-only token through the invoke routes
+/// of its own functions only.
+pub fn authorize(principal: &Principal, segments: &[&str], method: &Method) -> Result<(), ApiError> {
+    match (principal, segments) {
+        (Principal::Admin, _) => Ok(()),
+        (Principal::Invoke(_), ["v1", "functions", name, "invoke" | "invoke-async"]) if method == Method::POST => {
+            if principal.may_invoke(name) {
+                Ok(())
+            } else {
+                Err(forbidden(format!("this token may not invoke `{name}`")))
+            }
+        }
+        (Principal::Invoke(_), _) => Err(forbidden("this token may only invoke its functions")),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    functions: BTreeSet<String>,
+}
+
+pub async fn create(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let (parts, incoming) = req.into_parts();
+    let bytes = body::read(&parts.headers, incoming, 64 * 1024, Duration::from_secs(10)).await?;
+    let request: NewToken = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::invalid_request(format!("expected {{\"functions\": [names]}}: {e}")))?;
+    if request.functions.is_empty() || request.functions.len() > MAX_FUNCTIONS {
+        return Err(ApiError::invalid_request(format!(
+            "functions must name 1 to {MAX_FUNCTIONS} functions"
+        )));
+    }
+    if let Some(bad) = request.functions.iter().find(|n| !is_valid_function_name(n)) {
+        return Err(ApiError::invalid_request(format!(
+            "invalid function name {bad:?}: names match ^[a-z0-9][a-z0-9_-]{{0,63}}$"
+        )));
+    }
+    let app2 = app.clone();
+    let (token, secret, created_at) =
+        tokio::task::spawn_blocking(move || app2.auth.create_scoped(&app2.store, request.functions))
+            .await
+            .expect("token task panicked")
+            .map_err(ApiError::internal)?;
+    Ok(body::json(
+        StatusCode::CREATED,
+        &json!({
+            "id": token.id,
+            "token": secret,
+            "scope": "invoke",
+            "functions": token.functions,
+            "created_at": created_at,
+        }),
+    ))
+}
+
+pub async fn list(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
+    let app2 = app.clone();
+    let tokens = tokio::task::spawn_blocking(move || app2.auth.list_scoped(&app2.store))
+        .await
+        .expect("token task panicked")
+        .map_err(ApiError::internal)?;
+    let tokens: Vec<_> = tokens
+        .into_iter()
+        .map(|(token, created_at)| {
+            json!({ "id": token.id, "scope": "invoke", "functions": token.functions, "created_at": created_at })
+        })
+        .collect();
+    Ok(body::json(StatusCode::OK, &json!({ "tokens": tokens })))
+}
+
+pub async fn delete(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiError> {
+    let app2 = app.clone();
+    let owned = id.to_owned();
+    let deleted = tokio::task::spawn_blocking(move || app2.auth.revoke(&app2.store, &owned))
+        .await
+        .expect("token task panicked")
+        .map_err(ApiError::internal)?;
+    if !deleted {
+        return Err(ApiError::not_found(format!("no token {id:?}")));
+    }
+    Ok(Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .body(Body::default())
+        .expect("static response"))
+}
