@@ -22,6 +22,7 @@ pub mod observe;
 pub mod pool;
 pub mod registry;
 pub mod server;
+pub mod settings;
 pub mod shutdown;
 pub mod signing;
 pub mod snapshot;

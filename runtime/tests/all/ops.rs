@@ -149,3 +149,55 @@ fn kept_logs_survive_a_graceful_restart() {
 fn uuid_like() -> &'static str {
     "01890000-0000-7000-8000-000000000000"
 }
+
+/// `kiln.toml` < `KILN_*` environment variables < flags, observed through the sync input cap.
+#[test]
+fn settings_precedence_file_env_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("kiln.toml"),
+        "max_sync_input_bytes = 100\nmax_kept_logs = 5\n",
+    )
+    .unwrap();
+    let status = |kiln: &Kiln, len: usize| kiln.invoke("echo", vec![b'x'; len]).status().as_u16();
+
+    let kiln = Kiln::start_in(dir.path(), &[]);
+    kiln.must_deploy("echo", wat("echo"));
+    assert_eq!(status(&kiln, 100), 200);
+    assert_eq!(status(&kiln, 150), 413, "<data>/kiln.toml applies");
+    drop(kiln);
+
+    let env = [("KILN_MAX_SYNC_INPUT_BYTES", "200")];
+    let kiln = Kiln::start_in_with_env(dir.path(), &[], &env);
+    assert_eq!(status(&kiln, 150), 200, "the environment beats the file");
+    assert_eq!(status(&kiln, 250), 413);
+    drop(kiln);
+
+    let kiln = Kiln::start_in_with_env(dir.path(), &["--max-sync-input-bytes", "300"], &env);
+    assert_eq!(status(&kiln, 250), 200, "a flag beats the environment");
+    assert_eq!(status(&kiln, 350), 413);
+    drop(kiln);
+
+    // An explicit --config replaces <data>/kiln.toml; a bad file stops the server with its error.
+    let other = dir.path().join("other.toml");
+    std::fs::write(&other, "max_sync_input_bytes = 50\n").unwrap();
+    let kiln = Kiln::start_in(dir.path(), &["--config", other.to_str().unwrap()]);
+    assert_eq!(status(&kiln, 60), 413);
+    drop(kiln);
+    std::fs::write(&other, "max_sync_inputbytes = 50\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            other.to_str().unwrap(),
+            "--data",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("max_sync_inputbytes"), "{stderr}");
+}

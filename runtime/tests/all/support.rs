@@ -33,6 +33,11 @@ impl Kiln {
 
     /// A server on an existing data directory (restart tests).
     pub fn start_in(data: &Path, args: &[&str]) -> Kiln {
+        Kiln::start_in_with_env(data, args, &[])
+    }
+
+    /// A server on an existing data directory with extra environment variables.
+    pub fn start_in_with_env(data: &Path, args: &[&str], env: &[(&str, &str)]) -> Kiln {
         // A small pool keeps many test servers light; a test may ask for another size.
         let pool: &[&str] = if args.contains(&"--max-instances") {
             &[]
@@ -46,6 +51,7 @@ impl Kiln {
             .args(args)
             .env_remove("KILN_ADMIN_TOKEN")
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
