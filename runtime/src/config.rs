@@ -76,7 +76,7 @@ pub const MAX_RETRIES: u32 = 10;
 pub const MAX_ENV_BYTES: usize = 64 * 1024;
 
 /// Which isolation tier runs the function.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
     #[default]
@@ -95,7 +95,7 @@ impl Tier {
 
 /// A function's config as the deploy request gives it. Every field is optional on the wire; the
 /// stored form has every default filled in, so a version's record says exactly what it runs with.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct FunctionConfig {
     pub tier: Tier,

@@ -8,6 +8,7 @@ use hyper::body::Incoming;
 
 use super::body::{self, Body};
 use super::error::ApiError;
+use super::openapi::ErrorBody;
 use crate::app::App;
 use crate::invoke;
 
@@ -15,6 +16,17 @@ const INVOCATION_ID: &str = "x-kiln-invocation-id";
 const VERSION: &str = "x-kiln-version";
 const DURATION_US: &str = "x-kiln-duration-us";
 
+#[utoipa::path(post, path = "/v1/functions/{name}/invoke", tag = "invoke", params(("name" = String, Path, description = "Function name, ^[a-z0-9][a-z0-9_-]{0,63}$"), ("version" = Option<u32>, Query, description = "Run this version instead of the latest")),
+    request_body(content = String, content_type = "application/octet-stream", description = "The guest's stdin"),
+    responses(
+        (status = 200, description = "The guest's stdout", content_type = "application/octet-stream",
+            headers(("X-Kiln-Invocation-Id" = String), ("X-Kiln-Version" = u32), ("X-Kiln-Duration-Us" = u64))),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody),
+        (status = 404, description = "No such function or version", body = ErrorBody),
+        (status = 413, description = "Input over the limit", body = ErrorBody),
+        (status = 429, description = "Concurrency limit reached", body = ErrorBody),
+        (status = 502, description = "The function failed", body = ErrorBody),
+        (status = 504, description = "The function ran past its timeout", body = ErrorBody)))]
 pub async fn sync(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let version = super::version_param(req.uri().query())?;
     let (function, concurrency) = app.resolve(name, version).await?;

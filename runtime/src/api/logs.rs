@@ -8,8 +8,12 @@ use http::{header, Response, StatusCode};
 
 use super::body::Body;
 use super::error::ApiError;
+use super::openapi::ErrorBody;
 use crate::app::App;
 
+#[utoipa::path(get, path = "/v1/invocations/{id}/logs", tag = "invoke", params(("id" = String, Path, description = "Invocation id (a UUID)")),
+    responses((status = 200, description = "The guest's stderr tail", content_type = "text/plain"),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody), (status = 404, description = "No such invocation, or its logs are no longer kept", body = ErrorBody)))]
 pub async fn get(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiError> {
     super::invocations::valid_id(id)?;
     let owned = id.to_owned();

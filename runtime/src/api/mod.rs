@@ -8,6 +8,7 @@ mod functions;
 mod invocations;
 mod invoke;
 mod logs;
+mod openapi;
 mod tokens;
 
 use std::convert::Infallible;
@@ -35,8 +36,9 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
     match segments.as_slice() {
-        ["healthz"] => return Ok(healthz(app)),
-        ["metrics"] => return Ok(metrics(app).await),
+        ["healthz"] if method == Method::GET || method == Method::HEAD => return Ok(healthz(app)),
+        ["metrics"] if method == Method::GET => return Ok(metrics(app).await),
+        ["healthz"] | ["metrics"] => return Err(ApiError::method_not_allowed()),
         ["v1", ..] => {}
         _ => return Err(ApiError::not_found(format!("no route for {path}"))),
     }
@@ -56,6 +58,8 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
         .ok_or_else(ApiError::unauthorized)?;
     tokens::authorize(&principal, &segments, &method)?;
     match (segments.as_slice(), method) {
+        (["v1", "openapi.json"], Method::GET) => Ok(openapi::document(app).await),
+        (["v1", "openapi.json"], _) => Err(ApiError::method_not_allowed()),
         (["v1", "tokens"], Method::POST) => tokens::create(app, req).await,
         (["v1", "tokens"], Method::GET) => tokens::list(app).await,
         (["v1", "tokens"], _) => Err(ApiError::method_not_allowed()),
@@ -87,6 +91,8 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
     }
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(()),
+    responses((status = 200, description = "Serving"), (status = 503, description = "Shutting down", body = crate::api::openapi::ErrorBody)))]
 fn healthz(app: &App) -> Response<Body> {
     if app.is_shutting_down() {
         return body::error(&ApiError::unavailable("kiln is shutting down"));
@@ -97,6 +103,8 @@ fn healthz(app: &App) -> Response<Body> {
     )
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "operations", security(()),
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 async fn metrics(app: &Arc<App>) -> Response<Body> {
     let store = app.store.clone();
     let async_queue_depth = tokio::task::spawn_blocking(move || {

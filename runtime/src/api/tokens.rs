@@ -13,6 +13,7 @@ use serde_json::json;
 
 use super::body::{self, Body};
 use super::error::ApiError;
+use super::openapi::{ErrorBody, NewTokenRequest, TokenList, TokenView};
 use crate::app::App;
 use crate::auth::Principal;
 use crate::config::is_valid_function_name;
@@ -46,6 +47,9 @@ struct NewToken {
     functions: BTreeSet<String>,
 }
 
+#[utoipa::path(post, path = "/v1/tokens", tag = "tokens", request_body = NewTokenRequest,
+    responses((status = 201, description = "The token; its secret is shown only here", body = TokenView),
+        (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 pub async fn create(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let (parts, incoming) = req.into_parts();
     let bytes = body::read(&parts.headers, incoming, 64 * 1024, Duration::from_secs(10)).await?;
@@ -79,6 +83,8 @@ pub async fn create(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
     ))
 }
 
+#[utoipa::path(get, path = "/v1/tokens", tag = "tokens",
+    responses((status = 200, description = "Scoped tokens, without secrets", body = TokenList), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 pub async fn list(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
     let app2 = app.clone();
     let tokens = tokio::task::spawn_blocking(move || app2.auth.list_scoped(&app2.store))
@@ -94,6 +100,9 @@ pub async fn list(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
     Ok(body::json(StatusCode::OK, &json!({ "tokens": tokens })))
 }
 
+#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens",
+    params(("id" = String, Path, description = "Token id")),
+    responses((status = 204, description = "Revoked"), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody), (status = 404, description = "No such token", body = ErrorBody)))]
 pub async fn delete(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiError> {
     let app2 = app.clone();
     let owned = id.to_owned();

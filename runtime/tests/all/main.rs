@@ -8,6 +8,7 @@ mod errors;
 mod hostile;
 mod lifecycle;
 mod limits;
+mod openapi;
 mod ops;
 mod snapshot;
 mod support;
