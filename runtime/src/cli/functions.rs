@@ -127,13 +127,13 @@ pub fn list(client: &Client, json: bool) -> Result<(), CliError> {
         return Ok(());
     }
     println!(
-        "{:<24} {:>7}  {:<9}  {:<16}  CREATED",
+        "{:<24} {:>7}  {:<9}  {:<19}  CREATED",
         "NAME", "VERSION", "KIND", "DIGEST"
     );
     for f in functions {
         let digest = f["digest"].as_str().unwrap_or("");
         println!(
-            "{:<24} {:>7}  {:<9}  {:<16}  {}",
+            "{:<24} {:>7}  {:<9}  {:<19}  {}",
             f["name"].as_str().unwrap_or(""),
             f["version"].to_string(),
             f["kind"].as_str().unwrap_or(""),
