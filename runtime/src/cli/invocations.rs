@@ -23,8 +23,9 @@ pub struct InvokeArgs {
     /// Submit asynchronously and print the invocation id.
     #[arg(long = "async")]
     pub asynchronous: bool,
-    /// With --async: wait for the invocation to finish and print its result.
-    #[arg(long, requires = "asynchronous")]
+    /// Submit asynchronously, wait for the invocation to finish and print its result (implies
+    /// --async).
+    #[arg(long)]
     pub wait: bool,
 }
 
@@ -80,10 +81,11 @@ fn output_value(bytes: &[u8]) -> Value {
 pub fn invoke(client: &Client, args: InvokeArgs, json: bool) -> Result<(), CliError> {
     let input = read_input(args.data.as_deref())?;
     let query = args.version.map(|v| format!("?version={v}")).unwrap_or_default();
-    let kind = if args.asynchronous { "invoke-async" } else { "invoke" };
+    let asynchronous = args.asynchronous || args.wait;
+    let kind = if asynchronous { "invoke-async" } else { "invoke" };
     let path = format!("/v1/functions/{}/{kind}{query}", args.name);
     let request = client.request(Method::POST, &path).body(input);
-    if args.asynchronous {
+    if asynchronous {
         let submitted = client.json(request)?;
         let id = submitted["id"].as_str().unwrap_or_default().to_owned();
         if !args.wait {
@@ -150,7 +152,12 @@ fn wait(client: &Client, id: &str, json: bool) -> Result<(), CliError> {
             print_json(&record);
         }
         let message = record["error"]["message"].as_str().unwrap_or("the function failed");
-        print_failure_details(id, &record["error"]);
+        // An asynchronous record keeps the stderr tail beside the error object.
+        let mut error = record["error"].clone();
+        if let (Some(object), Some(stderr)) = (error.as_object_mut(), record.get("stderr")) {
+            object.entry("stderr").or_insert_with(|| stderr.clone());
+        }
+        print_failure_details(id, &error);
         return Err(CliError::FunctionFailed(message.to_owned()));
     }
     let result_url = record["result_url"]

@@ -120,6 +120,16 @@ fn async_invoke_waits_for_the_result() {
         )),
         "later"
     );
+    assert_eq!(ok(&cli(&kiln, &["invoke", "logger", "--wait"], b"stdin")), "stdin");
+    // A failed asynchronous invocation (no retries) fails the command like a sync one.
+    let deployed = kiln.deploy_with("bad", crate::support::wat("exit3"), serde_json::json!({"retries": 0}));
+    assert_eq!(deployed.status(), 201);
+    let failed = cli(&kiln, &["invoke", "bad", "--wait"], b"");
+    assert_eq!(failed.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.starts_with("bad input\ninvocation "), "{stderr}");
+    assert!(stderr.ends_with("kiln: the function exited with code 3\n"), "{stderr}");
+
     let id = ok(&cli(&kiln, &["invoke", "logger", "--async", "-d", "x"], b""));
     let id = id.trim();
     assert_eq!(id.len(), 36, "{id}");
