@@ -98,6 +98,20 @@ pub fn load(conn: &Connection, id: &str) -> rusqlite::Result<Option<String>> {
         .optional()
 }
 
+/// The function an invocation (sync or async) belongs to, if it is known.
+pub fn function_of(conn: &Connection, id: &str) -> rusqlite::Result<Option<String>> {
+    let sync = conn
+        .prepare_cached("SELECT function FROM invocation_logs WHERE id = ?1")?
+        .query_row(params![id], |r| r.get(0))
+        .optional()?;
+    if sync.is_some() {
+        return Ok(sync);
+    }
+    conn.prepare_cached("SELECT function FROM invocations WHERE id = ?1")?
+        .query_row(params![id], |r| r.get(0))
+        .optional()
+}
+
 fn write_loop(
     mut conn: Connection,
     rx: mpsc::Receiver<Message>,

@@ -56,7 +56,7 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
         .auth
         .authenticate(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()))
         .ok_or_else(ApiError::unauthorized)?;
-    tokens::authorize(&principal, &segments, &method)?;
+    tokens::authorize(app, &principal, &segments, &method).await?;
     match (segments.as_slice(), method) {
         (["v1", "openapi.json"], Method::GET) => Ok(openapi::document(app).await),
         (["v1", "openapi.json"], _) => Err(ApiError::method_not_allowed()),

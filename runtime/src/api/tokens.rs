@@ -26,18 +26,51 @@ fn forbidden(message: impl Into<String>) -> ApiError {
 }
 
 /// Lets the admin token through everything, and an invoke-only token through the invoke routes
-/// of its own functions only.
-pub fn authorize(principal: &Principal, segments: &[&str], method: &Method) -> Result<(), ApiError> {
-    match (principal, segments) {
-        (Principal::Admin, _) => Ok(()),
+/// of its own functions and the records and logs of their invocations.
+pub async fn authorize(
+    app: &Arc<App>,
+    principal: &Principal,
+    segments: &[&str],
+    method: &Method,
+) -> Result<(), ApiError> {
+    let invocation = match (principal, segments) {
+        (Principal::Admin, _) => return Ok(()),
         (Principal::Invoke(_), ["v1", "functions", name, "invoke" | "invoke-async"]) if method == Method::POST => {
-            if principal.may_invoke(name) {
+            return if principal.may_invoke(name) {
                 Ok(())
             } else {
                 Err(forbidden(format!("this token may not invoke `{name}`")))
+            };
+        }
+        (Principal::Invoke(_), ["v1", "invocations", id] | ["v1", "invocations", id, "logs"])
+            if method == Method::GET =>
+        {
+            (*id).to_owned()
+        }
+        (Principal::Invoke(_), _) => return Err(forbidden("this token may only invoke its functions")),
+    };
+    // Whose invocation is it? A sync one just finished may still be on its way to the disk.
+    let app2 = app.clone();
+    let function = tokio::task::spawn_blocking(move || {
+        let lookup = || crate::logs::function_of(&app2.store.conn(), &invocation);
+        match lookup()? {
+            Some(function) => Ok(Some(function)),
+            None => {
+                app2.logs.flush();
+                lookup()
             }
         }
-        (Principal::Invoke(_), _) => Err(forbidden("this token may only invoke its functions")),
+    })
+    .await
+    .expect("store task panicked")
+    .map_err(ApiError::internal)?;
+    match function {
+        // Unknown: the handler answers 404, as it would to anyone.
+        None => Ok(()),
+        Some(function) if principal.may_invoke(&function) => Ok(()),
+        Some(_) => Err(forbidden(
+            "this invocation belongs to a function this token may not invoke",
+        )),
     }
 }
 

@@ -40,11 +40,22 @@ fn invoke_only_token_is_limited_to_its_functions_and_revocable() {
     // It invokes its function, sync and async.
     let ok = invoke_as(&kiln, &secret, "/v1/functions/hello/invoke");
     assert_eq!(ok.status(), 200);
+    let sync_id = ok.headers()["x-kiln-invocation-id"].to_str().unwrap().to_owned();
     assert_eq!(ok.text().unwrap(), "Hello from Kiln!\n");
-    assert_eq!(
-        invoke_as(&kiln, &secret, "/v1/functions/hello/invoke-async").status(),
-        202
-    );
+    let submitted = invoke_as(&kiln, &secret, "/v1/functions/hello/invoke-async");
+    assert_eq!(submitted.status(), 202);
+    let submitted: serde_json::Value = submitted.json().unwrap();
+    // It reads the records and logs of its functions' invocations, not of others'.
+    let own = submitted["status_url"].as_str().unwrap();
+    assert_eq!(kiln_get_as(&kiln, &secret, own).status(), 200);
+    let own_logs = kiln_get_as(&kiln, &secret, &format!("/v1/invocations/{sync_id}/logs"));
+    assert_eq!(own_logs.status(), 200);
+    let other = kiln.invoke("echo", "x");
+    let other_id = other.headers()["x-kiln-invocation-id"].to_str().unwrap().to_owned();
+    let others = kiln_get_as(&kiln, &secret, &format!("/v1/invocations/{other_id}/logs"));
+    expect_error(others, 403, "forbidden");
+    let others = kiln_get_as(&kiln, &secret, &format!("/v1/invocations/{other_id}"));
+    expect_error(others, 403, "forbidden");
     // Not another function, and no admin route.
     let other = expect_error(invoke_as(&kiln, &secret, "/v1/functions/echo/invoke"), 403, "forbidden");
     assert!(other["message"].as_str().unwrap().contains("echo"), "{other}");
