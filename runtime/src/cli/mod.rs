@@ -1,5 +1,5 @@
 //! The client half of the `kiln` binary: `kiln deploy`, `invoke`, `ls`, `get`, `rm`, `logs`,
-//! `status`. Each command is one or two requests to the HTTP API of `../shared/API.md`; the server
+//! `status`, `token`. Each command is one or two requests to the HTTP API of `../shared/API.md`; the server
 //! is the only source of truth, so the CLI holds no state of its own.
 //!
 //! Output is for people by default and the server's JSON with `--json`, for scripts. Errors print
@@ -10,6 +10,7 @@ mod client;
 mod functions;
 mod invocations;
 mod progress;
+mod tokens;
 
 use std::path::PathBuf;
 
@@ -48,6 +49,9 @@ pub enum Command {
     Logs { invocation_id: String },
     /// Show the state of an asynchronous invocation.
     Status { invocation_id: String },
+    /// Manage scoped (invoke-only) tokens.
+    #[command(subcommand)]
+    Token(tokens::TokenCommand),
 }
 
 /// Runs one client command against the server.
@@ -63,6 +67,7 @@ pub fn run(connection: &Connection, command: Command) -> Result<(), CliError> {
         Command::Rm { name } => functions::remove(&client, &name, json),
         Command::Logs { invocation_id } => invocations::logs(&client, &invocation_id, json),
         Command::Status { invocation_id } => invocations::status(&client, &invocation_id, json),
+        Command::Token(command) => tokens::run(&client, command, json),
     }
 }
 

@@ -168,3 +168,37 @@ fn token_and_url_errors_are_one_line_messages() {
         "{script}"
     );
 }
+
+#[test]
+fn scoped_token_from_the_cli_invokes_only_its_function() {
+    let kiln = Kiln::start();
+    ok(&cli(&kiln, &["deploy", "logger", &wat_path("logger")], b""));
+    ok(&cli(&kiln, &["deploy", "hello", &wat_path("hello")], b""));
+    let secret = ok(&cli(&kiln, &["token", "create", "logger"], b""));
+    let secret = secret.trim();
+    assert!(secret.starts_with("kiln_"), "{secret}");
+    assert_eq!(
+        ok(&cli(
+            &kiln,
+            &["--token", secret, "invoke", "logger", "--wait", "-d", "a"],
+            b""
+        )),
+        "a"
+    );
+    let refused = cli(&kiln, &["--token", secret, "invoke", "hello"], b"");
+    assert_eq!(refused.status.code(), Some(3));
+    assert_eq!(
+        String::from_utf8_lossy(&refused.stderr),
+        "kiln: this token may not invoke `hello`\n"
+    );
+
+    let listed = ok(&cli(&kiln, &["token", "ls"], b""));
+    let id = listed.split_whitespace().next().unwrap().to_owned();
+    assert!(listed.trim_end().ends_with("logger"), "{listed}");
+    assert_eq!(ok(&cli(&kiln, &["token", "rm", &id], b"")), format!("revoked {id}\n"));
+    let revoked = cli(&kiln, &["--token", secret, "invoke", "logger"], b"");
+    assert_eq!(
+        String::from_utf8_lossy(&revoked.stderr),
+        "kiln: missing or invalid bearer token\n"
+    );
+}
