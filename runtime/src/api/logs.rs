@@ -38,7 +38,11 @@ pub async fn get(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiError> {
     .await
     .expect("store task panicked")
     .map_err(ApiError::internal)?;
-    let stderr = found.ok_or_else(|| ApiError::not_found(format!("no logs for invocation {id:?}")))?;
+    let stderr = found.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no logs for invocation {id:?}: unknown, past retention, or a successful invocation that wrote nothing to stderr"
+        ))
+    })?;
     Ok(Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")

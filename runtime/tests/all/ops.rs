@@ -116,6 +116,12 @@ fn sync_invocation_logs_are_text_and_need_a_token() {
     assert_eq!(logs.headers()["content-type"], "text/plain; charset=utf-8");
     assert_eq!(logs.text().unwrap(), "logger: handling a request\n");
 
+    // A quiet success keeps no log; a quiet timeout or failure does.
+    kiln.must_deploy("hello", wat("hello"));
+    let quiet = kiln.invoke("hello", "");
+    let quiet_id = quiet.headers()["x-kiln-invocation-id"].to_str().unwrap().to_owned();
+    crate::support::expect_error(kiln.get(&format!("/v1/invocations/{quiet_id}/logs")), 404, "not_found");
+
     let unknown = uuid_like();
     crate::support::expect_error(kiln.get(&format!("/v1/invocations/{unknown}/logs")), 404, "not_found");
     crate::support::expect_error(kiln.get("/v1/invocations/nope/logs"), 404, "not_found");
