@@ -132,7 +132,7 @@ impl Metrics {
             &mut out,
             "kiln_invocations_total",
             "counter",
-            "Synchronous invocations by function and outcome.",
+            "Invocations by function and outcome.",
         );
         for (name, series) in &functions {
             for outcome in Outcome::ALL {

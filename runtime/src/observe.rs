@@ -1,5 +1,6 @@
-//! What is recorded about each finished synchronous invocation, in one place: its metrics, its
-//! one structured log line, and its kept log (the guest's stderr tail). Everything here is cheap
+//! What is recorded about each finished invocation, in one place: its metrics, its one structured
+//! log line, and (synchronous ones) its kept log, the guest's stderr tail; asynchronous runs keep
+//! theirs in their own record. Everything here is cheap
 //! and non-blocking: atomics, one `tracing` event, one channel send.
 //!
 //! The log line carries the id, function, version, outcome and duration (and Kiln's error message
@@ -55,5 +56,32 @@ pub fn sync_invocation(
             duration_us,
             stderr,
         });
+    }
+}
+
+/// Records one run of an asynchronous invocation: the same per-function metrics and log line as a
+/// synchronous one (`jobs` keeps the stderr in the invocation's record). `error` is Kiln's message
+/// for a failed run.
+pub fn async_run(
+    app: &App,
+    id: &str,
+    function: &str,
+    version: u32,
+    outcome: Outcome,
+    duration: Duration,
+    error: Option<&str>,
+) {
+    app.metrics.observe(function, outcome, duration);
+    let duration_us = duration.as_micros() as u64;
+    match error {
+        None => tracing::info!(
+            target: "kiln::invocation",
+            id, function, version, outcome = outcome.as_str(), duration_us, asynchronous = true, "invocation"
+        ),
+        Some(error) => tracing::info!(
+            target: "kiln::invocation",
+            id, function, version, outcome = outcome.as_str(), duration_us, asynchronous = true, error,
+            "invocation"
+        ),
     }
 }
