@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Durability of asynchronous invocations under kill -9, at scale: submits N invocations spread
-# over R rounds; in each round the server is killed with SIGKILL at a random moment while submits
-# and runs are in flight, then restarted on the same data directory. At the end, every id that got
-# a 202 must reach `succeeded` with its own input echoed back. Prints accepted, lost, duplicates.
+# Durability of asynchronous invocations under kill -9, at scale: R rounds; in each round 32
+# clients submit without pause, and once the round has its share of 202s (N/R) the server is
+# killed with SIGKILL a random 0-300 ms later, while submits and runs are in flight, then restarted
+# on the same data directory. At the end, every id that got a 202 must reach `succeeded` with its
+# own input echoed back. Prints accepted, lost, duplicates.
 #
-# Usage: benches/async_crash.sh [N] [R]     (defaults: 20000 100)
+# Usage: benches/async_crash.sh [N] [R]     (defaults: 20000 accepted over 100 restarts)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 total=${1:-20000}
@@ -18,8 +19,8 @@ trap 'pkill -f "kiln serve --listen $addr" 2>/dev/null || true; rm -rf "$work"' 
 data=$work/data
 start() {
   target/release/kiln serve --listen $addr --data "$data" --max-queued 10000000 2>>"$work/kiln.log" &
-  for _ in $(seq 100); do curl -fsS "http://$addr/healthz" >/dev/null 2>&1 && return 0; sleep 0.05; done
-  echo "kiln did not start" >&2; exit 1
+  for _ in $(seq 600); do curl -fsS "http://$addr/healthz" >/dev/null 2>&1 && return 0; sleep 0.05; done
+  echo "kiln did not start within 30 s; its log ends with:" >&2; tail -20 "$work/kiln.log" >&2; exit 1
 }
 
 start
@@ -36,17 +37,21 @@ submit_one() {  # prints "id input" for a 202, nothing otherwise
 }
 export -f submit_one; export token addr
 
+touch "$work/accepted"
 for round in $(seq "$rounds"); do
-  seq "$per_round" | sed "s/^/r$round-/" | xargs -P 32 -I{} bash -c 'submit_one {}' >>"$work/accepted" &
+  quota=$(( round * per_round ))
+  seq 1000000000 | sed "s/^/r$round-/" | xargs -P 32 -I{} bash -c 'submit_one {}' >>"$work/accepted" &
   feeder=$!
-  sleep "0.$(( RANDOM % 9 + 1 ))"
+  while (( $(wc -l <"$work/accepted") < quota )); do sleep 0.02; done
+  sleep "$(printf '0.%03d' $(( RANDOM % 300 )))"
   pkill -9 -f "kiln serve --listen $addr" || true
-  wait "$feeder" || true
+  kill "$feeder" 2>/dev/null || true
+  wait "$feeder" 2>/dev/null || true
   start
 done
 
 accepted=$(wc -l <"$work/accepted")
-echo "accepted $accepted of $total submits over $rounds kill -9 restarts; waiting for all to finish"
+echo "accepted $accepted over $rounds kill -9 restarts; waiting for all to finish"
 for _ in $(seq 600); do
   depth=$(curl -fsS "http://$addr/metrics" | awk '/^kiln_async_queue_depth/ {print $2}')
   [[ "$depth" == 0 ]] && break

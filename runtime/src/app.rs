@@ -11,7 +11,7 @@ use tokio::sync::Semaphore;
 use crate::auth::{AdminTokenSource, Auth, AuthSetupError};
 use crate::compile::{CompileCache, CompileError};
 use crate::config::ServerConfig;
-use crate::jobs::Jobs;
+use crate::jobs::{Jobs, JobsConfig};
 use crate::logs::InvocationLogs;
 use crate::metrics::Metrics;
 use crate::pool::{self, EpochTicker};
@@ -81,7 +81,14 @@ impl App {
         layout.prepare().map_err(data_err)?;
         let store = Arc::new(Store::open(&layout.database())?);
         let (auth, source) = Auth::init(&store, &layout.admin_token(), config.admin_token.as_deref())?;
-        let jobs = Jobs::open(&layout.database(), config.max_queued)?;
+        let jobs = Jobs::open(
+            &layout,
+            JobsConfig {
+                max_queued: config.max_queued,
+                concurrency: config.async_workers,
+                retention: config.retention,
+            },
+        )?;
         let logs = InvocationLogs::open(&layout.database(), config.retention, config.max_kept_logs)?;
         let signer = Signer::open(&layout.keys()).map_err(data_err)?;
         match source {

@@ -31,7 +31,7 @@ pub struct ServerConfig {
     pub max_async_input_bytes: u64,
     /// Asynchronous invocations waiting to run; past it submits get 429.
     pub max_queued: u64,
-    /// Workers running asynchronous invocations.
+    /// Asynchronous invocations running at once.
     pub async_workers: usize,
     /// How long finished asynchronous invocations (and their results) are kept.
     pub retention: Duration,
@@ -56,7 +56,7 @@ impl ServerConfig {
             max_sync_input_bytes: 6 * MIB,
             max_async_input_bytes: MIB,
             max_queued: 10_000,
-            async_workers: 4,
+            async_workers: 64,
             retention: Duration::from_secs(7 * 24 * 3600),
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),

@@ -57,8 +57,8 @@ pub struct ServeSettings {
     /// Asynchronous invocations waiting to run at most; past it submits get 429 [default: 10000].
     #[arg(long, env = "KILN_MAX_QUEUED")]
     pub max_queued: Option<u64>,
-    /// Workers running asynchronous invocations (each runs up to 16 at once); 0 accepts
-    /// asynchronous invocations without running them [default: 4].
+    /// Asynchronous invocations running at once; 0 accepts asynchronous invocations without
+    /// running them [default: 64].
     #[arg(long, env = "KILN_ASYNC_WORKERS")]
     pub async_workers: Option<usize>,
     /// Largest deploy upload, in bytes [default: 64 MiB].

@@ -163,7 +163,8 @@ pub async fn result(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Res
     })?;
     let store = app.store.clone();
     let owned = id.to_owned();
-    let result = tokio::task::spawn_blocking(move || jobs::load_result(&store.conn(), &owned))
+    let layout = app.layout.clone();
+    let result = tokio::task::spawn_blocking(move || jobs::load_result(&store.conn(), &layout, &owned))
         .await
         .expect("store task panicked")
         .map_err(ApiError::internal)?

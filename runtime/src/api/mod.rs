@@ -106,21 +106,8 @@ fn healthz(app: &App) -> Response<Body> {
 #[utoipa::path(get, path = "/metrics", tag = "operations", security(()),
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 async fn metrics(app: &Arc<App>) -> Response<Body> {
-    let store = app.store.clone();
-    let async_queue_depth = tokio::task::spawn_blocking(move || {
-        store
-            .conn()
-            .query_row(
-                "SELECT COUNT(*) FROM invocations WHERE state IN ('queued', 'running')",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap_or(0)
-    })
-    .await
-    .unwrap_or(0);
     let gauges = Gauges {
-        async_queue_depth,
+        async_queue_depth: app.jobs.depth(),
         compilations: app.cache.compilations(),
         functions: app.registry.len(),
         instances_in_use: app.config.max_instances as usize - app.instance_permits.available_permits(),

@@ -82,6 +82,13 @@ impl Layout {
     pub fn compiled(&self) -> PathBuf {
         self.root.join("compiled")
     }
+    /// Results of asynchronous invocations too large to keep in their row, named by digest.
+    pub fn results(&self) -> PathBuf {
+        self.root.join("results")
+    }
+    pub fn result(&self, digest: &Digest) -> PathBuf {
+        self.results().join(digest.hex())
+    }
     /// Keys that sign result URLs.
     pub fn keys(&self) -> PathBuf {
         self.root.join("keys")
@@ -89,13 +96,30 @@ impl Layout {
 
     /// Creates the directories and empties `tmp/` of what a crash left behind.
     pub fn prepare(&self) -> io::Result<()> {
-        for dir in [self.root.clone(), self.tmp(), self.artifacts(), self.compiled()] {
+        for dir in [
+            self.root.clone(),
+            self.tmp(),
+            self.artifacts(),
+            self.compiled(),
+            self.results(),
+        ] {
             fs::create_dir_all(&dir)?;
         }
         for entry in fs::read_dir(self.tmp())? {
             let _ = fs::remove_file(entry?.path());
         }
         Ok(())
+    }
+
+    /// Stores a result under its digest. An existing file is only touched: its fresh mtime keeps
+    /// the sweeper away while the row that names it is being recorded.
+    pub fn write_result(&self, digest: &Digest, bytes: &[u8]) -> io::Result<()> {
+        let path = self.result(digest);
+        match File::options().append(true).open(&path) {
+            Ok(file) => file.set_modified(std::time::SystemTime::now()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => write_atomic(&self.tmp(), &path, bytes),
+            Err(e) => Err(e),
+        }
     }
 
     /// Stores an artifact under its digest unless it is already there.

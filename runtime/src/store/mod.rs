@@ -102,6 +102,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX invocations_finished ON invocations(finished_ms) WHERE finished_ms IS NOT NULL;
 "#,
     r#"
+    -- Results too large for their row live in `<data>/results/<digest>`.
+    ALTER TABLE invocations ADD COLUMN result_digest TEXT;
+    CREATE INDEX invocations_by_result_digest ON invocations(result_digest) WHERE result_digest IS NOT NULL;
+"#,
+    r#"
     -- Logs of synchronous invocations (asynchronous ones keep theirs in `invocations`), written in
     -- batches off the request path (see `logs.rs`). Ids are UUIDv7, so key order is time order and
     -- the retention sweep deletes a key range.

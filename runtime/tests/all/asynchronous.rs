@@ -248,3 +248,31 @@ fn every_accepted_invocation_survives_kill_9() {
         );
     }
 }
+
+#[test]
+fn a_slow_invocation_does_not_hold_back_others_and_large_results_are_files() {
+    let kiln = Kiln::start();
+    kiln.must_deploy("echo", wat("echo"));
+    kiln.must_deploy("sleep", wat("sleep"));
+    let slow = accepted(submit(&kiln, "sleep", "5000", None));
+    // Larger than what a row keeps inline: stored as a file named by its digest.
+    let big: String = (0..300_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let fast = accepted(submit(&kiln, "echo", &big, None));
+    let record = wait_done(&kiln, &fast, Duration::from_secs(10));
+    assert_eq!(record["state"], "succeeded", "{record}");
+    // Its outcome was recorded while the slow one still runs.
+    let slow_record: Value = kiln.get(&format!("/v1/invocations/{slow}")).json().unwrap();
+    assert_eq!(slow_record["state"], "running", "{slow_record}");
+
+    let url = record["result_url"].as_str().unwrap();
+    let result = client().get(kiln.url(url)).send().unwrap();
+    assert_eq!(result.status(), 200);
+    assert!(result.text().unwrap() == big, "the stored result is not the input");
+    use sha2::Digest as _;
+    let digest = hex::encode(sha2::Sha256::digest(big.as_bytes()));
+    let files: Vec<String> = std::fs::read_dir(kiln.data.join("results"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(files, vec![digest]);
+}

@@ -1,0 +1,206 @@
+//! Asynchronous invocations: durable, retried, at-least-once.
+//!
+//! One thread, the [`ledger`], owns every write to the `invocations` table. It takes what has
+//! arrived since its last commit — new submits, finished runs — and writes it all in one
+//! transaction, so a burst of submits shares one fsync and the queue never contends with itself
+//! for SQLite's write lock.
+//!
+//! - **Submit**: answered `202` only after its row (input included) is committed with
+//!   `synchronous=FULL`. While fewer than `async_workers` invocations run, a new row is written
+//!   straight as `running` and handed to a runner after the commit (no second write to claim it);
+//!   otherwise it waits as `queued`. An `Idempotency-Key` maps a retried submit to the first id.
+//! - **Run**: each handed-out invocation runs in its own task, exactly like a sync invoke (same
+//!   limits, same snapshot, [`run`]); its outcome goes back to the ledger as soon as it finishes.
+//!   A failure is queued again with exponential backoff until the function's retries are used up.
+//! - **Crash**: outcomes are committed without waiting for the disk unless a submit shares their
+//!   commit; a crash can only lose them, which means running the invocation again. At start-up,
+//!   `running` rows return to `queued`. Every accepted invocation is finished or run again.
+//! - **Results** up to [`INLINE_RESULT`] live in the row; larger ones are files named by their
+//!   SHA-256 under `<data>/results/`. Finished rows and unreferenced result files are swept after
+//!   `retention`.
+
+mod ledger;
+mod records;
+mod run;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::app::App;
+use crate::store::files::Layout;
+use crate::store::StoreError;
+
+pub use records::{load_record, load_result, Record};
+
+/// Results larger than this are stored as files rather than in the row.
+pub const INLINE_RESULT: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the async queue is full ({0} invocations waiting)")]
+    QueueFull(u64),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the async queue is shut down")]
+    Closed,
+    #[error("committing the submit failed: {0}")]
+    Commit(String),
+}
+
+/// One accepted submit.
+pub struct NewInvocation {
+    pub function: String,
+    pub version: u32,
+    pub input: Bytes,
+    pub idempotency_key: Option<String>,
+    pub max_attempts: u32,
+}
+
+/// An invocation handed to a runner: its row is `running`.
+struct Claimed {
+    id: String,
+    function: String,
+    version: u32,
+    input: Bytes,
+    /// This attempt's number, from 1.
+    attempts: u32,
+    max_attempts: u32,
+}
+
+/// Where a successful run's output is kept.
+enum Stored {
+    Inline(Bytes),
+    /// A file under `<data>/results/`, already written and synced.
+    File(crate::store::files::Digest),
+}
+
+/// What a run ended with, as it is recorded.
+enum Outcome {
+    Succeeded {
+        result: Stored,
+        stderr: String,
+    },
+    /// Not the guest's fault (function or pool busy): try again soon, the attempt not counted.
+    Busy,
+    Failed {
+        error: serde_json::Value,
+        stderr: String,
+        retry: bool,
+    },
+}
+
+/// A finished run on its way to the ledger.
+struct Done {
+    claimed: Claimed,
+    outcome: Outcome,
+    duration_us: i64,
+}
+
+/// What the ledger thread is told.
+enum Message {
+    Submit {
+        invocation: NewInvocation,
+        reply: oneshot::Sender<Result<String, SubmitError>>,
+    },
+    Done(Done),
+    /// Stop handing out work; answer once nothing runs.
+    Drain(oneshot::Sender<()>),
+}
+
+pub struct Jobs {
+    ledger: mpsc::Sender<Message>,
+    closed: AtomicBool,
+    /// Invocations queued or running, kept by the ledger (for `/metrics`).
+    depth: Arc<AtomicU64>,
+    /// Handed-out invocations, until `start` gives them runners.
+    claimed: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Claimed>>>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The queue's settings, from the server's configuration.
+pub struct JobsConfig {
+    pub max_queued: u64,
+    /// Invocations running at once.
+    pub concurrency: usize,
+    pub retention: Duration,
+}
+
+impl Jobs {
+    /// Requeues what a crash left `running` and starts the ledger thread on its own connection.
+    pub fn open(layout: &Layout, config: JobsConfig) -> Result<Jobs, StoreError> {
+        let (tx, rx) = mpsc::channel();
+        let (claimed_tx, claimed_rx) = tokio::sync::mpsc::unbounded_channel();
+        let depth = Arc::new(AtomicU64::new(0));
+        let ledger = ledger::Ledger::open(layout, config, claimed_tx, depth.clone())?;
+        std::thread::Builder::new()
+            .name("kiln-ledger".into())
+            .spawn(move || ledger.run(rx))
+            .expect("spawning the async ledger");
+        Ok(Jobs {
+            ledger: tx,
+            closed: AtomicBool::new(false),
+            depth,
+            claimed: Mutex::new(Some(claimed_rx)),
+        })
+    }
+
+    /// Commits a submit durably and returns its id (the first one's, for a repeated idempotency key).
+    pub async fn submit(&self, invocation: NewInvocation) -> Result<String, SubmitError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(SubmitError::Closed);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.ledger
+            .send(Message::Submit { invocation, reply })
+            .map_err(|_| SubmitError::Closed)?;
+        answer.await.map_err(|_| SubmitError::Closed)?
+    }
+
+    /// Asynchronous invocations queued or running.
+    pub fn depth(&self) -> u64 {
+        self.depth.load(Ordering::Relaxed)
+    }
+
+    /// Gives every handed-out invocation a task that runs it and reports back to the ledger.
+    pub fn start(app: &Arc<App>) {
+        let Some(mut claimed) = app.jobs.claimed.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            while let Some(invocation) = claimed.recv().await {
+                let app = app.clone();
+                tokio::spawn(async move {
+                    let done = run::run(&app, invocation).await;
+                    // Only fails once the ledger has stopped, at exit: the row stays `running`
+                    // and runs again at the next start.
+                    let _ = app.jobs.ledger.send(Message::Done(done));
+                });
+            }
+        });
+    }
+
+    /// Stops accepting submits and waits (up to `grace`) for running invocations to finish.
+    pub async fn stop(&self, grace: Duration) {
+        self.closed.store(true, Ordering::Release);
+        let (reply, drained) = oneshot::channel();
+        if self.ledger.send(Message::Drain(reply)).is_err() {
+            return;
+        }
+        if tokio::time::timeout(grace, drained).await.is_err() {
+            tracing::warn!(
+                "async invocations still running after the grace period; they will run again at the next start"
+            );
+        }
+    }
+}
