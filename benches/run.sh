@@ -68,7 +68,7 @@ read -r warm_rps warm_p50 warm_p99 < <(drive http://127.0.0.1:7878/v1/functions/
 
 # Async: submits for $duration, then the time until every accepted invocation has run.
 queue_depth() { curl -fsS http://127.0.0.1:7878/metrics | awk '/^kiln_async_queue_depth/ {print $2}'; }
-successes() { curl -fsS http://127.0.0.1:7878/metrics | awk '/^kiln_invocations_total\{outcome="success"\}/ {print $2}'; }
+successes() { curl -fsS http://127.0.0.1:7878/metrics | awk '/^kiln_async_invocations_total\{outcome="success"\}/ {print $2}'; }
 before=$(successes)
 async_start=$(date +%s.%N)
 read -r submit_rps submit_p50 submit_p99 < <(drive http://127.0.0.1:7878/v1/functions/hello/invoke-async)

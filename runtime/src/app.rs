@@ -12,6 +12,7 @@ use crate::auth::{AdminTokenSource, Auth, AuthSetupError};
 use crate::compile::{CompileCache, CompileError};
 use crate::config::ServerConfig;
 use crate::jobs::{Jobs, JobsConfig};
+use crate::logs::InvocationLogs;
 use crate::metrics::Metrics;
 use crate::pool::{self, EpochTicker};
 use crate::registry::{Concurrency, Linkers, LoadedFunction, Lookup, Registry, Slot};
@@ -57,6 +58,8 @@ pub struct App {
     pub jobs: Jobs,
     pub signer: Signer,
     pub metrics: Metrics,
+    /// Kept logs of synchronous invocations.
+    pub logs: InvocationLogs,
     /// The global cap on live instances; equal to the pool's size, so the pool itself never runs
     /// dry mid-instantiation.
     pub instance_permits: Semaphore,
@@ -86,6 +89,7 @@ impl App {
                 retention: config.retention,
             },
         )?;
+        let logs = InvocationLogs::open(&layout.database(), config.retention, config.max_kept_logs)?;
         let signer = Signer::open(&layout.keys()).map_err(data_err)?;
         match source {
             AdminTokenSource::Environment => tracing::info!("admin token taken from KILN_ADMIN_TOKEN"),
@@ -117,6 +121,7 @@ impl App {
             jobs,
             signer,
             metrics: Metrics::default(),
+            logs,
             commit_lock: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
             _ticker: ticker,

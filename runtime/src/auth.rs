@@ -1,12 +1,22 @@
 //! Bearer-token authentication. Only SHA-256 hashes of tokens are stored; a presented token is
 //! hashed and compared in constant time. The admin token is created on first start and written to
 //! `<data>/admin.token` (mode 0600), unless `KILN_ADMIN_TOKEN` provides it.
+//!
+//! Scoped tokens (`POST /v1/tokens`) may only invoke the functions they name. They are kept in
+//! memory by hash, so checking one is a hash and a map lookup; revoking one takes effect on the
+//! next request. The lookup is not constant-time, and need not be: what it could leak is the
+//! SHA-256 of a valid token, from which the token cannot be recovered.
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -26,6 +36,45 @@ pub enum AuthSetupError {
 
 pub struct Auth {
     admin_hash: [u8; 32],
+    scoped: DashMap<[u8; 32], Arc<ScopedToken>>,
+}
+
+/// An invoke-only token: what it may invoke, and its public id.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ScopedToken {
+    #[serde(skip)]
+    pub id: String,
+    /// Functions it may invoke (sync and async).
+    pub functions: BTreeSet<String>,
+}
+
+/// Who a request is from.
+#[derive(Debug, Clone)]
+pub enum Principal {
+    Admin,
+    Invoke(Arc<ScopedToken>),
+}
+
+impl Principal {
+    pub fn is_admin(&self) -> bool {
+        matches!(self, Principal::Admin)
+    }
+
+    pub fn may_invoke(&self, function: &str) -> bool {
+        match self {
+            Principal::Admin => true,
+            Principal::Invoke(token) => token.functions.contains(function),
+        }
+    }
+}
+
+/// Why a token operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("stored token {0} has a scope this version does not understand")]
+    Corrupt(String),
 }
 
 /// Where the admin token came from, for the start-up message.
@@ -81,15 +130,78 @@ impl Auth {
         };
         let admin_hash = hash(&token);
         store.put_token_hash(ADMIN_ID, &admin_hash, "admin")?;
-        Ok((Auth { admin_hash }, source))
+        let scoped = DashMap::new();
+        for row in store.scoped_tokens()? {
+            let Ok(hash) = <[u8; 32]>::try_from(row.hash.as_slice()) else {
+                tracing::warn!(id = %row.id, "ignoring a stored token with a malformed hash");
+                continue;
+            };
+            match serde_json::from_str::<ScopedToken>(&row.scope) {
+                Ok(mut token) => {
+                    token.id = row.id;
+                    scoped.insert(hash, Arc::new(token));
+                }
+                Err(_) => tracing::warn!(id = %row.id, "ignoring a stored token with an unknown scope"),
+            }
+        }
+        Ok((Auth { admin_hash, scoped }, source))
     }
 
-    /// Checks an `Authorization` header value.
+    /// Checks an `Authorization` header value for the admin token.
     pub fn check(&self, authorization: Option<&[u8]>) -> bool {
-        let Some(token) = authorization.and_then(bearer_token) else {
-            return false;
+        matches!(self.authenticate(authorization), Some(Principal::Admin))
+    }
+
+    /// Who an `Authorization` header value speaks for; `None` for a missing or unknown token.
+    pub fn authenticate(&self, authorization: Option<&[u8]>) -> Option<Principal> {
+        let token = authorization.and_then(bearer_token)?;
+        let presented = hash(token);
+        if bool::from(presented.ct_eq(&self.admin_hash)) {
+            return Some(Principal::Admin);
+        }
+        self.scoped
+            .get(&presented)
+            .map(|scoped| Principal::Invoke(scoped.clone()))
+    }
+
+    /// Creates an invoke-only token for `functions`. Returns its id, the secret (shown once,
+    /// never stored) and its creation time. Blocking (SQLite).
+    pub fn create_scoped(
+        &self,
+        store: &Store,
+        functions: BTreeSet<String>,
+    ) -> Result<(ScopedToken, String, String), TokenError> {
+        let secret = generate_token();
+        let token = ScopedToken {
+            id: format!("tok_{}", hex::encode(rand::random::<[u8; 8]>())),
+            functions,
         };
-        hash(token).ct_eq(&self.admin_hash).into()
+        let scope = serde_json::to_string(&token).expect("scope serialises");
+        let token_hash = hash(&secret);
+        let created_at = store.insert_token(&token.id, &token_hash, &scope)?;
+        self.scoped.insert(token_hash, Arc::new(token.clone()));
+        Ok((token, secret, created_at))
+    }
+
+    /// Revokes a scoped token; false when there is none with this id. Blocking (SQLite).
+    pub fn revoke(&self, store: &Store, id: &str) -> Result<bool, TokenError> {
+        let deleted = store.delete_token(id)?;
+        self.scoped.retain(|_, token| token.id != id);
+        Ok(deleted)
+    }
+
+    /// Every scoped token with its creation time (no secrets: they are not kept). Blocking.
+    pub fn list_scoped(&self, store: &Store) -> Result<Vec<(ScopedToken, String)>, TokenError> {
+        store
+            .scoped_tokens()?
+            .into_iter()
+            .map(|row| {
+                let mut token: ScopedToken =
+                    serde_json::from_str(&row.scope).map_err(|_| TokenError::Corrupt(row.id.clone()))?;
+                token.id = row.id;
+                Ok((token, row.created_at))
+            })
+            .collect()
     }
 }
 
@@ -129,6 +241,26 @@ mod tests {
         let (again, source) = Auth::init(&store, &file, None).unwrap();
         assert!(matches!(source, AdminTokenSource::ExistingFile));
         assert!(again.check(Some(format!("Bearer {token}").as_bytes())));
+        // A scoped token is known after a restart and gone once revoked.
+        let functions: BTreeSet<String> = ["f".to_owned()].into();
+        let (scoped, secret, _) = again.create_scoped(&store, functions).unwrap();
+        let header = format!("Bearer {secret}");
+        let (reopened, _) = Auth::init(&store, &file, None).unwrap();
+        let principal = reopened.authenticate(Some(header.as_bytes())).unwrap();
+        assert!(!principal.is_admin() && principal.may_invoke("f") && !principal.may_invoke("g"));
+        assert!(
+            !reopened.check(Some(header.as_bytes())),
+            "a scoped token is not the admin token"
+        );
+        assert!(!String::from_utf8_lossy(&store.scoped_tokens().unwrap()[0].hash).contains(&secret));
+        assert!(reopened.revoke(&store, &scoped.id).unwrap());
+        assert!(reopened.authenticate(Some(header.as_bytes())).is_none());
+        assert!(!reopened.revoke(&store, &scoped.id).unwrap());
+        assert!(
+            !reopened.revoke(&store, "admin").unwrap(),
+            "the admin token cannot be revoked"
+        );
+
         let (env, _) = Auth::init(&store, &file, Some("secret")).unwrap();
         assert!(env.check(Some(b"Bearer secret")));
         assert!(!env.check(Some(format!("Bearer {token}").as_bytes())));

@@ -41,6 +41,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Where the admin token comes from when `KILN_ADMIN_TOKEN` is set.
     pub admin_token: Option<String>,
+    /// Logs of synchronous invocations kept at most (the newest); older ones also go after
+    /// `retention`. 100k entries of at most 4 KiB stderr each bound the table to ~400 MiB.
+    pub max_kept_logs: u64,
 }
 
 impl ServerConfig {
@@ -60,6 +63,7 @@ impl ServerConfig {
             body_read_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
             admin_token: None,
+            max_kept_logs: 100_000,
         }
     }
 }
@@ -73,7 +77,7 @@ pub const MAX_ALLOWED_HOSTS: usize = 256;
 pub const MAX_ENV_BYTES: usize = 64 * 1024;
 
 /// Which isolation tier runs the function.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
     #[default]
@@ -92,7 +96,7 @@ impl Tier {
 
 /// A function's config as the deploy request gives it. Every field is optional on the wire; the
 /// stored form has every default filled in, so a version's record says exactly what it runs with.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct FunctionConfig {
     pub tier: Tier,

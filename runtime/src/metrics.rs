@@ -1,8 +1,19 @@
-//! Process counters served at `GET /metrics` in the Prometheus text format. Plain atomics: the
-//! invoke path pays one relaxed increment per counter it touches.
+//! Process counters served at `GET /metrics` in the Prometheus text format.
+//!
+//! Hot-path cost: an invocation does one shard read of `functions` (a `DashMap`, no global lock)
+//! to find its function's counters, then a few relaxed atomic increments: one outcome counter and,
+//! for invocations that ran, one histogram bucket plus the sum and count. Rendering walks the map
+//! and sorts by name, which is the scraper's cost, not the invoker's.
+//!
+//! Per-function series outlive a deleted function until the process restarts, as Prometheus
+//! counters should (a counter that vanishes and comes back reads as a reset).
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
 
 #[derive(Default)]
 pub struct Counter(AtomicU64);
@@ -16,13 +27,72 @@ impl Counter {
     }
 }
 
+/// How an invocation ended, as the `outcome` label says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// The guest trapped, exited non-zero or broke a limit.
+    Failed,
+    Timeout,
+    /// Refused before running: the function's or the server's concurrency limit.
+    Rejected,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 4] = [Outcome::Success, Outcome::Failed, Outcome::Timeout, Outcome::Rejected];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failed => "failed",
+            Outcome::Timeout => "timeout",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the duration histogram's buckets: from a warm Wasm call (~100 µs) to
+/// the longest timeout (15 min).
+const BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 900.0,
+];
+
+/// One function's series.
+#[derive(Default)]
+pub struct FunctionMetrics {
+    outcomes: [Counter; 4],
+    /// Per bucket, not cumulative (rendering sums them); the last slot is `+Inf`.
+    buckets: [Counter; BUCKETS.len() + 1],
+    sum_us: Counter,
+}
+
+impl FunctionMetrics {
+    fn observe(&self, outcome: Outcome, duration: Duration) {
+        self.outcomes[outcome as usize].inc();
+        if outcome == Outcome::Rejected {
+            return;
+        }
+        let seconds = duration.as_secs_f64();
+        let bucket = BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(BUCKETS.len());
+        self.buckets[bucket].inc();
+        self.sum_us.0.fetch_add(duration.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
+    /// Deploys that created a version (counted by `deploy`).
     pub deploys: Counter,
+    /// Deploys that matched the latest version and created nothing.
+    pub deploys_unchanged: Counter,
+    /// Deploys refused (invalid code or config, too large, ...).
+    pub deploys_failed: Counter,
+    /// Asynchronous runs by outcome, counted by `jobs` (not yet per function).
     pub invocations_ok: Counter,
     pub invocations_failed: Counter,
     pub invocations_timeout: Counter,
     pub invocations_rejected: Counter,
+    functions: DashMap<String, Arc<FunctionMetrics>>,
 }
 
 /// Values read from elsewhere at render time.
@@ -35,18 +105,83 @@ pub struct Gauges {
 }
 
 impl Metrics {
+    /// Counts one invocation of `function`.
+    pub fn observe(&self, function: &str, outcome: Outcome, duration: Duration) {
+        if let Some(series) = self.functions.get(function) {
+            series.observe(outcome, duration);
+            return;
+        }
+        let series = self.functions.entry(function.to_owned()).or_default().clone();
+        series.observe(outcome, duration);
+    }
+
     pub fn render(&self, gauges: &Gauges) -> String {
-        let mut out = String::with_capacity(1024);
-        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let mut functions: Vec<(String, Arc<FunctionMetrics>)> = self
+            .functions
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        functions.sort_by(|a, b| a.0.cmp(&b.0));
+
+        let mut out = String::with_capacity(1024 + functions.len() * 2048);
+        let header = |out: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+
+        header(
+            &mut out,
+            "kiln_invocations_total",
+            "counter",
+            "Invocations by function and outcome.",
+        );
+        for (name, series) in &functions {
+            for outcome in Outcome::ALL {
+                let value = series.outcomes[outcome as usize].get();
+                let _ = writeln!(
+                    out,
+                    "kiln_invocations_total{{function=\"{name}\",outcome=\"{}\"}} {value}",
+                    outcome.as_str()
+                );
+            }
+        }
+        header(
+            &mut out,
+            "kiln_invocation_duration_seconds",
+            "histogram",
+            "Wall-clock time of invocations that ran (instantiate, run, shape the answer).",
+        );
+        for (name, series) in &functions {
+            let mut cumulative = 0;
+            for (i, bound) in BUCKETS.iter().enumerate() {
+                cumulative += series.buckets[i].get();
+                let _ = writeln!(
+                    out,
+                    "kiln_invocation_duration_seconds_bucket{{function=\"{name}\",le=\"{bound}\"}} {cumulative}"
+                );
+            }
+            cumulative += series.buckets[BUCKETS.len()].get();
+            let _ = writeln!(
+                out,
+                "kiln_invocation_duration_seconds_bucket{{function=\"{name}\",le=\"+Inf\"}} {cumulative}"
+            );
+            let sum = series.sum_us.get() as f64 / 1e6;
+            let _ = writeln!(out, "kiln_invocation_duration_seconds_sum{{function=\"{name}\"}} {sum}");
+            let _ = writeln!(
+                out,
+                "kiln_invocation_duration_seconds_count{{function=\"{name}\"}} {cumulative}"
+            );
+        }
+
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+            header(&mut out, name, kind, help);
             for (labels, value) in samples {
                 let _ = writeln!(out, "{name}{labels} {value}");
             }
         };
         metric(
-            "kiln_invocations_total",
+            "kiln_async_invocations_total",
             "counter",
-            "Invocations by outcome.",
+            "Asynchronous runs by outcome (each attempt counts).",
             &[
                 ("{outcome=\"success\"}", self.invocations_ok.get()),
                 ("{outcome=\"failed\"}", self.invocations_failed.get()),
@@ -57,8 +192,12 @@ impl Metrics {
         metric(
             "kiln_deploys_total",
             "counter",
-            "Deploys that created a version.",
-            &[("", self.deploys.get())],
+            "Deploys by outcome: created a version, matched the latest (unchanged), or refused.",
+            &[
+                ("{outcome=\"created\"}", self.deploys.get()),
+                ("{outcome=\"unchanged\"}", self.deploys_unchanged.get()),
+                ("{outcome=\"failed\"}", self.deploys_failed.get()),
+            ],
         );
         metric(
             "kiln_compilations_total",
@@ -85,5 +224,37 @@ impl Metrics {
             &[("", gauges.async_queue_depth)],
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative_and_rejections_are_not_timed() {
+        let m = Metrics::default();
+        m.observe("f", Outcome::Success, Duration::from_micros(80));
+        m.observe("f", Outcome::Success, Duration::from_millis(3));
+        m.observe("f", Outcome::Timeout, Duration::from_secs(1000));
+        m.observe("f", Outcome::Rejected, Duration::ZERO);
+        let gauges = Gauges {
+            compilations: 0,
+            functions: 1,
+            instances_in_use: 0,
+            async_queue_depth: 0,
+        };
+        let text = m.render(&gauges);
+        for line in [
+            "kiln_invocations_total{function=\"f\",outcome=\"success\"} 2",
+            "kiln_invocations_total{function=\"f\",outcome=\"rejected\"} 1",
+            "kiln_invocation_duration_seconds_bucket{function=\"f\",le=\"0.0001\"} 1",
+            "kiln_invocation_duration_seconds_bucket{function=\"f\",le=\"0.005\"} 2",
+            "kiln_invocation_duration_seconds_bucket{function=\"f\",le=\"900\"} 2",
+            "kiln_invocation_duration_seconds_bucket{function=\"f\",le=\"+Inf\"} 3",
+            "kiln_invocation_duration_seconds_count{function=\"f\"} 3",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
     }
 }

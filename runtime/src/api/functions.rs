@@ -9,14 +9,15 @@ use serde::Serialize;
 
 use super::body::{self, Body};
 use super::error::ApiError;
+use super::openapi::{DeployForm, ErrorBody, FunctionList};
 use crate::app::App;
 use crate::config::FunctionConfig;
 use crate::deploy;
 use crate::store::VersionRecord;
 
 /// A version as the API shows it.
-#[derive(Serialize)]
-struct VersionView<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct VersionView<'a> {
     name: &'a str,
     version: u32,
     digest: String,
@@ -46,7 +47,25 @@ impl<'a> From<&'a VersionRecord> for VersionView<'a> {
     }
 }
 
+#[utoipa::path(put, path = "/v1/functions/{name}", tag = "functions", params(("name" = String, Path, description = "Function name, ^[a-z0-9][a-z0-9_-]{0,63}$")),
+    request_body(content((DeployForm = "multipart/form-data"), (String = "application/wasm")),
+        description = "multipart with parts `code` and optional `config`, or the raw artifact"),
+    responses(
+        (status = 201, description = "A new version", body = VersionView),
+        (status = 200, description = "Same artifact and config as the latest version: no new version", body = VersionView),
+        (status = 400, description = "Bad name, multipart or config", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody),
+        (status = 413, description = "Artifact over the limit", body = ErrorBody),
+        (status = 422, description = "Not valid code, or imports Kiln cannot provide", body = ErrorBody)))]
 pub async fn deploy(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let answer = deploy_version(app, name, req).await;
+    if answer.is_err() {
+        app.metrics.deploys_failed.inc();
+    }
+    answer
+}
+
+async fn deploy_version(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let (parts, incoming) = req.into_parts();
     // The code cap plus room for the multipart framing and a config part.
     let limit = app.config.max_code_bytes + 64 * 1024;
@@ -68,6 +87,7 @@ pub async fn deploy(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Resul
     let status = if deployed.created {
         StatusCode::CREATED
     } else {
+        app.metrics.deploys_unchanged.inc();
         StatusCode::OK
     };
     Ok(body::json(status, &VersionView::from(&deployed.record)))
@@ -103,6 +123,8 @@ async fn parse_multipart(content_type: &str, bytes: Bytes) -> Result<(Bytes, Fun
     Ok((code, config))
 }
 
+#[utoipa::path(get, path = "/v1/functions", tag = "functions",
+    responses((status = 200, description = "Every function's latest version", body = FunctionList), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 pub async fn list(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
     let store = app.store.clone();
     let records = tokio::task::spawn_blocking(move || store.all_latest())
@@ -117,6 +139,9 @@ pub async fn list(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
     Ok(body::json(StatusCode::OK, &List { functions }))
 }
 
+#[utoipa::path(get, path = "/v1/functions/{name}", tag = "functions", params(("name" = String, Path, description = "Function name, ^[a-z0-9][a-z0-9_-]{0,63}$")),
+    responses((status = 200, description = "The latest version and a `versions` list", body = VersionView),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody), (status = 404, description = "No such function", body = ErrorBody)))]
 pub async fn get(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
     let store = app.store.clone();
     let owned = name.to_owned();
@@ -143,6 +168,9 @@ pub async fn get(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError>
     Ok(body::json(StatusCode::OK, &view))
 }
 
+#[utoipa::path(delete, path = "/v1/functions/{name}", tag = "functions", params(("name" = String, Path, description = "Function name, ^[a-z0-9][a-z0-9_-]{0,63}$")),
+    responses((status = 204, description = "Removed with all its versions"),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody), (status = 404, description = "No such function", body = ErrorBody)))]
 pub async fn delete(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
     deploy::delete(app, name).await?;
     Ok(Response::builder()

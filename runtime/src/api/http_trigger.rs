@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 
 use super::body::Body;
 use super::error::ApiError;
+use super::openapi::ErrorBody;
 use crate::app::App;
 use crate::config::is_valid_function_name;
 use crate::trigger;
@@ -27,55 +28,54 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+#[utoipa::path(method(get, post, put, delete, patch, head, options), path = "/fn/{name}/{path}", tag = "invoke",
+    params(("name" = String, Path, description = "Function name, ^[a-z0-9][a-z0-9_-]{0,63}$"),
+        ("path" = String, Path, description = "What the guest sees as its path (with the query), from `/`")),
+    request_body(content = String, content_type = "application/octet-stream", description = "Streamed to the guest"),
+    responses(
+        (status = 200, description = "Whatever the guest answers (any status, headers and body), streamed"),
+        (status = 400, description = "Not an HTTP-trigger function, or a bad name", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token (unless the function is public)", body = ErrorBody),
+        (status = 403, description = "The token may not invoke this function", body = ErrorBody),
+        (status = 404, description = "No such function", body = ErrorBody),
+        (status = 429, description = "Concurrency limit reached", body = ErrorBody),
+        (status = 502, description = "The function failed before answering", body = ErrorBody),
+        (status = 504, description = "The function ran past its timeout before answering", body = ErrorBody)))]
 pub async fn handle(app: &Arc<App>, name: &str, mut req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     if !is_valid_function_name(name) {
         return Err(ApiError::invalid_request(format!(
             "invalid function name {name:?}: names match ^[a-z0-9][a-z0-9_-]{{0,63}}$"
         )));
     }
-    let authorized = app
+    let principal = app
         .auth
-        .check(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()));
+        .authenticate(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()));
     let resolved = app.resolve(name, None).await;
     // Without a valid token, an unknown function and a private one look the same.
-    let (function, concurrency) = match resolved {
-        Ok((f, c)) if authorized || f.record.config.public => (f, c),
-        Ok(_) => return Err(ApiError::unauthorized()),
-        Err(_) if !authorized => return Err(ApiError::unauthorized()),
-        Err(e) => return Err(e.into()),
+    let (function, concurrency) = match (resolved, principal) {
+        (Ok((f, c)), _) if f.record.config.public => (f, c),
+        (Ok(_) | Err(_), None) => return Err(ApiError::unauthorized()),
+        (Ok(_), Some(p)) if !p.may_invoke(name) => {
+            return Err(ApiError::new(
+                http::StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("this token may not invoke `{name}`"),
+            ))
+        }
+        (Ok((f, c)), Some(_)) => (f, c),
+        (Err(e), Some(_)) => return Err(e.into()),
     };
 
     *req.uri_mut() = guest_uri(req.uri(), name)?;
     strip_headers(req.headers_mut());
     let started = Instant::now();
-    let version = function.record.version;
     let outcome = trigger::serve(app, function.clone(), concurrency, req).await;
-    let metrics = &app.metrics;
-    match outcome {
-        Ok(response) => {
-            metrics.invocations_ok.inc();
-            tracing::debug!(
-                function = name,
-                version,
-                elapsed_us = started.elapsed().as_micros() as u64,
-                "http trigger answered"
-            );
-            let mut response = response.map(Body::Stream);
-            response
-                .headers_mut()
-                .insert(super::invoke::VERSION, function.version_header.clone());
-            Ok(response)
-        }
-        Err(e) => {
-            match &e {
-                crate::invoke::InvokeError::Timeout(_) => metrics.invocations_timeout.inc(),
-                crate::invoke::InvokeError::Failed(_) => metrics.invocations_failed.inc(),
-                _ => metrics.invocations_rejected.inc(),
-            }
-            tracing::debug!(function = name, version, error = %e, "http trigger failed");
-            Err(e.into())
-        }
-    }
+    crate::observe::http_request(app, &function.record, outcome.as_ref().map(|_| ()), started.elapsed());
+    let mut response = outcome?.map(Body::Stream);
+    response
+        .headers_mut()
+        .insert(super::invoke::VERSION, function.version_header.clone());
+    Ok(response)
 }
 
 /// `/fn/{name}/a/b?x=1` → `/a/b?x=1`; `/fn/{name}` → `/`.

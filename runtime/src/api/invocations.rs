@@ -10,12 +10,21 @@ use serde_json::json;
 
 use super::body::{self, Body};
 use super::error::ApiError;
+use super::openapi::{ErrorBody, Invocation, Submitted};
 use crate::app::App;
 use crate::jobs::{self, NewInvocation, SubmitError};
 use crate::signing::{self, Refused};
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
+#[utoipa::path(post, path = "/v1/functions/{name}/invoke-async", tag = "invoke", params(("name" = String, Path, description = "Function name, ^[a-z0-9][a-z0-9_-]{0,63}$"), ("version" = Option<u32>, Query, description = "Run this version instead of the latest"),
+        ("Idempotency-Key" = Option<String>, Header, description = "A retried submit with the same key returns the same id")),
+    request_body(content = String, content_type = "application/octet-stream", description = "The guest's stdin"),
+    responses((status = 202, description = "Committed to disk", body = Submitted),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody),
+        (status = 404, description = "No such function or version", body = ErrorBody),
+        (status = 413, description = "Input over the limit", body = ErrorBody),
+        (status = 429, description = "The queue is full", body = ErrorBody)))]
 pub async fn submit(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let version = super::version_param(req.uri().query())?;
     // Resolving loads the code now, so a submit for a missing function fails here, not later.
@@ -63,7 +72,7 @@ pub async fn submit(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Resul
 }
 
 /// Invocation ids are UUIDs; anything else never touches the database.
-fn valid_id(id: &str) -> Result<(), ApiError> {
+pub(super) fn valid_id(id: &str) -> Result<(), ApiError> {
     match uuid::Uuid::try_parse(id) {
         Ok(parsed) if parsed.hyphenated().to_string() == id => Ok(()),
         _ => Err(ApiError::not_found(format!("no invocation {id:?}"))),
@@ -93,6 +102,10 @@ fn url_lifetime(query: Option<&str>) -> Result<Duration, ApiError> {
     Ok(lifetime)
 }
 
+#[utoipa::path(get, path = "/v1/invocations/{id}", tag = "invoke", params(("id" = String, Path, description = "Invocation id (a UUID)"),
+        ("expires_in" = Option<u64>, Query, description = "Lifetime of the result URL in seconds")),
+    responses((status = 200, description = "The invocation's record", body = Invocation),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody), (status = 404, description = "No such invocation", body = ErrorBody)))]
 pub async fn get(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Response<Body>, ApiError> {
     valid_id(id)?;
     let lifetime = url_lifetime(query)?;
@@ -135,6 +148,11 @@ pub async fn get(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Respon
     Ok(body::json(StatusCode::OK, &view))
 }
 
+#[utoipa::path(get, path = "/v1/results/{id}", tag = "invoke", security(()), params(("id" = String, Path, description = "Invocation id (a UUID)"),
+        ("expires" = u64, Query, description = "Unix seconds"), ("sig" = String, Query, description = "HMAC signature")),
+    responses((status = 200, description = "The function's output", content_type = "application/octet-stream"),
+        (status = 403, description = "Bad or expired signature", body = ErrorBody),
+        (status = 404, description = "No longer kept", body = ErrorBody)))]
 pub async fn result(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Response<Body>, ApiError> {
     app.signer.verify(id, query).map_err(|refused| {
         let message = match refused {

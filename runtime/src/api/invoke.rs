@@ -8,13 +8,25 @@ use hyper::body::Incoming;
 
 use super::body::{self, Body};
 use super::error::ApiError;
+use super::openapi::ErrorBody;
 use crate::app::App;
-use crate::invoke::{self, InvokeError};
+use crate::invoke;
 
 const INVOCATION_ID: &str = "x-kiln-invocation-id";
 pub(super) const VERSION: &str = "x-kiln-version";
 const DURATION_US: &str = "x-kiln-duration-us";
 
+#[utoipa::path(post, path = "/v1/functions/{name}/invoke", tag = "invoke", params(("name" = String, Path, description = "Function name, ^[a-z0-9][a-z0-9_-]{0,63}$"), ("version" = Option<u32>, Query, description = "Run this version instead of the latest")),
+    request_body(content = String, content_type = "application/octet-stream", description = "The guest's stdin"),
+    responses(
+        (status = 200, description = "The guest's stdout", content_type = "application/octet-stream",
+            headers(("X-Kiln-Invocation-Id" = String), ("X-Kiln-Version" = u32), ("X-Kiln-Duration-Us" = u64))),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody),
+        (status = 404, description = "No such function or version", body = ErrorBody),
+        (status = 413, description = "Input over the limit", body = ErrorBody),
+        (status = 429, description = "Concurrency limit reached", body = ErrorBody),
+        (status = 502, description = "The function failed", body = ErrorBody),
+        (status = 504, description = "The function ran past its timeout", body = ErrorBody)))]
 pub async fn sync(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let version = super::version_param(req.uri().query())?;
     let (function, concurrency) = app.resolve(name, version).await?;
@@ -31,29 +43,14 @@ pub async fn sync(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Result<
     let started = Instant::now();
     let outcome = invoke::invoke(app, &function, &concurrency, input).await;
     let duration = started.elapsed();
-    let metrics = &app.metrics;
+    crate::observe::sync_invocation(app, id, &function.record, &outcome, duration);
     let mut response = match outcome {
-        Ok(success) => {
-            metrics.invocations_ok.inc();
-            Response::builder()
-                .status(StatusCode::OK)
-                .header(header::CONTENT_TYPE, "application/octet-stream")
-                .body(Body::new(success.stdout))
-                .expect("static headers are valid")
-        }
-        Err(e) => {
-            let counter = match &e {
-                InvokeError::Failed(_) => &metrics.invocations_failed,
-                InvokeError::Timeout(_) => &metrics.invocations_timeout,
-                InvokeError::FunctionBusy(..)
-                | InvokeError::PoolBusy(_)
-                | InvokeError::HttpTrigger(_)
-                | InvokeError::NotHttpTrigger(_) => &metrics.invocations_rejected,
-            };
-            counter.inc();
-            tracing::debug!(function = name, version = function.record.version, id = %id, error = %e, "invocation failed");
-            body::error(&ApiError::from(e))
-        }
+        Ok(success) => Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .body(Body::new(success.stdout))
+            .expect("static headers are valid"),
+        Err(e) => body::error(&ApiError::from(e)),
     };
     let headers = response.headers_mut();
     let mut buf = uuid::Uuid::encode_buffer();

@@ -8,6 +8,9 @@ mod functions;
 mod http_trigger;
 mod invocations;
 mod invoke;
+mod logs;
+mod openapi;
+mod tokens;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -34,8 +37,9 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
     match segments.as_slice() {
-        ["healthz"] => return Ok(healthz(app)),
-        ["metrics"] => return Ok(metrics(app).await),
+        ["healthz"] if method == Method::GET || method == Method::HEAD => return Ok(healthz(app)),
+        ["metrics"] if method == Method::GET => return Ok(metrics(app).await),
+        ["healthz"] | ["metrics"] => return Err(ApiError::method_not_allowed()),
         ["v1", ..] => {}
         ["fn", name, ..] => {
             if app.is_shutting_down() {
@@ -56,13 +60,19 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
             _ => Err(ApiError::method_not_allowed()),
         };
     }
-    if !app
+    let principal = app
         .auth
-        .check(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()))
-    {
-        return Err(ApiError::unauthorized());
-    }
+        .authenticate(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()))
+        .ok_or_else(ApiError::unauthorized)?;
+    tokens::authorize(app, &principal, &segments, &method).await?;
     match (segments.as_slice(), method) {
+        (["v1", "openapi.json"], Method::GET) => Ok(openapi::document(app).await),
+        (["v1", "openapi.json"], _) => Err(ApiError::method_not_allowed()),
+        (["v1", "tokens"], Method::POST) => tokens::create(app, req).await,
+        (["v1", "tokens"], Method::GET) => tokens::list(app).await,
+        (["v1", "tokens"], _) => Err(ApiError::method_not_allowed()),
+        (["v1", "tokens", id], Method::DELETE) => tokens::delete(app, id).await,
+        (["v1", "tokens", _], _) => Err(ApiError::method_not_allowed()),
         (["v1", "functions"], Method::GET) => functions::list(app).await,
         (["v1", "functions"], _) => Err(ApiError::method_not_allowed()),
         (["v1", "functions", name, rest @ ..], method) => {
@@ -83,10 +93,14 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
         }
         (["v1", "invocations", id], Method::GET) => invocations::get(app, id, req.uri().query()).await,
         (["v1", "invocations", _], _) => Err(ApiError::method_not_allowed()),
+        (["v1", "invocations", id, "logs"], Method::GET) => logs::get(app, id).await,
+        (["v1", "invocations", _, "logs"], _) => Err(ApiError::method_not_allowed()),
         _ => Err(ApiError::not_found(format!("no route for {path}"))),
     }
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(()),
+    responses((status = 200, description = "Serving"), (status = 503, description = "Shutting down", body = crate::api::openapi::ErrorBody)))]
 fn healthz(app: &App) -> Response<Body> {
     if app.is_shutting_down() {
         return body::error(&ApiError::unavailable("kiln is shutting down"));
@@ -97,6 +111,8 @@ fn healthz(app: &App) -> Response<Body> {
     )
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "operations", security(()),
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 async fn metrics(app: &Arc<App>) -> Response<Body> {
     let gauges = Gauges {
         async_queue_depth: app.jobs.depth(),

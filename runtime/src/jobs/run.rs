@@ -7,17 +7,40 @@ use super::{Claimed, Done, Outcome, Stored, INLINE_RESULT};
 use crate::api::error::ApiError;
 use crate::app::{App, LoadError};
 use crate::invoke::{self, InvokeError, STDERR_TAIL};
+use crate::metrics;
 use crate::store::files::Digest;
 
 pub(super) async fn run(app: &App, claimed: Claimed) -> Done {
     let started = std::time::Instant::now();
     let outcome = outcome(app, &claimed).await;
     let duration_us = started.elapsed().as_micros() as i64;
-    match &outcome {
-        Outcome::Succeeded { .. } => app.metrics.invocations_ok.inc(),
-        Outcome::Failed { error, .. } if error["code"] == "timeout" => app.metrics.invocations_timeout.inc(),
-        Outcome::Failed { .. } => app.metrics.invocations_failed.inc(),
-        Outcome::Busy => {}
+    let (observed, error) = match &outcome {
+        Outcome::Succeeded { .. } => {
+            app.metrics.invocations_ok.inc();
+            (Some(metrics::Outcome::Success), None)
+        }
+        Outcome::Failed { error, .. } if error["code"] == "timeout" => {
+            app.metrics.invocations_timeout.inc();
+            (Some(metrics::Outcome::Timeout), error["message"].as_str())
+        }
+        Outcome::Failed { error, .. } => {
+            app.metrics.invocations_failed.inc();
+            (Some(metrics::Outcome::Failed), error["message"].as_str())
+        }
+        // Not run: it goes back to the queue.
+        Outcome::Busy => (None, None),
+    };
+    if let Some(observed) = observed {
+        let duration = std::time::Duration::from_micros(duration_us as u64);
+        crate::observe::async_run(
+            app,
+            &claimed.id,
+            &claimed.function,
+            claimed.version,
+            observed,
+            duration,
+            error,
+        );
     }
     Done {
         claimed,

@@ -6,6 +6,7 @@
 //! std `Mutex` because every call is short and never awaits while holding it.
 
 pub mod files;
+mod tokens;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -15,6 +16,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use time::format_description::well_known::Rfc3339;
 
 pub use files::{Digest, Layout};
+pub use tokens::TokenRow;
 
 use crate::config::FunctionConfig;
 use crate::validate::ArtifactKind;
@@ -103,6 +105,20 @@ const MIGRATIONS: &[&str] = &[
     -- Results too large for their row live in `<data>/results/<digest>`.
     ALTER TABLE invocations ADD COLUMN result_digest TEXT;
     CREATE INDEX invocations_by_result_digest ON invocations(result_digest) WHERE result_digest IS NOT NULL;
+"#,
+    r#"
+    -- Logs of synchronous invocations (asynchronous ones keep theirs in `invocations`), written in
+    -- batches off the request path (see `logs.rs`). Ids are UUIDv7, so key order is time order and
+    -- the retention sweep deletes a key range.
+    CREATE TABLE invocation_logs (
+        id          TEXT PRIMARY KEY,
+        function    TEXT NOT NULL,
+        version     INTEGER NOT NULL,
+        outcome     TEXT NOT NULL,
+        duration_us INTEGER NOT NULL,
+        created_ms  INTEGER NOT NULL,
+        stderr      TEXT NOT NULL
+    ) WITHOUT ROWID;
 "#,
 ];
 

@@ -3,12 +3,16 @@
 
 mod api;
 mod asynchronous;
+mod cli;
 mod errors;
 mod hostile;
 mod http_trigger;
 mod lifecycle;
 mod limits;
+mod openapi;
+mod ops;
 mod polyglot;
 mod sdk;
 mod snapshot;
 mod support;
+mod tokens;

@@ -33,6 +33,11 @@ impl Kiln {
 
     /// A server on an existing data directory (restart tests).
     pub fn start_in(data: &Path, args: &[&str]) -> Kiln {
+        Kiln::start_in_with_env(data, args, &[])
+    }
+
+    /// A server on an existing data directory with extra environment variables.
+    pub fn start_in_with_env(data: &Path, args: &[&str], env: &[(&str, &str)]) -> Kiln {
         // A small pool keeps many test servers light; a test may ask for another size.
         let pool: &[&str] = if args.contains(&"--max-instances") {
             &[]
@@ -46,6 +51,7 @@ impl Kiln {
             .args(args)
             .env_remove("KILN_ADMIN_TOKEN")
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -57,7 +63,12 @@ impl Kiln {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("kiln listening on http://").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                    // The address ends at the first character an address cannot have (a space
+                    // in text logs, a quote in JSON logs).
+                    let addr: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']'))
+                        .collect();
                     let _ = addr_tx.send(addr);
                 }
                 let mut log = sink.lock().unwrap();

@@ -1,0 +1,153 @@
+//! Scoped tokens: `POST /v1/tokens` (create an invoke-only token for named functions; the secret
+//! is in this answer only), `GET /v1/tokens` (list, without secrets), `DELETE /v1/tokens/{id}`
+//! (revoke). Admin only. `authorize` is where a scoped token's limits are enforced.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::body::{self, Body};
+use super::error::ApiError;
+use super::openapi::{ErrorBody, NewTokenRequest, TokenList, TokenView};
+use crate::app::App;
+use crate::auth::Principal;
+use crate::config::is_valid_function_name;
+
+/// A token may name this many functions at most.
+const MAX_FUNCTIONS: usize = 1000;
+
+fn forbidden(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+}
+
+/// Lets the admin token through everything, and an invoke-only token through the invoke routes
+/// of its own functions and the records and logs of their invocations.
+pub async fn authorize(
+    app: &Arc<App>,
+    principal: &Principal,
+    segments: &[&str],
+    method: &Method,
+) -> Result<(), ApiError> {
+    let invocation = match (principal, segments) {
+        (Principal::Admin, _) => return Ok(()),
+        (Principal::Invoke(_), ["v1", "functions", name, "invoke" | "invoke-async"]) if method == Method::POST => {
+            return if principal.may_invoke(name) {
+                Ok(())
+            } else {
+                Err(forbidden(format!("this token may not invoke `{name}`")))
+            };
+        }
+        (Principal::Invoke(_), ["v1", "invocations", id] | ["v1", "invocations", id, "logs"])
+            if method == Method::GET =>
+        {
+            (*id).to_owned()
+        }
+        (Principal::Invoke(_), _) => return Err(forbidden("this token may only invoke its functions")),
+    };
+    // Whose invocation is it? A sync one just finished may still be on its way to the disk.
+    let app2 = app.clone();
+    let function = tokio::task::spawn_blocking(move || {
+        let lookup = || crate::logs::function_of(&app2.store.conn(), &invocation);
+        match lookup()? {
+            Some(function) => Ok(Some(function)),
+            None => {
+                app2.logs.flush();
+                lookup()
+            }
+        }
+    })
+    .await
+    .expect("store task panicked")
+    .map_err(ApiError::internal)?;
+    match function {
+        // Unknown: the handler answers 404, as it would to anyone.
+        None => Ok(()),
+        Some(function) if principal.may_invoke(&function) => Ok(()),
+        Some(_) => Err(forbidden(
+            "this invocation belongs to a function this token may not invoke",
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    functions: BTreeSet<String>,
+}
+
+#[utoipa::path(post, path = "/v1/tokens", tag = "tokens", request_body = NewTokenRequest,
+    responses((status = 201, description = "The token; its secret is shown only here", body = TokenView),
+        (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+pub async fn create(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let (parts, incoming) = req.into_parts();
+    let bytes = body::read(&parts.headers, incoming, 64 * 1024, Duration::from_secs(10)).await?;
+    let request: NewToken = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::invalid_request(format!("expected {{\"functions\": [names]}}: {e}")))?;
+    if request.functions.is_empty() || request.functions.len() > MAX_FUNCTIONS {
+        return Err(ApiError::invalid_request(format!(
+            "functions must name 1 to {MAX_FUNCTIONS} functions"
+        )));
+    }
+    if let Some(bad) = request.functions.iter().find(|n| !is_valid_function_name(n)) {
+        return Err(ApiError::invalid_request(format!(
+            "invalid function name {bad:?}: names match ^[a-z0-9][a-z0-9_-]{{0,63}}$"
+        )));
+    }
+    let app2 = app.clone();
+    let (token, secret, created_at) =
+        tokio::task::spawn_blocking(move || app2.auth.create_scoped(&app2.store, request.functions))
+            .await
+            .expect("token task panicked")
+            .map_err(ApiError::internal)?;
+    Ok(body::json(
+        StatusCode::CREATED,
+        &json!({
+            "id": token.id,
+            "token": secret,
+            "scope": "invoke",
+            "functions": token.functions,
+            "created_at": created_at,
+        }),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/tokens", tag = "tokens",
+    responses((status = 200, description = "Scoped tokens, without secrets", body = TokenList), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
+pub async fn list(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
+    let app2 = app.clone();
+    let tokens = tokio::task::spawn_blocking(move || app2.auth.list_scoped(&app2.store))
+        .await
+        .expect("token task panicked")
+        .map_err(ApiError::internal)?;
+    let tokens: Vec<_> = tokens
+        .into_iter()
+        .map(|(token, created_at)| {
+            json!({ "id": token.id, "scope": "invoke", "functions": token.functions, "created_at": created_at })
+        })
+        .collect();
+    Ok(body::json(StatusCode::OK, &json!({ "tokens": tokens })))
+}
+
+#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens",
+    params(("id" = String, Path, description = "Token id")),
+    responses((status = 204, description = "Revoked"), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody), (status = 404, description = "No such token", body = ErrorBody)))]
+pub async fn delete(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiError> {
+    let app2 = app.clone();
+    let owned = id.to_owned();
+    let deleted = tokio::task::spawn_blocking(move || app2.auth.revoke(&app2.store, &owned))
+        .await
+        .expect("token task panicked")
+        .map_err(ApiError::internal)?;
+    if !deleted {
+        return Err(ApiError::not_found(format!("no token {id:?}")));
+    }
+    Ok(Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .body(Body::default())
+        .expect("static response"))
+}

@@ -1,0 +1,182 @@
+//! The CLI's connection to a Kiln server: base URL, bearer token, and the one place where an
+//! answer becomes either a value or a `CliError` carrying the server's own error message.
+//!
+//! The HTTP client is reqwest's blocking client: it was already in the dependency tree (the
+//! integration tests drive the server with it), a CLI makes one request at a time so blocking is
+//! the simple shape, and with default features off it brings no TLS stack into the binary.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reqwest::blocking::{Client as Http, RequestBuilder, Response};
+use serde_json::Value;
+
+/// How a command failed; `main` prints the message and exits with `exit_code`.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The server answered with an error object (`code`, `message`).
+    #[error("{message}")]
+    Server {
+        status: u16,
+        code: String,
+        message: String,
+        error: Value,
+    },
+    /// The function itself failed (trap, non-zero exit, timeout).
+    #[error("{0}")]
+    FunctionFailed(String),
+    #[error("cannot reach {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("{0}")]
+    Usage(String),
+    #[error("{path}: {source}")]
+    File { path: String, source: std::io::Error },
+    #[error("the server's answer was not understood: {0}")]
+    Protocol(String),
+}
+
+impl CliError {
+    /// 1: the function failed; 3: anything else went wrong (clap uses 2 for bad arguments).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::FunctionFailed(_) => 1,
+            CliError::Server { code, .. } if code == "function_failed" || code == "timeout" => 1,
+            _ => 3,
+        }
+    }
+}
+
+pub struct Client {
+    http: Http,
+    base: String,
+    token: Option<String>,
+}
+
+/// Hosts for which the CLI looks for `<data>/admin.token` when no token is given.
+fn is_local(url: &str) -> bool {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    matches!(parsed.host_str(), Some("127.0.0.1" | "localhost" | "[::1]" | "::1"))
+}
+
+/// The token to send: the explicit one, else the local server's admin token file.
+pub fn resolve_token(explicit: Option<String>, url: &str, data_dir: &Path) -> Option<String> {
+    if let Some(token) = explicit.filter(|t| !t.is_empty()) {
+        return Some(token);
+    }
+    if !is_local(url) {
+        return None;
+    }
+    let file: PathBuf = data_dir.join("admin.token");
+    std::fs::read_to_string(file)
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+}
+
+impl Client {
+    pub fn new(url: &str, token: Option<String>) -> Result<Client, CliError> {
+        let base = url.trim_end_matches('/').to_owned();
+        reqwest::Url::parse(&base).map_err(|e| CliError::Usage(format!("--url {url:?}: {e}")))?;
+        // No overall timeout: a deploy compiles and an invoke runs for as long as the function's
+        // own limit allows; the server bounds both.
+        let http = Http::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(None)
+            .build()
+            .map_err(|e| CliError::Protocol(e.to_string()))?;
+        Ok(Client { http, base, token })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn request(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
+        let builder = self.http.request(method, self.url(path));
+        match &self.token {
+            Some(token) => builder.bearer_auth(token),
+            None => builder,
+        }
+    }
+
+    /// Sends a request; a transport failure becomes `Connect`. Any status is returned.
+    pub fn send_raw(&self, request: RequestBuilder) -> Result<Response, CliError> {
+        request.send().map_err(|e| CliError::Connect {
+            url: self.base.clone(),
+            reason: root_cause(&e),
+        })
+    }
+
+    /// Sends a request; a transport failure becomes `Connect`, an error status `Server`.
+    pub fn send(&self, request: RequestBuilder) -> Result<Response, CliError> {
+        let response = self.send_raw(request)?;
+        if response.status().is_success() {
+            Ok(response)
+        } else {
+            Err(server_error(response))
+        }
+    }
+
+    /// Sends a request and parses its JSON answer.
+    pub fn json(&self, request: RequestBuilder) -> Result<Value, CliError> {
+        let response = self.send(request)?;
+        response.json().map_err(|e| CliError::Protocol(e.to_string()))
+    }
+}
+
+/// The innermost error of a reqwest failure ("connection refused", not the whole chain).
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+/// Turns an error answer into `Server`, keeping the contract's error object.
+pub fn server_error(response: Response) -> CliError {
+    let status = response.status().as_u16();
+    let text = response.text().unwrap_or_default();
+    let parsed: Option<Value> = serde_json::from_str(&text).ok();
+    match parsed.as_ref().and_then(|v| v.get("error")) {
+        Some(error) if error.get("message").is_some() => CliError::Server {
+            status,
+            code: error["code"].as_str().unwrap_or("").to_owned(),
+            message: error["message"].as_str().unwrap_or("").to_owned(),
+            error: error.clone(),
+        },
+        _ => CliError::Server {
+            status,
+            code: String::new(),
+            message: format!("the server answered {status}: {}", text.trim()),
+            error: Value::Null,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_urls() {
+        assert!(is_local("http://127.0.0.1:7878"));
+        assert!(is_local("http://localhost:1"));
+        assert!(is_local("http://[::1]:7878"));
+        assert!(!is_local("http://10.0.0.1:7878"));
+        assert!(!is_local("https://kiln.example.com"));
+    }
+
+    #[test]
+    fn token_resolution_prefers_explicit_then_local_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("admin.token"), "filetoken\n").unwrap();
+        let local = "http://127.0.0.1:7878";
+        assert_eq!(resolve_token(Some("x".into()), local, dir.path()).as_deref(), Some("x"));
+        assert_eq!(resolve_token(None, local, dir.path()).as_deref(), Some("filetoken"));
+        assert_eq!(resolve_token(None, "http://kiln.example.com", dir.path()), None);
+        assert_eq!(resolve_token(None, local, &dir.path().join("none")), None);
+    }
+}

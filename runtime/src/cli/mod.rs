@@ -1,0 +1,80 @@
+//! The client half of the `kiln` binary: `kiln deploy`, `invoke`, `ls`, `get`, `rm`, `logs`,
+//! `status`, `token`. Each command is one or two requests to the HTTP API of `../shared/API.md`; the server
+//! is the only source of truth, so the CLI holds no state of its own.
+//!
+//! Output is for people by default and the server's JSON with `--json`, for scripts. Errors print
+//! the server's error message (never a stack trace); the exit code says whose fault it was
+//! (`client::CliError::exit_code`).
+
+mod client;
+mod functions;
+mod invocations;
+mod progress;
+mod tokens;
+
+use std::path::PathBuf;
+
+pub use client::{resolve_token, CliError, Client};
+
+/// Options every client command takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Connection {
+    /// URL of the Kiln server.
+    #[arg(long, global = true, env = "KILN_URL", default_value = "http://127.0.0.1:7878")]
+    pub url: String,
+    /// Bearer token; default: the admin token file of `--data-dir` when the URL is local.
+    #[arg(long, global = true, env = "KILN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The local server's data directory, where its admin token file is.
+    #[arg(long = "data-dir", global = true, env = "KILN_DATA", default_value = "./kiln-data")]
+    pub data_dir: PathBuf,
+    /// Print the server's JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Deploy a new version of a function from a Wasm file.
+    Deploy(functions::DeployArgs),
+    /// Invoke a function and print its output.
+    Invoke(invocations::InvokeArgs),
+    /// List functions.
+    Ls,
+    /// Show a function's latest version and its version list.
+    Get { name: String },
+    /// Remove a function and all its versions.
+    Rm { name: String },
+    /// Print the log (the guest's stderr) of an invocation.
+    Logs { invocation_id: String },
+    /// Show the state of an asynchronous invocation.
+    Status { invocation_id: String },
+    /// Manage scoped (invoke-only) tokens.
+    #[command(subcommand)]
+    Token(tokens::TokenCommand),
+}
+
+/// Runs one client command against the server.
+pub fn run(connection: &Connection, command: Command) -> Result<(), CliError> {
+    let token = resolve_token(connection.token.clone(), &connection.url, &connection.data_dir);
+    let client = Client::new(&connection.url, token)?;
+    let json = connection.json;
+    match command {
+        Command::Deploy(args) => functions::deploy(&client, args, json),
+        Command::Invoke(args) => invocations::invoke(&client, args, json),
+        Command::Ls => functions::list(&client, json),
+        Command::Get { name } => functions::get(&client, &name, json),
+        Command::Rm { name } => functions::remove(&client, &name, json),
+        Command::Logs { invocation_id } => invocations::logs(&client, &invocation_id, json),
+        Command::Status { invocation_id } => invocations::status(&client, &invocation_id, json),
+        Command::Token(command) => tokens::run(&client, command, json),
+    }
+}
+
+/// Prints a JSON value the way `--json` promises: one document, pretty for people reading it.
+fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON values serialise")
+    );
+}

@@ -1,0 +1,246 @@
+//! Per-invocation logs of synchronous invocations: the guest's stderr tail (and outcome and
+//! duration) kept with the invocation id, served by `GET /v1/invocations/{id}/logs`. Asynchronous
+//! invocations keep theirs in their own record (`jobs`).
+//!
+//! A sync invoke must not wait for a disk write, so `record` only hands the entry to a channel;
+//! one writer thread commits whatever has arrived as one transaction (group commit, as `jobs`
+//! does for submits), on its own connection with `synchronous=NORMAL`.
+//!
+//! Durability trade-off, by design: a log entry is committed a few milliseconds after its
+//! response was sent, and that commit is not fsynced. A `kill -9` loses the entries still in the
+//! channel (at most one batch); a power loss can also lose committed entries not yet
+//! checkpointed. A graceful shutdown flushes the channel. Logs are diagnostics; invocation
+//! results that must survive anything are what asynchronous invocations are for.
+//!
+//! Retention: entries older than the server's retention period, and all but the newest
+//! `max_kept` entries, are deleted by the writer thread once a minute.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::store::{self, StoreError};
+
+/// Entries committed per transaction at most.
+const BATCH: usize = 1024;
+/// Entries waiting for the writer at most; past it new entries are dropped (and counted) rather
+/// than slowing invocations down.
+const CAPACITY: usize = 64 * 1024;
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// What is kept of one finished synchronous invocation.
+pub struct LogEntry {
+    pub id: uuid::Uuid,
+    pub function: String,
+    pub version: u32,
+    pub outcome: &'static str,
+    pub duration_us: u64,
+    pub stderr: String,
+}
+
+enum Message {
+    Entry(LogEntry),
+    /// Answered once every entry sent before it is committed.
+    Flush(mpsc::Sender<()>),
+}
+
+pub struct InvocationLogs {
+    tx: SyncSender<Message>,
+    dropped: std::sync::Arc<AtomicU64>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl InvocationLogs {
+    /// Starts the writer thread on its own connection to the database.
+    pub fn open(db: &Path, retention: Duration, max_kept: u64) -> Result<InvocationLogs, StoreError> {
+        let conn = store::connect(db)?;
+        // Not fsynced at commit (see the module doc); WAL keeps it consistent.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let (tx, rx) = mpsc::sync_channel(CAPACITY);
+        let dropped = std::sync::Arc::new(AtomicU64::new(0));
+        let writer_dropped = dropped.clone();
+        std::thread::Builder::new()
+            .name("kiln-logs".into())
+            .spawn(move || write_loop(conn, rx, retention, max_kept, writer_dropped))
+            .expect("spawning the log writer");
+        Ok(InvocationLogs { tx, dropped })
+    }
+
+    /// Queues an entry; never blocks.
+    pub fn record(&self, entry: LogEntry) {
+        if let Err(TrySendError::Full(_)) = self.tx.try_send(Message::Entry(entry)) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits until every entry recorded so far is committed. Blocking.
+    pub fn flush(&self) {
+        let (done, wait) = mpsc::channel();
+        if self.tx.send(Message::Flush(done)).is_ok() {
+            let _ = wait.recv();
+        }
+    }
+}
+
+/// The stored stderr of a synchronous invocation.
+pub fn load(conn: &Connection, id: &str) -> rusqlite::Result<Option<String>> {
+    conn.prepare_cached("SELECT stderr FROM invocation_logs WHERE id = ?1")?
+        .query_row(params![id], |r| r.get(0))
+        .optional()
+}
+
+/// The function an invocation (sync or async) belongs to, if it is known.
+pub fn function_of(conn: &Connection, id: &str) -> rusqlite::Result<Option<String>> {
+    let sync = conn
+        .prepare_cached("SELECT function FROM invocation_logs WHERE id = ?1")?
+        .query_row(params![id], |r| r.get(0))
+        .optional()?;
+    if sync.is_some() {
+        return Ok(sync);
+    }
+    conn.prepare_cached("SELECT function FROM invocations WHERE id = ?1")?
+        .query_row(params![id], |r| r.get(0))
+        .optional()
+}
+
+fn write_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Message>,
+    retention: Duration,
+    max_kept: u64,
+    dropped: std::sync::Arc<AtomicU64>,
+) {
+    let mut last_sweep = Instant::now();
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        match rx.recv_timeout(SWEEP_EVERY) {
+            Ok(message) => batch.push(message),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(message) => batch.push(message),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = write_batch(&mut conn, &batch) {
+            tracing::error!(error = %e, entries = batch.len(), "writing invocation logs failed");
+        }
+        for message in batch.drain(..) {
+            if let Message::Flush(done) = message {
+                let _ = done.send(());
+            }
+        }
+        let lost = dropped.swap(0, Ordering::Relaxed);
+        if lost > 0 {
+            tracing::warn!(lost, "invocation logs dropped: the log writer fell behind");
+        }
+        if last_sweep.elapsed() >= SWEEP_EVERY {
+            last_sweep = Instant::now();
+            match sweep(&conn, now_ms().saturating_sub(retention.as_millis() as u64), max_kept) {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(deleted = n, "swept invocation logs past their retention"),
+                Err(e) => tracing::error!(error = %e, "sweeping invocation logs failed"),
+            }
+        }
+    }
+}
+
+fn write_batch(conn: &mut Connection, batch: &[Message]) -> rusqlite::Result<()> {
+    if !batch.iter().any(|m| matches!(m, Message::Entry(_))) {
+        return Ok(());
+    }
+    let now = now_ms() as i64;
+    let tx = conn.transaction()?;
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT OR REPLACE INTO invocation_logs
+             (id, function, version, outcome, duration_us, created_ms, stderr)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        for message in batch {
+            if let Message::Entry(e) = message {
+                let mut buf = uuid::Uuid::encode_buffer();
+                let id = e.id.as_hyphenated().encode_lower(&mut buf);
+                insert.execute(params![
+                    &*id,
+                    e.function,
+                    e.version,
+                    e.outcome,
+                    e.duration_us as i64,
+                    now,
+                    e.stderr
+                ])?;
+            }
+        }
+    }
+    tx.commit()
+}
+
+/// Deletes entries older than `cutoff_ms` and all but the newest `max_kept`.
+fn sweep(conn: &Connection, cutoff_ms: u64, max_kept: u64) -> rusqlite::Result<usize> {
+    // A UUIDv7 starts with its millisecond timestamp in hex (`tttttttt-tttt-7...`), so every id
+    // created before `cutoff_ms` sorts before this prefix.
+    let prefix = format!("{:08x}-{:04x}", (cutoff_ms >> 16) & 0xffff_ffff, cutoff_ms & 0xffff);
+    let old = conn.execute("DELETE FROM invocation_logs WHERE id < ?1", params![prefix])?;
+    let excess = conn.execute(
+        "DELETE FROM invocation_logs WHERE id <=
+           (SELECT id FROM invocation_logs ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+        params![max_kept as i64],
+    )?;
+    Ok(old + excess)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: uuid::Uuid, stderr: &str) -> LogEntry {
+        LogEntry {
+            id,
+            function: "f".into(),
+            version: 1,
+            outcome: "success",
+            duration_us: 5,
+            stderr: stderr.into(),
+        }
+    }
+
+    #[test]
+    fn entries_are_committed_and_swept_by_age_and_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("kiln.db");
+        let store = crate::store::Store::open(&db).unwrap();
+        let logs = InvocationLogs::open(&db, Duration::from_secs(3600), 1000).unwrap();
+        let ts = |ms: u64| uuid::Timestamp::from_unix(uuid::NoContext, ms / 1000, (ms % 1000) as u32 * 1_000_000);
+        let now = now_ms();
+        let old = uuid::Uuid::new_v7(ts(now - 7_200_000));
+        let ids: Vec<_> = (0..5).map(|i| uuid::Uuid::new_v7(ts(now - 5 + i))).collect();
+        logs.record(entry(old, "old\n"));
+        for id in &ids {
+            logs.record(entry(*id, &format!("line of {id}\n")));
+        }
+        logs.flush();
+        let id0 = ids[0].to_string();
+        assert_eq!(load(&store.conn(), &id0).unwrap().unwrap(), format!("line of {id0}\n"));
+        assert!(load(&store.conn(), &old.to_string()).unwrap().is_some());
+
+        let deleted = sweep(&store.conn(), now - 3_600_000, 3).unwrap();
+        assert_eq!(deleted, 3, "the old entry by age, then two by count");
+        assert!(load(&store.conn(), &old.to_string()).unwrap().is_none());
+        assert!(load(&store.conn(), &ids[1].to_string()).unwrap().is_none());
+        for id in &ids[2..] {
+            assert!(load(&store.conn(), &id.to_string()).unwrap().is_some());
+        }
+    }
+}

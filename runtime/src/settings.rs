@@ -1,0 +1,203 @@
+//! Settings of `kiln serve` from three sources, in order of precedence: command-line flags, then
+//! `KILN_*` environment variables, then a TOML file, then the defaults of `config::ServerConfig`.
+//!
+//! The file is `--config PATH` (`KILN_CONFIG`) if given, which must exist; otherwise
+//! `<data>/kiln.toml` if it exists. Its keys are the flags' names with `_` for `-`; an unknown key
+//! is an error, so a typo does not silently fall back to a default. The admin token is not a
+//! setting of the file: it comes from `KILN_ADMIN_TOKEN` or `<data>/admin.token` only.
+//!
+//! One struct serves both clap and serde, so a new setting cannot be added to one and not the
+//! other; every field is an `Option` so that "not given" can fall through to the next source.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::ServerConfig;
+
+/// Where the data directory is when no source names it.
+pub const DEFAULT_DATA: &str = "./kiln-data";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+}
+
+#[derive(clap::Args, Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeSettings {
+    /// TOML file of settings [default: <data>/kiln.toml when it exists].
+    #[arg(long, env = "KILN_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (HTTP/1.1 and h2c) [default: 127.0.0.1:7878].
+    #[arg(long, env = "KILN_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Data directory: database, artifacts, compiled code, admin token [default: ./kiln-data].
+    #[arg(long, env = "KILN_DATA")]
+    pub data: Option<PathBuf>,
+    /// Guest instances alive at once, across all functions; sizes the instance pool and is the
+    /// global concurrency cap [default: 1000].
+    #[arg(long, env = "KILN_MAX_INSTANCES")]
+    pub max_instances: Option<u32>,
+    /// Asynchronous invocations waiting to run at most; past it submits get 429 [default: 10000].
+    #[arg(long, env = "KILN_MAX_QUEUED")]
+    pub max_queued: Option<u64>,
+    /// Asynchronous invocations running at once; 0 accepts asynchronous invocations without
+    /// running them [default: 64].
+    #[arg(long, env = "KILN_ASYNC_WORKERS")]
+    pub async_workers: Option<usize>,
+    /// Largest deploy upload, in bytes [default: 64 MiB].
+    #[arg(long, env = "KILN_MAX_CODE_BYTES")]
+    pub max_code_bytes: Option<u64>,
+    /// Largest synchronous invoke body, in bytes [default: 6 MiB].
+    #[arg(long, env = "KILN_MAX_SYNC_INPUT_BYTES")]
+    pub max_sync_input_bytes: Option<u64>,
+    /// Largest asynchronous invoke body, in bytes [default: 1 MiB].
+    #[arg(long, env = "KILN_MAX_ASYNC_INPUT_BYTES")]
+    pub max_async_input_bytes: Option<u64>,
+    /// Open connections at once; more wait in the kernel's accept queue [default: 10000].
+    #[arg(long, env = "KILN_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Time a client gets to send a request's headers [default: 10000].
+    #[arg(long, env = "KILN_HEADER_READ_TIMEOUT_MS")]
+    pub header_read_timeout_ms: Option<u64>,
+    /// Time a client gets to send a whole request body [default: 60000].
+    #[arg(long, env = "KILN_BODY_READ_TIMEOUT_MS")]
+    pub body_read_timeout_ms: Option<u64>,
+    /// How long shutdown waits for in-flight requests [default: 30000].
+    #[arg(long, env = "KILN_SHUTDOWN_GRACE_MS")]
+    pub shutdown_grace_ms: Option<u64>,
+    /// How long finished invocations, their results and logs are kept, in seconds [default: 604800].
+    #[arg(long, env = "KILN_RETENTION_SECS")]
+    pub retention_secs: Option<u64>,
+    /// Logs of synchronous invocations kept at most (the newest) [default: 100000].
+    #[arg(long, env = "KILN_MAX_KEPT_LOGS")]
+    pub max_kept_logs: Option<u64>,
+    /// Log line format [default: text].
+    #[arg(long, env = "KILN_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+impl ServeSettings {
+    /// Fills what flags and env left unset from the config file, then from the defaults.
+    pub fn resolve(self) -> Result<(ServerConfig, LogFormat), SettingsError> {
+        let file = match &self.config {
+            Some(path) => Some(read_file(path)?),
+            None => {
+                let data = self.data.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA));
+                let default_path = data.join("kiln.toml");
+                if default_path.exists() {
+                    Some(read_file(&default_path)?)
+                } else {
+                    None
+                }
+            }
+        };
+        Ok(self.merge(file.unwrap_or_default()))
+    }
+
+    fn merge(self, file: ServeSettings) -> (ServerConfig, LogFormat) {
+        let listen = self
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address"));
+        let data = self.data.or(file.data).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA));
+        let mut c = ServerConfig::new(listen, data);
+        macro_rules! pick {
+            ($field:ident => $target:expr, $convert:expr) => {
+                if let Some(value) = self.$field.or(file.$field) {
+                    $target = $convert(value);
+                }
+            };
+        }
+        pick!(max_instances => c.max_instances, |v| v);
+        pick!(max_queued => c.max_queued, |v| v);
+        pick!(async_workers => c.async_workers, |v| v);
+        pick!(max_code_bytes => c.max_code_bytes, |v| v);
+        pick!(max_sync_input_bytes => c.max_sync_input_bytes, |v| v);
+        pick!(max_async_input_bytes => c.max_async_input_bytes, |v| v);
+        pick!(max_connections => c.max_connections, |v| v);
+        pick!(header_read_timeout_ms => c.header_read_timeout, Duration::from_millis);
+        pick!(body_read_timeout_ms => c.body_read_timeout, Duration::from_millis);
+        pick!(shutdown_grace_ms => c.shutdown_grace, Duration::from_millis);
+        pick!(retention_secs => c.retention, Duration::from_secs);
+        pick!(max_kept_logs => c.max_kept_logs, |v| v);
+        let log_format = self.log_format.or(file.log_format).unwrap_or_default();
+        (c, log_format)
+    }
+}
+
+fn read_file(path: &Path) -> Result<ServeSettings, SettingsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| SettingsError::Parse {
+        path: path.display().to_string(),
+        message: e.message().to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_over_file_over_defaults() {
+        let file: ServeSettings = toml::from_str(
+            r#"
+            listen = "0.0.0.0:9000"
+            max_instances = 7
+            retention_secs = 60
+            log_format = "json"
+            "#,
+        )
+        .unwrap();
+        let flags = ServeSettings {
+            max_instances: Some(9),
+            ..Default::default()
+        };
+        let (config, format) = flags.merge(file);
+        assert_eq!(config.max_instances, 9, "the flag wins");
+        assert_eq!(config.listen.to_string(), "0.0.0.0:9000", "the file fills in");
+        assert_eq!(config.retention, Duration::from_secs(60));
+        assert_eq!(format, LogFormat::Json);
+        assert_eq!(config.max_queued, 10_000, "the default remains");
+        assert_eq!(config.data_dir, PathBuf::from(DEFAULT_DATA));
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.toml");
+        std::fs::write(&path, "max_instance = 3\n").unwrap();
+        let err = read_file(&path).unwrap_err().to_string();
+        assert!(err.contains("max_instance"), "{err}");
+        let explicit = ServeSettings {
+            config: Some(dir.path().join("missing.toml")),
+            ..Default::default()
+        };
+        assert!(matches!(explicit.resolve(), Err(SettingsError::Read { .. })));
+        // Without --config, a missing <data>/kiln.toml just means defaults.
+        let implicit = ServeSettings {
+            data: Some(dir.path().join("nothing-here")),
+            ..Default::default()
+        };
+        assert!(implicit.resolve().is_ok());
+    }
+}

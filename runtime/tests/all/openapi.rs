@@ -1,0 +1,117 @@
+//! The OpenAPI document against the router: every documented operation answers (neither the
+//! router's 404 nor 405), every undocumented method on a documented path is refused, and every
+//! literal path segment the router matches appears in the document.
+
+use std::collections::BTreeSet;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::support::{client, wat, Kiln};
+
+const METHODS: [&str; 5] = ["GET", "PUT", "POST", "DELETE", "PATCH"];
+
+/// True when the router itself refused: 405, or its "no route" 404.
+fn router_refused(status: u16, body: &str) -> bool {
+    status == 405 || (status == 404 && body.contains("no route for"))
+}
+
+#[test]
+fn every_documented_route_answers_and_every_route_is_documented() {
+    let kiln = Kiln::start();
+    kiln.must_deploy("hello", wat("hello"));
+    let submitted: Value = kiln.invoke_path("/v1/functions/hello/invoke-async", "").json().unwrap();
+    let invocation = submitted["id"].as_str().unwrap().to_owned();
+    let token: Value = client()
+        .post(kiln.url("/v1/tokens"))
+        .bearer_auth(&kiln.token)
+        .json(&json!({"functions": ["hello"]}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let token_id = token["id"].as_str().unwrap().to_owned();
+
+    let response = kiln.get("/v1/openapi.json");
+    assert_eq!(response.status(), 200);
+    let doc: Value = response.json().unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 12, "{paths:?}");
+
+    // DELETEs last, so the function and token the other probes use still exist.
+    let mut probes: Vec<(String, &str, bool)> = Vec::new();
+    for (template, operations) in paths {
+        let path = template.replace("{name}", "hello").replace(
+            "{id}",
+            if template.starts_with("/v1/tokens") {
+                &token_id
+            } else {
+                &invocation
+            },
+        );
+        for method in METHODS {
+            let documented = operations.get(method.to_lowercase()).is_some();
+            probes.push((path.clone(), method, documented));
+        }
+    }
+    probes.sort_by_key(|(_, method, _)| *method == "DELETE");
+    for (path, method, documented) in probes {
+        let mut request = client()
+            .request(Method::from_bytes(method.as_bytes()).unwrap(), kiln.url(&path))
+            .bearer_auth(&kiln.token);
+        if method == "PUT" {
+            request = request.header("content-type", "application/wasm").body(wat("hello"));
+        }
+        let response = request.send().unwrap();
+        let status = response.status().as_u16();
+        let body = response.text().unwrap();
+        if documented {
+            assert!(
+                !router_refused(status, &body),
+                "{method} {path} is documented but not routed: {status} {body}"
+            );
+        } else {
+            assert!(
+                router_refused(status, &body),
+                "{method} {path} is routed ({status}) but not documented"
+            );
+        }
+    }
+
+    // Each literal segment the router matches on is in some documented path.
+    let documented: BTreeSet<&str> = paths.keys().flat_map(|p| p.split('/')).collect();
+    let router = include_str!("../../src/api/mod.rs");
+    let mut literals = BTreeSet::new();
+    for line in router.lines().map(str::trim_start) {
+        if !(line.starts_with("([") || line.starts_with('[') || line.starts_with("if let [")) {
+            continue;
+        }
+        let pattern = line.split("=>").next().unwrap();
+        for (i, piece) in pattern.split('"').enumerate() {
+            if i % 2 == 1 {
+                literals.insert(piece.to_owned());
+            }
+        }
+    }
+    for route in ["healthz", "metrics"] {
+        literals.insert(route.to_owned());
+    }
+    assert!(
+        literals.contains("invoke-async") && literals.contains("tokens"),
+        "{literals:?}"
+    );
+    for literal in &literals {
+        assert!(
+            documented.contains(literal.as_str()),
+            "the router matches {literal:?}, the document does not"
+        );
+    }
+}
+
+#[test]
+fn the_document_needs_a_token() {
+    let kiln = Kiln::start();
+    let response = client().get(kiln.url("/v1/openapi.json")).send().unwrap();
+    crate::support::expect_error(response, 401, "unauthorized");
+}
