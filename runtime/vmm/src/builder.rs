@@ -133,6 +133,13 @@ impl MicroVm {
         })
     }
 
+    /// Creates a VM with `config.memory_mib` of zeroed RAM and one vCPU, and loads nothing: the
+    /// cost every fresh boot pays before the guest's first instruction.
+    pub fn empty(hypervisor: &Hypervisor, config: VmConfig) -> Result<Self, BootError> {
+        let memory = GuestMemory::anonymous(config.memory_bytes()?)?;
+        Ok(Self::create(hypervisor, memory)?)
+    }
+
     pub(crate) fn from_parts(vcpu: Vcpu, vm: Vm, memory: GuestMemory, channel: Channel) -> Self {
         Self {
             vcpu,
