@@ -57,6 +57,8 @@ pub struct App {
     pub jobs: Jobs,
     pub signer: Signer,
     pub metrics: Metrics,
+    /// Whether the microvm tier can run on this host (probed once at start-up).
+    pub microvm: crate::microvm::Capability,
     /// The global cap on live instances; equal to the pool's size, so the pool itself never runs
     /// dry mid-instantiation.
     pub instance_permits: Semaphore,
@@ -96,6 +98,11 @@ impl App {
             registry.install(record, None);
         }
         sweep_unreferenced(&store, &layout, &cache)?;
+        let microvm = crate::microvm::Capability::probe();
+        match microvm.reason() {
+            None => tracing::info!("tiers available: wasm, microvm"),
+            Some(reason) => tracing::info!(microvm = reason, "tiers available: wasm"),
+        }
 
         Ok(Arc::new(App {
             instance_permits: Semaphore::new(config.max_instances as usize),
@@ -110,6 +117,7 @@ impl App {
             jobs,
             signer,
             metrics: Metrics::default(),
+            microvm,
             commit_lock: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
             _ticker: ticker,

@@ -16,6 +16,7 @@ pub mod invoke;
 pub mod jobs;
 pub mod limits;
 pub mod metrics;
+pub mod microvm;
 pub mod pool;
 pub mod registry;
 pub mod server;

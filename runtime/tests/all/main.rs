@@ -7,5 +7,6 @@ mod errors;
 mod hostile;
 mod lifecycle;
 mod limits;
+mod microvm;
 mod snapshot;
 mod support;
