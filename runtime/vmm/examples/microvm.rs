@@ -1,7 +1,8 @@
 //! The microVM tier's costs on this host, with the VMM's tiny echo guest (`kiln_vmm::test_guest`):
 //! creating an empty VM (memory + VM + vCPU, then teardown), booting the guest to its ready
 //! signal, and the per-invocation path — restore from a snapshot (memory mapped copy-on-write),
-//! one framed request, teardown.
+//! one framed request, teardown — and the same request on a VM reset in place from the snapshot
+//! (`Snapshot::reset`: memory remapped copy-on-write, state set back, no VM created).
 //!
 //! Usage: cargo run --release -p kiln-vmm --example microvm -- [RUNS] [MEMORY_MIB]
 //!        (defaults: 200, 128)
@@ -73,6 +74,14 @@ fn main() {
             let mut vm = snapshot.restore(&hv).unwrap();
             assert_eq!(vm.request(input, timeout).unwrap(), expected);
             drop(vm);
+        }),
+    );
+    let mut vm = snapshot.restore(&hv).unwrap();
+    report(
+        "reset in place + request",
+        time(runs, || {
+            snapshot.reset(&mut vm).unwrap();
+            assert_eq!(vm.request(input, timeout).unwrap(), expected);
         }),
     );
 }

@@ -219,6 +219,12 @@ impl MicroVm {
         result
     }
 
+    /// A new channel (the snapshot's) for a VM being reset; the VM may run again.
+    pub(crate) fn reset_channel(&mut self, channel: Channel) {
+        self.channel = channel;
+        self.stopped = false;
+    }
+
     /// The guest's RAM, for inspection by tests and tools.
     pub fn memory(&self) -> &GuestMemory {
         &self.memory

@@ -143,6 +143,26 @@ impl Snapshot {
         Ok(MicroVm::from_parts(vcpu, vm, memory, self.channel.clone()))
     }
 
+    /// Puts `vm` back into the snapshot's state without creating anything: its memory is remapped
+    /// from the snapshot's file in place (see `GuestMemory::remap_from_file`) and its VM, vCPU and
+    /// channel state are set back. `vm` needs the snapshot's memory size but may come from any
+    /// snapshot, since all of its state is replaced; it may have run, failed or timed out since. This skips creating a VM, which is
+    /// most of a restore's cost (registering the memory slot alone takes milliseconds on some hosts),
+    /// so a pool of idle VMs per function makes each invocation a reset.
+    pub fn reset(&self, vm: &mut MicroVm) -> Result<(), RestoreError> {
+        if vm.memory.size() != self.memory_size {
+            return Err(RestoreError::Memory(MemoryError::FileSize {
+                file: self.memory_size as u64,
+                expected: vm.memory.size(),
+            }));
+        }
+        vm.memory.remap_from_file(&self.memory)?;
+        vm.vm.restore_state(&self.vm)?;
+        vm.vcpu.restore_state(&self.vcpu)?;
+        vm.reset_channel(self.channel.clone());
+        Ok(())
+    }
+
     fn encode_state(&self) -> Vec<u8> {
         let mut out = MAGIC.to_vec();
         out.extend_from_slice(&VERSION.to_le_bytes());

@@ -73,6 +73,41 @@ fn restores_from_one_snapshot_are_copy_on_write() {
 }
 
 #[test]
+fn a_vm_reset_in_place_from_its_snapshot_forgets_everything() {
+    let Some(hv) = hypervisor() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut booted = MicroVm::boot_flat64(&hv, VmConfig::new(4), &test_guest::echo(), BOOT).unwrap();
+    let snapshot = Snapshot::create(&hv, &mut booted, dir.path()).unwrap();
+    let before = std::fs::read(dir.path().join("memory")).unwrap();
+    let mut vm = snapshot.restore(&hv).unwrap();
+    for i in 0..30 {
+        let input = format!("reset {i}");
+        assert_eq!(
+            vm.request(input.as_bytes(), REQUEST).unwrap(),
+            response(1, input.to_ascii_uppercase().as_bytes())
+        );
+        assert_eq!(vm.request(b"b", REQUEST).unwrap(), response(2, b"B"));
+        snapshot.reset(&mut vm).unwrap();
+        let mut buffer = [0xaau8; 8];
+        vm.memory().read(BUFFER_ADDRESS.into(), &mut buffer).unwrap();
+        assert_eq!(buffer, [0; 8], "reset {i} kept the guest's write");
+    }
+    // A VM stopped by a timeout runs again after a reset.
+    let spin_dir = tempfile::tempdir().unwrap();
+    let mut spinner = MicroVm::boot_flat64(&hv, VmConfig::new(4), &test_guest::spin(), BOOT).unwrap();
+    let spin = Snapshot::create(&hv, &mut spinner, spin_dir.path()).unwrap();
+    // Any VM of the snapshot's memory size can be reset to it: here the echo VM becomes a spinner.
+    spin.reset(&mut vm).unwrap();
+    assert!(matches!(
+        vm.request(b"", Duration::from_millis(50)),
+        Err(RequestError::Run(RunError::Timeout(_)))
+    ));
+    snapshot.reset(&mut vm).unwrap();
+    assert_eq!(vm.request(b"ok", REQUEST).unwrap(), response(1, b"OK"));
+    assert!(std::fs::read(dir.path().join("memory")).unwrap() == before);
+}
+
+#[test]
 fn a_spinning_guest_is_stopped_at_its_timeout() {
     let Some(hv) = hypervisor() else { return };
     let dir = tempfile::tempdir().unwrap();

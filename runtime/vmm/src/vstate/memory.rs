@@ -84,6 +84,38 @@ impl GuestMemory {
         Self { mem, size, host }
     }
 
+    /// Replaces the whole of this memory, in place, with a fresh copy-on-write mapping of `file`
+    /// (a snapshot's memory file): every page the guest dirtied is dropped, and the host address
+    /// stays the same, so the VM's memory slot stays valid. KVM's MMU notifier drops the guest's
+    /// mappings of the old pages; the guest faults the file's pages in again as it touches them.
+    pub fn remap_from_file(&self, file: &File) -> Result<(), MemoryError> {
+        let file_len = file.metadata()?.len();
+        if file_len != self.size as u64 {
+            return Err(MemoryError::FileSize {
+                file: file_len,
+                expected: self.size,
+            });
+        }
+        // SAFETY: `self.host .. + self.size` is exactly the mapping `self.mem` owns, so MAP_FIXED
+        // replaces only Kiln's own guest memory (never another mapping), with one of the same size
+        // and protection; `mem` keeps owning (and later unmaps) that range. No vCPU runs while this
+        // executes: it takes the memory of a `MicroVm` that is not running.
+        let mapped = unsafe {
+            libc::mmap(
+                self.host.cast(),
+                self.size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                std::os::fd::AsRawFd::as_raw_fd(file),
+                0,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(MemoryError::Io(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
     /// Size in bytes.
     pub fn size(&self) -> usize {
         self.size
