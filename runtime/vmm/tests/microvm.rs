@@ -108,6 +108,36 @@ fn a_vm_reset_in_place_from_its_snapshot_forgets_everything() {
 }
 
 #[test]
+fn threads_restore_and_time_out_concurrently_from_shared_snapshots() {
+    let Some(hv) = hypervisor() else { return };
+    let (echo_dir, spin_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut vm = MicroVm::boot_flat64(&hv, VmConfig::new(2), &test_guest::echo(), BOOT).unwrap();
+    let echo = Snapshot::create(&hv, &mut vm, echo_dir.path()).unwrap();
+    let mut vm = MicroVm::boot_flat64(&hv, VmConfig::new(2), &test_guest::spin(), BOOT).unwrap();
+    let spin = Snapshot::create(&hv, &mut vm, spin_dir.path()).unwrap();
+    // Each thread runs its own vCPUs; a timeout on one thread must kick only that thread's vCPU.
+    std::thread::scope(|scope| {
+        for t in 0..4 {
+            let (hv, echo, spin) = (&hv, &echo, &spin);
+            scope.spawn(move || {
+                for i in 0..10 {
+                    if (t + i) % 3 == 0 {
+                        let mut vm = spin.restore(hv).unwrap();
+                        let err = vm.request(b"", Duration::from_millis(20)).unwrap_err();
+                        assert!(matches!(err, RequestError::Run(RunError::Timeout(_))), "{err}");
+                    } else {
+                        let mut vm = echo.restore(hv).unwrap();
+                        let input = format!("thread {t} run {i}");
+                        let want = response(1, input.to_ascii_uppercase().as_bytes());
+                        assert_eq!(vm.request(input.as_bytes(), REQUEST).unwrap(), want);
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[test]
 fn a_spinning_guest_is_stopped_at_its_timeout() {
     let Some(hv) = hypervisor() else { return };
     let dir = tempfile::tempdir().unwrap();
