@@ -7,6 +7,7 @@
 //! - [`devices`]: the host↔guest channel and its framed protocol.
 //! - [`builder`]: create a VM, load an image, boot it to its ready signal, send requests.
 //! - [`initramfs`]: the deterministic cpio image holding the guest agent and the function.
+//! - [`kernel`]: the Linux guest kernel, from Debian's bzImage to a loaded ELF `vmlinux`.
 //! - [`persist`]: snapshot a ready VM to files and restore it, many times, from them.
 //! - [`test_guest`]: tiny 64-bit guests assembled in Rust, for tests and benchmarks.
 //!
@@ -16,6 +17,7 @@
 pub mod builder;
 pub mod devices;
 pub mod initramfs;
+pub mod kernel;
 pub mod persist;
 pub mod test_guest;
 pub mod vstate;

@@ -139,6 +139,38 @@ impl Drop for Qemu {
 }
 
 #[test]
+fn the_debian_kernel_extracts_to_an_elf_vmlinux_with_a_pvh_entry() {
+    let kernel = workspace().join("target/kiln-guest/vmlinuz");
+    let Ok(bzimage) = std::fs::read(&kernel) else {
+        eprintln!(
+            "skipped: needs {} (runtime/scripts/setup.sh fetches it)",
+            kernel.display()
+        );
+        return;
+    };
+    let vmlinux = kiln_vmm::kernel::extract_vmlinux(&bzimage).unwrap();
+    assert_eq!(&vmlinux[..4], b"\x7fELF");
+    assert_eq!(u16::from_le_bytes([vmlinux[18], vmlinux[19]]), 62, "x86_64");
+    let memory = kiln_vmm::vstate::memory::GuestMemory::anonymous(256 << 20).unwrap();
+    let loaded = kiln_vmm::kernel::load_vmlinux(&memory, &vmlinux).unwrap();
+    assert!(
+        loaded.start >= 0x10_0000 && loaded.end > loaded.start && loaded.end < 256 << 20,
+        "{loaded:?}"
+    );
+    assert!((loaded.start..loaded.end).contains(&loaded.pvh_entry), "{loaded:?}");
+    let mut code = [0u8; 16];
+    memory.read(loaded.pvh_entry, &mut code).unwrap();
+    assert_ne!(code, [0; 16], "nothing loaded at the PVH entry point");
+    eprintln!(
+        "vmlinux: {} bytes, loaded at {:#x}..{:#x}, PVH entry {:#x}",
+        vmlinux.len(),
+        loaded.start,
+        loaded.end,
+        loaded.pvh_entry
+    );
+}
+
+#[test]
 fn the_linux_image_boots_under_qemu_and_its_agent_serves_requests() {
     let kernel = workspace().join("target/kiln-guest/vmlinuz");
     let qemu_found = Command::new("qemu-system-x86_64").arg("--version").output().is_ok();

@@ -116,6 +116,11 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// The `vm-memory` view, for loaders that write through it (`linux-loader`).
+    pub(crate) fn mmap(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
     /// Size in bytes.
     pub fn size(&self) -> usize {
         self.size
