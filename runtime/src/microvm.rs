@@ -58,7 +58,7 @@ impl Capability {
         }
         Self::Unavailable(
             "the microvm tier is not available yet: this host has hardware virtualization, but this \
-             Kiln build does not ship the Linux guest image (kernel and guest agent) it needs"
+             Kiln build cannot yet boot its Linux guest image (kernel and guest agent) on its VMM"
                 .into(),
         )
     }
