@@ -103,7 +103,7 @@ pub enum RequestError {
     Channel(#[from] ChannelError),
     #[error("the guest answered with a {0:?} frame instead of a response")]
     UnexpectedFrame(FrameKind),
-    #[error("the VM was stopped by an earlier failure and cannot run again")]
+    #[error("the VM was stopped by an earlier failure and cannot run until it is reset")]
     Stopped,
 }
 
@@ -206,9 +206,7 @@ impl MicroVm {
     /// Runs the guest until it completes a frame, at most `timeout`.
     pub fn run_until_frame(&mut self, timeout: Duration) -> Result<Frame, RunError> {
         if self.stopped {
-            return Err(RunError::UnexpectedExit(
-                "the VM was stopped by an earlier failure".into(),
-            ));
+            return Err(RunError::Stopped);
         }
         let result = self
             .vcpu

@@ -39,6 +39,8 @@ pub enum RunError {
     UnexpectedExit(String),
     #[error("cannot arm the vCPU's deadline timer: {0}")]
     Timer(std::io::Error),
+    #[error("the VM was stopped by an earlier failure and cannot run until it is reset")]
+    Stopped,
     #[error("KVM_RUN failed: {0}")]
     Kvm(kvm_ioctls::Error),
 }
