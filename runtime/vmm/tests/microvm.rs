@@ -42,6 +42,18 @@ fn echo_guest_boots_and_answers_framed_requests() {
 }
 
 #[test]
+fn string_io_moves_whole_buffers_over_the_channel() {
+    let Some(hv) = hypervisor() else { return };
+    let mut vm = MicroVm::boot_flat64(&hv, VmConfig::new(4), &test_guest::bulk(), BOOT).unwrap();
+    // `rep insb`/`rep outsb`: on hardware KVM up to a page per exit; PVM emulates them one byte
+    // per exit (~10 µs each here), so the size stays modest.
+    let input: Vec<u8> = (0..(64u32 << 10)).map(|i| (i * 7 % 251) as u8).collect();
+    assert!(vm.request(&input, Duration::from_secs(30)).unwrap() == input);
+    assert_eq!(vm.request(b"", REQUEST).unwrap(), b"");
+    assert_eq!(vm.request(b"tail", REQUEST).unwrap(), b"tail");
+}
+
+#[test]
 fn restores_from_one_snapshot_are_copy_on_write() {
     let Some(hv) = hypervisor() else { return };
     let dir = tempfile::tempdir().unwrap();
