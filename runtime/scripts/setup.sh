@@ -27,3 +27,14 @@ if [[ ${KILN_SETUP_POLYGLOT:-1} == 1 ]]; then
     echo "setup: some polyglot toolchains could not be installed; their tests will be skipped"
   fi
 fi
+# The microVM tier's Linux guest: the agent is a static musl executable, the image is tested under
+# QEMU (software emulation), and the kernel is Debian's cloud kernel, version- and checksum-pinned.
+if ! grep -qx x86_64-unknown-linux-musl <<<"$installed"; then
+  echo "setup: installing Rust target x86_64-unknown-linux-musl"
+  rustup target add x86_64-unknown-linux-musl
+fi
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+  echo "setup: installing qemu-system-x86"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86
+fi
+"$(dirname "$0")/../vmm/scripts/guest-kernel.sh"

@@ -60,6 +60,8 @@ pub struct App {
     pub metrics: Metrics,
     /// Kept logs of synchronous invocations.
     pub logs: InvocationLogs,
+    /// Whether the microvm tier can run on this host (probed once at start-up).
+    pub microvm: crate::microvm::Capability,
     /// The global cap on live instances; equal to the pool's size, so the pool itself never runs
     /// dry mid-instantiation.
     pub instance_permits: Semaphore,
@@ -107,6 +109,11 @@ impl App {
             registry.install(record, None);
         }
         sweep_unreferenced(&store, &layout, &cache)?;
+        let microvm = crate::microvm::Capability::probe();
+        match microvm.reason() {
+            None => tracing::info!("tiers available: wasm, microvm"),
+            Some(reason) => tracing::info!(microvm = reason, "tiers available: wasm"),
+        }
 
         Ok(Arc::new(App {
             instance_permits: Semaphore::new(config.max_instances as usize),
@@ -122,6 +129,7 @@ impl App {
             signer,
             metrics: Metrics::default(),
             logs,
+            microvm,
             commit_lock: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
             _ticker: ticker,

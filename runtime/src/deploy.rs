@@ -66,9 +66,10 @@ pub async fn deploy(
     config: FunctionConfig,
 ) -> Result<Deployed, DeployError> {
     if config.tier == Tier::Microvm {
-        return Err(DeployError::TierUnavailable(
-            "the microvm tier is not available on this host (no KVM-backed VMM is running); deploy WebAssembly with \"tier\": \"wasm\"".into(),
-        ));
+        // Bad input is 422 on every host; only a valid executable learns that the host cannot run it.
+        crate::microvm::validate_executable(&upload).map_err(DeployError::InvalidCode)?;
+        let reason = app.microvm.reason().unwrap_or("the microvm tier cannot deploy yet");
+        return Err(DeployError::TierUnavailable(reason.to_owned()));
     }
     let prepared = {
         let app = app.clone();

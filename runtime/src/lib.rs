@@ -19,6 +19,7 @@ pub mod jobs;
 pub mod limits;
 pub mod logs;
 pub mod metrics;
+pub mod microvm;
 pub mod observe;
 pub mod pool;
 pub mod registry;

@@ -105,10 +105,14 @@ fn healthz(app: &App) -> Response<Body> {
     if app.is_shutting_down() {
         return body::error(&ApiError::unavailable("kiln is shutting down"));
     }
-    body::json(
-        StatusCode::OK,
-        &serde_json::json!({ "status": "ok", "tiers": { "wasm": true, "microvm": false } }),
-    )
+    let mut health = serde_json::json!({
+        "status": "ok",
+        "tiers": { "wasm": true, "microvm": app.microvm.is_available() },
+    });
+    if let Some(reason) = app.microvm.reason() {
+        health["unavailable"] = serde_json::json!({ "microvm": reason });
+    }
+    body::json(StatusCode::OK, &health)
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "operations", security(()),

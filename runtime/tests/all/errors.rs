@@ -146,11 +146,11 @@ fn bad_config_is_400() {
         .send()
         .unwrap();
     expect_error(response, 400, "invalid_request");
-    // The microvm tier is not available here.
+    // Wasm sent to the microvm tier (more in microvm.rs).
     expect_error(
         kiln.deploy_with("f", wat("hello"), json!({"tier": "microvm"})),
-        503,
-        "unavailable",
+        422,
+        "invalid_code",
     );
 }
 

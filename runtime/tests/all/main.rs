@@ -9,6 +9,7 @@ mod hostile;
 mod http_trigger;
 mod lifecycle;
 mod limits;
+mod microvm;
 mod openapi;
 mod ops;
 mod polyglot;

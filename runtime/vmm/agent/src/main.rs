@@ -1,0 +1,223 @@
+//! Kiln's guest agent: PID 1 of the microVM's Linux guest (the initramfs's `/init`).
+//!
+//! It speaks the framed protocol of `kiln-vmm`'s `devices::channel` (u32 little-endian payload
+//! length, one kind byte, payload) with the host:
+//! 1. mounts `/dev` and `/proc`, opens the channel, sends READY — the host snapshots the VM here;
+//! 2. for each REQUEST, runs `/function` with the payload as stdin, and answers RESPONSE
+//!    (i32 little-endian exit code, then stdout); a non-empty stderr goes first as a LOG frame;
+//! 3. a RESEED frame (sent by the host after each restore) is mixed into the kernel's RNG, so VMs
+//!    restored from one snapshot do not share random state.
+//!
+//! The channel is chosen on the kernel command line: `kiln.channel=port` uses Kiln's I/O port
+//! (0x510, through `ioperm`, on Kiln's own VMM); `kiln.channel=/dev/ttyS1` (or any serial device)
+//! uses that device in raw mode (under QEMU, whose machine has no such port).
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
+
+const READY: u8 = 1;
+const REQUEST: u8 = 2;
+const RESPONSE: u8 = 3;
+const RESEED: u8 = 4;
+const LOG: u8 = 5;
+const MAX_PAYLOAD: u32 = 16 << 20;
+const PORT: u16 = 0x510;
+
+/// The byte stream to the host.
+enum Channel {
+    Serial(File),
+    Port,
+}
+
+impl Channel {
+    fn open(spec: &str) -> io::Result<Self> {
+        if spec == "port" {
+            // SAFETY: ioperm only changes this process's I/O permission bitmap.
+            if unsafe { libc::ioperm(PORT.into(), 1, 1) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            return Ok(Channel::Port);
+        }
+        let file = File::options().read(true).write(true).open(spec)?;
+        // SAFETY: `termios` is plain data; tcgetattr fills it for a valid fd.
+        let mut tio: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: the fd is open for the duration of the calls; `tio` is valid.
+        unsafe {
+            if libc::tcgetattr(file.as_raw_fd(), &mut tio) == 0 {
+                libc::cfmakeraw(&mut tio);
+                libc::tcsetattr(file.as_raw_fd(), libc::TCSANOW, &tio);
+            }
+        }
+        Ok(Channel::Serial(file))
+    }
+
+    fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        match self {
+            Channel::Serial(f) => f.read_exact(buf),
+            Channel::Port => {
+                port_read(buf);
+                Ok(())
+            }
+        }
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            Channel::Serial(f) => f.write_all(buf).and_then(|()| f.flush()),
+            Channel::Port => {
+                port_write(buf);
+                Ok(())
+            }
+        }
+    }
+
+    fn send(&mut self, kind: u8, payload: &[u8]) -> io::Result<()> {
+        let mut frame = Vec::with_capacity(5 + payload.len());
+        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        frame.push(kind);
+        frame.extend_from_slice(payload);
+        self.write_all(&frame)
+    }
+
+    fn receive(&mut self) -> io::Result<(u8, Vec<u8>)> {
+        let mut header = [0u8; 5];
+        self.read_exact(&mut header)?;
+        let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+        if len > MAX_PAYLOAD {
+            return Err(io::Error::other(format!("frame of {len} bytes from the host")));
+        }
+        let mut payload = vec![0u8; len as usize];
+        self.read_exact(&mut payload)?;
+        Ok((header[4], payload))
+    }
+}
+
+/// Reads `buf.len()` bytes from the channel port with `rep insb`: on hardware KVM the VMM gets up
+/// to a page per exit instead of one exit per byte.
+#[cfg(target_arch = "x86_64")]
+fn port_read(buf: &mut [u8]) {
+    // SAFETY: ioperm granted the port; `rep insb` writes exactly `rcx` bytes at `rdi`, which is
+    // `buf`; the direction flag is clear on entry to inline assembly (Rust's ABI guarantees it).
+    unsafe {
+        std::arch::asm!("rep insb", in("dx") PORT, inout("rdi") buf.as_mut_ptr() => _,
+            inout("rcx") buf.len() => _, options(nostack, preserves_flags))
+    };
+}
+
+/// Writes `buf` to the channel port with `rep outsb`.
+#[cfg(target_arch = "x86_64")]
+fn port_write(buf: &[u8]) {
+    // SAFETY: ioperm granted the port; `rep outsb` reads exactly `rcx` bytes at `rsi`, which is
+    // `buf`; the direction flag is clear on entry to inline assembly.
+    unsafe {
+        std::arch::asm!("rep outsb", in("dx") PORT, inout("rsi") buf.as_ptr() => _,
+            inout("rcx") buf.len() => _, options(nostack, readonly, preserves_flags))
+    };
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn port_read(_: &mut [u8]) {
+    unreachable!("the port channel exists on x86_64 only")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn port_write(_: &[u8]) {
+    unreachable!("the port channel exists on x86_64 only")
+}
+
+fn mount(source: &str, target: &str, fstype: &str) {
+    let _ = std::fs::create_dir_all(target);
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    let (source, target, fstype) = (c(source), c(target), c(fstype));
+    // SAFETY: all pointers are valid NUL-terminated strings for the call.
+    unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+}
+
+/// Runs `/function` with `input` as stdin: (exit code, stdout, stderr).
+fn run_function(input: &[u8]) -> (i32, Vec<u8>, Vec<u8>) {
+    let child = Command::new("/function")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_clear()
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) => {
+            return (
+                127,
+                Vec::new(),
+                format!("kiln-agent: cannot start /function: {e}").into_bytes(),
+            )
+        }
+    };
+    let mut stdin = child.stdin.take().expect("piped");
+    let input = input.to_vec();
+    // Feed stdin from a thread so a function that writes before reading cannot deadlock us.
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let output = child.wait_with_output();
+    let _ = feeder.join();
+    match output {
+        Ok(out) => {
+            use std::os::unix::process::ExitStatusExt;
+            let code = out
+                .status
+                .code()
+                .unwrap_or_else(|| 128 + out.status.signal().unwrap_or(0));
+            (code, out.stdout, out.stderr)
+        }
+        Err(e) => (
+            127,
+            Vec::new(),
+            format!("kiln-agent: waiting for /function: {e}").into_bytes(),
+        ),
+    }
+}
+
+fn serve(channel: &mut Channel) -> io::Result<()> {
+    channel.send(READY, &[])?;
+    loop {
+        let (kind, payload) = channel.receive()?;
+        match kind {
+            REQUEST => {
+                let (code, stdout, stderr) = run_function(&payload);
+                if !stderr.is_empty() {
+                    channel.send(LOG, &stderr)?;
+                }
+                let mut response = code.to_le_bytes().to_vec();
+                response.extend_from_slice(&stdout);
+                channel.send(RESPONSE, &response)?;
+            }
+            RESEED => {
+                // Mixes the host's bytes into the kernel's pool: restored VMs diverge from here on.
+                let _ = File::options()
+                    .write(true)
+                    .open("/dev/urandom")
+                    .and_then(|mut f| f.write_all(&payload));
+            }
+            other => eprintln!("kiln-agent: ignoring a frame of kind {other}"),
+        }
+    }
+}
+
+fn main() {
+    mount("devtmpfs", "/dev", "devtmpfs");
+    mount("proc", "/proc", "proc");
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let spec = cmdline
+        .split_whitespace()
+        .find_map(|arg| arg.strip_prefix("kiln.channel="))
+        .unwrap_or("port")
+        .to_owned();
+    let result = Channel::open(&spec).and_then(|mut channel| serve(&mut channel));
+    if let Err(e) = result {
+        eprintln!("kiln-agent: channel {spec}: {e}");
+    }
+    // PID 1 must not exit while the VM is wanted; powering off ends the VM cleanly instead.
+    // SAFETY: reboot with POWER_OFF has no memory-safety preconditions.
+    unsafe { libc::reboot(libc::RB_POWER_OFF) };
+}

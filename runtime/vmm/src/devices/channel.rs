@@ -1,0 +1,290 @@
+//! The host↔guest channel: a port-I/O byte stream carrying length-prefixed frames.
+//!
+//! # Transport
+//! One I/O port, [`CHANNEL_PORT`] (0x510). A guest `out` to it appends the written bytes to the
+//! guest→host stream; an `in` from it takes the next bytes of the host→guest stream. The access
+//! width is the number of bytes moved: `out dx, eax` moves four bytes in one VM exit, `out dx, al`
+//! one. String I/O (`rep outsb`/`rep insb`) moves `count × width` bytes per exit. A Linux guest
+//! agent (PID 1, root) reaches the port from user space with `ioperm(0x510, 1, 1)` and the same
+//! instructions, so the tiny test guest and the agent speak over the same device; no serial
+//! console framing, no virtio driver in the guest kernel is needed.
+//!
+//! Reading past the end of what the host has queued is a protocol error ([`ChannelError::Underflow`]),
+//! not a blocking read: the host always queues a whole frame before it lets the guest run, and the
+//! guest reads exactly the length that frame announces.
+//!
+//! # Framing
+//! Every message, in both directions, is one frame:
+//!
+//! ```text
+//!  offset  size  field
+//!  0       4     payload length N, little-endian u32 (at most MAX_PAYLOAD)
+//!  4       1     kind (FrameKind)
+//!  5       N     payload
+//! ```
+//!
+//! Kinds: `1 READY` (guest→host, empty: the guest finished booting and waits for a request; the
+//! host snapshots here), `2 REQUEST` (host→guest: the invocation's input), `3 RESPONSE`
+//! (guest→host: the agent sends a little-endian i32 exit code followed by the program's stdout; the
+//! test guest sends what it computed), `4 RESEED` (host→guest, 32 bytes of fresh entropy sent after
+//! every restore so restored guests do not share their RNG state), `5 LOG` (guest→host: stderr).
+
+use std::collections::VecDeque;
+
+/// The channel's only I/O port.
+pub const CHANNEL_PORT: u16 = 0x510;
+
+/// Bytes of a frame header: the length and the kind.
+pub const HEADER_LEN: usize = 5;
+
+/// The largest payload either side may announce (16 MiB): a guest announcing more is broken or
+/// hostile, and is stopped before the host buffers it.
+pub const MAX_PAYLOAD: u32 = 16 << 20;
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    Ready = 1,
+    Request = 2,
+    Response = 3,
+    Reseed = 4,
+    Log = 5,
+}
+
+impl FrameKind {
+    fn from_byte(byte: u8) -> Option<Self> {
+        Some(match byte {
+            1 => Self::Ready,
+            2 => Self::Request,
+            3 => Self::Response,
+            4 => Self::Reseed,
+            5 => Self::Log,
+            _ => return None,
+        })
+    }
+}
+
+/// One message of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: FrameKind,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    pub fn new(kind: FrameKind, payload: impl Into<Vec<u8>>) -> Self {
+        Self {
+            kind,
+            payload: payload.into(),
+        }
+    }
+
+    /// The frame's bytes on the wire.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + self.payload.len());
+        out.extend_from_slice(&(self.payload.len() as u32).to_le_bytes());
+        out.push(self.kind as u8);
+        out.extend_from_slice(&self.payload);
+        out
+    }
+}
+
+/// A guest that breaks the protocol.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChannelError {
+    #[error("the guest read {wanted} byte(s) from the channel but only {queued} were queued")]
+    Underflow { wanted: usize, queued: usize },
+    #[error("the guest announced a {len}-byte frame; the limit is {MAX_PAYLOAD} bytes")]
+    Oversized { len: u32 },
+    #[error("the guest sent a frame of unknown kind {0}")]
+    UnknownKind(u8),
+    #[error("the host's frame of {len} bytes exceeds the limit of {MAX_PAYLOAD} bytes")]
+    InputTooLarge { len: usize },
+}
+
+/// Reassembles the guest→host stream into frames.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    /// Feeds one byte; returns a frame when this byte completes one.
+    fn push(&mut self, byte: u8) -> Result<Option<Frame>, ChannelError> {
+        self.buf.push(byte);
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes"));
+        if len > MAX_PAYLOAD {
+            return Err(ChannelError::Oversized { len });
+        }
+        if self.buf.len() < HEADER_LEN + len as usize {
+            return Ok(None);
+        }
+        let kind = FrameKind::from_byte(self.buf[4]).ok_or(ChannelError::UnknownKind(self.buf[4]))?;
+        let payload = self.buf.split_off(HEADER_LEN);
+        self.buf.clear();
+        Ok(Some(Frame { kind, payload }))
+    }
+}
+
+/// The channel device: the host→guest queue and the guest→host decoder.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Channel {
+    input: VecDeque<u8>,
+    decoder: FrameDecoder,
+    frames: VecDeque<Frame>,
+}
+
+impl Channel {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Queues a frame for the guest to read.
+    pub fn send(&mut self, frame: &Frame) -> Result<(), ChannelError> {
+        if frame.payload.len() > MAX_PAYLOAD as usize {
+            return Err(ChannelError::InputTooLarge {
+                len: frame.payload.len(),
+            });
+        }
+        self.input.extend(frame.encode());
+        Ok(())
+    }
+
+    /// Bytes queued for the guest and not read yet.
+    pub fn queued(&self) -> usize {
+        self.input.len()
+    }
+
+    /// A guest `in`: fills `data` from the queue.
+    pub fn read(&mut self, data: &mut [u8]) -> Result<(), ChannelError> {
+        if data.len() > self.input.len() {
+            return Err(ChannelError::Underflow {
+                wanted: data.len(),
+                queued: self.input.len(),
+            });
+        }
+        let wanted = data.len();
+        for (slot, byte) in data.iter_mut().zip(self.input.drain(..wanted)) {
+            *slot = byte;
+        }
+        Ok(())
+    }
+
+    /// A guest `out`: feeds the decoder. Returns true when at least one frame is complete.
+    pub fn write(&mut self, data: &[u8]) -> Result<bool, ChannelError> {
+        for &byte in data {
+            if let Some(frame) = self.decoder.push(byte)? {
+                self.frames.push_back(frame);
+            }
+        }
+        Ok(!self.frames.is_empty())
+    }
+
+    /// The oldest complete frame from the guest.
+    pub fn take_frame(&mut self) -> Option<Frame> {
+        self.frames.pop_front()
+    }
+
+    /// The device state a snapshot records: the unread input and a partial output frame.
+    /// Complete frames not yet taken are part of the partial output, re-encoded, so nothing is lost.
+    pub fn save(&self) -> Vec<u8> {
+        let mut pending = Vec::new();
+        for frame in &self.frames {
+            pending.extend(frame.encode());
+        }
+        pending.extend_from_slice(&self.decoder.buf);
+        let input: Vec<u8> = self.input.iter().copied().collect();
+        let mut out = Vec::with_capacity(8 + input.len() + pending.len());
+        out.extend_from_slice(&(input.len() as u32).to_le_bytes());
+        out.extend_from_slice(&input);
+        out.extend_from_slice(&(pending.len() as u32).to_le_bytes());
+        out.extend_from_slice(&pending);
+        out
+    }
+
+    /// The inverse of [`Channel::save`]; `None` when the bytes are not a saved channel.
+    pub fn restore(bytes: &[u8]) -> Option<Self> {
+        let (input, rest) = take_prefixed(bytes)?;
+        let (pending, rest) = take_prefixed(rest)?;
+        if !rest.is_empty() {
+            return None;
+        }
+        let mut channel = Channel {
+            input: input.iter().copied().collect(),
+            ..Channel::default()
+        };
+        channel.write(pending).ok()?;
+        Some(channel)
+    }
+}
+
+fn take_prefixed(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let body = bytes.get(4..4 + len)?;
+    Some((body, &bytes[4 + len..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_through_the_stream_at_any_access_width() {
+        let frame = Frame::new(FrameKind::Response, b"hello, guest".to_vec());
+        let wire = frame.encode();
+        assert_eq!(&wire[..5], &[12, 0, 0, 0, 3]);
+        for width in [1, 2, 4, 7] {
+            let mut channel = Channel::new();
+            let mut done = false;
+            for chunk in wire.chunks(width) {
+                assert!(!done, "a frame completed before its last byte");
+                done = channel.write(chunk).unwrap();
+            }
+            assert!(done);
+            assert_eq!(channel.take_frame(), Some(frame.clone()));
+            assert_eq!(channel.take_frame(), None);
+        }
+    }
+
+    #[test]
+    fn reading_past_the_queue_is_an_underflow() {
+        let mut channel = Channel::new();
+        channel.send(&Frame::new(FrameKind::Request, vec![7])).unwrap();
+        let mut header = [0u8; 4];
+        channel.read(&mut header).unwrap();
+        assert_eq!(u32::from_le_bytes(header), 1);
+        let mut rest = [0u8; 4];
+        assert_eq!(
+            channel.read(&mut rest),
+            Err(ChannelError::Underflow { wanted: 4, queued: 2 })
+        );
+    }
+
+    #[test]
+    fn oversized_and_unknown_frames_are_refused() {
+        let mut channel = Channel::new();
+        assert_eq!(
+            channel
+                .write(&(MAX_PAYLOAD + 1).to_le_bytes())
+                .and_then(|_| channel.write(&[3])),
+            Err(ChannelError::Oversized { len: MAX_PAYLOAD + 1 })
+        );
+        let mut channel = Channel::new();
+        assert_eq!(channel.write(&[0, 0, 0, 0, 99]), Err(ChannelError::UnknownKind(99)));
+    }
+
+    #[test]
+    fn saved_state_keeps_unread_input_and_partial_output() {
+        let mut channel = Channel::new();
+        channel.send(&Frame::new(FrameKind::Request, b"abc".to_vec())).unwrap();
+        channel.read(&mut [0u8; 2]).unwrap();
+        channel.write(&[2, 0, 0]).unwrap();
+        let restored = Channel::restore(&channel.save()).unwrap();
+        assert_eq!(restored, channel);
+        assert_eq!(Channel::restore(&[1, 0]), None);
+    }
+}

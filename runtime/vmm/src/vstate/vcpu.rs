@@ -1,0 +1,338 @@
+//! The vCPU: its register set-up for a 64-bit guest, the run loop that serves its exits, the
+//! deadline that stops it, and the register state a snapshot keeps.
+//!
+//! # Stopping a vCPU at its deadline
+//! `KVM_RUN` only returns on a VM exit or a signal. Each run arms a POSIX timer
+//! (`timer_create` with `SIGEV_THREAD_ID`) that sends [`kick_signal`] to the thread running the
+//! vCPU when the timeout expires. The signal's handler sets `immediate_exit` in that vCPU's shared
+//! `kvm_run` page, so the kick is not lost if it lands just before the thread enters `KVM_RUN`:
+//! KVM then returns `EINTR` at once instead of entering the guest. No watchdog thread, no polling;
+//! a guest spinning in a tight loop is stopped within the timer's resolution.
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use super::vm::{kvm_err, Hypervisor, Vm, VmError};
+use crate::devices::channel::{Channel, ChannelError, Frame, CHANNEL_PORT};
+
+/// Why a run stopped without the frame the host waited for.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("the guest ran past its timeout of {0:?}")]
+    Timeout(Duration),
+    #[error("the guest accessed address {addr:#x}, beyond its {size} bytes of memory (memory limit exceeded)")]
+    MemoryExceeded { addr: u64, size: usize },
+    #[error("the guest shut down (triple fault)")]
+    Shutdown,
+    #[error("the guest broke the channel protocol: {0}")]
+    Channel(#[from] ChannelError),
+    #[error("KVM could not emulate a guest instruction (internal error)")]
+    Internal,
+    #[error("unexpected VM exit: {0}")]
+    UnexpectedExit(String),
+    #[error("cannot arm the vCPU's deadline timer: {0}")]
+    Timer(std::io::Error),
+    #[error("the VM was stopped by an earlier failure and cannot run until it is reset")]
+    Stopped,
+    #[error("KVM_RUN failed: {0}")]
+    Kvm(kvm_ioctls::Error),
+}
+
+/// MSRs a snapshot keeps (those the host's KVM supports): the syscall entry points, the TSC, PAT.
+const SAVED_MSRS: [u32; 11] = [
+    0x10,        // IA32_TSC
+    0x174,       // IA32_SYSENTER_CS
+    0x175,       // IA32_SYSENTER_ESP
+    0x176,       // IA32_SYSENTER_EIP
+    0x1a0,       // IA32_MISC_ENABLE
+    0x277,       // IA32_PAT
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SFMASK
+    0xc000_0102, // KERNEL_GS_BASE
+];
+
+/// A vCPU's registers and the state around them; everything KVM needs to resume it elsewhere.
+#[derive(Debug)]
+pub struct VcpuState {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub fpu: kvm_fpu,
+    pub lapic: kvm_lapic_state,
+    pub msrs: Vec<kvm_msr_entry>,
+    pub mp_state: kvm_mp_state,
+    pub events: kvm_vcpu_events,
+    pub debugregs: kvm_debugregs,
+    /// `None` on hosts without XSAVE support in KVM.
+    pub xcrs: Option<kvm_xcrs>,
+    pub xsave: Option<kvm_xsave>,
+}
+
+/// One vCPU (Kiln's guests have one).
+#[derive(Debug)]
+pub struct Vcpu {
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    pub fn new(hypervisor: &Hypervisor, vm: &Vm) -> Result<Self, VmError> {
+        let fd = vm.fd().create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(hypervisor.cpuid()).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        Ok(Self { fd })
+    }
+
+    /// Puts the vCPU in 64-bit long mode at `entry`, with paging rooted at `pml4` (identity
+    /// mapped by the loader), flat segments described by the GDT at `gdt`, and stack `stack`.
+    pub fn set_long_mode(&self, entry: u64, stack: u64, pml4: u64, gdt: u64) -> Result<(), VmError> {
+        let mut sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let code = kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: 0x08,
+            type_: 0xb, // execute/read, accessed
+            present: 1,
+            dpl: 0,
+            db: 0,
+            s: 1,
+            l: 1,
+            g: 1,
+            ..Default::default()
+        };
+        let data = kvm_segment {
+            selector: 0x10,
+            type_: 0x3,
+            db: 1,
+            l: 0,
+            ..code
+        };
+        sregs.cs = code;
+        (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+        sregs.gdt.base = gdt;
+        sregs.gdt.limit = 3 * 8 - 1;
+        sregs.cr3 = pml4;
+        sregs.cr4 = 1 << 5 | 1 << 9 | 1 << 10; // PAE, OSFXSR, OSXMMEXCPT
+        sregs.cr0 = 1 | 1 << 1 | 1 << 4 | 1 << 5 | 1 << 16 | 1 << 31; // PE MP ET NE WP PG
+        sregs.efer = 1 << 8 | 1 << 10; // LME, LMA
+        self.fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        let regs = kvm_regs {
+            rip: entry,
+            rsp: stack,
+            rflags: 0x2,
+            ..Default::default()
+        };
+        self.fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))
+    }
+
+    /// Runs the guest until it completes a frame on the channel, and returns that frame.
+    ///
+    /// Accesses to other ports are ignored (reads see `0xff`, as on an empty bus). An access to a
+    /// guest-physical address past the end of RAM stops the guest with
+    /// [`RunError::MemoryExceeded`]: there is nothing else mapped there.
+    pub fn run_until_frame(
+        &mut self,
+        channel: &mut Channel,
+        memory_size: usize,
+        timeout: Duration,
+    ) -> Result<Frame, RunError> {
+        if let Some(frame) = channel.take_frame() {
+            return Ok(frame);
+        }
+        let deadline = Instant::now() + timeout;
+        let _timer = Deadline::arm(&mut self.fd, timeout).map_err(RunError::Timer)?;
+        loop {
+            let interrupted = match self.fd.run() {
+                Ok(VcpuExit::IoOut(CHANNEL_PORT, data)) => {
+                    if channel.write(data)? {
+                        return Ok(channel.take_frame().expect("write reported a frame"));
+                    }
+                    false
+                }
+                Ok(VcpuExit::IoIn(CHANNEL_PORT, data)) => {
+                    channel.read(data)?;
+                    false
+                }
+                Ok(VcpuExit::IoOut(..)) => false,
+                Ok(VcpuExit::IoIn(_, data)) => {
+                    data.fill(0xff);
+                    false
+                }
+                Ok(VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _)) => {
+                    return Err(RunError::MemoryExceeded {
+                        addr,
+                        size: memory_size,
+                    });
+                }
+                Ok(VcpuExit::Shutdown) => return Err(RunError::Shutdown),
+                Ok(VcpuExit::InternalError) => return Err(RunError::Internal),
+                Ok(exit) => return Err(RunError::UnexpectedExit(format!("{exit:?}"))),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => true,
+                Err(e) => return Err(RunError::Kvm(e)),
+            };
+            if interrupted {
+                if Instant::now() >= deadline {
+                    return Err(RunError::Timeout(timeout));
+                }
+                // A stray kick (a signal from an earlier, already deleted timer): carry on.
+                self.fd.set_kvm_immediate_exit(0);
+            }
+        }
+    }
+
+    /// Finishes the I/O instruction the last exit stopped in, without running further guest code.
+    ///
+    /// After an `in`/`out` exit the instruction completes (RIP moves past it) only on the next
+    /// `KVM_RUN`; registers read before that would resume the guest *at* the `out` and repeat it.
+    /// `KVM_RUN` with `immediate_exit` set completes the pending operation and returns `EINTR`.
+    pub fn complete_pending_io(&mut self) -> Result<(), RunError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let result = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        match result {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(RunError::Kvm(e)),
+            Ok(()) => Err(RunError::UnexpectedExit("an exit while completing I/O".into())),
+        }
+    }
+
+    pub fn save_state(&self, hypervisor: &Hypervisor) -> Result<VcpuState, VmError> {
+        let wanted: Vec<kvm_msr_entry> = SAVED_MSRS
+            .iter()
+            .filter(|&&index| hypervisor.has_msr(index))
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&wanted).expect("a handful of MSRs fits");
+        let read = self.fd.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
+        Ok(VcpuState {
+            regs: self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
+            sregs: self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,
+            fpu: self.fd.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?,
+            lapic: self.fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?,
+            msrs: msrs.as_slice()[..read].to_vec(),
+            mp_state: self.fd.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?,
+            events: self.fd.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?,
+            debugregs: self.fd.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?,
+            xcrs: self.fd.get_xcrs().ok(),
+            xsave: self.fd.get_xsave().ok(),
+        })
+    }
+
+    /// Sets every part of `state`, in the order KVM needs: special registers (mode, APIC base)
+    /// before the APIC, pending events last.
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VmError> {
+        self.fd.set_sregs(&state.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        self.fd.set_regs(&state.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        self.fd.set_fpu(&state.fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+        if let Some(xsave) = &state.xsave {
+            // SAFETY: `xsave` is a plain `kvm_xsave` (no trailing entries), as `KVM_GET_XSAVE`
+            // returned it on a host whose KVM accepted it; the ioctl reads exactly that struct.
+            unsafe { self.fd.set_xsave(xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
+        }
+        if let Some(xcrs) = &state.xcrs {
+            self.fd.set_xcrs(xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
+        }
+        let msrs = Msrs::from_entries(&state.msrs).expect("a handful of MSRs fits");
+        let written = self.fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+        if written != state.msrs.len() {
+            return Err(VmError::Kvm {
+                op: "KVM_SET_MSRS",
+                source: kvm_ioctls::Error::new(libc::EINVAL),
+            });
+        }
+        self.fd.set_lapic(&state.lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+        self.fd
+            .set_mp_state(state.mp_state)
+            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+        self.fd
+            .set_debug_regs(&state.debugregs)
+            .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+        self.fd
+            .set_vcpu_events(&state.events)
+            .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))
+    }
+}
+
+thread_local! {
+    /// The `kvm_run` page of the vCPU this thread is running, for the kick handler.
+    static RUNNING: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The real-time signal that kicks a vCPU out of `KVM_RUN` at its deadline.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN() + 3
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Async-signal-safe: a const-initialised thread-local read and one volatile store.
+    let run = RUNNING.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: `RUNNING` is non-null only while `Deadline` is alive, during which the `kvm_run`
+        // page of the vCPU this thread runs is mapped; KVM reads `immediate_exit` on entry.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+fn install_kick_handler() -> std::io::Result<()> {
+    static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno()))
+        .map_err(std::io::Error::from_raw_os_error)
+}
+
+/// A one-shot timer that kicks the current thread's vCPU; disarmed when dropped.
+struct Deadline {
+    timer: libc::timer_t,
+}
+
+impl Deadline {
+    fn arm(fd: &mut VcpuFd, timeout: Duration) -> std::io::Result<Self> {
+        install_kick_handler()?;
+        fd.set_kvm_immediate_exit(0);
+        RUNNING.with(|r| r.set(fd.get_kvm_run() as *mut kvm_run));
+        // SAFETY: `sigevent` is a plain C struct for which all-zero is a valid value.
+        let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
+        event.sigev_notify = libc::SIGEV_THREAD_ID;
+        event.sigev_signo = kick_signal();
+        // SAFETY: gettid has no preconditions.
+        event.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut timer: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: `event` and `timer` are valid for the call; the timer is deleted in `drop`.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer) } != 0 {
+            RUNNING.with(|r| r.set(std::ptr::null_mut()));
+            return Err(std::io::Error::last_os_error());
+        }
+        let deadline = Self { timer };
+        // A zero it_value would disarm the timer: wait at least a nanosecond.
+        let timeout = timeout.max(Duration::from_nanos(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_value: libc::timespec {
+                tv_sec: timeout.as_secs() as libc::time_t,
+                tv_nsec: timeout.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: `timer` was just created; `spec` is valid for the call.
+        if unsafe { libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(deadline)
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        // SAFETY: the timer was created by `arm` and is deleted exactly once.
+        unsafe { libc::timer_delete(self.timer) };
+        RUNNING.with(|r| r.set(std::ptr::null_mut()));
+    }
+}
