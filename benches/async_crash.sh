@@ -45,6 +45,8 @@ for round in $(seq "$rounds"); do
   while (( $(wc -l <"$work/accepted") < quota )); do sleep 0.02; done
   sleep "$(printf '0.%03d' $(( RANDOM % 300 )))"
   pkill -9 -f "kiln serve --listen $addr" || true
+  # The listening socket closes only once the killed process is gone.
+  while pgrep -f "kiln serve --listen $addr" >/dev/null; do sleep 0.01; done
   kill "$feeder" 2>/dev/null || true
   wait "$feeder" 2>/dev/null || true
   start
