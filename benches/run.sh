@@ -3,6 +3,9 @@
 #   - bare hyper answering a fixed body (the HTTP ceiling here);
 #   - Kiln sync invoke of a trivial guest (guests/wat/hello.wat);
 #   - Kiln sync invoke of a guest with ~0.3 s of init, served from its snapshot (snapshot.wat);
+#   - Kiln HTTP trigger (guests/http-hello, a wasi:http/proxy component) next to `wasmtime serve`
+#     (wasmtime-cli 48.0.8) serving the same component;
+#   - async: submits (202 once on disk) and the end-to-end rate until every accepted one has run;
 #   - in process, no HTTP: Kiln's invoke path next to raw wasmtime (benches/src/bin/instantiate.rs).
 # Servers are pinned to CPU 0 and wrk to CPU 1, so the HTTP numbers compare servers on one core.
 # Prints req/s and latency percentiles, and the ratios SPECIFICATION.md promises.
@@ -20,6 +23,14 @@ if ! command -v wrk >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk
 fi
 cargo build --release -p kiln -p kiln-bench
+(cd guests && cargo build --release --target wasm32-wasip2 -p http-hello)
+http_hello=guests/target/wasm32-wasip2/release/http-hello.wasm
+# The peer for HTTP triggers: `wasmtime serve` of the same wasmtime release, built once into
+# benches/.tools (git-ignored; ~15 minutes of 2 cores the first time).
+wasmtime=benches/.tools/bin/wasmtime
+if ! "$wasmtime" --version 2>/dev/null | grep -q "^wasmtime 48.0.8"; then
+  cargo install --locked wasmtime-cli --version 48.0.8 --root benches/.tools
+fi
 iterations=20000
 [[ "${1:-}" == "--quick" ]] && iterations=5000
 
@@ -65,6 +76,9 @@ read -r kiln_rps kiln_p50 kiln_p99 < <(drive http://127.0.0.1:7878/v1/functions/
 curl -fsS -X PUT -H "Authorization: Bearer $KILN_TOKEN" --data-binary @guests/wat/snapshot.wat \
   http://127.0.0.1:7878/v1/functions/warm >/dev/null
 read -r warm_rps warm_p50 warm_p99 < <(drive http://127.0.0.1:7878/v1/functions/warm/invoke)
+curl -fsS -X PUT -H "Authorization: Bearer $KILN_TOKEN" --data-binary @"$http_hello" \
+  http://127.0.0.1:7878/v1/functions/web >/dev/null
+read -r trigger_rps trigger_p50 trigger_p99 < <(drive http://127.0.0.1:7878/fn/web/)
 
 # Async: submits for $duration, then the time until every accepted invocation has run.
 queue_depth() { curl -fsS http://127.0.0.1:7878/metrics | awk '/^kiln_async_queue_depth/ {print $2}'; }
@@ -76,14 +90,23 @@ while [[ "$(queue_depth)" != "0" ]]; do sleep 0.1; done
 async_end=$(date +%s.%N)
 completed=$(( $(successes) - before ))
 
+# `wasmtime serve` on the same component, same core, same load (Rust's std needs -Scli).
+taskset -c 0 "$wasmtime" serve -Scli --addr 127.0.0.1:8081 "$http_hello" 2>"$work/wasmtime.log" &
+pids+=($!)
+wait_for http://127.0.0.1:8081/
+read -r serve_rps serve_p50 serve_p99 < <(drive http://127.0.0.1:8081/)
+
 printf '\n%-34s %10s %10s %10s\n' "system (c=$connections, $duration)" "req/s" "p50 ms" "p99 ms"
 printf '%-34s %10s %10s %10s\n' "bare hyper" "$hyper_rps" "$hyper_p50" "$hyper_p99"
 printf '%-34s %10s %10s %10s\n' "kiln sync invoke (hello)" "$kiln_rps" "$kiln_p50" "$kiln_p99"
 printf '%-34s %10s %10s %10s\n' "kiln sync invoke (0.3 s init)" "$warm_rps" "$warm_p50" "$warm_p99"
+printf '%-34s %10s %10s %10s\n' "kiln http trigger (wasi:http)" "$trigger_rps" "$trigger_p50" "$trigger_p99"
+printf '%-34s %10s %10s %10s\n' "wasmtime serve (same component)" "$serve_rps" "$serve_p50" "$serve_p99"
 printf '%-34s %10s %10s %10s\n' "kiln async submit (202 on disk)" "$submit_rps" "$submit_p50" "$submit_p99"
 awk -v k="$kiln_rps" -v h="$hyper_rps" -v kp="$kiln_p99" -v hp="$hyper_p99" -v w="$warm_rps" \
-  -v c="$completed" -v t0="$async_start" -v t1="$async_end" -v s="$submit_rps" \
+  -v c="$completed" -v tr="$trigger_rps" -v sr="$serve_rps" -v tp="$trigger_p99" -v sp="$serve_p99" -v t0="$async_start" -v t1="$async_end" -v s="$submit_rps" \
   'BEGIN { printf "\nkiln / bare hyper: req/s %.2fx, p99 %.2fx\nsnapshot guest / trivial guest: req/s %.2fx\n", k/h, kp/hp, w/k;
+           printf "kiln http trigger / wasmtime serve: req/s %.2fx, p99 %.2fx\n", tr/sr, tp/sp;
            a = c / (t1 - t0);
            printf "async: %d invocations submitted and run in %.1f s = %.0f/s end to end, %.2fx the sync req/s\n", c, t1 - t0, a, a/k }'
 
