@@ -12,7 +12,7 @@
 //! a port, the scheme's default port (80 or 443) is the only one allowed.
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use http::uri::Scheme;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use wasmtime_wasi_http::{Error, ForbiddenHeaderFilter, RequestOptions, WasiBody, WasiHttpHooks};
 
 /// Time to resolve and connect, unless the guest's request options ask for less.
@@ -151,27 +152,50 @@ pub fn is_internal(ip: IpAddr) -> bool {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_internal(IpAddr::V4(v4));
             }
-            let segments = v6.segments();
-            // NAT64 (64:ff9b::/96) carries an IPv4 address in its last 32 bits.
-            if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-                let [.., hi, lo] = segments;
-                let v4 = std::net::Ipv4Addr::from(((hi as u32) << 16) | lo as u32);
-                return is_internal(IpAddr::V4(v4));
+            let s = v6.segments();
+            let embedded = |hi: u16, lo: u16| is_internal(IpAddr::V4(Ipv4Addr::from(((hi as u32) << 16) | lo as u32)));
+            // IPv4-compatible (::a.b.c.d, which includes :: and ::1) and IPv4-translated
+            // (::ffff:0:a.b.c.d) forms have no public use.
+            if s[..6] == [0; 6] || s[..6] == [0, 0, 0, 0, 0xffff, 0] {
+                return true;
             }
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (segments[0] & 0xfe00) == 0xfc00 // unique local
-                || (segments[0] & 0xffc0) == 0xfe80 // link-local
-                || (segments[0] == 0x2001 && segments[1] == 0x0db8) // documentation
+            // The well-known NAT64 prefix (64:ff9b::/96) and 6to4 (2002::/16) carry an IPv4
+            // address: judge that one.
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return embedded(s[6], s[7]);
+            }
+            if s[0] == 0x2002 {
+                return embedded(s[1], s[2]);
+            }
+            // Only global unicast (2000::/3) is public, minus documentation (2001:db8::/32) and
+            // Teredo (2001::/32). Everything else — ULA, link- and site-local, multicast, local
+            // NAT64 prefixes — is internal.
+            let global = (s[0] & 0xe000) == 0x2000;
+            !global || (s[0] == 0x2001 && (s[1] == 0x0db8 || s[1] == 0))
         }
     }
 }
 
+/// Outbound requests one instance may have open at once (connecting, or with a response body
+/// still open); past it the guest gets `ConnectionLimitReached`.
+const MAX_OUTBOUND_PER_INSTANCE: usize = 32;
+/// Name lookups in flight at once, server-wide: each holds a thread of the blocking pool.
+const MAX_LOOKUPS: usize = 64;
+
 /// A function's outbound policy: the `WasiHttpHooks` of its instances.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Egress {
     rules: Arc<[Rule]>,
+    outbound: Arc<Semaphore>,
+}
+
+impl Default for Egress {
+    fn default() -> Egress {
+        Egress {
+            rules: Arc::from(Vec::new()),
+            outbound: Arc::new(Semaphore::new(MAX_OUTBOUND_PER_INSTANCE)),
+        }
+    }
 }
 
 impl Egress {
@@ -180,7 +204,18 @@ impl Egress {
             .iter()
             .map(|entry| Rule::parse(entry))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Egress { rules: rules.into() })
+        Ok(Egress {
+            rules: rules.into(),
+            ..Egress::default()
+        })
+    }
+
+    /// The same rules with this instance's own cap on open requests.
+    pub fn for_instance(&self) -> Egress {
+        Egress {
+            rules: self.rules.clone(),
+            outbound: Arc::new(Semaphore::new(MAX_OUTBOUND_PER_INSTANCE)),
+        }
     }
 
     /// Decides where a request may go: the addresses to connect to, or why not.
@@ -191,6 +226,10 @@ impl Egress {
             _ => return Err(Error::HttpRequestDenied),
         };
         let authority = uri.authority().ok_or(Error::HttpRequestUriInvalid)?;
+        // Credentials in the authority would travel in the Host header; refuse them outright.
+        if authority.as_str().contains('@') {
+            return Err(Error::HttpRequestUriInvalid);
+        }
         let host = Host::of(authority.host());
         let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
         let Some(rule) = self.rules.iter().find(|rule| rule.matches(https, &host, port)) else {
@@ -199,6 +238,8 @@ impl Egress {
         let (addresses, name) = match &host {
             Host::Ip(ip) => (vec![SocketAddr::new(*ip, port)], ip.to_string()),
             Host::Name(name) => {
+                static LOOKUPS: Semaphore = Semaphore::const_new(MAX_LOOKUPS);
+                let _lookup_slot = LOOKUPS.acquire().await.map_err(|_| Error::DnsTimeout)?;
                 let lookup = tokio::net::lookup_host((name.as_str(), port));
                 let found = tokio::time::timeout(CONNECT_TIMEOUT, lookup)
                     .await
@@ -252,6 +293,12 @@ async fn send(
     mut request: http::Request<WasiBody>,
     options: Option<RequestOptions>,
 ) -> Result<(http::Response<WasiBody>, IoFuture), Error> {
+    // Held until the connection is done with (it moves into the I/O future below).
+    let slot = egress
+        .outbound
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Error::ConnectionLimitReached)?;
     let (addresses, https, name) = egress.destination(request.uri()).await?;
     let connect_timeout = options
         .and_then(|o| o.connect_timeout)
@@ -270,9 +317,10 @@ async fn send(
             Ok(ip) => rustls::pki_types::ServerName::from(ip),
             Err(_) => rustls::pki_types::ServerName::try_from(name).map_err(|_| Error::HttpRequestUriInvalid)?,
         };
-        let tls = tokio_rustls::TlsConnector::from(tls_config())
-            .connect(server_name, tcp)
+        let handshake = tokio_rustls::TlsConnector::from(tls_config()).connect(server_name, tcp);
+        let tls = tokio::time::timeout(connect_timeout, handshake)
             .await
+            .map_err(|_| Error::ConnectionTimeout)?
             .map_err(Error::Tls)?;
         Box::new(tls)
     } else {
@@ -306,6 +354,7 @@ async fn send(
     };
     let response = response.map(|body| body.map_err(Error::from).boxed_unsync());
     let io: IoFuture = Box::new(async move {
+        let _slot = slot;
         match connection {
             Some(connection) => connection.await.map_err(Error::from),
             None => Ok(()),
@@ -387,10 +436,22 @@ mod tests {
             "fe80::1",
             "::ffff:127.0.0.1",
             "64:ff9b::a00:1",
+            "::7f00:1",
+            "64:ff9b:1::a00:1",
+            "2002:a00:1::",
+            "fec0::1",
+            "2001:db8::1",
+            "2001:0:4136:e378::1",
         ] {
             assert!(is_internal(internal.parse().unwrap()), "{internal}");
         }
-        for public in ["93.184.216.34", "1.1.1.1", "2606:4700::1111"] {
+        for public in [
+            "93.184.216.34",
+            "1.1.1.1",
+            "2606:4700::1111",
+            "::ffff:1.1.1.1",
+            "2002:101:101::",
+        ] {
             assert!(!is_internal(public.parse().unwrap()), "{public}");
         }
     }

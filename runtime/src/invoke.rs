@@ -162,7 +162,7 @@ pub async fn invoke(
         }
         Entry::Http(_) => return Err(InvokeError::HttpTrigger(f.record.name.clone())),
         Entry::Component(pre) => {
-            let state = ComponentState::new(wasi, limiter, f.egress.clone());
+            let state = ComponentState::new(wasi, limiter, f.egress.for_instance());
             let mut store = Store::new(&app.engine, state);
             store.limiter(|s| &mut s.limiter);
             arm_deadline(&mut store, deadline);

@@ -4,10 +4,15 @@
 //! permits) live until the guest returns or its timeout passes, which may be after the response
 //! headers have gone out.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
+use bytes::Bytes;
 use http::Request;
+use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use wasmtime::Store;
@@ -58,12 +63,51 @@ impl Drop for Permits {
 
 /// Runs the guest on `request` (whose URI is already the guest's view: path and query after
 /// `/fn/{name}`). Answers as soon as the guest has set its response.
+/// The guest's response body. It ends only once the guest has returned: if the guest traps or
+/// runs out of time mid-body, the body ends with an error, so the client sees it cut short rather
+/// than a response that looks complete.
+pub struct GuestBody {
+    inner: HyperOutgoingBody,
+    /// Whether the guest returned normally; `None` once known.
+    finished: Option<oneshot::Receiver<bool>>,
+}
+
+impl http_body::Body for GuestBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Some(frame) = ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            return Poll::Ready(Some(frame.map_err(Into::into)));
+        }
+        let Some(finished) = this.finished.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let returned = ready!(Pin::new(finished).poll(cx)).unwrap_or(false);
+        this.finished = None;
+        if returned {
+            Poll::Ready(None)
+        } else {
+            Poll::Ready(Some(Err("the function failed while writing its response".into())))
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 pub async fn serve(
     app: &Arc<App>,
     f: Arc<LoadedFunction>,
     concurrency: Arc<Concurrency>,
     request: Request<Incoming>,
-) -> Result<http::Response<HyperOutgoingBody>, InvokeError> {
+) -> Result<http::Response<GuestBody>, InvokeError> {
     if !matches!(f.entry, Entry::Http(_)) {
         return Err(InvokeError::NotHttpTrigger(f.record.name.clone()));
     }
@@ -71,8 +115,8 @@ pub async fn serve(
     let config = &f.record.config;
     let stdout = CappedOutput::new("stdout", STDOUT_CAP);
     let stderr = CappedOutput::new("stderr", STDERR_CAP);
-    let wasi = guest_wasi(&f.args, &f.env, bytes::Bytes::new(), &stdout, &stderr);
-    let state = ComponentState::new(wasi, MemoryLimiter::new(config.memory_bytes()), f.egress.clone());
+    let wasi = guest_wasi(&f.args, &f.env, Bytes::new(), &stdout, &stderr);
+    let state = ComponentState::new(wasi, MemoryLimiter::new(config.memory_bytes()), f.egress.for_instance());
     let mut store = Store::new(&app.engine, state);
     store.limiter(|s| &mut s.limiter);
     let deadline = config.timeout();
@@ -88,6 +132,7 @@ pub async fn serve(
 
     let guest = f.clone();
     let answered = Arc::new(AtomicBool::new(false));
+    let (finished_tx, finished) = oneshot::channel();
     let answered_in_task = answered.clone();
     let task_stderr = stderr.clone();
     let task = tokio::spawn(async move {
@@ -104,6 +149,7 @@ pub async fn serve(
         };
         let outcome = tokio::time::timeout(deadline, run).await;
         let memory_exceeded = store.data().limiter.exceeded();
+        let _ = finished_tx.send(matches!(outcome, Ok(Ok(()))));
         // A failure after the response started cannot change its status any more: the client sees
         // the body cut short, and the log says why.
         if answered_in_task.load(Ordering::Acquire) {
@@ -123,7 +169,10 @@ pub async fn serve(
     match response.await {
         Ok(Ok(response)) => {
             answered.store(true, Ordering::Release);
-            Ok(response)
+            Ok(response.map(|inner| GuestBody {
+                inner,
+                finished: Some(finished),
+            }))
         }
         Ok(Err(code)) => Err(failed(format!(
             "the function answered with an error: {}",

@@ -1,6 +1,6 @@
 //! Says hello over HTTP and reports what the guest saw of the request: method, path and query,
 //! and header names (so a test can check which headers Kiln passes on). `/trap` traps; `/spin`
-//! loops forever (Kiln's timeout must stop it).
+//! loops forever (Kiln's timeout must stop it); `/partial` starts its body, then traps.
 
 use wasip2::exports::http::incoming_handler::Guest;
 use wasip2::http::types::{Fields, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam};
@@ -31,6 +31,14 @@ impl Guest for Hello {
         names.sort();
         names.dedup();
         let body = format!("hello from wasi:http\nmethod: {method}\npath: {path}\nheaders: {}\n", names.join(","));
+        if path == "/partial" {
+            let response = OutgoingResponse::new(Fields::new());
+            let outgoing = response.body().unwrap();
+            ResponseOutparam::set(out, Ok(response));
+            let stream = outgoing.write().unwrap();
+            stream.blocking_write_and_flush(b"the first part, and then").unwrap();
+            panic!("trapped mid-body");
+        }
 
         let headers = Fields::from_list(&[("content-type".to_owned(), b"text/plain".to_vec())]).unwrap();
         let response = OutgoingResponse::new(headers);

@@ -4,12 +4,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::trigger::GuestBody;
 use bytes::Bytes;
 use http::{header, HeaderMap, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use super::error::ApiError;
 
@@ -17,7 +17,7 @@ use super::error::ApiError;
 /// guest writes while the client reads.
 pub enum Body {
     Full(Full<Bytes>),
-    Stream(HyperOutgoingBody),
+    Stream(GuestBody),
 }
 
 impl Body {

@@ -14,6 +14,7 @@ use super::error::ApiError;
 use super::openapi::ErrorBody;
 use crate::app::App;
 use crate::config::is_valid_function_name;
+use crate::registry::Lookup;
 use crate::trigger;
 
 /// Headers that describe one connection, never forwarded (RFC 9110, section 7.6.1).
@@ -50,21 +51,31 @@ pub async fn handle(app: &Arc<App>, name: &str, mut req: Request<Incoming>) -> R
     let principal = app
         .auth
         .authenticate(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()));
-    let resolved = app.resolve(name, None).await;
-    // Without a valid token, an unknown function and a private one look the same.
-    let (function, concurrency) = match (resolved, principal) {
-        (Ok((f, c)), _) if f.record.config.public => (f, c),
-        (Ok(_) | Err(_), None) => return Err(ApiError::unauthorized()),
-        (Ok(_), Some(p)) if !p.may_invoke(name) => {
+    // Authorise before loading anything: a client without a valid token learns nothing and costs
+    // nothing unless the function is public (which the registry knows without loading it).
+    match &principal {
+        Some(p) if !p.may_invoke(name) => {
             return Err(ApiError::new(
                 http::StatusCode::FORBIDDEN,
                 "forbidden",
                 format!("this token may not invoke `{name}`"),
-            ))
+            ));
         }
-        (Ok((f, c)), Some(_)) => (f, c),
-        (Err(e), Some(_)) => return Err(e.into()),
-    };
+        Some(_) => {}
+        None => {
+            let public = matches!(app.registry.lookup(name, None), Lookup::Found(slot, _) if slot.record.config.public);
+            if !public {
+                return Err(ApiError::unauthorized());
+            }
+        }
+    }
+    let (function, concurrency) = app.resolve(name, None).await?;
+    if principal.is_none() && !function.record.config.public {
+        return Err(ApiError::unauthorized());
+    }
+    if req.uri().authority().is_none() && !req.headers().contains_key(header::HOST) {
+        return Err(ApiError::invalid_request("the request has no Host header"));
+    }
 
     *req.uri_mut() = guest_uri(req.uri(), name)?;
     strip_headers(req.headers_mut());
@@ -80,8 +91,8 @@ pub async fn handle(app: &Arc<App>, name: &str, mut req: Request<Incoming>) -> R
 
 /// `/fn/{name}/a/b?x=1` → `/a/b?x=1`; `/fn/{name}` → `/`.
 fn guest_uri(uri: &Uri, name: &str) -> Result<Uri, ApiError> {
-    let prefix_len = "/fn/".len() + name.len();
-    let rest = &uri.path()[prefix_len..];
+    // The router ignores extra leading slashes (`//fn/x`); so does this.
+    let rest = &uri.path().trim_start_matches('/')["fn/".len() + name.len()..];
     let path = if rest.is_empty() { "/" } else { rest };
     let path_and_query = match uri.query() {
         Some(query) => format!("{path}?{query}"),
@@ -122,6 +133,7 @@ mod tests {
         assert_eq!(guest_uri(&uri("/fn/hello/"), "hello").unwrap(), "/");
         assert_eq!(guest_uri(&uri("/fn/hello/a/b?x=1&y"), "hello").unwrap(), "/a/b?x=1&y");
         assert_eq!(guest_uri(&uri("/fn/hello?q"), "hello").unwrap(), "/?q");
+        assert_eq!(guest_uri(&uri("//fn/hello/x"), "hello").unwrap(), "/x");
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub async fn submit(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Resul
     let version = super::version_param(req.uri().query())?;
     // Resolving loads the code now, so a submit for a missing function fails here, not later.
     let (function, _) = app.resolve(name, version).await?;
+    if matches!(function.entry, crate::registry::Entry::Http(_)) {
+        return Err(crate::invoke::InvokeError::HttpTrigger(name.to_owned()).into());
+    }
     let idempotency_key = match req.headers().get(IDEMPOTENCY_KEY) {
         None => None,
         Some(value) => {

@@ -28,9 +28,8 @@ const BUSY_DELAY: Duration = Duration::from_millis(50);
 /// How often finished invocations past their retention are deleted, and how many per turn.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 const SWEEP_ROWS: u32 = 10_000;
-/// A result file younger than this is never swept: a run may have just written it for a row the
-/// ledger has not recorded yet.
-const RESULT_FILE_GRACE: Duration = Duration::from_secs(600);
+/// Pause after a failed commit before the next try.
+const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
 type Reply = oneshot::Sender<Result<String, SubmitError>>;
 
@@ -52,6 +51,8 @@ pub(super) struct Ledger {
     drains: Option<Vec<oneshot::Sender<()>>>,
     full_sync: bool,
     next_sweep: Instant,
+    /// Outcomes whose commit failed, recorded at the next turn; their runs still hold a slot.
+    unrecorded: Vec<Done>,
 }
 
 /// What one turn's transaction decided, applied to the ledger's counters once it committed.
@@ -97,6 +98,7 @@ impl Ledger {
             drains: None,
             full_sync: true,
             next_sweep: Instant::now() + SWEEP_EVERY,
+            unrecorded: Vec::new(),
         })
     }
 
@@ -137,7 +139,8 @@ impl Ledger {
     fn turn(&mut self, batch: Vec<Message>) {
         let mut submits = Vec::new();
         let mut replies: Vec<Reply> = Vec::new();
-        let mut done = Vec::new();
+        // Outcomes a failed commit could not record come first.
+        let mut done = std::mem::take(&mut self.unrecorded);
         for message in batch {
             match message {
                 Message::Submit { invocation, reply } => {
@@ -148,9 +151,20 @@ impl Ledger {
                 Message::Drain(reply) => self.drains.get_or_insert_with(Vec::new).push(reply),
             }
         }
-        // Finished runs free their slots whether or not their outcome commits: a lost outcome
-        // leaves the row `running`, and it runs again at the next start.
-        self.running -= done.len();
+        // A result file swept after its run wrote it (only this thread deletes them): run the
+        // invocation again rather than record a result that is gone.
+        for d in &mut done {
+            if let Outcome::Succeeded {
+                result: Stored::File(digest),
+                ..
+            } = &d.outcome
+            {
+                if !self.layout.result(digest).exists() {
+                    d.outcome = Outcome::Busy;
+                }
+            }
+        }
+        let still_running = self.running - done.len();
         let due = self.next_due.is_some_and(|due| due <= now_ms());
         let wants_work = self.can_hand_out() && due;
         if submits.is_empty() && done.is_empty() && !wants_work {
@@ -164,11 +178,11 @@ impl Ledger {
                 .conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let mut turn = Turn::default();
-            for d in done {
+            for d in &done {
                 turn.queued_delta += record(&tx, d)?;
             }
             let mut free = if self.drains.is_none() {
-                self.config.concurrency.saturating_sub(self.running)
+                self.config.concurrency.saturating_sub(still_running)
             } else {
                 0
             };
@@ -199,7 +213,7 @@ impl Ledger {
             Ok(turn) => {
                 self.queued = (self.queued as i64 + turn.queued_delta) as u64;
                 self.next_due = turn.next_due;
-                self.running += turn.handed_out.len();
+                self.running = still_running + turn.handed_out.len();
                 for (reply, answer) in replies.into_iter().zip(turn.answers) {
                     let _ = reply.send(answer);
                 }
@@ -210,11 +224,14 @@ impl Ledger {
             }
             Err(e) => {
                 tracing::error!(error = %e, "committing the async queue's changes failed");
-                // Nothing of the transaction happened: submits are refused, outcomes lost (their
-                // rows stay `running` and run again at the next start).
+                // Nothing of the transaction happened: submits are refused (no 202 was sent), and
+                // the outcomes are kept for the next turn, after a pause so that a lasting failure
+                // (disk full, say) does not spin.
                 for reply in replies {
                     let _ = reply.send(Err(SubmitError::Commit(e.to_string())));
                 }
+                self.unrecorded = done;
+                std::thread::sleep(ERROR_PAUSE);
             }
         }
         self.depth.store(self.queued + self.running as u64, Ordering::Relaxed);
@@ -242,7 +259,8 @@ impl Ledger {
 
     /// Deletes finished invocations past their retention, and the result files no row names.
     fn sweep(&mut self) {
-        let cutoff = now_ms() - self.config.retention.as_millis() as i64;
+        let retention = i64::try_from(self.config.retention.as_millis()).unwrap_or(i64::MAX);
+        let cutoff = now_ms().saturating_sub(retention);
         let swept = (|| -> rusqlite::Result<(usize, Vec<String>)> {
             let mut stmt = self.conn.prepare_cached(
                 "DELETE FROM invocations WHERE id IN
@@ -355,7 +373,7 @@ fn next_due(conn: &Connection) -> rusqlite::Result<Option<i64>> {
 }
 
 /// Records a finished run; returns how many rows it put back in the queue (0 or 1).
-fn record(tx: &Transaction, done: Done) -> rusqlite::Result<i64> {
+fn record(tx: &Transaction, done: &Done) -> rusqlite::Result<i64> {
     let Done {
         claimed,
         outcome,
@@ -365,7 +383,7 @@ fn record(tx: &Transaction, done: Done) -> rusqlite::Result<i64> {
     match outcome {
         Outcome::Succeeded { result, stderr } => {
             let (inline, digest) = match result {
-                Stored::Inline(bytes) => (Some(bytes), None),
+                Stored::Inline(bytes) => (Some(&bytes[..]), None),
                 Stored::File(digest) => (None, Some(digest.hex().to_owned())),
             };
             tx.prepare_cached(
@@ -374,7 +392,7 @@ fn record(tx: &Transaction, done: Done) -> rusqlite::Result<i64> {
             )?
             .execute(params![
                 claimed.id,
-                inline.as_deref(),
+                inline,
                 digest,
                 stderr,
                 duration_us,
@@ -390,7 +408,7 @@ fn record(tx: &Transaction, done: Done) -> rusqlite::Result<i64> {
             .execute(params![claimed.id, now_ms + BUSY_DELAY.as_millis() as i64])?;
             Ok(1)
         }
-        Outcome::Failed { error, stderr, retry } if retry && claimed.attempts < claimed.max_attempts => {
+        Outcome::Failed { error, stderr, retry } if *retry && claimed.attempts < claimed.max_attempts => {
             let backoff = BACKOFF
                 .saturating_mul(1 << (claimed.attempts.saturating_sub(1)).min(16))
                 .min(MAX_BACKOFF);
@@ -432,13 +450,9 @@ fn remove_if_unreferenced(conn: &Connection, layout: &Layout, digest: &Digest) {
     if !matches!(referenced, Ok(false)) {
         return;
     }
-    let path = layout.result(digest);
-    let young = std::fs::metadata(&path)
-        .and_then(|m| m.modified())
-        .is_ok_and(|modified| modified.elapsed().unwrap_or_default() < RESULT_FILE_GRACE);
-    if !young {
-        let _ = std::fs::remove_file(path);
-    }
+    // A run may have written this file again for an outcome not yet recorded; `turn` notices the
+    // file is gone and runs that invocation again.
+    let _ = std::fs::remove_file(layout.result(digest));
 }
 
 /// Result files no row names: what a crash left between writing a result and recording it.

@@ -27,7 +27,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::panic::AssertUnwindSafe;
+
 use bytes::Bytes;
+use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
 use crate::app::App;
@@ -61,6 +64,7 @@ pub struct NewInvocation {
 }
 
 /// An invocation handed to a runner: its row is `running`.
+#[derive(Clone)]
 struct Claimed {
     id: String,
     function: String,
@@ -181,7 +185,24 @@ impl Jobs {
             while let Some(invocation) = claimed.recv().await {
                 let app = app.clone();
                 tokio::spawn(async move {
-                    let done = run::run(&app, invocation).await;
+                    // Every handed-out invocation reports back, even if running it panicked:
+                    // otherwise its slot would stay taken and its row `running` until a restart.
+                    let fallback = invocation.clone();
+                    let done = match AssertUnwindSafe(run::run(&app, invocation)).catch_unwind().await {
+                        Ok(done) => done,
+                        Err(_) => {
+                            tracing::error!(id = %fallback.id, "running an async invocation panicked");
+                            Done {
+                                claimed: fallback,
+                                outcome: Outcome::Failed {
+                                    error: serde_json::json!({"code": "internal", "message": "running the invocation failed inside Kiln"}),
+                                    stderr: String::new(),
+                                    retry: true,
+                                },
+                                duration_us: 0,
+                            }
+                        }
+                    };
                     // Only fails once the ledger has stopped, at exit: the row stays `running`
                     // and runs again at the next start.
                     let _ = app.jobs.ledger.send(Message::Done(done));

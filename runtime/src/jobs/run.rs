@@ -87,6 +87,12 @@ async fn outcome(app: &App, claimed: &Claimed) -> Outcome {
             }
         }
         Err(InvokeError::FunctionBusy(..) | InvokeError::PoolBusy(_)) => Outcome::Busy,
+        // Deployed since the submit as an HTTP-trigger function: no retry can succeed.
+        Err(e @ (InvokeError::HttpTrigger(_) | InvokeError::NotHttpTrigger(_))) => Outcome::Failed {
+            error: ApiError::from(e).object(),
+            stderr: String::new(),
+            retry: false,
+        },
         Err(e) => {
             // The same error object a sync invoke answers with; stderr is kept in its own column.
             let stderr = match &e {
