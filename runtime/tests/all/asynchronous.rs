@@ -1,11 +1,11 @@
 //! Asynchronous invocations: durable submits, retries, signed result URLs, crash safety.
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::support::{client, expect_error, raw_exchange, wat, Kiln};
+use crate::support::{client, expect_error, raw_exchange, wait_done, wat, Kiln};
 
 fn submit(kiln: &Kiln, name: &str, input: &str, key: Option<&str>) -> reqwest::blocking::Response {
     let mut request = client()
@@ -24,19 +24,6 @@ fn accepted(response: reqwest::blocking::Response) -> String {
     let id = body["id"].as_str().unwrap().to_owned();
     assert_eq!(body["status_url"], format!("/v1/invocations/{id}"));
     id
-}
-
-/// Polls an invocation until it reaches a terminal state.
-fn wait_done(kiln: &Kiln, id: &str, timeout: Duration) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let record: Value = kiln.get(&format!("/v1/invocations/{id}")).json().unwrap();
-        if record["state"] == "succeeded" || record["state"] == "failed" {
-            return record;
-        }
-        assert!(Instant::now() < deadline, "invocation {id} still {}", record["state"]);
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

@@ -5,11 +5,11 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::support::{component, expect_error, guests_dir, Kiln};
+use crate::support::{component, expect_error, guests_dir, wait_done, Kiln};
 
 /// The SDK guests that run as commands (the HTTP one is a proxy component).
 const COMMANDS: [&str; 3] = ["hello", "wordcount", "primes"];
@@ -120,7 +120,7 @@ fn wordcount_reads_its_config_and_logs_json_lines() {
         .json()
         .unwrap();
     let id = submitted["id"].as_str().expect("an invocation id");
-    let record = wait_done(&kiln, id);
+    let record = wait_done(&kiln, id, Duration::from_secs(30));
     assert_eq!(record["state"], "succeeded", "{record}");
     let line: Value = serde_json::from_str(record["stderr"].as_str().expect("a stderr tail").trim())
         .unwrap_or_else(|_| panic!("not one JSON line: {record}"));
@@ -138,18 +138,6 @@ fn wordcount_reads_its_config_and_logs_json_lines() {
         stderr.starts_with(r#"config variable MIN_LENGTH="three" is invalid"#),
         "{stderr}"
     );
-}
-
-fn wait_done(kiln: &Kiln, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let record: Value = kiln.get(&format!("/v1/invocations/{id}")).json().unwrap();
-        if record["state"] == "succeeded" || record["state"] == "failed" {
-            return record;
-        }
-        assert!(Instant::now() < deadline, "invocation {id} still {}", record["state"]);
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

@@ -316,3 +316,16 @@ pub fn raw_exchange(addr: &str, request: &[u8]) -> (u16, String) {
     let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     (status, text)
 }
+
+/// Polls an asynchronous invocation until it reaches a terminal state, and returns its record.
+pub fn wait_done(kiln: &Kiln, id: &str, timeout: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let record: serde_json::Value = kiln.get(&format!("/v1/invocations/{id}")).json().unwrap();
+        if record["state"] == "succeeded" || record["state"] == "failed" {
+            return record;
+        }
+        assert!(Instant::now() < deadline, "invocation {id} still {}", record["state"]);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
