@@ -111,15 +111,14 @@ impl Layout {
         Ok(())
     }
 
-    /// Stores a result under its digest. An existing file is only touched: its fresh mtime keeps
-    /// the sweeper away while the row that names it is being recorded.
+    /// Stores a result under its digest unless it is already there. (The ledger, the only thread
+    /// that deletes results, checks the file still exists before recording the row that names it.)
     pub fn write_result(&self, digest: &Digest, bytes: &[u8]) -> io::Result<()> {
         let path = self.result(digest);
-        match File::options().append(true).open(&path) {
-            Ok(file) => file.set_modified(std::time::SystemTime::now()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => write_atomic(&self.tmp(), &path, bytes),
-            Err(e) => Err(e),
+        if path.exists() {
+            return Ok(());
         }
+        write_atomic(&self.tmp(), &path, bytes)
     }
 
     /// Stores an artifact under its digest unless it is already there.
