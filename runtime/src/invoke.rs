@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use wasmtime::component::ResourceTable;
-use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime::{Extern, ModuleExport, Store, Trap, TypedFunc, UpdateDeadline};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -20,7 +20,6 @@ use crate::egress::Egress;
 use crate::limits::{CappedOutput, MemoryLimiter, MAX_HOST_OBJECTS, MAX_RANDOM_BYTES};
 use crate::pool::ticks_for;
 use crate::registry::{Concurrency, Entry, LoadedFunction};
-use crate::validate::RESTORE_HOOK;
 
 /// Store data of a core-module (WASI preview 1) instance.
 pub struct ModuleState {
@@ -144,18 +143,20 @@ pub async fn invoke(
     // in a host call (a sleep, say) is bounded by the host-side timeout, which drops the future.
     let deadline = config.timeout();
     let (outcome, memory_exceeded) = match &f.entry {
-        Entry::Module { pre, restore } => {
+        Entry::Module { pre, start, restore } => {
             let mut store = Store::new(&app.engine, ModuleState::new(wasi, limiter));
             store.limiter(|s| &mut s.limiter);
             arm_deadline(&mut store, deadline);
             let run = async {
                 let instance = pre.instantiate_async(&mut store).await?;
-                if *restore {
-                    let hook = instance.get_typed_func::<(), ()>(&mut store, RESTORE_HOOK)?;
-                    hook.call_async(&mut store, ()).await?;
+                if let Some(hook) = restore {
+                    export_func(&instance, &mut store, hook)?
+                        .call_async(&mut store, ())
+                        .await?;
                 }
-                let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
-                start.call_async(&mut store, ()).await
+                export_func(&instance, &mut store, start)?
+                    .call_async(&mut store, ())
+                    .await
             };
             let outcome = tokio::time::timeout(deadline, run).await;
             (outcome, store.data().limiter.exceeded())
@@ -197,6 +198,18 @@ pub async fn invoke(
         }
     }
     Err(classify(error, config.timeout_ms, memory_exceeded, &stdout, &stderr))
+}
+
+/// A `() -> ()` export found by its index (checked when the function was linked).
+fn export_func(
+    instance: &wasmtime::Instance,
+    store: &mut Store<ModuleState>,
+    export: &ModuleExport,
+) -> wasmtime::Result<TypedFunc<(), ()>> {
+    match instance.get_module_export(&mut *store, export) {
+        Some(Extern::Func(func)) => func.typed::<(), ()>(&*store),
+        _ => Err(wasmtime::Error::msg("the module's export is not a function")),
+    }
 }
 
 /// The WASI context of a guest: its stdio, args and env, and nothing else — no preopened

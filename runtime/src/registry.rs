@@ -12,7 +12,7 @@ use dashmap::DashMap;
 use http::HeaderValue;
 use tokio::sync::{OnceCell, Semaphore};
 use wasmtime::component::Linker as ComponentLinker;
-use wasmtime::{Engine, ExternType, InstancePre, Linker};
+use wasmtime::{Engine, ExternType, InstancePre, Linker, ModuleExport};
 use wasmtime_wasi::p2::bindings::CommandPre;
 
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
@@ -25,10 +25,12 @@ use crate::validate::RESTORE_HOOK;
 
 /// Linked, ready-to-instantiate code.
 pub enum Entry {
-    /// `restore`: the module exports the restore hook, called before `_start`.
+    /// `start` and `restore` (the restore hook, called before `_start`) are looked up once here
+    /// rather than by name on every invocation.
     Module {
         pre: InstancePre<ModuleState>,
-        restore: bool,
+        start: ModuleExport,
+        restore: Option<ModuleExport>,
     },
     Component(CommandPre<ComponentState>),
     /// A `wasi:http/proxy` component, served at `/fn/{name}/...`.
@@ -73,16 +75,28 @@ impl Linkers {
         match compiled {
             Compiled::Module(module) => {
                 let restore = match module.get_export(RESTORE_HOOK) {
-                    None => false,
-                    Some(ExternType::Func(ty)) if ty.params().len() == 0 && ty.results().len() == 0 => true,
+                    None => None,
+                    Some(ExternType::Func(ty)) if ty.params().len() == 0 && ty.results().len() == 0 => {
+                        module.get_export_index(RESTORE_HOOK)
+                    }
                     Some(_) => {
                         return Err(format!(
                             "`{RESTORE_HOOK}` must be a function with no parameters and no results"
                         ))
                     }
                 };
+                let start = match (module.get_export("_start"), module.get_export_index("_start")) {
+                    (Some(ExternType::Func(ty)), Some(start)) if ty.params().len() == 0 && ty.results().len() == 0 => {
+                        start
+                    }
+                    _ => {
+                        return Err(
+                            "the module must export `_start` as a function with no parameters and no results".into(),
+                        )
+                    }
+                };
                 let pre = self.module.instantiate_pre(module).map_err(|e| format!("{e:#}"))?;
-                Ok(Entry::Module { pre, restore })
+                Ok(Entry::Module { pre, start, restore })
             }
             Compiled::Component(component) => {
                 let pre = self

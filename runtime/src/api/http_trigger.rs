@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{self, HeaderName};
+use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, Uri};
 use hyper::body::Incoming;
 
@@ -18,7 +19,7 @@ use crate::registry::Lookup;
 use crate::trigger;
 
 /// Headers that describe one connection, never forwarded (RFC 9110, section 7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
@@ -95,28 +96,30 @@ fn guest_uri(uri: &Uri, name: &str) -> Result<Uri, ApiError> {
     let rest = &uri.path().trim_start_matches('/')["fn/".len() + name.len()..];
     let path = if rest.is_empty() { "/" } else { rest };
     let path_and_query = match uri.query() {
-        Some(query) => format!("{path}?{query}"),
-        None => path.to_owned(),
+        Some(query) => format!("{path}?{query}").parse(),
+        None => PathAndQuery::try_from(path),
     };
     let mut parts = uri.clone().into_parts();
-    parts.path_and_query = Some(
-        path_and_query
-            .parse()
-            .map_err(|_| ApiError::invalid_request("the request path is not valid"))?,
-    );
+    parts.path_and_query =
+        Some(path_and_query.map_err(|_| ApiError::invalid_request("the request path is not valid"))?);
     Uri::from_parts(parts).map_err(|_| ApiError::invalid_request("the request URI is not valid"))
 }
 
 fn strip_headers(headers: &mut HeaderMap) {
     // Headers a `Connection` header names are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in HOP_BY_HOP.iter().chain(&named) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in &named {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP.iter() {
         headers.remove(name);
     }
     headers.remove(header::AUTHORIZATION);
