@@ -139,7 +139,7 @@ impl Drop for Qemu {
 }
 
 #[test]
-fn the_debian_kernel_extracts_to_an_elf_vmlinux_with_a_pvh_entry() {
+fn the_debian_kernel_extracts_to_an_elf_vmlinux_and_loads() {
     let kernel = workspace().join("target/kiln-guest/vmlinuz");
     let Ok(bzimage) = std::fs::read(&kernel) else {
         eprintln!(
@@ -157,16 +157,20 @@ fn the_debian_kernel_extracts_to_an_elf_vmlinux_with_a_pvh_entry() {
         loaded.start >= 0x10_0000 && loaded.end > loaded.start && loaded.end < 256 << 20,
         "{loaded:?}"
     );
-    assert!((loaded.start..loaded.end).contains(&loaded.pvh_entry), "{loaded:?}");
-    let mut code = [0u8; 16];
-    memory.read(loaded.pvh_entry, &mut code).unwrap();
-    assert_ne!(code, [0; 16], "nothing loaded at the PVH entry point");
+    assert!((loaded.start..loaded.end).contains(&loaded.entry), "{loaded:?}");
+    let pvh = loaded.pvh_entry.expect("Debian's kernel has a PVH note");
+    assert!((loaded.start..loaded.end).contains(&pvh), "{loaded:?}");
+    for entry in [loaded.entry, pvh] {
+        let mut code = [0u8; 16];
+        memory.read(entry, &mut code).unwrap();
+        assert_ne!(code, [0; 16], "nothing loaded at the entry point {entry:#x}");
+    }
     eprintln!(
-        "vmlinux: {} bytes, loaded at {:#x}..{:#x}, PVH entry {:#x}",
+        "vmlinux: {} bytes, loaded at {:#x}..{:#x}, entry {:#x}, PVH entry {pvh:#x}",
         vmlinux.len(),
         loaded.start,
         loaded.end,
-        loaded.pvh_entry
+        loaded.entry
     );
 }
 
