@@ -103,8 +103,11 @@ pub fn function_image(agent: &[u8], function: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    /// Parses a newc archive back into (name, mode, data, rdev): the inverse the kernel applies.
-    fn parse(mut bytes: &[u8]) -> Vec<(String, u32, Vec<u8>, (u32, u32))> {
+    /// (name, mode, data, (rdev major, rdev minor)) of one archive entry.
+    type Entry = (String, u32, Vec<u8>, (u32, u32));
+
+    /// Parses a newc archive back into entries: the inverse the kernel applies.
+    fn parse(mut bytes: &[u8]) -> Vec<Entry> {
         let mut out = Vec::new();
         let mut offset = 0usize;
         loop {
