@@ -1,13 +1,28 @@
 //! A test function for the microVM tier: stdin upper-cased to stdout, "upper: <n> bytes" to
-//! stderr; exits 3 when the input is `fail`. Static when built for x86_64-unknown-linux-musl.
+//! stderr. Special inputs: `fail` exits 3; `spin` loops forever (a timeout test); `random` prints
+//! 16 bytes of `/dev/urandom` in hex (guests restored from one snapshot differ only if reseeded).
+//! Static when built for x86_64-unknown-linux-musl.
 
 use std::io::{Read, Write};
 
 fn main() {
     let mut input = Vec::new();
     std::io::stdin().read_to_end(&mut input).expect("stdin");
-    if input == b"fail" {
-        std::process::exit(3);
+    match input.as_slice() {
+        b"fail" => std::process::exit(3),
+        b"spin" => loop {
+            std::hint::spin_loop();
+        },
+        b"random" => {
+            let mut bytes = [0u8; 16];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut bytes))
+                .expect("/dev/urandom");
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            print!("{hex}");
+            return;
+        }
+        _ => {}
     }
     eprintln!("upper: {} bytes", input.len());
     std::io::stdout()
