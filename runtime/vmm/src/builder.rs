@@ -227,6 +227,22 @@ impl MicroVm {
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
     }
+
+    /// The vCPU's instruction pointer, stack and control registers, for diagnosing a guest that
+    /// stopped (tools and error reports).
+    pub fn describe_vcpu(&self) -> String {
+        self.vcpu.describe()
+    }
+
+    /// Keeps the last `cap` bytes the guest writes to COM1 from now on (see [`MicroVm::console`]).
+    pub fn keep_console(&mut self, cap: usize) {
+        self.vcpu.keep_console(cap);
+    }
+
+    /// The kept COM1 output, and stops keeping it.
+    pub fn console(&mut self) -> Vec<u8> {
+        self.vcpu.take_console()
+    }
 }
 
 /// Writes the GDT and the identity-mapping page tables.

@@ -32,4 +32,4 @@ pub use invocation::{InvokeError, Reply};
 pub use linux::LinuxBootError;
 pub use persist::{CreateSnapshotError, LoadSnapshotError, RestoreError, Snapshot};
 pub use vstate::vcpu::RunError;
-pub use vstate::vm::{Hypervisor, VmError};
+pub use vstate::vm::{Hypervisor, Quirks, VmError};

@@ -59,7 +59,7 @@ const SAVED_MSRS: [u32; 16] = [
     0xc000_0083, // CSTAR
     0xc000_0084, // SFMASK
     0xc000_0102, // KERNEL_GS_BASE
-    0x6e0,       // IA32_TSC_DEADLINE
+    IA32_TSC_DEADLINE,
     0x4b56_4d00, // MSR_KVM_WALL_CLOCK_NEW
     0x4b56_4d01, // MSR_KVM_SYSTEM_TIME_NEW
     0x4b56_4d02, // MSR_KVM_ASYNC_PF_EN
@@ -93,6 +93,10 @@ fn set_lvt_delivery(lapic: &mut kvm_lapic_state, offset: usize, mode: u32) {
     }
 }
 
+const IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// The type of an available (not busy) 64-bit TSS descriptor.
+const TSS_AVAILABLE: u8 = 9;
+
 /// A vCPU's registers and the state around them; everything KVM needs to resume it elsewhere.
 #[derive(Debug)]
 pub struct VcpuState {
@@ -115,6 +119,8 @@ pub struct Vcpu {
     fd: VcpuFd,
     /// What the guest wrote to COM1's data port, when kept (a Linux boot's early console).
     console: Option<Console>,
+    /// Restore TR as an available TSS (see `Quirks::available_tss_on_restore`).
+    available_tss: bool,
 }
 
 /// The last `cap` bytes a guest wrote to COM1.
@@ -131,7 +137,42 @@ impl Vcpu {
     pub fn new(hypervisor: &Hypervisor, vm: &Vm) -> Result<Self, VmError> {
         let fd = vm.fd().create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         fd.set_cpuid2(hypervisor.cpuid()).map_err(kvm_err("KVM_SET_CPUID2"))?;
-        Ok(Self { fd, console: None })
+        Ok(Self {
+            fd,
+            console: None,
+            available_tss: hypervisor.quirks().available_tss_on_restore,
+        })
+    }
+
+    /// rip, rsp, rflags, cr0/cr2/cr3/cr4, efer and cs of the vCPU, as text.
+    pub fn describe(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip {:#x} rsp {:#x} rcx {:#x} rsi {:#x} rdi {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} \
+                 cr4 {:#x} efer {:#x} cs {:#x} tr {:#x}/{:#x}+{:#x} type {} g {} p {} gdt {:#x}+{:#x}",
+                r.rip,
+                r.rsp,
+                r.rcx,
+                r.rsi,
+                r.rdi,
+                r.rflags,
+                s.cr0,
+                s.cr2,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.cs.selector,
+                s.tr.selector,
+                s.tr.base,
+                s.tr.limit,
+                s.tr.type_,
+                s.tr.g,
+                s.tr.present,
+                s.gdt.base,
+                s.gdt.limit
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("registers unreadable: {e}"),
+        }
     }
 
     /// Keeps the last `cap` bytes the guest writes to COM1 from now on.
@@ -348,7 +389,12 @@ impl Vcpu {
     /// Sets every part of `state`, in the order KVM needs: special registers (mode, APIC base)
     /// before the APIC, pending events last.
     pub fn restore_state(&self, state: &VcpuState) -> Result<(), VmError> {
-        self.fd.set_sregs(&state.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        let mut sregs = state.sregs;
+        if self.available_tss {
+            // See `Quirks::available_tss_on_restore`.
+            sregs.tr.type_ = TSS_AVAILABLE;
+        }
+        self.fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
         self.fd.set_regs(&state.regs).map_err(kvm_err("KVM_SET_REGS"))?;
         self.fd.set_fpu(&state.fpu).map_err(kvm_err("KVM_SET_FPU"))?;
         if let Some(xsave) = &state.xsave {
@@ -368,6 +414,12 @@ impl Vcpu {
             });
         }
         self.fd.set_lapic(&state.lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+        // KVM drops a TSC deadline written while the APIC timer is not in deadline mode, as it is
+        // not on a fresh vCPU before its APIC state is set: write it again now that it is.
+        if let Some(deadline) = state.msrs.iter().find(|m| m.index == IA32_TSC_DEADLINE) {
+            let msrs = Msrs::from_entries(&[*deadline]).expect("one MSR fits");
+            self.fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+        }
         self.fd
             .set_mp_state(state.mp_state)
             .map_err(kvm_err("KVM_SET_MP_STATE"))?;
@@ -435,7 +487,7 @@ impl Deadline {
         let spec = libc::itimerspec {
             it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
             it_value: libc::timespec {
-                tv_sec: timeout.as_secs() as libc::time_t,
+                tv_sec: timeout.as_secs() as _,
                 tv_nsec: timeout.subsec_nanos() as libc::c_long,
             },
         };

@@ -43,6 +43,19 @@ pub struct Hypervisor {
     kvm: Kvm,
     cpuid: CpuId,
     msrs: Vec<u32>,
+    quirks: Quirks,
+}
+
+/// Work-arounds for hypervisors that differ from hardware; all off by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quirks {
+    /// Restore the task register as an *available* 64-bit TSS (type 9) instead of the busy one
+    /// (type 11) `KVM_GET_SREGS` reports. Needed when KVM itself runs nested under QEMU's TCG
+    /// (AMD SVM emulated in software): QEMU checks a user-mode `in`/`out` against the TSS I/O
+    /// bitmap only for a type-9 TR, so a restored guest agent's port I/O faults with #GP. Its own
+    /// `ltr` leaves type 9 in the hidden register, which is why a booted guest works. Hardware
+    /// KVM needs the busy type (VMX refuses to enter a guest without it).
+    pub available_tss_on_restore: bool,
 }
 
 impl Hypervisor {
@@ -70,7 +83,22 @@ impl Hypervisor {
             .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
             .as_slice()
             .to_vec();
-        Ok(Self { kvm, cpuid, msrs })
+        Ok(Self {
+            kvm,
+            cpuid,
+            msrs,
+            quirks: Quirks::default(),
+        })
+    }
+
+    /// The same hypervisor with `quirks` applied to the VMs created from now on.
+    pub fn with_quirks(mut self, quirks: Quirks) -> Self {
+        self.quirks = quirks;
+        self
+    }
+
+    pub fn quirks(&self) -> Quirks {
+        self.quirks
     }
 
     pub(crate) fn kvm(&self) -> &Kvm {
