@@ -74,10 +74,10 @@ pub async fn deploy(
         .expect("the permits are never closed");
     let staged = {
         let (layout, upload, name) = (app.layout.clone(), upload.clone(), name.to_owned());
-        let memory_mib = config.memory_mb as u32;
+        let (memory_mib, env) = (config.memory_mb as u32, config.env.clone());
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            boot_and_snapshot(&layout, &hypervisor, &image, &name, &upload, memory_mib)
+            boot_and_snapshot(&layout, &hypervisor, &image, &name, &upload, &env, memory_mib)
         })
         .await
         .expect("boot task panicked")?
@@ -120,9 +120,10 @@ fn boot_and_snapshot(
     image: &GuestImage,
     name: &str,
     upload: &[u8],
+    env: &std::collections::BTreeMap<String, String>,
     memory_mib: u32,
 ) -> Result<Staged, DeployError> {
-    let initramfs = image.initramfs(upload);
+    let initramfs = image.initramfs(upload, env);
     let digest = image.snapshot_digest(&initramfs, memory_mib);
     if snapshots::dir(layout, &digest).join("state").exists() {
         return Ok(Staged::existing(digest));

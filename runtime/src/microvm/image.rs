@@ -2,6 +2,7 @@
 //! here) inside Kiln's Linux guest image — the kernel and the guest agent given at start-up — as
 //! `/function` of an initramfs built per function.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use kiln_vmm::kernel;
@@ -57,9 +58,11 @@ impl GuestImage {
         })
     }
 
-    /// The initramfs of one function: the agent as `/init`, `function` as `/function`.
-    pub fn initramfs(&self, function: &[u8]) -> Vec<u8> {
-        kiln_vmm::initramfs::function_image(&self.agent, function)
+    /// The initramfs of one function: the agent as `/init`, `function` as `/function`, and the
+    /// function's environment (its config's `env`; nothing of the host's).
+    pub fn initramfs(&self, function: &[u8], env: &BTreeMap<String, String>) -> Vec<u8> {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        kiln_vmm::initramfs::function_image(&self.agent, function, &env)
     }
 
     /// The digest a function's snapshot is stored under: what booted (image and initramfs) and the
@@ -212,8 +215,14 @@ mod tests {
             identity: Digest::of(agent),
         };
         let (a, b) = (image(b"agent a"), image(b"agent b"));
-        let initramfs = a.initramfs(b"function");
-        assert_eq!(initramfs, a.initramfs(b"function"), "deterministic");
+        let env = BTreeMap::from([("K".to_owned(), "v".to_owned())]);
+        let initramfs = a.initramfs(b"function", &env);
+        assert_eq!(initramfs, a.initramfs(b"function", &env), "deterministic");
+        assert_ne!(
+            initramfs,
+            a.initramfs(b"function", &BTreeMap::new()),
+            "env is part of the image"
+        );
         assert_ne!(a.snapshot_digest(&initramfs, 128), a.snapshot_digest(&initramfs, 256));
         assert_ne!(a.snapshot_digest(&initramfs, 128), b.snapshot_digest(&initramfs, 128));
         assert_eq!(a.snapshot_digest(&initramfs, 128), a.snapshot_digest(&initramfs, 128));

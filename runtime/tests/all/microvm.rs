@@ -234,7 +234,7 @@ fn native_functions_deploy_and_invoke_on_kilns_vmm_where_hardware_virtualization
     }
 
     let started = Instant::now();
-    let config = json!({"tier": "microvm", "memory_mb": 256, "timeout_ms": 2000, "max_concurrency": 2});
+    let config = json!({"tier": "microvm", "memory_mb": 256, "timeout_ms": 2000, "env": {"GREETING": "hi"}});
     let response = kiln.deploy_with("upper", std::fs::read(&upper).unwrap(), config.clone());
     let status = response.status();
     let body: serde_json::Value = response.json().unwrap();
@@ -260,6 +260,8 @@ fn native_functions_deploy_and_invoke_on_kilns_vmm_where_hardware_virtualization
         "first invoke (restore + request + teardown) took {:?}",
         started.elapsed()
     );
+    // The function sees its config's environment, and nothing of the host's.
+    assert_eq!(invoke(&kiln, "env").text().unwrap(), "GREETING=hi\n");
     // The function's exit code and stderr come back as a Wasm guest's do.
     let error = expect_error(invoke(&kiln, "fail"), 502, "function_failed");
     assert_eq!(error["exit_code"], 3, "{error}");

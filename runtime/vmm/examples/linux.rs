@@ -118,7 +118,7 @@ fn run(args: &[String], options: &Options) {
         true => kernel_file,
         false => kernel::extract_vmlinux(&kernel_file).expect("a bzImage with an LZ4 payload"),
     };
-    let image = initramfs::function_image(&read(agent_path), &read(function_path));
+    let image = initramfs::function_image(&read(agent_path), &read(function_path), &[("GREETING", "hi")]);
     let hv = Hypervisor::open()
         .expect("this example needs /dev/kvm")
         .with_quirks(options.quirks);

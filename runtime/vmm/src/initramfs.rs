@@ -85,17 +85,23 @@ impl Initramfs {
     }
 }
 
-/// The initramfs of a microvm function: the agent as `/init`, the function as `/function`, and
-/// the mount points the agent uses. `/dev/null` and `/dev/console` exist before the agent mounts
+/// The initramfs of a microvm function: the agent as `/init`, the function as `/function`, its
+/// environment as `/env` (`KEY=VALUE` entries, each ending in NUL; the agent passes exactly these
+/// to the function), and the mount points the agent uses. `/dev/null` and `/dev/console` exist before the agent mounts
 /// devtmpfs: the kernel opens the console for PID 1's stdio, and a Rust program whose stdio is
 /// closed (no console, as on Kiln's VMM) reopens it on `/dev/null` before `main`, or aborts.
-pub fn function_image(agent: &[u8], function: &[u8]) -> Vec<u8> {
+pub fn function_image(agent: &[u8], function: &[u8], env: &[(&str, &str)]) -> Vec<u8> {
     let mut image = Initramfs::new();
     image.dir("dev", 0o755).dir("proc", 0o555).dir("tmp", 0o1777);
     image
         .char_device("dev/null", 0o666, 1, 3)
         .char_device("dev/console", 0o600, 5, 1);
     image.file("init", 0o755, agent).file("function", 0o755, function);
+    let env: Vec<u8> = env
+        .iter()
+        .flat_map(|(key, value)| [key.as_bytes(), b"=", value.as_bytes(), b"\0"].concat())
+        .collect();
+    image.file("env", 0o444, &env);
     image.finish()
 }
 
@@ -132,16 +138,28 @@ mod tests {
 
     #[test]
     fn the_archive_holds_what_was_added_and_is_deterministic() {
-        let image = function_image(b"agent bytes", b"\x7fELF function");
-        assert_eq!(image, function_image(b"agent bytes", b"\x7fELF function"));
-        assert_ne!(image, function_image(b"agent bytes", b"\x7fELF other"));
+        let env = [("A", "1"), ("PATH", "/x=y")];
+        let image = function_image(b"agent bytes", b"\x7fELF function", &env);
+        assert_eq!(image, function_image(b"agent bytes", b"\x7fELF function", &env));
+        assert_ne!(image, function_image(b"agent bytes", b"\x7fELF other", &env));
+        assert_ne!(image, function_image(b"agent bytes", b"\x7fELF function", &[]));
         assert_eq!(image.len() % 4, 0);
         let entries = parse(&image);
         let names: Vec<&str> = entries.iter().map(|(n, ..)| n.as_str()).collect();
         assert_eq!(
             names,
-            ["dev", "proc", "tmp", "dev/null", "dev/console", "init", "function"]
+            [
+                "dev",
+                "proc",
+                "tmp",
+                "dev/null",
+                "dev/console",
+                "init",
+                "function",
+                "env"
+            ]
         );
+        assert_eq!(entries[7].2, b"A=1\0PATH=/x=y\0");
         assert_eq!(entries[5].1, 0o100755);
         assert_eq!(entries[5].2, b"agent bytes");
         assert_eq!(entries[6].2, b"\x7fELF function");

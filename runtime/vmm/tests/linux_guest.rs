@@ -194,7 +194,11 @@ fn the_linux_image_boots_under_qemu_and_its_agent_serves_requests() {
     };
     let dir = tempfile::tempdir().unwrap();
     let initrd = dir.path().join("initramfs.cpio");
-    std::fs::write(&initrd, initramfs::function_image(&agent, &function)).unwrap();
+    std::fs::write(
+        &initrd,
+        initramfs::function_image(&agent, &function, &[("GREETING", "hello")]),
+    )
+    .unwrap();
     let console = dir.path().join("console.log");
 
     let started = Instant::now();
@@ -210,6 +214,12 @@ fn the_linux_image_boots_under_qemu_and_its_agent_serves_requests() {
     assert_eq!(log, Frame::new(FrameKind::Log, b"upper: 19 bytes\n".to_vec()));
     let response = qemu.receive(deadline, &console);
     let expected = [0i32.to_le_bytes().as_slice(), b"HELLO FROM THE HOST"].concat();
+    assert_eq!(response, Frame::new(FrameKind::Response, expected));
+
+    // The function sees exactly the environment of its image.
+    qemu.send(Frame::new(FrameKind::Request, b"env".to_vec()));
+    let response = qemu.receive(deadline, &console);
+    let expected = [0i32.to_le_bytes().as_slice(), b"GREETING=hello\n"].concat();
     assert_eq!(response, Frame::new(FrameKind::Response, expected));
 
     // The function's exit code comes back; the agent keeps serving.

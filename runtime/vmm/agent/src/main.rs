@@ -136,13 +136,28 @@ fn mount(source: &str, target: &str, fstype: &str) {
     unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
 }
 
-/// Runs `/function` with `input` as stdin: (exit code, stdout, stderr).
-fn run_function(input: &[u8]) -> (i32, Vec<u8>, Vec<u8>) {
+/// The function's environment: `/env`'s `KEY=VALUE` entries, each ending in NUL (none if absent).
+fn function_env() -> Vec<(String, String)> {
+    let bytes = std::fs::read("/env").unwrap_or_default();
+    bytes
+        .split(|&b| b == 0)
+        .filter_map(|entry| {
+            let entry = String::from_utf8_lossy(entry);
+            let (key, value) = entry.split_once('=')?;
+            Some((key.to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
+/// Runs `/function` with `input` as stdin and `env` as its whole environment:
+/// (exit code, stdout, stderr).
+fn run_function(input: &[u8], env: &[(String, String)]) -> (i32, Vec<u8>, Vec<u8>) {
     let child = Command::new("/function")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .spawn();
     let mut child = match child {
         Ok(child) => child,
@@ -207,12 +222,13 @@ fn reseed(seed: &[u8]) -> io::Result<()> {
 }
 
 fn serve(channel: &mut Channel) -> io::Result<()> {
+    let env = function_env();
     channel.send(READY, &[])?;
     loop {
         let (kind, payload) = channel.receive()?;
         match kind {
             REQUEST => {
-                let (code, stdout, stderr) = run_function(&payload);
+                let (code, stdout, stderr) = run_function(&payload, &env);
                 if !stderr.is_empty() {
                     channel.send(LOG, &stderr)?;
                 }

@@ -1,6 +1,7 @@
 //! A test function for the microVM tier: stdin upper-cased to stdout, "upper: <n> bytes" to
 //! stderr. Special inputs: `fail` exits 3; `spin` loops forever (a timeout test); `random` prints
-//! 16 bytes of `/dev/urandom` in hex (guests restored from one snapshot differ only if reseeded).
+//! 16 bytes of `/dev/urandom` in hex (guests restored from one snapshot differ only if reseeded);
+//! `env` prints its environment as `KEY=VALUE` lines.
 //! Static when built for x86_64-unknown-linux-musl.
 
 use std::io::{Read, Write};
@@ -13,6 +14,12 @@ fn main() {
         b"spin" => loop {
             std::hint::spin_loop();
         },
+        b"env" => {
+            for (key, value) in std::env::vars() {
+                println!("{key}={value}");
+            }
+            return;
+        }
         b"random" => {
             let mut bytes = [0u8; 16];
             std::fs::File::open("/dev/urandom")
