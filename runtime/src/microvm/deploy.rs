@@ -28,9 +28,10 @@ use crate::validate::ArtifactKind;
 
 /// The smallest guest Kiln boots: the kernel, the unpacked initramfs and the agent need it.
 pub const MIN_MEMORY_MB: u64 = 64;
-/// How long a boot may take before the deploy gives up (Linux boots in well under a second on
-/// hardware virtualization; this bounds a guest that hangs).
-const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a boot may take before the deploy gives up. Linux boots in well under a second on
+/// hardware virtualization; this bounds a guest that hangs, with room for nested test set-ups
+/// (KVM inside an emulated VM boots it in 20–60 s).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
 pub async fn deploy(
     app: &Arc<App>,

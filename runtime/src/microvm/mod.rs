@@ -25,7 +25,7 @@ mod snapshots;
 use std::path::Path;
 use std::sync::Arc;
 
-use kiln_vmm::Hypervisor;
+use kiln_vmm::{Hypervisor, Quirks};
 use tokio::sync::Semaphore;
 
 pub use capability::Capability;
@@ -76,9 +76,16 @@ impl MicrovmTier {
             Some(Ok(image)) if capability.is_available() => Some(Arc::new(image)),
             _ => None,
         };
+        // KILN_MICROVM_QUIRKS=available-tss: this KVM runs nested under QEMU's TCG (test set-ups;
+        // see `kiln_vmm::Quirks`). Never needed, nor right, on hardware.
+        let quirks = Quirks {
+            available_tss_on_restore: std::env::var("KILN_MICROVM_QUIRKS").is_ok_and(|q| q.contains("available-tss")),
+        };
         Self::with_parts(
             capability,
-            hypervisor.and_then(Result::ok).map(Arc::new),
+            hypervisor
+                .and_then(Result::ok)
+                .map(|hv| Arc::new(hv.with_quirks(quirks))),
             image,
             config.microvm_max_vms,
         )

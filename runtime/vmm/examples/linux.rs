@@ -9,7 +9,10 @@
 //!
 //! Run as PID 1 (`/init` of a nested test VM) it first mounts `/proc`, `/sys` and `/dev`, loads
 //! the kernel modules in `/modules` in name order (KVM inside the VM), takes its inputs from
-//! `/vmlinuz`, `/agent` and `/function`, and powers the VM off at the end.
+//! `/vmlinuz`, `/agent` and `/function`, and powers the VM off at the end. If the VM has a file
+//! `/run` (a command line, arguments separated by NUL; `/run-env` likewise holds `KEY=VALUE`
+//! entries), it brings up the loopback interface and runs that command instead — e.g. Kiln's API
+//! test binary, to drive the `kiln` server inside the nested VM.
 
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -61,6 +64,12 @@ fn prepare_nested_host() {
 fn main() {
     // SAFETY: getpid has no preconditions.
     let pid1 = unsafe { libc::getpid() } == 1;
+    if pid1 && std::path::Path::new("/run").exists() {
+        prepare_nested_host();
+        run_command();
+        // SAFETY: reboot with POWER_OFF has no memory-safety preconditions.
+        unsafe { libc::reboot(libc::RB_POWER_OFF) };
+    }
     let (args, options): (Vec<String>, _) = if pid1 {
         prepare_nested_host();
         let options = Options {
@@ -94,6 +103,48 @@ fn main() {
     if result.is_err() {
         std::process::exit(1);
     }
+}
+
+/// Brings `lo` up and runs `/run` with `/run-env` as its environment, on this console.
+fn run_command() {
+    // SAFETY: a plain datagram socket, closed below; `ifreq` is 16 bytes of name then the flags.
+    unsafe {
+        let socket = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        let mut ifreq = [0u8; 40];
+        ifreq[..2].copy_from_slice(b"lo");
+        let flags = (libc::IFF_UP | libc::IFF_RUNNING) as i16;
+        ifreq[16..18].copy_from_slice(&flags.to_ne_bytes());
+        let rc = libc::ioctl(socket, libc::SIOCSIFFLAGS as _, ifreq.as_mut_ptr());
+        println!(
+            "lo up: {}",
+            if rc == 0 {
+                "ok".to_owned()
+            } else {
+                std::io::Error::last_os_error().to_string()
+            }
+        );
+        libc::close(socket);
+    }
+    let split = |path: &str| -> Vec<String> {
+        std::fs::read(path)
+            .unwrap_or_default()
+            .split(|&b| b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect()
+    };
+    let argv = split("/run");
+    let env: Vec<(String, String)> = split("/run-env")
+        .iter()
+        .filter_map(|e| e.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect();
+    println!("running {argv:?}");
+    let status = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .env_clear()
+        .envs(env)
+        .status();
+    println!("command finished: {status:?}");
 }
 
 /// Knobs, from the environment (or fixed, as PID 1): `KILN_QUIRK_AVAILABLE_TSS` when KVM runs
