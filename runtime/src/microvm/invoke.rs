@@ -111,6 +111,13 @@ fn shape(outcome: Result<Reply, RunFailure>, config: &FunctionConfig) -> Result<
     let stdout = CappedOutput::new("stdout", STDOUT_CAP);
     let message = if reply.stdout.len() > STDOUT_CAP {
         format!("the function's {}", stdout.limit_message())
+    } else if reply.exit_code == SIGKILLED {
+        // Nothing in the guest sends SIGKILL but the kernel's OOM killer.
+        format!(
+            "the function was killed (SIGKILL, exit code {SIGKILLED}): it most likely ran out of its \
+             memory limit of {} MiB",
+            config.memory_mb
+        )
     } else if reply.exit_code != 0 {
         format!("the function exited with code {}", reply.exit_code)
     } else {
@@ -126,6 +133,9 @@ fn shape(outcome: Result<Reply, RunFailure>, config: &FunctionConfig) -> Result<
         stderr_tail: stderr.tail(STDERR_TAIL),
     }))
 }
+
+/// The exit code the agent reports for a function killed by SIGKILL (128 + 9).
+const SIGKILLED: i32 = 137;
 
 fn failed(message: String) -> InvokeError {
     InvokeError::Failed(Failure {
@@ -168,6 +178,15 @@ mod tests {
         assert_eq!(failure.exit_code, Some(3));
         assert_eq!(failure.message, "the function exited with code 3");
         assert_eq!(failure.stderr_tail, "bad input\n");
+        let Err(InvokeError::Failed(failure)) = shape(Ok(reply(137, b"", b"")), &config) else {
+            panic!("SIGKILL is a failure");
+        };
+        assert_eq!(failure.exit_code, Some(137));
+        assert!(
+            failure.message.contains("memory limit of 128 MiB"),
+            "{}",
+            failure.message
+        );
         let big = vec![b'x'; STDOUT_CAP + 1];
         let Err(InvokeError::Failed(failure)) = shape(Ok(reply(0, &big, b"")), &config) else {
             panic!("stdout over its cap is a failure");
