@@ -239,4 +239,11 @@ fn run(args: &[String], options: &Options) {
         }
     }
     report("restore + invoke + teardown", samples);
+
+    // The memory limit: a function that outgrows the guest's RAM is killed by its kernel.
+    let mut vm = snapshot.restore(&hv).expect("restore");
+    match vm.invoke(&[9; 32], b"hog", Duration::from_secs(300), 4096) {
+        Ok(reply) => println!("hog reply: exit {}", reply.exit_code),
+        Err(e) => println!("hog failed: {e}"),
+    }
 }

@@ -136,5 +136,10 @@ fn kilns_vmm_boots_snapshots_and_restores_the_linux_guest_nested_in_qemu() {
         console.contains("restore + invoke + teardown"),
         "not every restore answered"
     );
+    // A function that outgrows the guest's memory is killed by the guest's kernel (SIGKILL: 137).
+    assert!(
+        console.contains("hog reply: exit 137"),
+        "the memory hog was not OOM-killed"
+    );
     assert!(console.contains("nested run finished: ok"));
 }

@@ -1,7 +1,8 @@
 //! A test function for the microVM tier: stdin upper-cased to stdout, "upper: <n> bytes" to
 //! stderr. Special inputs: `fail` exits 3; `spin` loops forever (a timeout test); `random` prints
 //! 16 bytes of `/dev/urandom` in hex (guests restored from one snapshot differ only if reseeded);
-//! `env` prints its environment as `KEY=VALUE` lines.
+//! `env` prints its environment as `KEY=VALUE` lines; `hog` allocates and touches memory until the
+//! kernel kills it (a memory-limit test).
 //! Static when built for x86_64-unknown-linux-musl.
 
 use std::io::{Read, Write};
@@ -14,6 +15,16 @@ fn main() {
         b"spin" => loop {
             std::hint::spin_loop();
         },
+        b"hog" => {
+            let mut chunks = Vec::new();
+            loop {
+                let mut chunk = vec![0u8; 16 << 20];
+                for page in chunk.chunks_mut(4096) {
+                    page[0] = 1;
+                }
+                chunks.push(std::hint::black_box(chunk));
+            }
+        }
         b"env" => {
             for (key, value) in std::env::vars() {
                 println!("{key}={value}");
