@@ -15,9 +15,10 @@ use crate::jobs::{Jobs, JobsConfig};
 use crate::logs::InvocationLogs;
 use crate::metrics::Metrics;
 use crate::pool::{self, EpochTicker};
-use crate::registry::{Concurrency, Linkers, LoadedFunction, Lookup, Registry, Slot};
+use crate::registry::{Concurrency, Entry, Linkers, LoadedFunction, Lookup, Registry, Slot};
 use crate::signing::Signer;
 use crate::store::{Layout, Store, StoreError};
+use crate::validate::ArtifactKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -44,6 +45,8 @@ pub enum LoadError {
     Compile(#[from] CompileError),
     #[error("linking: {0}")]
     Link(String),
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 pub struct App {
@@ -60,8 +63,9 @@ pub struct App {
     pub metrics: Metrics,
     /// Kept logs of synchronous invocations.
     pub logs: InvocationLogs,
-    /// Whether the microvm tier can run on this host (probed once at start-up).
-    pub microvm: crate::microvm::Capability,
+    /// The microvm tier: whether it can run on this host (probed once at start-up), its guest
+    /// image and its VM permits.
+    pub microvm: crate::microvm::MicrovmTier,
     /// The global cap on live instances; equal to the pool's size, so the pool itself never runs
     /// dry mid-instantiation.
     pub instance_permits: Semaphore,
@@ -109,7 +113,7 @@ impl App {
             registry.install(record, None);
         }
         sweep_unreferenced(&store, &layout, &cache)?;
-        let microvm = crate::microvm::Capability::probe();
+        let microvm = crate::microvm::MicrovmTier::open(&config);
         match microvm.reason() {
             None => tracing::info!("tiers available: wasm, microvm"),
             Some(reason) => tracing::info!(microvm = reason, "tiers available: wasm"),
@@ -194,6 +198,13 @@ impl App {
     }
 
     async fn load(&self, slot: &Slot) -> Result<Arc<LoadedFunction>, LoadError> {
+        if slot.record.kind == ArtifactKind::Native {
+            let function = crate::microvm::load(self, &slot.record).await?;
+            return Ok(Arc::new(LoadedFunction::new(
+                slot.record.clone(),
+                Entry::Microvm(function),
+            )));
+        }
         let record = slot.record.clone();
         let cache = self.cache.clone();
         let compiled = tokio::task::spawn_blocking(move || cache.load(record.kind, &record.code_digest))
@@ -216,6 +227,7 @@ impl App {
 /// and committing the version left behind.
 fn sweep_unreferenced(store: &Store, layout: &Layout, cache: &CompileCache) -> Result<(), StartError> {
     let referenced = store.referenced_digests()?;
+    crate::microvm::sweep(layout, &referenced);
     let Ok(entries) = std::fs::read_dir(layout.artifacts()) else {
         return Ok(());
     };

@@ -25,6 +25,11 @@ pub enum CompileError {
     Io(#[from] std::io::Error),
 }
 
+/// Native executables run in microVMs (`crate::microvm`) and have no compiled form.
+fn not_wasm() -> CompileError {
+    CompileError::Compile("a native executable is not compiled; the microvm tier runs it".into())
+}
+
 /// Compiled code, loaded and ready to link.
 #[derive(Clone)]
 pub enum Compiled {
@@ -76,6 +81,7 @@ impl CompileCache {
         let result = match kind {
             ArtifactKind::Module => self.engine.precompile_module(bytes),
             ArtifactKind::Component => self.engine.precompile_component(bytes),
+            ArtifactKind::Native => return Err(not_wasm()),
         };
         result.map_err(|e| CompileError::Compile(format!("{e:#}")))
     }
@@ -87,6 +93,7 @@ impl CompileCache {
             match kind {
                 ArtifactKind::Module => Module::deserialize(&self.engine, cwasm).map(Compiled::Module),
                 ArtifactKind::Component => Component::deserialize(&self.engine, cwasm).map(Compiled::Component),
+                ArtifactKind::Native => return Err(not_wasm()),
             }
         };
         loaded.map_err(|e| CompileError::Compile(format!("{e:#}")))
@@ -110,6 +117,7 @@ impl CompileCache {
                     ArtifactKind::Component => {
                         Component::deserialize_file(&self.engine, &path).map(Compiled::Component)
                     }
+                    ArtifactKind::Native => return Err(not_wasm()),
                 }
             };
             match loaded {

@@ -44,6 +44,14 @@ pub struct ServerConfig {
     /// Logs of synchronous invocations kept at most (the newest); older ones also go after
     /// `retention`. 100k entries of at most 4 KiB stderr each bound the table to ~400 MiB.
     pub max_kept_logs: u64,
+    /// The microvm tier's guest kernel: Debian's cloud bzImage or its ELF `vmlinux`. Without it
+    /// (and the agent) the tier is unavailable.
+    pub microvm_kernel: Option<PathBuf>,
+    /// The microvm tier's guest agent: the static `kiln-agent` executable, `/init` of every guest.
+    pub microvm_agent: Option<PathBuf>,
+    /// MicroVMs running at once, across all functions; past it invocations get 429. Each holds a
+    /// thread (its vCPU) and up to its function's `memory_mb` of RAM.
+    pub microvm_max_vms: u32,
 }
 
 impl ServerConfig {
@@ -64,6 +72,9 @@ impl ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             admin_token: None,
             max_kept_logs: 100_000,
+            microvm_kernel: None,
+            microvm_agent: None,
+            microvm_max_vms: 32,
         }
     }
 }

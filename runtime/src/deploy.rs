@@ -66,10 +66,7 @@ pub async fn deploy(
     config: FunctionConfig,
 ) -> Result<Deployed, DeployError> {
     if config.tier == Tier::Microvm {
-        // Bad input is 422 on every host; only a valid executable learns that the host cannot run it.
-        crate::microvm::validate_executable(&upload).map_err(DeployError::InvalidCode)?;
-        let reason = app.microvm.reason().unwrap_or("the microvm tier cannot deploy yet");
-        return Err(DeployError::TierUnavailable(reason.to_owned()));
+        return crate::microvm::deploy(app, name, upload, config).await;
     }
     let prepared = {
         let app = app.clone();
@@ -187,6 +184,7 @@ pub async fn delete(app: &Arc<App>, name: &str) -> Result<(), DeployError> {
     for digest in orphans {
         let _ = std::fs::remove_file(app.layout.artifact(&digest));
         app.cache.remove(&digest);
+        crate::microvm::remove_snapshot(&app.layout, &digest);
     }
     Ok(())
 }

@@ -124,6 +124,9 @@ pub async fn invoke(
     concurrency: &Concurrency,
     input: Bytes,
 ) -> Result<Success, InvokeError> {
+    if let Entry::Microvm(vm) = &f.entry {
+        return crate::microvm::invoke(app, f, vm, concurrency, input).await;
+    }
     let config = &f.record.config;
     let _function_permit = concurrency
         .permits
@@ -162,6 +165,7 @@ pub async fn invoke(
             (outcome, store.data().limiter.exceeded())
         }
         Entry::Http(_) => return Err(InvokeError::HttpTrigger(f.record.name.clone())),
+        Entry::Microvm(_) => unreachable!("microvm functions returned above"),
         Entry::Component(pre) => {
             let state = ComponentState::new(wasi, limiter, f.egress.for_instance());
             let mut store = Store::new(&app.engine, state);

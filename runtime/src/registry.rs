@@ -35,6 +35,8 @@ pub enum Entry {
     Component(CommandPre<ComponentState>),
     /// A `wasi:http/proxy` component, served at `/fn/{name}/...`.
     Http(ProxyPre<ComponentState>),
+    /// A native executable's microVM snapshot (the microvm tier).
+    Microvm(Arc<crate::microvm::MicrovmFunction>),
 }
 
 /// One version, loaded: everything an invocation needs, computed once.

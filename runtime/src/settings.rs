@@ -88,6 +88,16 @@ pub struct ServeSettings {
     /// Logs of synchronous invocations kept at most (the newest) [default: 100000].
     #[arg(long, env = "KILN_MAX_KEPT_LOGS")]
     pub max_kept_logs: Option<u64>,
+    /// The microvm tier's guest kernel (a bzImage or ELF vmlinux; `runtime/vmm/scripts/guest-kernel.sh`
+    /// fetches Debian's) [default: none: the tier is unavailable].
+    #[arg(long, env = "KILN_MICROVM_KERNEL")]
+    pub microvm_kernel: Option<PathBuf>,
+    /// The microvm tier's guest agent, the static `kiln-agent` executable [default: none].
+    #[arg(long, env = "KILN_MICROVM_AGENT")]
+    pub microvm_agent: Option<PathBuf>,
+    /// MicroVMs running at once, across all functions; past it invocations get 429 [default: 32].
+    #[arg(long, env = "KILN_MICROVM_MAX_VMS")]
+    pub microvm_max_vms: Option<u32>,
     /// Log line format [default: text].
     #[arg(long, env = "KILN_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -137,6 +147,9 @@ impl ServeSettings {
         pick!(shutdown_grace_ms => c.shutdown_grace, Duration::from_millis);
         pick!(retention_secs => c.retention, Duration::from_secs);
         pick!(max_kept_logs => c.max_kept_logs, |v| v);
+        pick!(microvm_kernel => c.microvm_kernel, Some);
+        pick!(microvm_agent => c.microvm_agent, Some);
+        pick!(microvm_max_vms => c.microvm_max_vms, |v: u32| v.max(1));
         let log_format = self.log_format.or(file.log_format).unwrap_or_default();
         (c, log_format)
     }

@@ -11,6 +11,8 @@ pub enum ArtifactKind {
     Module,
     /// A component targeting `wasi:cli/command` (exports `wasi:cli/run`).
     Component,
+    /// A static x86_64 Linux executable, run by the microvm tier (see `crate::microvm`).
+    Native,
 }
 
 impl ArtifactKind {
@@ -18,6 +20,7 @@ impl ArtifactKind {
         match self {
             ArtifactKind::Module => "module",
             ArtifactKind::Component => "component",
+            ArtifactKind::Native => "native",
         }
     }
 
@@ -25,6 +28,7 @@ impl ArtifactKind {
         match s {
             "module" => Some(ArtifactKind::Module),
             "component" => Some(ArtifactKind::Component),
+            "native" => Some(ArtifactKind::Native),
             _ => None,
         }
     }
@@ -92,6 +96,7 @@ pub fn inspect(upload: &[u8], limits: &CodeLimits) -> Result<Artifact, InvalidCo
             check_component(&bytes)?;
             None
         }
+        ArtifactKind::Native => unreachable!("Wasm validation never yields a native kind"),
     };
     Ok(Artifact { kind, bytes, init_hook })
 }

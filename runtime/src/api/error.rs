@@ -96,6 +96,7 @@ impl From<LoadError> for ApiError {
         match e {
             e @ (LoadError::NoFunction(_) | LoadError::NoVersion(..)) => ApiError::not_found(e.to_string()),
             e @ (LoadError::Store(_) | LoadError::Compile(_) | LoadError::Link(_)) => ApiError::internal(e),
+            LoadError::Unavailable(reason) => ApiError::unavailable(reason),
         }
     }
 }

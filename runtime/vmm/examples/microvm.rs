@@ -2,7 +2,8 @@
 //! creating an empty VM (memory + VM + vCPU, then teardown), booting the guest to its ready
 //! signal, and the per-invocation path — restore from a snapshot (memory mapped copy-on-write),
 //! one framed request, teardown — and the same request on a VM reset in place from the snapshot
-//! (`Snapshot::reset`: memory remapped copy-on-write, state set back, no VM created).
+//! (`Snapshot::reset`: memory remapped copy-on-write, state set back, no VM created), and Kiln's
+//! invocation exchange (RESEED + REQUEST, LOG + RESPONSE) with the agent-protocol test guest.
 //!
 //! Usage: cargo run --release -p kiln-vmm --example microvm -- [RUNS] [MEMORY_MIB]
 //!        (defaults: 200, 128)
@@ -74,6 +75,20 @@ fn main() {
             let mut vm = snapshot.restore(&hv).unwrap();
             assert_eq!(vm.request(input, timeout).unwrap(), expected);
             drop(vm);
+        }),
+    );
+    // Kiln's invocation: restore, RESEED + REQUEST, LOG + RESPONSE, teardown, with the test guest
+    // that speaks the agent's side of the protocol.
+    let agent_dir = tempfile::tempdir().unwrap();
+    let mut booted = MicroVm::boot_flat64(&hv, config, &test_guest::agent(), timeout).unwrap();
+    let agent = Snapshot::create(&hv, &mut booted, agent_dir.path()).unwrap();
+    drop(booted);
+    report(
+        "restore + reseed + invoke + drop",
+        time(runs, || {
+            let mut vm = agent.restore(&hv).unwrap();
+            let reply = vm.invoke(&[7; 32], input, timeout, 4096).unwrap();
+            assert_eq!((reply.exit_code, &reply.stdout[32..]), (0, &input[..]));
         }),
     );
     let mut vm = snapshot.restore(&hv).unwrap();

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Fetches the microVM tier's guest kernel: Debian's cloud kernel, a pinned package version checked
 # against a pinned SHA-256, and puts its bzImage at target/kiln-guest/vmlinuz (QEMU boots it
-# directly; Kiln's own VMM would load the ELF vmlinux inside it on hosts with hardware
-# virtualization). Idempotent: does nothing when the kernel is there. Never fails the caller:
-# without the kernel the Linux-guest test prints why and skips.
+# directly; Kiln's own VMM loads the ELF vmlinux inside it) and the kernel's KVM modules at
+# target/kiln-guest/modules/ (the nested test loads them in a QEMU VM to run Kiln's VMM there).
+# Idempotent: does nothing when both are there. Never fails the caller: without them the
+# Linux-guest tests print why and skip.
 set -uo pipefail
 
 PACKAGE=linux-image-6.1.0-56-cloud-amd64
@@ -12,8 +13,8 @@ SHA256=e7d02b943971edcb8790e256c02cfab3bca6c3d37c1bf25392a57c71300615ee
 
 root=$(cd "$(dirname "$0")/../../.." && pwd)
 out="$root/target/kiln-guest"
-[ -s "$out/vmlinuz" ] && exit 0
-mkdir -p "$out"
+[ -s "$out/vmlinuz" ] && [ -s "$out/modules/3-kvm-amd.ko" ] && exit 0
+mkdir -p "$out/modules"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work" || exit 0
@@ -31,5 +32,15 @@ if ! echo "$SHA256  $deb" | sha256sum -c --quiet -; then
   echo "setup: WARNING: $deb does not match the pinned SHA-256; not using it" >&2
   exit 0
 fi
-dpkg-deb --fsys-tarfile "$deb" | tar -xO "./boot/vmlinuz-${PACKAGE#linux-image-}" > "$out/vmlinuz.tmp" \
+release=${PACKAGE#linux-image-}
+dpkg-deb --fsys-tarfile "$deb" | tar -xO "./boot/vmlinuz-$release" > "$out/vmlinuz.tmp" \
   && mv "$out/vmlinuz.tmp" "$out/vmlinuz" && echo "setup: guest kernel at $out/vmlinuz"
+# The KVM modules, numbered in load order (kvm needs irqbypass; kvm-amd needs kvm).
+n=1
+for module in virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko; do
+  name="$n-$(basename "$module")"
+  dpkg-deb --fsys-tarfile "$deb" | tar -xO "./lib/modules/$release/kernel/$module" > "$out/modules/$name.tmp" \
+    && mv "$out/modules/$name.tmp" "$out/modules/$name"
+  n=$((n + 1))
+done
+echo "setup: KVM modules at $out/modules"

@@ -1,7 +1,7 @@
 //! Building and booting a microVM, and talking to it once it runs.
 //!
-//! Kiln's boot protocol for a flat 64-bit image (the tiny test guest; a Linux kernel would be
-//! loaded with `linux-loader` on hosts that can run one):
+//! Kiln's boot protocol for a flat 64-bit image (the tiny test guests; a Linux kernel is loaded by
+//! `crate::linux` on the same page tables):
 //!
 //! ```text
 //!  guest-physical                 what
@@ -34,9 +34,9 @@ pub const MAX_MEMORY_MIB: u32 = 4096;
 /// Where the image is loaded and started.
 pub const IMAGE_ADDRESS: u64 = 0x10_0000;
 
-const GDT: u64 = 0x500;
+pub(crate) const GDT: u64 = 0x500;
 const STACK_TOP: u64 = 0x9000;
-const PML4: u64 = 0x9000;
+pub(crate) const PML4: u64 = 0x9000;
 const PDPT: u64 = 0xa000;
 const PD: u64 = 0xb000;
 
@@ -57,7 +57,7 @@ impl VmConfig {
         }
     }
 
-    fn memory_bytes(&self) -> Result<usize, ConfigError> {
+    pub(crate) fn memory_bytes(&self) -> Result<usize, ConfigError> {
         let max = self.max_memory_mib.min(MAX_MEMORY_MIB);
         if self.memory_mib < MIN_MEMORY_MIB || self.memory_mib > max {
             return Err(ConfigError::MemorySize {
@@ -227,10 +227,26 @@ impl MicroVm {
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
     }
+
+    /// The vCPU's instruction pointer, stack and control registers, for diagnosing a guest that
+    /// stopped (tools and error reports).
+    pub fn describe_vcpu(&self) -> String {
+        self.vcpu.describe()
+    }
+
+    /// Keeps the last `cap` bytes the guest writes to COM1 from now on (see [`MicroVm::console`]).
+    pub fn keep_console(&mut self, cap: usize) {
+        self.vcpu.keep_console(cap);
+    }
+
+    /// The kept COM1 output, and stops keeping it.
+    pub fn console(&mut self) -> Vec<u8> {
+        self.vcpu.take_console()
+    }
 }
 
 /// Writes the GDT and the identity-mapping page tables.
-fn write_boot_structures(memory: &GuestMemory) -> Result<(), MemoryError> {
+pub(crate) fn write_boot_structures(memory: &GuestMemory) -> Result<(), MemoryError> {
     let gdt: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
     memory.write(GDT, &u64s(&gdt))?;
     const PRESENT_RW: u64 = 0b11;

@@ -19,6 +19,7 @@ pub struct Initramfs {
 }
 
 const S_IFDIR: u32 = 0o040000;
+const S_IFCHR: u32 = 0o020000;
 const S_IFREG: u32 = 0o100000;
 
 impl Initramfs {
@@ -29,6 +30,15 @@ impl Initramfs {
     /// Adds a directory (`path` without a leading slash, e.g. `dev`).
     pub fn dir(&mut self, path: &str, mode: u32) -> &mut Self {
         self.entry(path, S_IFDIR | (mode & 0o7777), 2, &[])
+    }
+
+    /// Adds a character device node.
+    pub fn char_device(&mut self, path: &str, mode: u32, major: u32, minor: u32) -> &mut Self {
+        self.next_inode += 1;
+        let inode = self.next_inode;
+        self.header(path, S_IFCHR | (mode & 0o7777), 1, 0, (major, minor), inode);
+        self.pad();
+        self
     }
 
     /// Adds a regular file.
@@ -51,16 +61,20 @@ impl Initramfs {
     }
 
     fn entry_with_inode(&mut self, path: &str, mode: u32, nlink: u32, data: &[u8], inode: u32) {
+        self.header(path, mode, nlink, data.len() as u32, (0, 0), inode);
+        self.bytes.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn header(&mut self, path: &str, mode: u32, nlink: u32, size: u32, (major, minor): (u32, u32), inode: u32) {
         let name_size = path.len() as u32 + 1;
-        let fields = [inode, mode, 0, 0, nlink, 0, data.len() as u32, 0, 0, 0, 0, name_size, 0];
+        let fields = [inode, mode, 0, 0, nlink, 0, size, 0, 0, major, minor, name_size, 0];
         self.bytes.extend_from_slice(b"070701");
         for field in fields {
             self.bytes.extend_from_slice(format!("{field:08x}").as_bytes());
         }
         self.bytes.extend_from_slice(path.as_bytes());
         self.bytes.push(0);
-        self.pad();
-        self.bytes.extend_from_slice(data);
         self.pad();
     }
 
@@ -71,12 +85,23 @@ impl Initramfs {
     }
 }
 
-/// The initramfs of a microvm function: the agent as `/init`, the function as `/function`, and
-/// the mount points the agent uses.
-pub fn function_image(agent: &[u8], function: &[u8]) -> Vec<u8> {
+/// The initramfs of a microvm function: the agent as `/init`, the function as `/function`, its
+/// environment as `/env` (`KEY=VALUE` entries, each ending in NUL; the agent passes exactly these
+/// to the function), and the mount points the agent uses. `/dev/null` and `/dev/console` exist before the agent mounts
+/// devtmpfs: the kernel opens the console for PID 1's stdio, and a Rust program whose stdio is
+/// closed (no console, as on Kiln's VMM) reopens it on `/dev/null` before `main`, or aborts.
+pub fn function_image(agent: &[u8], function: &[u8], env: &[(&str, &str)]) -> Vec<u8> {
     let mut image = Initramfs::new();
     image.dir("dev", 0o755).dir("proc", 0o555).dir("tmp", 0o1777);
+    image
+        .char_device("dev/null", 0o666, 1, 3)
+        .char_device("dev/console", 0o600, 5, 1);
     image.file("init", 0o755, agent).file("function", 0o755, function);
+    let env: Vec<u8> = env
+        .iter()
+        .flat_map(|(key, value)| [key.as_bytes(), b"=", value.as_bytes(), b"\0"].concat())
+        .collect();
+    image.file("env", 0o444, &env);
     image.finish()
 }
 
@@ -84,8 +109,11 @@ pub fn function_image(agent: &[u8], function: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    /// Parses a newc archive back into (name, mode, data): the inverse the kernel applies.
-    fn parse(mut bytes: &[u8]) -> Vec<(String, u32, Vec<u8>)> {
+    /// (name, mode, data, (rdev major, rdev minor)) of one archive entry.
+    type Entry = (String, u32, Vec<u8>, (u32, u32));
+
+    /// Parses a newc archive back into entries: the inverse the kernel applies.
+    fn parse(mut bytes: &[u8]) -> Vec<Entry> {
         let mut out = Vec::new();
         let mut offset = 0usize;
         loop {
@@ -104,22 +132,39 @@ mod tests {
                 assert!(bytes.is_empty());
                 return out;
             }
-            out.push((name, mode, data));
+            out.push((name, mode, data, (field(9), field(10))));
         }
     }
 
     #[test]
     fn the_archive_holds_what_was_added_and_is_deterministic() {
-        let image = function_image(b"agent bytes", b"\x7fELF function");
-        assert_eq!(image, function_image(b"agent bytes", b"\x7fELF function"));
-        assert_ne!(image, function_image(b"agent bytes", b"\x7fELF other"));
+        let env = [("A", "1"), ("PATH", "/x=y")];
+        let image = function_image(b"agent bytes", b"\x7fELF function", &env);
+        assert_eq!(image, function_image(b"agent bytes", b"\x7fELF function", &env));
+        assert_ne!(image, function_image(b"agent bytes", b"\x7fELF other", &env));
+        assert_ne!(image, function_image(b"agent bytes", b"\x7fELF function", &[]));
         assert_eq!(image.len() % 4, 0);
         let entries = parse(&image);
-        let names: Vec<&str> = entries.iter().map(|(n, _, _)| n.as_str()).collect();
-        assert_eq!(names, ["dev", "proc", "tmp", "init", "function"]);
-        assert_eq!(entries[3].1, 0o100755);
-        assert_eq!(entries[3].2, b"agent bytes");
-        assert_eq!(entries[4].2, b"\x7fELF function");
+        let names: Vec<&str> = entries.iter().map(|(n, ..)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "dev",
+                "proc",
+                "tmp",
+                "dev/null",
+                "dev/console",
+                "init",
+                "function",
+                "env"
+            ]
+        );
+        assert_eq!(entries[7].2, b"A=1\0PATH=/x=y\0");
+        assert_eq!(entries[5].1, 0o100755);
+        assert_eq!(entries[5].2, b"agent bytes");
+        assert_eq!(entries[6].2, b"\x7fELF function");
         assert_eq!(entries[2].1, 0o041777);
+        assert_eq!(entries[3].1, 0o020666);
+        assert_eq!((entries[3].3, entries[4].3), ((1, 3), (5, 1)), "device numbers");
     }
 }

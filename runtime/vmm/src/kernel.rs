@@ -1,6 +1,6 @@
 //! The Linux guest kernel: from the bzImage Debian ships to the ELF `vmlinux` that Kiln's VMM
-//! loads with `linux-loader` and enters through its PVH entry point (the Xen/PVH boot protocol
-//! Firecracker also uses: 32-bit protected mode, no real-mode setup code, no firmware).
+//! loads with `linux-loader` and enters at its 64-bit entry point (`crate::linux` says why that
+//! protocol and not PVH; the PVH entry is still reported, for a VMM that wants it).
 //!
 //! A bzImage is real-mode setup code followed by a small decompressor and the compressed
 //! `vmlinux`. The boot-protocol header says where the payload is (`payload_offset` and
@@ -40,8 +40,6 @@ pub enum KernelError {
     SizeMismatch { got: usize, want: usize },
     #[error("cannot load the ELF kernel: {0}")]
     Load(#[from] linux_loader::loader::Error),
-    #[error("the kernel has no PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY)")]
-    NoPvhEntry,
 }
 
 /// Decompresses the ELF `vmlinux` out of a bzImage.
@@ -110,8 +108,10 @@ fn decompress_lz4_legacy(payload: &[u8]) -> Result<Vec<u8>, KernelError> {
 /// Where a loaded kernel is and how to enter it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoadedKernel {
-    /// Guest-physical address of the PVH entry point (entered in 32-bit protected mode).
-    pub pvh_entry: u64,
+    /// Guest-physical address of the ELF entry point, `startup_64` (entered in long mode).
+    pub entry: u64,
+    /// Guest-physical address of the PVH entry point (32-bit protected mode), if the kernel has one.
+    pub pvh_entry: Option<u64>,
     /// Guest-physical range the kernel's segments occupy.
     pub start: u64,
     pub end: u64,
@@ -125,11 +125,13 @@ pub fn load_vmlinux(memory: &GuestMemory, vmlinux: &[u8]) -> Result<LoadedKernel
         &mut Cursor::new(vmlinux),
         Some(GuestAddress(HIGH_MEMORY)),
     )?;
-    let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
-        return Err(KernelError::NoPvhEntry);
+    let pvh_entry = match loaded.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(entry) => Some(entry.0),
+        _ => None,
     };
     Ok(LoadedKernel {
-        pvh_entry: entry.0,
+        entry: loaded.kernel_load.0,
+        pvh_entry,
         start: loaded.kernel_load.0,
         end: loaded.kernel_end,
     })

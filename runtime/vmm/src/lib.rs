@@ -8,6 +8,8 @@
 //! - [`builder`]: create a VM, load an image, boot it to its ready signal, send requests.
 //! - [`initramfs`]: the deterministic cpio image holding the guest agent and the function.
 //! - [`kernel`]: the Linux guest kernel, from Debian's bzImage to a loaded ELF `vmlinux`.
+//! - [`linux`]: booting that kernel and an initramfs (64-bit boot protocol, zero page, e820).
+//! - [`invocation`]: one request to a restored guest agent: RESEED, REQUEST, then LOG/RESPONSE.
 //! - [`persist`]: snapshot a ready VM to files and restore it, many times, from them.
 //! - [`test_guest`]: tiny 64-bit guests assembled in Rust, for tests and benchmarks.
 //!
@@ -17,13 +19,17 @@
 pub mod builder;
 pub mod devices;
 pub mod initramfs;
+pub mod invocation;
 pub mod kernel;
+pub mod linux;
 pub mod persist;
 pub mod test_guest;
 pub mod vstate;
 
 pub use builder::{BootError, ConfigError, MicroVm, RequestError, VmConfig, MAX_MEMORY_MIB};
 pub use devices::channel::{Frame, FrameKind};
+pub use invocation::{InvokeError, Reply};
+pub use linux::LinuxBootError;
 pub use persist::{CreateSnapshotError, LoadSnapshotError, RestoreError, Snapshot};
 pub use vstate::vcpu::RunError;
-pub use vstate::vm::{Hypervisor, VmError};
+pub use vstate::vm::{Hypervisor, Quirks, VmError};

@@ -14,6 +14,7 @@
 //!                6 MSRs (u32 index, u32 0, u64 value)*
 //!               12 PIC master  13 PIC slave  14 IOAPIC  15 KVM clock
 //!               16 channel device (see devices::channel::Channel::save)
+//!               17 PIT (optional: Linux guests)
 //! ```
 //!
 //! KVM structures are stored as their in-memory bytes (`zerocopy`): a snapshot is meant for the
@@ -135,7 +136,10 @@ impl Snapshot {
     /// A new VM in the snapshot's state; the snapshot is left as it was.
     pub fn restore(&self, hypervisor: &Hypervisor) -> Result<MicroVm, RestoreError> {
         let memory = GuestMemory::from_file(&self.memory, self.memory_size)?;
-        let vm = Vm::new(hypervisor)?;
+        let mut vm = Vm::new(hypervisor)?;
+        if self.vm.pit.is_some() {
+            vm.create_pit()?;
+        }
         vm.register_memory(&memory)?;
         vm.restore_state(&self.vm)?;
         let vcpu = Vcpu::new(hypervisor, &vm)?;
@@ -197,6 +201,9 @@ impl Snapshot {
         section(14, self.vm.ioapic.as_bytes());
         section(15, self.vm.clock.as_bytes());
         section(16, &self.channel.save());
+        if let Some(pit) = &self.vm.pit {
+            section(17, pit.as_bytes());
+        }
         out
     }
 
@@ -207,7 +214,7 @@ impl Snapshot {
         if version != VERSION.to_le_bytes() {
             return Err(corrupt("unknown version"));
         }
-        let mut sections: [Option<&[u8]>; 17] = [None; 17];
+        let mut sections: [Option<&[u8]>; 18] = [None; 18];
         while !rest.is_empty() {
             let (head, tail) = rest.split_at_checked(8).ok_or(corrupt("truncated section"))?;
             let tag = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
@@ -250,6 +257,7 @@ impl Snapshot {
             pic_slave: read(get(13)?)?,
             ioapic: read(get(14)?)?,
             clock: read(get(15)?)?,
+            pit: sections[17].map(read).transpose()?,
         };
         let channel = Channel::restore(get(16)?).ok_or(corrupt("channel state"))?;
         Ok(Self {

@@ -10,6 +10,10 @@
 //! - [`bulk`]: echoes each request unchanged, moving it with string I/O (`rep insb` into
 //!   [`BULK_ADDRESS`], `rep outsb` back). Hardware KVM hands the VMM up to a page per exit;
 //!   PVM emulates string I/O one byte per exit (measured: ~10 µs per byte, 1 MiB in 10.7 s).
+//! - [`agent`]: speaks the guest agent's side of an invocation (see `crate::invocation`): keeps
+//!   each RESEED payload at [`SEED_ADDRESS`] without answering, and answers each REQUEST with a LOG
+//!   frame ([`AGENT_LOG`]) and then a RESPONSE of exit code (requests served before this one: 0 for
+//!   the first request after a restore), the last seed and the input.
 //! - [`spin`]: reads the request header, then loops forever (a timeout test).
 //! - [`touch`]: reads the request header, then writes one byte at a given guest-physical address
 //!   (past the end of RAM: the memory-limit test).
@@ -25,6 +29,11 @@ pub const BUFFER_ADDRESS: u32 = 0x18_0000;
 
 /// Where the bulk guest stores each request (requests up to memory size − 2 MiB).
 pub const BULK_ADDRESS: u32 = 0x20_0000;
+
+/// Where the agent guest keeps the last RESEED payload.
+pub const SEED_ADDRESS: u32 = 0x1f_1000;
+/// The LOG frame the agent guest sends before each response.
+pub const AGENT_LOG: &[u8; 4] = b"log\n";
 
 /// A minimal x86-64 emitter with labels for rel32 jumps.
 #[derive(Default)]
@@ -53,6 +62,9 @@ impl Asm {
     }
     fn jz(&mut self, target: &'static str) -> &mut Self {
         self.rel32(&[0x0f, 0x84], target)
+    }
+    fn jne(&mut self, target: &'static str) -> &mut Self {
+        self.rel32(&[0x0f, 0x85], target)
     }
     fn jb(&mut self, target: &'static str) -> &mut Self {
         self.rel32(&[0x0f, 0x82], target)
@@ -136,6 +148,32 @@ pub fn bulk() -> Vec<u8> {
     a.bytes(&[0xbe]).bytes(&BULK_ADDRESS.to_le_bytes()); // mov esi, BULK_ADDRESS
     a.bytes(&[0x89, 0xd9, 0xf3, 0x6e]); // mov ecx, ebx; rep outsb
     a.jmp("request");
+    a.finish()
+}
+
+/// The agent-protocol guest (see the module doc).
+pub fn agent() -> Vec<u8> {
+    let seed_len = crate::invocation::SEED_LEN as u8;
+    let mut a = Asm::default();
+    a.ready().label("frame").read_header();
+    a.bytes(&[0x3c, FrameKind::Reseed as u8]).jne("request"); // cmp al, RESEED
+    a.mov_edi(SEED_ADDRESS).bytes(&[0x89, 0xf1, 0xf3, 0x6c]); // mov ecx, esi; rep insb
+    a.jmp("frame");
+    a.label("request").bytes(&[0x89, 0xf3]); // mov ebx, esi (the input's length)
+    a.mov_edi(BUFFER_ADDRESS).bytes(&[0x89, 0xd9, 0xf3, 0x6c]); // mov ecx, ebx; rep insb
+    a.bytes(&[0xb8]).bytes(&4u32.to_le_bytes()); // mov eax, 4
+    a.send_header_from_eax(FrameKind::Log);
+    a.bytes(&[0xb8]).bytes(AGENT_LOG).bytes(&[0xef]); // mov eax, "log\n"; out dx, eax
+    a.bytes(&[0x89, 0xd8, 0x83, 0xc0, 4 + seed_len]); // mov eax, ebx; add eax, 4 + seed
+    a.send_header_from_eax(FrameKind::Response);
+    a.bytes(&[0xff, 0x04, 0x25]).bytes(&COUNTER_ADDRESS.to_le_bytes()); // inc dword [counter]
+    a.bytes(&[0x8b, 0x04, 0x25]).bytes(&COUNTER_ADDRESS.to_le_bytes()); // mov eax, [counter]
+    a.bytes(&[0xff, 0xc8, 0xef]); // dec eax; out dx, eax (the exit code)
+    a.bytes(&[0xbe]).bytes(&SEED_ADDRESS.to_le_bytes()); // mov esi, SEED_ADDRESS
+    a.bytes(&[0xb9, seed_len, 0, 0, 0, 0xf3, 0x6e]); // mov ecx, seed; rep outsb
+    a.bytes(&[0xbe]).bytes(&BUFFER_ADDRESS.to_le_bytes()); // mov esi, BUFFER_ADDRESS
+    a.bytes(&[0x89, 0xd9, 0xf3, 0x6e]); // mov ecx, ebx; rep outsb
+    a.jmp("frame");
     a.finish()
 }
 

@@ -139,7 +139,7 @@ impl Drop for Qemu {
 }
 
 #[test]
-fn the_debian_kernel_extracts_to_an_elf_vmlinux_with_a_pvh_entry() {
+fn the_debian_kernel_extracts_to_an_elf_vmlinux_and_loads() {
     let kernel = workspace().join("target/kiln-guest/vmlinuz");
     let Ok(bzimage) = std::fs::read(&kernel) else {
         eprintln!(
@@ -157,16 +157,20 @@ fn the_debian_kernel_extracts_to_an_elf_vmlinux_with_a_pvh_entry() {
         loaded.start >= 0x10_0000 && loaded.end > loaded.start && loaded.end < 256 << 20,
         "{loaded:?}"
     );
-    assert!((loaded.start..loaded.end).contains(&loaded.pvh_entry), "{loaded:?}");
-    let mut code = [0u8; 16];
-    memory.read(loaded.pvh_entry, &mut code).unwrap();
-    assert_ne!(code, [0; 16], "nothing loaded at the PVH entry point");
+    assert!((loaded.start..loaded.end).contains(&loaded.entry), "{loaded:?}");
+    let pvh = loaded.pvh_entry.expect("Debian's kernel has a PVH note");
+    assert!((loaded.start..loaded.end).contains(&pvh), "{loaded:?}");
+    for entry in [loaded.entry, pvh] {
+        let mut code = [0u8; 16];
+        memory.read(entry, &mut code).unwrap();
+        assert_ne!(code, [0; 16], "nothing loaded at the entry point {entry:#x}");
+    }
     eprintln!(
-        "vmlinux: {} bytes, loaded at {:#x}..{:#x}, PVH entry {:#x}",
+        "vmlinux: {} bytes, loaded at {:#x}..{:#x}, entry {:#x}, PVH entry {pvh:#x}",
         vmlinux.len(),
         loaded.start,
         loaded.end,
-        loaded.pvh_entry
+        loaded.entry
     );
 }
 
@@ -190,7 +194,11 @@ fn the_linux_image_boots_under_qemu_and_its_agent_serves_requests() {
     };
     let dir = tempfile::tempdir().unwrap();
     let initrd = dir.path().join("initramfs.cpio");
-    std::fs::write(&initrd, initramfs::function_image(&agent, &function)).unwrap();
+    std::fs::write(
+        &initrd,
+        initramfs::function_image(&agent, &function, &[("GREETING", "hello")]),
+    )
+    .unwrap();
     let console = dir.path().join("console.log");
 
     let started = Instant::now();
@@ -206,6 +214,12 @@ fn the_linux_image_boots_under_qemu_and_its_agent_serves_requests() {
     assert_eq!(log, Frame::new(FrameKind::Log, b"upper: 19 bytes\n".to_vec()));
     let response = qemu.receive(deadline, &console);
     let expected = [0i32.to_le_bytes().as_slice(), b"HELLO FROM THE HOST"].concat();
+    assert_eq!(response, Frame::new(FrameKind::Response, expected));
+
+    // The function sees exactly the environment of its image.
+    qemu.send(Frame::new(FrameKind::Request, b"env".to_vec()));
+    let response = qemu.receive(deadline, &console);
+    let expected = [0i32.to_le_bytes().as_slice(), b"GREETING=hello\n"].concat();
     assert_eq!(response, Frame::new(FrameKind::Response, expected));
 
     // The function's exit code comes back; the agent keeps serving.

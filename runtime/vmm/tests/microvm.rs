@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use kiln_vmm::builder::IMAGE_ADDRESS;
-use kiln_vmm::test_guest::{self, BUFFER_ADDRESS, COUNTER_ADDRESS};
-use kiln_vmm::{BootError, ConfigError, Hypervisor, MicroVm, RequestError, RunError, Snapshot, VmConfig};
+use kiln_vmm::test_guest::{self, AGENT_LOG, BUFFER_ADDRESS, COUNTER_ADDRESS, SEED_ADDRESS};
+use kiln_vmm::{BootError, ConfigError, Hypervisor, MicroVm, Reply, RequestError, RunError, Snapshot, VmConfig};
 
 const BOOT: Duration = Duration::from_secs(10);
 const REQUEST: Duration = Duration::from_secs(10);
@@ -215,5 +215,66 @@ fn memory_beyond_the_limit_is_refused() {
     assert!(
         matches!(err, BootError::Config(ConfigError::ImageTooLarge { .. })),
         "{err}"
+    );
+}
+
+#[test]
+fn restored_guests_take_reseed_then_request_and_answer_with_log_and_exit_code() {
+    let Some(hv) = hypervisor() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut booted = MicroVm::boot_flat64(&hv, VmConfig::new(4), &test_guest::agent(), BOOT).unwrap();
+    let snapshot = Snapshot::create(&hv, &mut booted, dir.path()).unwrap();
+    drop(booted);
+    let reply = |exit_code: i32, seed: &[u8; 32], input: &[u8]| Reply {
+        exit_code,
+        stdout: [seed.as_slice(), input].concat(),
+        log: AGENT_LOG.to_vec(),
+        log_truncated: false,
+    };
+    for i in 0..8u8 {
+        // What Kiln does per invocation: restore, RESEED + REQUEST, read LOG and RESPONSE, drop.
+        let mut vm = snapshot.restore(&hv).unwrap();
+        let mut seed_before = [0xaau8; 32];
+        vm.memory().read(SEED_ADDRESS.into(), &mut seed_before).unwrap();
+        assert_eq!(seed_before, [0; 32], "restore {i} sees an earlier restore's seed");
+        let seed = [i + 1; 32];
+        let input = format!("invocation {i}");
+        let got = vm.invoke(&seed, input.as_bytes(), REQUEST, 4096).unwrap();
+        assert_eq!(got, reply(0, &seed, input.as_bytes()), "restore {i}");
+        // The same VM again: its state moved on (the exit code counts requests), the new seed
+        // replaced the old one.
+        let seed2 = [0x80 | i; 32];
+        assert_eq!(vm.invoke(&seed2, b"", REQUEST, 4096).unwrap(), reply(1, &seed2, b""));
+    }
+    // The log is capped at what the caller keeps.
+    let mut vm = snapshot.restore(&hv).unwrap();
+    let got = vm.invoke(&[9; 32], b"x", REQUEST, 2).unwrap();
+    assert_eq!((got.log.as_slice(), got.log_truncated), (&b"lo"[..], true));
+
+    // A guest that never answers is stopped at the invocation's deadline, reported whole.
+    let spin_dir = tempfile::tempdir().unwrap();
+    let mut spinner = MicroVm::boot_flat64(&hv, VmConfig::new(2), &test_guest::spin(), BOOT).unwrap();
+    let spin = Snapshot::create(&hv, &mut spinner, spin_dir.path()).unwrap();
+    let mut vm = spin.restore(&hv).unwrap();
+    let timeout = Duration::from_millis(80);
+    let started = Instant::now();
+    let err = vm.invoke(&[0; 32], b"in", timeout, 4096).unwrap_err();
+    assert!(
+        matches!(err.run_error(), Some(RunError::Timeout(t)) if *t == timeout),
+        "{err}"
+    );
+    assert!(started.elapsed() < timeout + Duration::from_secs(1));
+    // The echo guest does not know RESEED: it answers it as a request (count 1, the seed
+    // upper-cased), which the host reads as exit code 1. The agent's protocol is what the test
+    // guest above proves, not a property of any guest.
+    let echo_dir = tempfile::tempdir().unwrap();
+    let mut echo = MicroVm::boot_flat64(&hv, VmConfig::new(4), &test_guest::echo(), BOOT).unwrap();
+    let echo = Snapshot::create(&hv, &mut echo, echo_dir.path()).unwrap();
+    let mut vm = echo.restore(&hv).unwrap();
+    let got = vm.invoke(&[b'a'; 32], b"zz", REQUEST, 4096).unwrap();
+    assert_eq!(
+        (got.exit_code, got.stdout),
+        (1, vec![b'A'; 32]),
+        "the RESEED was echoed"
     );
 }

@@ -5,8 +5,9 @@
 //! 1. mounts `/dev` and `/proc`, opens the channel, sends READY — the host snapshots the VM here;
 //! 2. for each REQUEST, runs `/function` with the payload as stdin, and answers RESPONSE
 //!    (i32 little-endian exit code, then stdout); a non-empty stderr goes first as a LOG frame;
-//! 3. a RESEED frame (sent by the host after each restore) is mixed into the kernel's RNG, so VMs
-//!    restored from one snapshot do not share random state.
+//! 3. a RESEED frame (sent by the host after each restore) is added to the kernel's entropy pool
+//!    and the CRNG reseeded from it at once, so VMs restored from one snapshot do not share random
+//!    state (a failure is reported as a LOG frame).
 //!
 //! The channel is chosen on the kernel command line: `kiln.channel=port` uses Kiln's I/O port
 //! (0x510, through `ioperm`, on Kiln's own VMM); `kiln.channel=/dev/ttyS1` (or any serial device)
@@ -135,13 +136,28 @@ fn mount(source: &str, target: &str, fstype: &str) {
     unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
 }
 
-/// Runs `/function` with `input` as stdin: (exit code, stdout, stderr).
-fn run_function(input: &[u8]) -> (i32, Vec<u8>, Vec<u8>) {
+/// The function's environment: `/env`'s `KEY=VALUE` entries, each ending in NUL (none if absent).
+fn function_env() -> Vec<(String, String)> {
+    let bytes = std::fs::read("/env").unwrap_or_default();
+    bytes
+        .split(|&b| b == 0)
+        .filter_map(|entry| {
+            let entry = String::from_utf8_lossy(entry);
+            let (key, value) = entry.split_once('=')?;
+            Some((key.to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
+/// Runs `/function` with `input` as stdin and `env` as its whole environment:
+/// (exit code, stdout, stderr).
+fn run_function(input: &[u8], env: &[(String, String)]) -> (i32, Vec<u8>, Vec<u8>) {
     let child = Command::new("/function")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .spawn();
     let mut child = match child {
         Ok(child) => child,
@@ -178,13 +194,41 @@ fn run_function(input: &[u8]) -> (i32, Vec<u8>, Vec<u8>) {
     }
 }
 
+/// `RNDADDENTROPY` (`_IOW('R', 0x03, int[2])`) and `RNDRESEEDCRNG` (`_IO('R', 0x07)`).
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Mixes the host's bytes into the kernel's entropy pool, credited as entropy, and forces the
+/// CRNG to reseed from it at once. A plain write to `/dev/urandom` would only mix them in: the
+/// kernel (since 5.18) reseeds its CRNG on its own schedule, so guests restored from one snapshot
+/// would keep returning the same random bytes until then.
+fn reseed(seed: &[u8]) -> io::Result<()> {
+    let random = File::options().write(true).open("/dev/urandom")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + seed.len());
+    info.extend_from_slice(&((seed.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(seed.len() as i32).to_ne_bytes());
+    info.extend_from_slice(seed);
+    // SAFETY: `info` is a complete rand_pool_info whose buf_size matches the bytes that follow;
+    // the fd is open for the call.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG as _) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn serve(channel: &mut Channel) -> io::Result<()> {
+    let env = function_env();
     channel.send(READY, &[])?;
     loop {
         let (kind, payload) = channel.receive()?;
         match kind {
             REQUEST => {
-                let (code, stdout, stderr) = run_function(&payload);
+                let (code, stdout, stderr) = run_function(&payload, &env);
                 if !stderr.is_empty() {
                     channel.send(LOG, &stderr)?;
                 }
@@ -193,11 +237,12 @@ fn serve(channel: &mut Channel) -> io::Result<()> {
                 channel.send(RESPONSE, &response)?;
             }
             RESEED => {
-                // Mixes the host's bytes into the kernel's pool: restored VMs diverge from here on.
-                let _ = File::options()
-                    .write(true)
-                    .open("/dev/urandom")
-                    .and_then(|mut f| f.write_all(&payload));
+                if let Err(e) = reseed(&payload) {
+                    channel.send(
+                        LOG,
+                        format!("kiln-agent: cannot reseed the kernel's RNG: {e}\n").as_bytes(),
+                    )?;
+                }
             }
             other => eprintln!("kiln-agent: ignoring a frame of kind {other}"),
         }

@@ -45,8 +45,9 @@ pub enum RunError {
     Kvm(kvm_ioctls::Error),
 }
 
-/// MSRs a snapshot keeps (those the host's KVM supports): the syscall entry points, the TSC, PAT.
-const SAVED_MSRS: [u32; 11] = [
+/// MSRs a snapshot keeps (those the host's KVM supports): the syscall entry points, the TSC, PAT,
+/// and what a Linux guest sets up for its clock and timer (kvmclock, TSC deadline).
+const SAVED_MSRS: [u32; 16] = [
     0x10,        // IA32_TSC
     0x174,       // IA32_SYSENTER_CS
     0x175,       // IA32_SYSENTER_ESP
@@ -58,7 +59,43 @@ const SAVED_MSRS: [u32; 11] = [
     0xc000_0083, // CSTAR
     0xc000_0084, // SFMASK
     0xc000_0102, // KERNEL_GS_BASE
+    IA32_TSC_DEADLINE,
+    0x4b56_4d00, // MSR_KVM_WALL_CLOCK_NEW
+    0x4b56_4d01, // MSR_KVM_SYSTEM_TIME_NEW
+    0x4b56_4d02, // MSR_KVM_ASYNC_PF_EN
+    0x4b56_4d04, // MSR_KVM_PV_EOI_EN
 ];
+
+/// Where and how a vCPU enters long mode.
+struct LongModeEntry {
+    rip: u64,
+    rsp: u64,
+    rsi: u64,
+    pml4: u64,
+    gdt: u64,
+    gdt_entries: u16,
+    code_selector: u16,
+    data_selector: u16,
+}
+
+/// Local APIC register offsets of LVT LINT0 and LINT1, and their delivery modes (bits 8..=10).
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const DELIVERY_NMI: u32 = 4;
+const DELIVERY_EXTINT: u32 = 7;
+
+/// Sets the delivery mode of the LVT register at `offset` in a saved local APIC page.
+fn set_lvt_delivery(lapic: &mut kvm_lapic_state, offset: usize, mode: u32) {
+    let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[offset + i] as u8);
+    let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+    for (i, byte) in value.to_le_bytes().into_iter().enumerate() {
+        lapic.regs[offset + i] = byte as _;
+    }
+}
+
+const IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// The type of an available (not busy) 64-bit TSS descriptor.
+const TSS_AVAILABLE: u8 = 9;
 
 /// A vCPU's registers and the state around them; everything KVM needs to resume it elsewhere.
 #[derive(Debug)]
@@ -80,23 +117,135 @@ pub struct VcpuState {
 #[derive(Debug)]
 pub struct Vcpu {
     fd: VcpuFd,
+    /// What the guest wrote to COM1's data port, when kept (a Linux boot's early console).
+    console: Option<Console>,
+    /// Restore TR as an available TSS (see `Quirks::available_tss_on_restore`).
+    available_tss: bool,
 }
+
+/// The last `cap` bytes a guest wrote to COM1.
+#[derive(Debug)]
+struct Console {
+    bytes: std::collections::VecDeque<u8>,
+    cap: usize,
+}
+
+/// COM1's transmit register: `earlyprintk=serial,ttyS0` writes here.
+const COM1: u16 = 0x3f8;
 
 impl Vcpu {
     pub fn new(hypervisor: &Hypervisor, vm: &Vm) -> Result<Self, VmError> {
         let fd = vm.fd().create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         fd.set_cpuid2(hypervisor.cpuid()).map_err(kvm_err("KVM_SET_CPUID2"))?;
-        Ok(Self { fd })
+        Ok(Self {
+            fd,
+            console: None,
+            available_tss: hypervisor.quirks().available_tss_on_restore,
+        })
+    }
+
+    /// rip, rsp, rflags, cr0/cr2/cr3/cr4, efer and cs of the vCPU, as text.
+    pub fn describe(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip {:#x} rsp {:#x} rcx {:#x} rsi {:#x} rdi {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} \
+                 cr4 {:#x} efer {:#x} cs {:#x} tr {:#x}/{:#x}+{:#x} type {} g {} p {} gdt {:#x}+{:#x}",
+                r.rip,
+                r.rsp,
+                r.rcx,
+                r.rsi,
+                r.rdi,
+                r.rflags,
+                s.cr0,
+                s.cr2,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.cs.selector,
+                s.tr.selector,
+                s.tr.base,
+                s.tr.limit,
+                s.tr.type_,
+                s.tr.g,
+                s.tr.present,
+                s.gdt.base,
+                s.gdt.limit
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("registers unreadable: {e}"),
+        }
+    }
+
+    /// Keeps the last `cap` bytes the guest writes to COM1 from now on.
+    pub fn keep_console(&mut self, cap: usize) {
+        self.console = Some(Console {
+            bytes: Default::default(),
+            cap,
+        });
+    }
+
+    /// The kept COM1 output, and stops keeping it.
+    pub fn take_console(&mut self) -> Vec<u8> {
+        self.console.take().map(|c| c.bytes.into()).unwrap_or_default()
     }
 
     /// Puts the vCPU in 64-bit long mode at `entry`, with paging rooted at `pml4` (identity
-    /// mapped by the loader), flat segments described by the GDT at `gdt`, and stack `stack`.
+    /// mapped by the loader), flat segments described by the GDT at `gdt` (code 0x08, data
+    /// 0x10), and stack `stack`.
     pub fn set_long_mode(&self, entry: u64, stack: u64, pml4: u64, gdt: u64) -> Result<(), VmError> {
+        self.enter_long_mode(LongModeEntry {
+            rip: entry,
+            rsp: stack,
+            rsi: 0,
+            pml4,
+            gdt,
+            gdt_entries: 3,
+            code_selector: 0x08,
+            data_selector: 0x10,
+        })
+    }
+
+    /// Sets the vCPU up for the Linux 64-bit boot protocol (see `crate::linux`): long mode at
+    /// `entry` with `__BOOT_CS` = 0x10 and `__BOOT_DS` = 0x18 from the four-entry GDT at `gdt`,
+    /// `rsi` = the zero page, the FPU in its reset state, fast strings enabled, and the local APIC's
+    /// LINT0/LINT1 wired as a PC's (ExtINT, NMI), which the kernel expects of firmware.
+    pub fn set_linux_entry(&self, entry: u64, stack: u64, pml4: u64, gdt: u64, zero_page: u64) -> Result<(), VmError> {
+        self.enter_long_mode(LongModeEntry {
+            rip: entry,
+            rsp: stack,
+            rsi: zero_page,
+            pml4,
+            gdt,
+            gdt_entries: 4,
+            code_selector: 0x10,
+            data_selector: 0x18,
+        })?;
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+        const IA32_MISC_ENABLE: u32 = 0x1a0;
+        const FAST_STRING: u64 = 1;
+        let msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: IA32_MISC_ENABLE,
+            data: FAST_STRING,
+            ..Default::default()
+        }])
+        .expect("one MSR fits");
+        self.fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+        let mut lapic = self.fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+        set_lvt_delivery(&mut lapic, APIC_LVT0, DELIVERY_EXTINT);
+        set_lvt_delivery(&mut lapic, APIC_LVT1, DELIVERY_NMI);
+        self.fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))
+    }
+
+    fn enter_long_mode(&self, e: LongModeEntry) -> Result<(), VmError> {
         let mut sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         let code = kvm_segment {
             base: 0,
             limit: 0xffff_ffff,
-            selector: 0x08,
+            selector: e.code_selector,
             type_: 0xb, // execute/read, accessed
             present: 1,
             dpl: 0,
@@ -107,7 +256,7 @@ impl Vcpu {
             ..Default::default()
         };
         let data = kvm_segment {
-            selector: 0x10,
+            selector: e.data_selector,
             type_: 0x3,
             db: 1,
             l: 0,
@@ -115,16 +264,18 @@ impl Vcpu {
         };
         sregs.cs = code;
         (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
-        sregs.gdt.base = gdt;
-        sregs.gdt.limit = 3 * 8 - 1;
-        sregs.cr3 = pml4;
+        sregs.gdt.base = e.gdt;
+        sregs.gdt.limit = e.gdt_entries * 8 - 1;
+        sregs.cr3 = e.pml4;
         sregs.cr4 = 1 << 5 | 1 << 9 | 1 << 10; // PAE, OSFXSR, OSXMMEXCPT
         sregs.cr0 = 1 | 1 << 1 | 1 << 4 | 1 << 5 | 1 << 16 | 1 << 31; // PE MP ET NE WP PG
         sregs.efer = 1 << 8 | 1 << 10; // LME, LMA
         self.fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
         let regs = kvm_regs {
-            rip: entry,
-            rsp: stack,
+            rip: e.rip,
+            rsp: e.rsp,
+            rbp: e.rsp,
+            rsi: e.rsi,
             rflags: 0x2,
             ..Default::default()
         };
@@ -157,6 +308,14 @@ impl Vcpu {
                 }
                 Ok(VcpuExit::IoIn(CHANNEL_PORT, data)) => {
                     channel.read(data)?;
+                    false
+                }
+                Ok(VcpuExit::IoOut(COM1, data)) => {
+                    if let Some(console) = &mut self.console {
+                        console.bytes.extend(data);
+                        let excess = console.bytes.len().saturating_sub(console.cap);
+                        console.bytes.drain(..excess);
+                    }
                     false
                 }
                 Ok(VcpuExit::IoOut(..)) => false,
@@ -230,7 +389,12 @@ impl Vcpu {
     /// Sets every part of `state`, in the order KVM needs: special registers (mode, APIC base)
     /// before the APIC, pending events last.
     pub fn restore_state(&self, state: &VcpuState) -> Result<(), VmError> {
-        self.fd.set_sregs(&state.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        let mut sregs = state.sregs;
+        if self.available_tss {
+            // See `Quirks::available_tss_on_restore`.
+            sregs.tr.type_ = TSS_AVAILABLE;
+        }
+        self.fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
         self.fd.set_regs(&state.regs).map_err(kvm_err("KVM_SET_REGS"))?;
         self.fd.set_fpu(&state.fpu).map_err(kvm_err("KVM_SET_FPU"))?;
         if let Some(xsave) = &state.xsave {
@@ -250,6 +414,12 @@ impl Vcpu {
             });
         }
         self.fd.set_lapic(&state.lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+        // KVM drops a TSC deadline written while the APIC timer is not in deadline mode, as it is
+        // not on a fresh vCPU before its APIC state is set: write it again now that it is.
+        if let Some(deadline) = state.msrs.iter().find(|m| m.index == IA32_TSC_DEADLINE) {
+            let msrs = Msrs::from_entries(&[*deadline]).expect("one MSR fits");
+            self.fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+        }
         self.fd
             .set_mp_state(state.mp_state)
             .map_err(kvm_err("KVM_SET_MP_STATE"))?;
@@ -317,7 +487,7 @@ impl Deadline {
         let spec = libc::itimerspec {
             it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
             it_value: libc::timespec {
-                tv_sec: timeout.as_secs() as libc::time_t,
+                tv_sec: timeout.as_secs() as _,
                 tv_nsec: timeout.subsec_nanos() as libc::c_long,
             },
         };

@@ -2,11 +2,12 @@
 //! plus [`Hypervisor`], the `/dev/kvm` handle and the host facts every VM is built from.
 //!
 //! The in-kernel irqchip is created even though Kiln's guests take no interrupts: it gives each
-//! vCPU a local APIC, whose state is part of a snapshot, as a Linux guest's is.
+//! vCPU a local APIC, whose state is part of a snapshot, as a Linux guest's is. A Linux guest also
+//! gets the in-kernel PIT ([`Vm::create_pit`]): the kernel calibrates its clocks against it.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_userspace_memory_region, CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, CpuId,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
@@ -42,6 +43,19 @@ pub struct Hypervisor {
     kvm: Kvm,
     cpuid: CpuId,
     msrs: Vec<u32>,
+    quirks: Quirks,
+}
+
+/// Work-arounds for hypervisors that differ from hardware; all off by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quirks {
+    /// Restore the task register as an *available* 64-bit TSS (type 9) instead of the busy one
+    /// (type 11) `KVM_GET_SREGS` reports. Needed when KVM itself runs nested under QEMU's TCG
+    /// (AMD SVM emulated in software): QEMU checks a user-mode `in`/`out` against the TSS I/O
+    /// bitmap only for a type-9 TR, so a restored guest agent's port I/O faults with #GP. Its own
+    /// `ltr` leaves type 9 in the hidden register, which is why a booted guest works. Hardware
+    /// KVM needs the busy type (VMX refuses to enter a guest without it).
+    pub available_tss_on_restore: bool,
 }
 
 impl Hypervisor {
@@ -69,7 +83,22 @@ impl Hypervisor {
             .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
             .as_slice()
             .to_vec();
-        Ok(Self { kvm, cpuid, msrs })
+        Ok(Self {
+            kvm,
+            cpuid,
+            msrs,
+            quirks: Quirks::default(),
+        })
+    }
+
+    /// The same hypervisor with `quirks` applied to the VMs created from now on.
+    pub fn with_quirks(mut self, quirks: Quirks) -> Self {
+        self.quirks = quirks;
+        self
+    }
+
+    pub fn quirks(&self) -> Quirks {
+        self.quirks
     }
 
     pub(crate) fn kvm(&self) -> &Kvm {
@@ -90,6 +119,7 @@ impl Hypervisor {
 #[derive(Debug)]
 pub struct Vm {
     fd: VmFd,
+    pit: bool,
 }
 
 /// The VM-wide state a snapshot keeps: the three in-kernel interrupt controllers and the clock.
@@ -99,6 +129,8 @@ pub struct VmState {
     pub pic_slave: kvm_irqchip,
     pub ioapic: kvm_irqchip,
     pub clock: kvm_clock_data,
+    /// The PIT's state, for VMs that have one (Linux guests).
+    pub pit: Option<kvm_pit_state2>,
 }
 
 impl Vm {
@@ -106,7 +138,18 @@ impl Vm {
         let fd = hypervisor.kvm().create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         fd.set_tss_address(TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        Ok(Self { fd })
+        Ok(Self { fd, pit: false })
+    }
+
+    /// Adds the in-kernel i8254 PIT (its speaker port a dummy), as Linux guests expect one.
+    pub fn create_pit(&mut self) -> Result<(), VmError> {
+        let config = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd.create_pit2(config).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        self.pit = true;
+        Ok(())
     }
 
     pub(crate) fn fd(&self) -> &VmFd {
@@ -143,10 +186,21 @@ impl Vm {
             pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
             ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
             clock: self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
+            pit: match self.pit {
+                true => Some(self.fd.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?),
+                false => None,
+            },
         })
     }
 
+    /// Sets `state` back; a state with a PIT needs a VM with one (see [`Vm::create_pit`]).
     pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        if let Some(pit) = &state.pit {
+            if !self.pit {
+                return Err(VmError::MissingCapability("a PIT in a VM created without one"));
+            }
+            self.fd.set_pit2(pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+        }
         for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
             self.fd.set_irqchip(chip).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
         }

@@ -1,0 +1,230 @@
+//! What the microvm tier runs: the user's upload (a static x86_64 Linux ELF executable, checked
+//! here) inside Kiln's Linux guest image — the kernel and the guest agent given at start-up — as
+//! `/function` of an initramfs built per function.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use kiln_vmm::kernel;
+use object::elf;
+use object::read::elf::{Dyn as _, ElfFile64, FileHeader as _, ProgramHeader as _};
+use object::{Endianness, FileKind};
+
+use crate::store::Digest;
+
+/// The Linux guest every microvm function boots: kernel, agent and command line.
+pub struct GuestImage {
+    /// The ELF `vmlinux` (extracted from a bzImage at start-up when given one).
+    pub vmlinux: Vec<u8>,
+    /// The static guest agent, `/init` of every initramfs.
+    pub agent: Vec<u8>,
+    pub cmdline: String,
+    /// Identifies kernel, agent and command line together: part of every snapshot's digest, so a
+    /// new image never reuses a snapshot of the old one.
+    pub identity: Digest,
+}
+
+impl GuestImage {
+    /// Loads the kernel and agent; the error says which is missing or wrong.
+    pub fn load(kernel_path: Option<&Path>, agent_path: Option<&Path>) -> Result<Self, String> {
+        let kernel_path = kernel_path.ok_or("no guest kernel was given (--microvm-kernel)")?;
+        let agent_path = agent_path.ok_or("no guest agent was given (--microvm-agent)")?;
+        let read = |path: &Path, what: &str| {
+            std::fs::read(path).map_err(|e| format!("cannot read the guest {what} {}: {e}", path.display()))
+        };
+        let kernel_file = read(kernel_path, "kernel")?;
+        let vmlinux = if kernel_file.starts_with(b"\x7fELF") {
+            kernel_file
+        } else {
+            kernel::extract_vmlinux(&kernel_file)
+                .map_err(|e| format!("the guest kernel {} is not usable: {e}", kernel_path.display()))?
+        };
+        let agent = read(agent_path, "agent")?;
+        validate_executable(&agent).map_err(|e| format!("the guest agent {}: {e}", agent_path.display()))?;
+        let cmdline = kiln_vmm::linux::DEFAULT_CMDLINE.to_owned();
+        let identity = Digest::of(
+            &[
+                Digest::of(&vmlinux).hex().as_bytes(),
+                Digest::of(&agent).hex().as_bytes(),
+                cmdline.as_bytes(),
+            ]
+            .concat(),
+        );
+        Ok(Self {
+            vmlinux,
+            agent,
+            cmdline,
+            identity,
+        })
+    }
+
+    /// The initramfs of one function: the agent as `/init`, `function` as `/function`, and the
+    /// function's environment (its config's `env`; nothing of the host's).
+    pub fn initramfs(&self, function: &[u8], env: &BTreeMap<String, String>) -> Vec<u8> {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        kiln_vmm::initramfs::function_image(&self.agent, function, &env)
+    }
+
+    /// The digest a function's snapshot is stored under: what booted (image and initramfs) and the
+    /// memory size it booted with, the two things a snapshot depends on.
+    pub fn snapshot_digest(&self, initramfs: &[u8], memory_mib: u32) -> Digest {
+        let initramfs = Digest::of(initramfs);
+        let parts = [
+            b"kiln-microvm-snapshot-v1\n".as_slice(),
+            self.identity.hex().as_bytes(),
+            initramfs.hex().as_bytes(),
+            &memory_mib.to_le_bytes(),
+        ];
+        Digest::of(&parts.concat())
+    }
+}
+
+/// Checks that `upload` is something the microvm tier could run: a static x86_64 ELF executable.
+/// The error is the reason, for a `422 invalid_code`.
+pub fn validate_executable(upload: &[u8]) -> Result<(), String> {
+    if upload.is_empty() {
+        return Err("the upload is empty; the microvm tier runs a static x86_64 Linux executable".into());
+    }
+    if looks_like_wasm(upload) {
+        return Err(
+            "this is WebAssembly, which runs on the wasm tier; the microvm tier runs a static \
+                    x86_64 Linux ELF executable (deploy Wasm with \"tier\": \"wasm\")"
+                .into(),
+        );
+    }
+    match FileKind::parse(upload) {
+        Ok(FileKind::Elf64) => {}
+        Ok(FileKind::Elf32) => {
+            let machine = upload.get(18..20).map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
+            return Err(format!(
+                "this is a 32-bit ELF for {}; the microvm tier runs x86_64 executables",
+                machine_name(machine)
+            ));
+        }
+        _ => return Err("not an ELF executable; the microvm tier runs a static x86_64 Linux executable".into()),
+    }
+    let file = ElfFile64::<Endianness>::parse(upload).map_err(|e| format!("malformed ELF: {e}"))?;
+    let (header, endian) = (file.elf_header(), file.endian());
+    let machine = header.e_machine(endian);
+    if machine != elf::EM_X86_64 {
+        return Err(format!(
+            "this ELF is built for {}; the microvm tier runs x86_64 executables",
+            machine_name(machine)
+        ));
+    }
+    let kind = header.e_type(endian);
+    if kind != elf::ET_EXEC && kind != elf::ET_DYN {
+        return Err("this ELF is not an executable (an object file or a core dump?)".into());
+    }
+    for segment in file.elf_program_headers() {
+        match segment.p_type(endian) {
+            elf::PT_INTERP => {
+                let interpreter = segment
+                    .interpreter(endian, upload)
+                    .ok()
+                    .flatten()
+                    .map(|i| String::from_utf8_lossy(i).into_owned())
+                    .unwrap_or_default();
+                return Err(format!(
+                    "this executable is dynamically linked (it asks for the loader {interpreter}); \
+                     the microvm tier runs static executables (e.g. built for x86_64-unknown-linux-musl)"
+                ));
+            }
+            elf::PT_DYNAMIC => {
+                let entries = segment.dynamic(endian, upload).ok().flatten().unwrap_or_default();
+                if entries.iter().any(|d| d.d_tag(endian) == elf::DT_NEEDED) {
+                    return Err(
+                        "this ELF needs shared libraries (DT_NEEDED); the microvm tier runs static \
+                                executables (e.g. built for x86_64-unknown-linux-musl)"
+                            .into(),
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    if header.e_entry(endian) == 0 {
+        return Err("this ELF has no entry point; is it a shared library?".into());
+    }
+    Ok(())
+}
+
+/// Binary Wasm, or WAT text (which Kiln's wasm tier also accepts).
+fn looks_like_wasm(upload: &[u8]) -> bool {
+    if upload.starts_with(b"\0asm") {
+        return true;
+    }
+    let text = String::from_utf8_lossy(&upload[..upload.len().min(4096)]);
+    let mut rest = text.trim_start();
+    while let Some(after) = rest.strip_prefix(";;") {
+        rest = after.split_once('\n').map_or("", |(_, tail)| tail).trim_start();
+    }
+    rest.starts_with("(module") || rest.starts_with("(component")
+}
+
+fn machine_name(machine: u16) -> String {
+    match machine {
+        elf::EM_386 => "x86 (32-bit)".into(),
+        elf::EM_ARM => "arm".into(),
+        elf::EM_AARCH64 => "aarch64".into(),
+        elf::EM_RISCV => "riscv".into(),
+        elf::EM_PPC64 => "ppc64".into(),
+        elf::EM_S390 => "s390x".into(),
+        elf::EM_X86_64 => "x86_64 (32-bit ELF: x32)".into(),
+        other => format!("machine type {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wat_text_is_recognised_behind_comments() {
+        assert!(looks_like_wasm(b";; a guest\n  (module)"));
+        assert!(looks_like_wasm(b"\0asm\x01\0\0\0"));
+        assert!(!looks_like_wasm(b"\x7fELF"));
+    }
+
+    #[test]
+    fn the_image_names_what_is_missing_and_keys_snapshots_by_content_and_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = GuestImage::load(None, None).err().unwrap();
+        assert!(err.contains("--microvm-kernel"), "{err}");
+        let kernel = dir.path().join("vmlinux");
+        std::fs::write(&kernel, b"\x7fELF not really a kernel").unwrap();
+        let err = GuestImage::load(Some(&kernel), None).err().unwrap();
+        assert!(err.contains("--microvm-agent"), "{err}");
+        let missing = dir.path().join("missing");
+        let err = GuestImage::load(Some(&missing), Some(&missing)).err().unwrap();
+        assert!(err.contains("cannot read the guest kernel"), "{err}");
+        let bzimage = dir.path().join("vmlinuz");
+        std::fs::write(&bzimage, [0u8; 4096]).unwrap();
+        let err = GuestImage::load(Some(&bzimage), Some(&missing)).err().unwrap();
+        assert!(err.contains("not usable") && err.contains("bzImage"), "{err}");
+        // The agent must itself be a static executable: the host's dynamic `true` is refused.
+        let err = GuestImage::load(Some(&kernel), Some(Path::new("/bin/true")))
+            .err()
+            .unwrap();
+        assert!(err.contains("dynamically linked"), "{err}");
+
+        let image = |agent: &[u8]| GuestImage {
+            vmlinux: b"kernel".to_vec(),
+            agent: agent.to_vec(),
+            cmdline: String::new(),
+            identity: Digest::of(agent),
+        };
+        let (a, b) = (image(b"agent a"), image(b"agent b"));
+        let env = BTreeMap::from([("K".to_owned(), "v".to_owned())]);
+        let initramfs = a.initramfs(b"function", &env);
+        assert_eq!(initramfs, a.initramfs(b"function", &env), "deterministic");
+        assert_ne!(
+            initramfs,
+            a.initramfs(b"function", &BTreeMap::new()),
+            "env is part of the image"
+        );
+        assert_ne!(a.snapshot_digest(&initramfs, 128), a.snapshot_digest(&initramfs, 256));
+        assert_ne!(a.snapshot_digest(&initramfs, 128), b.snapshot_digest(&initramfs, 128));
+        assert_eq!(a.snapshot_digest(&initramfs, 128), a.snapshot_digest(&initramfs, 128));
+    }
+}
