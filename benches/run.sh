@@ -75,8 +75,23 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+# Loopback ports base..base+5 (BENCH_PORT_BASE, default 17870); each must be free, so that a
+# server someone else left running is never measured in place of ours.
+base=${BENCH_PORT_BASE:-17870}
+hyper_addr=127.0.0.1:$base kiln_addr=127.0.0.1:$((base + 1)) fleet_addr=127.0.0.1:$((base + 2))
+serve_addr=127.0.0.1:$((base + 3)) fork_addr=127.0.0.1:$((base + 4)) run_addr=127.0.0.1:$((base + 5))
+for port in $(seq "$base" $((base + 5))); do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "port $port is in use; free it or set BENCH_PORT_BASE" >&2; exit 1
+  fi
+done
+# wait_for URL PID: until the server answers, failing if its process has exited.
 wait_for() {
-  for _ in $(seq 200); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.05; done
+  for _ in $(seq 400); do
+    kill -0 "$2" 2>/dev/null || { echo "the server for $1 exited" >&2; exit 1; }
+    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    sleep 0.05
+  done
   echo "server at $1 did not start" >&2; exit 1
 }
 
@@ -119,30 +134,30 @@ bench() {
 }
 
 echo "== HTTP systems ($mode: c=$connections for $c32, c=1 for $c1; servers on CPU 0, wrk on CPU 1)"
-taskset -c 0 target/release/bare-hyper 127.0.0.1:7979 2>/dev/null &
+taskset -c 0 target/release/bare-hyper $hyper_addr 2>/dev/null &
 hyper=$!; pids+=("$hyper")
-wait_for http://127.0.0.1:7979/
-bench bare-hyper "bare hyper (fixed body)" http://127.0.0.1:7979/
+wait_for http://$hyper_addr/ "$hyper"
+bench bare-hyper "bare hyper (fixed body)" http://$hyper_addr/
 stop "$hyper"
 
-taskset -c 0 target/release/kiln serve --listen 127.0.0.1:7878 --data "$work/data" "${kiln_flags[@]}" 2>"$work/kiln.log" &
+taskset -c 0 target/release/kiln serve --listen $kiln_addr --data "$work/data" "${kiln_flags[@]}" 2>"$work/kiln.log" &
 kiln=$!; pids+=("$kiln")
-wait_for http://127.0.0.1:7878/healthz
+wait_for http://$kiln_addr/healthz "$kiln"
 export KILN_TOKEN
 KILN_TOKEN=$(cat "$work/data/admin.token")
 put() { curl -fsS -o /dev/null -X PUT -H "Authorization: Bearer $KILN_TOKEN" --data-binary @"$2" "http://$3/v1/functions/$1"; }
-put hello guests/wat/hello.wat 127.0.0.1:7878
-bench kiln-sync "Kiln sync invoke, hello.wat" http://127.0.0.1:7878/v1/functions/hello/invoke
-put warm guests/wat/snapshot.wat 127.0.0.1:7878
-bench kiln-snapshot "Kiln sync invoke, 0.3 s-init guest from its snapshot" http://127.0.0.1:7878/v1/functions/warm/invoke
-put web "$http_hello" 127.0.0.1:7878
-bench kiln-trigger "Kiln HTTP trigger, http-hello (wasi:http)" http://127.0.0.1:7878/fn/web/
+put hello guests/wat/hello.wat $kiln_addr
+bench kiln-sync "Kiln sync invoke, hello.wat" http://$kiln_addr/v1/functions/hello/invoke
+put warm guests/wat/snapshot.wat $kiln_addr
+bench kiln-snapshot "Kiln sync invoke, 0.3 s-init guest from its snapshot" http://$kiln_addr/v1/functions/warm/invoke
+put web "$http_hello" $kiln_addr
+bench kiln-trigger "Kiln HTTP trigger, http-hello (wasi:http)" http://$kiln_addr/fn/web/
 
 # Async: submits for the c32 duration, then the time until every accepted invocation has run.
-metric() { curl -fsS http://127.0.0.1:7878/metrics | awk -v m="$1" 'index($0, m " ") == 1 {v = $2} END {print v + 0}'; }
+metric() { curl -fsS http://$kiln_addr/metrics | awk -v m="$1" 'index($0, m " ") == 1 {v = $2} END {print v + 0}'; }
 before=$(metric 'kiln_async_invocations_total{outcome="success"}')
 async_start=$(date +%s.%N)
-C1=0 bench kiln-async-submit "Kiln async submit (202 once on disk)" http://127.0.0.1:7878/v1/functions/hello/invoke-async
+C1=0 bench kiln-async-submit "Kiln async submit (202 once on disk)" http://$kiln_addr/v1/functions/hello/invoke-async
 while [[ "$(metric kiln_async_queue_depth)" != "0" ]]; do sleep 0.1; done
 async_end=$(date +%s.%N)
 completed=$(( $(metric 'kiln_async_invocations_total{outcome="success"}') - before ))
@@ -151,32 +166,32 @@ awk -v c="$completed" -v t0="$async_start" -v t1="$async_end" 'BEGIN {
 stop "$kiln"
 
 # `wasmtime serve` on the same component (Rust's std needs -Scli).
-taskset -c 0 "$wasmtime" serve -Scli --addr 127.0.0.1:8081 "$http_hello" 2>"$work/wasmtime.log" &
+taskset -c 0 "$wasmtime" serve -Scli --addr $serve_addr "$http_hello" 2>"$work/wasmtime.log" &
 serve=$!; pids+=("$serve")
-wait_for http://127.0.0.1:8081/
-bench wasmtime-serve "wasmtime serve 48.0.8, http-hello" http://127.0.0.1:8081/
+wait_for http://$serve_addr/ "$serve"
+bench wasmtime-serve "wasmtime serve 48.0.8, http-hello" http://$serve_addr/
 stop "$serve"
 
 # A process per request: native, then a Wasm runtime started per request (code precompiled, so
 # the cost is process start and instantiation, not compilation).
-taskset -c 0 target/release/fork-exec 127.0.0.1:7980 /bin/cat 2>/dev/null &
+taskset -c 0 target/release/fork-exec $fork_addr /bin/cat 2>/dev/null &
 fork=$!; pids+=("$fork")
-wait_for http://127.0.0.1:7980/
-bench fork-exec "fork/exec per request (/bin/cat)" http://127.0.0.1:7980/
+wait_for http://$fork_addr/ "$fork"
+bench fork-exec "fork/exec per request (/bin/cat)" http://$fork_addr/
 stop "$fork"
 "$wasmtime" compile guests/wat/hello.wat -o "$work/hello.cwasm"
-taskset -c 0 target/release/fork-exec 127.0.0.1:7981 "$wasmtime" run --allow-precompiled "$work/hello.cwasm" 2>/dev/null &
+taskset -c 0 target/release/fork-exec $run_addr "$wasmtime" run --allow-precompiled "$work/hello.cwasm" 2>/dev/null &
 fork=$!; pids+=("$fork")
-wait_for http://127.0.0.1:7981/
-bench wasmtime-run "wasmtime run per request (hello, precompiled)" http://127.0.0.1:7981/
+wait_for http://$run_addr/ "$fork"
+bench wasmtime-run "wasmtime run per request (hello, precompiled)" http://$run_addr/
 stop "$fork"
 
 echo "== Functions, memory, cold start, deploy (a fresh Kiln on CPU 0, the driver on CPU 1)"
-taskset -c 0 target/release/kiln serve --listen 127.0.0.1:7879 --data "$work/fleet" "${kiln_flags[@]}" 2>"$work/fleet.log" &
+taskset -c 0 target/release/kiln serve --listen $fleet_addr --data "$work/fleet" "${kiln_flags[@]}" 2>"$work/fleet.log" &
 fleet=$!; pids+=("$fleet")
-wait_for http://127.0.0.1:7879/healthz
+wait_for http://$fleet_addr/healthz "$fleet"
 KILN_TOKEN=$(cat "$work/fleet/admin.token")
-scenarios() { taskset -c 1 target/release/scenarios --addr 127.0.0.1:7879 --out "$raw" "$@"; }
+scenarios() { taskset -c 1 target/release/scenarios --addr $fleet_addr --out "$raw" "$@"; }
 scenarios functions --count "$functions" --duration "$fn_secs" --connections "$connections" --kiln-pid "$fleet"
 scenarios cold --reps "$cold_reps" --warm 20
 scenarios deploy --small-reps "$small_reps" --large-reps "$large_reps" --large-functions "$large_functions"

@@ -37,7 +37,7 @@ const COLORS: [RGBColor; 3] = [
 pub fn render(charts: &[Chart]) -> Result<String, Box<dyn Error>> {
     let heights: Vec<u32> = charts
         .iter()
-        .map(|c| 110 + ROW_HEIGHT * c.rows.len().max(1) as u32 * c.series.len().max(1).min(2) as u32)
+        .map(|c| 110 + ROW_HEIGHT * c.rows.len().max(1) as u32 * c.series.len().clamp(1, 2) as u32)
         .collect();
     let mut svg = String::new();
     {
@@ -149,8 +149,10 @@ pub fn short(v: f64) -> String {
         format!("{:.2}k", v / 1e3).replace(".00k", "k")
     } else if a >= 100.0 {
         format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}").trim_end_matches('0').trim_end_matches('.').to_owned()
     } else if a >= 1.0 {
-        format!("{v:.3}").trim_end_matches('0').trim_end_matches('.').to_owned()
+        format!("{v:.2}").trim_end_matches('0').trim_end_matches('.').to_owned()
     } else if a > 0.0 {
         let digits = (-a.log10()).floor() as usize + 2;
         format!("{v:.digits$}")
@@ -173,6 +175,8 @@ mod tests {
         assert_eq!(short(1500.0), "1.50k");
         assert_eq!(short(250.4), "250");
         assert_eq!(short(2.5), "2.5");
+        assert_eq!(short(3.877), "3.88");
+        assert_eq!(short(12.447), "12.4");
         assert_eq!(short(0.57), "0.57");
         assert_eq!(short(0.0123), "0.012");
         assert_eq!(short(1e7), "10M");

@@ -168,7 +168,7 @@ async fn cold(args: &Args, reps: usize, warm: usize) -> Result<(), LoadError> {
 
 async fn deploy(args: &Args, small_reps: usize, large_reps: usize, large_functions: usize) -> Result<(), LoadError> {
     let mut conn = Conn::open(args.addr, Some(&args.token)).await?;
-    let kinds: [(&str, usize, Box<dyn Fn(u64) -> Vec<u8>>); 2] = [
+    let kinds: [(&str, usize, Generator); 2] = [
         ("small", small_reps, Box::new(|i| guests::hello(SMALL_SALT + i))),
         (
             "large",
@@ -200,6 +200,9 @@ async fn deploy(args: &Args, small_reps: usize, large_reps: usize, large_functio
     }
     Ok(())
 }
+
+/// Makes a module's bytes from a salt.
+type Generator = Box<dyn Fn(u64) -> Vec<u8>>;
 
 struct LoadShape {
     connections: usize,
