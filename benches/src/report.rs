@@ -477,8 +477,13 @@ impl Run {
                 })
                 .collect()
         };
+        let warning = if self.caveat().is_some() {
+            " - not a result: short run or busy machine"
+        } else {
+            ""
+        };
         let title_rps = format!(
-            "Requests per second, 32 connections, run {} ({})",
+            "Requests per second, 32 connections, run {} ({}){warning}",
             self.stamp, self.mode
         );
         let charts = [
