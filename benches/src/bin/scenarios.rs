@@ -114,10 +114,6 @@ async fn main() {
     }
 }
 
-fn wasm_body(code: Vec<u8>) -> Bytes {
-    Bytes::from(code)
-}
-
 async fn timed<T>(f: impl std::future::Future<Output = Result<T, LoadError>>) -> Result<Duration, LoadError> {
     let started = Instant::now();
     f.await?;
@@ -130,7 +126,7 @@ async fn cold(args: &Args, reps: usize, warm: usize) -> Result<(), LoadError> {
     let input = Bytes::from_static(b"{}");
     for i in 0..reps {
         let path = format!("/v1/functions/cold-{i}");
-        conn.expect_ok(Method::PUT, &path, wasm_body(guests::hello(COLD_SALT + i as u64)))
+        conn.expect_ok(Method::PUT, &path, Bytes::from(guests::hello(COLD_SALT + i as u64)))
             .await?;
         let invoke = format!("{path}/invoke");
         first.push(timed(conn.expect_ok(Method::POST, &invoke, input.clone())).await?);
@@ -183,7 +179,7 @@ async fn deploy(args: &Args, small_reps: usize, large_reps: usize, large_functio
             let code = make(i as u64);
             bytes = code.len();
             let path = format!("/v1/functions/deploy-{kind}-{i}");
-            samples.push(timed(conn.expect_ok(Method::PUT, &path, wasm_body(code))).await?);
+            samples.push(timed(conn.expect_ok(Method::PUT, &path, Bytes::from(code))).await?);
         }
         let what = match kind {
             "small" => "hello module".to_owned(),
@@ -231,7 +227,7 @@ async fn functions(
                     return Ok::<_, LoadError>(());
                 }
                 let code = guests::hello(FUNCTIONS_SALT + i as u64);
-                conn.expect_ok(Method::PUT, &format!("/v1/functions/fn-{i}"), wasm_body(code))
+                conn.expect_ok(Method::PUT, &format!("/v1/functions/fn-{i}"), Bytes::from(code))
                     .await?;
             }
         }));
