@@ -1,114 +1,212 @@
 #!/usr/bin/env bash
-# Kiln's benchmark, every system measured in the same run on this machine:
-#   - bare hyper answering a fixed body (the HTTP ceiling here);
-#   - Kiln sync invoke of a trivial guest (guests/wat/hello.wat);
-#   - Kiln sync invoke of a guest with ~0.3 s of init, served from its snapshot (snapshot.wat);
-#   - Kiln HTTP trigger (guests/http-hello, a wasi:http/proxy component) next to `wasmtime serve`
-#     (wasmtime-cli 48.0.8) serving the same component;
-#   - async: submits (202 once on disk) and the end-to-end rate until every accepted one has run;
-#   - in process, no HTTP: Kiln's invoke path next to raw wasmtime (benches/src/bin/instantiate.rs).
-# Servers are pinned to CPU 0 and wrk to CPU 1, so the HTTP numbers compare servers on one core.
-# Prints req/s and latency percentiles, and the ratios SPECIFICATION.md promises.
+# Kiln's benchmark: every system measured in the same run on this machine, reported as ratios.
 #
-# Usage: benches/run.sh [--quick]      (quick: 5 s per run instead of 15 s)
+# Systems (same trivial work: a 2-byte POST in, a short greeting or echo out):
+#   bare-hyper        hyper answering a fixed body (the HTTP ceiling here)
+#   kiln-sync         Kiln sync invoke of guests/wat/hello.wat
+#   kiln-snapshot     Kiln sync invoke of guests/wat/snapshot.wat (~0.3 s of init, run from its snapshot)
+#   kiln-trigger      Kiln HTTP trigger, guests/http-hello (a wasi:http/proxy component)
+#   wasmtime-serve    `wasmtime serve` 48.0.8 of the same component
+#   fork-exec         a process per request (/bin/cat: body in, body out)
+#   wasmtime-run      `wasmtime run` of hello (precompiled) per request
+#   kiln-async-submit Kiln async submits (202 once on disk), then drained end to end
+# Scenarios: c32 (throughput, wrk -c32), c1 (latency p50/p99/p99.9, wrk -c1), cold first invoke
+# after deploy vs warm, deploy time (small and large module), N functions round-robin (10 vs N),
+# resident memory per idle function, and Kiln's invoke path vs raw wasmtime in process.
+# Servers are pinned to CPU 0, load generators to CPU 1.
+#
+# Writes benches/results/<UTC stamp>.json, latest.json, latest.md (printed) and latest.svg.
+#
+# Usage: benches/run.sh [--quick | --smoke]
+#   full (default): 15 s per c32 run, 10 s per c1 run, 10,000 functions     (~6-8 min after builds)
+#   --quick:         5 s / 3 s, 1,000 functions                              (< 5 min after builds)
+#   --smoke:         1 s / 1 s, 100 functions: checks the harness, numbers mean nothing
+# The first run also builds release binaries and installs wasmtime-cli 48.0.8 into benches/.tools
+# (~15 minutes of both cores, once); neither counts in the times above.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-duration=15s
-[[ "${1:-}" == "--quick" ]] && duration=5s
+mode=full
+case "${1:-}" in
+  "") ;;
+  --quick) mode=quick ;;
+  --smoke) mode=smoke ;;
+  *) echo "usage: benches/run.sh [--quick | --smoke]" >&2; exit 2 ;;
+esac
+case $mode in
+  full)  c32=15s; c1=10s; functions=10000; fn_secs=15; cold_reps=200; small_reps=50; large_reps=10; iterations=20000 ;;
+  quick) c32=5s;  c1=3s;  functions=1000;  fn_secs=5;  cold_reps=50;  small_reps=10; large_reps=3;  iterations=5000 ;;
+  smoke) c32=1s;  c1=1s;  functions=100;   fn_secs=1;  cold_reps=5;   small_reps=2;  large_reps=1;  iterations=1000 ;;
+esac
+large_functions=4000
 connections=32
+kiln_flags=(--max-queued 10000000)
 
-runtime/scripts/setup.sh
-if ! command -v wrk >/dev/null 2>&1; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk
-fi
+started=$(date -u +%s)
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+[[ -n "$(git status --porcelain 2>/dev/null | grep -v ' benches/results/' || true)" ]] && commit="$commit+dirty"
+
+# What the bench needs, installed if missing (idempotent; CI never runs this script).
+if ! rustup target list --installed | grep -qx wasm32-wasip2; then rustup target add wasm32-wasip2; fi
+for tool in wrk curl taskset; do
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk curl util-linux
+    break
+  fi
+done
 cargo build --release -p kiln -p kiln-bench
 (cd guests && cargo build --release --target wasm32-wasip2 -p http-hello)
 http_hello=guests/target/wasm32-wasip2/release/http-hello.wasm
-# The peer for HTTP triggers: `wasmtime serve` of the same wasmtime release, built once into
-# benches/.tools (git-ignored; ~15 minutes of 2 cores the first time).
+# The peer for HTTP triggers and per-request runs: wasmtime-cli of the same wasmtime release,
+# built once into benches/.tools (git-ignored; ~15 minutes of 2 cores the first time).
 wasmtime=benches/.tools/bin/wasmtime
 if ! "$wasmtime" --version 2>/dev/null | grep -q "^wasmtime 48.0.8"; then
   cargo install --locked wasmtime-cli --version 48.0.8 --root benches/.tools
 fi
-iterations=20000
-[[ "${1:-}" == "--quick" ]] && iterations=5000
+built=$(date -u +%s)
 
 work=$(mktemp -d)
+raw=$work/raw.jsonl
+touch "$raw"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
-
-cat >"$work/post.lua" <<LUA
-wrk.method = "POST"
-wrk.body = "{}"
-wrk.headers["Authorization"] = "Bearer " .. os.getenv("KILN_TOKEN")
-LUA
-
-# Runs wrk and prints "req/s p50_ms p99_ms".
-drive() {
-  local url=$1
-  taskset -c 1 wrk -t1 -c"$connections" -d"$duration" --latency -s "$work/post.lua" "$url" >"$work/wrk.txt"
-  awk '
-    /Requests\/sec/ {rps=$2}
-    /^ +50%/ {p50=$2} /^ +99%/ {p99=$2}
-    /Non-2xx/ {print "non-2xx responses: " $0 > "/dev/stderr"; bad=1}
-    function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
-    END { printf "%.0f %.3f %.3f\n", rps, ms(p50), ms(p99); exit bad }' "$work/wrk.txt"
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+# Loopback ports base..base+5 (BENCH_PORT_BASE, default 17870); each must be free, so that a
+# server someone else left running is never measured in place of ours.
+base=${BENCH_PORT_BASE:-17870}
+hyper_addr=127.0.0.1:$base kiln_addr=127.0.0.1:$((base + 1)) fleet_addr=127.0.0.1:$((base + 2))
+serve_addr=127.0.0.1:$((base + 3)) fork_addr=127.0.0.1:$((base + 4)) run_addr=127.0.0.1:$((base + 5))
+for port in $(seq "$base" $((base + 5))); do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "port $port is in use; free it or set BENCH_PORT_BASE" >&2; exit 1
+  fi
+done
+# wait_for URL PID: until the server answers, failing if its process has exited.
+wait_for() {
+  for _ in $(seq 400); do
+    kill -0 "$2" 2>/dev/null || { echo "the server for $1 exited" >&2; exit 1; }
+    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "server at $1 did not start" >&2; exit 1
 }
 
-wait_for() { for _ in $(seq 100); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "server at $1 did not start" >&2; exit 1; }
+# wrk posts "{}" and, when the run ends, appends one record (see benches/src/record.rs).
+cat >"$work/post.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = "{}"
+local token = os.getenv("KILN_TOKEN")
+if token then wrk.headers["Authorization"] = "Bearer " .. token end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  local ms = function(us) return us / 1000 end
+  local f = assert(io.open(os.getenv("BENCH_RAW"), "a"))
+  f:write(string.format(
+    '{"scenario":"%s","system":"%s","label":"%s","connections":%d,"duration_s":%.3f,' ..
+    '"requests":%d,"rps":%.1f,"errors":%d,"non_2xx":%d,"p50_ms":%.3f,"p90_ms":%.3f,' ..
+    '"p99_ms":%.3f,"p999_ms":%.3f,"mean_ms":%.3f,"max_ms":%.3f}\n',
+    os.getenv("BENCH_SCENARIO"), os.getenv("BENCH_SYSTEM"), os.getenv("BENCH_LABEL"),
+    tonumber(os.getenv("BENCH_CONNECTIONS")), summary.duration / 1e6, summary.requests,
+    summary.requests / (summary.duration / 1e6), e.connect + e.read + e.write + e.timeout, e.status,
+    ms(latency:percentile(50)), ms(latency:percentile(90)), ms(latency:percentile(99)),
+    ms(latency:percentile(99.9)), ms(latency.mean), ms(latency.max)))
+  f:close()
+end
+LUA
 
-# Bare hyper.
-taskset -c 0 target/release/bare-hyper 127.0.0.1:7979 2>/dev/null &
-pids+=($!)
-wait_for http://127.0.0.1:7979/
-read -r hyper_rps hyper_p50 hyper_p99 < <(KILN_TOKEN=none drive http://127.0.0.1:7979/)
+# bench SYSTEM LABEL URL: the c=32 run, then the c=1 run (unless C1=0), wrk on CPU 1.
+bench() {
+  local system=$1 label=$2 url=$3
+  for scenario in c32 c1; do
+    [[ $scenario == c1 && ${C1:-1} == 0 ]] && continue
+    local c=$connections duration=$c32
+    [[ $scenario == c1 ]] && { c=1; duration=$c1; }
+    BENCH_RAW=$raw BENCH_SCENARIO=$scenario BENCH_SYSTEM=$system BENCH_LABEL=$label BENCH_CONNECTIONS=$c \
+      taskset -c 1 wrk -t1 -c"$c" -d"$duration" --timeout 10s -s "$work/post.lua" "$url" >"$work/wrk.txt"
+    tail -1 "$raw" | awk -v s="$system" -v sc="$scenario" -F'[:,]' \
+      '{for (i = 1; i < NF; i++) { if ($i ~ /"rps"/) r = $(i+1); if ($i ~ /"p99_ms"/) p = $(i+1); if ($i ~ /"errors"|"non_2xx"/) e += $(i+1) }
+        printf "  %-18s %-4s %10s req/s  p99 %8s ms%s\n", s, sc, r, p, (e > 0 ? "  (" e " errors)" : "") }'
+  done
+}
 
-# Kiln with the trivial guest (a queue large enough that the async run never gets 429).
-taskset -c 0 target/release/kiln serve --listen 127.0.0.1:7878 --data "$work/data" --max-queued 10000000 2>"$work/kiln.log" &
-pids+=($!)
-wait_for http://127.0.0.1:7878/healthz
-export KILN_TOKEN=$(cat "$work/data/admin.token")
-curl -fsS -X PUT -H "Authorization: Bearer $KILN_TOKEN" --data-binary @guests/wat/hello.wat \
-  http://127.0.0.1:7878/v1/functions/hello >/dev/null
-read -r kiln_rps kiln_p50 kiln_p99 < <(drive http://127.0.0.1:7878/v1/functions/hello/invoke)
-curl -fsS -X PUT -H "Authorization: Bearer $KILN_TOKEN" --data-binary @guests/wat/snapshot.wat \
-  http://127.0.0.1:7878/v1/functions/warm >/dev/null
-read -r warm_rps warm_p50 warm_p99 < <(drive http://127.0.0.1:7878/v1/functions/warm/invoke)
-curl -fsS -X PUT -H "Authorization: Bearer $KILN_TOKEN" --data-binary @"$http_hello" \
-  http://127.0.0.1:7878/v1/functions/web >/dev/null
-read -r trigger_rps trigger_p50 trigger_p99 < <(drive http://127.0.0.1:7878/fn/web/)
+echo "== HTTP systems ($mode: c=$connections for $c32, c=1 for $c1; servers on CPU 0, wrk on CPU 1)"
+taskset -c 0 target/release/bare-hyper $hyper_addr 2>/dev/null &
+hyper=$!; pids+=("$hyper")
+wait_for http://$hyper_addr/ "$hyper"
+bench bare-hyper "bare hyper (fixed body)" http://$hyper_addr/
+stop "$hyper"
 
-# Async: submits for $duration, then the time until every accepted invocation has run.
-queue_depth() { curl -fsS http://127.0.0.1:7878/metrics | awk '/^kiln_async_queue_depth/ {print $2}'; }
-successes() { curl -fsS http://127.0.0.1:7878/metrics | awk '/^kiln_async_invocations_total\{outcome="success"\}/ {print $2}'; }
-before=$(successes)
+taskset -c 0 target/release/kiln serve --listen $kiln_addr --data "$work/data" "${kiln_flags[@]}" 2>"$work/kiln.log" &
+kiln=$!; pids+=("$kiln")
+wait_for http://$kiln_addr/healthz "$kiln"
+export KILN_TOKEN
+KILN_TOKEN=$(cat "$work/data/admin.token")
+put() { curl -fsS -o /dev/null -X PUT -H "Authorization: Bearer $KILN_TOKEN" --data-binary @"$2" "http://$3/v1/functions/$1"; }
+put hello guests/wat/hello.wat $kiln_addr
+bench kiln-sync "Kiln sync invoke, hello.wat" http://$kiln_addr/v1/functions/hello/invoke
+put warm guests/wat/snapshot.wat $kiln_addr
+bench kiln-snapshot "Kiln sync invoke, 0.3 s-init guest from its snapshot" http://$kiln_addr/v1/functions/warm/invoke
+put web "$http_hello" $kiln_addr
+bench kiln-trigger "Kiln HTTP trigger, http-hello (wasi:http)" http://$kiln_addr/fn/web/
+
+# Async: submits for the c32 duration, then the time until every accepted invocation has run.
+metric() { curl -fsS http://$kiln_addr/metrics | awk -v m="$1" 'index($0, m " ") == 1 {v = $2} END {print v + 0}'; }
+before=$(metric 'kiln_async_invocations_total{outcome="success"}')
 async_start=$(date +%s.%N)
-read -r submit_rps submit_p50 submit_p99 < <(drive http://127.0.0.1:7878/v1/functions/hello/invoke-async)
-while [[ "$(queue_depth)" != "0" ]]; do sleep 0.1; done
+C1=0 bench kiln-async-submit "Kiln async submit (202 once on disk)" http://$kiln_addr/v1/functions/hello/invoke-async
+while [[ "$(metric kiln_async_queue_depth)" != "0" ]]; do sleep 0.1; done
 async_end=$(date +%s.%N)
-completed=$(( $(successes) - before ))
+completed=$(( $(metric 'kiln_async_invocations_total{outcome="success"}') - before ))
+awk -v c="$completed" -v t0="$async_start" -v t1="$async_end" 'BEGIN {
+  printf "{\"scenario\":\"async\",\"system\":\"kiln-async\",\"label\":\"Kiln async, submitted then drained\",\"completed\":%d,\"seconds\":%.3f,\"e2e_rps\":%.1f}\n", c, t1 - t0, c / (t1 - t0) }' >>"$raw"
+stop "$kiln"
 
-# `wasmtime serve` on the same component, same core, same load (Rust's std needs -Scli).
-taskset -c 0 "$wasmtime" serve -Scli --addr 127.0.0.1:8081 "$http_hello" 2>"$work/wasmtime.log" &
-pids+=($!)
-wait_for http://127.0.0.1:8081/
-read -r serve_rps serve_p50 serve_p99 < <(drive http://127.0.0.1:8081/)
+# `wasmtime serve` on the same component (Rust's std needs -Scli).
+taskset -c 0 "$wasmtime" serve -Scli --addr $serve_addr "$http_hello" 2>"$work/wasmtime.log" &
+serve=$!; pids+=("$serve")
+wait_for http://$serve_addr/ "$serve"
+bench wasmtime-serve "wasmtime serve 48.0.8, http-hello" http://$serve_addr/
+stop "$serve"
 
-printf '\n%-34s %10s %10s %10s\n' "system (c=$connections, $duration)" "req/s" "p50 ms" "p99 ms"
-printf '%-34s %10s %10s %10s\n' "bare hyper" "$hyper_rps" "$hyper_p50" "$hyper_p99"
-printf '%-34s %10s %10s %10s\n' "kiln sync invoke (hello)" "$kiln_rps" "$kiln_p50" "$kiln_p99"
-printf '%-34s %10s %10s %10s\n' "kiln sync invoke (0.3 s init)" "$warm_rps" "$warm_p50" "$warm_p99"
-printf '%-34s %10s %10s %10s\n' "kiln http trigger (wasi:http)" "$trigger_rps" "$trigger_p50" "$trigger_p99"
-printf '%-34s %10s %10s %10s\n' "wasmtime serve (same component)" "$serve_rps" "$serve_p50" "$serve_p99"
-printf '%-34s %10s %10s %10s\n' "kiln async submit (202 on disk)" "$submit_rps" "$submit_p50" "$submit_p99"
-awk -v k="$kiln_rps" -v h="$hyper_rps" -v kp="$kiln_p99" -v hp="$hyper_p99" -v w="$warm_rps" \
-  -v c="$completed" -v tr="$trigger_rps" -v sr="$serve_rps" -v tp="$trigger_p99" -v sp="$serve_p99" -v t0="$async_start" -v t1="$async_end" -v s="$submit_rps" \
-  'BEGIN { printf "\nkiln / bare hyper: req/s %.2fx, p99 %.2fx\nsnapshot guest / trivial guest: req/s %.2fx\n", k/h, kp/hp, w/k;
-           printf "kiln http trigger / wasmtime serve: req/s %.2fx, p99 %.2fx\n", tr/sr, tp/sp;
-           a = c / (t1 - t0);
-           printf "async: %d invocations submitted and run in %.1f s = %.0f/s end to end, %.2fx the sync req/s\n", c, t1 - t0, a, a/k }'
+# A process per request: native, then a Wasm runtime started per request (code precompiled, so
+# the cost is process start and instantiation, not compilation).
+taskset -c 0 target/release/fork-exec $fork_addr /bin/cat 2>/dev/null &
+fork=$!; pids+=("$fork")
+wait_for http://$fork_addr/ "$fork"
+bench fork-exec "fork/exec per request (/bin/cat)" http://$fork_addr/
+stop "$fork"
+"$wasmtime" compile guests/wat/hello.wat -o "$work/hello.cwasm"
+taskset -c 0 target/release/fork-exec $run_addr "$wasmtime" run --allow-precompiled "$work/hello.cwasm" 2>/dev/null &
+fork=$!; pids+=("$fork")
+wait_for http://$run_addr/ "$fork"
+bench wasmtime-run "wasmtime run per request (hello, precompiled)" http://$run_addr/
+stop "$fork"
+
+echo "== Functions, memory, cold start, deploy (a fresh Kiln on CPU 0, the driver on CPU 1)"
+taskset -c 0 target/release/kiln serve --listen $fleet_addr --data "$work/fleet" "${kiln_flags[@]}" 2>"$work/fleet.log" &
+fleet=$!; pids+=("$fleet")
+wait_for http://$fleet_addr/healthz "$fleet"
+KILN_TOKEN=$(cat "$work/fleet/admin.token")
+scenarios() { taskset -c 1 target/release/scenarios --addr $fleet_addr --out "$raw" "$@"; }
+scenarios functions --count "$functions" --duration "$fn_secs" --connections "$connections" --kiln-pid "$fleet"
+scenarios cold --reps "$cold_reps" --warm 20
+scenarios deploy --small-reps "$small_reps" --large-reps "$large_reps" --large-functions "$large_functions"
+stop "$fleet"
+
+echo "== In process, no HTTP (CPU 0)"
+taskset -c 0 target/release/instantiate guests/wat/hello.wat "$iterations" --out "$raw" | tail -1
 
 echo
-taskset -c 0 target/release/instantiate guests/wat/hello.wat "$iterations"
+target/release/report --raw "$raw" --out-dir benches/results --stamp "$stamp" --started-unix "$started" \
+  --meta mode="$mode" --meta git_commit="$commit" --meta load_at_start="$load_at_start" \
+  --meta "load generator=wrk -t1 (c32: -c$connections -d$c32; c1: -c1 -d$c1), POST {} ; scenarios: hyper client, keep-alive" \
+  --meta "pinning=servers on CPU 0 (taskset -c 0), load generators on CPU 1" \
+  --meta "kiln flags=${kiln_flags[*]} (defaults otherwise: --max-instances 1000)" \
+  --meta "functions scenario=$functions functions (distinct code), $connections connections, $fn_secs s per set" \
+  --meta "cold and deploy=$cold_reps cold functions x 20 warm invokes; deploys: $small_reps small, $large_reps large ($large_functions functions)"
+ended=$(date -u +%s)
+echo "run took $(( ended - started )) s: $(( built - started )) s of builds and installs, $(( ended - built )) s measuring"
