@@ -25,6 +25,9 @@
 # (~15 minutes of both cores, once); neither counts in the times above.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Servers run as deployed: without RUST_BACKTRACE (a shell that sets it makes every error inside
+# wasmtime walk the stack; `wasmtime serve` creates one per request, which would skew the peer).
+unset RUST_BACKTRACE RUST_LIB_BACKTRACE
 
 mode=full
 case "${1:-}" in
