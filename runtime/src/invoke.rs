@@ -103,6 +103,18 @@ pub enum InvokeError {
     NotHttpTrigger(String),
 }
 
+impl InvokeError {
+    /// A failure Kiln explains itself (no trap, exit code or guest output to add).
+    pub(crate) fn failed(message: String) -> InvokeError {
+        InvokeError::Failed(Failure {
+            message,
+            trap: None,
+            exit_code: None,
+            stderr_tail: String::new(),
+        })
+    }
+}
+
 /// What the caller learns of a failed guest.
 #[derive(Debug)]
 pub struct Failure {

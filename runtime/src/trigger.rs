@@ -128,7 +128,8 @@ pub async fn serve(
         let out = store.data_mut().http().new_response_outparam(sender)?;
         Ok((request, out))
     })();
-    let (request, out) = setup.map_err(|e| failed(format!("the request could not be handed to the function: {e}")))?;
+    let (request, out) =
+        setup.map_err(|e| InvokeError::failed(format!("the request could not be handed to the function: {e}")))?;
 
     let guest = f.clone();
     let answered = Arc::new(AtomicBool::new(false));
@@ -174,7 +175,7 @@ pub async fn serve(
                 finished: Some(finished),
             }))
         }
-        Ok(Err(code)) => Err(failed(format!(
+        Ok(Err(code)) => Err(InvokeError::failed(format!(
             "the function answered with an error: {}",
             describe(&code)
         ))),
@@ -182,7 +183,7 @@ pub async fn serve(
         Err(_) => {
             let (outcome, memory_exceeded) = task
                 .await
-                .map_err(|e| failed(format!("the function's task failed: {e}")))?;
+                .map_err(|e| InvokeError::failed(format!("the function's task failed: {e}")))?;
             Err(match outcome {
                 Err(_elapsed) => InvokeError::Timeout(config.timeout_ms),
                 Ok(Err(error)) => classify(error, config.timeout_ms, memory_exceeded, &stdout, &stderr),
@@ -195,15 +196,6 @@ pub async fn serve(
             })
         }
     }
-}
-
-fn failed(message: String) -> InvokeError {
-    InvokeError::Failed(Failure {
-        message,
-        trap: None,
-        exit_code: None,
-        stderr_tail: String::new(),
-    })
 }
 
 fn describe(code: &ErrorCode) -> String {

@@ -69,7 +69,7 @@ impl MicrovmTier {
             .try_acquire_owned()
             .map_err(|_| InvokeError::PoolBusy(self.max_vms))?;
         let Some(hypervisor) = self.hypervisor.clone() else {
-            return Err(failed(self.unavailable()));
+            return Err(InvokeError::failed(self.unavailable()));
         };
         let (function, timeout) = (function.clone(), config.timeout());
         // Automatic reseed: every restore gets its own entropy, so guests restored from one
@@ -92,16 +92,22 @@ impl MicrovmTier {
 fn shape(outcome: Result<Reply, RunFailure>, config: &FunctionConfig) -> Result<Success, InvokeError> {
     let reply = match outcome {
         Ok(reply) => reply,
-        Err(RunFailure::Restore(e)) => return Err(failed(format!("cannot restore the function's microVM: {e}"))),
+        Err(RunFailure::Restore(e)) => {
+            return Err(InvokeError::failed(format!(
+                "cannot restore the function's microVM: {e}"
+            )))
+        }
         Err(RunFailure::Invoke(e)) => {
             return Err(match e.run_error() {
                 Some(RunError::Timeout(_)) => InvokeError::Timeout(config.timeout_ms),
-                Some(RunError::MemoryExceeded { .. }) => failed(format!(
+                Some(RunError::MemoryExceeded { .. }) => InvokeError::failed(format!(
                     "the function exceeded its memory limit of {} MiB: {e}",
                     config.memory_mb
                 )),
-                Some(RunError::Shutdown) => failed("the microVM's guest stopped (kernel panic or reset)".into()),
-                _ => failed(format!("the microVM failed: {e}")),
+                Some(RunError::Shutdown) => {
+                    InvokeError::failed("the microVM's guest stopped (kernel panic or reset)".into())
+                }
+                _ => InvokeError::failed(format!("the microVM failed: {e}")),
             })
         }
     };
@@ -136,15 +142,6 @@ fn shape(outcome: Result<Reply, RunFailure>, config: &FunctionConfig) -> Result<
 
 /// The exit code the agent reports for a function killed by SIGKILL (128 + 9).
 const SIGKILLED: i32 = 137;
-
-fn failed(message: String) -> InvokeError {
-    InvokeError::Failed(Failure {
-        message,
-        trap: None,
-        exit_code: None,
-        stderr_tail: String::new(),
-    })
-}
 
 #[cfg(test)]
 mod tests {
