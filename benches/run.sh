@@ -7,6 +7,8 @@
 #   kiln-snapshot     Kiln sync invoke of guests/wat/snapshot.wat (~0.3 s of init, run from its snapshot)
 #   kiln-trigger      Kiln HTTP trigger, guests/http-hello (a wasi:http/proxy component)
 #   wasmtime-serve    `wasmtime serve` 48.0.8 of the same component
+#   http-floor        the same component behind the least a wasmtime + hyper server can do
+#                     (src/bin/http_floor.rs: no auth, limits, timeout, log or metrics)
 #   fork-exec         a process per request (/bin/cat: body in, body out)
 #   wasmtime-run      `wasmtime run` of hello (precompiled) per request
 #   kiln-async-submit Kiln async submits (202 once on disk), then drained end to end
@@ -78,12 +80,13 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
-# Loopback ports base..base+5 (BENCH_PORT_BASE, default 17870); each must be free, so that a
+# Loopback ports base..base+6 (BENCH_PORT_BASE, default 17870); each must be free, so that a
 # server someone else left running is never measured in place of ours.
 base=${BENCH_PORT_BASE:-17870}
 hyper_addr=127.0.0.1:$base kiln_addr=127.0.0.1:$((base + 1)) fleet_addr=127.0.0.1:$((base + 2))
 serve_addr=127.0.0.1:$((base + 3)) fork_addr=127.0.0.1:$((base + 4)) run_addr=127.0.0.1:$((base + 5))
-for port in $(seq "$base" $((base + 5))); do
+floor_addr=127.0.0.1:$((base + 6))
+for port in $(seq "$base" $((base + 6))); do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port is in use; free it or set BENCH_PORT_BASE" >&2; exit 1
   fi
@@ -174,6 +177,13 @@ serve=$!; pids+=("$serve")
 wait_for http://$serve_addr/ "$serve"
 bench wasmtime-serve "wasmtime serve 48.0.8, http-hello" http://$serve_addr/
 stop "$serve"
+
+# The floor: the same component, fresh pooled instance per request, nothing else.
+taskset -c 0 target/release/http-floor "$http_hello" --serve $floor_addr 2>/dev/null &
+floor=$!; pids+=("$floor")
+wait_for http://$floor_addr/ "$floor"
+bench http-floor "wasmtime + hyper floor (nothing but the instance), http-hello" http://$floor_addr/
+stop "$floor"
 
 # A process per request: native, then a Wasm runtime started per request (code precompiled, so
 # the cost is process start and instantiation, not compilation).

@@ -13,12 +13,13 @@ use crate::record::{scenario, Record};
 use crate::svg::{self, Chart, Row};
 
 /// The order systems appear in tables and the plot; systems not listed follow in record order.
-const SYSTEM_ORDER: [&str; 8] = [
+const SYSTEM_ORDER: [&str; 9] = [
     "bare-hyper",
     "kiln-sync",
     "kiln-snapshot",
     "kiln-trigger",
     "wasmtime-serve",
+    "http-floor",
     "fork-exec",
     "wasmtime-run",
     "kiln-async-submit",
@@ -144,6 +145,18 @@ pub fn ratios(records: &[Record]) -> Vec<Ratio> {
             quotient(v(C32, "kiln-trigger", "p99_ms"), v(C32, "wasmtime-serve", "p99_ms")),
             "x",
             Goal::Below(1.0),
+        ),
+        (
+            "Kiln HTTP trigger / wasmtime + hyper floor, req/s at c=32",
+            quotient(v(C32, "kiln-trigger", "rps"), v(C32, "http-floor", "rps")),
+            "x",
+            Goal::None,
+        ),
+        (
+            "wasmtime + hyper floor / wasmtime serve, req/s at c=32 (the most any server gains)",
+            quotient(v(C32, "http-floor", "rps"), v(C32, "wasmtime-serve", "rps")),
+            "x",
+            Goal::None,
         ),
         (
             "Snapshot (0.3 s init) guest / trivial guest, req/s at c=32",

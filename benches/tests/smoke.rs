@@ -303,3 +303,63 @@ async fn scenarios_and_instantiate_run_against_a_real_kiln() {
         assert!(get("inproc", system).get("median_us").unwrap() > 0.0);
     }
 }
+
+/// `guests/http-hello` built for wasm32-wasip2 (the same command and target directory as
+/// Kiln's own tests, so whichever runs first builds it for both).
+fn http_hello() -> std::path::PathBuf {
+    let guests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(&guests)
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "-p",
+            "http-hello",
+            "--target-dir",
+        ])
+        .arg(guests.join("target"))
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS")
+        .status()
+        .unwrap();
+    assert!(status.success(), "building guests/http-hello failed");
+    guests.join("target/wasm32-wasip2/release/http-hello.wasm")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_floor_runs_in_process_and_serves_under_load() {
+    let component = tokio::task::spawn_blocking(http_hello).await.unwrap();
+    let component = component.to_str().unwrap().to_owned();
+    let mut in_process = Command::new(env!("CARGO_BIN_EXE_http-floor"));
+    in_process.args([component.as_str(), "20"]);
+    let output = tokio::task::spawn_blocking(move || in_process.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("µs each"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let (_floor, addr) = start(
+        env!("CARGO_BIN_EXE_http-floor"),
+        &[&component, "--serve", "127.0.0.1:0"],
+    );
+    let mut conn = Conn::open(addr, None).await.unwrap();
+    let body = conn
+        .expect_ok(Method::POST, "/a?b=c", Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.starts_with("hello from wasi:http\nmethod: POST\npath: /a?b=c\n"),
+        "{body}"
+    );
+    let result = load(addr, None, vec!["/".into()], 300).run().await.unwrap();
+    assert!(result.samples.len() > 10 && result.failures == 0);
+}

@@ -17,6 +17,7 @@ pub mod egress;
 pub mod invoke;
 pub mod jobs;
 pub mod limits;
+pub mod log_output;
 pub mod logs;
 pub mod metrics;
 pub mod microvm;

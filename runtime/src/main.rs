@@ -92,6 +92,7 @@ async fn serve(config: ServerConfig) -> Result<(), String> {
     kiln::server::run(app, listener, kiln::shutdown::signal_received()).await;
     // Invocation logs still queued for the disk are written before the process ends.
     let _ = tokio::task::spawn_blocking(move || logs_of.logs.flush()).await;
+    kiln::log_output::flush();
     Ok(())
 }
 
@@ -102,7 +103,7 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,wasmtime_wasi=warn,wiggle=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(kiln::log_output::Stderr::install())
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::app::App;
 use crate::invoke::{InvokeError, Success, STDERR_TAIL};
+use crate::log_output::INVOCATION_TARGET;
 use crate::logs::LogEntry;
 use crate::metrics::Outcome;
 use crate::store::VersionRecord;
@@ -36,12 +37,12 @@ pub fn sync_invocation(
     let duration_us = duration.as_micros() as u64;
     match error {
         None => tracing::info!(
-            target: "kiln::invocation",
+            target: INVOCATION_TARGET,
             id = %id, function = %record.name, version = record.version,
             outcome = outcome.as_str(), duration_us, "invocation"
         ),
         Some(error) => tracing::info!(
-            target: "kiln::invocation",
+            target: INVOCATION_TARGET,
             id = %id, function = %record.name, version = record.version,
             outcome = outcome.as_str(), duration_us, error = %error, "invocation"
         ),
@@ -75,12 +76,12 @@ pub fn http_request(app: &App, record: &VersionRecord, result: Result<(), &Invok
     let duration_us = duration.as_micros() as u64;
     match result {
         Ok(()) => tracing::info!(
-            target: "kiln::invocation",
+            target: INVOCATION_TARGET,
             function = %record.name, version = record.version,
             outcome = outcome.as_str(), duration_us, http = true, "invocation"
         ),
         Err(error) => tracing::info!(
-            target: "kiln::invocation",
+            target: INVOCATION_TARGET,
             function = %record.name, version = record.version,
             outcome = outcome.as_str(), duration_us, http = true, error = %error, "invocation"
         ),
@@ -103,11 +104,11 @@ pub fn async_run(
     let duration_us = duration.as_micros() as u64;
     match error {
         None => tracing::info!(
-            target: "kiln::invocation",
+            target: INVOCATION_TARGET,
             id, function, version, outcome = outcome.as_str(), duration_us, asynchronous = true, "invocation"
         ),
         Some(error) => tracing::info!(
-            target: "kiln::invocation",
+            target: INVOCATION_TARGET,
             id, function, version, outcome = outcome.as_str(), duration_us, asynchronous = true, error,
             "invocation"
         ),

@@ -136,7 +136,7 @@ pub async fn serve(
     let (finished_tx, finished) = oneshot::channel();
     let answered_in_task = answered.clone();
     let task_stderr = stderr.clone();
-    let task = tokio::spawn(async move {
+    let run: GuestRun = Box::pin(async move {
         let _permits = permits;
         let Entry::Http(pre) = &guest.entry else {
             unreachable!("checked above")
@@ -167,34 +167,98 @@ pub async fn serve(
         (outcome, memory_exceeded)
     });
 
-    match response.await {
-        Ok(Ok(response)) => {
+    // The guest runs right here, in the request's own task, until it sets its response; a small
+    // response usually finishes the guest in the same poll, and then no task is spawned at all.
+    let mut guest = InlineGuest(Some(run));
+    let mut response = response;
+    let first = std::future::poll_fn(|cx| {
+        if let Some(ended) = guest.poll(cx) {
+            return Poll::Ready(Err(ended));
+        }
+        Pin::new(&mut response).poll(cx).map(Ok)
+    })
+    .await;
+    let ended = match first {
+        Ok(Ok(answer)) => Ok(answer),
+        // The guest ended: it may have set its response on the way.
+        Err(ended) => response.try_recv().map_err(|_| ended),
+        // The guest dropped its response outparam unset: it cannot answer any more; wait for it
+        // to end and say why.
+        Ok(Err(_unset)) => Err(std::future::poll_fn(|cx| guest.poll(cx).map_or(Poll::Pending, Poll::Ready)).await),
+    };
+    let answer = ended.map_err(|ended| explain(ended, config.timeout_ms, &stdout, &stderr))?;
+    match answer {
+        Ok(response) => {
             answered.store(true, Ordering::Release);
+            // Still writing its body (or still running after it): the guest goes on as a task of
+            // its own, so that the response can go out while it runs.
+            guest.detach();
             Ok(response.map(|inner| GuestBody {
                 inner,
                 finished: Some(finished),
             }))
         }
-        Ok(Err(code)) => Err(InvokeError::failed(format!(
+        Err(code) => Err(InvokeError::failed(format!(
             "the function answered with an error: {}",
             describe(&code)
         ))),
-        // The guest's instance ended without setting a response: say why.
-        Err(_) => {
-            let (outcome, memory_exceeded) = task
-                .await
-                .map_err(|e| InvokeError::failed(format!("the function's task failed: {e}")))?;
-            Err(match outcome {
-                Err(_elapsed) => InvokeError::Timeout(config.timeout_ms),
-                Ok(Err(error)) => classify(error, config.timeout_ms, memory_exceeded, &stdout, &stderr),
-                Ok(Ok(())) => InvokeError::Failed(Failure {
-                    message: "the function returned without setting a response".to_owned(),
-                    trap: None,
-                    exit_code: None,
-                    stderr_tail: stderr.tail(STDERR_TAIL),
-                }),
-            })
+    }
+}
+
+type GuestOutcome = (Result<wasmtime::Result<()>, tokio::time::error::Elapsed>, bool);
+type GuestRun = Pin<Box<dyn Future<Output = GuestOutcome> + Send>>;
+
+/// A guest's run, polled inline by the request until it is detached or ends. If the request is
+/// dropped first (the client went away), the guest still runs to its end, in a task of its own,
+/// as it would had it been spawned from the start.
+struct InlineGuest(Option<GuestRun>);
+
+impl InlineGuest {
+    /// Polls the guest; `Some` with its outcome once it has ended.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Option<GuestOutcome> {
+        let run = self.0.as_mut()?;
+        let ended = run.as_mut().poll(cx);
+        if ended.is_ready() {
+            self.0 = None;
         }
+        match ended {
+            Poll::Ready(outcome) => Some(outcome),
+            Poll::Pending => None,
+        }
+    }
+
+    /// Lets the guest, if it has not ended, run on as its own task.
+    fn detach(&mut self) {
+        if let Some(run) = self.0.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(run);
+            }
+        }
+    }
+}
+
+impl Drop for InlineGuest {
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
+/// Why a guest ended without setting a response.
+fn explain(
+    (outcome, memory_exceeded): GuestOutcome,
+    timeout_ms: u64,
+    stdout: &CappedOutput,
+    stderr: &CappedOutput,
+) -> InvokeError {
+    match outcome {
+        Err(_elapsed) => InvokeError::Timeout(timeout_ms),
+        Ok(Err(error)) => classify(error, timeout_ms, memory_exceeded, stdout, stderr),
+        Ok(Ok(())) => InvokeError::Failed(Failure {
+            message: "the function returned without setting a response".to_owned(),
+            trap: None,
+            exit_code: None,
+            stderr_tail: stderr.tail(STDERR_TAIL),
+        }),
     }
 }
 

@@ -162,6 +162,52 @@ fn timeout_is_504_and_a_trap_is_502_with_the_json_body() {
     assert_eq!(kiln.metric("kiln_pool_instances_in_use "), 0);
 }
 
+#[test]
+fn a_guest_whose_client_went_away_still_runs_to_its_end_and_frees_its_instance() {
+    let kiln = Kiln::start();
+    let response = kiln.deploy_with("hello", component("http-hello"), json!({"timeout_ms": 1000}));
+    assert_eq!(response.status(), 201, "{}", response.text().unwrap());
+    let address = kiln
+        .url("")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let mut connection = std::net::TcpStream::connect(&address).unwrap();
+    write!(
+        connection,
+        "GET /fn/hello/spin HTTP/1.1\r\nhost: kiln\r\nauthorization: Bearer {}\r\n\r\n",
+        kiln.token
+    )
+    .unwrap();
+    let in_use = || kiln.metric("kiln_pool_instances_in_use ");
+    let started = std::time::Instant::now();
+    while in_use() != 1 {
+        assert!(started.elapsed() < Duration::from_secs(5), "the guest never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(connection);
+    // The guest was running inside the request when the client left: it goes on (as a request
+    // whose side effects are under way must), holding its instance until its timeout ends it.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(in_use(), 1, "the guest was stopped when its client went away");
+    while in_use() != 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the instance was never given back"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        client()
+            .get(fn_url(&kiln, "hello/"))
+            .bearer_auth(&kiln.token)
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
 /// Peak resident memory of a process, from /proc.
 fn peak_rss_kib(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
