@@ -2,7 +2,9 @@
 //! the same pool and under the same limits as a sync invoke. The request body streams into the
 //! guest and the response body streams out while the guest writes it; the instance (and its
 //! permits) live until the guest returns or its timeout passes, which may be after the response
-//! headers have gone out.
+//! headers have gone out. The guest runs inside the request's own task until it answers; only a
+//! guest still running then (streaming its body, say) moves to a task of its own, so the common
+//! small response costs no spawn and no wake-up between tasks.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -61,8 +63,6 @@ impl Drop for Permits {
     }
 }
 
-/// Runs the guest on `request` (whose URI is already the guest's view: path and query after
-/// `/fn/{name}`). Answers as soon as the guest has set its response.
 /// The guest's response body. It ends only once the guest has returned: if the guest traps or
 /// runs out of time mid-body, the body ends with an error, so the client sees it cut short rather
 /// than a response that looks complete.
@@ -102,6 +102,8 @@ impl http_body::Body for GuestBody {
     }
 }
 
+/// Runs the guest on `request` (whose URI is already the guest's view: path and query after
+/// `/fn/{name}`). Answers as soon as the guest has set its response.
 pub async fn serve(
     app: &Arc<App>,
     f: Arc<LoadedFunction>,
@@ -151,18 +153,8 @@ pub async fn serve(
         let outcome = tokio::time::timeout(deadline, run).await;
         let memory_exceeded = store.data().limiter.exceeded();
         let _ = finished_tx.send(matches!(outcome, Ok(Ok(()))));
-        // A failure after the response started cannot change its status any more: the client sees
-        // the body cut short, and the log says why.
         if answered_in_task.load(Ordering::Acquire) {
-            let error = match &outcome {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(format!("{e:#}")),
-                Err(_) => Some(format!("ran past its timeout of {} ms", guest.record.config.timeout_ms)),
-            };
-            if let Some(error) = error {
-                let stderr = task_stderr.tail(512);
-                tracing::warn!(function = %guest.record.name, %error, %stderr, "http trigger failed while streaming its response");
-            }
+            log_failure_after_answer(&guest, &outcome, &task_stderr);
         }
         (outcome, memory_exceeded)
     });
@@ -180,8 +172,12 @@ pub async fn serve(
     .await;
     let ended = match first {
         Ok(Ok(answer)) => Ok(answer),
-        // The guest ended: it may have set its response on the way.
-        Err(ended) => response.try_recv().map_err(|_| ended),
+        // The guest ended: it may have set its response on the way (and then failed, in which
+        // case the body it left ends with an error).
+        Err(ended) => response
+            .try_recv()
+            .inspect(|_| log_failure_after_answer(&f, &ended.0, &stderr))
+            .map_err(|_| ended),
         // The guest dropped its response outparam unset: it cannot answer any more; wait for it
         // to end and say why.
         Ok(Err(_unset)) => Err(std::future::poll_fn(|cx| guest.poll(cx).map_or(Poll::Pending, Poll::Ready)).await),
@@ -205,7 +201,10 @@ pub async fn serve(
     }
 }
 
-type GuestOutcome = (Result<wasmtime::Result<()>, tokio::time::error::Elapsed>, bool);
+/// How the guest's run ended: returned (with its own result) or timed out.
+type GuestResult = Result<wasmtime::Result<()>, tokio::time::error::Elapsed>;
+/// The run's end, and whether the guest had gone over its memory limit.
+type GuestOutcome = (GuestResult, bool);
 type GuestRun = Pin<Box<dyn Future<Output = GuestOutcome> + Send>>;
 
 /// A guest's run, polled inline by the request until it is detached or ends. If the request is
@@ -241,6 +240,18 @@ impl Drop for InlineGuest {
     fn drop(&mut self) {
         self.detach();
     }
+}
+
+/// A failure after the response started cannot change its status any more: the client sees the
+/// body cut short, and the log says why.
+fn log_failure_after_answer(f: &LoadedFunction, outcome: &GuestResult, stderr: &CappedOutput) {
+    let error = match outcome {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => format!("{e:#}"),
+        Err(_) => format!("ran past its timeout of {} ms", f.record.config.timeout_ms),
+    };
+    let stderr = stderr.tail(512);
+    tracing::warn!(function = %f.record.name, %error, %stderr, "http trigger failed while streaming its response");
 }
 
 /// Why a guest ended without setting a response.

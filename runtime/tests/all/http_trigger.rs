@@ -157,6 +157,12 @@ fn timeout_is_504_and_a_trap_is_502_with_the_json_body() {
     if let Ok(partial) = partial {
         assert!(partial.text().is_err(), "a body cut short by a trap read as complete");
     }
+    // Its status was sent before the trap: the log says what happened.
+    assert!(
+        kiln.wait_for_log("http trigger failed while streaming its response", Duration::from_secs(10)),
+        "{}",
+        kiln.log()
+    );
     // The server is still healthy and the function still answers.
     assert_eq!(get("hello/").status(), 200);
     assert_eq!(kiln.metric("kiln_pool_instances_in_use "), 0);
