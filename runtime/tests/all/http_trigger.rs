@@ -159,7 +159,10 @@ fn timeout_is_504_and_a_trap_is_502_with_the_json_body() {
     }
     // Its status was sent before the trap: the log says what happened.
     assert!(
-        kiln.wait_for_log("http trigger failed while streaming its response", Duration::from_secs(10)),
+        kiln.wait_for_log(
+            "http trigger failed while streaming its response",
+            Duration::from_secs(10)
+        ),
         "{}",
         kiln.log()
     );
