@@ -10,6 +10,8 @@ mod http_trigger;
 mod lifecycle;
 mod limits;
 mod microvm;
+#[path = "../../vmm/tests/support/musl.rs"]
+mod musl;
 mod openapi;
 mod ops;
 mod polyglot;

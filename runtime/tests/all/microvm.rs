@@ -6,7 +6,6 @@
 //! path with the VMM's tiny agent-protocol guest on every host with KVM.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -171,29 +170,8 @@ fn guest_binaries() -> Result<(PathBuf, PathBuf), String> {
         let dir = PathBuf::from(dir);
         return Ok((dir.join("kiln-agent"), dir.join("kiln-upper")));
     }
-    let installed = Command::new("rustup").args(["target", "list", "--installed"]).output();
-    if !installed.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("x86_64-unknown-linux-musl")) {
-        return Err("the x86_64-unknown-linux-musl target is not installed".into());
-    }
     let target_dir = workspace().join("target/kiln-guest/cargo");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(workspace())
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "kiln-guest-agent",
-            "--target",
-            "x86_64-unknown-linux-musl",
-        ])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .env_remove("RUSTFLAGS")
-        .status()
-        .map_err(|e| format!("running cargo: {e}"))?;
-    assert!(status.success(), "building the guest agent failed");
-    let bin = target_dir.join("x86_64-unknown-linux-musl/release");
+    let bin = crate::musl::build(&workspace(), &target_dir, &[&["-p", "kiln-guest-agent"]])?;
     Ok((bin.join("kiln-agent"), bin.join("kiln-upper")))
 }
 

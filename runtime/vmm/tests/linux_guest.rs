@@ -18,6 +18,9 @@ use kiln_vmm::devices::channel::Channel;
 use kiln_vmm::initramfs;
 use kiln_vmm::{Frame, FrameKind};
 
+#[path = "support/musl.rs"]
+mod musl;
+
 const BOOT_LIMIT: Duration = Duration::from_secs(50);
 
 fn workspace() -> PathBuf {
@@ -26,29 +29,8 @@ fn workspace() -> PathBuf {
 
 /// Builds the agent and the test function as static musl executables.
 fn build_guest_binaries() -> Result<(Vec<u8>, Vec<u8>), String> {
-    let installed = Command::new("rustup").args(["target", "list", "--installed"]).output();
-    if !installed.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("x86_64-unknown-linux-musl")) {
-        return Err("the x86_64-unknown-linux-musl target is not installed".into());
-    }
     let target_dir = workspace().join("target/kiln-guest/cargo");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(workspace())
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "kiln-guest-agent",
-            "--target",
-            "x86_64-unknown-linux-musl",
-        ])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .env_remove("RUSTFLAGS")
-        .status()
-        .map_err(|e| format!("running cargo: {e}"))?;
-    assert!(status.success(), "building the guest agent failed");
-    let bin = target_dir.join("x86_64-unknown-linux-musl/release");
+    let bin = musl::build(&workspace(), &target_dir, &[&["-p", "kiln-guest-agent"]])?;
     let read = |name: &str| std::fs::read(bin.join(name)).expect("built guest binary");
     Ok((read("kiln-agent"), read("kiln-upper")))
 }

@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 
 use kiln_vmm::initramfs::Initramfs;
 
+#[path = "support/musl.rs"]
+mod musl;
+
 const LIMIT: Duration = Duration::from_secs(900);
 
 fn workspace() -> PathBuf {
@@ -26,27 +29,8 @@ fn workspace() -> PathBuf {
 
 /// Builds the agent, the test function and the `linux` example as static musl executables.
 fn build(target_dir: &Path) -> Result<(), String> {
-    let installed = Command::new("rustup").args(["target", "list", "--installed"]).output();
-    if !installed.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("x86_64-unknown-linux-musl")) {
-        return Err("the x86_64-unknown-linux-musl target is not installed".into());
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    for what in [
-        &["-p", "kiln-guest-agent"][..],
-        &["-p", "kiln-vmm", "--example", "linux"],
-    ] {
-        let status = Command::new(&cargo)
-            .current_dir(workspace())
-            .args(["build", "--release", "--target", "x86_64-unknown-linux-musl"])
-            .args(what)
-            .arg("--target-dir")
-            .arg(target_dir)
-            .env_remove("RUSTFLAGS")
-            .status()
-            .map_err(|e| format!("running cargo: {e}"))?;
-        assert!(status.success(), "building {what:?} for musl failed");
-    }
-    Ok(())
+    let packages: [&[&str]; 2] = [&["-p", "kiln-guest-agent"], &["-p", "kiln-vmm", "--example", "linux"]];
+    musl::build(&workspace(), target_dir, &packages).map(drop)
 }
 
 #[test]
