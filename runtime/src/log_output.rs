@@ -110,28 +110,24 @@ impl<'a> MakeWriter<'a> for Stderr {
 mod tests {
     use super::*;
 
+    fn event(level: tracing::Level) -> tracing::Metadata<'static> {
+        let fields = tracing::field::FieldSet::new(&[], tracing::callsite::Identifier(&CALLSITE));
+        tracing::Metadata::new(
+            "event",
+            INVOCATION_TARGET,
+            level,
+            None,
+            None,
+            None,
+            fields,
+            tracing::metadata::Kind::EVENT,
+        )
+    }
+
     #[test]
     fn invocation_lines_wait_and_others_go_out_with_them_in_order() {
-        let invocation = tracing::Metadata::new(
-            "invocation",
-            INVOCATION_TARGET,
-            tracing::Level::INFO,
-            None,
-            None,
-            None,
-            tracing::field::FieldSet::new(&[], tracing::callsite::Identifier(&CALLSITE)),
-            tracing::metadata::Kind::EVENT,
-        );
-        let warning = tracing::Metadata::new(
-            "warning",
-            INVOCATION_TARGET,
-            tracing::Level::WARN,
-            None,
-            None,
-            None,
-            tracing::field::FieldSet::new(&[], tracing::callsite::Identifier(&CALLSITE)),
-            tracing::metadata::Kind::EVENT,
-        );
+        let invocation = event(tracing::Level::INFO);
+        let warning = event(tracing::Level::WARN);
         assert!(Stderr.make_writer_for(&invocation).batched);
         assert!(!Stderr.make_writer_for(&warning).batched);
         assert!(!Stderr.make_writer().batched);
