@@ -7,7 +7,8 @@
 //! - `report`: a run's records turned into the results JSON, the Markdown table and the SVG plot,
 //!   with the ratios SPECIFICATION.md promises;
 //! - `guests`: generated modules, each one distinct so that every deploy compiles;
-//! - `inproc`: one invocation in process, through Kiln and through raw wasmtime.
+//! - `inproc`: one invocation in process, through Kiln and through raw wasmtime;
+//! - `serve`: the accept loop of the bench's own HTTP servers.
 //!
 //! `benches/run.sh` orchestrates: it starts the servers, runs `wrk` and the binaries, and calls
 //! `report` at the end.
@@ -17,4 +18,5 @@ pub mod inproc;
 pub mod load;
 pub mod record;
 pub mod report;
+pub mod serve;
 mod svg;

@@ -6,17 +6,13 @@
 //! Usage: fork-exec ADDR COMMAND [ARGS...]
 //! Prints `fork-exec listening on http://ADDR` on stderr once bound (ADDR may use port 0).
 
-use std::convert::Infallible;
 use std::process::Stdio;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::io::AsyncWriteExt;
 
 async fn run_child(command: &[String], input: Bytes) -> std::io::Result<(bool, Vec<u8>)> {
@@ -37,7 +33,7 @@ async fn run_child(command: &[String], input: Bytes) -> std::io::Result<(bool, V
     Ok((output.status.success(), output.stdout))
 }
 
-async fn handle(command: Arc<Vec<String>>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(command: Arc<Vec<String>>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let input = req
         .into_body()
         .collect()
@@ -51,7 +47,7 @@ async fn handle(command: Arc<Vec<String>>, req: Request<Incoming>) -> Result<Res
     };
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
-    Ok(response)
+    response
 }
 
 #[tokio::main]
@@ -66,19 +62,5 @@ async fn main() {
         std::process::exit(2);
     }
     let command = Arc::new(command);
-    let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind");
-    eprintln!("fork-exec listening on http://{}", listener.local_addr().unwrap());
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let command = command.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| handle(command.clone(), req));
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    kiln_bench::serve::serve("fork-exec", &addr, move |req| handle(command.clone(), req)).await;
 }

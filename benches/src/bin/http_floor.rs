@@ -15,14 +15,11 @@
 //! floor is what Kiln's own features cost; the gap between the floor and `wasmtime serve` is the
 //! most any server can gain over `wasmtime serve` on this machine.
 
-use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use kiln::egress::Egress;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, Store};
@@ -141,27 +138,6 @@ async fn in_process(floor: Floor, iterations: usize) {
     );
 }
 
-async fn serve(floor: Floor, addr: &str) {
-    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
-    eprintln!("http-floor listening on http://{}", listener.local_addr().unwrap());
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let floor = floor.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-                let floor = floor.clone();
-                async move { Ok::<_, Infallible>(floor.handle(request).await) }
-            });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
-}
-
 fn main() {
     let mut args = std::env::args().skip(1);
     let usage = "usage: http-floor COMPONENT.wasm [ITERATIONS | --serve [ADDR]]";
@@ -174,7 +150,11 @@ fn main() {
     match args.next().as_deref() {
         Some("--serve") => {
             let addr = args.next().unwrap_or_else(|| "127.0.0.1:7980".into());
-            runtime.block_on(serve(floor, &addr));
+            let serve = kiln_bench::serve::serve("http-floor", &addr, move |request: hyper::Request<Incoming>| {
+                let floor = floor.clone();
+                async move { floor.handle(request).await }
+            });
+            runtime.block_on(serve);
         }
         iterations => {
             let iterations = iterations.map_or(20_000, |n| n.parse().expect(usage));
