@@ -1,0 +1,41 @@
+//! What Kiln's test suites share. For now one thing: a test that cannot run on this host says so
+//! in a way CI can count. `skip` prints `SKIPPED <test>: <reason>` and, when `KILN_SKIP_LOG` names
+//! a file (the README's test command sets it), appends the same line there; `runtime/scripts/test.sh`
+//! prints that file and the totals when the suite ends, so a skip is never a silent green.
+
+use std::io::Write;
+
+/// Records that `test` did not run here, and why. The caller returns right after.
+pub fn skip(test: &str, reason: &str) {
+    // One line per skip, whatever the reason's own line breaks.
+    let reason = reason.split_whitespace().collect::<Vec<_>>().join(" ");
+    let line = format!("SKIPPED {test}: {reason}");
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os("KILN_SKIP_LOG") {
+        // O_APPEND writes of one short line are atomic, so parallel tests do not interleave.
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut file| file.write_all(format!("{line}\n").as_bytes()));
+        if let Err(e) = written {
+            panic!("cannot record a skip in {}: {e}", std::path::Path::new(&path).display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_skip_is_one_line_in_the_log() {
+        let dir = std::env::temp_dir().join(format!("kiln-testkit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("skips.log");
+        // SAFETY of set_var: this crate's only test; no other thread reads the environment.
+        unsafe { std::env::set_var("KILN_SKIP_LOG", &log) };
+        super::skip("some_test", "no /dev/kvm\n  here");
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(text, "SKIPPED some_test: no /dev/kvm here\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
