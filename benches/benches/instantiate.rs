@@ -26,7 +26,7 @@ fn instantiate_and_call(c: &mut Criterion) {
         .unwrap();
     let wasm = guest();
     let kiln = rt.block_on(KilnHarness::new(&wasm));
-    let raw = RawHarness::new(&kiln.app.engine, &wasm);
+    let raw = RawHarness::new(&kiln.kiln.functions.tiers.wasm.engine, &wasm);
 
     let mut group = c.benchmark_group("instantiate+call");
     // Whole batches run inside the runtime, so no per-iteration `block_on` is measured.

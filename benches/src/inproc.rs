@@ -10,9 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kiln::app::App;
-use kiln::config::{FunctionConfig, ServerConfig};
-use kiln::registry::LoadedFunction;
+use kiln_core::config::CoreConfig;
+use kiln_core::function::FunctionConfig;
+use kiln_core::functions::Resolved;
+use kiln_core::tier::wasm::egress::NoConnector;
+use kiln_core::Kiln;
 use wasmtime::{InstancePre, Linker, Module, Store};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
@@ -21,39 +23,42 @@ use wasmtime_wasi::WasiCtxBuilder;
 /// The guest's input on both paths.
 const INPUT: &[u8] = b"{}";
 
-/// A Kiln `App` on a temporary data directory, with one function deployed.
+/// Kiln's core on a temporary data directory, with one function deployed.
 pub struct KilnHarness {
-    pub app: Arc<App>,
-    function: Arc<LoadedFunction>,
-    concurrency: Arc<kiln::registry::Concurrency>,
+    pub kiln: Arc<Kiln>,
+    resolved: Resolved,
     _dir: tempfile::TempDir,
 }
 
 impl KilnHarness {
-    /// Opens an `App` and deploys `wasm` as `bench`.
+    /// Opens Kiln's core and deploys `wasm` as `bench`.
     pub async fn new(wasm: &[u8]) -> KilnHarness {
         let dir = tempfile::tempdir().expect("temporary directory");
-        let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf());
+        let mut config = CoreConfig::new(dir.path().to_path_buf());
         config.admin_token = Some("bench".into());
-        let app = tokio::task::spawn_blocking(move || App::open(config))
+        let kiln = tokio::task::spawn_blocking(move || Kiln::open(config, Arc::new(NoConnector)))
             .await
             .unwrap()
             .expect("open Kiln's data directory");
-        kiln::deploy::deploy(&app, "bench", Bytes::copy_from_slice(wasm), FunctionConfig::default())
+        kiln.functions
+            .deploy("bench", Bytes::copy_from_slice(wasm), FunctionConfig::default())
             .await
             .expect("deploy");
-        let (function, concurrency) = app.resolve("bench", None).await.expect("resolve");
+        let resolved = kiln.functions.resolve("bench", None).await.expect("resolve");
         KilnHarness {
-            app,
-            function,
-            concurrency,
+            kiln,
+            resolved,
             _dir: dir,
         }
     }
 
     /// One invocation through Kiln's invoke path.
     pub async fn invoke(&self) {
-        let out = kiln::invoke::invoke(&self.app, &self.function, &self.concurrency, Bytes::from_static(INPUT)).await;
+        let out = self
+            .kiln
+            .functions
+            .invoke(&self.resolved, Bytes::from_static(INPUT))
+            .await;
         std::hint::black_box(out.expect("the guest runs").stdout);
     }
 }

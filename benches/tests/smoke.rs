@@ -210,16 +210,19 @@ async fn bare_hyper_and_fork_exec_serve_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scenarios_and_instantiate_run_against_a_real_kiln() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = kiln::config::ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("data"));
-    config.admin_token = Some("smoke-token".into());
-    let app = tokio::task::spawn_blocking(move || kiln::app::App::open(config))
+    let mut config = kiln_server::ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("data"));
+    config.core.admin_token = Some("smoke-token".into());
+    let core = config.core.clone();
+    let connector = std::sync::Arc::new(kiln_server::outbound::HyperConnector);
+    let kiln = tokio::task::spawn_blocking(move || kiln_core::Kiln::open(core, connector))
         .await
         .unwrap()
         .unwrap();
+    let app = std::sync::Arc::new(kiln_server::Server { kiln, config });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(kiln::server::run(app, listener, async {
+    let server = tokio::spawn(kiln_server::listener::run(app, listener, async {
         let _ = stopped.await;
     }));
 

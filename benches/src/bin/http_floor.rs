@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use kiln::egress::Egress;
+use kiln_core::tier::wasm::egress::{Egress, NoConnector};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -65,7 +65,7 @@ struct Floor {
 
 impl Floor {
     fn load(path: &str) -> Floor {
-        let engine = kiln::pool::engine(64).expect("engine");
+        let engine = kiln_core::tier::wasm::engine::engine(64).expect("engine");
         let component = Component::from_file(&engine, path).expect("a wasi:http component");
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).expect("link WASI");
@@ -74,7 +74,7 @@ impl Floor {
         Floor {
             engine,
             pre: ProxyPre::new(pre).expect("exports wasi:http/incoming-handler"),
-            egress: Egress::new(&[]).expect("no rules"),
+            egress: Egress::deny_all(std::sync::Arc::new(NoConnector)),
         }
     }
 

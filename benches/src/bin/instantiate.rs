@@ -41,7 +41,7 @@ async fn main() {
     let wasm = wat::parse_file(&args.guest).expect("guest");
     let iterations = args.iterations.max(1);
     let kiln = Arc::new(KilnHarness::new(&wasm).await);
-    let raw = RawHarness::new(&kiln.app.engine, &wasm);
+    let raw = RawHarness::new(&kiln.kiln.functions.tiers.wasm.engine, &wasm);
 
     // Warm both paths, then measure each twice, interleaved, and keep the better run of each.
     sample(1000, || raw.invoke()).await;

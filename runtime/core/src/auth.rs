@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::store::{Store, StoreError};
+use crate::storage::{Metadata, StorageError};
 
 const ADMIN_ID: &str = "admin";
 
@@ -31,7 +31,7 @@ pub enum AuthSetupError {
     #[error("admin token file {0} is empty")]
     Empty(String),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(#[from] StorageError),
 }
 
 pub struct Auth {
@@ -72,7 +72,7 @@ impl Principal {
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(#[from] StorageError),
     #[error("stored token {0} has a scope this version does not understand")]
     Corrupt(String),
 }
@@ -95,7 +95,7 @@ pub fn generate_token() -> String {
 
 impl Auth {
     pub fn init(
-        store: &Store,
+        store: &dyn Metadata,
         token_file: &Path,
         from_env: Option<&str>,
     ) -> Result<(Auth, AdminTokenSource), AuthSetupError> {
@@ -168,7 +168,7 @@ impl Auth {
     /// never stored) and its creation time. Blocking (SQLite).
     pub fn create_scoped(
         &self,
-        store: &Store,
+        store: &dyn Metadata,
         functions: BTreeSet<String>,
     ) -> Result<(ScopedToken, String, String), TokenError> {
         let secret = generate_token();
@@ -184,14 +184,14 @@ impl Auth {
     }
 
     /// Revokes a scoped token; false when there is none with this id. Blocking (SQLite).
-    pub fn revoke(&self, store: &Store, id: &str) -> Result<bool, TokenError> {
+    pub fn revoke(&self, store: &dyn Metadata, id: &str) -> Result<bool, TokenError> {
         let deleted = store.delete_token(id)?;
         self.scoped.retain(|_, token| token.id != id);
         Ok(deleted)
     }
 
     /// Every scoped token with its creation time (no secrets: they are not kept). Blocking.
-    pub fn list_scoped(&self, store: &Store) -> Result<Vec<(ScopedToken, String)>, TokenError> {
+    pub fn list_scoped(&self, store: &dyn Metadata) -> Result<Vec<(ScopedToken, String)>, TokenError> {
         store
             .scoped_tokens()?
             .into_iter()
@@ -222,9 +222,10 @@ mod tests {
     fn token_file_is_created_private_and_reused() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).unwrap();
+        let sqlite = crate::storage::Sqlite::open(&dir.path().join("db")).unwrap();
+        let store: &dyn Metadata = &sqlite;
         let file = dir.path().join("admin.token");
-        let (auth, source) = Auth::init(&store, &file, None).unwrap();
+        let (auth, source) = Auth::init(store, &file, None).unwrap();
         assert!(matches!(source, AdminTokenSource::CreatedFile));
         assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
         let token = std::fs::read_to_string(&file).unwrap().trim().to_owned();
@@ -234,18 +235,18 @@ mod tests {
         assert!(!auth.check(Some(token.as_bytes())));
         assert!(!auth.check(None));
         // The database holds the hash, never the token.
-        let stored = store.token_hash("admin").unwrap().unwrap();
+        let stored = sqlite.token_hash("admin").unwrap().unwrap();
         assert_eq!(stored, hash(&token).to_vec());
         assert!(!String::from_utf8_lossy(&stored).contains(&token));
 
-        let (again, source) = Auth::init(&store, &file, None).unwrap();
+        let (again, source) = Auth::init(store, &file, None).unwrap();
         assert!(matches!(source, AdminTokenSource::ExistingFile));
         assert!(again.check(Some(format!("Bearer {token}").as_bytes())));
         // A scoped token is known after a restart and gone once revoked.
         let functions: BTreeSet<String> = ["f".to_owned()].into();
-        let (scoped, secret, _) = again.create_scoped(&store, functions).unwrap();
+        let (scoped, secret, _) = again.create_scoped(store, functions).unwrap();
         let header = format!("Bearer {secret}");
-        let (reopened, _) = Auth::init(&store, &file, None).unwrap();
+        let (reopened, _) = Auth::init(store, &file, None).unwrap();
         let principal = reopened.authenticate(Some(header.as_bytes())).unwrap();
         assert!(!principal.is_admin() && principal.may_invoke("f") && !principal.may_invoke("g"));
         assert!(
@@ -253,15 +254,15 @@ mod tests {
             "a scoped token is not the admin token"
         );
         assert!(!String::from_utf8_lossy(&store.scoped_tokens().unwrap()[0].hash).contains(&secret));
-        assert!(reopened.revoke(&store, &scoped.id).unwrap());
+        assert!(reopened.revoke(store, &scoped.id).unwrap());
         assert!(reopened.authenticate(Some(header.as_bytes())).is_none());
-        assert!(!reopened.revoke(&store, &scoped.id).unwrap());
+        assert!(!reopened.revoke(store, &scoped.id).unwrap());
         assert!(
-            !reopened.revoke(&store, "admin").unwrap(),
+            !reopened.revoke(store, "admin").unwrap(),
             "the admin token cannot be revoked"
         );
 
-        let (env, _) = Auth::init(&store, &file, Some("secret")).unwrap();
+        let (env, _) = Auth::init(store, &file, Some("secret")).unwrap();
         assert!(env.check(Some(b"Bearer secret")));
         assert!(!env.check(Some(format!("Bearer {token}").as_bytes())));
     }

@@ -1,80 +1,41 @@
-//! Configuration: the server's own settings (flags of `kiln serve`) and each function's deploy-time
-//! config (the JSON of `../shared/API.md`). Every default lives here, next to the reason for it.
+//! A function as deployed: its config (the JSON of `../shared/API.md`, every default filled in
+//! and checked here, next to the reason for it), the kind of code it runs, and the rule for names.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::digest::Digest;
+
 const MIB: u64 = 1 << 20;
 
-/// Settings of one `kiln serve` process.
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    pub listen: SocketAddr,
-    pub data_dir: PathBuf,
-    /// The one sizing number of the instance pool: how many guest instances may be alive at once,
-    /// across all functions. Every pool dimension (memories, tables, stacks) derives from it, and it
-    /// is also the global concurrency cap (past it invocations get 429).
-    pub max_instances: u32,
-    /// Largest artifact a deploy accepts (code and config together).
-    pub max_code_bytes: u64,
-    /// Largest body a synchronous invoke accepts.
-    pub max_sync_input_bytes: u64,
-    /// Open connections at once; further ones wait in the kernel's accept queue.
-    pub max_connections: usize,
-    /// Time a client gets to send a request's headers (slowloris guard).
-    pub header_read_timeout: Duration,
-    /// Largest body an asynchronous invoke accepts.
-    pub max_async_input_bytes: u64,
-    /// Asynchronous invocations waiting to run; past it submits get 429.
-    pub max_queued: u64,
-    /// Asynchronous invocations running at once.
-    pub async_workers: usize,
-    /// How long finished asynchronous invocations (and their results) are kept.
-    pub retention: Duration,
-    /// Time a client gets to send a whole request body.
-    pub body_read_timeout: Duration,
-    /// How long shutdown waits for in-flight requests before closing connections.
-    pub shutdown_grace: Duration,
-    /// Where the admin token comes from when `KILN_ADMIN_TOKEN` is set.
-    pub admin_token: Option<String>,
-    /// Logs of synchronous invocations kept at most (the newest); older ones also go after
-    /// `retention`. 100k entries of at most 4 KiB stderr each bound the table to ~400 MiB.
-    pub max_kept_logs: u64,
-    /// The microvm tier's guest kernel: Debian's cloud bzImage or its ELF `vmlinux`. Without it
-    /// (and the agent) the tier is unavailable.
-    pub microvm_kernel: Option<PathBuf>,
-    /// The microvm tier's guest agent: the static `kiln-agent` executable, `/init` of every guest.
-    pub microvm_agent: Option<PathBuf>,
-    /// MicroVMs running at once, across all functions; past it invocations get 429. Each holds a
-    /// thread (its vCPU) and up to its function's `memory_mb` of RAM.
-    pub microvm_max_vms: u32,
+/// What kind of artifact a version runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArtifactKind {
+    /// A core module, WASI preview 1 command (`_start`).
+    Module,
+    /// A component targeting `wasi:cli/command` (exports `wasi:cli/run`).
+    Component,
+    /// A static x86_64 Linux executable, run by the microvm tier (see `crate::tier::microvm`).
+    Native,
 }
 
-impl ServerConfig {
-    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
-        ServerConfig {
-            listen,
-            data_dir,
-            max_instances: 1000,
-            max_code_bytes: 64 * MIB,
-            max_sync_input_bytes: 6 * MIB,
-            max_async_input_bytes: MIB,
-            max_queued: 10_000,
-            async_workers: 64,
-            retention: Duration::from_secs(7 * 24 * 3600),
-            max_connections: 10_000,
-            header_read_timeout: Duration::from_secs(10),
-            body_read_timeout: Duration::from_secs(60),
-            shutdown_grace: Duration::from_secs(30),
-            admin_token: None,
-            max_kept_logs: 100_000,
-            microvm_kernel: None,
-            microvm_agent: None,
-            microvm_max_vms: 32,
+impl ArtifactKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArtifactKind::Module => "module",
+            ArtifactKind::Component => "component",
+            ArtifactKind::Native => "native",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ArtifactKind> {
+        match s {
+            "module" => Some(ArtifactKind::Module),
+            "component" => Some(ArtifactKind::Component),
+            "native" => Some(ArtifactKind::Native),
+            _ => None,
         }
     }
 }
@@ -185,7 +146,7 @@ impl FunctionConfig {
         if self.allowed_hosts.len() > MAX_ALLOWED_HOSTS {
             return Err(format!("at most {MAX_ALLOWED_HOSTS} allowed_hosts entries"));
         }
-        crate::egress::Egress::new(&self.allowed_hosts)?;
+        crate::tier::wasm::egress::check_allowed_hosts(&self.allowed_hosts)?;
         Ok(())
     }
 
@@ -198,10 +159,19 @@ impl FunctionConfig {
     }
 }
 
-/// Output caps of one invocation. The body cap matches the sync input cap (Lambda's 6 MB); stderr
-/// is a log, kept short so a flood cannot grow the host.
-pub const STDOUT_CAP: usize = 6 * MIB as usize;
-pub const STDERR_CAP: usize = 64 * 1024;
+/// One deployed version of a function, as stored.
+#[derive(Debug, Clone)]
+pub struct VersionRecord {
+    pub name: String,
+    pub version: u32,
+    /// SHA-256 of the upload (in binary form).
+    pub digest: Digest,
+    /// SHA-256 of the code that runs: the init-hook snapshot, or the upload itself.
+    pub code_digest: Digest,
+    pub kind: ArtifactKind,
+    pub config: FunctionConfig,
+    pub created_at: String,
+}
 
 /// `^[a-z0-9][a-z0-9_-]{0,63}$`, checked before a name touches a path or a query.
 pub fn is_valid_function_name(name: &str) -> bool {

@@ -1,34 +1,39 @@
-//! Kiln: a self-hosted serverless function runtime. Functions (WebAssembly modules and components)
-//! are deployed over HTTP, compiled ahead of time for this CPU, and invoked in fresh instances from
-//! a pooling allocator.
+//! Kiln's core: a self-hosted serverless function runtime without its network edge. Functions are
+//! deployed (validated, stored content-addressed, compiled or booted and snapshotted, versioned)
+//! and invoked on one of two isolation tiers — WebAssembly instances from a pooling allocator, or
+//! KVM microVMs restored from a snapshot — synchronously or through a durable queue.
 //!
-//! The modules follow a request's path: `server` accepts connections, `api` routes and shapes
-//! answers, `auth` checks tokens; `deploy` runs `validate` → `compile` → `store` → `registry`;
-//! `invoke` runs a guest under `limits` in an instance from the `pool`. `app` holds it all.
+//! This crate knows no HTTP server, client or status code: `kiln-server` is the only place where
+//! requests are parsed and errors become statuses ([`problem`] is the vocabulary they share).
+//!
+//! The modules follow a function's life:
+//! - [`function`]: a function's config, its kind of code, the rule for names;
+//! - [`deploy`]: the stages of a deploy, written once over [`tier::Tier`];
+//! - [`functions`] and [`registry`]: deployed functions, loaded once and shared;
+//! - [`tier`]: the Wasm and microVM tiers behind one interface; [`permits`]: admission;
+//! - [`outcome`] and [`problem`]: how an invocation ends, and how errors are told;
+//! - [`invocations`]: asynchronous invocations (the durable queue);
+//! - [`auth`] (tokens) and [`signing`] (result URLs), on an injectable [`clock`];
+//! - [`telemetry`]: metrics, the one log line per invocation, kept invocation logs;
+//! - [`storage`]: metadata and blobs behind small interfaces (SQLite and the local disk today);
+//! - [`kiln`]: all of it, built once at start-up.
 
-pub mod api;
-pub mod app;
 pub mod auth;
-pub mod cli;
-pub mod compile;
+pub mod clock;
 pub mod config;
 pub mod deploy;
-pub mod egress;
-pub mod invoke;
-pub mod jobs;
-pub mod limits;
-pub mod log_output;
-pub mod logs;
-pub mod metrics;
-pub mod microvm;
-pub mod observe;
-pub mod pool;
+pub mod digest;
+pub mod function;
+pub mod functions;
+pub mod invocations;
+pub mod kiln;
+pub mod outcome;
+pub mod permits;
+pub mod problem;
 pub mod registry;
-pub mod server;
-pub mod settings;
-pub mod shutdown;
 pub mod signing;
-pub mod snapshot;
-pub mod store;
-pub mod trigger;
-pub mod validate;
+pub mod storage;
+pub mod telemetry;
+pub mod tier;
+
+pub use kiln::Kiln;

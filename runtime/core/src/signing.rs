@@ -11,10 +11,13 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+
+use crate::clock::Clock;
 
 /// Lifetime of a URL unless the caller asks for another.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(15 * 60);
@@ -23,6 +26,7 @@ pub const MAX_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 pub struct Signer {
     keys: HashMap<String, [u8; 32]>,
     current: String,
+    clock: Arc<dyn Clock>,
 }
 
 /// Why a URL was refused.
@@ -36,16 +40,9 @@ pub enum Refused {
     BadSignature,
 }
 
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl Signer {
     /// Loads the keys in `dir`, creating the first one if there is none.
-    pub fn open(dir: &Path) -> std::io::Result<Signer> {
+    pub fn open(dir: &Path, clock: Arc<dyn Clock>) -> std::io::Result<Signer> {
         std::fs::create_dir_all(dir)?;
         let mut keys = HashMap::new();
         let mut newest: Option<(SystemTime, String)> = None;
@@ -82,7 +79,7 @@ impl Signer {
                 kid
             }
         };
-        Ok(Signer { keys, current })
+        Ok(Signer { keys, current, clock })
     }
 
     fn mac(&self, kid: &str, id: &str, expires: u64) -> Option<Hmac<Sha256>> {
@@ -94,7 +91,7 @@ impl Signer {
 
     /// A URL for the result of invocation `id`, valid for `lifetime` (capped at `MAX_LIFETIME`).
     pub fn url(&self, id: &str, lifetime: Duration) -> String {
-        let expires = now_secs() + lifetime.min(MAX_LIFETIME).as_secs();
+        let expires = self.clock.now_secs() + lifetime.min(MAX_LIFETIME).as_secs();
         let sig = self
             .mac(&self.current, id, expires)
             .expect("the current key exists")
@@ -136,7 +133,7 @@ impl Signer {
         let mac = self.mac(kid, id, expires).ok_or(Refused::BadSignature)?;
         // `verify_slice` compares in constant time.
         mac.verify_slice(&sig).map_err(|_| Refused::BadSignature)?;
-        if now_secs() > expires {
+        if self.clock.now_secs() > expires {
             return Err(Refused::Expired);
         }
         Ok(())
@@ -146,6 +143,11 @@ impl Signer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::{ManualClock, SystemClock};
+
+    fn open(dir: &Path) -> Signer {
+        Signer::open(dir, Arc::new(SystemClock)).unwrap()
+    }
 
     fn split(url: &str) -> (String, Option<String>) {
         let (path, query) = url.split_once('?').unwrap();
@@ -158,7 +160,7 @@ mod tests {
     #[test]
     fn round_trip_and_every_single_byte_mutation_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let signer = Signer::open(dir.path()).unwrap();
+        let signer = open(dir.path());
         let url = signer.url("0193c8a4-0000-7000-8000-000000000001", DEFAULT_LIFETIME);
         let (id, query) = split(&url);
         assert_eq!(signer.verify(&id, query.as_deref()), Ok(()));
@@ -182,27 +184,30 @@ mod tests {
             }
         }
         // A key from another data directory does not verify.
-        let other = Signer::open(tempfile::tempdir().unwrap().path()).unwrap();
+        let other = open(tempfile::tempdir().unwrap().path());
         assert!(other.verify(&id, query.as_deref()).is_err());
         // Reopening keeps the key, so URLs survive restarts.
-        let again = Signer::open(dir.path()).unwrap();
+        let again = open(dir.path());
         assert_eq!(again.verify(&id, query.as_deref()), Ok(()));
     }
 
     #[test]
-    fn expired_urls_are_refused_and_lifetimes_are_capped() {
+    fn urls_expire_on_the_clock_and_lifetimes_are_capped() {
         let dir = tempfile::tempdir().unwrap();
-        let signer = Signer::open(dir.path()).unwrap();
-        let expires = now_secs() - 1;
-        let sig = hex::encode(
-            signer
-                .mac(&signer.current, "abc", expires)
-                .unwrap()
-                .finalize()
-                .into_bytes(),
+        let clock = ManualClock::at(1_800_000_000_000);
+        let signer = Signer::open(dir.path(), clock.clone()).unwrap();
+        let url = signer.url("abc", Duration::from_secs(60));
+        let (id, query) = split(&url);
+        assert_eq!(signer.verify(&id, query.as_deref()), Ok(()));
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(
+            signer.verify(&id, query.as_deref()),
+            Ok(()),
+            "valid through its last second"
         );
-        let query = format!("expires={expires}&kid={}&sig={sig}", signer.current);
-        assert_eq!(signer.verify("abc", Some(&query)), Err(Refused::Expired));
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(signer.verify(&id, query.as_deref()), Err(Refused::Expired));
+
         let url = signer.url("abc", Duration::from_secs(30 * 24 * 3600));
         let expires: u64 = url
             .split("expires=")
@@ -213,6 +218,6 @@ mod tests {
             .unwrap()
             .parse()
             .unwrap();
-        assert!(expires <= now_secs() + MAX_LIFETIME.as_secs());
+        assert_eq!(expires, clock.now_secs() + MAX_LIFETIME.as_secs());
     }
 }

@@ -16,18 +16,17 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::api;
-use crate::app::App;
+use crate::{api, Server};
 
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 const MAX_H2_STREAMS: u32 = 256;
 
-fn http_builder(app: &App) -> auto::Builder<TokioExecutor> {
+fn http_builder(server: &Server) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(app.config.header_read_timeout)
+        .header_read_timeout(server.config.header_read_timeout)
         .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true);
     builder
@@ -40,11 +39,11 @@ fn http_builder(app: &App) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then drains.
-pub async fn run(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    let builder = http_builder(&app);
+/// Serves on `listener` until `shutdown` resolves, then drains.
+pub async fn run(server: Arc<Server>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    let builder = http_builder(&server);
     let graceful = GracefulShutdown::new();
-    let connection_permits = Arc::new(Semaphore::new(app.config.max_connections));
+    let connection_permits = Arc::new(Semaphore::new(server.config.max_connections));
     tokio::pin!(shutdown);
 
     loop {
@@ -67,8 +66,8 @@ pub async fn run(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Out
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let service = service_fn(move |req| api::handle(app.clone(), req));
+        let server = server.clone();
+        let service = service_fn(move |req| api::handle(server.clone(), req));
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -78,10 +77,10 @@ pub async fn run(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Out
         });
     }
 
-    app.begin_shutdown();
+    server.kiln.begin_shutdown();
     drop(listener);
     tracing::info!("shutting down: draining in-flight requests and async invocations");
-    let grace = app.config.shutdown_grace;
+    let grace = server.config.shutdown_grace;
     let connections = async {
         tokio::select! {
             () = graceful.shutdown() => tracing::info!("all connections closed"),
@@ -90,5 +89,5 @@ pub async fn run(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Out
             }
         }
     };
-    tokio::join!(connections, app.jobs.stop(grace));
+    tokio::join!(connections, server.kiln.queue.stop(grace));
 }

@@ -15,8 +15,8 @@ use std::time::Duration;
 use tracing::Metadata;
 use tracing_subscriber::fmt::MakeWriter;
 
-/// The target of the per-invocation lines (`observe`); the only ones batched.
-pub const INVOCATION_TARGET: &str = "kiln::invocation";
+/// The target of the per-invocation lines (`kiln_core::telemetry`); the only ones batched.
+pub use kiln_core::telemetry::INVOCATION_TARGET;
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 const MAX_BUFFERED: usize = 64 * 1024;
 

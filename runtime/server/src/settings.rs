@@ -1,5 +1,6 @@
 //! Settings of `kiln serve` from three sources, in order of precedence: command-line flags, then
-//! `KILN_*` environment variables, then a TOML file, then the defaults of `config::ServerConfig`.
+//! `KILN_*` environment variables, then a TOML file, then the defaults of [`ServerConfig`] and
+//! `CoreConfig`.
 //!
 //! The file is `--config PATH` (`KILN_CONFIG`) if given, which must exist; otherwise
 //! `<data>/kiln.toml` if it exists. Its keys are the flags' names with `_` for `-`; an unknown key
@@ -135,9 +136,9 @@ impl ServeSettings {
                 }
             };
         }
-        pick!(max_instances => c.max_instances, |v| v);
-        pick!(max_queued => c.max_queued, |v| v);
-        pick!(async_workers => c.async_workers, |v| v);
+        pick!(max_instances => c.core.max_instances, |v| v);
+        pick!(max_queued => c.core.max_queued, |v| v);
+        pick!(async_workers => c.core.async_workers, |v| v);
         pick!(max_code_bytes => c.max_code_bytes, |v| v);
         pick!(max_sync_input_bytes => c.max_sync_input_bytes, |v| v);
         pick!(max_async_input_bytes => c.max_async_input_bytes, |v| v);
@@ -145,11 +146,11 @@ impl ServeSettings {
         pick!(header_read_timeout_ms => c.header_read_timeout, Duration::from_millis);
         pick!(body_read_timeout_ms => c.body_read_timeout, Duration::from_millis);
         pick!(shutdown_grace_ms => c.shutdown_grace, Duration::from_millis);
-        pick!(retention_secs => c.retention, Duration::from_secs);
-        pick!(max_kept_logs => c.max_kept_logs, |v| v);
-        pick!(microvm_kernel => c.microvm_kernel, Some);
-        pick!(microvm_agent => c.microvm_agent, Some);
-        pick!(microvm_max_vms => c.microvm_max_vms, |v: u32| v.max(1));
+        pick!(retention_secs => c.core.retention, Duration::from_secs);
+        pick!(max_kept_logs => c.core.max_kept_logs, |v| v);
+        pick!(microvm_kernel => c.core.microvm_kernel, Some);
+        pick!(microvm_agent => c.core.microvm_agent, Some);
+        pick!(microvm_max_vms => c.core.microvm_max_vms, |v: u32| v.max(1));
         let log_format = self.log_format.or(file.log_format).unwrap_or_default();
         (c, log_format)
     }
@@ -186,12 +187,12 @@ mod tests {
             ..Default::default()
         };
         let (config, format) = flags.merge(file);
-        assert_eq!(config.max_instances, 9, "the flag wins");
+        assert_eq!(config.core.max_instances, 9, "the flag wins");
         assert_eq!(config.listen.to_string(), "0.0.0.0:9000", "the file fills in");
-        assert_eq!(config.retention, Duration::from_secs(60));
+        assert_eq!(config.core.retention, Duration::from_secs(60));
         assert_eq!(format, LogFormat::Json);
-        assert_eq!(config.max_queued, 10_000, "the default remains");
-        assert_eq!(config.data_dir, PathBuf::from(DEFAULT_DATA));
+        assert_eq!(config.core.max_queued, 10_000, "the default remains");
+        assert_eq!(config.core.data_dir, PathBuf::from(DEFAULT_DATA));
     }
 
     #[test]

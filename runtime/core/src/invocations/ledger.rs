@@ -14,9 +14,10 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::{mpsc::UnboundedSender, oneshot};
 
-use super::{now_ms, Claimed, Done, JobsConfig, Message, NewInvocation, Outcome, Stored, SubmitError};
-use crate::store::files::{Digest, Layout};
-use crate::store::{self, now_rfc3339, StoreError};
+use super::{Claimed, Done, Message, NewInvocation, Outcome, QueueConfig, Stored, SubmitError};
+use crate::clock::now_rfc3339;
+use crate::digest::Digest;
+use crate::storage::{sqlite, BlobKind, Blobs, StorageError};
 
 /// Messages applied in one transaction at most.
 const BATCH: usize = 1024;
@@ -35,8 +36,8 @@ type Reply = oneshot::Sender<Result<String, SubmitError>>;
 
 pub(super) struct Ledger {
     conn: Connection,
-    layout: Layout,
-    config: JobsConfig,
+    blobs: Arc<dyn Blobs>,
+    config: QueueConfig,
     /// Where handed-out invocations go to be run.
     runners: UnboundedSender<Claimed>,
     depth: Arc<AtomicU64>,
@@ -67,12 +68,12 @@ struct Turn {
 
 impl Ledger {
     pub(super) fn open(
-        layout: &Layout,
-        config: JobsConfig,
+        config: QueueConfig,
+        blobs: Arc<dyn Blobs>,
         runners: UnboundedSender<Claimed>,
         depth: Arc<AtomicU64>,
-    ) -> Result<Ledger, StoreError> {
-        let conn = store::connect(&layout.database())?;
+    ) -> Result<Ledger, StorageError> {
+        let conn = sqlite::connect(&config.database)?;
         let requeued = conn.execute("UPDATE invocations SET state = 'queued' WHERE state = 'running'", [])?;
         if requeued > 0 {
             tracing::info!(
@@ -84,11 +85,11 @@ impl Ledger {
             r.get(0)
         })?;
         let next_due = next_due(&conn)?;
-        remove_orphan_results(&conn, layout);
+        remove_orphan_results(&conn, blobs.as_ref());
         depth.store(queued, Ordering::Relaxed);
         Ok(Ledger {
             conn,
-            layout: layout.clone(),
+            blobs,
             config,
             runners,
             depth,
@@ -127,9 +128,15 @@ impl Ledger {
     fn idle_wait(&self) -> Duration {
         let until_sweep = self.next_sweep.saturating_duration_since(Instant::now());
         match self.next_due {
-            Some(due) if self.can_hand_out() => Duration::from_millis((due - now_ms()).max(0) as u64).min(until_sweep),
+            Some(due) if self.can_hand_out() => {
+                Duration::from_millis((due - self.now_ms()).max(0) as u64).min(until_sweep)
+            }
             _ => until_sweep,
         }
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.config.clock.now_ms() as i64
     }
 
     fn can_hand_out(&self) -> bool {
@@ -159,13 +166,14 @@ impl Ledger {
                 ..
             } = &d.outcome
             {
-                if !self.layout.result(digest).exists() {
+                if !self.blobs.exists(BlobKind::Result, digest) {
                     d.outcome = Outcome::Busy;
                 }
             }
         }
         let still_running = self.running - done.len();
-        let due = self.next_due.is_some_and(|due| due <= now_ms());
+        let now_ms = self.now_ms();
+        let due = self.next_due.is_some_and(|due| due <= now_ms);
         let wants_work = self.can_hand_out() && due;
         if submits.is_empty() && done.is_empty() && !wants_work {
             self.finish_drain();
@@ -179,7 +187,7 @@ impl Ledger {
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let mut turn = Turn::default();
             for d in &done {
-                turn.queued_delta += record(&tx, d)?;
+                turn.queued_delta += record(&tx, d, now_ms)?;
             }
             let mut free = if self.drains.is_none() {
                 self.config.concurrency.saturating_sub(still_running)
@@ -187,7 +195,7 @@ impl Ledger {
                 0
             };
             if free > 0 && due {
-                let claimed = claim(&tx, free)?;
+                let claimed = claim(&tx, free, now_ms)?;
                 free -= claimed.len();
                 turn.queued_delta -= claimed.len() as i64;
                 turn.handed_out.extend(claimed);
@@ -201,6 +209,7 @@ impl Ledger {
                     &mut queued,
                     self.config.max_queued,
                     &mut turn,
+                    now_ms,
                 )?;
                 turn.answers.push(answer);
             }
@@ -260,7 +269,7 @@ impl Ledger {
     /// Deletes finished invocations past their retention, and the result files no row names.
     fn sweep(&mut self) {
         let retention = i64::try_from(self.config.retention.as_millis()).unwrap_or(i64::MAX);
-        let cutoff = now_ms().saturating_sub(retention);
+        let cutoff = self.now_ms().saturating_sub(retention);
         let swept = (|| -> rusqlite::Result<(usize, Vec<String>)> {
             let mut stmt = self.conn.prepare_cached(
                 "DELETE FROM invocations WHERE id IN
@@ -276,7 +285,7 @@ impl Ledger {
             Ok((0, _)) => {}
             Ok((rows, digests)) => {
                 for digest in digests.iter().filter_map(|d| Digest::parse(d)) {
-                    remove_if_unreferenced(&self.conn, &self.layout, &digest);
+                    remove_if_unreferenced(&self.conn, self.blobs.as_ref(), &digest);
                 }
                 tracing::info!(rows, "swept finished async invocations past their retention");
                 if rows as u32 == SWEEP_ROWS {
@@ -297,6 +306,7 @@ fn insert(
     queued: &mut u64,
     max_queued: u64,
     turn: &mut Turn,
+    now_ms: i64,
 ) -> rusqlite::Result<Result<String, SubmitError>> {
     if let Some(key) = &invocation.idempotency_key {
         let existing: Option<String> = tx
@@ -327,7 +337,7 @@ fn insert(
         invocation.idempotency_key,
         attempts,
         invocation.max_attempts,
-        now_ms(),
+        now_ms,
         now_rfc3339()
     ])?;
     if run_now {
@@ -347,14 +357,14 @@ fn insert(
 }
 
 /// Marks up to `limit` due queued invocations `running` and returns them.
-fn claim(tx: &Transaction, limit: usize) -> rusqlite::Result<Vec<Claimed>> {
+fn claim(tx: &Transaction, limit: usize, now_ms: i64) -> rusqlite::Result<Vec<Claimed>> {
     let mut stmt = tx.prepare_cached(
         "UPDATE invocations SET state = 'running', attempts = attempts + 1
          WHERE id IN (SELECT id FROM invocations WHERE state = 'queued' AND run_after_ms <= ?1
                       ORDER BY run_after_ms, id LIMIT ?2)
          RETURNING id, function, version, input, attempts, max_attempts",
     )?;
-    let rows = stmt.query_map(params![now_ms(), limit as i64], |r| {
+    let rows = stmt.query_map(params![now_ms, limit as i64], |r| {
         Ok(Claimed {
             id: r.get(0)?,
             function: r.get(1)?,
@@ -373,13 +383,12 @@ fn next_due(conn: &Connection) -> rusqlite::Result<Option<i64>> {
 }
 
 /// Records a finished run; returns how many rows it put back in the queue (0 or 1).
-fn record(tx: &Transaction, done: &Done) -> rusqlite::Result<i64> {
+fn record(tx: &Transaction, done: &Done, now_ms: i64) -> rusqlite::Result<i64> {
     let Done {
         claimed,
         outcome,
         duration_us,
     } = done;
-    let now_ms = now_ms();
     match outcome {
         Outcome::Succeeded { result, stderr } => {
             let (inline, digest) = match result {
@@ -443,7 +452,7 @@ fn record(tx: &Transaction, done: &Done) -> rusqlite::Result<i64> {
     }
 }
 
-fn remove_if_unreferenced(conn: &Connection, layout: &Layout, digest: &Digest) {
+fn remove_if_unreferenced(conn: &Connection, blobs: &dyn Blobs, digest: &Digest) {
     let referenced = conn
         .prepare_cached("SELECT 1 FROM invocations WHERE result_digest = ?1 LIMIT 1")
         .and_then(|mut stmt| stmt.exists(params![digest.hex()]));
@@ -452,25 +461,21 @@ fn remove_if_unreferenced(conn: &Connection, layout: &Layout, digest: &Digest) {
     }
     // A run may have written this file again for an outcome not yet recorded; `turn` notices the
     // file is gone and runs that invocation again.
-    let _ = std::fs::remove_file(layout.result(digest));
+    let _ = blobs.remove(BlobKind::Result, digest);
 }
 
 /// Result files no row names: what a crash left between writing a result and recording it.
 /// Called before any run starts, so none can be in the making.
-fn remove_orphan_results(conn: &Connection, layout: &Layout) {
-    let Ok(entries) = std::fs::read_dir(layout.results()) else {
+fn remove_orphan_results(conn: &Connection, blobs: &dyn Blobs) {
+    let Ok(digests) = blobs.list(BlobKind::Result) else {
         return;
     };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(digest) = name.to_str().and_then(Digest::parse) else {
-            continue;
-        };
+    for digest in digests {
         let referenced = conn
             .prepare_cached("SELECT 1 FROM invocations WHERE result_digest = ?1 LIMIT 1")
             .and_then(|mut stmt| stmt.exists(params![digest.hex()]));
         if matches!(referenced, Ok(false)) {
-            let _ = std::fs::remove_file(entry.path());
+            let _ = blobs.remove(BlobKind::Result, &digest);
         }
     }
 }

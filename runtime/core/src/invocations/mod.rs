@@ -1,4 +1,5 @@
-//! Asynchronous invocations: durable, retried, at-least-once.
+//! Asynchronous invocations (the API's `invoke-async` and `/v1/invocations`): durable, retried,
+//! at-least-once.
 //!
 //! One thread, the [`ledger`], owns every write to the `invocations` table. It takes what has
 //! arrived since its last commit — new submits, finished runs — and writes it all in one
@@ -23,21 +24,22 @@ mod ledger;
 mod records;
 mod run;
 
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use std::panic::AssertUnwindSafe;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
-use crate::app::App;
-use crate::store::files::Layout;
-use crate::store::StoreError;
+use crate::clock::Clock;
+use crate::digest::Digest;
+use crate::kiln::Kiln;
+use crate::storage::{Blobs, StorageError};
 
-pub use records::{load_record, load_result, Record};
+pub use records::Record;
 
 /// Results larger than this are stored as files rather than in the row.
 pub const INLINE_RESULT: usize = 64 * 1024;
@@ -47,7 +49,7 @@ pub enum SubmitError {
     #[error("the async queue is full ({0} invocations waiting)")]
     QueueFull(u64),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(#[from] StorageError),
     #[error("the async queue is shut down")]
     Closed,
     #[error("committing the submit failed: {0}")]
@@ -78,8 +80,8 @@ struct Claimed {
 /// Where a successful run's output is kept.
 enum Stored {
     Inline(Bytes),
-    /// A file under `<data>/results/`, already written and synced.
-    File(crate::store::files::Digest),
+    /// A result blob, already durable.
+    File(Digest),
 }
 
 /// What a run ended with, as it is recorded.
@@ -115,7 +117,8 @@ enum Message {
     Drain(oneshot::Sender<()>),
 }
 
-pub struct Jobs {
+/// The queue of asynchronous invocations, and the runners that take from it.
+pub struct Queue {
     ledger: mpsc::Sender<Message>,
     closed: AtomicBool,
     /// Invocations queued or running, kept by the ledger (for `/metrics`).
@@ -124,33 +127,30 @@ pub struct Jobs {
     claimed: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Claimed>>>,
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// The queue's settings, from the server's configuration.
-pub struct JobsConfig {
+pub struct QueueConfig {
+    /// The SQLite database the ledger writes (its own connection).
+    pub database: PathBuf,
     pub max_queued: u64,
     /// Invocations running at once.
     pub concurrency: usize,
     pub retention: Duration,
+    /// What decides when retries are due and what is past its retention.
+    pub clock: Arc<dyn Clock>,
 }
 
-impl Jobs {
+impl Queue {
     /// Requeues what a crash left `running` and starts the ledger thread on its own connection.
-    pub fn open(layout: &Layout, config: JobsConfig) -> Result<Jobs, StoreError> {
+    pub fn open(config: QueueConfig, blobs: Arc<dyn Blobs>) -> Result<Queue, StorageError> {
         let (tx, rx) = mpsc::channel();
         let (claimed_tx, claimed_rx) = tokio::sync::mpsc::unbounded_channel();
         let depth = Arc::new(AtomicU64::new(0));
-        let ledger = ledger::Ledger::open(layout, config, claimed_tx, depth.clone())?;
+        let ledger = ledger::Ledger::open(config, blobs, claimed_tx, depth.clone())?;
         std::thread::Builder::new()
             .name("kiln-ledger".into())
             .spawn(move || ledger.run(rx))
             .expect("spawning the async ledger");
-        Ok(Jobs {
+        Ok(Queue {
             ledger: tx,
             closed: AtomicBool::new(false),
             depth,
@@ -176,19 +176,19 @@ impl Jobs {
     }
 
     /// Gives every handed-out invocation a task that runs it and reports back to the ledger.
-    pub fn start(app: &Arc<App>) {
-        let Some(mut claimed) = app.jobs.claimed.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+    pub fn start(kiln: &Arc<Kiln>) {
+        let Some(mut claimed) = kiln.queue.claimed.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             return;
         };
-        let app = app.clone();
+        let kiln = kiln.clone();
         tokio::spawn(async move {
             while let Some(invocation) = claimed.recv().await {
-                let app = app.clone();
+                let kiln = kiln.clone();
                 tokio::spawn(async move {
                     // Every handed-out invocation reports back, even if running it panicked:
                     // otherwise its slot would stay taken and its row `running` until a restart.
                     let fallback = invocation.clone();
-                    let done = match AssertUnwindSafe(run::run(&app, invocation)).catch_unwind().await {
+                    let done = match AssertUnwindSafe(run::run(&kiln, invocation)).catch_unwind().await {
                         Ok(done) => done,
                         Err(_) => {
                             tracing::error!(id = %fallback.id, "running an async invocation panicked");
@@ -205,7 +205,7 @@ impl Jobs {
                     };
                     // Only fails once the ledger has stopped, at exit: the row stays `running`
                     // and runs again at the next start.
-                    let _ = app.jobs.ledger.send(Message::Done(done));
+                    let _ = kiln.queue.ledger.send(Message::Done(done));
                 });
             }
         });

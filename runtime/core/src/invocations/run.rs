@@ -1,39 +1,44 @@
 //! Running one handed-out invocation, exactly as a sync invoke would, and shaping its outcome
-//! for the ledger.
+//! for the ledger. Its error is the same object a sync invoke answers with (`Problem`).
 
 use serde_json::json;
 
 use super::{Claimed, Done, Outcome, Stored, INLINE_RESULT};
-use crate::api::error::ApiError;
-use crate::app::{App, LoadError};
-use crate::invoke::{self, InvokeError, STDERR_TAIL};
-use crate::metrics;
-use crate::store::files::Digest;
+use crate::digest::Digest;
+use crate::functions::LoadError;
+use crate::kiln::Kiln;
+use crate::outcome::InvokeError;
+use crate::problem::{ErrorCode, Problem};
+use crate::storage::BlobKind;
+use crate::telemetry::metrics;
 
-pub(super) async fn run(app: &App, claimed: Claimed) -> Done {
+pub(super) async fn run(kiln: &Kiln, claimed: Claimed) -> Done {
     let started = std::time::Instant::now();
-    let outcome = outcome(app, &claimed).await;
+    let outcome = outcome(kiln, &claimed).await;
     let duration_us = started.elapsed().as_micros() as i64;
+    let counters = &kiln.telemetry.metrics;
     let (observed, error) = match &outcome {
         Outcome::Succeeded { .. } => {
-            app.metrics.invocations_ok.inc();
+            counters.invocations_ok.inc();
             (Some(metrics::Outcome::Success), None)
         }
-        Outcome::Failed { error, .. } if error["code"] == "timeout" => {
-            app.metrics.invocations_timeout.inc();
+        Outcome::Failed { error, .. } if error["code"] == ErrorCode::Timeout.as_str() => {
+            counters.invocations_timeout.inc();
             (Some(metrics::Outcome::Timeout), error["message"].as_str())
         }
         Outcome::Failed { error, .. } => {
-            app.metrics.invocations_failed.inc();
+            counters.invocations_failed.inc();
             (Some(metrics::Outcome::Failed), error["message"].as_str())
         }
         // Not run: it goes back to the queue.
-        Outcome::Busy => (None, None),
+        Outcome::Busy => {
+            counters.invocations_rejected.inc();
+            (None, None)
+        }
     };
     if let Some(observed) = observed {
         let duration = std::time::Duration::from_micros(duration_us as u64);
-        crate::observe::async_run(
-            app,
+        kiln.telemetry.async_run(
             &claimed.id,
             &claimed.function,
             claimed.version,
@@ -49,13 +54,12 @@ pub(super) async fn run(app: &App, claimed: Claimed) -> Done {
     }
 }
 
-async fn outcome(app: &App, claimed: &Claimed) -> Outcome {
-    let (function, concurrency) = match app.resolve(&claimed.function, Some(claimed.version)).await {
+async fn outcome(kiln: &Kiln, claimed: &Claimed) -> Outcome {
+    let resolved = match kiln.functions.resolve(&claimed.function, Some(claimed.version)).await {
         Ok(resolved) => resolved,
         Err(e @ (LoadError::NoFunction(_) | LoadError::NoVersion(..))) => {
-            let error = json!({"code": "not_found", "message": e.to_string()});
             return Outcome::Failed {
-                error,
+                error: Problem::from(e).object(),
                 stderr: String::new(),
                 retry: false,
             };
@@ -70,26 +74,26 @@ async fn outcome(app: &App, claimed: &Claimed) -> Outcome {
             };
         }
     };
-    match invoke::invoke(app, &function, &concurrency, claimed.input.clone()).await {
-        Ok(success) => {
-            let stderr = success.stderr.tail(STDERR_TAIL);
-            match store_result(app, success.stdout).await {
-                Ok(result) => Outcome::Succeeded { result, stderr },
-                Err(e) => {
-                    tracing::error!(error = %e, "storing an async result failed");
-                    let error = json!({"code": "internal", "message": "the result could not be stored"});
-                    Outcome::Failed {
-                        error,
-                        stderr,
-                        retry: true,
-                    }
+    match kiln.functions.invoke(&resolved, claimed.input.clone()).await {
+        Ok(success) => match store_result(kiln, success.stdout).await {
+            Ok(result) => Outcome::Succeeded {
+                result,
+                stderr: success.stderr_tail,
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "storing an async result failed");
+                let error = json!({"code": "internal", "message": "the result could not be stored"});
+                Outcome::Failed {
+                    error,
+                    stderr: success.stderr_tail,
+                    retry: true,
                 }
             }
-        }
-        Err(InvokeError::FunctionBusy(..) | InvokeError::PoolBusy(_)) => Outcome::Busy,
+        },
+        Err(e) if e.is_busy() => Outcome::Busy,
         // Deployed since the submit as an HTTP-trigger function: no retry can succeed.
         Err(e @ (InvokeError::HttpTrigger(_) | InvokeError::NotHttpTrigger(_))) => Outcome::Failed {
-            error: ApiError::from(e).object(),
+            error: Problem::from(e).object(),
             stderr: String::new(),
             retry: false,
         },
@@ -99,7 +103,7 @@ async fn outcome(app: &App, claimed: &Claimed) -> Outcome {
                 InvokeError::Failed(failure) => failure.stderr_tail.clone(),
                 _ => String::new(),
             };
-            let mut error = ApiError::from(e).object();
+            let mut error = Problem::from(e).object();
             if let Some(object) = error.as_object_mut() {
                 object.remove("stderr");
             }
@@ -112,16 +116,16 @@ async fn outcome(app: &App, claimed: &Claimed) -> Outcome {
     }
 }
 
-/// Small results go in the row; large ones to a content-addressed file, synced before the row
+/// Small results go in the row; large ones to a content-addressed blob, durable before the row
 /// that names it can be committed.
-async fn store_result(app: &App, result: bytes::Bytes) -> std::io::Result<Stored> {
+async fn store_result(kiln: &Kiln, result: bytes::Bytes) -> std::io::Result<Stored> {
     if result.len() <= INLINE_RESULT {
         return Ok(Stored::Inline(result));
     }
-    let layout = app.layout.clone();
+    let blobs = kiln.storage.blobs.clone();
     tokio::task::spawn_blocking(move || {
         let digest = Digest::of(&result);
-        layout.write_result(&digest, &result)?;
+        blobs.put(BlobKind::Result, &digest, &result)?;
         Ok(Stored::File(digest))
     })
     .await

@@ -1,37 +1,18 @@
-//! Content-addressed files under the data directory. Every write goes to a temp file in
-//! `<data>/tmp`, is fsynced, renamed into place and the directory fsynced, so a crash leaves either
-//! the whole file or nothing under its final name.
+//! The data directory: its layout in one place, durable atomic writes, and [`LocalBlobs`], the
+//! blob store on the local disk. Every write goes to a temp file in `<data>/tmp`, is fsynced,
+//! renamed into place and the directory fsynced, so a crash leaves either the whole file or nothing
+//! under its final name.
+//!
+//! Whatever the blob store, the data directory stays each node's own: compiled code (mapped by
+//! wasmtime, so it must be a local file), microVM snapshots in use, the admin token, signing keys
+//! and the temp directory.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest as _, Sha256};
-
-/// A SHA-256 digest in lowercase hex, the name of an artifact everywhere in Kiln.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Digest(String);
-
-impl Digest {
-    pub fn of(bytes: &[u8]) -> Digest {
-        Digest(hex::encode(Sha256::digest(bytes)))
-    }
-
-    /// Accepts only 64 lowercase hex characters, so a digest read back is safe to use in a path.
-    pub fn parse(hex: &str) -> Option<Digest> {
-        let valid = hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-        valid.then(|| Digest(hex.to_owned()))
-    }
-
-    pub fn hex(&self) -> &str {
-        &self.0
-    }
-
-    /// The form the API shows: `sha256:<hex>`.
-    pub fn prefixed(&self) -> String {
-        format!("sha256:{}", self.0)
-    }
-}
+use super::{BlobKind, Blobs};
+use crate::digest::Digest;
 
 /// Writes `bytes` to `path` atomically and durably; an existing file of that name is replaced.
 pub fn write_atomic(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -93,6 +74,10 @@ impl Layout {
     pub fn keys(&self) -> PathBuf {
         self.root.join("keys")
     }
+    /// The microvm tier's snapshots, `<digest>/{memory,state}`.
+    pub fn snapshots(&self) -> PathBuf {
+        self.root.join("microvm")
+    }
 
     /// Creates the directories and empties `tmp/` of what a crash left behind.
     pub fn prepare(&self) -> io::Result<()> {
@@ -110,40 +95,81 @@ impl Layout {
         }
         Ok(())
     }
+}
 
-    /// Stores a result under its digest unless it is already there. (The ledger, the only thread
-    /// that deletes results, checks the file still exists before recording the row that names it.)
-    pub fn write_result(&self, digest: &Digest, bytes: &[u8]) -> io::Result<()> {
-        let path = self.result(digest);
-        if path.exists() {
-            return Ok(());
-        }
-        write_atomic(&self.tmp(), &path, bytes)
+/// Blobs as files under the data directory: `artifacts/<hex>.wasm`, `results/<hex>`.
+#[derive(Debug, Clone)]
+pub struct LocalBlobs {
+    layout: Layout,
+}
+
+impl LocalBlobs {
+    pub fn new(layout: Layout) -> LocalBlobs {
+        LocalBlobs { layout }
     }
 
-    /// Stores an artifact under its digest unless it is already there.
-    pub fn write_artifact(&self, digest: &Digest, bytes: &[u8]) -> io::Result<()> {
-        let path = self.artifact(digest);
+    fn path(&self, kind: BlobKind, digest: &Digest) -> PathBuf {
+        match kind {
+            BlobKind::Artifact => self.layout.artifact(digest),
+            BlobKind::Result => self.layout.result(digest),
+        }
+    }
+
+    fn dir(&self, kind: BlobKind) -> PathBuf {
+        match kind {
+            BlobKind::Artifact => self.layout.artifacts(),
+            BlobKind::Result => self.layout.results(),
+        }
+    }
+}
+
+impl Blobs for LocalBlobs {
+    fn put(&self, kind: BlobKind, digest: &Digest, bytes: &[u8]) -> io::Result<()> {
+        let path = self.path(kind, digest);
         if path.exists() {
             return Ok(());
         }
-        write_atomic(&self.tmp(), &path, bytes)
+        write_atomic(&self.layout.tmp(), &path, bytes)
+    }
+
+    fn get(&self, kind: BlobKind, digest: &Digest) -> io::Result<Vec<u8>> {
+        fs::read(self.path(kind, digest))
+    }
+
+    fn exists(&self, kind: BlobKind, digest: &Digest) -> bool {
+        self.path(kind, digest).exists()
+    }
+
+    fn remove(&self, kind: BlobKind, digest: &Digest) -> io::Result<()> {
+        match fs::remove_file(self.path(kind, digest)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn list(&self, kind: BlobKind) -> io::Result<Vec<Digest>> {
+        let suffix = match kind {
+            BlobKind::Artifact => ".wasm",
+            BlobKind::Result => "",
+        };
+        let mut digests = Vec::new();
+        for entry in fs::read_dir(self.dir(kind))? {
+            let name = entry?.file_name();
+            if let Some(digest) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(suffix))
+                .and_then(Digest::parse)
+            {
+                digests.push(digest);
+            }
+        }
+        Ok(digests)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn digest_parse_rejects_paths() {
-        let d = Digest::of(b"hello");
-        assert_eq!(Digest::parse(d.hex()), Some(d.clone()));
-        assert!(d.prefixed().starts_with("sha256:"));
-        assert_eq!(Digest::parse("../etc/passwd"), None);
-        assert_eq!(Digest::parse(&"A".repeat(64)), None);
-        assert_eq!(Digest::parse(&"a".repeat(63)), None);
-    }
 
     #[test]
     fn atomic_write_replaces_and_leaves_no_temp() {
@@ -155,5 +181,27 @@ mod tests {
         write_atomic(&layout.tmp(), &target, b"two").unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"two");
         assert_eq!(fs::read_dir(layout.tmp()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn blobs_are_written_once_listed_and_removed_by_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path().to_path_buf());
+        layout.prepare().unwrap();
+        let blobs = LocalBlobs::new(layout.clone());
+        let (a, r) = (Digest::of(b"artifact"), Digest::of(b"result"));
+        blobs.put(BlobKind::Artifact, &a, b"artifact").unwrap();
+        blobs
+            .put(BlobKind::Artifact, &a, b"ignored: same digest, same content")
+            .unwrap();
+        blobs.put(BlobKind::Result, &r, b"result").unwrap();
+        assert_eq!(blobs.get(BlobKind::Artifact, &a).unwrap(), b"artifact");
+        assert_eq!(blobs.list(BlobKind::Artifact).unwrap(), vec![a.clone()]);
+        assert_eq!(blobs.list(BlobKind::Result).unwrap(), vec![r.clone()]);
+        assert!(!blobs.exists(BlobKind::Result, &a), "kinds do not share a namespace");
+        blobs.remove(BlobKind::Artifact, &a).unwrap();
+        blobs.remove(BlobKind::Artifact, &a).unwrap();
+        assert!(!blobs.exists(BlobKind::Artifact, &a));
+        assert!(layout.result(&r).exists());
     }
 }

@@ -1,47 +1,19 @@
-//! Durable state: SQLite (WAL, `synchronous=FULL`) for functions, versions and tokens, and
-//! content-addressed files for artifacts (`files`). A version row is the commit point of a deploy:
-//! it is written last, in one transaction, after every file it names is durably on disk.
-//!
-//! Calls block on disk; async callers run them on the blocking pool. The connection sits behind a
-//! std `Mutex` because every call is short and never awaits while holding it.
-
-pub mod files;
-mod tokens;
+//! [`Metadata`] on SQLite: one database file in the data directory, WAL, `synchronous=FULL`,
+//! migrations counted by `PRAGMA user_version`. The API's reads and the deploy commits share one
+//! connection behind a std `Mutex` (every call is short and never awaits while holding it); the
+//! async queue's ledger and the invocation-log writer open their own ([`connect`]).
 
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
-use time::format_description::well_known::Rfc3339;
 
-pub use files::{Digest, Layout};
-pub use tokens::TokenRow;
-
-use crate::config::FunctionConfig;
-use crate::validate::ArtifactKind;
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("stored record is corrupt: {0}")]
-    Corrupt(String),
-}
-
-/// One deployed version of a function, as stored.
-#[derive(Debug, Clone)]
-pub struct VersionRecord {
-    pub name: String,
-    pub version: u32,
-    /// SHA-256 of the upload (in binary form).
-    pub digest: Digest,
-    /// SHA-256 of the code that runs: the init-hook snapshot, or the upload itself.
-    pub code_digest: Digest,
-    pub kind: ArtifactKind,
-    pub config: FunctionConfig,
-    pub created_at: String,
-}
+use super::{Metadata, StorageError, StoredResult, TokenRow};
+use crate::clock::now_rfc3339;
+use crate::digest::Digest;
+use crate::function::{ArtifactKind, FunctionConfig, VersionRecord};
+use crate::invocations::Record;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts how many have run.
 const MIGRATIONS: &[&str] = &[
@@ -122,13 +94,13 @@ const MIGRATIONS: &[&str] = &[
 "#,
 ];
 
-pub struct Store {
+pub struct Sqlite {
     conn: Mutex<Connection>,
 }
 
 /// Opens another connection to the same database (the async queue's writer has its own, so its
 /// batched commits never wait behind the API's reads).
-pub fn connect(path: &Path) -> Result<Connection, StoreError> {
+pub fn connect(path: &Path) -> Result<Connection, StorageError> {
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -136,14 +108,8 @@ pub fn connect(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&Rfc3339)
-        .expect("formatting the current time cannot fail")
-}
-
-impl Store {
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+impl Sqlite {
+    pub fn open(path: &Path) -> Result<Sqlite, StorageError> {
         let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -156,7 +122,7 @@ impl Store {
             tx.pragma_update(None, "user_version", i + 1)?;
             tx.commit()?;
         }
-        Ok(Store { conn: Mutex::new(conn) })
+        Ok(Sqlite { conn: Mutex::new(conn) })
     }
 
     pub fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -165,17 +131,26 @@ impl Store {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub fn token_hash(&self, id: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row("SELECT hash FROM tokens WHERE id = ?1", params![id], |r| r.get(0))
+            .optional()?)
+    }
+}
+
+impl Metadata for Sqlite {
     /// Commits a new version unless the latest one already has this digest and config, in which
     /// case that one is returned with `created = false`. One IMMEDIATE transaction, so two
     /// identical deploys racing each other still produce one version.
-    pub fn commit_version(
+    fn commit_version(
         &self,
         name: &str,
         digest: &Digest,
         code_digest: &Digest,
         kind: ArtifactKind,
         config: &FunctionConfig,
-    ) -> Result<(VersionRecord, bool), StoreError> {
+    ) -> Result<(VersionRecord, bool), StorageError> {
         let config_json = serde_json::to_string(config).expect("config serialises");
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -222,11 +197,11 @@ impl Store {
         Ok((record, true))
     }
 
-    pub fn latest(&self, name: &str) -> Result<Option<VersionRecord>, StoreError> {
+    fn latest(&self, name: &str) -> Result<Option<VersionRecord>, StorageError> {
         latest_in(&self.conn(), name)
     }
 
-    pub fn version(&self, name: &str, version: u32) -> Result<Option<VersionRecord>, StoreError> {
+    fn version(&self, name: &str, version: u32) -> Result<Option<VersionRecord>, StorageError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT name, version, digest, code_digest, kind, config, created_at FROM versions
@@ -237,7 +212,7 @@ impl Store {
     }
 
     /// Every version of a function, oldest first; empty when there is no such function.
-    pub fn versions(&self, name: &str) -> Result<Vec<VersionRecord>, StoreError> {
+    fn versions(&self, name: &str) -> Result<Vec<VersionRecord>, StorageError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT name, version, digest, code_digest, kind, config, created_at FROM versions
@@ -248,7 +223,7 @@ impl Store {
     }
 
     /// The latest version of every function, ordered by name.
-    pub fn all_latest(&self) -> Result<Vec<VersionRecord>, StoreError> {
+    fn all_latest(&self) -> Result<Vec<VersionRecord>, StorageError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT v.name, v.version, v.digest, v.code_digest, v.kind, v.config, v.created_at
@@ -262,7 +237,7 @@ impl Store {
 
     /// Deletes a function and its versions. Returns `None` if there was no such function, else
     /// the digests its versions used that no other version references any more.
-    pub fn delete_function(&self, name: &str) -> Result<Option<Vec<Digest>>, StoreError> {
+    fn delete_function(&self, name: &str) -> Result<Option<Vec<Digest>>, StorageError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let digests: Vec<String> = {
@@ -291,27 +266,124 @@ impl Store {
     }
 
     /// Every digest some version references (for sweeping unreferenced files at start-up).
-    pub fn referenced_digests(&self) -> Result<HashSet<String>, StoreError> {
+    fn referenced_digests(&self) -> Result<HashSet<String>, StorageError> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT digest FROM versions UNION SELECT code_digest FROM versions")?;
         let rows = stmt.query_map([], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn token_hash(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let conn = self.conn();
-        Ok(conn
-            .query_row("SELECT hash FROM tokens WHERE id = ?1", params![id], |r| r.get(0))
-            .optional()?)
-    }
-
-    pub fn put_token_hash(&self, id: &str, hash: &[u8], scope: &str) -> Result<(), StoreError> {
+    fn put_token_hash(&self, id: &str, hash: &[u8], scope: &str) -> Result<(), StorageError> {
         self.conn().execute(
             "INSERT INTO tokens (id, hash, scope, created_at) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(id) DO UPDATE SET hash = excluded.hash, scope = excluded.scope",
             params![id, hash, scope, now_rfc3339()],
         )?;
         Ok(())
+    }
+
+    /// Every token but the admin token, oldest first.
+    fn scoped_tokens(&self) -> Result<Vec<TokenRow>, StorageError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT id, hash, scope, created_at FROM tokens WHERE id != 'admin' ORDER BY created_at, id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(TokenRow {
+                id: r.get(0)?,
+                hash: r.get(1)?,
+                scope: r.get(2)?,
+                created_at: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Adds a token; returns its creation time.
+    fn insert_token(&self, id: &str, hash: &[u8], scope: &str) -> Result<String, StorageError> {
+        let now = now_rfc3339();
+        self.conn().execute(
+            "INSERT INTO tokens (id, hash, scope, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![id, hash, scope, now],
+        )?;
+        Ok(now)
+    }
+
+    /// Deletes a non-admin token; false when there was none with this id.
+    fn delete_token(&self, id: &str) -> Result<bool, StorageError> {
+        let conn = self.conn();
+        let deleted = conn.execute("DELETE FROM tokens WHERE id = ?1 AND id != 'admin'", params![id])?;
+        Ok(deleted > 0)
+    }
+
+    fn invocation(&self, id: &str) -> Result<Option<Record>, StorageError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, function, version, state, attempts, created_at, finished_at, duration_us, error, stderr
+             FROM invocations WHERE id = ?1",
+        )?;
+        let record = stmt
+            .query_row(params![id], |r| {
+                let error: Option<String> = r.get(8)?;
+                Ok(Record {
+                    id: r.get(0)?,
+                    function: r.get(1)?,
+                    version: r.get(2)?,
+                    state: r.get(3)?,
+                    attempts: r.get(4)?,
+                    created_at: r.get(5)?,
+                    finished_at: r.get(6)?,
+                    duration_us: r.get(7)?,
+                    error: error.and_then(|e| serde_json::from_str(&e).ok()),
+                    stderr: r.get(9)?,
+                })
+            })
+            .optional()?;
+        Ok(record)
+    }
+
+    fn invocation_result(&self, id: &str) -> Result<Option<StoredResult>, StorageError> {
+        let conn = self.conn();
+        let row: Option<(Option<Vec<u8>>, Option<String>)> = conn
+            .prepare_cached("SELECT result, result_digest FROM invocations WHERE id = ?1 AND state = 'succeeded'")?
+            .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        Ok(match row {
+            None => None,
+            Some((_, Some(digest))) => Some(StoredResult::Blob(parse_digest(&digest)?)),
+            Some((inline, None)) => Some(StoredResult::Inline(inline.unwrap_or_default())),
+        })
+    }
+
+    fn invocation_log(&self, id: &str) -> Result<Option<String>, StorageError> {
+        let conn = self.conn();
+        let sync: Option<String> = conn
+            .prepare_cached("SELECT stderr FROM invocation_logs WHERE id = ?1")?
+            .query_row(params![id], |r| r.get(0))
+            .optional()?;
+        if sync.is_some() {
+            return Ok(sync);
+        }
+        let asynchronous: Option<Option<String>> = conn
+            .prepare_cached("SELECT stderr FROM invocations WHERE id = ?1")?
+            .query_row(params![id], |r| r.get(0))
+            .optional()?;
+        Ok(asynchronous.map(Option::unwrap_or_default))
+    }
+
+    fn invocation_function(&self, id: &str) -> Result<Option<String>, StorageError> {
+        let conn = self.conn();
+        let sync = conn
+            .prepare_cached("SELECT function FROM invocation_logs WHERE id = ?1")?
+            .query_row(params![id], |r| r.get(0))
+            .optional()?;
+        if sync.is_some() {
+            return Ok(sync);
+        }
+        let asynchronous = conn
+            .prepare_cached("SELECT function FROM invocations WHERE id = ?1")?
+            .query_row(params![id], |r| r.get(0))
+            .optional()?;
+        Ok(asynchronous)
     }
 }
 
@@ -329,24 +401,26 @@ fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
     ))
 }
 
-fn decode((name, version, digest, code_digest, kind, config, created_at): RawRow) -> Result<VersionRecord, StoreError> {
+fn decode(
+    (name, version, digest, code_digest, kind, config, created_at): RawRow,
+) -> Result<VersionRecord, StorageError> {
     Ok(VersionRecord {
         digest: parse_digest(&digest)?,
         code_digest: parse_digest(&code_digest)?,
-        kind: ArtifactKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("kind {kind:?}")))?,
+        kind: ArtifactKind::parse(&kind).ok_or_else(|| StorageError::Corrupt(format!("kind {kind:?}")))?,
         config: serde_json::from_str(&config)
-            .map_err(|e| StoreError::Corrupt(format!("config of {name}@{version}: {e}")))?,
+            .map_err(|e| StorageError::Corrupt(format!("config of {name}@{version}: {e}")))?,
         name,
         version,
         created_at,
     })
 }
 
-fn parse_digest(hex: &str) -> Result<Digest, StoreError> {
-    Digest::parse(hex).ok_or_else(|| StoreError::Corrupt(format!("digest {hex:?}")))
+fn parse_digest(hex: &str) -> Result<Digest, StorageError> {
+    Digest::parse(hex).ok_or_else(|| StorageError::Corrupt(format!("digest {hex:?}")))
 }
 
-fn latest_in(conn: &Connection, name: &str) -> Result<Option<VersionRecord>, StoreError> {
+fn latest_in(conn: &Connection, name: &str) -> Result<Option<VersionRecord>, StorageError> {
     let mut stmt = conn.prepare_cached(
         "SELECT name, version, digest, code_digest, kind, config, created_at FROM versions
          WHERE name = ?1 ORDER BY version DESC LIMIT 1",
@@ -359,9 +433,9 @@ fn latest_in(conn: &Connection, name: &str) -> Result<Option<VersionRecord>, Sto
 mod tests {
     use super::*;
 
-    fn store() -> (tempfile::TempDir, Store) {
+    fn store() -> (tempfile::TempDir, Sqlite) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("kiln.db")).unwrap();
+        let store = Sqlite::open(&dir.path().join("kiln.db")).unwrap();
         (dir, store)
     }
 
@@ -401,13 +475,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kiln.db");
         {
-            let store = Store::open(&path).unwrap();
+            let store = Sqlite::open(&path).unwrap();
             let cfg = FunctionConfig::default();
             store
                 .commit_version("f", &Digest::of(b"x"), &Digest::of(b"y"), ArtifactKind::Component, &cfg)
                 .unwrap();
         }
-        let store = Store::open(&path).unwrap();
+        let store = Sqlite::open(&path).unwrap();
         let latest = store.latest("f").unwrap().unwrap();
         assert_eq!(latest.kind, ArtifactKind::Component);
         assert_eq!(store.version("f", 1).unwrap().unwrap().digest, latest.digest);

@@ -18,11 +18,14 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 
-use crate::store::{self, StoreError};
+use crate::clock::Clock;
+use crate::storage::sqlite;
+use crate::storage::StorageError;
 
 /// Entries committed per transaction at most.
 const BATCH: usize = 1024;
@@ -47,30 +50,29 @@ enum Message {
     Flush(mpsc::Sender<()>),
 }
 
+#[derive(Clone)]
 pub struct InvocationLogs {
     tx: SyncSender<Message>,
-    dropped: std::sync::Arc<AtomicU64>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    dropped: Arc<AtomicU64>,
 }
 
 impl InvocationLogs {
     /// Starts the writer thread on its own connection to the database.
-    pub fn open(db: &Path, retention: Duration, max_kept: u64) -> Result<InvocationLogs, StoreError> {
-        let conn = store::connect(db)?;
+    pub fn open(
+        db: &Path,
+        retention: Duration,
+        max_kept: u64,
+        clock: Arc<dyn Clock>,
+    ) -> Result<InvocationLogs, StorageError> {
+        let conn = sqlite::connect(db)?;
         // Not fsynced at commit (see the module doc); WAL keeps it consistent.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         let (tx, rx) = mpsc::sync_channel(CAPACITY);
-        let dropped = std::sync::Arc::new(AtomicU64::new(0));
+        let dropped = Arc::new(AtomicU64::new(0));
         let writer_dropped = dropped.clone();
         std::thread::Builder::new()
             .name("kiln-logs".into())
-            .spawn(move || write_loop(conn, rx, retention, max_kept, writer_dropped))
+            .spawn(move || write_loop(conn, rx, retention, max_kept, writer_dropped, clock))
             .expect("spawning the log writer");
         Ok(InvocationLogs { tx, dropped })
     }
@@ -91,33 +93,13 @@ impl InvocationLogs {
     }
 }
 
-/// The stored stderr of a synchronous invocation.
-pub fn load(conn: &Connection, id: &str) -> rusqlite::Result<Option<String>> {
-    conn.prepare_cached("SELECT stderr FROM invocation_logs WHERE id = ?1")?
-        .query_row(params![id], |r| r.get(0))
-        .optional()
-}
-
-/// The function an invocation (sync or async) belongs to, if it is known.
-pub fn function_of(conn: &Connection, id: &str) -> rusqlite::Result<Option<String>> {
-    let sync = conn
-        .prepare_cached("SELECT function FROM invocation_logs WHERE id = ?1")?
-        .query_row(params![id], |r| r.get(0))
-        .optional()?;
-    if sync.is_some() {
-        return Ok(sync);
-    }
-    conn.prepare_cached("SELECT function FROM invocations WHERE id = ?1")?
-        .query_row(params![id], |r| r.get(0))
-        .optional()
-}
-
 fn write_loop(
     mut conn: Connection,
     rx: mpsc::Receiver<Message>,
     retention: Duration,
     max_kept: u64,
-    dropped: std::sync::Arc<AtomicU64>,
+    dropped: Arc<AtomicU64>,
+    clock: Arc<dyn Clock>,
 ) {
     let mut last_sweep = Instant::now();
     let mut batch = Vec::with_capacity(BATCH);
@@ -133,7 +115,7 @@ fn write_loop(
                 Err(_) => break,
             }
         }
-        if let Err(e) = write_batch(&mut conn, &batch) {
+        if let Err(e) = write_batch(&mut conn, &batch, clock.now_ms()) {
             tracing::error!(error = %e, entries = batch.len(), "writing invocation logs failed");
         }
         for message in batch.drain(..) {
@@ -147,7 +129,11 @@ fn write_loop(
         }
         if last_sweep.elapsed() >= SWEEP_EVERY {
             last_sweep = Instant::now();
-            match sweep(&conn, now_ms().saturating_sub(retention.as_millis() as u64), max_kept) {
+            match sweep(
+                &conn,
+                clock.now_ms().saturating_sub(retention.as_millis() as u64),
+                max_kept,
+            ) {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(deleted = n, "swept invocation logs past their retention"),
                 Err(e) => tracing::error!(error = %e, "sweeping invocation logs failed"),
@@ -156,11 +142,11 @@ fn write_loop(
     }
 }
 
-fn write_batch(conn: &mut Connection, batch: &[Message]) -> rusqlite::Result<()> {
+fn write_batch(conn: &mut Connection, batch: &[Message], now_ms: u64) -> rusqlite::Result<()> {
     if !batch.iter().any(|m| matches!(m, Message::Entry(_))) {
         return Ok(());
     }
-    let now = now_ms() as i64;
+    let now = now_ms as i64;
     let tx = conn.transaction()?;
     {
         let mut insert = tx.prepare_cached(
@@ -218,12 +204,14 @@ mod tests {
 
     #[test]
     fn entries_are_committed_and_swept_by_age_and_count() {
+        use crate::storage::{Metadata, Sqlite};
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("kiln.db");
-        let store = crate::store::Store::open(&db).unwrap();
-        let logs = InvocationLogs::open(&db, Duration::from_secs(3600), 1000).unwrap();
+        let store = Sqlite::open(&db).unwrap();
+        let now = crate::clock::now_ms();
+        let clock = crate::clock::ManualClock::at(now);
+        let logs = InvocationLogs::open(&db, Duration::from_secs(3600), 1000, clock).unwrap();
         let ts = |ms: u64| uuid::Timestamp::from_unix(uuid::NoContext, ms / 1000, (ms % 1000) as u32 * 1_000_000);
-        let now = now_ms();
         let old = uuid::Uuid::new_v7(ts(now - 7_200_000));
         let ids: Vec<_> = (0..5).map(|i| uuid::Uuid::new_v7(ts(now - 5 + i))).collect();
         logs.record(entry(old, "old\n"));
@@ -231,16 +219,20 @@ mod tests {
             logs.record(entry(*id, &format!("line of {id}\n")));
         }
         logs.flush();
-        let id0 = ids[0].to_string();
-        assert_eq!(load(&store.conn(), &id0).unwrap().unwrap(), format!("line of {id0}\n"));
-        assert!(load(&store.conn(), &old.to_string()).unwrap().is_some());
+        let load = |id: &uuid::Uuid| store.invocation_log(&id.to_string()).unwrap();
+        assert_eq!(load(&ids[0]).unwrap(), format!("line of {}\n", ids[0]));
+        assert_eq!(
+            store.invocation_function(&ids[0].to_string()).unwrap().as_deref(),
+            Some("f")
+        );
+        assert!(load(&old).is_some());
 
         let deleted = sweep(&store.conn(), now - 3_600_000, 3).unwrap();
         assert_eq!(deleted, 3, "the old entry by age, then two by count");
-        assert!(load(&store.conn(), &old.to_string()).unwrap().is_none());
-        assert!(load(&store.conn(), &ids[1].to_string()).unwrap().is_none());
+        assert!(load(&old).is_none());
+        assert!(load(&ids[1]).is_none());
         for id in &ids[2..] {
-            assert!(load(&store.conn(), &id.to_string()).unwrap().is_some());
+            assert!(load(id).is_some());
         }
     }
 }

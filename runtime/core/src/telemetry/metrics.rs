@@ -87,7 +87,9 @@ pub struct Metrics {
     pub deploys_unchanged: Counter,
     /// Deploys refused (invalid code or config, too large, ...).
     pub deploys_failed: Counter,
-    /// Asynchronous runs by outcome, counted by `jobs` (not yet per function).
+    /// Asynchronous runs by outcome, all functions together, counted by `invocations` (per
+    /// function they are in `kiln_invocations_total` with the synchronous ones); `rejected`
+    /// counts runs put back in the queue because the function or the pool was busy.
     pub invocations_ok: Counter,
     pub invocations_failed: Counter,
     pub invocations_timeout: Counter,

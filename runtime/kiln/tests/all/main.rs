@@ -10,7 +10,7 @@ mod http_trigger;
 mod lifecycle;
 mod limits;
 mod microvm;
-#[path = "../../vmm/tests/support/musl.rs"]
+#[path = "../../../vmm/tests/support/musl.rs"]
 mod musl;
 mod openapi;
 mod ops;

@@ -118,7 +118,7 @@ fn a_valid_executable_meets_the_hosts_capability_check() {
     // A real static-pie musl executable (the VMM's test function), when its Linux-guest test has
     // built it, passes validation as well.
     let upper = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/kiln-guest/cargo/x86_64-unknown-linux-musl/release/kiln-upper");
+        .join("../../target/kiln-guest/cargo/x86_64-unknown-linux-musl/release/kiln-upper");
     match std::fs::read(&upper) {
         Ok(code) => {
             expect_error(deploy_microvm(&kiln, code), 503, "unavailable");
@@ -160,7 +160,7 @@ fn the_guest_image_is_checked_where_the_tier_could_run() {
 }
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 /// The guest agent and the test function (`kiln-upper`), built as static musl executables, or

@@ -249,7 +249,7 @@ pub fn expect_error(response: Response, status: u16, code: &str) -> serde_json::
 }
 
 pub fn guests_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guests")
 }
 
 /// The WAT source of `guests/wat/<name>.wat` (Kiln accepts WAT text as well as binary).

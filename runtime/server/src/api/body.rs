@@ -4,14 +4,15 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::trigger::GuestBody;
 use bytes::Bytes;
 use http::{header, HeaderMap, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use kiln_core::problem::Problem;
+use kiln_core::tier::wasm::trigger::GuestBody;
 
-use super::error::ApiError;
+use super::error;
 
 /// A response body: the API's own answers are whole; an HTTP-trigger function's is a stream the
 /// guest writes while the client reads.
@@ -66,24 +67,23 @@ impl http_body::Body for Body {
 
 /// Reads a whole body of at most `limit` bytes within `timeout`. A declared `Content-Length` over
 /// the limit is refused before a byte is read.
-pub async fn read(headers: &HeaderMap, body: Incoming, limit: u64, timeout: Duration) -> Result<Bytes, ApiError> {
+pub async fn read(headers: &HeaderMap, body: Incoming, limit: u64, timeout: Duration) -> Result<Bytes, Problem> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit) {
-        return Err(ApiError::payload_too_large(limit));
+        return Err(error::payload_too_large(limit));
     }
     let collected = tokio::time::timeout(timeout, Limited::new(body, limit as usize).collect()).await;
     match collected {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::payload_too_large(limit)),
-        Ok(Err(e)) => Err(ApiError::invalid_request(format!("reading the request body: {e}"))),
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
-            format!("the request body was not received within {} s", timeout.as_secs()),
-        )),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(error::payload_too_large(limit)),
+        Ok(Err(e)) => Err(error::invalid_request(format!("reading the request body: {e}"))),
+        Err(_) => Err(error::request_timeout(format!(
+            "the request body was not received within {} s",
+            timeout.as_secs()
+        ))),
     }
 }
 
@@ -96,13 +96,15 @@ pub fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body>
         .expect("static headers are valid")
 }
 
-pub fn error(e: &ApiError) -> Response<Body> {
+/// The answer to a failure: its status and JSON body (`error`).
+pub fn error(problem: &Problem) -> Response<Body> {
+    let status = error::status(problem.code);
     let mut response = Response::builder()
-        .status(e.status)
+        .status(status)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::new(e.body()))
+        .body(Body::new(error::body(problem)))
         .expect("static headers are valid");
-    if e.status == StatusCode::SERVICE_UNAVAILABLE {
+    if status == StatusCode::SERVICE_UNAVAILABLE {
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));

@@ -1,127 +1,107 @@
-//! The one place where failures become HTTP answers: status code plus the JSON body of the API
-//! contract, `{"error": {"code", "message", ...details}}`.
+//! The one place where failures become HTTP answers. Every error of the core arrives as a
+//! [`Problem`] (code, message, details — `kiln_core::problem`); here it gets its status, from the
+//! code alone, and its JSON body `{"error": {"code", "message", ...details}}`. The constructors
+//! below are for what only the edge can find wrong (a token, a path, a body).
 
 use http::StatusCode;
-use serde_json::{json, Map, Value};
+use kiln_core::problem::{ErrorCode, Problem};
+use serde_json::json;
 
-use crate::app::LoadError;
-use crate::deploy::DeployError;
-use crate::invoke::InvokeError;
-
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-    /// Extra fields of the error object (`trap`, `exit_code`, `stderr` for failed functions).
-    pub details: Map<String, Value>,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            details: Map::new(),
-        }
-    }
-
-    pub fn unauthorized() -> ApiError {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or invalid bearer token",
-        )
-    }
-    pub fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
-    }
-    pub fn invalid_request(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
-    }
-    pub fn payload_too_large(limit: u64) -> ApiError {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("request body is larger than the limit of {limit} bytes"),
-        )
-    }
-    pub fn unavailable(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
-    }
-    pub fn method_not_allowed() -> ApiError {
-        ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "this path does not accept that method",
-        )
-    }
-    pub fn internal(message: impl std::fmt::Display) -> ApiError {
-        tracing::error!(error = %message, "internal error");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error; see the server log",
-        )
-    }
-
-    /// The error object: `{"code", "message", ...details}`.
-    pub fn object(&self) -> Value {
-        let mut error = Map::with_capacity(2 + self.details.len());
-        error.insert("code".into(), self.code.into());
-        error.insert("message".into(), self.message.clone().into());
-        error.extend(self.details.clone());
-        Value::Object(error)
-    }
-
-    pub fn body(&self) -> Vec<u8> {
-        serde_json::to_vec(&json!({ "error": self.object() })).expect("JSON of strings serialises")
+/// The status of every error code, as `../shared/API.md`'s table gives it.
+pub fn status(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
+        ErrorCode::InvalidCode => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::FunctionFailed => StatusCode::BAD_GATEWAY,
+        ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Conflict => StatusCode::CONFLICT,
+        ErrorCode::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
+        ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
-impl From<DeployError> for ApiError {
-    fn from(e: DeployError) -> ApiError {
-        match e {
-            DeployError::InvalidCode(msg) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_code", msg),
-            DeployError::TierUnavailable(msg) => ApiError::unavailable(msg),
-            e @ DeployError::NotFound(_) => ApiError::not_found(e.to_string()),
-            e @ (DeployError::Store(_) | DeployError::Io(_) | DeployError::Cache(_)) => ApiError::internal(e),
-        }
-    }
+/// The JSON body of an error answer.
+pub fn body(problem: &Problem) -> Vec<u8> {
+    serde_json::to_vec(&json!({ "error": problem.object() })).expect("JSON of strings serialises")
 }
 
-impl From<LoadError> for ApiError {
-    fn from(e: LoadError) -> ApiError {
-        match e {
-            e @ (LoadError::NoFunction(_) | LoadError::NoVersion(..)) => ApiError::not_found(e.to_string()),
-            e @ (LoadError::Store(_) | LoadError::Compile(_) | LoadError::Link(_)) => ApiError::internal(e),
-            LoadError::Unavailable(reason) => ApiError::unavailable(reason),
-        }
-    }
+pub fn unauthorized() -> Problem {
+    Problem::new(ErrorCode::Unauthorized, "missing or invalid bearer token")
 }
 
-impl From<InvokeError> for ApiError {
-    fn from(e: InvokeError) -> ApiError {
-        match e {
-            e @ (InvokeError::FunctionBusy(..) | InvokeError::PoolBusy(_)) => {
-                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", e.to_string())
-            }
-            e @ InvokeError::Timeout(_) => ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", e.to_string()),
-            e @ (InvokeError::HttpTrigger(_) | InvokeError::NotHttpTrigger(_)) => {
-                ApiError::invalid_request(e.to_string())
-            }
-            InvokeError::Failed(failure) => {
-                let mut error = ApiError::new(StatusCode::BAD_GATEWAY, "function_failed", failure.message);
-                if let Some(trap) = failure.trap {
-                    error.details.insert("trap".into(), trap.into());
-                }
-                if let Some(code) = failure.exit_code {
-                    error.details.insert("exit_code".into(), code.into());
-                }
-                error.details.insert("stderr".into(), failure.stderr_tail.into());
-                error
-            }
+pub fn forbidden(message: impl Into<String>) -> Problem {
+    Problem::new(ErrorCode::Forbidden, message)
+}
+
+pub fn not_found(message: impl Into<String>) -> Problem {
+    Problem::new(ErrorCode::NotFound, message)
+}
+
+pub fn invalid_request(message: impl Into<String>) -> Problem {
+    Problem::new(ErrorCode::InvalidRequest, message)
+}
+
+pub fn payload_too_large(limit: u64) -> Problem {
+    Problem::new(
+        ErrorCode::PayloadTooLarge,
+        format!("request body is larger than the limit of {limit} bytes"),
+    )
+}
+
+pub fn unavailable(message: impl Into<String>) -> Problem {
+    Problem::new(ErrorCode::Unavailable, message)
+}
+
+pub fn shutting_down() -> Problem {
+    unavailable("kiln is shutting down")
+}
+
+pub fn method_not_allowed() -> Problem {
+    Problem::new(ErrorCode::MethodNotAllowed, "this path does not accept that method")
+}
+
+pub fn request_timeout(message: impl Into<String>) -> Problem {
+    Problem::new(ErrorCode::RequestTimeout, message)
+}
+
+/// A function name the API refuses before it touches a path or a query.
+pub fn invalid_function_name(name: &str) -> Problem {
+    invalid_request(format!(
+        "invalid function name {name:?}: names match ^[a-z0-9][a-z0-9_-]{{0,63}}$"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_has_the_contracts_status() {
+        for (code, expected) in [
+            (ErrorCode::Unauthorized, 401),
+            (ErrorCode::Forbidden, 403),
+            (ErrorCode::NotFound, 404),
+            (ErrorCode::InvalidRequest, 400),
+            (ErrorCode::InvalidCode, 422),
+            (ErrorCode::PayloadTooLarge, 413),
+            (ErrorCode::TooManyRequests, 429),
+            (ErrorCode::FunctionFailed, 502),
+            (ErrorCode::Timeout, 504),
+            (ErrorCode::Unavailable, 503),
+            (ErrorCode::Conflict, 409),
+            (ErrorCode::InsufficientStorage, 507),
+        ] {
+            assert_eq!(status(code).as_u16(), expected, "{code:?}");
         }
+        let body: serde_json::Value = serde_json::from_slice(&body(&forbidden("no"))).unwrap();
+        assert_eq!(body, json!({"error": {"code": "forbidden", "message": "no"}}));
     }
 }

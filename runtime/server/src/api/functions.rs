@@ -1,19 +1,19 @@
 //! Deploy, list, get and delete.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::Serialize;
 
+use kiln_core::function::{FunctionConfig, VersionRecord};
+use kiln_core::functions::Functions;
+use kiln_core::problem::Problem;
+use kiln_core::telemetry::Telemetry;
+
 use super::body::{self, Body};
-use super::error::ApiError;
+use super::error;
 use super::openapi::{DeployForm, ErrorBody, FunctionList};
-use crate::app::App;
-use crate::config::FunctionConfig;
-use crate::deploy;
-use crate::store::VersionRecord;
+use crate::ServerConfig;
 
 /// A version as the API shows it.
 #[derive(Serialize, utoipa::ToSchema)]
@@ -57,21 +57,36 @@ impl<'a> From<&'a VersionRecord> for VersionView<'a> {
         (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody),
         (status = 413, description = "Artifact over the limit", body = ErrorBody),
         (status = 422, description = "Not valid code, or imports Kiln cannot provide", body = ErrorBody)))]
-pub async fn deploy(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let answer = deploy_version(app, name, req).await;
-    if answer.is_err() {
-        app.metrics.deploys_failed.inc();
-    }
-    answer
+pub async fn deploy(
+    functions: &Functions,
+    telemetry: &Telemetry,
+    limits: &ServerConfig,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Problem> {
+    let (parts, incoming) = req.into_parts();
+    let upload = read_upload(&parts.headers, incoming, limits).await;
+    // What the request itself got wrong counts as a failed deploy, as the deploy's own refusals do.
+    let (code, config) = upload.inspect_err(|_| telemetry.metrics.deploys_failed.inc())?;
+    let deployed = functions.deploy(name, code, config).await?;
+    let status = if deployed.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(body::json(status, &VersionView::from(&deployed.record)))
 }
 
-async fn deploy_version(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let (parts, incoming) = req.into_parts();
+/// The upload and its config, from a raw body or a multipart form.
+async fn read_upload(
+    headers: &http::HeaderMap,
+    incoming: Incoming,
+    limits: &ServerConfig,
+) -> Result<(Bytes, FunctionConfig), Problem> {
     // The code cap plus room for the multipart framing and a config part.
-    let limit = app.config.max_code_bytes + 64 * 1024;
-    let bytes = body::read(&parts.headers, incoming, limit, app.config.body_read_timeout).await?;
-    let content_type = parts
-        .headers
+    let limit = limits.max_code_bytes + 64 * 1024;
+    let bytes = body::read(headers, incoming, limit, limits.body_read_timeout).await?;
+    let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
@@ -80,21 +95,14 @@ async fn deploy_version(app: &Arc<App>, name: &str, req: Request<Incoming>) -> R
     } else {
         (bytes, FunctionConfig::default())
     };
-    if code.len() as u64 > app.config.max_code_bytes {
-        return Err(ApiError::payload_too_large(app.config.max_code_bytes));
+    if code.len() as u64 > limits.max_code_bytes {
+        return Err(error::payload_too_large(limits.max_code_bytes));
     }
-    let deployed = deploy::deploy(app, name, code, config).await?;
-    let status = if deployed.created {
-        StatusCode::CREATED
-    } else {
-        app.metrics.deploys_unchanged.inc();
-        StatusCode::OK
-    };
-    Ok(body::json(status, &VersionView::from(&deployed.record)))
+    Ok((code, config))
 }
 
-async fn parse_multipart(content_type: &str, bytes: Bytes) -> Result<(Bytes, FunctionConfig), ApiError> {
-    let bad = |msg: String| ApiError::invalid_request(format!("multipart body: {msg}"));
+async fn parse_multipart(content_type: &str, bytes: Bytes) -> Result<(Bytes, FunctionConfig), Problem> {
+    let bad = |msg: String| error::invalid_request(format!("multipart body: {msg}"));
     let boundary = multer::parse_boundary(content_type).map_err(|e| bad(e.to_string()))?;
     let stream = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(bytes) });
     let mut multipart = multer::Multipart::new(stream, boundary);
@@ -117,7 +125,7 @@ async fn parse_multipart(content_type: &str, bytes: Bytes) -> Result<(Bytes, Fun
     }
     let code = code.ok_or_else(|| bad("no `code` part".into()))?;
     let config = match config {
-        Some(json) => FunctionConfig::from_json(&json).map_err(ApiError::invalid_request)?,
+        Some(json) => FunctionConfig::from_json(&json).map_err(error::invalid_request)?,
         None => FunctionConfig::default(),
     };
     Ok((code, config))
@@ -125,12 +133,8 @@ async fn parse_multipart(content_type: &str, bytes: Bytes) -> Result<(Bytes, Fun
 
 #[utoipa::path(get, path = "/v1/functions", tag = "functions",
     responses((status = 200, description = "Every function's latest version", body = FunctionList), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
-pub async fn list(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
-    let store = app.store.clone();
-    let records = tokio::task::spawn_blocking(move || store.all_latest())
-        .await
-        .expect("store task panicked")
-        .map_err(ApiError::internal)?;
+pub async fn list(functions: &Functions) -> Result<Response<Body>, Problem> {
+    let records = functions.list().await.map_err(Problem::internal)?;
     #[derive(Serialize)]
     struct List<'a> {
         functions: Vec<VersionView<'a>>,
@@ -142,15 +146,10 @@ pub async fn list(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
 #[utoipa::path(get, path = "/v1/functions/{name}", tag = "functions", params(("name" = String, Path, description = "Function name, ^[a-z0-9][a-z0-9_-]{0,63}$")),
     responses((status = 200, description = "The latest version and a `versions` list", body = VersionView),
         (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody), (status = 404, description = "No such function", body = ErrorBody)))]
-pub async fn get(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
-    let store = app.store.clone();
-    let owned = name.to_owned();
-    let versions = tokio::task::spawn_blocking(move || store.versions(&owned))
-        .await
-        .expect("store task panicked")
-        .map_err(ApiError::internal)?;
+pub async fn get(functions: &Functions, name: &str) -> Result<Response<Body>, Problem> {
+    let versions = functions.versions(name).await.map_err(Problem::internal)?;
     let Some(latest) = versions.last() else {
-        return Err(ApiError::not_found(format!("no function named `{name}`")));
+        return Err(error::not_found(format!("no function named `{name}`")));
     };
     let mut view = serde_json::to_value(VersionView::from(latest)).expect("serialises");
     let list: Vec<_> = versions
@@ -171,8 +170,8 @@ pub async fn get(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError>
 #[utoipa::path(delete, path = "/v1/functions/{name}", tag = "functions", params(("name" = String, Path, description = "Function name, ^[a-z0-9][a-z0-9_-]{0,63}$")),
     responses((status = 204, description = "Removed with all its versions"),
         (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody), (status = 404, description = "No such function", body = ErrorBody)))]
-pub async fn delete(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
-    deploy::delete(app, name).await?;
+pub async fn delete(functions: &Functions, name: &str) -> Result<Response<Body>, Problem> {
+    functions.delete(name).await?;
     Ok(Response::builder()
         .status(StatusCode::NO_CONTENT)
         .body(Body::default())

@@ -2,21 +2,21 @@
 //! after `/fn/{name}` (at least `/`), the query and the client's headers, minus `Authorization`
 //! (Kiln's token is not the function's business) and the hop-by-hop headers of this connection.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{self, HeaderName};
 use http::uri::PathAndQuery;
-use http::{HeaderMap, Request, Response, Uri};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
+use kiln_core::auth::Auth;
+use kiln_core::function::is_valid_function_name;
+use kiln_core::functions::Functions;
+use kiln_core::problem::Problem;
+use kiln_core::telemetry::Telemetry;
 
 use super::body::Body;
-use super::error::ApiError;
+use super::error;
 use super::openapi::ErrorBody;
-use crate::app::App;
-use crate::config::is_valid_function_name;
-use crate::registry::Lookup;
-use crate::trigger;
 
 /// Headers that describe one connection, never forwarded (RFC 9110, section 7.6.1).
 static HOP_BY_HOP: [HeaderName; 8] = [
@@ -43,55 +43,54 @@ static HOP_BY_HOP: [HeaderName; 8] = [
         (status = 429, description = "Concurrency limit reached", body = ErrorBody),
         (status = 502, description = "The function failed before answering", body = ErrorBody),
         (status = 504, description = "The function ran past its timeout before answering", body = ErrorBody)))]
-pub async fn handle(app: &Arc<App>, name: &str, mut req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub async fn handle(
+    auth: &Auth,
+    functions: &Functions,
+    telemetry: &Telemetry,
+    name: &str,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Problem> {
     if !is_valid_function_name(name) {
-        return Err(ApiError::invalid_request(format!(
-            "invalid function name {name:?}: names match ^[a-z0-9][a-z0-9_-]{{0,63}}$"
-        )));
+        return Err(error::invalid_function_name(name));
     }
-    let principal = app
-        .auth
-        .authenticate(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()));
+    let principal = auth.authenticate(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()));
     // Authorise before loading anything: a client without a valid token learns nothing and costs
     // nothing unless the function is public (which the registry knows without loading it).
     match &principal {
         Some(p) if !p.may_invoke(name) => {
-            return Err(ApiError::new(
-                http::StatusCode::FORBIDDEN,
-                "forbidden",
-                format!("this token may not invoke `{name}`"),
-            ));
+            return Err(error::forbidden(format!("this token may not invoke `{name}`")));
         }
         Some(_) => {}
-        None => {
-            let public = matches!(app.registry.lookup(name, None), Lookup::Found(slot, _) if slot.record.config.public);
-            if !public {
-                return Err(ApiError::unauthorized());
-            }
-        }
+        None if functions.is_public(name) => {}
+        None => return Err(error::unauthorized()),
     }
-    let (function, concurrency) = app.resolve(name, None).await?;
-    if principal.is_none() && !function.record.config.public {
-        return Err(ApiError::unauthorized());
+    let resolved = functions.resolve(name, None).await?;
+    let record = &resolved.function.record;
+    if principal.is_none() && !record.config.public {
+        return Err(error::unauthorized());
     }
     if req.uri().authority().is_none() && !req.headers().contains_key(header::HOST) {
-        return Err(ApiError::invalid_request("the request has no Host header"));
+        return Err(error::invalid_request("the request has no Host header"));
     }
 
     *req.uri_mut() = guest_uri(req.uri(), name)?;
     strip_headers(req.headers_mut());
     let started = Instant::now();
-    let outcome = trigger::serve(app, function.clone(), concurrency, req).await;
-    crate::observe::http_request(app, &function.record, outcome.as_ref().map(|_| ()), started.elapsed());
+    let outcome = functions
+        .tiers
+        .wasm
+        .serve_http(resolved.function.clone(), &resolved.concurrency, req)
+        .await;
+    telemetry.http_request(record, outcome.as_ref().map(|_| ()), started.elapsed());
     let mut response = outcome?.map(Body::Stream);
     response
         .headers_mut()
-        .insert(super::invoke::VERSION, function.version_header.clone());
+        .insert(super::invoke::VERSION, HeaderValue::from(record.version));
     Ok(response)
 }
 
 /// `/fn/{name}/a/b?x=1` → `/a/b?x=1`; `/fn/{name}` → `/`.
-fn guest_uri(uri: &Uri, name: &str) -> Result<Uri, ApiError> {
+fn guest_uri(uri: &Uri, name: &str) -> Result<Uri, Problem> {
     // The router ignores extra leading slashes (`//fn/x`); so does this.
     let rest = &uri.path().trim_start_matches('/')["fn/".len() + name.len()..];
     let path = if rest.is_empty() { "/" } else { rest };
@@ -100,9 +99,8 @@ fn guest_uri(uri: &Uri, name: &str) -> Result<Uri, ApiError> {
         None => PathAndQuery::try_from(path),
     };
     let mut parts = uri.clone().into_parts();
-    parts.path_and_query =
-        Some(path_and_query.map_err(|_| ApiError::invalid_request("the request path is not valid"))?);
-    Uri::from_parts(parts).map_err(|_| ApiError::invalid_request("the request URI is not valid"))
+    parts.path_and_query = Some(path_and_query.map_err(|_| error::invalid_request("the request path is not valid"))?);
+    Uri::from_parts(parts).map_err(|_| error::invalid_request("the request URI is not valid"))
 }
 
 fn strip_headers(headers: &mut HeaderMap) {

@@ -1,19 +1,22 @@
 //! Asynchronous invocations: submit, the record, and the result behind a signed URL.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use kiln_core::functions::Functions;
+use kiln_core::invocations::{NewInvocation, Queue};
+use kiln_core::outcome::InvokeError;
+use kiln_core::problem::Problem;
+use kiln_core::signing::{self, Refused, Signer};
+use kiln_core::storage::{BlobKind, Storage, StoredResult};
 use serde_json::json;
 
 use super::body::{self, Body};
-use super::error::ApiError;
+use super::error;
 use super::openapi::{ErrorBody, Invocation, Submitted};
-use crate::app::App;
-use crate::jobs::{self, NewInvocation, SubmitError};
-use crate::signing::{self, Refused};
+use crate::ServerConfig;
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
@@ -25,22 +28,26 @@ const IDEMPOTENCY_KEY: &str = "idempotency-key";
         (status = 404, description = "No such function or version", body = ErrorBody),
         (status = 413, description = "Input over the limit", body = ErrorBody),
         (status = 429, description = "The queue is full", body = ErrorBody)))]
-pub async fn submit(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub async fn submit(
+    functions: &Functions,
+    queue: &Queue,
+    limits: &ServerConfig,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Problem> {
     let version = super::version_param(req.uri().query())?;
     // Resolving loads the code now, so a submit for a missing function fails here, not later.
-    let (function, _) = app.resolve(name, version).await?;
-    if matches!(function.entry, crate::registry::Entry::Http(_)) {
-        return Err(crate::invoke::InvokeError::HttpTrigger(name.to_owned()).into());
+    let function = functions.resolve(name, version).await?.function;
+    if function.is_http() {
+        return Err(InvokeError::HttpTrigger(name.to_owned()).into());
     }
     let idempotency_key = match req.headers().get(IDEMPOTENCY_KEY) {
         None => None,
         Some(value) => {
             let key = value.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 255);
             Some(
-                key.ok_or_else(|| {
-                    ApiError::invalid_request("Idempotency-Key must be 1 to 255 visible ASCII characters")
-                })?
-                .to_owned(),
+                key.ok_or_else(|| error::invalid_request("Idempotency-Key must be 1 to 255 visible ASCII characters"))?
+                    .to_owned(),
             )
         }
     };
@@ -48,8 +55,8 @@ pub async fn submit(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Resul
     let input = body::read(
         &parts.headers,
         incoming,
-        app.config.max_async_input_bytes,
-        app.config.body_read_timeout,
+        limits.max_async_input_bytes,
+        limits.body_read_timeout,
     )
     .await?;
     let invocation = NewInvocation {
@@ -59,13 +66,7 @@ pub async fn submit(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Resul
         idempotency_key,
         max_attempts: 1 + function.record.config.retries,
     };
-    let id = app.jobs.submit(invocation).await.map_err(|e| match e {
-        e @ SubmitError::QueueFull(_) => {
-            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", e.to_string())
-        }
-        SubmitError::Closed => ApiError::unavailable("kiln is shutting down"),
-        e @ (SubmitError::Store(_) | SubmitError::Commit(_)) => ApiError::internal(e),
-    })?;
+    let id = queue.submit(invocation).await?;
     let status_url = format!("/v1/invocations/{id}");
     let mut response = body::json(StatusCode::ACCEPTED, &json!({ "id": id, "status_url": status_url }));
     response
@@ -75,15 +76,15 @@ pub async fn submit(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Resul
 }
 
 /// Invocation ids are UUIDs; anything else never touches the database.
-pub(super) fn valid_id(id: &str) -> Result<(), ApiError> {
+pub(super) fn valid_id(id: &str) -> Result<(), Problem> {
     match uuid::Uuid::try_parse(id) {
         Ok(parsed) if parsed.hyphenated().to_string() == id => Ok(()),
-        _ => Err(ApiError::not_found(format!("no invocation {id:?}"))),
+        _ => Err(error::not_found(format!("no invocation {id:?}"))),
     }
 }
 
 /// `expires_in` (seconds) sets the result URL's lifetime: default 15 minutes, at most 7 days.
-fn url_lifetime(query: Option<&str>) -> Result<Duration, ApiError> {
+fn url_lifetime(query: Option<&str>) -> Result<Duration, Problem> {
     let mut lifetime = signing::DEFAULT_LIFETIME;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
@@ -93,13 +94,13 @@ fn url_lifetime(query: Option<&str>) -> Result<Duration, ApiError> {
                     .ok()
                     .filter(|s| (1..=signing::MAX_LIFETIME.as_secs()).contains(s));
                 lifetime = Duration::from_secs(seconds.ok_or_else(|| {
-                    ApiError::invalid_request(format!(
+                    error::invalid_request(format!(
                         "expires_in must be between 1 and {} seconds",
                         signing::MAX_LIFETIME.as_secs()
                     ))
                 })?);
             }
-            _ => return Err(ApiError::invalid_request(format!("unknown query parameter {pair:?}"))),
+            _ => return Err(error::invalid_request(format!("unknown query parameter {pair:?}"))),
         }
     }
     Ok(lifetime)
@@ -109,17 +110,17 @@ fn url_lifetime(query: Option<&str>) -> Result<Duration, ApiError> {
         ("expires_in" = Option<u64>, Query, description = "Lifetime of the result URL in seconds")),
     responses((status = 200, description = "The invocation's record", body = Invocation),
         (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody), (status = 404, description = "No such invocation", body = ErrorBody)))]
-pub async fn get(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+pub async fn get(storage: &Storage, signer: &Signer, id: &str, query: Option<&str>) -> Result<Response<Body>, Problem> {
     valid_id(id)?;
     let lifetime = url_lifetime(query)?;
-    let store = app.store.clone();
+    let metadata = storage.metadata.clone();
     let owned = id.to_owned();
-    let record = tokio::task::spawn_blocking(move || jobs::load_record(&store.conn(), &owned))
+    let record = tokio::task::spawn_blocking(move || metadata.invocation(&owned))
         .await
         .expect("store task panicked")
-        .map_err(ApiError::internal)?
-        .ok_or_else(|| ApiError::not_found(format!("no invocation {id}")))?;
-    let result_url = (record.state == "succeeded").then(|| app.signer.url(&record.id, lifetime));
+        .map_err(Problem::internal)?
+        .ok_or_else(|| error::not_found(format!("no invocation {id}")))?;
+    let result_url = (record.state == "succeeded").then(|| signer.url(&record.id, lifetime));
     /// The record as the API shows it, in the contract's field order.
     #[derive(serde::Serialize)]
     struct View {
@@ -156,22 +157,34 @@ pub async fn get(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Respon
     responses((status = 200, description = "The function's output", content_type = "application/octet-stream"),
         (status = 403, description = "Bad or expired signature", body = ErrorBody),
         (status = 404, description = "No longer kept", body = ErrorBody)))]
-pub async fn result(app: &Arc<App>, id: &str, query: Option<&str>) -> Result<Response<Body>, ApiError> {
-    app.signer.verify(id, query).map_err(|refused| {
-        let message = match refused {
+pub async fn result(
+    signer: &Signer,
+    storage: &Storage,
+    id: &str,
+    query: Option<&str>,
+) -> Result<Response<Body>, Problem> {
+    signer.verify(id, query).map_err(|refused| {
+        error::forbidden(match refused {
             Refused::Expired => "the result URL has expired; fetch the invocation again for a new one",
             Refused::Malformed | Refused::BadSignature => "the result URL is not valid",
-        };
-        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+        })
     })?;
-    let store = app.store.clone();
+    let (metadata, blobs) = (storage.metadata.clone(), storage.blobs.clone());
     let owned = id.to_owned();
-    let layout = app.layout.clone();
-    let result = tokio::task::spawn_blocking(move || jobs::load_result(&store.conn(), &layout, &owned))
-        .await
-        .expect("store task panicked")
-        .map_err(ApiError::internal)?
-        .ok_or_else(|| ApiError::not_found("the result is no longer kept"))?;
+    let result = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, String> {
+        match metadata.invocation_result(&owned).map_err(|e| e.to_string())? {
+            None => Ok(None),
+            Some(StoredResult::Inline(bytes)) => Ok(Some(bytes)),
+            Some(StoredResult::Blob(digest)) => blobs
+                .get(BlobKind::Result, &digest)
+                .map(Some)
+                .map_err(|e| format!("reading the result blob: {e}")),
+        }
+    })
+    .await
+    .expect("store task panicked")
+    .map_err(Problem::internal)?
+    .ok_or_else(|| error::not_found("the result is no longer kept"))?;
     Ok(Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/octet-stream")

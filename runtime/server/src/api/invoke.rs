@@ -1,16 +1,16 @@
 //! Synchronous invoke: the request body is the guest's stdin, its stdout the response body.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use kiln_core::functions::Functions;
+use kiln_core::problem::Problem;
+use kiln_core::telemetry::Telemetry;
 
 use super::body::{self, Body};
-use super::error::ApiError;
 use super::openapi::ErrorBody;
-use crate::app::App;
-use crate::invoke;
+use crate::ServerConfig;
 
 const INVOCATION_ID: &str = "x-kiln-invocation-id";
 pub(super) const VERSION: &str = "x-kiln-version";
@@ -27,36 +27,43 @@ const DURATION_US: &str = "x-kiln-duration-us";
         (status = 429, description = "Concurrency limit reached", body = ErrorBody),
         (status = 502, description = "The function failed", body = ErrorBody),
         (status = 504, description = "The function ran past its timeout", body = ErrorBody)))]
-pub async fn sync(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub async fn sync(
+    functions: &Functions,
+    telemetry: &Telemetry,
+    limits: &ServerConfig,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Problem> {
     let version = super::version_param(req.uri().query())?;
-    let (function, concurrency) = app.resolve(name, version).await?;
+    let resolved = functions.resolve(name, version).await?;
     let (parts, incoming) = req.into_parts();
     let input = body::read(
         &parts.headers,
         incoming,
-        app.config.max_sync_input_bytes,
-        app.config.body_read_timeout,
+        limits.max_sync_input_bytes,
+        limits.body_read_timeout,
     )
     .await?;
 
     let id = uuid::Uuid::now_v7();
     let started = Instant::now();
-    let outcome = invoke::invoke(app, &function, &concurrency, input).await;
+    let outcome = functions.invoke(&resolved, input).await;
     let duration = started.elapsed();
-    crate::observe::sync_invocation(app, id, &function.record, &outcome, duration);
+    let record = &resolved.function.record;
+    telemetry.sync_invocation(id, record, &outcome, duration);
     let mut response = match outcome {
         Ok(success) => Response::builder()
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, "application/octet-stream")
             .body(Body::new(success.stdout))
             .expect("static headers are valid"),
-        Err(e) => body::error(&ApiError::from(e)),
+        Err(e) => body::error(&Problem::from(e)),
     };
     let headers = response.headers_mut();
     let mut buf = uuid::Uuid::encode_buffer();
     let id_text = id.as_hyphenated().encode_lower(&mut buf);
     headers.insert(INVOCATION_ID, HeaderValue::from_str(id_text).expect("uuid is ASCII"));
-    headers.insert(VERSION, function.version_header.clone());
+    headers.insert(VERSION, HeaderValue::from(record.version));
     headers.insert(DURATION_US, HeaderValue::from(duration.as_micros() as u64));
     Ok(response)
 }

@@ -6,7 +6,7 @@
 //! Types here describe answers that handlers build as ad-hoc JSON; the function config and the
 //! version record are the real types.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 use http::{header, Response, StatusCode};
@@ -14,7 +14,6 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use super::body::Body;
-use crate::app::App;
 
 /// The error body of every failure.
 #[derive(ToSchema)]
@@ -47,7 +46,7 @@ pub struct DeployForm {
     #[schema(value_type = String, format = Binary)]
     code: Vec<u8>,
     /// The function's config (JSON); every field optional.
-    config: Option<crate::config::FunctionConfig>,
+    config: Option<kiln_core::function::FunctionConfig>,
 }
 
 #[derive(ToSchema)]
@@ -158,7 +157,7 @@ pub fn json() -> Bytes {
 /// This document.
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "operations",
     responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")))]
-pub async fn document(_app: &Arc<App>) -> Response<Body> {
+pub fn document() -> Response<Body> {
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/json")

@@ -8,31 +8,30 @@ use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use kiln_core::auth::{Auth, Principal};
+use kiln_core::function::is_valid_function_name;
+use kiln_core::problem::Problem;
+use kiln_core::storage::Storage;
+use kiln_core::telemetry::invocation_logs::InvocationLogs;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::body::{self, Body};
-use super::error::ApiError;
+use super::error::{self, forbidden};
 use super::openapi::{ErrorBody, NewTokenRequest, TokenList, TokenView};
-use crate::app::App;
-use crate::auth::Principal;
-use crate::config::is_valid_function_name;
 
 /// A token may name this many functions at most.
 const MAX_FUNCTIONS: usize = 1000;
 
-fn forbidden(message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
-}
-
 /// Lets the admin token through everything, and an invoke-only token through the invoke routes
 /// of its own functions and the records and logs of their invocations.
 pub async fn authorize(
-    app: &Arc<App>,
+    storage: &Storage,
+    logs: &InvocationLogs,
     principal: &Principal,
     segments: &[&str],
     method: &Method,
-) -> Result<(), ApiError> {
+) -> Result<(), Problem> {
     let invocation = match (principal, segments) {
         (Principal::Admin, _) => return Ok(()),
         (Principal::Invoke(_), ["v1", "functions", name, "invoke" | "invoke-async"]) if method == Method::POST => {
@@ -50,20 +49,20 @@ pub async fn authorize(
         (Principal::Invoke(_), _) => return Err(forbidden("this token may only invoke its functions")),
     };
     // Whose invocation is it? A sync one just finished may still be on its way to the disk.
-    let app2 = app.clone();
+    let (metadata, logs) = (storage.metadata.clone(), logs.clone());
     let function = tokio::task::spawn_blocking(move || {
-        let lookup = || crate::logs::function_of(&app2.store.conn(), &invocation);
+        let lookup = || metadata.invocation_function(&invocation);
         match lookup()? {
             Some(function) => Ok(Some(function)),
             None => {
-                app2.logs.flush();
+                logs.flush();
                 lookup()
             }
         }
     })
     .await
     .expect("store task panicked")
-    .map_err(ApiError::internal)?;
+    .map_err(Problem::internal)?;
     match function {
         // Unknown: the handler answers 404, as it would to anyone.
         None => Ok(()),
@@ -83,27 +82,27 @@ struct NewToken {
 #[utoipa::path(post, path = "/v1/tokens", tag = "tokens", request_body = NewTokenRequest,
     responses((status = 201, description = "The token; its secret is shown only here", body = TokenView),
         (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
-pub async fn create(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub async fn create(auth: &Arc<Auth>, storage: &Storage, req: Request<Incoming>) -> Result<Response<Body>, Problem> {
     let (parts, incoming) = req.into_parts();
     let bytes = body::read(&parts.headers, incoming, 64 * 1024, Duration::from_secs(10)).await?;
     let request: NewToken = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::invalid_request(format!("expected {{\"functions\": [names]}}: {e}")))?;
+        .map_err(|e| error::invalid_request(format!("expected {{\"functions\": [names]}}: {e}")))?;
     if request.functions.is_empty() || request.functions.len() > MAX_FUNCTIONS {
-        return Err(ApiError::invalid_request(format!(
+        return Err(error::invalid_request(format!(
             "functions must name 1 to {MAX_FUNCTIONS} functions"
         )));
     }
     if let Some(bad) = request.functions.iter().find(|n| !is_valid_function_name(n)) {
-        return Err(ApiError::invalid_request(format!(
+        return Err(error::invalid_request(format!(
             "invalid function name {bad:?}: names match ^[a-z0-9][a-z0-9_-]{{0,63}}$"
         )));
     }
-    let app2 = app.clone();
+    let (auth, metadata) = (auth.clone(), storage.metadata.clone());
     let (token, secret, created_at) =
-        tokio::task::spawn_blocking(move || app2.auth.create_scoped(&app2.store, request.functions))
+        tokio::task::spawn_blocking(move || auth.create_scoped(metadata.as_ref(), request.functions))
             .await
             .expect("token task panicked")
-            .map_err(ApiError::internal)?;
+            .map_err(Problem::internal)?;
     Ok(body::json(
         StatusCode::CREATED,
         &json!({
@@ -118,12 +117,12 @@ pub async fn create(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
 
 #[utoipa::path(get, path = "/v1/tokens", tag = "tokens",
     responses((status = 200, description = "Scoped tokens, without secrets", body = TokenList), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
-pub async fn list(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
-    let app2 = app.clone();
-    let tokens = tokio::task::spawn_blocking(move || app2.auth.list_scoped(&app2.store))
+pub async fn list(auth: &Arc<Auth>, storage: &Storage) -> Result<Response<Body>, Problem> {
+    let (auth, metadata) = (auth.clone(), storage.metadata.clone());
+    let tokens = tokio::task::spawn_blocking(move || auth.list_scoped(metadata.as_ref()))
         .await
         .expect("token task panicked")
-        .map_err(ApiError::internal)?;
+        .map_err(Problem::internal)?;
     let tokens: Vec<_> = tokens
         .into_iter()
         .map(|(token, created_at)| {
@@ -136,15 +135,15 @@ pub async fn list(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
 #[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens",
     params(("id" = String, Path, description = "Token id")),
     responses((status = 204, description = "Revoked"), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody), (status = 404, description = "No such token", body = ErrorBody)))]
-pub async fn delete(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiError> {
-    let app2 = app.clone();
+pub async fn delete(auth: &Arc<Auth>, storage: &Storage, id: &str) -> Result<Response<Body>, Problem> {
+    let (auth, metadata) = (auth.clone(), storage.metadata.clone());
     let owned = id.to_owned();
-    let deleted = tokio::task::spawn_blocking(move || app2.auth.revoke(&app2.store, &owned))
+    let deleted = tokio::task::spawn_blocking(move || auth.revoke(metadata.as_ref(), &owned))
         .await
         .expect("token task panicked")
-        .map_err(ApiError::internal)?;
+        .map_err(Problem::internal)?;
     if !deleted {
-        return Err(ApiError::not_found(format!("no token {id:?}")));
+        return Err(error::not_found(format!("no token {id:?}")));
     }
     Ok(Response::builder()
         .status(StatusCode::NO_CONTENT)

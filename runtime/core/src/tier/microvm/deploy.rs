@@ -1,15 +1,14 @@
-//! Deploying a microvm function, in the stages Wasm deploys use (see `crate::deploy`):
+//! Deploying a microvm function: the microvm side of the stages of `crate::deploy`:
 //!
 //! 1. validate the upload (422 on every host), then — where the tier is available — build the
 //!    initramfs, boot the Linux guest until the agent's READY, and snapshot it into a staging
 //!    directory: all before anything is visible, so a failure leaves nothing behind;
-//! 2. under the commit lock: write the upload as the version's artifact, publish the snapshot
-//!    (fsync, rename), then commit the version row — the commit point;
-//! 3. install the loaded version in the registry.
+//! 2. under the commit lock: the upload is stored as the version's artifact, the snapshot is
+//!    published (fsync, rename), then the version row commits — the commit point;
+//! 3. the loaded version is installed in the registry.
 //!
 //! The boot holds one of the tier's VM permits and runs on the blocking pool.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,13 +17,12 @@ use kiln_vmm::{MicroVm, Snapshot, VmConfig};
 
 use super::image::validate_executable;
 use super::snapshots::{self, Staged};
-use super::GuestImage;
-use crate::app::App;
-use crate::config::{FunctionConfig, MAX_MEMORY_MB};
-use crate::deploy::{DeployError, Deployed};
-use crate::registry::{Entry, LoadedFunction};
-use crate::store::{Digest, Layout};
-use crate::validate::ArtifactKind;
+use super::{GuestImage, MicrovmTier};
+use crate::deploy::DeployError;
+use crate::digest::Digest;
+use crate::function::{ArtifactKind, FunctionConfig, MAX_MEMORY_MB};
+use crate::storage::Layout;
+use crate::tier::Artifact;
 
 /// The smallest guest Kiln boots: the kernel, the unpacked initramfs and the agent need it.
 pub const MIN_MEMORY_MB: u64 = 64;
@@ -33,84 +31,47 @@ pub const MIN_MEMORY_MB: u64 = 64;
 /// (KVM inside an emulated VM boots it in 20–60 s).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
-pub async fn deploy(
-    app: &Arc<App>,
-    name: &str,
-    upload: Bytes,
-    config: FunctionConfig,
-) -> Result<Deployed, DeployError> {
-    // Bad input is 422 on every host; only a valid executable learns that the host cannot run it.
-    validate_executable(&upload).map_err(DeployError::InvalidCode)?;
-    let Some((hypervisor, image)) = app.microvm.runtime() else {
-        return Err(DeployError::TierUnavailable(app.microvm.unavailable()));
-    };
-    if config.memory_mb < MIN_MEMORY_MB {
-        return Err(DeployError::InvalidCode(format!(
-            "the microvm tier needs memory_mb of at least {MIN_MEMORY_MB}: the guest's kernel and \
-             agent run in it"
-        )));
-    }
-    let digest = Digest::of(&upload);
-    let store = app.store.clone();
-    let owned = name.to_owned();
-    let latest = tokio::task::spawn_blocking(move || store.latest(&owned))
-        .await
-        .expect("store task panicked")?;
-    if let Some(latest) = latest {
-        if latest.digest == digest && latest.config == config {
-            return Ok(Deployed {
-                record: latest,
-                created: false,
-            });
+impl MicrovmTier {
+    /// Bad input is 422 on every host; only a valid executable learns that the host cannot run it.
+    pub(super) fn check(&self, upload: &[u8], config: &FunctionConfig) -> Result<Artifact, DeployError> {
+        validate_executable(upload).map_err(DeployError::InvalidCode)?;
+        if self.runtime().is_none() {
+            return Err(DeployError::TierUnavailable(self.unavailable()));
         }
+        if config.memory_mb < MIN_MEMORY_MB {
+            return Err(DeployError::InvalidCode(format!(
+                "the microvm tier needs memory_mb of at least {MIN_MEMORY_MB}: the guest's kernel and \
+                 agent run in it"
+            )));
+        }
+        Ok(Artifact {
+            kind: ArtifactKind::Native,
+            digest: Digest::of(upload),
+            bytes: Bytes::copy_from_slice(upload),
+            init_hook: None,
+        })
     }
 
-    // Stage 1: boot and snapshot, on the blocking pool, holding a VM permit.
-    let permit = app
-        .microvm
-        .permits
-        .clone()
-        .acquire_owned()
-        .await
-        .expect("the permits are never closed");
-    let staged = {
-        let (layout, upload, name) = (app.layout.clone(), upload.clone(), name.to_owned());
+    /// Stage 1: boot and snapshot, on the blocking pool, holding a VM permit.
+    pub(super) async fn boot(
+        &self,
+        name: &str,
+        artifact: &Artifact,
+        config: &FunctionConfig,
+    ) -> Result<Staged, DeployError> {
+        let Some((hypervisor, image)) = self.runtime() else {
+            return Err(DeployError::TierUnavailable(self.unavailable()));
+        };
+        let permit = self.vms.take().await;
+        let (layout, upload, name) = (self.layout.clone(), artifact.bytes.clone(), name.to_owned());
         let (memory_mib, env) = (config.memory_mb as u32, config.env.clone());
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             boot_and_snapshot(&layout, &hypervisor, &image, &name, &upload, &env, memory_mib)
         })
         .await
-        .expect("boot task panicked")?
-    };
-
-    // Stage 2: the commit.
-    let _commit = app.commit_lock.lock().await;
-    let (record, created) = {
-        let app = app.clone();
-        let name = name.to_owned();
-        tokio::task::spawn_blocking(move || -> Result<_, DeployError> {
-            app.layout.write_artifact(&digest, &upload)?;
-            let code_digest = staged.digest.clone();
-            staged.publish(&app.layout)?;
-            Ok(app
-                .store
-                .commit_version(&name, &digest, &code_digest, ArtifactKind::Native, &config)?)
-        })
-        .await
-        .expect("commit task panicked")?
-    };
-
-    // Stage 3: serve it.
-    if created {
-        let function = snapshots::load(app, &record)
-            .await
-            .map_err(|e| DeployError::Io(std::io::Error::other(e.to_string())))?;
-        let loaded = Arc::new(LoadedFunction::new(record.clone(), Entry::Microvm(function)));
-        app.registry.install(record.clone(), Some(loaded));
-        app.metrics.deploys.inc();
+        .expect("boot task panicked")
     }
-    Ok(Deployed { record, created })
 }
 
 /// Builds the function's initramfs, boots it to READY and snapshots it into a staging directory;

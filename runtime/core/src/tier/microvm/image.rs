@@ -10,7 +10,7 @@ use object::elf;
 use object::read::elf::{Dyn as _, ElfFile64, FileHeader as _, ProgramHeader as _};
 use object::{Endianness, FileKind};
 
-use crate::store::Digest;
+use crate::digest::Digest;
 
 /// The Linux guest every microvm function boots: kernel, agent and command line.
 pub struct GuestImage {

@@ -11,14 +11,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use kiln_vmm::invocation::SEED_LEN;
 use kiln_vmm::{Reply, RestoreError, RunError, Snapshot};
-use wasmtime_wasi::p2::OutputStream as _;
 
 use super::MicrovmTier;
-use crate::app::App;
-use crate::config::{FunctionConfig, STDERR_CAP, STDOUT_CAP};
-use crate::invoke::{Failure, InvokeError, Success, STDERR_TAIL};
-use crate::limits::CappedOutput;
-use crate::registry::{Concurrency, LoadedFunction};
+use crate::function::FunctionConfig;
+use crate::outcome::{Failure, InvokeError, Success, STDERR_CAP, STDERR_TAIL, STDOUT_CAP};
+use crate::permits::Permits;
 
 /// A loaded microvm version: its snapshot, restored for each invocation.
 pub struct MicrovmFunction {
@@ -38,36 +35,17 @@ enum RunFailure {
     Invoke(kiln_vmm::InvokeError),
 }
 
-/// Invokes a microvm function (the sync, async and CLI paths all come through here).
-pub async fn invoke(
-    app: &App,
-    f: &LoadedFunction,
-    function: &Arc<MicrovmFunction>,
-    concurrency: &Concurrency,
-    input: Bytes,
-) -> Result<Success, InvokeError> {
-    let _function_permit = concurrency
-        .permits
-        .try_acquire()
-        .map_err(|_| InvokeError::FunctionBusy(f.record.name.clone(), concurrency.limit))?;
-    app.microvm.run(function, &f.record.config, input).await
-}
-
 impl MicrovmTier {
-    /// Restores `function`, runs one request and tears the VM down.
+    /// Restores `function`, runs one request and tears the VM down. The permits move to the VM's
+    /// thread: they are released when the VM is gone, even if this future is dropped first (a
+    /// client that hangs up does not free a slot early).
     pub(crate) async fn run(
         &self,
+        permits: Permits,
         function: &Arc<MicrovmFunction>,
         config: &FunctionConfig,
         input: Bytes,
     ) -> Result<Success, InvokeError> {
-        // The permit moves to the VM's thread: it is released when the VM is gone, even if this
-        // future is dropped first (a client that hangs up does not free a slot early).
-        let permit = self
-            .permits
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| InvokeError::PoolBusy(self.max_vms))?;
         let Some(hypervisor) = self.hypervisor.clone() else {
             return Err(InvokeError::failed(self.unavailable()));
         };
@@ -76,7 +54,7 @@ impl MicrovmTier {
         // snapshot never share the RNG state they were snapshotted with.
         let seed: [u8; SEED_LEN] = rand::random();
         let outcome = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+            let _permits = permits;
             let mut vm = function.snapshot.restore(&hypervisor).map_err(RunFailure::Restore)?;
             vm.invoke(&seed, &input, timeout, STDERR_CAP)
                 .map_err(RunFailure::Invoke)
@@ -111,12 +89,11 @@ fn shape(outcome: Result<Reply, RunFailure>, config: &FunctionConfig) -> Result<
             })
         }
     };
-    let mut stderr = CappedOutput::new("stderr", STDERR_CAP);
-    // The VMM kept at most STDERR_CAP bytes, so this write fits.
-    let _ = stderr.write(Bytes::from(reply.log));
-    let stdout = CappedOutput::new("stdout", STDOUT_CAP);
+    // The VMM kept at most STDERR_CAP bytes of the log.
+    let log = &reply.log[reply.log.len().saturating_sub(STDERR_TAIL)..];
+    let stderr_tail = String::from_utf8_lossy(log).into_owned();
     let message = if reply.stdout.len() > STDOUT_CAP {
-        format!("the function's {}", stdout.limit_message())
+        format!("the function's stdout exceeded its limit of {STDOUT_CAP} bytes")
     } else if reply.exit_code == SIGKILLED {
         // Nothing in the guest sends SIGKILL but the kernel's OOM killer.
         format!(
@@ -129,14 +106,14 @@ fn shape(outcome: Result<Reply, RunFailure>, config: &FunctionConfig) -> Result<
     } else {
         return Ok(Success {
             stdout: Bytes::from(reply.stdout),
-            stderr,
+            stderr_tail,
         });
     };
     Err(InvokeError::Failed(Failure {
         message,
         trap: None,
         exit_code: (reply.exit_code != 0).then_some(reply.exit_code),
-        stderr_tail: stderr.tail(STDERR_TAIL),
+        stderr_tail,
     }))
 }
 
@@ -151,8 +128,11 @@ mod tests {
     use kiln_vmm::{Hypervisor, MicroVm, VmConfig};
 
     use super::*;
-    use crate::config::Tier;
-    use crate::microvm::Capability;
+    use crate::function::Tier;
+    use crate::permits::Limit;
+    use crate::registry::{Entry, LoadedFunction};
+    use crate::tier::microvm::Capability;
+    use crate::tier::Tier as _;
 
     fn reply(exit_code: i32, stdout: &[u8], log: &[u8]) -> Reply {
         Reply {
@@ -168,7 +148,7 @@ mod tests {
         let config = FunctionConfig::default();
         let ok = shape(Ok(reply(0, b"out", b"log")), &config).unwrap();
         assert_eq!(ok.stdout, Bytes::from_static(b"out"));
-        assert_eq!(ok.stderr.tail(100), "log");
+        assert_eq!(ok.stderr_tail, "log");
         let Err(InvokeError::Failed(failure)) = shape(Ok(reply(3, b"", b"bad input\n")), &config) else {
             panic!("exit code 3 is a failure");
         };
@@ -207,55 +187,83 @@ mod tests {
     /// place of Linux, so it runs on hosts (PVM) where the Linux guest cannot.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn restored_snapshots_are_reseeded_and_answer_through_kilns_invoke_path() {
+        let test = "tier::microvm::invoke::restored_snapshots_are_reseeded_and_answer_through_kilns_invoke_path";
         let hv = match Hypervisor::open() {
             Ok(hv) => Arc::new(hv),
-            Err(e) => {
-                eprintln!("skipped: this host has no usable KVM ({e})");
-                return;
-            }
+            Err(e) => return kiln_testkit::skip(test, &format!("this host has no usable KVM ({e})")),
         };
         let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let data = tempfile::tempdir().unwrap();
         let agent = snapshot_of(&hv, &test_guest::agent(), dirs.0.path());
         let spin = snapshot_of(&hv, &test_guest::spin(), dirs.1.path());
-        let tier = MicrovmTier::with_parts(Capability::Available, Some(hv), None, 1);
+        let layout = crate::storage::Layout::new(data.path().to_path_buf());
+        let tier = MicrovmTier::with_parts(Capability::Available, Some(hv), None, 1, layout);
         let config = FunctionConfig {
             tier: Tier::Microvm,
             timeout_ms: 5_000,
             ..FunctionConfig::default()
         };
+        let function = |snapshot: &Arc<MicrovmFunction>, config: &FunctionConfig| {
+            let record = crate::function::VersionRecord {
+                name: "native".into(),
+                version: 1,
+                digest: crate::digest::Digest::of(b"upload"),
+                code_digest: crate::digest::Digest::of(b"snapshot"),
+                kind: crate::function::ArtifactKind::Native,
+                config: config.clone(),
+                created_at: String::new(),
+            };
+            LoadedFunction::new(record, Entry::Microvm(snapshot.clone()))
+        };
+        let concurrency = Limit::new(8);
+        let native = function(&agent, &config);
 
         let mut seeds = Vec::new();
         for i in 0..4 {
             let input = format!("request {i}");
-            let success = tier.run(&agent, &config, Bytes::from(input.clone())).await.unwrap();
+            let success = tier
+                .invoke(&native, &concurrency, Bytes::from(input.clone()))
+                .await
+                .unwrap();
             // The guest answers with the seed it was sent and the input; exit code 0 because every
             // invocation starts from the snapshot (the guest counts requests since it booted).
             let (seed, echoed) = success.stdout.split_at(SEED_LEN);
             assert_eq!(echoed, input.as_bytes());
             assert_ne!(seed, [0; SEED_LEN], "no RESEED reached the guest");
             seeds.push(seed.to_vec());
-            assert_eq!(success.stderr.tail(100).as_bytes(), AGENT_LOG);
+            assert_eq!(success.stderr_tail.as_bytes(), AGENT_LOG);
         }
         seeds.sort();
         seeds.dedup();
         assert_eq!(seeds.len(), 4, "every restore got fresh entropy");
 
-        // The tier's VM limit: with its one permit taken, an invocation is 429.
-        let held = tier.permits.clone().try_acquire_owned().unwrap();
-        let busy = tier.run(&agent, &config, Bytes::new()).await.err().unwrap();
+        // The tier's VM limit: with its one permit taken, an invocation is 429; the function's own
+        // limit is checked first.
+        let held = Permits::take("other", &Limit::new(1), &tier.vms).unwrap();
+        let busy = tier.invoke(&native, &concurrency, Bytes::new()).await.err().unwrap();
         assert!(matches!(busy, InvokeError::PoolBusy(1)), "{busy}");
         drop(held);
+        assert_eq!(concurrency.in_use(), 0, "a refused invocation holds no function permit");
 
         // A guest that never answers: kicked at the function's timeout, reported as Wasm's is.
         let short = FunctionConfig {
             timeout_ms: 100,
             ..config.clone()
         };
+        let spinning = function(&spin, &short);
         let started = Instant::now();
-        let err = tier.run(&spin, &short, Bytes::from_static(b"x")).await.err().unwrap();
+        let err = tier
+            .invoke(&spinning, &concurrency, Bytes::from_static(b"x"))
+            .await
+            .err()
+            .unwrap();
         assert!(matches!(err, InvokeError::Timeout(100)), "{err}");
         assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
-        // The permit came back with the VM: the tier serves again.
-        assert!(tier.run(&agent, &config, Bytes::from_static(b"ok")).await.is_ok());
+        // The permits came back with the VM: the tier serves again.
+        assert!(tier
+            .invoke(&native, &concurrency, Bytes::from_static(b"ok"))
+            .await
+            .is_ok());
+        assert_eq!((concurrency.in_use(), tier.vms.in_use()), (0, 0));
     }
 }

@@ -9,9 +9,12 @@
 //!   the per-function initramfs);
 //! - [`snapshots`]: where snapshots live in the data directory, staged and published like
 //!   artifacts, loaded, swept;
-//! - [`deploy`]: validate, build, boot to READY, snapshot, commit the version;
+//! - [`deploy`]: validate, build the image, boot to READY, snapshot (the tier's side of
+//!   `crate::deploy`);
 //! - [`invoke`]: restore, RESEED, REQUEST, read LOG/RESPONSE, tear down, shape the outcome as a
 //!   Wasm invocation's.
+//!
+//! Deploy and invoke reach it through [`crate::tier::Tier`], like the Wasm tier.
 //!
 //! Every KVM call runs on the blocking pool (`spawn_blocking`): a vCPU blocks its thread for as
 //! long as the guest runs, which must never be a tokio worker.
@@ -25,16 +28,24 @@ mod snapshots;
 use std::path::Path;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use kiln_vmm::{Hypervisor, Quirks};
-use tokio::sync::Semaphore;
 
 pub use capability::Capability;
-pub use deploy::deploy;
 pub use image::{validate_executable, GuestImage};
-pub use invoke::{invoke, MicrovmFunction};
-pub use snapshots::{load, remove_snapshot, sweep};
+pub use invoke::MicrovmFunction;
+pub use snapshots::sweep;
 
-use crate::config::ServerConfig;
+use super::{Artifact, Tier};
+use crate::config::CoreConfig;
+use crate::deploy::DeployError;
+use crate::digest::Digest;
+use crate::function::{FunctionConfig, VersionRecord};
+use crate::functions::LoadError;
+use crate::outcome::{InvokeError, Success};
+use crate::permits::{Limit, Permits};
+use crate::registry::{Concurrency, Entry, LoadedFunction};
+use crate::storage::Layout;
 
 /// The tier's state, built once at start-up and shared by every deploy and invocation.
 pub struct MicrovmTier {
@@ -44,14 +55,15 @@ pub struct MicrovmTier {
     /// The guest image, when the tier is available.
     image: Option<Arc<GuestImage>>,
     /// One per running microVM (deploy boots and invocations alike).
-    permits: Arc<Semaphore>,
-    max_vms: u32,
+    vms: Limit,
+    /// Where snapshots live.
+    layout: Layout,
 }
 
 impl MicrovmTier {
     /// Probes the host and loads the guest image where it could run. Blocking (reads and
     /// decompresses the kernel): call it at start-up.
-    pub fn open(config: &ServerConfig) -> Self {
+    pub fn open(config: &CoreConfig, layout: &Layout) -> Self {
         let has_kvm = Path::new("/dev/kvm").exists();
         let hypervisor = has_kvm.then(Hypervisor::open);
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -88,6 +100,7 @@ impl MicrovmTier {
                 .map(|hv| Arc::new(hv.with_quirks(quirks))),
             image,
             config.microvm_max_vms,
+            layout.clone(),
         )
     }
 
@@ -96,13 +109,14 @@ impl MicrovmTier {
         hypervisor: Option<Arc<Hypervisor>>,
         image: Option<Arc<GuestImage>>,
         max_vms: u32,
+        layout: Layout,
     ) -> Self {
         Self {
             capability,
             hypervisor,
             image,
-            permits: Arc::new(Semaphore::new(max_vms as usize)),
-            max_vms,
+            vms: Limit::new(max_vms),
+            layout,
         }
     }
 
@@ -128,5 +142,51 @@ impl MicrovmTier {
         self.reason()
             .unwrap_or("the microvm tier is not available on this host")
             .to_owned()
+    }
+
+    /// Removes a snapshot no version references any more (after a delete).
+    pub fn forget(&self, digest: &Digest) {
+        snapshots::remove_snapshot(&self.layout, digest);
+    }
+}
+
+impl Tier for MicrovmTier {
+    type Staged = snapshots::Staged;
+
+    fn inspect(&self, upload: &[u8], config: &FunctionConfig) -> Result<Artifact, DeployError> {
+        self.check(upload, config)
+    }
+
+    async fn stage(
+        &self,
+        name: &str,
+        artifact: &Artifact,
+        config: &FunctionConfig,
+    ) -> Result<Self::Staged, DeployError> {
+        self.boot(name, artifact, config).await
+    }
+
+    fn publish(&self, staged: Self::Staged) -> Result<Digest, DeployError> {
+        let digest = staged.digest.clone();
+        staged.publish(&self.layout)?;
+        Ok(digest)
+    }
+
+    async fn load(&self, record: &VersionRecord) -> Result<Entry, LoadError> {
+        let function = snapshots::load(self, record).await?;
+        Ok(Entry::Microvm(function))
+    }
+
+    async fn invoke(
+        &self,
+        f: &LoadedFunction,
+        concurrency: &Concurrency,
+        input: Bytes,
+    ) -> Result<Success, InvokeError> {
+        let Entry::Microvm(function) = &f.entry else {
+            unreachable!("Tiers::invoke sends only microvm functions here")
+        };
+        let permits = Permits::take(&f.record.name, concurrency, &self.vms)?;
+        self.run(permits, function, &f.record.config, input).await
     }
 }

@@ -16,14 +16,17 @@ use std::sync::Arc;
 use kiln_vmm::Snapshot;
 
 use super::invoke::MicrovmFunction;
-use crate::app::{App, LoadError};
-use crate::store::files::sync_dir;
-use crate::store::{Digest, Layout, VersionRecord};
+use super::MicrovmTier;
+use crate::digest::Digest;
+use crate::function::VersionRecord;
+use crate::functions::LoadError;
+use crate::storage::local::sync_dir;
+use crate::storage::Layout;
 
 const STAGING_PREFIX: &str = "microvm-";
 
 fn root(layout: &Layout) -> PathBuf {
-    layout.root.join("microvm")
+    layout.snapshots()
 }
 
 /// Where the snapshot named `digest` lives.
@@ -100,11 +103,11 @@ impl Drop for Staged {
 }
 
 /// Loads the snapshot a microvm version runs from. Blocking work runs on the blocking pool.
-pub async fn load(app: &App, record: &VersionRecord) -> Result<Arc<MicrovmFunction>, LoadError> {
-    if !app.microvm.is_available() {
-        return Err(LoadError::Unavailable(app.microvm.unavailable()));
+pub async fn load(tier: &MicrovmTier, record: &VersionRecord) -> Result<Arc<MicrovmFunction>, LoadError> {
+    if !tier.is_available() {
+        return Err(LoadError::Unavailable(tier.unavailable()));
     }
-    let path = dir(&app.layout, &record.code_digest);
+    let path = dir(&tier.layout, &record.code_digest);
     let snapshot = tokio::task::spawn_blocking(move || Snapshot::load(&path))
         .await
         .expect("snapshot load task panicked")

@@ -8,14 +8,16 @@
 use std::hash::Hasher;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
 use wasmtime::component::Component;
 use wasmtime::{Engine, Module};
 
-use crate::store::files::write_atomic;
-use crate::store::{Digest, Layout};
-use crate::validate::ArtifactKind;
+use crate::digest::Digest;
+use crate::function::ArtifactKind;
+use crate::storage::local::write_atomic;
+use crate::storage::{BlobKind, Blobs, Layout};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CompileError {
@@ -25,7 +27,7 @@ pub enum CompileError {
     Io(#[from] std::io::Error),
 }
 
-/// Native executables run in microVMs (`crate::microvm`) and have no compiled form.
+/// Native executables run in microVMs (`crate::tier::microvm`) and have no compiled form.
 fn not_wasm() -> CompileError {
     CompileError::Compile("a native executable is not compiled; the microvm tier runs it".into())
 }
@@ -40,13 +42,15 @@ pub enum Compiled {
 pub struct CompileCache {
     engine: Engine,
     layout: Layout,
+    /// Where artifacts are, to compile one this engine/CPU has no entry for.
+    blobs: Arc<dyn Blobs>,
     dir: PathBuf,
     key: String,
     compilations: AtomicU64,
 }
 
 impl CompileCache {
-    pub fn open(engine: Engine, layout: Layout) -> std::io::Result<CompileCache> {
+    pub fn open(engine: Engine, layout: Layout, blobs: Arc<dyn Blobs>) -> std::io::Result<CompileCache> {
         let key = cache_key(&engine);
         let dir = layout.compiled().join(&key);
         if !dir.exists() {
@@ -56,6 +60,7 @@ impl CompileCache {
         Ok(CompileCache {
             engine,
             layout,
+            blobs,
             dir,
             key,
             compilations: AtomicU64::new(0),
@@ -126,7 +131,7 @@ impl CompileCache {
             }
         }
         tracing::info!(digest = digest.hex(), key = %self.key, "compiling for this engine/CPU (no cache entry)");
-        let bytes = std::fs::read(self.layout.artifact(digest))?;
+        let bytes = self.blobs.get(BlobKind::Artifact, digest)?;
         let cwasm = self.precompile(kind, &bytes)?;
         self.store(digest, &cwasm)?;
         self.load(kind, digest)

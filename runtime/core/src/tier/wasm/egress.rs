@@ -13,13 +13,11 @@
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, OnceLock};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::Scheme;
-use http_body_util::BodyExt;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use wasmtime_wasi_http::{Error, ForbiddenHeaderFilter, RequestOptions, WasiBody, WasiHttpHooks};
 
@@ -182,32 +180,82 @@ const MAX_OUTBOUND_PER_INSTANCE: usize = 32;
 /// Name lookups in flight at once, server-wide: each holds a thread of the blocking pool.
 const MAX_LOOKUPS: usize = 64;
 
-/// A function's outbound policy: the `WasiHttpHooks` of its instances.
+/// What completes an outbound exchange after its response headers arrived (the connection
+/// still carrying the body).
+pub type IoFuture = Box<dyn Future<Output = Result<(), Error>> + Send>;
+/// A sent request's response, and the rest of its exchange.
+pub type Sent = Result<(http::Response<WasiBody>, IoFuture), Error>;
+
+/// Where an allowed request goes: the addresses the policy checked (and only those), and how to
+/// speak to them.
 #[derive(Debug, Clone)]
+pub struct Destination {
+    pub addresses: Vec<SocketAddr>,
+    pub https: bool,
+    /// The name to verify the server's certificate against (the request's host).
+    pub server_name: String,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+}
+
+/// Opens the connection for an allowed request and sends it. The core decides *whether* and
+/// *where*; the connector (the server crate's, on hyper and rustls) speaks HTTP.
+pub trait Connector: Send + Sync + 'static {
+    fn send(
+        &self,
+        destination: Destination,
+        request: http::Request<WasiBody>,
+    ) -> Pin<Box<dyn Future<Output = Sent> + Send>>;
+}
+
+/// A connector that sends nothing: what a core without a server (benchmarks, tests) gives its
+/// functions. Every request is refused as if no entry allowed it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoConnector;
+
+impl Connector for NoConnector {
+    fn send(&self, _: Destination, _: http::Request<WasiBody>) -> Pin<Box<dyn Future<Output = Sent> + Send>> {
+        Box::pin(async { Err(Error::HttpRequestDenied) })
+    }
+}
+
+/// Checks `allowed_hosts` entries (a deploy's config).
+pub fn check_allowed_hosts(entries: &[String]) -> Result<(), String> {
+    entries.iter().try_for_each(|entry| Rule::parse(entry).map(drop))
+}
+
+/// A function's outbound policy: the `WasiHttpHooks` of its instances.
+#[derive(Clone)]
 pub struct Egress {
     rules: Arc<[Rule]>,
     outbound: Arc<Semaphore>,
+    connector: Arc<dyn Connector>,
 }
 
-impl Default for Egress {
-    fn default() -> Egress {
-        Egress {
-            rules: Arc::from(Vec::new()),
-            outbound: Arc::new(Semaphore::new(MAX_OUTBOUND_PER_INSTANCE)),
-        }
+impl std::fmt::Debug for Egress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Egress")
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
     }
 }
 
 impl Egress {
-    pub fn new(allowed_hosts: &[String]) -> Result<Egress, String> {
+    pub fn new(allowed_hosts: &[String], connector: Arc<dyn Connector>) -> Result<Egress, String> {
         let rules = allowed_hosts
             .iter()
             .map(|entry| Rule::parse(entry))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Egress {
             rules: rules.into(),
-            ..Egress::default()
+            outbound: Arc::new(Semaphore::new(MAX_OUTBOUND_PER_INSTANCE)),
+            connector,
         })
+    }
+
+    /// A policy that allows nothing.
+    pub fn deny_all(connector: Arc<dyn Connector>) -> Egress {
+        Egress::new(&[], connector).expect("no entries parse")
     }
 
     /// The same rules with this instance's own cap on open requests.
@@ -215,6 +263,7 @@ impl Egress {
         Egress {
             rules: self.rules.clone(),
             outbound: Arc::new(Semaphore::new(MAX_OUTBOUND_PER_INSTANCE)),
+            connector: self.connector.clone(),
         }
     }
 
@@ -264,101 +313,32 @@ impl Egress {
     }
 }
 
-trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
-
-fn tls_config() -> Arc<rustls::ClientConfig> {
-    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let roots = rustls::RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.into(),
-            };
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default TLS versions")
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            Arc::new(config)
-        })
-        .clone()
-}
-
-type IoFuture = Box<dyn Future<Output = Result<(), Error>> + Send>;
-
 /// Sends a request the policy allowed, to one of the checked addresses.
-async fn send(
-    egress: Egress,
-    mut request: http::Request<WasiBody>,
-    options: Option<RequestOptions>,
-) -> Result<(http::Response<WasiBody>, IoFuture), Error> {
-    // Held until the connection is done with (it moves into the I/O future below).
+async fn send(egress: Egress, request: http::Request<WasiBody>, options: Option<RequestOptions>) -> Sent {
+    // Held until the exchange is done with (it moves into the I/O future below).
     let slot = egress
         .outbound
         .clone()
         .try_acquire_owned()
         .map_err(|_| Error::ConnectionLimitReached)?;
-    let (addresses, https, name) = egress.destination(request.uri()).await?;
-    let connect_timeout = options
-        .and_then(|o| o.connect_timeout)
-        .unwrap_or(CONNECT_TIMEOUT)
-        .min(CONNECT_TIMEOUT);
-    let first_byte_timeout = options
-        .and_then(|o| o.first_byte_timeout)
-        .unwrap_or(FIRST_BYTE_TIMEOUT)
-        .min(FIRST_BYTE_TIMEOUT);
-    let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(&addresses[..]))
-        .await
-        .map_err(|_| Error::ConnectionTimeout)?
-        .map_err(Error::Connect)?;
-    let stream: Box<dyn Stream> = if https {
-        let server_name = match name.parse::<IpAddr>() {
-            Ok(ip) => rustls::pki_types::ServerName::from(ip),
-            Err(_) => rustls::pki_types::ServerName::try_from(name).map_err(|_| Error::HttpRequestUriInvalid)?,
-        };
-        let handshake = tokio_rustls::TlsConnector::from(tls_config()).connect(server_name, tcp);
-        let tls = tokio::time::timeout(connect_timeout, handshake)
-            .await
-            .map_err(|_| Error::ConnectionTimeout)?
-            .map_err(Error::Tls)?;
-        Box::new(tls)
-    } else {
-        Box::new(tcp)
+    let (addresses, https, server_name) = egress.destination(request.uri()).await?;
+    let destination = Destination {
+        addresses,
+        https,
+        server_name,
+        connect_timeout: options
+            .and_then(|o| o.connect_timeout)
+            .unwrap_or(CONNECT_TIMEOUT)
+            .min(CONNECT_TIMEOUT),
+        first_byte_timeout: options
+            .and_then(|o| o.first_byte_timeout)
+            .unwrap_or(FIRST_BYTE_TIMEOUT)
+            .min(FIRST_BYTE_TIMEOUT),
     };
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .map_err(Error::from)?;
-    // The request line carries only the path; the authority travels in the Host header.
-    let path = request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    *request.uri_mut() = http::Uri::builder()
-        .path_and_query(path)
-        .build()
-        .map_err(|_| Error::HttpRequestUriInvalid)?;
-    // The connection must be driven while the response is awaited; it may also finish first (the
-    // server answered and closed), and then the response is already there to be taken.
-    let send = tokio::time::timeout(first_byte_timeout, sender.send_request(request));
-    tokio::pin!(send);
-    let mut connection = Some(Box::pin(connection));
-    let response = loop {
-        tokio::select! {
-            biased;
-            response = &mut send => {
-                break response.map_err(|_| Error::ConnectionReadTimeout)?.map_err(Error::from)?;
-            }
-            ended = async { connection.as_mut().expect("guarded").await }, if connection.is_some() => {
-                ended.map_err(Error::from)?;
-                connection = None;
-            }
-        }
-    };
-    let response = response.map(|body| body.map_err(Error::from).boxed_unsync());
+    let (response, io) = egress.connector.send(destination, request).await?;
     let io: IoFuture = Box::new(async move {
         let _slot = slot;
-        match connection {
-            Some(connection) => connection.await.map_err(Error::from),
-            None => Ok(()),
-        }
+        Box::into_pin(io).await
     });
     Ok((response, io))
 }
@@ -373,7 +353,7 @@ impl WasiHttpHooks for Egress {
         request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
         fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
-    ) -> Box<dyn Future<Output = Result<(http::Response<WasiBody>, IoFuture), Error>> + Send> {
+    ) -> Box<dyn Future<Output = Sent> + Send> {
         drop(fut);
         let egress = self.clone();
         Box::new(async move { send(egress, request, options).await })

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use crate::config::MAX_MEMORY_MB;
+use crate::function::MAX_MEMORY_MB;
 
 /// Granularity of timeouts for guest code.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);

@@ -12,7 +12,7 @@ use wasmtime::ResourceLimiter;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 
-use crate::pool::TABLE_ELEMENTS;
+use super::engine::TABLE_ELEMENTS;
 
 /// Host objects (handles, pollables, streams) one instance may hold at once. Each costs host memory
 /// and host time, and a guest can ask for many in one call (a `poll_oneoff` with a million timers).

@@ -9,57 +9,64 @@
 //! start-up or reseeds in its `kiln.restore` hook.
 
 use bytes::Bytes;
-use wasmtime::Store;
 use wasmtime_wizer::Wizer;
 
-use crate::app::App;
-use crate::config::{FunctionConfig, STDERR_CAP};
-use crate::invoke::{arm_deadline, classify, guest_wasi, InvokeError, ModuleState};
-use crate::limits::{CappedOutput, MemoryLimiter};
+use super::egress::Egress;
+use super::instance::{Guest, ModuleState, StdoutCap};
+use super::WasmTier;
+use crate::function::FunctionConfig;
+use crate::outcome::InvokeError;
 
 /// Runs `init_hook` of the module `wasm` and returns the pre-initialised module. The error is a
 /// message for the deploy's 422. Blocking: call it from a blocking thread of the runtime.
 pub fn preinitialize(
-    app: &App,
+    tier: &WasmTier,
     name: &str,
     wasm: &[u8],
     init_hook: &str,
     config: &FunctionConfig,
 ) -> Result<Vec<u8>, String> {
-    let stdout = CappedOutput::new("stdout", STDERR_CAP);
-    let stderr = CappedOutput::new("stderr", STDERR_CAP);
     let env: Vec<(String, String)> = config.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let wasi = guest_wasi(&[name.to_owned()], &env, Bytes::new(), &stdout, &stderr);
-    let limiter = MemoryLimiter::new(config.memory_bytes());
-    let mut store = Store::new(&app.engine, ModuleState::new(wasi, limiter));
-    store.limiter(|s| &mut s.limiter);
-    arm_deadline(&mut store, config.timeout());
+    let args = [name.to_owned()];
+    let no_egress = Egress::deny_all(tier.connector.clone());
+    let guest = Guest {
+        args: &args,
+        env: &env,
+        egress: &no_egress,
+        memory_bytes: config.memory_bytes(),
+        timeout: config.timeout(),
+        timeout_ms: config.timeout_ms,
+    };
+    let mut instance = guest.store::<ModuleState>(&tier.engine, Bytes::new(), StdoutCap::InitHook);
 
     let mut wizer = Wizer::new();
     wizer.init_func(init_hook);
-    let linker = app.linkers.module();
+    let linker = tier.linkers.module();
     let outcome = tokio::runtime::Handle::current().block_on(tokio::time::timeout(
         config.timeout(),
-        wizer.run(&mut store, wasm, async |store, module| {
+        wizer.run(&mut instance.store, wasm, async |store, module| {
             linker.instantiate_async(store, module).await
         }),
     ));
-    let error = match outcome {
+    let ended = match outcome {
         Ok(Ok(snapshot)) => return Ok(snapshot),
-        Ok(Err(error)) => error,
-        Err(_elapsed) => return Err(timed_out(init_hook, config)),
+        Ok(Err(error)) => Ok(Err(error)),
+        Err(elapsed) => Err(elapsed),
     };
-    let memory_exceeded = store.data().limiter.exceeded();
-    match classify(error, config.timeout_ms, memory_exceeded, &stdout, &stderr) {
-        InvokeError::Timeout(_) => Err(timed_out(init_hook, config)),
-        InvokeError::Failed(failure) => {
+    match instance.outcome(ended) {
+        // `proc_exit(0)` ends the instance before the hook returns: there is nothing to snapshot.
+        Ok(_) => Err(format!(
+            "the init hook `{init_hook}` failed: the function exited with code 0"
+        )),
+        Err(InvokeError::Timeout(_)) => Err(timed_out(init_hook, config)),
+        Err(InvokeError::Failed(failure)) => {
             let mut message = format!("the init hook `{init_hook}` failed: {}", failure.message);
             if !failure.stderr_tail.is_empty() {
                 message.push_str(&format!("; its stderr: {}", failure.stderr_tail.trim_end()));
             }
             Err(message)
         }
-        other => Err(format!("the init hook `{init_hook}` failed: {other}")),
+        Err(other) => Err(format!("the init hook `{init_hook}` failed: {other}")),
     }
 }
 

@@ -15,53 +15,17 @@ use std::task::{ready, Context, Poll};
 use bytes::Bytes;
 use http::Request;
 use http_body::{Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::sync::oneshot;
-use wasmtime::Store;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::WasiHttpView;
 
-use crate::app::App;
-use crate::config::{STDERR_CAP, STDOUT_CAP};
-use crate::invoke::{arm_deadline, classify, guest_wasi, ComponentState, Failure, InvokeError, STDERR_TAIL};
-use crate::limits::{CappedOutput, MemoryLimiter};
+use super::instance::{classify, ComponentState, Instance, StdoutCap};
+use super::limits::CappedOutput;
+use super::link::Code;
+use super::{WasmFunction, WasmTier};
+use crate::outcome::{Failure, InvokeError, STDERR_TAIL};
 use crate::registry::{Concurrency, Entry, LoadedFunction};
-
-/// The function's and the pool's permits, held by the instance's task for as long as it runs and
-/// given back when it ends.
-struct Permits {
-    app: Arc<App>,
-    concurrency: Arc<Concurrency>,
-}
-
-impl Permits {
-    fn take(app: &Arc<App>, f: &LoadedFunction, concurrency: &Arc<Concurrency>) -> Result<Permits, InvokeError> {
-        concurrency
-            .permits
-            .try_acquire()
-            .map_err(|_| InvokeError::FunctionBusy(f.record.name.clone(), concurrency.limit))?
-            .forget();
-        match app.instance_permits.try_acquire() {
-            Ok(permit) => permit.forget(),
-            Err(_) => {
-                concurrency.permits.add_permits(1);
-                return Err(InvokeError::PoolBusy(app.config.max_instances));
-            }
-        }
-        Ok(Permits {
-            app: app.clone(),
-            concurrency: concurrency.clone(),
-        })
-    }
-}
-
-impl Drop for Permits {
-    fn drop(&mut self) {
-        self.app.instance_permits.add_permits(1);
-        self.concurrency.permits.add_permits(1);
-    }
-}
 
 /// The guest's response body. It ends only once the guest has returned: if the guest traps or
 /// runs out of time mid-body, the body ends with an error, so the client sees it cut short rather
@@ -102,102 +66,116 @@ impl http_body::Body for GuestBody {
     }
 }
 
-/// Runs the guest on `request` (whose URI is already the guest's view: path and query after
-/// `/fn/{name}`). Answers as soon as the guest has set its response.
-pub async fn serve(
-    app: &Arc<App>,
-    f: Arc<LoadedFunction>,
-    concurrency: Arc<Concurrency>,
-    request: Request<Incoming>,
-) -> Result<http::Response<GuestBody>, InvokeError> {
-    if !matches!(f.entry, Entry::Http(_)) {
-        return Err(InvokeError::NotHttpTrigger(f.record.name.clone()));
-    }
-    let permits = Permits::take(app, &f, &concurrency)?;
-    let config = &f.record.config;
-    let stdout = CappedOutput::new("stdout", STDOUT_CAP);
-    let stderr = CappedOutput::new("stderr", STDERR_CAP);
-    let wasi = guest_wasi(&f.args, &f.env, Bytes::new(), &stdout, &stderr);
-    let state = ComponentState::new(wasi, MemoryLimiter::new(config.memory_bytes()), f.egress.for_instance());
-    let mut store = Store::new(&app.engine, state);
-    store.limiter(|s| &mut s.limiter);
-    let deadline = config.timeout();
-    arm_deadline(&mut store, deadline);
-
-    let (sender, response) = oneshot::channel();
-    let setup = (|| -> wasmtime::Result<_> {
-        let request = store.data_mut().http().new_incoming_request(Scheme::Http, request)?;
-        let out = store.data_mut().http().new_response_outparam(sender)?;
-        Ok((request, out))
-    })();
-    let (request, out) =
-        setup.map_err(|e| InvokeError::failed(format!("the request could not be handed to the function: {e}")))?;
-
-    let guest = f.clone();
-    let answered = Arc::new(AtomicBool::new(false));
-    let (finished_tx, finished) = oneshot::channel();
-    let answered_in_task = answered.clone();
-    let task_stderr = stderr.clone();
-    let run: GuestRun = Box::pin(async move {
-        let _permits = permits;
-        let Entry::Http(pre) = &guest.entry else {
-            unreachable!("checked above")
+impl WasmTier {
+    /// Runs the guest on `request` (whose URI is already the guest's view: path and query after
+    /// `/fn/{name}`). Answers as soon as the guest has set its response.
+    pub async fn serve_http<B>(
+        &self,
+        f: Arc<LoadedFunction>,
+        concurrency: &Concurrency,
+        request: Request<B>,
+    ) -> Result<http::Response<GuestBody>, InvokeError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let Entry::Wasm(wasm) = &f.entry else {
+            return Err(InvokeError::NotHttpTrigger(f.record.name.clone()));
         };
-        let run = async {
-            let proxy = pre.instantiate_async(&mut store).await?;
-            proxy
-                .wasi_http_incoming_handler()
-                .call_handle(&mut store, request, out)
-                .await
-        };
-        let outcome = tokio::time::timeout(deadline, run).await;
-        let memory_exceeded = store.data().limiter.exceeded();
-        let _ = finished_tx.send(matches!(outcome, Ok(Ok(()))));
-        if answered_in_task.load(Ordering::Acquire) {
-            log_failure_after_answer(&guest, &outcome, &task_stderr);
+        if !wasm.is_http() {
+            return Err(InvokeError::NotHttpTrigger(f.record.name.clone()));
         }
-        (outcome, memory_exceeded)
-    });
+        let permits = self.permits(&f, concurrency)?;
+        let config = &f.record.config;
+        let Instance {
+            mut store,
+            stdout,
+            stderr,
+            timeout_ms,
+        } = wasm
+            .guest(config)
+            .store::<ComponentState>(&self.engine, Bytes::new(), StdoutCap::Invocation);
+        let deadline = config.timeout();
 
-    // The guest runs right here, in the request's own task, until it sets its response; a small
-    // response usually finishes the guest in the same poll, and then no task is spawned at all.
-    let mut guest = InlineGuest(Some(run));
-    let mut response = response;
-    let first = std::future::poll_fn(|cx| {
-        if let Some(ended) = guest.poll(cx) {
-            return Poll::Ready(Err(ended));
+        let (sender, response) = oneshot::channel();
+        let setup = (|| -> wasmtime::Result<_> {
+            let request = store.data_mut().http().new_incoming_request(Scheme::Http, request)?;
+            let out = store.data_mut().http().new_response_outparam(sender)?;
+            Ok((request, out))
+        })();
+        let (request, out) =
+            setup.map_err(|e| InvokeError::failed(format!("the request could not be handed to the function: {e}")))?;
+
+        let guest = f.clone();
+        let answered = Arc::new(AtomicBool::new(false));
+        let (finished_tx, finished) = oneshot::channel();
+        let answered_in_task = answered.clone();
+        let task_stderr = stderr.clone();
+        let run: GuestRun = Box::pin(async move {
+            let _permits = permits;
+            let Entry::Wasm(WasmFunction {
+                code: Code::Http(pre), ..
+            }) = &guest.entry
+            else {
+                unreachable!("checked above")
+            };
+            let run = async {
+                let proxy = pre.instantiate_async(&mut store).await?;
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut store, request, out)
+                    .await
+            };
+            let outcome = tokio::time::timeout(deadline, run).await;
+            let memory_exceeded = store.data().limiter.exceeded();
+            drop(store);
+            let _ = finished_tx.send(matches!(outcome, Ok(Ok(()))));
+            if answered_in_task.load(Ordering::Acquire) {
+                log_failure_after_answer(&guest, &outcome, &task_stderr);
+            }
+            (outcome, memory_exceeded)
+        });
+
+        // The guest runs right here, in the request's own task, until it sets its response; a small
+        // response usually finishes the guest in the same poll, and then no task is spawned at all.
+        let mut guest = InlineGuest(Some(run));
+        let mut response = response;
+        let first = std::future::poll_fn(|cx| {
+            if let Some(ended) = guest.poll(cx) {
+                return Poll::Ready(Err(ended));
+            }
+            Pin::new(&mut response).poll(cx).map(Ok)
+        })
+        .await;
+        let ended = match first {
+            Ok(Ok(answer)) => Ok(answer),
+            // The guest ended: it may have set its response on the way (and then failed, in which
+            // case the body it left ends with an error).
+            Err(ended) => response
+                .try_recv()
+                .inspect(|_| log_failure_after_answer(&f, &ended.0, &stderr))
+                .map_err(|_| ended),
+            // The guest dropped its response outparam unset: it cannot answer any more; wait for it
+            // to end and say why.
+            Ok(Err(_unset)) => Err(std::future::poll_fn(|cx| guest.poll(cx).map_or(Poll::Pending, Poll::Ready)).await),
+        };
+        let answer = ended.map_err(|ended| explain(ended, timeout_ms, &stdout, &stderr))?;
+        match answer {
+            Ok(response) => {
+                answered.store(true, Ordering::Release);
+                // Still writing its body (or still running after it): the guest goes on as a task of
+                // its own, so that the response can go out while it runs.
+                guest.detach();
+                Ok(response.map(|inner| GuestBody {
+                    inner,
+                    finished: Some(finished),
+                }))
+            }
+            Err(code) => Err(InvokeError::failed(format!(
+                "the function answered with an error: {}",
+                describe(&code)
+            ))),
         }
-        Pin::new(&mut response).poll(cx).map(Ok)
-    })
-    .await;
-    let ended = match first {
-        Ok(Ok(answer)) => Ok(answer),
-        // The guest ended: it may have set its response on the way (and then failed, in which
-        // case the body it left ends with an error).
-        Err(ended) => response
-            .try_recv()
-            .inspect(|_| log_failure_after_answer(&f, &ended.0, &stderr))
-            .map_err(|_| ended),
-        // The guest dropped its response outparam unset: it cannot answer any more; wait for it
-        // to end and say why.
-        Ok(Err(_unset)) => Err(std::future::poll_fn(|cx| guest.poll(cx).map_or(Poll::Pending, Poll::Ready)).await),
-    };
-    let answer = ended.map_err(|ended| explain(ended, config.timeout_ms, &stdout, &stderr))?;
-    match answer {
-        Ok(response) => {
-            answered.store(true, Ordering::Release);
-            // Still writing its body (or still running after it): the guest goes on as a task of
-            // its own, so that the response can go out while it runs.
-            guest.detach();
-            Ok(response.map(|inner| GuestBody {
-                inner,
-                finished: Some(finished),
-            }))
-        }
-        Err(code) => Err(InvokeError::failed(format!(
-            "the function answered with an error: {}",
-            describe(&code)
-        ))),
     }
 }
 

@@ -4,35 +4,7 @@
 
 use wasmparser::{Operator, Parser, Payload, TypeRef, Validator, WasmFeatures};
 
-/// What kind of artifact a version runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ArtifactKind {
-    /// A core module, WASI preview 1 command (`_start`).
-    Module,
-    /// A component targeting `wasi:cli/command` (exports `wasi:cli/run`).
-    Component,
-    /// A static x86_64 Linux executable, run by the microvm tier (see `crate::microvm`).
-    Native,
-}
-
-impl ArtifactKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ArtifactKind::Module => "module",
-            ArtifactKind::Component => "component",
-            ArtifactKind::Native => "native",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<ArtifactKind> {
-        match s {
-            "module" => Some(ArtifactKind::Module),
-            "component" => Some(ArtifactKind::Component),
-            "native" => Some(ArtifactKind::Native),
-            _ => None,
-        }
-    }
-}
+use crate::function::ArtifactKind;
 
 /// Limits an artifact is checked against; they match what the instance pool can hold.
 #[derive(Debug, Clone, Copy)]

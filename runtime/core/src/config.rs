@@ -1,0 +1,51 @@
+//! The core's own settings, with their defaults and the reason for each. The server's
+//! `ServerConfig` wraps this with what only a network listener needs (address, connection caps,
+//! request timeouts, body sizes); `kiln serve`'s flags, environment and `kiln.toml` fill both.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub data_dir: PathBuf,
+    /// The one sizing number of the instance pool: how many guest instances may be alive at once,
+    /// across all functions. Every pool dimension (memories, tables, stacks) derives from it, and it
+    /// is also the global concurrency cap (past it invocations get 429).
+    pub max_instances: u32,
+    /// Asynchronous invocations waiting to run; past it submits get 429.
+    pub max_queued: u64,
+    /// Asynchronous invocations running at once.
+    pub async_workers: usize,
+    /// How long finished asynchronous invocations (and their results) are kept.
+    pub retention: Duration,
+    /// Logs of synchronous invocations kept at most (the newest); older ones also go after
+    /// `retention`. 100k entries of at most 4 KiB stderr each bound the table to ~400 MiB.
+    pub max_kept_logs: u64,
+    /// Where the admin token comes from when `KILN_ADMIN_TOKEN` is set.
+    pub admin_token: Option<String>,
+    /// The microvm tier's guest kernel: Debian's cloud bzImage or its ELF `vmlinux`. Without it
+    /// (and the agent) the tier is unavailable.
+    pub microvm_kernel: Option<PathBuf>,
+    /// The microvm tier's guest agent: the static `kiln-agent` executable, `/init` of every guest.
+    pub microvm_agent: Option<PathBuf>,
+    /// MicroVMs running at once, across all functions; past it invocations get 429. Each holds a
+    /// thread (its vCPU) and up to its function's `memory_mb` of RAM.
+    pub microvm_max_vms: u32,
+}
+
+impl CoreConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        CoreConfig {
+            data_dir,
+            max_instances: 1000,
+            max_queued: 10_000,
+            async_workers: 64,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            max_kept_logs: 100_000,
+            admin_token: None,
+            microvm_kernel: None,
+            microvm_agent: None,
+            microvm_max_vms: 32,
+        }
+    }
+}

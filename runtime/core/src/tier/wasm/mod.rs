@@ -1,0 +1,258 @@
+//! The Wasm tier: WebAssembly modules (WASI preview 1 commands) and components (`wasi:cli/command`
+//! and `wasi:http/proxy`), compiled ahead of time for this CPU at deploy and run in a fresh
+//! instance from a pooling allocator per invocation — microseconds, not a process.
+//!
+//! One module per concept:
+//! - [`validate`]: what an upload is, and whether Kiln can run it (deploy, `422` otherwise);
+//! - [`preinit`]: a module's init hook run once at deploy and snapshotted (Wizer);
+//! - [`compile`]: AOT compilation and its cache, keyed by engine and CPU;
+//! - [`link`]: the WASI linkers, and compiled code linked into ready-to-instantiate [`link::Code`];
+//! - [`engine`]: the one engine and its pool, sized from `max_instances`;
+//! - [`instance`]: one guest's store — WASI context, limiter, capped output, deadline — built in
+//!   one place for every caller, and how a guest's error is classified;
+//! - [`limits`]: the memory limiter and capped output streams;
+//! - [`invoke`]: a sync or async invocation; [`trigger`]: an HTTP-trigger request;
+//! - [`egress`]: where a component's outbound HTTP may go.
+
+pub mod compile;
+pub mod egress;
+pub mod engine;
+pub mod instance;
+mod invoke;
+pub mod limits;
+pub mod link;
+pub mod preinit;
+pub mod trigger;
+pub mod validate;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use self::compile::{CompileCache, CompileError};
+use self::egress::{Connector, Egress};
+use self::engine::EpochTicker;
+use self::instance::Guest;
+use self::link::{Code, Linkers};
+use self::validate::CodeLimits;
+use super::{Artifact, Tier};
+use crate::config::CoreConfig;
+use crate::deploy::DeployError;
+use crate::digest::Digest;
+use crate::function::{FunctionConfig, VersionRecord};
+use crate::functions::LoadError;
+use crate::outcome::{InvokeError, Success};
+use crate::permits::{Limit, Permits};
+use crate::registry::{Concurrency, Entry, LoadedFunction};
+use crate::storage::{BlobKind, Blobs, Layout};
+
+/// A loaded Wasm version: its linked code and what every instance of it is given.
+pub struct WasmFunction {
+    pub code: Code,
+    /// `argv`: the function's name.
+    pub args: [String; 1],
+    pub env: Vec<(String, String)>,
+    pub egress: Egress,
+}
+
+impl WasmFunction {
+    pub fn new(record: &VersionRecord, code: Code, connector: Arc<dyn Connector>) -> WasmFunction {
+        WasmFunction {
+            code,
+            args: [record.name.clone()],
+            env: record.config.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            // The config was validated at deploy; a stored entry that no longer parses allows nothing.
+            egress: Egress::new(&record.config.allowed_hosts, connector.clone())
+                .unwrap_or_else(|_| Egress::deny_all(connector)),
+        }
+    }
+
+    pub fn is_http(&self) -> bool {
+        matches!(self.code, Code::Http(_))
+    }
+
+    /// What each of its instances is built with.
+    pub fn guest<'a>(&'a self, config: &FunctionConfig) -> Guest<'a> {
+        Guest {
+            args: &self.args,
+            env: &self.env,
+            egress: &self.egress,
+            memory_bytes: config.memory_bytes(),
+            timeout: config.timeout(),
+            timeout_ms: config.timeout_ms,
+        }
+    }
+}
+
+/// The tier's long-lived parts, built once at start-up. Cheap to clone (every part is shared), so
+/// blocking work can take a copy to the blocking pool.
+#[derive(Clone)]
+pub struct WasmTier {
+    pub engine: wasmtime::Engine,
+    cache: Arc<CompileCache>,
+    linkers: Arc<Linkers>,
+    /// The global cap on live instances; equal to the pool's size, so the pool itself never runs
+    /// dry mid-instantiation.
+    capacity: Arc<Limit>,
+    connector: Arc<dyn Connector>,
+    blobs: Arc<dyn Blobs>,
+    _ticker: Arc<EpochTicker>,
+}
+
+/// What a Wasm deploy stages: the compiled code and, when an init hook ran, its snapshot.
+pub struct WasmStaged {
+    code_digest: Digest,
+    snapshot: Option<Vec<u8>>,
+    cwasm: Vec<u8>,
+}
+
+impl WasmTier {
+    pub fn open(
+        config: &CoreConfig,
+        layout: &Layout,
+        blobs: Arc<dyn Blobs>,
+        connector: Arc<dyn Connector>,
+    ) -> Result<WasmTier, String> {
+        let engine = engine::engine(config.max_instances).map_err(|e| format!("wasmtime engine: {e:#}"))?;
+        let ticker = EpochTicker::start(&engine);
+        let cache = CompileCache::open(engine.clone(), layout.clone(), blobs.clone())
+            .map_err(|e| format!("compile cache {}: {e}", layout.compiled().display()))?;
+        let linkers = Linkers::new(&engine).map_err(|e| format!("wasmtime linkers: {e:#}"))?;
+        Ok(WasmTier {
+            engine,
+            cache: Arc::new(cache),
+            linkers: Arc::new(linkers),
+            capacity: Arc::new(Limit::new(config.max_instances)),
+            connector,
+            blobs,
+            _ticker: Arc::new(ticker),
+        })
+    }
+
+    /// Guest instances alive now.
+    pub fn instances_in_use(&self) -> usize {
+        self.capacity.in_use()
+    }
+
+    /// Compilations done by this process (deploys and cache misses).
+    pub fn compilations(&self) -> u64 {
+        self.cache.compilations()
+    }
+
+    /// Drops compiled code of an artifact no version references.
+    pub fn forget(&self, digest: &Digest) {
+        self.cache.remove(digest);
+    }
+
+    /// The permits of one invocation of `f`.
+    fn permits(&self, f: &LoadedFunction, concurrency: &Concurrency) -> Result<Permits, InvokeError> {
+        Permits::take(&f.record.name, concurrency, &self.capacity)
+    }
+
+    /// Stage 1, blocking and CPU-heavy: the init hook's snapshot, compilation, a link check.
+    fn prepare(&self, name: &str, artifact: &Artifact, config: &FunctionConfig) -> Result<WasmStaged, DeployError> {
+        let snapshot = match artifact.init_hook {
+            Some(hook) => {
+                tracing::info!(
+                    function = name,
+                    digest = artifact.digest.hex(),
+                    hook,
+                    "running the init hook"
+                );
+                let snapshot = preinit::preinitialize(self, name, &artifact.bytes, hook, config)
+                    .map_err(DeployError::InvalidCode)?;
+                Some(snapshot)
+            }
+            None => None,
+        };
+        let code = snapshot.as_deref().unwrap_or(&artifact.bytes);
+        let code_digest = Digest::of(code);
+        tracing::info!(
+            function = name,
+            digest = code_digest.hex(),
+            kind = artifact.kind.as_str(),
+            "compiling"
+        );
+        let invalid = |e: CompileError| DeployError::InvalidCode(e.to_string());
+        let cwasm = self.cache.precompile(artifact.kind, code).map_err(invalid)?;
+        let compiled = self.cache.load_bytes(artifact.kind, &cwasm).map_err(invalid)?;
+        self.linkers
+            .link(&compiled)
+            .map_err(|e| DeployError::InvalidCode(format!("cannot be linked: {e}")))?;
+        Ok(WasmStaged {
+            code_digest,
+            snapshot,
+            cwasm,
+        })
+    }
+}
+
+impl Tier for WasmTier {
+    type Staged = WasmStaged;
+
+    fn inspect(&self, upload: &[u8], config: &FunctionConfig) -> Result<Artifact, DeployError> {
+        let limits = CodeLimits {
+            memory_bytes: config.memory_bytes() as u64,
+            table_elements: engine::TABLE_ELEMENTS as u64,
+            memories_per_module: engine::MEMORIES_PER_MODULE as usize,
+            tables_per_module: engine::TABLES_PER_MODULE as usize,
+        };
+        let inspected = validate::inspect(upload, &limits).map_err(|e| DeployError::InvalidCode(e.0))?;
+        Ok(Artifact {
+            kind: inspected.kind,
+            digest: Digest::of(&inspected.bytes),
+            bytes: Bytes::from(inspected.bytes),
+            init_hook: inspected.init_hook,
+        })
+    }
+
+    async fn stage(&self, name: &str, artifact: &Artifact, config: &FunctionConfig) -> Result<WasmStaged, DeployError> {
+        let (tier, name, config) = (self.clone(), name.to_owned(), config.clone());
+        let artifact = Artifact {
+            kind: artifact.kind,
+            bytes: artifact.bytes.clone(),
+            digest: artifact.digest.clone(),
+            init_hook: artifact.init_hook,
+        };
+        tokio::task::spawn_blocking(move || tier.prepare(&name, &artifact, &config))
+            .await
+            .expect("deploy task panicked")
+    }
+
+    fn publish(&self, staged: WasmStaged) -> Result<Digest, DeployError> {
+        if let Some(snapshot) = &staged.snapshot {
+            self.blobs.put(BlobKind::Artifact, &staged.code_digest, snapshot)?;
+        }
+        self.cache
+            .store(&staged.code_digest, &staged.cwasm)
+            .map_err(|e| DeployError::Cache(e.to_string()))?;
+        Ok(staged.code_digest)
+    }
+
+    async fn load(&self, record: &VersionRecord) -> Result<Entry, LoadError> {
+        // Served from the mapped file (shared page cache), never from a deploy's heap copy.
+        let cache = self.cache.clone();
+        let (kind, digest) = (record.kind, record.code_digest.clone());
+        let compiled = tokio::task::spawn_blocking(move || cache.load(kind, &digest))
+            .await
+            .expect("compile task panicked")?;
+        let code = self.linkers.link(&compiled).map_err(LoadError::Link)?;
+        Ok(Entry::Wasm(WasmFunction::new(record, code, self.connector.clone())))
+    }
+
+    async fn invoke(
+        &self,
+        f: &LoadedFunction,
+        concurrency: &Concurrency,
+        input: Bytes,
+    ) -> Result<Success, InvokeError> {
+        let Entry::Wasm(wasm) = &f.entry else {
+            unreachable!("Tiers::invoke sends only Wasm functions here")
+        };
+        if wasm.is_http() {
+            return Err(InvokeError::HttpTrigger(f.record.name.clone()));
+        }
+        let _permits = self.permits(f, concurrency)?;
+        self.run(wasm, &f.record, input).await
+    }
+}

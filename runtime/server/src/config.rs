@@ -1,0 +1,47 @@
+//! Settings of one `kiln serve` process: the core's ([`CoreConfig`]) and what only the network
+//! edge needs — where to listen, how many connections, how long a client may take, how large a
+//! body may be.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kiln_core::config::CoreConfig;
+
+const MIB: u64 = 1 << 20;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Largest artifact a deploy accepts (code and config together).
+    pub max_code_bytes: u64,
+    /// Largest body a synchronous invoke accepts.
+    pub max_sync_input_bytes: u64,
+    /// Largest body an asynchronous invoke accepts.
+    pub max_async_input_bytes: u64,
+    /// Open connections at once; further ones wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Time a client gets to send a request's headers (slowloris guard).
+    pub header_read_timeout: Duration,
+    /// Time a client gets to send a whole request body.
+    pub body_read_timeout: Duration,
+    /// How long shutdown waits for in-flight requests before closing connections.
+    pub shutdown_grace: Duration,
+    pub core: CoreConfig,
+}
+
+impl ServerConfig {
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        ServerConfig {
+            listen,
+            max_code_bytes: 64 * MIB,
+            max_sync_input_bytes: 6 * MIB,
+            max_async_input_bytes: MIB,
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+            core: CoreConfig::new(data_dir),
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! `kiln serve`: Kiln's network edge over `kiln-core`. The listener accepts HTTP/1.1 and h2c on
+//! one port and guards it against hostile clients ([`listener`]); the HTTP API of
+//! `../shared/API.md` routes, authenticates and shapes answers ([`api`]) — the only place where
+//! errors become HTTP statuses ([`api::error`]); [`outbound`] is the HTTP client behind
+//! functions' egress. [`settings`] reads flags, environment and `kiln.toml` into a
+//! [`config::ServerConfig`]; [`log_writer`] batches the per-invocation log lines on stderr.
+
+pub mod api;
+pub mod config;
+pub mod listener;
+pub mod log_writer;
+pub mod outbound;
+pub mod settings;
+pub mod shutdown;
+
+use std::sync::Arc;
+
+use kiln_core::Kiln;
+
+pub use config::ServerConfig;
+
+/// What the API serves: the core, and the edge's own settings.
+pub struct Server {
+    pub kiln: Arc<Kiln>,
+    pub config: ServerConfig,
+}
+
+/// Opens the data directory, binds `config.listen` and serves until SIGINT or SIGTERM, then
+/// drains. Logs where it listens (`kiln listening on http://ADDR`) once it accepts connections.
+pub async fn serve(config: ServerConfig) -> Result<(), String> {
+    let listen = config.listen;
+    let core = config.core.clone();
+    let kiln = tokio::task::spawn_blocking(move || Kiln::open(core, Arc::new(outbound::HyperConnector)))
+        .await
+        .expect("start-up task panicked")
+        .map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(address = %local, data = %kiln.storage.layout.root.display(), "kiln listening on http://{local}");
+    kiln.warm_up();
+    kiln.start_queue();
+    let server = Arc::new(Server {
+        kiln: kiln.clone(),
+        config,
+    });
+    listener::run(server, listener, shutdown::signal_received()).await;
+    // Invocation logs still queued for the disk are written before the process ends.
+    let _ = tokio::task::spawn_blocking(move || kiln.telemetry.logs.flush()).await;
+    log_writer::flush();
+    Ok(())
+}
