@@ -135,3 +135,158 @@ impl Functions {
         self.tiers.forget(digest);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::function::ArtifactKind;
+    use crate::functions::LoadError;
+    use crate::outcome::{InvokeError, Success};
+    use crate::registry::{Concurrency, Entry};
+    use crate::tier::wasm::WasmTier;
+    use crate::tier::Artifact;
+
+    const HELLO: &str = r#"(module
+        (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+        (memory (export "memory") 1)
+        (data (i32.const 8) "hi")
+        (func (export "_start")))"#;
+
+    /// The real Wasm tier, with each stage counted and able to fail on demand.
+    struct Recording {
+        wasm: WasmTier,
+        fail_at: Mutex<Option<&'static str>>,
+        calls: Mutex<Vec<&'static str>>,
+        loads: AtomicUsize,
+    }
+
+    impl Recording {
+        fn step(&self, name: &'static str) -> Result<(), DeployError> {
+            self.calls.lock().unwrap().push(name);
+            match *self.fail_at.lock().unwrap() {
+                Some(at) if at == name => Err(DeployError::InvalidCode(format!("{name} failed"))),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    impl Tier for Recording {
+        type Staged = <WasmTier as Tier>::Staged;
+
+        fn inspect(&self, upload: &[u8], config: &FunctionConfig) -> Result<Artifact, DeployError> {
+            self.step("inspect")?;
+            self.wasm.inspect(upload, config)
+        }
+
+        async fn stage(
+            &self,
+            name: &str,
+            artifact: &Artifact,
+            config: &FunctionConfig,
+        ) -> Result<Self::Staged, DeployError> {
+            self.step("stage")?;
+            self.wasm.stage(name, artifact, config).await
+        }
+
+        fn publish(&self, staged: Self::Staged) -> Result<Digest, DeployError> {
+            self.step("publish")?;
+            self.wasm.publish(staged)
+        }
+
+        async fn load(&self, record: &VersionRecord) -> Result<Entry, LoadError> {
+            self.loads.fetch_add(1, Ordering::SeqCst);
+            self.wasm.load(record).await
+        }
+
+        async fn invoke(&self, _: &LoadedFunction, _: &Concurrency, _: Bytes) -> Result<Success, InvokeError> {
+            unreachable!("deploy never invokes")
+        }
+    }
+
+    fn functions(dir: &std::path::Path) -> (Functions, Arc<Recording>) {
+        let functions = crate::testing::functions(dir);
+        let recording = Arc::new(Recording {
+            wasm: WasmTier::clone(&functions.tiers.wasm),
+            fail_at: Mutex::new(None),
+            calls: Mutex::new(Vec::new()),
+            loads: AtomicUsize::new(0),
+        });
+        (functions, recording)
+    }
+
+    fn artifacts(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir.join("artifacts")).unwrap().count()
+    }
+
+    /// The deploy skeleton over a tier: a failure at any stage before the commit leaves nothing;
+    /// the commit publishes, commits the row and installs the loaded version; an unchanged upload
+    /// stages nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stages_run_in_order_and_only_the_commit_is_visible() {
+        let dir = tempfile::tempdir().unwrap();
+        let (functions, tier) = functions(dir.path());
+        let deploy =
+            |config: FunctionConfig| functions.deploy_on(&tier, "f", Bytes::from_static(HELLO.as_bytes()), config);
+
+        for stage in ["inspect", "stage", "publish"] {
+            *tier.fail_at.lock().unwrap() = Some(stage);
+            let error = deploy(FunctionConfig::default()).await.err().unwrap();
+            assert_eq!(error.to_string(), format!("{stage} failed"));
+            assert!(
+                functions.storage.metadata.latest("f").unwrap().is_none(),
+                "{stage}: no version"
+            );
+            assert!(
+                functions.resolve("f", None).await.is_err(),
+                "{stage}: nothing installed"
+            );
+        }
+        // Only a failed publish (inside the commit) got as far as storing the artifact; start-up
+        // sweeps what no version references.
+        assert_eq!(artifacts(dir.path()), 1);
+        *tier.fail_at.lock().unwrap() = None;
+        tier.calls.lock().unwrap().clear();
+
+        let deployed = deploy(FunctionConfig::default()).await.unwrap();
+        assert!(deployed.created);
+        assert_eq!(deployed.record.version, 1);
+        assert_eq!(deployed.record.kind, ArtifactKind::Module);
+        assert_eq!(*tier.calls.lock().unwrap(), ["inspect", "stage", "publish"]);
+        assert_eq!(tier.loads.load(Ordering::SeqCst), 1);
+        let resolved = functions.resolve("f", None).await.unwrap();
+        assert_eq!(resolved.function.record.version, 1);
+        assert_eq!(
+            tier.loads.load(Ordering::SeqCst),
+            1,
+            "installed loaded: resolving loads nothing"
+        );
+        assert_eq!(artifacts(dir.path()), 1);
+
+        // The same upload and config: the latest version, and nothing staged.
+        tier.calls.lock().unwrap().clear();
+        let again = deploy(FunctionConfig::default()).await.unwrap();
+        assert!(!again.created);
+        assert_eq!(again.record.version, 1);
+        assert_eq!(*tier.calls.lock().unwrap(), ["inspect"]);
+
+        // Another config is another version, with the same artifact.
+        let longer = FunctionConfig {
+            timeout_ms: 99,
+            ..FunctionConfig::default()
+        };
+        assert_eq!(deploy(longer).await.unwrap().record.version, 2);
+        assert_eq!(artifacts(dir.path()), 1);
+
+        functions.delete("f").await.unwrap();
+        assert!(functions.resolve("f", None).await.is_err());
+        assert_eq!(
+            artifacts(dir.path()),
+            0,
+            "an artifact no version uses goes with the function"
+        );
+        assert!(matches!(functions.delete("f").await, Err(DeployError::NotFound(_))));
+    }
+}

@@ -34,6 +34,8 @@ pub mod registry;
 pub mod signing;
 pub mod storage;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;
 pub mod tier;
 
 pub use kiln::Kiln;

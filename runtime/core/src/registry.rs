@@ -140,3 +140,76 @@ impl Registry {
         self.functions.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::Digest;
+    use crate::function::{ArtifactKind, FunctionConfig};
+
+    fn record(name: &str, version: u32, max_concurrency: u32) -> VersionRecord {
+        VersionRecord {
+            name: name.into(),
+            version,
+            digest: Digest::of(format!("{name}@{version}").as_bytes()),
+            code_digest: Digest::of(format!("{name}@{version}").as_bytes()),
+            kind: ArtifactKind::Module,
+            config: FunctionConfig {
+                max_concurrency,
+                ..FunctionConfig::default()
+            },
+            created_at: String::new(),
+        }
+    }
+
+    fn found(lookup: Lookup) -> (Arc<Slot>, Arc<Concurrency>) {
+        match lookup {
+            Lookup::Found(slot, concurrency) => (slot, concurrency),
+            Lookup::NotLoaded(_) => panic!("not loaded"),
+            Lookup::NoFunction => panic!("no function"),
+        }
+    }
+
+    #[test]
+    fn install_makes_the_latest_and_keeps_older_versions_it_was_given() {
+        let registry = Registry::default();
+        assert!(matches!(registry.lookup("f", None), Lookup::NoFunction));
+        registry.install(record("f", 1, 4), None);
+        let (v1, limit) = found(registry.lookup("f", None));
+        assert_eq!((v1.record.version, limit.limit()), (1, 4));
+        assert!(v1.loaded.get().is_none(), "installed without code: loaded on first use");
+
+        registry.install(record("f", 2, 4), None);
+        let (latest, same_limit) = found(registry.lookup("f", None));
+        assert_eq!(latest.record.version, 2);
+        assert!(Arc::ptr_eq(&limit, &same_limit), "an unchanged limit keeps its permits");
+        assert_eq!(found(registry.lookup("f", Some(1))).0.record.version, 1);
+        assert!(matches!(registry.lookup("f", Some(7)), Lookup::NotLoaded(_)));
+
+        // An older version loaded on demand joins the entry once.
+        let seven = registry.add_version(record("f", 7, 4));
+        assert!(Arc::ptr_eq(&seven, &registry.add_version(record("f", 7, 4))));
+        assert_eq!(found(registry.lookup("f", Some(7))).0.record.version, 7);
+        assert_eq!(
+            found(registry.lookup("f", None)).0.record.version,
+            2,
+            "latest unchanged"
+        );
+
+        // A new limit applies from now on, with fresh permits.
+        registry.install(record("f", 3, 9), None);
+        let (_, new_limit) = found(registry.lookup("f", None));
+        assert_eq!(new_limit.limit(), 9);
+        assert!(!Arc::ptr_eq(&limit, &new_limit));
+
+        registry.install(record("g", 1, 1), None);
+        assert_eq!(registry.len(), 2);
+        registry.remove("f");
+        assert!(matches!(registry.lookup("f", None), Lookup::NoFunction));
+        assert!(matches!(registry.lookup("f", Some(1)), Lookup::NoFunction));
+        // A version loaded for an invocation racing the delete does not bring the function back.
+        registry.add_version(record("f", 1, 4));
+        assert!(matches!(registry.lookup("f", None), Lookup::NoFunction));
+        assert_eq!(registry.len(), 1);
+    }
+}

@@ -124,11 +124,10 @@ impl Drop for Qemu {
 fn the_debian_kernel_extracts_to_an_elf_vmlinux_and_loads() {
     let kernel = workspace().join("target/kiln-guest/vmlinuz");
     let Ok(bzimage) = std::fs::read(&kernel) else {
-        eprintln!(
-            "skipped: needs {} (runtime/scripts/setup.sh fetches it)",
-            kernel.display()
+        return kiln_testkit::skip(
+            "linux_guest::the_debian_kernel_extracts_to_an_elf_vmlinux_and_loads",
+            &format!("needs {} (runtime/scripts/setup.sh fetches it)", kernel.display()),
         );
-        return;
     };
     let vmlinux = kiln_vmm::kernel::extract_vmlinux(&bzimage).unwrap();
     assert_eq!(&vmlinux[..4], b"\x7fELF");
@@ -160,19 +159,21 @@ fn the_debian_kernel_extracts_to_an_elf_vmlinux_and_loads() {
 fn the_linux_image_boots_under_qemu_and_its_agent_serves_requests() {
     let kernel = workspace().join("target/kiln-guest/vmlinuz");
     let qemu_found = Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
+    let skip = |reason: &str| {
+        kiln_testkit::skip(
+            "linux_guest::the_linux_image_boots_under_qemu_and_its_agent_serves_requests",
+            reason,
+        )
+    };
     if !kernel.exists() || !qemu_found {
-        eprintln!(
-            "skipped: needs {} and qemu-system-x86_64 (runtime/scripts/setup.sh installs both)",
+        return skip(&format!(
+            "needs {} and qemu-system-x86_64 (runtime/scripts/setup.sh installs both)",
             kernel.display()
-        );
-        return;
+        ));
     }
     let (agent, function) = match build_guest_binaries() {
         Ok(binaries) => binaries,
-        Err(reason) => {
-            eprintln!("skipped: {reason}");
-            return;
-        }
+        Err(reason) => return skip(&reason),
     };
     let dir = tempfile::tempdir().unwrap();
     let initrd = dir.path().join("initramfs.cpio");

@@ -11,12 +11,13 @@ use kiln_vmm::{BootError, ConfigError, Hypervisor, MicroVm, Reply, RequestError,
 const BOOT: Duration = Duration::from_secs(10);
 const REQUEST: Duration = Duration::from_secs(10);
 
-/// The host's KVM, or `None` (with the reason printed) where there is none: these tests need it.
-fn hypervisor() -> Option<Hypervisor> {
+/// The host's KVM, or `None` (with the skip recorded for `test`) where there is none: these
+/// tests need it.
+fn hypervisor(test: &str) -> Option<Hypervisor> {
     match Hypervisor::open() {
         Ok(h) => Some(h),
         Err(e) => {
-            eprintln!("skipped: this host has no usable KVM ({e})");
+            kiln_testkit::skip(test, &format!("this host has no usable KVM ({e})"));
             None
         }
     }
@@ -28,7 +29,9 @@ fn response(count: u32, text: &[u8]) -> Vec<u8> {
 
 #[test]
 fn echo_guest_boots_and_answers_framed_requests() {
-    let Some(hv) = hypervisor() else { return };
+    let Some(hv) = hypervisor("microvm::echo_guest_boots_and_answers_framed_requests") else {
+        return;
+    };
     let mut vm = MicroVm::boot_flat64(&hv, VmConfig::new(4), &test_guest::echo(), BOOT).unwrap();
     assert_eq!(vm.request(b"hello, vm", REQUEST).unwrap(), response(1, b"HELLO, VM"));
     // The guest's state persists within one VM: the counter moves on.
@@ -43,7 +46,9 @@ fn echo_guest_boots_and_answers_framed_requests() {
 
 #[test]
 fn string_io_moves_whole_buffers_over_the_channel() {
-    let Some(hv) = hypervisor() else { return };
+    let Some(hv) = hypervisor("microvm::string_io_moves_whole_buffers_over_the_channel") else {
+        return;
+    };
     let mut vm = MicroVm::boot_flat64(&hv, VmConfig::new(4), &test_guest::bulk(), BOOT).unwrap();
     // `rep insb`/`rep outsb`: on hardware KVM up to a page per exit; PVM emulates them one byte
     // per exit (~10 µs each here), so the size stays modest.
@@ -55,7 +60,9 @@ fn string_io_moves_whole_buffers_over_the_channel() {
 
 #[test]
 fn restores_from_one_snapshot_are_copy_on_write() {
-    let Some(hv) = hypervisor() else { return };
+    let Some(hv) = hypervisor("microvm::restores_from_one_snapshot_are_copy_on_write") else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let mut booted = MicroVm::boot_flat64(&hv, VmConfig::new(8), &test_guest::echo(), BOOT).unwrap();
     let created = Snapshot::create(&hv, &mut booted, dir.path()).unwrap();
@@ -86,7 +93,9 @@ fn restores_from_one_snapshot_are_copy_on_write() {
 
 #[test]
 fn a_vm_reset_in_place_from_its_snapshot_forgets_everything() {
-    let Some(hv) = hypervisor() else { return };
+    let Some(hv) = hypervisor("microvm::a_vm_reset_in_place_from_its_snapshot_forgets_everything") else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let mut booted = MicroVm::boot_flat64(&hv, VmConfig::new(4), &test_guest::echo(), BOOT).unwrap();
     let snapshot = Snapshot::create(&hv, &mut booted, dir.path()).unwrap();
@@ -121,7 +130,9 @@ fn a_vm_reset_in_place_from_its_snapshot_forgets_everything() {
 
 #[test]
 fn threads_restore_and_time_out_concurrently_from_shared_snapshots() {
-    let Some(hv) = hypervisor() else { return };
+    let Some(hv) = hypervisor("microvm::threads_restore_and_time_out_concurrently_from_shared_snapshots") else {
+        return;
+    };
     let (echo_dir, spin_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut vm = MicroVm::boot_flat64(&hv, VmConfig::new(2), &test_guest::echo(), BOOT).unwrap();
     let echo = Snapshot::create(&hv, &mut vm, echo_dir.path()).unwrap();
@@ -151,7 +162,9 @@ fn threads_restore_and_time_out_concurrently_from_shared_snapshots() {
 
 #[test]
 fn a_spinning_guest_is_stopped_at_its_timeout() {
-    let Some(hv) = hypervisor() else { return };
+    let Some(hv) = hypervisor("microvm::a_spinning_guest_is_stopped_at_its_timeout") else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let mut vm = MicroVm::boot_flat64(&hv, VmConfig::new(2), &test_guest::spin(), BOOT).unwrap();
     let snapshot = Snapshot::create(&hv, &mut vm, dir.path()).unwrap();
@@ -178,7 +191,9 @@ fn a_spinning_guest_is_stopped_at_its_timeout() {
 
 #[test]
 fn memory_beyond_the_limit_is_refused() {
-    let Some(hv) = hypervisor() else { return };
+    let Some(hv) = hypervisor("microvm::memory_beyond_the_limit_is_refused") else {
+        return;
+    };
     let size: u64 = 4 << 20;
     let beyond = size + 0x1234;
     let mut vm = MicroVm::boot_flat64(&hv, VmConfig::new(4), &test_guest::touch(beyond), BOOT).unwrap();
@@ -220,7 +235,10 @@ fn memory_beyond_the_limit_is_refused() {
 
 #[test]
 fn restored_guests_take_reseed_then_request_and_answer_with_log_and_exit_code() {
-    let Some(hv) = hypervisor() else { return };
+    let Some(hv) = hypervisor("microvm::restored_guests_take_reseed_then_request_and_answer_with_log_and_exit_code")
+    else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let mut booted = MicroVm::boot_flat64(&hv, VmConfig::new(4), &test_guest::agent(), BOOT).unwrap();
     let snapshot = Snapshot::create(&hv, &mut booted, dir.path()).unwrap();

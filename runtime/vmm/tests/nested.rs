@@ -39,19 +39,22 @@ fn kilns_vmm_boots_snapshots_and_restores_the_linux_guest_nested_in_qemu() {
     let kernel = guest.join("vmlinuz");
     let modules = ["1-irqbypass.ko", "2-kvm.ko", "3-kvm-amd.ko"].map(|m| guest.join("modules").join(m));
     let qemu_found = Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
+    let skip = |reason: &str| {
+        kiln_testkit::skip(
+            "nested::kilns_vmm_boots_snapshots_and_restores_the_linux_guest_nested_in_qemu",
+            reason,
+        )
+    };
     if !kernel.exists() || modules.iter().any(|m| !m.exists()) || !qemu_found {
-        eprintln!(
-            "skipped: needs {}, the KVM modules in {} (runtime/vmm/scripts/guest-kernel.sh) and \
-             qemu-system-x86_64",
+        return skip(&format!(
+            "needs {}, the KVM modules in {} (runtime/vmm/scripts/guest-kernel.sh) and qemu-system-x86_64",
             kernel.display(),
             guest.join("modules").display()
-        );
-        return;
+        ));
     }
     let target_dir = guest.join("cargo");
     if let Err(reason) = build(&target_dir) {
-        eprintln!("skipped: {reason}");
-        return;
+        return skip(&reason);
     }
     let bin = target_dir.join("x86_64-unknown-linux-musl/release");
     let read = |path: &Path| std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -103,8 +106,7 @@ fn kilns_vmm_boots_snapshots_and_restores_the_linux_guest_nested_in_qemu() {
 
     if !console.contains("/dev/kvm exists: true") {
         // This QEMU emulates no SVM (or its kernel refused the modules): nothing to nest in.
-        eprintln!("skipped: KVM did not load inside the emulated VM (see its console above)");
-        return;
+        return skip("KVM did not load inside the emulated VM (see its console above)");
     }
     // The VM booted to READY by Kiln's VMM serves a request...
     assert!(

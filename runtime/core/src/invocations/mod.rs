@@ -225,3 +225,142 @@ impl Queue {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::storage::{Layout, LocalBlobs, Metadata, Sqlite, StoredResult};
+
+    struct Harness {
+        queue: Queue,
+        claimed: tokio::sync::mpsc::UnboundedReceiver<Claimed>,
+        metadata: Sqlite,
+        clock: Arc<ManualClock>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn harness(concurrency: usize, max_queued: u64) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path().to_path_buf());
+        layout.prepare().unwrap();
+        let metadata = Sqlite::open(&layout.database()).unwrap();
+        let clock = ManualClock::at(1_800_000_000_000);
+        let config = QueueConfig {
+            database: layout.database(),
+            max_queued,
+            concurrency,
+            retention: Duration::from_secs(3600),
+            clock: clock.clone(),
+        };
+        let queue = Queue::open(config, Arc::new(LocalBlobs::new(layout))).unwrap();
+        let claimed = queue.claimed.lock().unwrap().take().unwrap();
+        Harness {
+            queue,
+            claimed,
+            metadata,
+            clock,
+            _dir: dir,
+        }
+    }
+
+    fn submit(function: &str, key: Option<&str>) -> NewInvocation {
+        NewInvocation {
+            function: function.into(),
+            version: 1,
+            input: Bytes::from_static(b"in"),
+            idempotency_key: key.map(str::to_owned),
+            max_attempts: 2,
+        }
+    }
+
+    fn done(claimed: Claimed, outcome: Outcome) -> Message {
+        Message::Done(Done {
+            claimed,
+            outcome,
+            duration_us: 5,
+        })
+    }
+
+    fn state(h: &Harness, id: &str) -> (String, u32) {
+        let record = h.metadata.invocation(id).unwrap().unwrap();
+        (record.state, record.attempts)
+    }
+
+    /// The ledger on its own: what it hands out, what it records, when it retries — against a real
+    /// SQLite file and a clock the test moves.
+    #[tokio::test]
+    async fn the_ledger_hands_out_records_retries_and_refuses_past_its_cap() {
+        let mut h = harness(1, 1);
+        // One slot: the first submit runs at once, the second waits, the third is refused.
+        let first = h.queue.submit(submit("f", Some("k"))).await.unwrap();
+        let second = h.queue.submit(submit("f", None)).await.unwrap();
+        let refused = h.queue.submit(submit("f", None)).await.unwrap_err();
+        assert!(matches!(refused, SubmitError::QueueFull(1)), "{refused}");
+        assert_eq!(
+            h.queue.submit(submit("f", Some("k"))).await.unwrap(),
+            first,
+            "same key, same id"
+        );
+        assert_eq!(h.queue.depth(), 2);
+        let running = h.claimed.recv().await.unwrap();
+        assert_eq!((running.id.as_str(), running.attempts), (first.as_str(), 1));
+        assert_eq!(state(&h, &first), ("running".into(), 1));
+        assert_eq!(state(&h, &second), ("queued".into(), 0));
+
+        // A failure with a retry left goes back to the queue after its backoff; the slot it freed
+        // goes to the invocation that was waiting.
+        let failure = Outcome::Failed {
+            error: serde_json::json!({"code": "function_failed", "message": "exit 1"}),
+            stderr: "oops\n".into(),
+            retry: true,
+        };
+        h.queue.ledger.send(done(running, failure)).unwrap();
+        let next = h.claimed.recv().await.unwrap();
+        assert_eq!(next.id, second);
+        assert_eq!(state(&h, &first), ("queued".into(), 1));
+
+        // The waiting one succeeds with a result too large for its row: it is a blob.
+        let big = Bytes::from(vec![7u8; INLINE_RESULT + 1]);
+        let digest = Digest::of(&big);
+        let blobs = LocalBlobs::new(Layout::new(h._dir.path().to_path_buf()));
+        blobs.put(crate::storage::BlobKind::Result, &digest, &big).unwrap();
+        let succeeded = Outcome::Succeeded {
+            result: Stored::File(digest.clone()),
+            stderr: String::new(),
+        };
+        h.queue.ledger.send(done(next, succeeded)).unwrap();
+
+        // Once the backoff has passed (on the ledger's clock), the failed one runs again.
+        h.clock.advance(Duration::from_secs(1));
+        let _ = h.queue.submit(submit("g", None)).await;
+        let mut retried = h.claimed.recv().await.unwrap();
+        if retried.id != first {
+            // The submit of `g` may have taken the slot first; finish it and take the retry.
+            h.queue.ledger.send(done(retried, Outcome::Busy)).unwrap();
+            retried = h.claimed.recv().await.unwrap();
+        }
+        assert_eq!((retried.id.as_str(), retried.attempts), (first.as_str(), 2));
+        let last_failure = Outcome::Failed {
+            error: serde_json::json!({"code": "timeout", "message": "too slow"}),
+            stderr: String::new(),
+            retry: true,
+        };
+        h.queue.ledger.send(done(retried, last_failure)).unwrap();
+
+        // Drained: every outcome is recorded.
+        h.queue.stop(Duration::from_secs(5)).await;
+        assert_eq!(state(&h, &first), ("failed".into(), 2), "its retries are used up");
+        let record = h.metadata.invocation(&first).unwrap().unwrap();
+        assert_eq!(record.error.unwrap()["code"], "timeout");
+        assert_eq!(state(&h, &second).0, "succeeded");
+        assert_eq!(
+            h.metadata.invocation_result(&second).unwrap(),
+            Some(StoredResult::Blob(digest))
+        );
+        let ids: HashSet<_> = [first, second].into();
+        assert_eq!(ids.len(), 2);
+    }
+}

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{client, component, expect_error, signal, wat, Kiln};
+use crate::support::{client, component, expect_error, signal, wait_until, wat, Kiln};
 
 #[test]
 fn restart_keeps_functions_and_does_not_recompile() {
@@ -87,7 +87,9 @@ fn sigterm_lets_in_flight_invocations_finish() {
     let url = kiln.url("/v1/functions/sleep/invoke");
     let token = kiln.token.clone();
     let in_flight = std::thread::spawn(move || client().post(url).bearer_auth(token).body("800").send().unwrap());
-    std::thread::sleep(Duration::from_millis(250));
+    wait_until("the invocation runs", Duration::from_secs(5), || {
+        kiln.metric("kiln_pool_instances_in_use ") == 1
+    });
     signal(kiln.pid(), libc::SIGTERM);
     let response = in_flight.join().unwrap();
     assert_eq!(response.status(), 200);

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{client, expect_error, hostile, Kiln};
+use crate::support::{client, expect_error, hostile, wait_until, Kiln};
 
 #[test]
 fn spinning_guests_time_out_without_starving_the_server() {
@@ -20,7 +20,9 @@ fn spinning_guests_time_out_without_starving_the_server() {
             std::thread::spawn(move || client().post(url).bearer_auth(token).send().unwrap())
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until("the four spinners run", Duration::from_secs(5), || {
+        kiln.metric("kiln_pool_instances_in_use ") == 4
+    });
     let mut slowest = Duration::ZERO;
     while started.elapsed() < Duration::from_millis(1200) {
         let asked = Instant::now();

@@ -177,27 +177,28 @@ fn guest_binaries() -> Result<(PathBuf, PathBuf), String> {
 
 #[test]
 fn native_functions_deploy_and_invoke_on_kilns_vmm_where_hardware_virtualization_exists() {
+    let skip = |reason: &str| {
+        kiln_testkit::skip(
+            "microvm::native_functions_deploy_and_invoke_on_kilns_vmm_where_hardware_virtualization_exists",
+            reason,
+        )
+    };
     if !has_hardware_virtualization() || !Path::new("/dev/kvm").exists() {
-        eprintln!(
-            "skipped: this host has no hardware virtualization (vmx/svm) or no /dev/kvm, so Kiln's \
-             VMM cannot boot the Linux guest here"
+        return skip(
+            "this host has no hardware virtualization (vmx/svm) or no /dev/kvm, so Kiln's VMM cannot boot \
+             the Linux guest here (runtime/vmm/scripts/nested-api-test.sh runs this test nested)",
         );
-        return;
     }
     let kernel = workspace().join("target/kiln-guest/vmlinuz");
     if !kernel.exists() {
-        eprintln!(
-            "skipped: needs {} (runtime/scripts/setup.sh fetches it)",
+        return skip(&format!(
+            "needs {} (runtime/scripts/setup.sh fetches it)",
             kernel.display()
-        );
-        return;
+        ));
     }
     let (agent, upper) = match guest_binaries() {
         Ok(paths) => paths,
-        Err(reason) => {
-            eprintln!("skipped: {reason}");
-            return;
-        }
+        Err(reason) => return skip(&reason),
     };
     let data = tempfile::tempdir().unwrap();
     let args = [
@@ -209,11 +210,10 @@ fn native_functions_deploy_and_invoke_on_kilns_vmm_where_hardware_virtualization
     let mut kiln = Kiln::start_in(data.path(), &args);
     let health = health(&kiln);
     if health["tiers"]["microvm"] != true {
-        eprintln!(
-            "skipped: the tier is unavailable here: {}",
+        return skip(&format!(
+            "the tier is unavailable here: {}",
             health["unavailable"]["microvm"]
-        );
-        return;
+        ));
     }
 
     let started = Instant::now();

@@ -23,7 +23,10 @@ fn build(lang: &str) -> Option<Vec<u8>> {
     match output.status.code() {
         Some(0) => {}
         Some(3) => {
-            eprintln!("SKIPPED: the {lang} hello: its toolchain could not be installed:\n{stderr}");
+            kiln_testkit::skip(
+                &format!("polyglot::{lang}"),
+                &format!("its toolchain could not be installed: {stderr}"),
+            );
             return None;
         }
         _ => panic!("building the {lang} hello failed ({}):\n{stderr}", output.status),

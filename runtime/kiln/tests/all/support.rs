@@ -329,3 +329,15 @@ pub fn wait_done(kiln: &Kiln, id: &str, timeout: Duration) -> serde_json::Value 
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Waits until `condition` holds, checking every 10 ms; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

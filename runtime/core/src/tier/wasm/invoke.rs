@@ -71,3 +71,81 @@ fn export_func(
         _ => Err(wasmtime::Error::msg("the module's export is not a function")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use crate::function::FunctionConfig;
+    use crate::outcome::InvokeError;
+
+    /// Echoes stdin to stdout, then exits with the code in the first input byte (`'0'` → 0).
+    const ECHO_EXIT: &str = r#"(module
+        (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
+        (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+        (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+        (memory (export "memory") 1)
+        (func (export "_start")
+            (i32.store (i32.const 0) (i32.const 64))
+            (i32.store (i32.const 4) (i32.const 1024))
+            (drop (call $read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))
+            (i32.store (i32.const 4) (i32.load (i32.const 8)))
+            (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 12)))
+            (call $exit (i32.sub (i32.load8_u (i32.const 64)) (i32.const 48)))))"#;
+    const SPIN: &str = r#"(module (func (export "_start") (loop (br 0))))"#;
+    const GROW: &str =
+        r#"(module (memory 1) (func (export "_start") (drop (memory.grow (i32.const 64))) unreachable))"#;
+
+    /// Kiln's Wasm invoke path through the tier interface: output, exit codes, a trap, the memory
+    /// limit, the timeout, and the permits given back after each.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn outcomes_are_classified_and_permits_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let functions = crate::testing::functions(dir.path());
+        let deploy = |name: &'static str, wat: &'static str, config: FunctionConfig| {
+            let functions = &functions;
+            async move {
+                functions
+                    .deploy(name, Bytes::from_static(wat.as_bytes()), config)
+                    .await
+                    .unwrap();
+                functions.resolve(name, None).await.unwrap()
+            }
+        };
+        let echo = deploy("echo", ECHO_EXIT, FunctionConfig::default()).await;
+        let ok = functions.invoke(&echo, Bytes::from_static(b"0 in")).await.unwrap();
+        assert_eq!(ok.stdout, Bytes::from_static(b"0 in"));
+        let Err(InvokeError::Failed(failed)) = functions.invoke(&echo, Bytes::from_static(b"3")).await else {
+            panic!("exit code 3 is a failure")
+        };
+        assert_eq!(
+            (failed.exit_code, failed.message.as_str()),
+            (Some(3), "the function exited with code 3")
+        );
+
+        let small = FunctionConfig {
+            memory_mb: 1,
+            ..FunctionConfig::default()
+        };
+        let grow = deploy("grow", GROW, small).await;
+        let Err(InvokeError::Failed(failed)) = functions.invoke(&grow, Bytes::new()).await else {
+            panic!("growing past memory_mb fails")
+        };
+        assert!(
+            failed.message.contains("memory limit of 1 MiB exceeded"),
+            "{}",
+            failed.message
+        );
+
+        let quick = FunctionConfig {
+            timeout_ms: 50,
+            ..FunctionConfig::default()
+        };
+        let spin = deploy("spin", SPIN, quick).await;
+        let timeout = functions.invoke(&spin, Bytes::new()).await.unwrap_err();
+        assert!(matches!(timeout, InvokeError::Timeout(50)), "{timeout}");
+
+        assert_eq!(functions.tiers.wasm.instances_in_use(), 0, "every permit came back");
+        assert_eq!(echo.concurrency.in_use(), 0);
+    }
+}
