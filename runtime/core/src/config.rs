@@ -10,9 +10,9 @@ pub struct CoreConfig {
     pub data_dir: PathBuf,
     /// The one sizing number of the instance pool: how many guest instances may be alive at once,
     /// across all functions. Every pool dimension (memories, tables, stacks) derives from it, and it
-    /// is also the global concurrency cap (past it invocations get 429).
+    /// is also the global concurrency cap (past it invocations are refused).
     pub max_instances: u32,
-    /// Asynchronous invocations waiting to run; past it submits get 429.
+    /// Asynchronous invocations waiting to run; past it submits are refused.
     pub max_queued: u64,
     /// Asynchronous invocations running at once.
     pub async_workers: usize,
@@ -28,7 +28,7 @@ pub struct CoreConfig {
     pub microvm_kernel: Option<PathBuf>,
     /// The microvm tier's guest agent: the static `kiln-agent` executable, `/init` of every guest.
     pub microvm_agent: Option<PathBuf>,
-    /// MicroVMs running at once, across all functions; past it invocations get 429. Each holds a
+    /// MicroVMs running at once, across all functions; past it invocations are refused. Each holds a
     /// thread (its vCPU) and up to its function's `memory_mb` of RAM.
     pub microvm_max_vms: u32,
 }

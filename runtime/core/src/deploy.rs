@@ -1,7 +1,7 @@
 //! Deploying and deleting functions, written once for both tiers over [`Tier`]. A deploy runs in
 //! stages, and only the last one is visible:
 //!
-//! 1. the tier inspects the upload (`422` for anything it could never run); unless it equals the
+//! 1. the tier inspects the upload (`invalid_code` for anything it could never run); unless it equals the
 //!    latest version, the tier stages what will run — compiles it (and runs its init hook into a
 //!    snapshot), or boots and snapshots it — all where nobody sees it, so a failure or a crash
 //!    here leaves nothing behind;

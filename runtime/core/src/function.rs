@@ -76,7 +76,7 @@ pub struct FunctionConfig {
     pub timeout_ms: u64,
     /// Linear-memory limit of one instance (all its memories together).
     pub memory_mb: u64,
-    /// Invocations of this function running at once; the next one gets 429.
+    /// Invocations of this function running at once; the next one is refused (`too_many_requests`).
     pub max_concurrency: u32,
     /// Environment variables the guest sees; nothing of the host's environment leaks in.
     pub env: BTreeMap<String, String>,

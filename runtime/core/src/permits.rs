@@ -1,6 +1,6 @@
 //! Admission: every invocation holds two permits while its guest lives — one of its function's
 //! `max_concurrency`, one of its tier's capacity (pool slots for Wasm, VMs for the microvm tier).
-//! Both are taken without waiting (a full limit is `429`, never a queue) and both are owned, so
+//! Both are taken without waiting (a full limit is `too_many_requests`, never a queue) and both are owned, so
 //! they can move into whatever runs the guest and are given back when it ends, even if the
 //! caller has gone.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the microvm tier's API test — `runtime/tests/all/microvm.rs`, the test that deploys a native
+# Runs the microvm tier's API test — `runtime/kiln/tests/all/microvm.rs`, the test that deploys a native
 # function (boot + snapshot) and invokes it (restore + reseed + request) through Kiln's HTTP API
 # on Kiln's own VMM — on a host without hardware virtualization, by nesting: QEMU with software
 # emulation (TCG, `-cpu max`: AMD SVM with nested paging, emulated) boots Debian's kernel with its
@@ -38,7 +38,7 @@ entries=(
   # The test finds kiln and the kernel by the absolute paths it was built with.
   "${root#/}/target/debug/kiln=$work/kiln"
   "${root#/}/target/kiln-guest/vmlinuz=$guest/vmlinuz"
-  "${root#/}/runtime/"
+  "${root#/}/runtime/kiln/"
   "all=$work/all"
   "proc/" "sys/" "tmp/"
   "run:=/all\0microvm::native_functions\0--nocapture\0--test-threads\01"

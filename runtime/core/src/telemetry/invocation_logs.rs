@@ -1,9 +1,9 @@
 //! Per-invocation logs of synchronous invocations: the guest's stderr tail (and outcome and
 //! duration) kept with the invocation id, served by `GET /v1/invocations/{id}/logs`. Asynchronous
-//! invocations keep theirs in their own record (`jobs`).
+//! invocations keep theirs in their own record (`invocations`).
 //!
 //! A sync invoke must not wait for a disk write, so `record` only hands the entry to a channel;
-//! one writer thread commits whatever has arrived as one transaction (group commit, as `jobs`
+//! one writer thread commits whatever has arrived as one transaction (group commit, as `invocations`
 //! does for submits), on its own connection with `synchronous=NORMAL`.
 //!
 //! Durability trade-off, by design: a log entry is committed a few milliseconds after its

@@ -45,8 +45,8 @@ pub trait Tier: Send + Sync {
     /// What stage 1 leaves ready to publish: compiled code, a booted snapshot.
     type Staged: Send + 'static;
 
-    /// Checks an upload: `DeployError::InvalidCode` (422) for anything the tier could never run,
-    /// and only then `TierUnavailable` (503) when this host cannot. Blocking, cheap.
+    /// Checks an upload: `DeployError::InvalidCode` for anything the tier could never run,
+    /// and only then `TierUnavailable` when this host cannot. Blocking, cheap.
     fn inspect(&self, upload: &[u8], config: &FunctionConfig) -> Result<Artifact, DeployError>;
 
     /// Stage 1: builds what runs, visible to nobody — a failure or a crash leaves nothing behind.

@@ -5,7 +5,7 @@
 //! nested PVM backend, as on Kiln's development machines — KVM emulates a non-PVM guest
 //! instruction by instruction and Linux never finishes booting. It also needs the guest image
 //! (`--microvm-kernel`, `--microvm-agent`). Where any piece is missing the tier answers
-//! `503 unavailable` with the reason, after the upload was validated (bad input is `422` on every
+//! `unavailable` with the reason, after the upload was validated (bad input is `invalid_code` on every
 //! host, so a client learns about a broken upload before it learns about the host).
 
 /// Whether this host can run the microvm tier.

@@ -1,6 +1,6 @@
 //! Deploying a microvm function: the microvm side of the stages of `crate::deploy`:
 //!
-//! 1. validate the upload (422 on every host), then — where the tier is available — build the
+//! 1. validate the upload (`invalid_code` on every host), then — where the tier is available — build the
 //!    initramfs, boot the Linux guest until the agent's READY, and snapshot it into a staging
 //!    directory: all before anything is visible, so a failure leaves nothing behind;
 //! 2. under the commit lock: the upload is stored as the version's artifact, the snapshot is
@@ -32,7 +32,7 @@ pub const MIN_MEMORY_MB: u64 = 64;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
 impl MicrovmTier {
-    /// Bad input is 422 on every host; only a valid executable learns that the host cannot run it.
+    /// Bad input is `invalid_code` on every host; only a valid executable learns that the host cannot run it.
     pub(super) fn check(&self, upload: &[u8], config: &FunctionConfig) -> Result<Artifact, DeployError> {
         validate_executable(upload).map_err(DeployError::InvalidCode)?;
         if self.runtime().is_none() {

@@ -80,7 +80,7 @@ impl GuestImage {
 }
 
 /// Checks that `upload` is something the microvm tier could run: a static x86_64 ELF executable.
-/// The error is the reason, for a `422 invalid_code`.
+/// The error is the reason, for an `invalid_code`.
 pub fn validate_executable(upload: &[u8]) -> Result<(), String> {
     if upload.is_empty() {
         return Err("the upload is empty; the microvm tier runs a static x86_64 Linux executable".into());

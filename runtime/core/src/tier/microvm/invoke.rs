@@ -1,10 +1,10 @@
-//! One microvm invocation, shaped like a Wasm one: take the function's permit (429 when it runs its
-//! `max_concurrency`) and one of the tier's VM permits (429 when `--microvm-max-vms` VMs run), then
+//! One microvm invocation, shaped like a Wasm one: take the function's permit (refused when it runs its
+//! `max_concurrency`) and one of the tier's VM permits (refused when `--microvm-max-vms` VMs run), then
 //! on the blocking pool restore the snapshot (memory mapped `MAP_PRIVATE`), send RESEED with 32
 //! bytes of fresh host randomness and REQUEST with the input, read LOG frames (stderr) until the
-//! RESPONSE (exit code and stdout), and tear the VM down. Exit code 0 is `200` with the stdout;
-//! anything else is `502 function_failed` with the exit code and the stderr tail; the vCPU is
-//! kicked at the function's timeout (`504 timeout`), as a Wasm guest is interrupted.
+//! RESPONSE (exit code and stdout), and tear the VM down. Exit code 0 is a success with the stdout;
+//! anything else is `function_failed` with the exit code and the stderr tail; the vCPU is
+//! kicked at the function's timeout (`timeout`), as a Wasm guest is interrupted.
 
 use std::sync::Arc;
 
@@ -237,7 +237,7 @@ mod tests {
         seeds.dedup();
         assert_eq!(seeds.len(), 4, "every restore got fresh entropy");
 
-        // The tier's VM limit: with its one permit taken, an invocation is 429; the function's own
+        // The tier's VM limit: with its one permit taken, an invocation is refused; the function's own
         // limit is checked first.
         let held = Permits::take("other", &Limit::new(1), &tier.vms).unwrap();
         let busy = tier.invoke(&native, &concurrency, Bytes::new()).await.err().unwrap();

@@ -3,7 +3,7 @@
 //! instance from a pooling allocator per invocation — microseconds, not a process.
 //!
 //! One module per concept:
-//! - [`validate`]: what an upload is, and whether Kiln can run it (deploy, `422` otherwise);
+//! - [`validate`]: what an upload is, and whether Kiln can run it (deploy, `invalid_code` otherwise);
 //! - [`preinit`]: a module's init hook run once at deploy and snapshotted (Wizer);
 //! - [`compile`]: AOT compilation and its cache, keyed by engine and CPU;
 //! - [`link`]: the WASI linkers, and compiled code linked into ready-to-instantiate [`link::Code`];

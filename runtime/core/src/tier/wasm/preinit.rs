@@ -18,7 +18,7 @@ use crate::function::FunctionConfig;
 use crate::outcome::InvokeError;
 
 /// Runs `init_hook` of the module `wasm` and returns the pre-initialised module. The error is a
-/// message for the deploy's 422. Blocking: call it from a blocking thread of the runtime.
+/// message for the deploy's `invalid_code`. Blocking: call it from a blocking thread of the runtime.
 pub fn preinitialize(
     tier: &WasmTier,
     name: &str,

@@ -32,7 +32,7 @@ pub const INIT_HOOKS: [&str; 2] = ["wizer.initialize", "wizer-initialize"];
 /// The restore hook, run on every fresh instance before the entry point.
 pub const RESTORE_HOOK: &str = "kiln.restore";
 
-/// Why an upload is not runnable code; the text goes to the user in the 422 body.
+/// Why an upload is not runnable code; the text goes to the user as an `invalid_code` message.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct InvalidCode(pub String);
