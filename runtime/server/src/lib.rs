@@ -28,6 +28,10 @@ pub struct Server {
 /// Opens the data directory, binds `config.listen` and serves until SIGINT or SIGTERM, then
 /// drains. Logs where it listens (`kiln listening on http://ADDR`) once it accepts connections.
 pub async fn serve(config: ServerConfig) -> Result<(), String> {
+    // Everything Kiln writes — the database with functions' secrets, inputs, results, keys — is
+    // its own: no permission for group or others on what this process creates.
+    // SAFETY: umask only sets the process's file-mode creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
     let listen = config.listen;
     let core = config.core.clone();
     let kiln = tokio::task::spawn_blocking(move || Kiln::open(core, Arc::new(outbound::HyperConnector)))

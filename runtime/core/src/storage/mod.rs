@@ -14,6 +14,7 @@
 //! Calls block on disk; async callers run them on the blocking pool.
 
 pub mod local;
+pub mod seal;
 pub mod sqlite;
 mod tokens;
 

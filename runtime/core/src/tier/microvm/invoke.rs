@@ -239,7 +239,7 @@ mod tests {
 
         // The tier's VM limit: with its one permit taken, an invocation is refused; the function's own
         // limit is checked first.
-        let held = Permits::take("other", &Limit::new(1), &tier.vms).unwrap();
+        let held = Permits::take("other", &Limit::new(1), &tier.vms, 1).unwrap();
         let busy = tier.invoke(&native, &concurrency, Bytes::new()).await.err().unwrap();
         assert!(matches!(busy, InvokeError::PoolBusy(1)), "{busy}");
         drop(held);

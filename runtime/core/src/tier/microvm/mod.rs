@@ -186,7 +186,7 @@ impl Tier for MicrovmTier {
         let Entry::Microvm(function) = &f.entry else {
             unreachable!("Tiers::invoke sends only microvm functions here")
         };
-        let permits = Permits::take(&f.record.name, concurrency, &self.vms)?;
+        let permits = Permits::take(&f.record.name, concurrency, &self.vms, 1)?;
         self.run(permits, function, &f.record.config, input).await
     }
 }

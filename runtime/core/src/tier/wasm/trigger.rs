@@ -85,7 +85,7 @@ impl WasmTier {
         if !wasm.is_http() {
             return Err(InvokeError::NotHttpTrigger(f.record.name.clone()));
         }
-        let permits = self.permits(&f, concurrency)?;
+        let permits = self.permits(&f, wasm, concurrency)?;
         let config = &f.record.config;
         let Instance {
             mut store,
