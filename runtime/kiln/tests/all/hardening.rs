@@ -35,9 +35,21 @@ fn compiled_code_copied_over_another_functions_is_never_executed() {
     assert_eq!(kiln.invoke("echo", "mine").text().unwrap(), "mine");
     kiln.terminate();
 
-    let digest = |record: &serde_json::Value| record["digest"].as_str().unwrap().trim_start_matches("sha256:").to_owned();
+    let digest = |record: &serde_json::Value| {
+        record["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:")
+            .to_owned()
+    };
     let files = compiled_files(dir.path());
-    let find = |hex: &str| files.iter().find(|f| f.to_string_lossy().contains(hex)).unwrap().clone();
+    let find = |hex: &str| {
+        files
+            .iter()
+            .find(|f| f.to_string_lossy().contains(hex))
+            .unwrap()
+            .clone()
+    };
     let (hello_code, echo_code) = (find(&digest(&hello)), find(&digest(&echo)));
     std::fs::copy(&hello_code, &echo_code).unwrap();
     // The attacker copies the seal too: it names the other function's digest, so it fails as well.
@@ -46,13 +58,20 @@ fn compiled_code_copied_over_another_functions_is_never_executed() {
     let kiln = Kiln::start_in(dir.path(), &[]);
     let response = kiln.invoke("echo", "still mine");
     assert_eq!(response.status(), 200);
-    assert_eq!(response.text().unwrap(), "still mine", "echo runs its own code, not hello's");
+    assert_eq!(
+        response.text().unwrap(),
+        "still mine",
+        "echo runs its own code, not hello's"
+    );
     assert!(
         kiln.wait_for_log("does not match its seal", Duration::from_secs(5)),
         "the swap is logged:\n{}",
         kiln.log()
     );
-    assert!(echo_code.with_extension("cwasm.rejected").exists(), "the copy is set aside");
+    assert!(
+        echo_code.with_extension("cwasm.rejected").exists(),
+        "the copy is set aside"
+    );
     assert_eq!(kiln.invoke("hello", "").text().unwrap(), "Hello from Kiln!\n");
 }
 
@@ -94,7 +113,11 @@ fn the_data_directory_is_private_to_kiln() {
         .unwrap();
     crate::support::wait_done(&kiln, submitted["id"].as_str().unwrap(), Duration::from_secs(30));
     assert!(std::fs::read_dir(data.join("results")).unwrap().count() > 0);
-    assert_eq!(open_to_others(&data), vec![], "everything under the data directory is private");
+    assert_eq!(
+        open_to_others(&data),
+        vec![],
+        "everything under the data directory is private"
+    );
     kiln.terminate();
 
     // Opened up by hand (a restored backup, say): closed again at the next start, with a warning.
@@ -118,9 +141,11 @@ fn a_heavy_component_takes_its_share_of_the_pool_and_nobody_gets_a_502() {
     let url = kiln.url("/v1/functions/heavy/invoke");
     let token = kiln.token.clone();
     let spinning = std::thread::spawn(move || client().post(url).bearer_auth(token).send().unwrap());
-    wait_until("the heavy instance holds its eight permits", Duration::from_secs(10), || {
-        kiln.metric("kiln_pool_instances_in_use ") == 8
-    });
+    wait_until(
+        "the heavy instance holds its eight permits",
+        Duration::from_secs(10),
+        || kiln.metric("kiln_pool_instances_in_use ") == 8,
+    );
     expect_error(kiln.invoke("hello", ""), 429, "too_many_requests");
     expect_error(kiln.invoke("heavy", ""), 429, "too_many_requests");
     expect_error(spinning.join().unwrap(), 504, "timeout");
