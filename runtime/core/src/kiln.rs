@@ -13,6 +13,7 @@ use crate::config::CoreConfig;
 use crate::functions::Functions;
 use crate::invocations::{Queue, QueueConfig};
 use crate::signing::Signer;
+use crate::storage::budget::DiskBudget;
 use crate::storage::{BlobKind, Layout, LocalBlobs, Sqlite, Storage, StorageError};
 use crate::telemetry::invocation_logs::InvocationLogs;
 use crate::telemetry::metrics::Metrics;
@@ -69,6 +70,11 @@ impl Kiln {
         let storage = Arc::new(Storage {
             metadata: Arc::new(Sqlite::open(&layout.database())?),
             blobs: Arc::new(LocalBlobs::new(layout.clone())),
+            budget: Arc::new(DiskBudget::new(
+                layout.root.clone(),
+                config.min_free_bytes,
+                config.max_data_bytes,
+            )),
             layout: layout.clone(),
         });
         let (auth, source) = Auth::init(
@@ -91,6 +97,7 @@ impl Kiln {
                 clock: clock.clone(),
             },
             storage.blobs.clone(),
+            storage.budget.clone(),
         )?;
         let metrics = Arc::new(Metrics::default());
         let telemetry = Telemetry {

@@ -27,6 +27,8 @@ pub struct ServerConfig {
     pub body_read_timeout: Duration,
     /// How long shutdown waits for in-flight requests before closing connections.
     pub shutdown_grace: Duration,
+    /// Request-body bytes held in memory at once, all requests together (`api::body::BodyBudget`).
+    pub max_body_buffer_bytes: u64,
     pub core: CoreConfig,
 }
 
@@ -41,6 +43,8 @@ impl ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
+            // Room for 16 deploys of the largest code at once, or 170 sync inputs of 6 MiB.
+            max_body_buffer_bytes: 1 << 30,
             core: CoreConfig::new(data_dir),
         }
     }

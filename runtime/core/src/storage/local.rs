@@ -178,6 +178,10 @@ impl Blobs for LocalBlobs {
         fs::read(self.path(kind, digest))
     }
 
+    fn open(&self, kind: BlobKind, digest: &Digest) -> io::Result<File> {
+        File::open(self.path(kind, digest))
+    }
+
     fn exists(&self, kind: BlobKind, digest: &Digest) -> bool {
         self.path(kind, digest).exists()
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{client, expect_error, hostile, wait_until, wat, Kiln};
+use crate::support::{client, expect_error, hostile, raw_exchange, wait_until, wat, Kiln};
 
 /// Every `.cwasm` under `compiled/`, by file name.
 fn compiled_files(data: &Path) -> Vec<PathBuf> {
@@ -151,4 +151,94 @@ fn a_heavy_component_takes_its_share_of_the_pool_and_nobody_gets_a_502() {
     expect_error(spinning.join().unwrap(), 504, "timeout");
     assert_eq!(kiln.invoke("hello", "").text().unwrap(), "Hello from Kiln!\n");
     assert_eq!(kiln.metric("kiln_pool_instances_in_use "), 0);
+}
+
+/// An invoke-only token could fill the disk with inputs and results, and any deploy with code.
+/// Past the free-space floor or `--max-data-bytes`, deploys and submits are refused with 507 and
+/// nothing is written; what is there keeps serving.
+#[test]
+fn past_the_disk_budget_deploys_and_submits_are_507_and_invocations_still_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kiln = Kiln::start_in(dir.path(), &[]);
+    kiln.must_deploy("echo", wat("echo"));
+    kiln.terminate();
+
+    let submit = |kiln: &Kiln| {
+        client()
+            .post(kiln.url("/v1/functions/echo/invoke-async"))
+            .bearer_auth(&kiln.token)
+            .body("later")
+            .send()
+            .unwrap()
+    };
+    // A cap the data directory is already past.
+    let mut kiln = Kiln::start_in(dir.path(), &["--max-data-bytes", "4096"]);
+    let refused = expect_error(kiln.deploy("other", wat("hello")), 507, "insufficient_storage");
+    assert!(
+        refused["message"].as_str().unwrap().contains("--max-data-bytes"),
+        "{refused}"
+    );
+    expect_error(submit(&kiln), 507, "insufficient_storage");
+    assert_eq!(kiln.invoke("echo", "still here").text().unwrap(), "still here");
+    expect_error(kiln.get("/v1/functions/other"), 404, "not_found");
+    kiln.terminate();
+
+    // A free-space floor no disk meets.
+    let kiln = Kiln::start_in(dir.path(), &["--min-free-bytes", "18446744073709551615"]);
+    let refused = expect_error(kiln.deploy("other", wat("hello")), 507, "insufficient_storage");
+    assert!(
+        refused["message"].as_str().unwrap().contains("--min-free-bytes"),
+        "{refused}"
+    );
+    expect_error(submit(&kiln), 507, "insufficient_storage");
+    assert_eq!(kiln.invoke("echo", "x").status(), 200);
+}
+
+/// Bodies read whole are held in memory until their request is done; together they may not pass
+/// `--max-body-buffer-bytes`. A client that declares a large body and sends it slowly holds its
+/// share; the next large body is refused with 503 (retry) instead of growing the server, and is
+/// accepted once the first is done.
+#[test]
+fn request_bodies_held_in_memory_share_one_budget() {
+    use std::io::{Read, Write};
+    let kiln = Kiln::start_with(&["--max-body-buffer-bytes", "1048576"]);
+    kiln.must_deploy("echo", wat("echo"));
+    let body = "y".repeat(700 * 1024);
+    let mut slow = std::net::TcpStream::connect(&kiln.addr).unwrap();
+    write!(
+        slow,
+        "POST /v1/functions/echo/invoke HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n",
+        kiln.token,
+        body.len()
+    )
+    .unwrap();
+    slow.write_all(&body.as_bytes()[..1024]).unwrap();
+    // The slow body holds 700 KiB of the 1 MiB budget once the server has read its head; another
+    // 700 KiB is refused at once (the answer comes before its body is read: a raw exchange, as a
+    // client that sends its whole body and then reads the answer).
+    let large = format!(
+        "POST /v1/functions/echo/invoke HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n{body}",
+        kiln.token,
+        body.len()
+    );
+    let mut refused = String::new();
+    wait_until("the slow body holds its share", Duration::from_secs(10), || {
+        let (status, answer) = raw_exchange(&kiln.addr, large.as_bytes());
+        refused = answer;
+        status == 503
+    });
+    assert!(refused.contains("1048576 bytes of request bodies"), "{refused}");
+    assert_eq!(
+        kiln.invoke("echo", "small").text().unwrap(),
+        "small",
+        "small bodies still fit"
+    );
+    slow.write_all(&body.as_bytes()[1024..]).unwrap();
+    let mut answer = String::new();
+    (&slow).take(64).read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(slow);
+    wait_until("the share is given back", Duration::from_secs(10), || {
+        kiln.invoke("echo", body.clone()).status() == 200
+    });
 }

@@ -67,11 +67,10 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
         .authenticate(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()))
         .ok_or_else(error::unauthorized)?;
     tokens::authorize(&kiln.storage, &kiln.telemetry.logs, &principal, &segments, &method).await?;
-    let limits = &server.config;
     match (segments.as_slice(), method) {
         (["v1", "openapi.json"], Method::GET) => Ok(openapi::document()),
         (["v1", "openapi.json"], _) => Err(error::method_not_allowed()),
-        (["v1", "tokens"], Method::POST) => tokens::create(&kiln.auth, &kiln.storage, req).await,
+        (["v1", "tokens"], Method::POST) => tokens::create(&kiln.auth, &kiln.storage, &server.bodies, req).await,
         (["v1", "tokens"], Method::GET) => tokens::list(&kiln.auth, &kiln.storage).await,
         (["v1", "tokens"], _) => Err(error::method_not_allowed()),
         (["v1", "tokens", id], Method::DELETE) => tokens::delete(&kiln.auth, &kiln.storage, id).await,
@@ -83,12 +82,32 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
                 return Err(error::invalid_function_name(name));
             }
             match (rest, method) {
-                ([], Method::PUT) => functions::deploy(&kiln.functions, &kiln.telemetry, limits, name, req).await,
+                ([], Method::PUT) => {
+                    functions::deploy(
+                        &kiln.functions,
+                        &kiln.telemetry,
+                        &server.config,
+                        &server.bodies,
+                        name,
+                        req,
+                    )
+                    .await
+                }
                 ([], Method::GET) => functions::get(&kiln.functions, name).await,
                 ([], Method::DELETE) => functions::delete(&kiln.functions, name).await,
-                (["invoke"], Method::POST) => invoke::sync(&kiln.functions, &kiln.telemetry, limits, name, req).await,
+                (["invoke"], Method::POST) => {
+                    invoke::sync(
+                        &kiln.functions,
+                        &kiln.telemetry,
+                        &server.config,
+                        &server.bodies,
+                        name,
+                        req,
+                    )
+                    .await
+                }
                 (["invoke-async"], Method::POST) => {
-                    invocations::submit(&kiln.functions, &kiln.queue, limits, name, req).await
+                    invocations::submit(&kiln.functions, &kiln.queue, &server.config, &server.bodies, name, req).await
                 }
                 ([] | ["invoke"] | ["invoke-async"], _) => Err(error::method_not_allowed()),
                 _ => Err(error::not_found(format!("no route for {path}"))),

@@ -16,7 +16,7 @@ use kiln_core::telemetry::invocation_logs::InvocationLogs;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::body::{self, Body};
+use super::body::{self, Body, BodyBudget};
 use super::error::{self, forbidden};
 use super::openapi::{ErrorBody, NewTokenRequest, TokenList, TokenView};
 
@@ -82,9 +82,14 @@ struct NewToken {
 #[utoipa::path(post, path = "/v1/tokens", tag = "tokens", request_body = NewTokenRequest,
     responses((status = 201, description = "The token; its secret is shown only here", body = TokenView),
         (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
-pub async fn create(auth: &Arc<Auth>, storage: &Storage, req: Request<Incoming>) -> Result<Response<Body>, Problem> {
+pub async fn create(
+    auth: &Arc<Auth>,
+    storage: &Storage,
+    budget: &BodyBudget,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Problem> {
     let (parts, incoming) = req.into_parts();
-    let bytes = body::read(&parts.headers, incoming, 64 * 1024, Duration::from_secs(10)).await?;
+    let (bytes, _held) = body::read(&parts.headers, incoming, 64 * 1024, Duration::from_secs(10), budget).await?;
     let request: NewToken = serde_json::from_slice(&bytes)
         .map_err(|e| error::invalid_request(format!("expected {{\"functions\": [names]}}: {e}")))?;
     if request.functions.is_empty() || request.functions.len() > MAX_FUNCTIONS {

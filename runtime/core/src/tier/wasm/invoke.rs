@@ -16,7 +16,7 @@ use crate::outcome::{InvokeError, Success};
 
 impl WasmTier {
     /// Runs `f` on `input` (its stdin) once.
-    pub(super) async fn run(
+    pub(super) async fn run_guest(
         &self,
         f: &WasmFunction,
         record: &VersionRecord,

@@ -288,19 +288,23 @@ impl Tier for WasmTier {
         )))
     }
 
-    async fn invoke(
-        &self,
-        f: &LoadedFunction,
-        concurrency: &Concurrency,
-        input: Bytes,
-    ) -> Result<Success, InvokeError> {
-        let Entry::Wasm(wasm) = &f.entry else {
-            unreachable!("Tiers::invoke sends only Wasm functions here")
-        };
+    fn admit(&self, f: &LoadedFunction, concurrency: &Concurrency) -> Result<Permits, InvokeError> {
+        let wasm = wasm_of(f);
         if wasm.is_http() {
             return Err(InvokeError::HttpTrigger(f.record.name.clone()));
         }
-        let _permits = self.permits(f, wasm, concurrency)?;
-        self.run(wasm, &f.record, input).await
+        self.permits(f, wasm, concurrency)
+    }
+
+    async fn run(&self, permits: Permits, f: &LoadedFunction, input: Bytes) -> Result<Success, InvokeError> {
+        let _permits = permits;
+        self.run_guest(wasm_of(f), &f.record, input).await
+    }
+}
+
+fn wasm_of(f: &LoadedFunction) -> &WasmFunction {
+    match &f.entry {
+        Entry::Wasm(wasm) => wasm,
+        Entry::Microvm(_) => unreachable!("Tiers sends only Wasm functions to the Wasm tier"),
     }
 }
