@@ -42,7 +42,7 @@ pub struct Kiln {
     pub auth: Arc<Auth>,
     /// Asynchronous invocations.
     pub queue: Queue,
-    pub signer: Signer,
+    pub signer: Arc<Signer>,
     pub telemetry: Telemetry,
     shutting_down: AtomicBool,
 }
@@ -81,6 +81,7 @@ impl Kiln {
             storage.metadata.as_ref(),
             &layout.admin_token(),
             config.admin_token.as_deref(),
+            clock.clone(),
         )?;
         match source {
             AdminTokenSource::Environment => tracing::info!("admin token taken from KILN_ADMIN_TOKEN"),
@@ -130,7 +131,7 @@ impl Kiln {
             functions,
             auth: Arc::new(auth),
             queue,
-            signer,
+            signer: Arc::new(signer),
             telemetry,
             shutting_down: AtomicBool::new(false),
         }))

@@ -29,6 +29,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Request-body bytes held in memory at once, all requests together (`api::body::BodyBudget`).
     pub max_body_buffer_bytes: u64,
+    /// When set (`KILN_METRICS_TOKEN`), `/metrics` needs it (or the admin token) as a bearer
+    /// token: function names and traffic are not everyone's business.
+    pub metrics_token: Option<String>,
     pub core: CoreConfig,
 }
 
@@ -45,6 +48,7 @@ impl ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             // Room for 16 deploys of the largest code at once, or 170 sync inputs of 6 MiB.
             max_body_buffer_bytes: 1 << 30,
+            metrics_token: None,
             core: CoreConfig::new(data_dir),
         }
     }

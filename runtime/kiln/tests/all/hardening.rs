@@ -242,3 +242,99 @@ fn request_bodies_held_in_memory_share_one_budget() {
         kiln.invoke("echo", body.clone()).status() == 200
     });
 }
+
+/// `/metrics` names every function and its traffic: with `KILN_METRICS_TOKEN` it needs that token
+/// (or the admin token), and `/healthz`, which needs none, names no host path.
+#[test]
+fn metrics_can_require_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let kiln = Kiln::start_in_with_env(dir.path(), &[], &[("KILN_METRICS_TOKEN", "scrape-me")]);
+    let metrics = |token: Option<&str>| {
+        let request = client().get(kiln.url("/metrics"));
+        match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+        .send()
+        .unwrap()
+    };
+    expect_error(metrics(None), 401, "unauthorized");
+    expect_error(metrics(Some("wrong")), 401, "unauthorized");
+    assert_eq!(metrics(Some("scrape-me")).status(), 200);
+    assert_eq!(metrics(Some(&kiln.token)).status(), 200);
+    let health = client().get(kiln.url("/healthz")).send().unwrap().text().unwrap();
+    assert!(!health.contains(dir.path().to_str().unwrap()), "{health}");
+}
+
+/// Scoped tokens may be given a life (`ttl_s`); past it they are refused like an unknown token.
+#[test]
+fn a_scoped_token_with_a_ttl_is_refused_once_it_is_over() {
+    let kiln = Kiln::start();
+    kiln.must_deploy("echo", wat("echo"));
+    let created: serde_json::Value = client()
+        .post(kiln.url("/v1/tokens"))
+        .bearer_auth(&kiln.token)
+        .json(&json!({"functions": ["echo"], "ttl_s": 1}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(created["expires_at"].is_string(), "{created}");
+    let secret = created["token"].as_str().unwrap().to_owned();
+    let invoke = || {
+        client()
+            .post(kiln.url("/v1/functions/echo/invoke"))
+            .bearer_auth(&secret)
+            .body("hi")
+            .send()
+            .unwrap()
+            .status()
+    };
+    let first = invoke();
+    assert!(first == 200 || first == 401, "{first}");
+    wait_until("the token has expired", Duration::from_secs(5), || invoke() == 401);
+    let listed = kiln.get("/v1/tokens").text().unwrap();
+    assert!(listed.contains("expires_at"), "{listed}");
+    for ttl in [0, 366 * 24 * 3600] {
+        let refused = client()
+            .post(kiln.url("/v1/tokens"))
+            .bearer_auth(&kiln.token)
+            .json(&json!({"functions": ["echo"], "ttl_s": ttl}))
+            .send()
+            .unwrap();
+        expect_error(refused, 400, "invalid_request");
+    }
+}
+
+/// A result URL outlives the token that fetched it; `kiln keys rotate` (POST /v1/keys/rotate)
+/// retires every signing key, so every URL handed out before is refused.
+#[test]
+fn rotating_the_signing_key_retires_every_result_url() {
+    let kiln = Kiln::start();
+    kiln.must_deploy("echo", wat("echo"));
+    let submitted: serde_json::Value = client()
+        .post(kiln.url("/v1/functions/echo/invoke-async"))
+        .bearer_auth(&kiln.token)
+        .body("kept")
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let id = submitted["id"].as_str().unwrap();
+    let done = crate::support::wait_done(&kiln, id, Duration::from_secs(30));
+    let url = done["result_url"].as_str().unwrap().to_owned();
+    assert_eq!(client().get(kiln.url(&url)).send().unwrap().text().unwrap(), "kept");
+    let rotated: serde_json::Value = client()
+        .post(kiln.url("/v1/keys/rotate"))
+        .bearer_auth(&kiln.token)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(rotated["retired"], 1, "{rotated}");
+    expect_error(client().get(kiln.url(&url)).send().unwrap(), 403, "forbidden");
+    let fresh = crate::support::wait_done(&kiln, id, Duration::from_secs(5));
+    let new_url = fresh["result_url"].as_str().unwrap();
+    assert_ne!(new_url, url);
+    assert_eq!(client().get(kiln.url(new_url)).send().unwrap().text().unwrap(), "kept");
+}

@@ -9,6 +9,7 @@ mod functions;
 mod http_trigger;
 mod invocations;
 mod invoke;
+mod keys;
 mod logs;
 mod openapi;
 mod tokens;
@@ -21,6 +22,8 @@ use hyper::body::Incoming;
 use kiln_core::function::is_valid_function_name;
 use kiln_core::problem::Problem;
 use kiln_core::telemetry::metrics::Gauges;
+
+use sha2::Digest as _;
 
 use crate::Server;
 use body::Body;
@@ -40,7 +43,13 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
     let method = req.method().clone();
     match segments.as_slice() {
         ["healthz"] if method == Method::GET || method == Method::HEAD => return Ok(healthz(server)),
-        ["metrics"] if method == Method::GET => return Ok(metrics(server)),
+        ["metrics"] if method == Method::GET => {
+            let authorization = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
+            if !may_read_metrics(server, authorization) {
+                return Err(error::unauthorized());
+            }
+            return Ok(metrics(server));
+        }
         ["healthz"] | ["metrics"] => return Err(error::method_not_allowed()),
         ["v1", ..] => {}
         ["fn", name, ..] => {
@@ -75,6 +84,8 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
         (["v1", "tokens"], _) => Err(error::method_not_allowed()),
         (["v1", "tokens", id], Method::DELETE) => tokens::delete(&kiln.auth, &kiln.storage, id).await,
         (["v1", "tokens", _], _) => Err(error::method_not_allowed()),
+        (["v1", "keys", "rotate"], Method::POST) => keys::rotate(&kiln.signer).await,
+        (["v1", "keys", "rotate"], _) => Err(error::method_not_allowed()),
         (["v1", "functions"], Method::GET) => functions::list(&kiln.functions).await,
         (["v1", "functions"], _) => Err(error::method_not_allowed()),
         (["v1", "functions", name, rest @ ..], method) => {
@@ -136,13 +147,32 @@ fn healthz(server: &Server) -> Response<Body> {
         "tiers": { "wasm": true, "microvm": microvm.is_available() },
     });
     if let Some(reason) = microvm.reason() {
-        health["unavailable"] = serde_json::json!({ "microvm": reason });
+        health["unavailable"] = serde_json::json!({ "microvm": without_host_paths(reason) });
     }
     body::json(StatusCode::OK, &health)
 }
 
-#[utoipa::path(get, path = "/metrics", tag = "operations", security(()),
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+/// `/healthz` needs no token: what it says must not map the host's file system. An absolute path
+/// in a reason (a guest kernel's, say) is shortened to its file name; the server's log and an
+/// authenticated deploy's answer keep the whole path.
+fn without_host_paths(reason: &str) -> String {
+    reason
+        .split(' ')
+        .map(|word| match word.strip_prefix('/') {
+            Some(rest) if word != "/dev/kvm" && rest.contains('/') => {
+                let tail = word.trim_end_matches([':', ',', '.', ')']);
+                let name = tail.rsplit('/').next().unwrap_or("");
+                format!("…/{name}{}", &word[tail.len()..])
+            }
+            _ => word.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "operations", security((), ("bearer" = [])),
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain"),
+        (status = 401, description = "A metrics token is configured and was not given", body = crate::api::openapi::ErrorBody)))]
 fn metrics(server: &Server) -> Response<Body> {
     let kiln = &server.kiln;
     let wasm = &kiln.functions.tiers.wasm;
@@ -156,6 +186,27 @@ fn metrics(server: &Server) -> Response<Body> {
         .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
         .body(Body::from(kiln.telemetry.metrics.render(&gauges)))
         .expect("static headers are valid")
+}
+
+/// Whether `/metrics` may be read with this `Authorization`: by anyone unless a metrics token is
+/// configured, then with it or the admin token (compared as hashes, in constant time).
+fn may_read_metrics(server: &Server, authorization: Option<&[u8]>) -> bool {
+    let Some(expected) = &server.config.metrics_token else {
+        return true;
+    };
+    if server.kiln.auth.check(authorization) {
+        return true;
+    }
+    let presented = authorization
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+        .map(str::trim)
+        .unwrap_or("");
+    let digest = |text: &str| -> [u8; 32] { sha2::Sha256::digest(text.as_bytes()).into() };
+    bool::from(subtle::ConstantTimeEq::ct_eq(
+        &digest(presented)[..],
+        &digest(expected)[..],
+    ))
 }
 
 /// Parses the `version` query parameter; other parameters are refused so a typo is not ignored.
@@ -179,6 +230,18 @@ fn version_param(query: Option<&str>) -> Result<Option<u32>, Problem> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn healthz_reasons_name_no_host_paths() {
+        assert_eq!(
+            without_host_paths("cannot read the guest kernel /srv/kiln/images/vmlinuz: not found"),
+            "cannot read the guest kernel …/vmlinuz: not found"
+        );
+        assert_eq!(
+            without_host_paths("the microvm tier needs KVM and this host has no /dev/kvm"),
+            "the microvm tier needs KVM and this host has no /dev/kvm"
+        );
+    }
 
     #[test]
     fn version_query() {
