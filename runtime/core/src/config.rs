@@ -28,6 +28,9 @@ pub struct CoreConfig {
     pub microvm_kernel: Option<PathBuf>,
     /// The microvm tier's guest agent: the static `kiln-agent` executable, `/init` of every guest.
     pub microvm_agent: Option<PathBuf>,
+    /// Sandboxes running at once (each holds a live instance); past it creating or resuming one
+    /// is refused (`too_many_requests`).
+    pub max_sandboxes: u32,
     /// Free bytes the data directory's file system keeps: deploys and asynchronous submits that
     /// would go below it are refused (`insufficient_storage`), so the database can still commit.
     pub min_free_bytes: u64,
@@ -48,6 +51,7 @@ impl CoreConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             max_kept_logs: 100_000,
             admin_token: None,
+            max_sandboxes: 100,
             min_free_bytes: 256 << 20,
             max_data_bytes: None,
             microvm_kernel: None,

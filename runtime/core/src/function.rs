@@ -64,6 +64,14 @@ impl Tier {
             Tier::Microvm => "microvm",
         }
     }
+
+    pub fn parse(text: &str) -> Option<Tier> {
+        match text {
+            "wasm" => Some(Tier::Wasm),
+            "microvm" => Some(Tier::Microvm),
+            _ => None,
+        }
+    }
 }
 
 /// A function's config as the deploy request gives it. Every field is optional on the wire; the

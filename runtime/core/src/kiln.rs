@@ -12,6 +12,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::CoreConfig;
 use crate::functions::Functions;
 use crate::invocations::{Queue, QueueConfig};
+use crate::sandboxes::{Sandboxes, SandboxesConfig};
 use crate::signing::Signer;
 use crate::storage::budget::DiskBudget;
 use crate::storage::{BlobKind, Layout, LocalBlobs, Sqlite, Storage, StorageError};
@@ -38,7 +39,8 @@ pub enum StartError {
 pub struct Kiln {
     pub config: CoreConfig,
     pub storage: Arc<Storage>,
-    pub functions: Functions,
+    pub functions: Arc<Functions>,
+    pub sandboxes: Arc<Sandboxes>,
     pub auth: Arc<Auth>,
     /// Asynchronous invocations.
     pub queue: Queue,
@@ -110,7 +112,7 @@ impl Kiln {
                 clock.clone(),
             )?,
         };
-        let signer = Signer::open(&layout.keys(), clock).map_err(data_err)?;
+        let signer = Signer::open(&layout.keys(), clock.clone()).map_err(data_err)?;
 
         let wasm = WasmTier::open(&config, &layout, storage.blobs.clone(), connector).map_err(StartError::Engine)?;
         let microvm = MicrovmTier::open(&config, &layout);
@@ -122,13 +124,24 @@ impl Kiln {
             wasm: Arc::new(wasm),
             microvm: Arc::new(microvm),
         };
-        let functions = Functions::new(storage.clone(), tiers, metrics)?;
+        let functions = Arc::new(Functions::new(storage.clone(), tiers, metrics.clone())?);
         sweep_unreferenced(&functions)?;
+        let sandboxes = Arc::new(Sandboxes::open(
+            storage.clone(),
+            functions.clone(),
+            SandboxesConfig {
+                max_running: config.max_sandboxes,
+                ..SandboxesConfig::default()
+            },
+            clock.clone(),
+            metrics,
+        )?);
 
         Ok(Arc::new(Kiln {
             config,
             storage,
             functions,
+            sandboxes,
             auth: Arc::new(auth),
             queue,
             signer: Arc::new(signer),
@@ -156,9 +169,10 @@ impl Kiln {
         });
     }
 
-    /// Starts running asynchronous invocations (needs a tokio runtime).
+    /// Starts running asynchronous invocations and reaping idle sandboxes (needs a tokio runtime).
     pub fn start_queue(self: &Arc<Kiln>) {
         Queue::start(self);
+        self.sandboxes.start_reaper();
     }
 
     pub fn begin_shutdown(&self) {

@@ -13,6 +13,7 @@
 //! - [`tier`]: the Wasm and microVM tiers behind one interface; [`permits`]: admission;
 //! - [`outcome`] and [`problem`]: how an invocation ends, and how errors are told;
 //! - [`invocations`]: asynchronous invocations (the durable queue);
+//! - [`sandboxes`]: long-lived instances — create, ingress, suspend, resume, fork, terminate;
 //! - [`auth`] (tokens) and [`signing`] (result URLs), on an injectable [`clock`];
 //! - [`telemetry`]: metrics, the one log line per invocation, kept invocation logs;
 //! - [`storage`]: metadata and blobs behind small interfaces (SQLite and the local disk today);
@@ -31,6 +32,7 @@ pub mod outcome;
 pub mod permits;
 pub mod problem;
 pub mod registry;
+pub mod sandboxes;
 pub mod signing;
 pub mod storage;
 pub mod telemetry;

@@ -34,7 +34,8 @@ impl Limit {
         (self.limit as usize).saturating_sub(self.permits.available_permits())
     }
 
-    fn try_take(&self, count: u32) -> Option<OwnedSemaphorePermit> {
+    /// `count` permits if they are free now.
+    pub fn try_take(&self, count: u32) -> Option<OwnedSemaphorePermit> {
         self.permits.clone().try_acquire_many_owned(count).ok()
     }
 

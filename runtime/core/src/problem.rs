@@ -10,6 +10,7 @@ use crate::deploy::DeployError;
 use crate::functions::LoadError;
 use crate::invocations::SubmitError;
 use crate::outcome::InvokeError;
+use crate::sandboxes::SandboxError;
 
 /// The `code` of an error body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +144,24 @@ impl From<SubmitError> for Problem {
             SubmitError::Closed => Problem::new(ErrorCode::Unavailable, "kiln is shutting down"),
             e @ SubmitError::InsufficientStorage(_) => Problem::new(ErrorCode::InsufficientStorage, e.to_string()),
             e @ (SubmitError::Store(_) | SubmitError::Commit(_)) => Problem::internal(e),
+        }
+    }
+}
+
+impl From<SandboxError> for Problem {
+    fn from(e: SandboxError) -> Problem {
+        match e {
+            e @ SandboxError::NotFound(_) => Problem::new(ErrorCode::NotFound, e.to_string()),
+            SandboxError::Invalid(message) => Problem::new(ErrorCode::InvalidRequest, message),
+            SandboxError::Conflict(message) => Problem::new(ErrorCode::Conflict, message),
+            e @ SandboxError::Unauthorized => Problem::new(ErrorCode::Unauthorized, e.to_string()),
+            SandboxError::Forbidden(message) => Problem::new(ErrorCode::Forbidden, message),
+            e @ SandboxError::TooMany(_) => Problem::new(ErrorCode::TooManyRequests, e.to_string()),
+            SandboxError::Unavailable(message) => Problem::new(ErrorCode::Unavailable, message),
+            SandboxError::Load(e) => e.into(),
+            SandboxError::Invoke(e) => e.into(),
+            e @ SandboxError::InsufficientStorage(_) => Problem::new(ErrorCode::InsufficientStorage, e.to_string()),
+            e @ (SandboxError::Storage(_) | SandboxError::State(_)) => Problem::internal(e),
         }
     }
 }

@@ -90,4 +90,6 @@ pub async fn run(server: Arc<Server>, listener: TcpListener, shutdown: impl Futu
         }
     };
     tokio::join!(connections, server.kiln.queue.stop(grace));
+    // Running sandboxes keep their state across the restart: each is suspended to disk.
+    server.kiln.sandboxes.suspend_all().await;
 }

@@ -70,6 +70,10 @@ impl Layout {
     pub fn result(&self, digest: &Digest) -> PathBuf {
         self.results().join(digest.hex())
     }
+    /// Suspended sandboxes' states, named by digest.
+    pub fn sandbox_states(&self) -> PathBuf {
+        self.root.join("sandboxes")
+    }
     /// The key that seals compiled code and snapshots (`seal`).
     pub fn seal_key(&self) -> PathBuf {
         self.root.join("seal.key")
@@ -92,6 +96,7 @@ impl Layout {
             self.artifacts(),
             self.compiled(),
             self.results(),
+            self.sandbox_states(),
         ] {
             fs::create_dir_all(&dir)?;
         }
@@ -154,6 +159,7 @@ impl LocalBlobs {
         match kind {
             BlobKind::Artifact => self.layout.artifact(digest),
             BlobKind::Result => self.layout.result(digest),
+            BlobKind::SandboxState => self.layout.sandbox_states().join(digest.hex()),
         }
     }
 
@@ -161,6 +167,7 @@ impl LocalBlobs {
         match kind {
             BlobKind::Artifact => self.layout.artifacts(),
             BlobKind::Result => self.layout.results(),
+            BlobKind::SandboxState => self.layout.sandbox_states(),
         }
     }
 }
@@ -196,7 +203,7 @@ impl Blobs for LocalBlobs {
     fn list(&self, kind: BlobKind) -> io::Result<Vec<Digest>> {
         let suffix = match kind {
             BlobKind::Artifact => ".wasm",
-            BlobKind::Result => "",
+            BlobKind::Result | BlobKind::SandboxState => "",
         };
         let mut digests = Vec::new();
         for entry in fs::read_dir(self.dir(kind))? {

@@ -28,6 +28,7 @@ pub use tokens::TokenRow;
 use crate::digest::Digest;
 use crate::function::{ArtifactKind, FunctionConfig, VersionRecord};
 use crate::invocations::Record;
+use crate::sandboxes::record::{Sandbox, SandboxToken, State as SandboxState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -80,6 +81,21 @@ pub trait Metadata: Send + Sync {
     fn invocation_log(&self, id: &str) -> Result<Option<String>, StorageError>;
     /// The function an invocation (sync or async) belongs to, if it is known.
     fn invocation_function(&self, id: &str) -> Result<Option<String>, StorageError>;
+
+    /// Adds a sandbox's record; if its idempotency key was used before, adds nothing and returns
+    /// the id of the sandbox that used it.
+    fn insert_sandbox(&self, sandbox: &Sandbox) -> Result<Option<String>, StorageError>;
+    /// Writes a sandbox's state, clocks and suspend point (its settings never change).
+    fn update_sandbox(&self, sandbox: &Sandbox) -> Result<(), StorageError>;
+    fn sandbox(&self, id: &str) -> Result<Option<Sandbox>, StorageError>;
+    /// Sandboxes, oldest first, optionally of one function and in one state.
+    fn sandboxes(&self, function: Option<&str>, state: Option<SandboxState>) -> Result<Vec<Sandbox>, StorageError>;
+    /// Whether any sandbox's suspend point is this state blob.
+    fn sandbox_state_in_use(&self, digest: &Digest) -> Result<bool, StorageError>;
+    fn insert_sandbox_token(&self, hash: &[u8], token: &SandboxToken) -> Result<(), StorageError>;
+    /// Every sandbox token, by the SHA-256 of its secret.
+    fn sandbox_tokens(&self) -> Result<Vec<(Vec<u8>, SandboxToken)>, StorageError>;
+    fn delete_sandbox_tokens(&self, sandbox: &str) -> Result<(), StorageError>;
 }
 
 /// What a blob is, which is also its namespace.
@@ -89,6 +105,8 @@ pub enum BlobKind {
     Artifact,
     /// An asynchronous invocation's output too large for its record.
     Result,
+    /// A suspended sandbox's state.
+    SandboxState,
 }
 
 /// Content-addressed bytes.

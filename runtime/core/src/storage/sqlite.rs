@@ -12,8 +12,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::{Metadata, StorageError, StoredResult, TokenRow};
 use crate::clock::now_rfc3339;
 use crate::digest::Digest;
+use crate::function::Tier;
 use crate::function::{ArtifactKind, FunctionConfig, VersionRecord};
 use crate::invocations::Record;
+use crate::sandboxes::record::{Sandbox, SandboxToken, State as SandboxState};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts how many have run.
 const MIGRATIONS: &[&str] = &[
@@ -91,6 +93,40 @@ const MIGRATIONS: &[&str] = &[
         created_ms  INTEGER NOT NULL,
         stderr      TEXT NOT NULL
     ) WITHOUT ROWID;
+"#,
+    r#"
+    -- Sandboxes: long-lived instances (`crate::sandboxes`). Rows stay after termination (the record
+    -- is what `GET /v1/sandboxes/{id}` shows); `state_digest` names the last suspend point's blob.
+    CREATE TABLE sandboxes (
+        id                 TEXT PRIMARY KEY,
+        function           TEXT NOT NULL,
+        version            INTEGER NOT NULL,
+        tier               TEXT NOT NULL,
+        state              TEXT NOT NULL,
+        error              TEXT,
+        settings           TEXT NOT NULL,
+        idempotency_key    TEXT,
+        created_at         TEXT NOT NULL,
+        last_active_ms     INTEGER NOT NULL,
+        running_ms         INTEGER NOT NULL,
+        running_since_ms   INTEGER,
+        suspended_ms       INTEGER NOT NULL,
+        suspended_since_ms INTEGER,
+        state_digest       TEXT,
+        state_bytes        INTEGER NOT NULL,
+        suspended_at       TEXT,
+        resumed_from       TEXT
+    );
+    CREATE UNIQUE INDEX sandboxes_by_idempotency_key ON sandboxes(idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX sandboxes_by_state ON sandboxes(state);
+    CREATE INDEX sandboxes_by_state_digest ON sandboxes(state_digest) WHERE state_digest IS NOT NULL;
+    CREATE TABLE sandbox_tokens (
+        hash        BLOB PRIMARY KEY,
+        sandbox     TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
+        scopes      TEXT NOT NULL,
+        expires_ms  INTEGER
+    );
 "#,
 ];
 
@@ -385,6 +421,195 @@ impl Metadata for Sqlite {
             .optional()?;
         Ok(asynchronous)
     }
+
+    fn insert_sandbox(&self, sandbox: &Sandbox) -> Result<Option<String>, StorageError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if let Some(key) = &sandbox.idempotency_key {
+            let existing: Option<String> = tx
+                .query_row(
+                    "SELECT id FROM sandboxes WHERE idempotency_key = ?1",
+                    params![key],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if existing.is_some() {
+                return Ok(existing);
+            }
+        }
+        tx.execute(
+            "INSERT INTO sandboxes (id, function, version, tier, state, error, settings, idempotency_key,
+                 created_at, last_active_ms, running_ms, running_since_ms, suspended_ms, suspended_since_ms,
+                 state_digest, state_bytes, suspended_at, resumed_from)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+            params![
+                sandbox.id,
+                sandbox.function,
+                sandbox.version,
+                sandbox.tier.as_str(),
+                sandbox.state.as_str(),
+                sandbox.error,
+                serde_json::to_string(&sandbox.settings).expect("settings serialise"),
+                sandbox.idempotency_key,
+                sandbox.created_at,
+                sandbox.last_active_ms as i64,
+                sandbox.running_ms as i64,
+                sandbox.running_since_ms.map(|v| v as i64),
+                sandbox.suspended_ms as i64,
+                sandbox.suspended_since_ms.map(|v| v as i64),
+                sandbox.state_digest.as_ref().map(|d| d.hex().to_owned()),
+                sandbox.state_bytes as i64,
+                sandbox.suspended_at,
+                sandbox.resumed_from,
+            ],
+        )?;
+        tx.commit()?;
+        Ok(None)
+    }
+
+    fn update_sandbox(&self, sandbox: &Sandbox) -> Result<(), StorageError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET state = ?2, error = ?3, last_active_ms = ?4, running_ms = ?5,
+                 running_since_ms = ?6, suspended_ms = ?7, suspended_since_ms = ?8, state_digest = ?9,
+                 state_bytes = ?10, suspended_at = ?11, resumed_from = ?12
+             WHERE id = ?1",
+            params![
+                sandbox.id,
+                sandbox.state.as_str(),
+                sandbox.error,
+                sandbox.last_active_ms as i64,
+                sandbox.running_ms as i64,
+                sandbox.running_since_ms.map(|v| v as i64),
+                sandbox.suspended_ms as i64,
+                sandbox.suspended_since_ms.map(|v| v as i64),
+                sandbox.state_digest.as_ref().map(|d| d.hex().to_owned()),
+                sandbox.state_bytes as i64,
+                sandbox.suspended_at,
+                sandbox.resumed_from,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn sandbox(&self, id: &str) -> Result<Option<Sandbox>, StorageError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1"))?;
+        let row = stmt.query_row(params![id], sandbox_row).optional()?;
+        row.transpose()
+    }
+
+    fn sandboxes(&self, function: Option<&str>, state: Option<SandboxState>) -> Result<Vec<Sandbox>, StorageError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes
+             WHERE (?1 IS NULL OR function = ?1) AND (?2 IS NULL OR state = ?2)
+             ORDER BY created_at, id"
+        ))?;
+        let rows = stmt.query_map(params![function, state.map(SandboxState::as_str)], sandbox_row)?;
+        rows.map(|row| row?).collect()
+    }
+
+    fn sandbox_state_in_use(&self, digest: &Digest) -> Result<bool, StorageError> {
+        Ok(self
+            .conn()
+            .prepare_cached("SELECT 1 FROM sandboxes WHERE state_digest = ?1 LIMIT 1")?
+            .exists(params![digest.hex()])?)
+    }
+
+    fn insert_sandbox_token(&self, hash: &[u8], token: &SandboxToken) -> Result<(), StorageError> {
+        self.conn().execute(
+            "INSERT INTO sandbox_tokens (hash, sandbox, scopes, expires_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                hash,
+                token.sandbox,
+                serde_json::to_string(&token.scopes).expect("scopes serialise"),
+                token.expires_ms.map(|v| v as i64)
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn sandbox_tokens(&self) -> Result<Vec<(Vec<u8>, SandboxToken)>, StorageError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT hash, sandbox, scopes, expires_ms FROM sandbox_tokens")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (hash, sandbox, scopes, expires_ms) = row?;
+            let scopes = serde_json::from_str(&scopes)
+                .map_err(|e| StorageError::Corrupt(format!("scopes of a token of {sandbox}: {e}")))?;
+            Ok((
+                hash,
+                SandboxToken {
+                    sandbox,
+                    scopes,
+                    expires_ms: expires_ms.map(|v| v as u64),
+                },
+            ))
+        })
+        .collect()
+    }
+
+    fn delete_sandbox_tokens(&self, sandbox: &str) -> Result<(), StorageError> {
+        self.conn()
+            .execute("DELETE FROM sandbox_tokens WHERE sandbox = ?1", params![sandbox])?;
+        Ok(())
+    }
+}
+
+const SANDBOX_COLUMNS: &str = "id, function, version, tier, state, error, settings, idempotency_key, created_at,
+     last_active_ms, running_ms, running_since_ms, suspended_ms, suspended_since_ms, state_digest, state_bytes,
+     suspended_at, resumed_from";
+
+fn sandbox_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Sandbox, StorageError>> {
+    let id: String = r.get(0)?;
+    let corrupt = |what: &str| StorageError::Corrupt(format!("{what} of sandbox {id}"));
+    let tier: String = r.get(3)?;
+    let state: String = r.get(4)?;
+    let settings: String = r.get(6)?;
+    let digest: Option<String> = r.get(14)?;
+    let (Some(tier), Some(state)) = (Tier::parse(&tier), SandboxState::parse(&state)) else {
+        return Ok(Err(corrupt("tier or state")));
+    };
+    let Ok(settings) = serde_json::from_str(&settings) else {
+        return Ok(Err(corrupt("settings")));
+    };
+    let state_digest = match digest {
+        None => None,
+        Some(hex) => match Digest::parse(&hex) {
+            Some(digest) => Some(digest),
+            None => return Ok(Err(corrupt("state digest"))),
+        },
+    };
+    let ms = |i: usize| -> rusqlite::Result<u64> { Ok(r.get::<_, i64>(i)?.max(0) as u64) };
+    let opt_ms =
+        |i: usize| -> rusqlite::Result<Option<u64>> { Ok(r.get::<_, Option<i64>>(i)?.map(|v| v.max(0) as u64)) };
+    Ok(Ok(Sandbox {
+        function: r.get(1)?,
+        version: r.get(2)?,
+        tier,
+        state,
+        error: r.get(5)?,
+        settings,
+        idempotency_key: r.get(7)?,
+        created_at: r.get(8)?,
+        last_active_ms: ms(9)?,
+        running_ms: ms(10)?,
+        running_since_ms: opt_ms(11)?,
+        suspended_ms: ms(12)?,
+        suspended_since_ms: opt_ms(13)?,
+        state_digest,
+        state_bytes: ms(15)?,
+        suspended_at: r.get(16)?,
+        resumed_from: r.get(17)?,
+        id,
+    }))
 }
 
 type RawRow = (String, u32, String, String, String, String, String);

@@ -79,6 +79,43 @@ impl FunctionMetrics {
     }
 }
 
+/// A duration histogram over [`BUCKETS`].
+#[derive(Default)]
+pub struct Histogram {
+    /// Per bucket, not cumulative (rendering sums them); the last slot is `+Inf`.
+    buckets: [Counter; BUCKETS.len() + 1],
+    sum_us: Counter,
+}
+
+impl Histogram {
+    pub fn observe(&self, duration: Duration) {
+        let seconds = duration.as_secs_f64();
+        let bucket = BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(BUCKETS.len());
+        self.buckets[bucket].inc();
+        self.sum_us.0.fetch_add(duration.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].get();
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += self.buckets[BUCKETS.len()].get();
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
+        let braces = |s: &str| {
+            if s.is_empty() {
+                String::new()
+            } else {
+                format!("{{{s}}}")
+            }
+        };
+        let _ = writeln!(out, "{name}_sum{} {}", braces(labels), self.sum_us.get() as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count{} {cumulative}", braces(labels));
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
     /// Deploys that created a version (counted by `deploy`).
@@ -94,6 +131,10 @@ pub struct Metrics {
     pub invocations_failed: Counter,
     pub invocations_timeout: Counter,
     pub invocations_rejected: Counter,
+    /// Sandbox transitions, by the state entered.
+    sandbox_transitions: [Counter; 7],
+    sandbox_suspend: Histogram,
+    sandbox_resume: Histogram,
     functions: DashMap<String, Arc<FunctionMetrics>>,
 }
 
@@ -104,9 +145,24 @@ pub struct Gauges {
     pub instances_in_use: usize,
     /// Asynchronous invocations queued or running.
     pub async_queue_depth: u64,
+    /// Sandboxes by state.
+    pub sandboxes: Vec<(&'static str, u64)>,
 }
 
 impl Metrics {
+    /// Counts a sandbox entering `state`.
+    pub fn sandbox_transition(&self, state: crate::sandboxes::record::State) {
+        self.sandbox_transitions[state as usize].inc();
+    }
+
+    pub fn sandbox_suspended(&self, took: Duration) {
+        self.sandbox_suspend.observe(took);
+    }
+
+    pub fn sandbox_resumed(&self, took: Duration) {
+        self.sandbox_resume.observe(took);
+    }
+
     /// Counts one invocation of `function`.
     pub fn observe(&self, function: &str, outcome: Outcome, duration: Duration) {
         if let Some(series) = self.functions.get(function) {
@@ -225,6 +281,44 @@ impl Metrics {
             "Asynchronous invocations queued or running.",
             &[("", gauges.async_queue_depth)],
         );
+        let states: Vec<(String, u64)> = gauges
+            .sandboxes
+            .iter()
+            .map(|(state, n)| (format!("{{state=\"{state}\"}}"), *n))
+            .collect();
+        let states: Vec<(&str, u64)> = states.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+        metric("kiln_sandboxes", "gauge", "Sandboxes by state.", &states);
+        let transitions: Vec<(String, u64)> = crate::sandboxes::record::State::ALL
+            .iter()
+            .map(|state| {
+                (
+                    format!("{{state=\"{}\"}}", state.as_str()),
+                    self.sandbox_transitions[*state as usize].get(),
+                )
+            })
+            .collect();
+        let transitions: Vec<(&str, u64)> = transitions.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+        metric(
+            "kiln_sandbox_transitions_total",
+            "counter",
+            "Sandbox transitions, by the state entered.",
+            &transitions,
+        );
+        header(
+            &mut out,
+            "kiln_sandbox_suspend_seconds",
+            "histogram",
+            "Time to suspend a sandbox: capture its state, write it, free its instance.",
+        );
+        self.sandbox_suspend
+            .render(&mut out, "kiln_sandbox_suspend_seconds", "");
+        header(
+            &mut out,
+            "kiln_sandbox_resume_seconds",
+            "histogram",
+            "Time to resume a sandbox: read its state, instantiate, put the state back.",
+        );
+        self.sandbox_resume.render(&mut out, "kiln_sandbox_resume_seconds", "");
         out
     }
 }
@@ -245,6 +339,7 @@ mod tests {
             functions: 1,
             instances_in_use: 0,
             async_queue_depth: 0,
+            sandboxes: vec![("running", 2)],
         };
         let text = m.render(&gauges);
         for line in [
@@ -255,6 +350,8 @@ mod tests {
             "kiln_invocation_duration_seconds_bucket{function=\"f\",le=\"900\"} 2",
             "kiln_invocation_duration_seconds_bucket{function=\"f\",le=\"+Inf\"} 3",
             "kiln_invocation_duration_seconds_count{function=\"f\"} 3",
+            "kiln_sandboxes{state=\"running\"} 2",
+            "kiln_sandbox_resume_seconds_count 0",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

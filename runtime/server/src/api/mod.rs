@@ -12,6 +12,7 @@ mod invoke;
 mod keys;
 mod logs;
 mod openapi;
+mod sandboxes;
 mod tokens;
 
 use std::convert::Infallible;
@@ -21,6 +22,7 @@ use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use kiln_core::function::is_valid_function_name;
 use kiln_core::problem::Problem;
+use kiln_core::sandboxes::record::State;
 use kiln_core::telemetry::metrics::Gauges;
 
 use sha2::Digest as _;
@@ -48,7 +50,7 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
             if !may_read_metrics(server, authorization) {
                 return Err(error::unauthorized());
             }
-            return Ok(metrics(server));
+            return Ok(metrics(server).await);
         }
         ["healthz"] | ["metrics"] => return Err(error::method_not_allowed()),
         ["v1", ..] => {}
@@ -58,6 +60,13 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
             }
             let name = name.to_string();
             return http_trigger::handle(&kiln.auth, &kiln.functions, &kiln.telemetry, &name, req).await;
+        }
+        ["sbx", id, ..] => {
+            if kiln.is_shutting_down() {
+                return Err(error::shutting_down());
+            }
+            let id = id.to_string();
+            return sandboxes::ingress(&kiln.auth, &kiln.sandboxes, &id, req).await;
         }
         _ => return Err(error::not_found(format!("no route for {path}"))),
     }
@@ -86,6 +95,23 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
         (["v1", "tokens", _], _) => Err(error::method_not_allowed()),
         (["v1", "keys", "rotate"], Method::POST) => keys::rotate(&kiln.signer).await,
         (["v1", "keys", "rotate"], _) => Err(error::method_not_allowed()),
+        (["v1", "sandboxes"], Method::POST) => {
+            sandboxes::create(&kiln.sandboxes, &principal, &server.bodies, req).await
+        }
+        (["v1", "sandboxes"], Method::GET) => sandboxes::list(&kiln.sandboxes, &principal, req.uri().query()).await,
+        (["v1", "sandboxes"], _) => Err(error::method_not_allowed()),
+        (["v1", "sandboxes", id], Method::GET) => sandboxes::get(&kiln.sandboxes, &principal, id).await,
+        (["v1", "sandboxes", id], Method::DELETE) => sandboxes::terminate(&kiln.sandboxes, &principal, id).await,
+        (["v1", "sandboxes", _], _) => Err(error::method_not_allowed()),
+        (["v1", "sandboxes", id, "suspend"], Method::POST) => sandboxes::suspend(&kiln.sandboxes, &principal, id).await,
+        (["v1", "sandboxes", id, "resume"], Method::POST) => sandboxes::resume(&kiln.sandboxes, &principal, id).await,
+        (["v1", "sandboxes", id, "fork"], Method::POST) => {
+            sandboxes::fork(&kiln.sandboxes, &principal, &server.bodies, id, req).await
+        }
+        (["v1", "sandboxes", id, "tokens"], Method::POST) => {
+            sandboxes::token(&kiln.sandboxes, &principal, &server.bodies, id, req).await
+        }
+        (["v1", "sandboxes", _, "suspend" | "resume" | "fork" | "tokens"], _) => Err(error::method_not_allowed()),
         (["v1", "functions"], Method::GET) => functions::list(&kiln.functions).await,
         (["v1", "functions"], _) => Err(error::method_not_allowed()),
         (["v1", "functions", name, rest @ ..], method) => {
@@ -173,14 +199,19 @@ fn without_host_paths(reason: &str) -> String {
 #[utoipa::path(get, path = "/metrics", tag = "operations", security((), ("bearer" = [])),
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain"),
         (status = 401, description = "A metrics token is configured and was not given", body = crate::api::openapi::ErrorBody)))]
-fn metrics(server: &Server) -> Response<Body> {
+async fn metrics(server: &Server) -> Response<Body> {
     let kiln = &server.kiln;
     let wasm = &kiln.functions.tiers.wasm;
+    let counts = kiln.sandboxes.counts().await;
     let gauges = Gauges {
         async_queue_depth: kiln.queue.depth(),
         compilations: wasm.compilations(),
         functions: kiln.functions.count(),
         instances_in_use: wasm.instances_in_use(),
+        sandboxes: State::ALL
+            .iter()
+            .map(|state| (state.as_str(), counts.get(state).copied().unwrap_or(0)))
+            .collect(),
     };
     Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")

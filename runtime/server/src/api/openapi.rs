@@ -105,6 +105,57 @@ pub struct TokenView {
     expires_at: Option<String>,
 }
 
+/// A sandbox's record.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct SandboxView {
+    /// `sbx_` and 26 characters.
+    id: String,
+    function: String,
+    version: u32,
+    /// `wasm` or `microvm`.
+    tier: String,
+    /// `starting`, `running`, `suspending`, `suspended`, `resuming`, `terminated`, `failed`.
+    state: String,
+    created_at: String,
+    last_active_at: Option<String>,
+    /// Running time so far; suspended time does not count.
+    running_s: f64,
+    suspended_s: f64,
+    /// Bytes of its last suspend point on disk.
+    state_bytes: u64,
+    /// Where its ingress is: `/sbx/{id}/`.
+    ingress_url: String,
+    /// Why it failed.
+    error: Option<String>,
+    metadata: std::collections::BTreeMap<String, String>,
+    idle_timeout_s: u64,
+    on_idle: kiln_core::sandboxes::record::OnIdle,
+    max_lifetime_s: u64,
+    ingress: kiln_core::sandboxes::record::Ingress,
+    /// When its last suspend point was written.
+    suspended_at: Option<String>,
+    /// Set when a crash sent it back to its last suspend point: that point's time.
+    resumed_from: Option<String>,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct SandboxList {
+    sandboxes: Vec<SandboxView>,
+}
+
+/// A sandbox token; its secret is shown only here.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct TokenForSandbox {
+    /// `kiln_sbx_...`: present it as `X-Kiln-Sandbox-Token`, or as the websocket subprotocol
+    /// `kiln.token.<token>`.
+    token: String,
+    scopes: Vec<kiln_core::sandboxes::record::Scope>,
+    expires_at: String,
+}
+
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct Rotated {
@@ -152,9 +203,18 @@ impl Modify for BearerAuth {
         super::tokens::list,
         super::tokens::delete,
         super::keys::rotate,
+        super::sandboxes::create,
+        super::sandboxes::list,
+        super::sandboxes::get,
+        super::sandboxes::suspend,
+        super::sandboxes::resume,
+        super::sandboxes::fork,
+        super::sandboxes::terminate,
+        super::sandboxes::token,
+        super::sandboxes::ingress,
         document,
     ),
-    components(schemas(ErrorBody, ErrorObject, DeployForm, FunctionList, Submitted, Invocation, NewTokenRequest, TokenView, TokenList, Rotated)),
+    components(schemas(ErrorBody, ErrorObject, DeployForm, FunctionList, Submitted, Invocation, NewTokenRequest, TokenView, TokenList, Rotated, SandboxView, SandboxList, TokenForSandbox)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
 )]

@@ -198,7 +198,7 @@ impl<T: GuestState> Instance<T> {
 /// Runs guest code in slices of `SLICE` and interrupts it (`Trap::Interrupt`) once `timeout` has
 /// passed. Between slices the guest yields to the async executor, so a guest spinning on a core
 /// cannot starve the server's other requests for the length of its timeout.
-fn arm_deadline<T>(store: &mut Store<T>, timeout: Duration) {
+pub(crate) fn arm_deadline<T>(store: &mut Store<T>, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     let slice_ticks = ticks_for(SLICE).min(ticks_for(timeout));
     store.set_epoch_deadline(slice_ticks);

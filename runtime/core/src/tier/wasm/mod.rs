@@ -23,6 +23,8 @@ mod invoke;
 pub mod limits;
 pub mod link;
 pub mod preinit;
+pub mod sandbox;
+pub mod state;
 pub mod trigger;
 pub mod validate;
 

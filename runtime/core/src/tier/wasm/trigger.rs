@@ -36,6 +36,16 @@ pub struct GuestBody {
     finished: Option<oneshot::Receiver<bool>>,
 }
 
+impl GuestBody {
+    /// The body a guest writes, ending once `finished` says how the guest ended.
+    pub(crate) fn new(inner: HyperOutgoingBody, finished: oneshot::Receiver<bool>) -> GuestBody {
+        GuestBody {
+            inner,
+            finished: Some(finished),
+        }
+    }
+}
+
 impl http_body::Body for GuestBody {
     type Data = Bytes;
     type Error = Box<dyn std::error::Error + Send + Sync>;

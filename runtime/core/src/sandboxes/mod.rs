@@ -1,0 +1,855 @@
+//! Sandboxes: long-lived, addressable instances of a function, with a lifecycle of their own —
+//! created, reached through ingress, suspended to disk and resumed, forked, terminated.
+//!
+//! ```text
+//! starting ─▶ running ⇄ suspending ─▶ suspended ─▶ resuming ─▶ running
+//!     │          │                        │                        │
+//!     └──────────┴────────▶ terminated / failed (with the reason) ◀┘
+//! ```
+//!
+//! - Every transition is committed to the store before it is reported, and transitions of one
+//!   sandbox are serialised by its own lock; a move its state does not allow is `Conflict`.
+//! - A live sandbox holds an instance (its memory and pool slots); a suspended one holds only its
+//!   state, a content-addressed blob (forks share it until they diverge).
+//! - Ingress to a suspended sandbox resumes it first; an idle one is suspended (or terminated) by
+//!   the reaper after its `idle_timeout_s`; `max_lifetime_s` counts running time only.
+//! - A graceful stop suspends every running sandbox. After a crash, one that was live goes back to
+//!   its last suspend point (`resumed_from` says when that was), or fails with "the host
+//!   restarted" if it never had one: never a blank instance claiming to be the old one.
+//!
+//! The Wasm tier runs sandboxes (`tier::wasm::sandbox`); the microVM tier's are not built yet and
+//! answer `unavailable` with the reason.
+
+pub mod record;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{Mutex, OwnedSemaphorePermit};
+
+use self::record::{Ingress, OnIdle, Sandbox, SandboxToken, Scope, Settings, State};
+use crate::auth::Principal;
+use crate::clock::{now_rfc3339, Clock};
+use crate::digest::Digest;
+use crate::function::{Tier, VersionRecord};
+use crate::functions::{Functions, LoadError};
+use crate::outcome::InvokeError;
+use crate::permits::Limit;
+use crate::registry::Entry;
+use crate::storage::budget::StorageFull;
+use crate::storage::{BlobKind, Storage, StorageError};
+use crate::telemetry::metrics::Metrics;
+use crate::tier::wasm::sandbox::{IngressBody, LiveInstance, SandboxCode, Start};
+use crate::tier::wasm::trigger::GuestBody;
+
+/// Why a sandbox operation did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("no sandbox {0:?}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("missing, invalid or expired token for this sandbox")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("the server runs its maximum of {0} sandboxes")]
+    TooMany(u32),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Invoke(#[from] InvokeError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("{0}")]
+    InsufficientStorage(#[from] StorageFull),
+    #[error("sandbox state: {0}")]
+    State(String),
+}
+
+/// A creation request.
+pub struct NewSandbox {
+    pub function: String,
+    pub version: Option<u32>,
+    pub settings: Settings,
+    pub idempotency_key: Option<String>,
+}
+
+/// The settings of the sandbox manager, from the server's.
+#[derive(Debug, Clone)]
+pub struct SandboxesConfig {
+    /// Sandboxes running at once (live instances); past it creating or resuming one is refused.
+    pub max_running: u32,
+    /// How often the reaper looks for idle and expired sandboxes.
+    pub reap_every: Duration,
+}
+
+impl Default for SandboxesConfig {
+    fn default() -> Self {
+        SandboxesConfig {
+            max_running: 100,
+            reap_every: Duration::from_millis(500),
+        }
+    }
+}
+
+/// One sandbox's lock, and its live instance while it has one.
+#[derive(Default)]
+struct Slot {
+    live: Mutex<Option<Live>>,
+}
+
+/// A live sandbox: its instance and what it holds of the server.
+struct Live {
+    instance: LiveInstance,
+    _pool: OwnedSemaphorePermit,
+    _running: OwnedSemaphorePermit,
+}
+
+pub struct Sandboxes {
+    storage: Arc<Storage>,
+    functions: Arc<Functions>,
+    slots: DashMap<String, Arc<Slot>>,
+    /// Sandbox tokens by the SHA-256 of their secret.
+    tokens: DashMap<[u8; 32], SandboxToken>,
+    /// Each version's sandbox code, instrumented and compiled once.
+    code: DashMap<(String, u32), Arc<SandboxCode>>,
+    running: Limit,
+    config: SandboxesConfig,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+}
+
+/// The longest life a sandbox token may be given.
+pub const MAX_TOKEN_TTL_S: u64 = 30 * 24 * 3600;
+
+impl Sandboxes {
+    /// Loads the sandboxes' tokens and puts what a crash left live back to its last suspend
+    /// point. Blocking (SQLite): call it at start-up.
+    pub fn open(
+        storage: Arc<Storage>,
+        functions: Arc<Functions>,
+        config: SandboxesConfig,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Sandboxes, StorageError> {
+        let tokens = DashMap::new();
+        for (hash, token) in storage.metadata.sandbox_tokens()? {
+            if let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) {
+                tokens.insert(hash, token);
+            }
+        }
+        let now = clock.now_ms();
+        for mut sandbox in storage.metadata.sandboxes(None, None)? {
+            if !sandbox.state.is_live() {
+                continue;
+            }
+            match sandbox.suspended_at.clone() {
+                Some(point) => {
+                    tracing::warn!(sandbox = %sandbox.id, point = %point, "a sandbox live at the last stop goes back to its last suspend point");
+                    sandbox.resumed_from = Some(point);
+                    sandbox.enter(State::Suspended, now);
+                }
+                None => {
+                    tracing::warn!(sandbox = %sandbox.id, "a sandbox live at the last stop had no suspend point: failed");
+                    sandbox.error = Some("the host restarted and the sandbox had never been suspended".into());
+                    sandbox.enter(State::Failed, now);
+                }
+            }
+            storage.metadata.update_sandbox(&sandbox)?;
+        }
+        Ok(Sandboxes {
+            storage,
+            functions,
+            slots: DashMap::new(),
+            tokens,
+            code: DashMap::new(),
+            running: Limit::new(config.max_running),
+            config,
+            clock,
+            metrics,
+        })
+    }
+
+    fn slot(&self, id: &str) -> Arc<Slot> {
+        self.slots.entry(id.to_owned()).or_default().clone()
+    }
+
+    /// Blocking store calls, off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&dyn crate::storage::Metadata) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let metadata = self.storage.metadata.clone();
+        tokio::task::spawn_blocking(move || call(metadata.as_ref()))
+            .await
+            .expect("store task panicked")
+    }
+
+    async fn load(&self, id: &str) -> Result<Sandbox, SandboxError> {
+        let owned = id.to_owned();
+        self.blocking(move |m| m.sandbox(&owned))
+            .await?
+            .ok_or_else(|| SandboxError::NotFound(id.to_owned()))
+    }
+
+    async fn commit(&self, sandbox: &Sandbox) -> Result<(), SandboxError> {
+        let copy = sandbox.clone();
+        self.blocking(move |m| m.update_sandbox(&copy)).await?;
+        tracing::info!(sandbox = %sandbox.id, function = %sandbox.function, state = sandbox.state.as_str(), "sandbox");
+        self.metrics.sandbox_transition(sandbox.state);
+        Ok(())
+    }
+
+    /// A sandbox's record.
+    pub async fn get(&self, id: &str) -> Result<Sandbox, SandboxError> {
+        self.load(id).await
+    }
+
+    /// Sandboxes, optionally of one function and in one state.
+    pub async fn list(&self, function: Option<String>, state: Option<State>) -> Result<Vec<Sandbox>, SandboxError> {
+        Ok(self.blocking(move |m| m.sandboxes(function.as_deref(), state)).await?)
+    }
+
+    /// Now, on the manager's clock.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// Creates a sandbox and starts it; returns its record and whether it is new (an
+    /// `Idempotency-Key` used before returns the first one).
+    pub async fn create(&self, request: NewSandbox) -> Result<(Sandbox, bool), SandboxError> {
+        request.settings.check().map_err(SandboxError::Invalid)?;
+        let resolved = self.functions.resolve(&request.function, request.version).await?;
+        let record = resolved.function.record.clone();
+        if record.config.tier == Tier::Microvm {
+            return Err(SandboxError::Unavailable(
+                "microVM sandboxes are not available on this server yet: the microvm tier runs \
+                 functions, not sandboxes"
+                    .into(),
+            ));
+        }
+        if !resolved.function.is_http() {
+            return Err(SandboxError::Invalid(format!(
+                "function `{}` is not an HTTP-trigger function: a Wasm sandbox runs a wasi:http/proxy component",
+                record.name
+            )));
+        }
+        let now = self.clock.now_ms();
+        let mut sandbox = Sandbox {
+            id: new_id(),
+            function: record.name.clone(),
+            version: record.version,
+            tier: record.config.tier,
+            state: State::Starting,
+            error: None,
+            settings: request.settings,
+            idempotency_key: request.idempotency_key,
+            created_at: now_rfc3339(),
+            last_active_ms: now,
+            running_ms: 0,
+            running_since_ms: None,
+            suspended_ms: 0,
+            suspended_since_ms: None,
+            state_digest: None,
+            state_bytes: 0,
+            suspended_at: None,
+            resumed_from: None,
+        };
+        let slot = self.slot(&sandbox.id);
+        let mut live = slot.live.lock().await;
+        let inserted = sandbox.clone();
+        if let Some(existing) = self.blocking(move |m| m.insert_sandbox(&inserted)).await? {
+            self.slots.remove(&sandbox.id);
+            return Ok((self.load(&existing).await?, false));
+        }
+        self.metrics.sandbox_transition(State::Starting);
+        match self.start(&sandbox, &record, None).await {
+            Ok(started) => {
+                *live = Some(started);
+                sandbox.enter(State::Running, self.clock.now_ms());
+            }
+            Err(e) => {
+                sandbox.error = Some(e.to_string());
+                sandbox.enter(State::Failed, self.clock.now_ms());
+                self.commit(&sandbox).await?;
+                return Err(e);
+            }
+        }
+        self.commit(&sandbox).await?;
+        Ok((sandbox, true))
+    }
+
+    /// The version's sandbox code, instrumented and compiled on first use.
+    async fn code(&self, record: &VersionRecord) -> Result<Arc<SandboxCode>, SandboxError> {
+        let key = (record.name.clone(), record.version);
+        if let Some(code) = self.code.get(&key) {
+            return Ok(code.clone());
+        }
+        let code = Arc::new(self.functions.tiers.wasm.sandbox_code(record).await?);
+        self.code.insert(key, code.clone());
+        Ok(code)
+    }
+
+    /// Starts an instance for `sandbox` (fresh, or from `state`), holding its pool slots and a
+    /// running permit.
+    async fn start(
+        &self,
+        sandbox: &Sandbox,
+        record: &VersionRecord,
+        state: Option<&[u8]>,
+    ) -> Result<Live, SandboxError> {
+        let running = self
+            .running
+            .try_take(1)
+            .ok_or(SandboxError::TooMany(self.running.limit()))?;
+        let code = self.code(record).await?;
+        let wasm = &self.functions.tiers.wasm;
+        let pool = wasm
+            .capacity()
+            .try_take(code.weight)
+            .ok_or(InvokeError::PoolBusy(wasm.capacity().limit()))?;
+        let mut env: Vec<(String, String)> = record.config.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        env.extend(sandbox.settings.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let egress = match &self
+            .functions
+            .resolve(&record.name, Some(record.version))
+            .await?
+            .function
+            .entry
+        {
+            Entry::Wasm(function) => function.egress.clone(),
+            Entry::Microvm(_) => unreachable!("microvm sandboxes are refused before"),
+        };
+        let instance = LiveInstance::start(
+            wasm,
+            Start {
+                code: &code,
+                record,
+                env,
+                egress: &egress,
+                state,
+            },
+        )
+        .await?;
+        Ok(Live {
+            instance,
+            _pool: pool,
+            _running: running,
+        })
+    }
+
+    async fn version(&self, sandbox: &Sandbox) -> Result<VersionRecord, SandboxError> {
+        let resolved = self.functions.resolve(&sandbox.function, Some(sandbox.version)).await?;
+        Ok(resolved.function.record.clone())
+    }
+
+    /// Suspends a running sandbox: its state to disk, its instance gone.
+    pub async fn suspend(&self, id: &str) -> Result<Sandbox, SandboxError> {
+        let slot = self.slot(id);
+        let mut live = slot.live.lock().await;
+        let mut sandbox = self.load(id).await?;
+        if sandbox.state != State::Running {
+            return Err(SandboxError::Conflict(format!(
+                "sandbox {id} is {}: only a running sandbox can be suspended",
+                sandbox.state.as_str()
+            )));
+        }
+        self.suspend_locked(&mut sandbox, &mut live).await?;
+        Ok(sandbox)
+    }
+
+    async fn suspend_locked(&self, sandbox: &mut Sandbox, live: &mut Option<Live>) -> Result<(), SandboxError> {
+        let started = std::time::Instant::now();
+        let Some(current) = live.take() else {
+            return self.lost(sandbox).await;
+        };
+        sandbox.enter(State::Suspending, self.clock.now_ms());
+        self.commit(sandbox).await?;
+        let state = match current.instance.capture().await {
+            Ok(state) => state,
+            Err(reason) => {
+                if current.instance.failure().is_some() {
+                    drop(current);
+                    return self.fail(sandbox, reason).await;
+                }
+                // Not quiescent (a host resource held): it stays running.
+                *live = Some(current);
+                sandbox.enter(State::Running, self.clock.now_ms());
+                self.commit(sandbox).await?;
+                return Err(SandboxError::Conflict(format!(
+                    "sandbox {} cannot be suspended now: {reason}",
+                    sandbox.id
+                )));
+            }
+        };
+        let Live { instance, .. } = current;
+        instance.stop().await;
+        let digest = self.save_state(&state).await?;
+        let previous = sandbox.state_digest.replace(digest);
+        sandbox.state_bytes = state.len() as u64;
+        sandbox.suspended_at = Some(now_rfc3339());
+        sandbox.resumed_from = None;
+        sandbox.enter(State::Suspended, self.clock.now_ms());
+        self.commit(sandbox).await?;
+        if let Some(previous) = previous {
+            self.forget_state(previous).await;
+        }
+        self.metrics.sandbox_suspended(started.elapsed());
+        Ok(())
+    }
+
+    /// Writes a state blob (content-addressed: forks of one state share it).
+    async fn save_state(&self, state: &[u8]) -> Result<Digest, SandboxError> {
+        let digest = Digest::of(state);
+        let (storage, copy, key) = (self.storage.clone(), state.to_vec(), digest.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), SandboxError> {
+            storage.budget.admit(copy.len() as u64)?;
+            storage
+                .blobs
+                .put(BlobKind::SandboxState, &key, &copy)
+                .map_err(|e| SandboxError::State(e.to_string()))
+        })
+        .await
+        .expect("state task panicked")?;
+        Ok(digest)
+    }
+
+    /// Removes a state blob no sandbox points at any more.
+    async fn forget_state(&self, digest: Digest) {
+        let storage = self.storage.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if matches!(storage.metadata.sandbox_state_in_use(&digest), Ok(false)) {
+                let _ = storage.blobs.remove(BlobKind::SandboxState, &digest);
+            }
+        })
+        .await;
+    }
+
+    /// Resumes a suspended sandbox from its state.
+    pub async fn resume(&self, id: &str) -> Result<Sandbox, SandboxError> {
+        let slot = self.slot(id);
+        let mut live = slot.live.lock().await;
+        let mut sandbox = self.load(id).await?;
+        if sandbox.state != State::Suspended {
+            return Err(SandboxError::Conflict(format!(
+                "sandbox {id} is {}: only a suspended sandbox can be resumed",
+                sandbox.state.as_str()
+            )));
+        }
+        self.resume_locked(&mut sandbox, &mut live).await?;
+        Ok(sandbox)
+    }
+
+    async fn resume_locked(&self, sandbox: &mut Sandbox, live: &mut Option<Live>) -> Result<(), SandboxError> {
+        let started = std::time::Instant::now();
+        let record = self.version(sandbox).await?;
+        let Some(digest) = sandbox.state_digest.clone() else {
+            return Err(SandboxError::State(format!(
+                "sandbox {} has no saved state",
+                sandbox.id
+            )));
+        };
+        let storage = self.storage.clone();
+        let state = tokio::task::spawn_blocking(move || storage.blobs.get(BlobKind::SandboxState, &digest))
+            .await
+            .expect("state task panicked")
+            .map_err(|e| SandboxError::State(format!("reading the saved state: {e}")))?;
+        sandbox.enter(State::Resuming, self.clock.now_ms());
+        self.commit(sandbox).await?;
+        match self.start(sandbox, &record, Some(&state)).await {
+            Ok(started) => *live = Some(started),
+            Err(e @ (SandboxError::TooMany(_) | SandboxError::Invoke(InvokeError::PoolBusy(_)))) => {
+                // No room now: it stays suspended, and the caller may retry.
+                sandbox.enter(State::Suspended, self.clock.now_ms());
+                self.commit(sandbox).await?;
+                return Err(e);
+            }
+            Err(e) => {
+                self.fail(sandbox, format!("resuming failed: {e}")).await?;
+                return Err(e);
+            }
+        }
+        sandbox.last_active_ms = self.clock.now_ms();
+        sandbox.enter(State::Running, self.clock.now_ms());
+        self.commit(sandbox).await?;
+        self.metrics.sandbox_resumed(started.elapsed());
+        Ok(())
+    }
+
+    /// Marks a sandbox failed with `reason`.
+    async fn fail(&self, sandbox: &mut Sandbox, reason: String) -> Result<(), SandboxError> {
+        sandbox.error = Some(reason.clone());
+        sandbox.enter(State::Failed, self.clock.now_ms());
+        self.commit(sandbox).await?;
+        Err(SandboxError::Conflict(format!(
+            "sandbox {} failed: {reason}",
+            sandbox.id
+        )))
+    }
+
+    /// A running sandbox without an instance (its instance ended on its own): failed, with why.
+    async fn lost(&self, sandbox: &mut Sandbox) -> Result<(), SandboxError> {
+        self.fail(sandbox, "its instance is gone".into()).await
+    }
+
+    /// Terminates a sandbox: its instance and its saved state are gone; the record stays.
+    pub async fn terminate(&self, id: &str) -> Result<Sandbox, SandboxError> {
+        let slot = self.slot(id);
+        let mut live = slot.live.lock().await;
+        let mut sandbox = self.load(id).await?;
+        if sandbox.state.is_final() {
+            return Err(SandboxError::Conflict(format!(
+                "sandbox {id} is already {}",
+                sandbox.state.as_str()
+            )));
+        }
+        if let Some(current) = live.take() {
+            current.instance.stop().await;
+        }
+        let state = sandbox.state_digest.take();
+        sandbox.state_bytes = 0;
+        sandbox.enter(State::Terminated, self.clock.now_ms());
+        self.commit(&sandbox).await?;
+        let owned = id.to_owned();
+        self.blocking(move |m| m.delete_sandbox_tokens(&owned)).await?;
+        self.tokens.retain(|_, token| token.sandbox != id);
+        if let Some(state) = state {
+            self.forget_state(state).await;
+        }
+        drop(live);
+        self.slots.remove(id);
+        Ok(sandbox)
+    }
+
+    /// Copies a running or suspended sandbox into `count` new ones, each suspended with the same
+    /// state (one blob, shared) and resumed on its first request.
+    pub async fn fork(&self, id: &str, count: u32) -> Result<Vec<Sandbox>, SandboxError> {
+        if !(1..=32).contains(&count) {
+            return Err(SandboxError::Invalid("count must be between 1 and 32".into()));
+        }
+        let slot = self.slot(id);
+        let live = slot.live.lock().await;
+        let source = self.load(id).await?;
+        let (digest, bytes) = match (source.state, live.as_ref()) {
+            (State::Running, Some(current)) => {
+                let state =
+                    current.instance.capture().await.map_err(|reason| {
+                        SandboxError::Conflict(format!("sandbox {id} cannot be forked now: {reason}"))
+                    })?;
+                (self.save_state(&state).await?, state.len() as u64)
+            }
+            (State::Suspended, _) => match &source.state_digest {
+                Some(digest) => (digest.clone(), source.state_bytes),
+                None => return Err(SandboxError::State(format!("sandbox {id} has no saved state"))),
+            },
+            (state, _) => {
+                return Err(SandboxError::Conflict(format!(
+                    "sandbox {id} is {}: only a running or suspended sandbox can be forked",
+                    state.as_str()
+                )))
+            }
+        };
+        drop(live);
+        let now = self.clock.now_ms();
+        let mut forks = Vec::new();
+        for _ in 0..count {
+            let mut fork = Sandbox {
+                id: new_id(),
+                idempotency_key: None,
+                created_at: now_rfc3339(),
+                last_active_ms: now,
+                running_ms: 0,
+                running_since_ms: None,
+                suspended_ms: 0,
+                suspended_since_ms: None,
+                state: State::Suspended,
+                error: None,
+                state_digest: Some(digest.clone()),
+                state_bytes: bytes,
+                suspended_at: Some(now_rfc3339()),
+                resumed_from: None,
+                ..source.clone()
+            };
+            fork.enter(State::Suspended, now);
+            let inserted = fork.clone();
+            self.blocking(move |m| m.insert_sandbox(&inserted)).await?;
+            self.metrics.sandbox_transition(State::Suspended);
+            forks.push(fork);
+        }
+        Ok(forks)
+    }
+
+    /// Makes a token for one sandbox, with `scopes`, valid for `ttl`. Returns the secret (shown
+    /// once) and the token.
+    pub async fn create_token(
+        &self,
+        id: &str,
+        scopes: Vec<Scope>,
+        ttl: Duration,
+    ) -> Result<(String, SandboxToken), SandboxError> {
+        let sandbox = self.load(id).await?;
+        if sandbox.state.is_final() {
+            return Err(SandboxError::Conflict(format!(
+                "sandbox {id} is {}",
+                sandbox.state.as_str()
+            )));
+        }
+        if scopes.is_empty() {
+            return Err(SandboxError::Invalid(
+                "scopes must name at least one of ingress, exec, shell, files".into(),
+            ));
+        }
+        if ttl.is_zero() || ttl.as_secs() > MAX_TOKEN_TTL_S {
+            return Err(SandboxError::Invalid(format!(
+                "ttl_s must be between 1 and {MAX_TOKEN_TTL_S}"
+            )));
+        }
+        let secret = format!("kiln_sbx_{}", hex::encode(rand::random::<[u8; 32]>()));
+        let token = SandboxToken {
+            sandbox: id.to_owned(),
+            scopes,
+            expires_ms: Some(self.clock.now_ms() + ttl.as_millis() as u64),
+        };
+        let hash: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        let stored = token.clone();
+        self.blocking(move |m| m.insert_sandbox_token(&hash, &stored)).await?;
+        self.tokens.insert(hash, token.clone());
+        Ok((secret, token))
+    }
+
+    /// Whether a request with this principal and sandbox token may reach `sandbox`'s ingress.
+    pub fn may_enter(
+        &self,
+        sandbox: &Sandbox,
+        principal: Option<&Principal>,
+        sandbox_token: Option<&str>,
+    ) -> Result<(), SandboxError> {
+        match sandbox.settings.ingress {
+            Ingress::Off => {
+                return Err(SandboxError::Forbidden(format!(
+                    "sandbox {} takes no ingress",
+                    sandbox.id
+                )))
+            }
+            Ingress::Public => return Ok(()),
+            Ingress::Token => {}
+        }
+        if let Some(principal) = principal {
+            return if principal.may_invoke(&sandbox.function) {
+                Ok(())
+            } else {
+                Err(SandboxError::Forbidden(format!(
+                    "this token may not reach sandboxes of `{}`",
+                    sandbox.function
+                )))
+            };
+        }
+        let Some(secret) = sandbox_token else {
+            return Err(SandboxError::Unauthorized);
+        };
+        let hash: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        let Some(token) = self.tokens.get(&hash).map(|t| t.clone()) else {
+            return Err(SandboxError::Unauthorized);
+        };
+        if token.expires_ms.is_some_and(|at| self.clock.now_ms() >= at) {
+            return Err(SandboxError::Unauthorized);
+        }
+        if token.sandbox != sandbox.id || !token.scopes.contains(&Scope::Ingress) {
+            return Err(SandboxError::Forbidden(format!(
+                "this sandbox token may not reach sandbox {}",
+                sandbox.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Serves one ingress request: resumes the sandbox first if it is suspended.
+    pub async fn enter(
+        &self,
+        id: &str,
+        request: http::Request<IngressBody>,
+    ) -> Result<http::Response<GuestBody>, SandboxError> {
+        let slot = self.slot(id);
+        let (instance_jobs, function) = {
+            let mut live = slot.live.lock().await;
+            let mut sandbox = self.load(id).await?;
+            match sandbox.state {
+                State::Running if live.is_some() => {}
+                State::Running => {
+                    self.lost(&mut sandbox).await?;
+                }
+                State::Suspended => self.resume_locked(&mut sandbox, &mut live).await?,
+                state => {
+                    return Err(SandboxError::Conflict(format!("sandbox {id} is {}", state.as_str())));
+                }
+            }
+            let current = live.as_ref().expect("running with an instance");
+            (current.instance.handle(), sandbox.function.clone())
+        };
+        // The function's own limit applies to its sandboxes' requests too.
+        let resolved = self.functions.resolve(&function, None).await?;
+        let _permit = resolved
+            .concurrency
+            .try_take(1)
+            .ok_or_else(|| InvokeError::FunctionBusy(function.clone(), resolved.concurrency.limit()))?;
+        self.touch(id);
+        match instance_jobs.request(request).await {
+            Ok(response) => Ok(response),
+            Err(Some(error)) => {
+                if matches!(error, InvokeError::Timeout(_) | InvokeError::Failed(_)) {
+                    // The instance cannot serve on: the sandbox fails (its state is not trusted).
+                    self.instance_failed(id, error.to_string()).await;
+                }
+                Err(error.into())
+            }
+            Err(None) => {
+                let reason = instance_jobs.failure().unwrap_or_else(|| "its instance is gone".into());
+                self.instance_failed(id, reason.clone()).await;
+                Err(SandboxError::Conflict(format!("sandbox {id} failed: {reason}")))
+            }
+        }
+    }
+
+    /// Records the last ingress activity (for the idle reaper), without waiting for it.
+    fn touch(&self, id: &str) {
+        let owned = id.to_owned();
+        let now = self.clock.now_ms();
+        let metadata = self.storage.metadata.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Ok(Some(mut sandbox)) = metadata.sandbox(&owned) {
+                if sandbox.state == State::Running {
+                    sandbox.last_active_ms = now;
+                    let _ = metadata.update_sandbox(&sandbox);
+                }
+            }
+        });
+    }
+
+    async fn instance_failed(&self, id: &str, reason: String) {
+        let slot = self.slot(id);
+        let mut live = slot.live.lock().await;
+        if let Some(current) = live.take() {
+            current.instance.stop().await;
+        }
+        if let Ok(mut sandbox) = self.load(id).await {
+            if sandbox.state == State::Running {
+                let _ = self.fail(&mut sandbox, reason).await;
+            }
+        }
+    }
+
+    /// Suspends or terminates sandboxes idle past their `idle_timeout_s`, and terminates those
+    /// past their `max_lifetime_s` of running time. Runs until the process ends.
+    pub fn start_reaper(self: &Arc<Sandboxes>) {
+        let sandboxes = Arc::downgrade(self);
+        let every = self.config.reap_every;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(sandboxes) = sandboxes.upgrade() else {
+                    return;
+                };
+                sandboxes.reap().await;
+            }
+        });
+    }
+
+    async fn reap(&self) {
+        let Ok(running) = self.list(None, Some(State::Running)).await else {
+            return;
+        };
+        let now = self.clock.now_ms();
+        for sandbox in running {
+            let idle = now.saturating_sub(sandbox.last_active_ms) >= sandbox.settings.idle_timeout_s * 1000;
+            let expired = sandbox.running_ms_at(now) >= sandbox.settings.max_lifetime_s * 1000;
+            let done = if expired {
+                tracing::info!(sandbox = %sandbox.id, "sandbox reached its max_lifetime_s");
+                self.terminate(&sandbox.id).await.map(drop)
+            } else if idle {
+                match sandbox.settings.on_idle {
+                    OnIdle::Suspend => self.suspend(&sandbox.id).await.map(drop),
+                    OnIdle::Terminate => self.terminate(&sandbox.id).await.map(drop),
+                }
+            } else {
+                Ok(())
+            };
+            if let Err(e) = done {
+                tracing::debug!(sandbox = %sandbox.id, error = %e, "the reaper left a sandbox as it was");
+            }
+        }
+    }
+
+    /// Suspends every running sandbox (a graceful stop). Those that cannot be suspended are left
+    /// for the restart to fail or send back to their last suspend point.
+    pub async fn suspend_all(&self) {
+        let Ok(running) = self.list(None, Some(State::Running)).await else {
+            return;
+        };
+        for sandbox in running {
+            if let Err(e) = self.suspend(&sandbox.id).await {
+                tracing::warn!(sandbox = %sandbox.id, error = %e, "could not suspend a sandbox at shutdown");
+            }
+        }
+    }
+
+    /// Sandboxes by state, for `/metrics`.
+    pub async fn counts(&self) -> HashMap<State, u64> {
+        let mut counts = HashMap::new();
+        if let Ok(all) = self.list(None, None).await {
+            for sandbox in all {
+                *counts.entry(sandbox.state).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+}
+
+/// `sbx_` and 26 characters of Crockford's base32: 130 random bits, safe in paths and URLs.
+fn new_id() -> String {
+    const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
+    let bytes: [u8; 17] = rand::random();
+    let mut id = String::with_capacity(30);
+    id.push_str("sbx_");
+    let mut bits = 0u32;
+    let mut value = 0u32;
+    for byte in bytes {
+        value = (value << 8) | byte as u32;
+        bits += 8;
+        while bits >= 5 && id.len() < 30 {
+            bits -= 5;
+            id.push(ALPHABET[((value >> bits) & 31) as usize] as char);
+        }
+    }
+    id
+}
+
+/// Whether `id` has the shape of a sandbox id (checked before it touches the store).
+pub fn is_valid_id(id: &str) -> bool {
+    id.len() == 30
+        && id.starts_with("sbx_")
+        && id[4..]
+            .bytes()
+            .all(|b| b"0123456789abcdefghjkmnpqrstvwxyz".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_sbx_and_26_base32_characters() {
+        let id = new_id();
+        assert!(is_valid_id(&id), "{id}");
+        assert_ne!(new_id(), id);
+        assert!(!is_valid_id("sbx_../../etc/passwd_________"));
+        assert!(!is_valid_id("tok_0123456789abcdefghjkmnpqrs"));
+    }
+}
