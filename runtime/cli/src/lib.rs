@@ -10,6 +10,7 @@ mod client;
 mod functions;
 mod invocations;
 mod progress;
+mod sandboxes;
 mod tokens;
 
 use std::path::PathBuf;
@@ -55,6 +56,9 @@ pub enum Command {
     /// Manage the keys that sign result URLs.
     #[command(subcommand)]
     Keys(tokens::KeysCommand),
+    /// Sandboxes: long-lived instances of a function.
+    #[command(subcommand)]
+    Sandbox(sandboxes::SandboxCommand),
 }
 
 /// Runs one client command against the server.
@@ -72,6 +76,7 @@ pub fn run(connection: &Connection, command: Command) -> Result<(), CliError> {
         Command::Status { invocation_id } => invocations::status(&client, &invocation_id, json),
         Command::Token(command) => tokens::run(&client, command, json),
         Command::Keys(command) => tokens::keys(&client, command, json),
+        Command::Sandbox(command) => sandboxes::run(&client, command, json),
     }
 }
 
