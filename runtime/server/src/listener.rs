@@ -155,8 +155,12 @@ where
     C::Error: std::fmt::Display,
 {
     tokio::pin!(connection);
+    // The watchdog is not told when the connection's state changes; it looks at least this often
+    // instead. A connection that goes idle at t has its deadline at t + idle or later, so looking
+    // every min(header, idle) is never late, and costs one timer per connection per period.
     let limits = slot.limits();
-    let mut check_at = Instant::now() + limits.header_timeout;
+    let period = limits.header_timeout.min(limits.idle_timeout);
+    let mut check_at = Instant::now() + period;
     // Set once a graceful close has begun (deadline or shutdown).
     let mut closed_by_deadline = false;
     let mut shutting_down = false;
@@ -172,9 +176,9 @@ where
             _ = &mut evicted => return,
             () = sleep_until(check_at) => match slot.check() {
                 Check::Gone => return,
-                Check::Until(at) => check_at = at,
+                Check::Until(at) => check_at = at.min(Instant::now() + period),
                 // Its request has limits of its own; look again in case it goes idle.
-                Check::Busy => check_at = Instant::now() + limits.header_timeout.min(limits.idle_timeout),
+                Check::Busy => check_at = Instant::now() + period,
                 Check::Missed(_) if closed_by_deadline => return,
                 Check::Missed(deadline) => {
                     slot.count_deadline(deadline);
