@@ -86,7 +86,12 @@ pub fn fit(config: &mut ServerConfig) -> Result<(), String> {
                 Ok(())
             }
             // Cannot happen below the hard limit; if it does, serve what the current limit fits.
-            Err(e) => lower(config, limit.current.unwrap_or(0), reserve, &format!("raising it failed: {e}")),
+            Err(e) => lower(
+                config,
+                limit.current.unwrap_or(0),
+                reserve,
+                &format!("raising it failed: {e}"),
+            ),
         },
         Plan::Lower { soft, .. } => {
             let reached = if set_soft(soft).is_ok() {
@@ -94,7 +99,12 @@ pub fn fit(config: &mut ServerConfig) -> Result<(), String> {
             } else {
                 limit.current.unwrap_or(0)
             };
-            lower(config, reached, reserve, &format!("the hard limit is {}", show(limit.maximum)))
+            lower(
+                config,
+                reached,
+                reserve,
+                &format!("the hard limit is {}", show(limit.maximum)),
+            )
         }
         Plan::TooLow => Err(format!(
             "the open-file limit (soft {}, hard {}) leaves no room for connections: the server needs {reserve} files \

@@ -4,10 +4,10 @@
 //! deadline + 1 s, the hostile sockets are closed by then, and the server's fds come back.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::support::Kiln;
+use crate::support::{wat, Kiln};
 
 const SEC: Duration = Duration::from_secs(1);
 
@@ -81,7 +81,11 @@ fn silent_sockets_and_partial_prefaces_do_not_starve_real_clients() {
     let took = started.elapsed();
     assert_eq!(answer, Ok(200), "the real client, after {took:?}");
     assert!(took <= budget, "the real client waited {took:?}");
-    let open = hostile.iter_mut().map(|s| closed_by(s, started + budget)).filter(|closed| !closed).count();
+    let open = hostile
+        .iter_mut()
+        .map(|s| closed_by(s, started + budget))
+        .filter(|closed| !closed)
+        .count();
     assert_eq!(open, 0, "{open} of 60 silent sockets still open after {budget:?}");
 }
 
@@ -112,16 +116,34 @@ fn crowds_of_idle_and_slowloris_sockets_from_the_clients_address_cannot_starve_i
     let took = started.elapsed();
     assert_eq!(answer, Ok(200), "the real client, after {took:?}");
     assert!(took <= budget, "the real client waited {took:?}");
-    let idle_open = idle.iter_mut().map(|s| closed_by(s, started + budget)).filter(|c| !c).count();
+    let idle_open = idle
+        .iter_mut()
+        .map(|s| closed_by(s, started + budget))
+        .filter(|c| !c)
+        .count();
     let mut slowloris = drip.stop();
-    let slow_open = slowloris.iter_mut().map(|s| closed_by(s, started + budget)).filter(|c| !c).count();
+    let slow_open = slowloris
+        .iter_mut()
+        .map(|s| closed_by(s, started + budget))
+        .filter(|c| !c)
+        .count();
     eprintln!("connections: the real client was answered in {took:.3?} among 400 hostile sockets");
-    assert_eq!(idle_open, 0, "{idle_open} of 200 idle sockets still open after {budget:?}");
-    assert_eq!(slow_open, 0, "{slow_open} of 200 slowloris sockets still open after {budget:?}");
+    assert_eq!(
+        idle_open, 0,
+        "{idle_open} of 200 idle sockets still open after {budget:?}"
+    );
+    assert_eq!(
+        slow_open, 0,
+        "{slow_open} of 200 slowloris sockets still open after {budget:?}"
+    );
 
     drop((idle, slowloris));
     let settled = wait_until(5 * SEC, || fds(kiln.pid()) <= baseline);
-    assert!(settled, "the server holds {} fds, {baseline} before the crowd", fds(kiln.pid()));
+    assert!(
+        settled,
+        "the server holds {} fds, {baseline} before the crowd",
+        fds(kiln.pid())
+    );
     assert_eq!(healthz(&kiln.addr, 5 * SEC), Ok(200));
 }
 
@@ -302,7 +324,10 @@ fn an_h2_preface_without_a_request_is_closed_at_the_header_deadline() {
     let closed = closed.map(|at| at - started);
     eprintln!("connections: a bare h2 preface was closed after {closed:?}, GOAWAY {goaway:?}");
     let closed = closed.expect("the server never closed a bare h2 connection");
-    assert!(closed >= header - Duration::from_millis(50), "closed early, after {closed:?}");
+    assert!(
+        closed >= header - Duration::from_millis(50),
+        "closed early, after {closed:?}"
+    );
     assert!(closed <= header + SEC, "closed only after {closed:?}");
     assert!(goaway.is_some(), "no GOAWAY before the close");
 }
@@ -337,7 +362,10 @@ fn an_idle_h2_connection_is_closed_at_the_idle_timeout() {
     let closed = closed.map(|at| at - answered);
     eprintln!("connections: an idle h2 connection was closed {closed:?} after its last response, GOAWAY {goaway:?}");
     let closed = closed.expect("the server never closed an idle h2 connection");
-    assert!(closed >= idle - Duration::from_millis(50), "closed early, after {closed:?}");
+    assert!(
+        closed >= idle - Duration::from_millis(50),
+        "closed early, after {closed:?}"
+    );
     assert!(closed <= idle + SEC, "closed only after {closed:?}");
     assert!(goaway.is_some(), "no GOAWAY before the close");
 }
@@ -383,4 +411,202 @@ fn a_rapid_reset_flood_is_cut_off_while_others_are_served() {
     assert_eq!(goaway, Some(h2::ENHANCE_YOUR_CALM), "the GOAWAY's error code");
     assert!(written < 100_000, "the whole flood got through");
     assert_eq!(healthz(&kiln.addr, 5 * SEC), Ok(200));
+}
+
+/// A TCP connection to `addr` from the loopback address `source` (all of 127/8 is this host), as
+/// a client behind another address would make.
+fn connect_from(source: Ipv4Addr, addr: &str) -> TcpStream {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let target: SocketAddrV4 = addr.parse().expect("an IPv4 address");
+    let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a new socket, owned by the TcpStream from here on (closed on any panic below).
+    let stream = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        TcpStream::from_raw_fd(fd)
+    };
+    let (local, remote) = (sockaddr(source, 0), sockaddr(*target.ip(), target.port()));
+    // SAFETY: the addresses are valid sockaddr_in values of the length given, alive for the calls.
+    unsafe {
+        let fd = stream.as_raw_fd();
+        let bound = libc::bind(fd, &local as *const libc::sockaddr_in as *const libc::sockaddr, len);
+        assert_eq!(bound, 0, "bind {source}: {}", std::io::Error::last_os_error());
+        let connected = libc::connect(fd, &remote as *const libc::sockaddr_in as *const libc::sockaddr, len);
+        assert_eq!(
+            connected,
+            0,
+            "connect from {source}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    stream
+}
+
+/// Reads until `needle` has arrived; the whole text read so far.
+fn read_until(stream: &mut TcpStream, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&text).contains(needle) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "no {needle:?} within {timeout:?}: {:?}",
+            String::from_utf8_lossy(&text)
+        );
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => panic!("closed before {needle:?}: {:?}", String::from_utf8_lossy(&text)),
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => panic!("reading: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+/// `--max-connections-per-ip 3`: an address at its cap loses its oldest idle connection to its
+/// newcomer; when all of its connections are serving requests, the newcomer is refused and those
+/// requests finish; other addresses get in meanwhile.
+#[test]
+fn an_address_at_its_cap_gives_up_idle_slots_but_never_busy_ones() {
+    let kiln = Kiln::start_with(&["--max-connections", "50", "--max-connections-per-ip", "3"]);
+    kiln.must_deploy("hello", wat("hello"));
+    let (first, second, third) = (
+        Ipv4Addr::new(127, 0, 0, 2),
+        Ipv4Addr::new(127, 0, 0, 3),
+        Ipv4Addr::new(127, 0, 0, 4),
+    );
+
+    // Idle: three silent sockets, then a fourth from the same address, which takes the oldest's slot.
+    let mut idle: Vec<TcpStream> = (0..3).map(|_| connect_from(first, &kiln.addr)).collect();
+    let mut newcomer = connect_from(first, &kiln.addr);
+    assert!(
+        closed_by(&mut idle[0], Instant::now() + 2 * SEC),
+        "the oldest idle socket kept its slot"
+    );
+    for s in &mut idle[1..] {
+        assert!(
+            !closed_by(s, Instant::now() + Duration::from_millis(200)),
+            "a newer idle socket was closed"
+        );
+    }
+    newcomer
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: kiln\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    assert!(read_until(&mut newcomer, "\r\n\r\n", 5 * SEC).starts_with("HTTP/1.1 200"));
+    drop((idle, newcomer));
+
+    // Busy: three requests in progress (the server asked for their bodies: 100 Continue).
+    let head = format!(
+        "POST /v1/functions/hello/invoke HTTP/1.1\r\nHost: kiln\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: 2\r\nExpect: 100-continue\r\n\r\n",
+        kiln.token
+    );
+    let mut busy: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = connect_from(second, &kiln.addr);
+            s.write_all(head.as_bytes()).unwrap();
+            read_until(&mut s, "100 Continue\r\n\r\n", 5 * SEC);
+            s
+        })
+        .collect();
+    let mut refused = connect_from(second, &kiln.addr);
+    assert!(
+        closed_by(&mut refused, Instant::now() + 2 * SEC),
+        "a fourth connection got in"
+    );
+    // Other addresses are served meanwhile.
+    let mut other = connect_from(third, &kiln.addr);
+    other
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: kiln\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    assert!(read_until(&mut other, "\r\n\r\n", 5 * SEC).starts_with("HTTP/1.1 200"));
+    assert_eq!(healthz(&kiln.addr, 5 * SEC), Ok(200));
+    // And the busy ones were never cut: their requests complete.
+    for s in &mut busy {
+        s.write_all(b"hi").unwrap();
+        let answer = read_until(s, "Hello from Kiln!", 10 * SEC);
+        assert!(answer.contains("HTTP/1.1 200"), "{answer}");
+    }
+}
+
+/// Starts `kiln serve` with the open-file limit set to `soft`/`hard`; its log up to the line that
+/// says it listens (then it is stopped), or to its exit.
+fn serve_with_open_files(soft: u64, hard: u64, args: &[&str]) -> (bool, String) {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--max-instances", "64", "--data"])
+        .arg(dir.path())
+        .args(args)
+        .env_remove("KILN_ADMIN_TOKEN")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe and touches nothing of the parent's.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().expect("starting kiln");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut log = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            log.push_str(&line);
+            log.push('\n');
+            if line.contains("kiln listening on") {
+                let _ = tx.send((true, log.clone()));
+            }
+        }
+        let _ = tx.send((false, log));
+    });
+    let outcome = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("kiln neither listened nor exited");
+    let _ = child.kill();
+    let _ = child.wait();
+    outcome
+}
+
+/// At start-up `--max-connections` is fitted to RLIMIT_NOFILE: the soft limit is raised toward the
+/// hard one; past the hard one the cap is lowered, with a warning; with no room at all the server
+/// refuses to start. (The server reserves 256 + 64 instances + 8 × 32 microVMs = 576 files.)
+#[test]
+fn max_connections_is_fitted_to_the_open_file_limit() {
+    let (listening, log) = serve_with_open_files(1000, 10_000, &["--max-connections", "5000"]);
+    assert!(listening, "{log}");
+    assert!(log.contains("raised the open-file limit from 1000 to 5576"), "{log}");
+
+    let (listening, log) = serve_with_open_files(1000, 1000, &["--max-connections", "5000"]);
+    assert!(listening, "{log}");
+    assert!(
+        log.contains("--max-connections 5000 needs 5576 open files but the limit is 1000")
+            && log.contains("serving at most 424 connections"),
+        "{log}"
+    );
+
+    let (listening, log) = serve_with_open_files(500, 500, &[]);
+    assert!(!listening, "started with 500 files: {log}");
+    assert!(log.contains("leaves no room for connections"), "{log}");
 }
