@@ -128,6 +128,10 @@ pub async fn run(server: Arc<Server>, listener: TcpListener, shutdown: impl Futu
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         tokio::spawn(drive(connection, slot, evicted, closing.clone()));
+        // The new connection's first poll (which parses a request head that came with the
+        // handshake, making it busy) runs before the next accept, so that under a flood of
+        // newcomers a real client is not evicted before its request was even read.
+        tokio::task::yield_now().await;
     }
 
     server.kiln.begin_shutdown();
