@@ -22,8 +22,13 @@ for tool in curl taskset; do
     break
   fi
 done
-cargo build --release -p kiln -p kiln-bench
-bin=${CARGO_TARGET_DIR:-target}/release
+# BENCH_PROFILE=debug measures a debug build (same logic, slower code); BENCH_NO_BUILD=1 uses the
+# binaries already built.
+profile=${BENCH_PROFILE:-release}
+if [[ -z ${BENCH_NO_BUILD:-} ]]; then
+  if [[ $profile == release ]]; then cargo build --release -p kiln -p kiln-bench; else cargo build -p kiln -p kiln-bench; fi
+fi
+bin=${CARGO_TARGET_DIR:-target}/$profile
 
 port=${BENCH_PORT:-17880}
 if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
@@ -45,7 +50,7 @@ done
 fds() { ls "/proc/$server/fd" | wc -l; }
 
 echo "# Hostile clients, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "# kiln serve ${flags[*]}; attack $*"
+echo "# $profile build: kiln serve ${flags[*]}; attack $*"
 before=$(fds)
 taskset -c 1 "$bin/attack" "127.0.0.1:$port" "$@"
 # The last attackers' sockets are closed; the server may still be closing its ends.

@@ -30,7 +30,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-const SCENARIOS: [&str; 7] = ["baseline", "idle", "slowloris", "h2-streams", "h2-reset", "big-headers", "all"];
+const SCENARIOS: [&str; 7] = [
+    "baseline",
+    "idle",
+    "slowloris",
+    "h2-streams",
+    "h2-reset",
+    "big-headers",
+    "all",
+];
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Parser)]
@@ -132,7 +140,10 @@ async fn start(scenario: &str, args: &Args, seen: &Arc<Seen>, set: &mut JoinSet<
         for _ in 0..args.sockets {
             set.spawn(slowloris(addr, drip, seen.clone()));
         }
-        what.push(format!("{} slowloris sockets (a byte every {} ms)", args.sockets, args.drip_ms));
+        what.push(format!(
+            "{} slowloris sockets (a byte every {} ms)",
+            args.sockets, args.drip_ms
+        ));
     }
     if scenario == "h2-streams" || all {
         for _ in 0..args.h2 {
@@ -197,7 +208,11 @@ async fn slowloris(addr: SocketAddr, drip: Duration, seen: Arc<Seen>) {
         let stream = connect(addr, &seen).await;
         let (mut read, mut write) = stream.into_split();
         let dripping = async {
-            if write.write_all(b"GET /healthz HTTP/1.1\r\nHost: kiln\r\nX-Slow: ").await.is_err() {
+            if write
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: kiln\r\nX-Slow: ")
+                .await
+                .is_err()
+            {
                 return;
             }
             loop {
@@ -367,7 +382,8 @@ fn real_client(addr: SocketAddr, duration: Duration) -> ClientRun {
                 Ok(()) => run.latencies.push(started.elapsed()),
                 Err(e) => {
                     run.failed += 1;
-                    run.first_error.get_or_insert(format!("{e} after {:?}", started.elapsed()));
+                    run.first_error
+                        .get_or_insert(format!("{e} after {:?}", started.elapsed()));
                 }
             }
         }
@@ -378,9 +394,14 @@ fn real_client(addr: SocketAddr, duration: Duration) -> ClientRun {
 }
 
 fn healthz(addr: SocketAddr) -> Result<(), String> {
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(|e| e.to_string())?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT)).map_err(|e| e.to_string())?;
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(CLIENT_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(CLIENT_TIMEOUT))
+        .map_err(|e| e.to_string())?;
     stream
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: kiln\r\nConnection: close\r\n\r\n")
         .map_err(|e| format!("write: {e}"))?;
@@ -389,6 +410,9 @@ fn healthz(addr: SocketAddr) -> Result<(), String> {
     if answer.starts_with(b"HTTP/1.1 200") {
         Ok(())
     } else {
-        Err(format!("answer: {:?}", String::from_utf8_lossy(&answer[..answer.len().min(64)])))
+        Err(format!(
+            "answer: {:?}",
+            String::from_utf8_lossy(&answer[..answer.len().min(64)])
+        ))
     }
 }

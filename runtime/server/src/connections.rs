@@ -203,7 +203,7 @@ pub struct Requests {
 
 impl Requests {
     /// A request head is complete: the connection is busy until the guard drops. `None` if the
-    /// connection was evicted a moment ago (its task is about to drop it).
+    /// connection was evicted a moment ago (before its task could act on it).
     pub fn begin(&self) -> Option<RequestGuard> {
         self.connections.lock().begin(self.id).then(|| RequestGuard {
             connections: self.connections.clone(),
@@ -234,16 +234,9 @@ pub struct Tracked<B> {
 }
 
 impl<B> Tracked<B> {
-    pub fn new(body: B, guard: RequestGuard) -> Tracked<B> {
-        Tracked {
-            body,
-            guard: Some(guard),
-        }
-    }
-
-    /// A body that marks no request (an answer on a connection that is already gone).
-    pub fn untracked(body: B) -> Tracked<B> {
-        Tracked { body, guard: None }
+    /// `guard`: `None` for a request served outside the table (see `listener::drive`).
+    pub fn new(body: B, guard: Option<RequestGuard>) -> Tracked<B> {
+        Tracked { body, guard }
     }
 }
 

@@ -20,11 +20,10 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, Response, StatusCode};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -33,7 +32,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::time::{sleep_until, Instant};
 
-use crate::api::body::Body;
 use crate::connections::{Check, Connections, Limits, Slot, Tracked};
 use crate::{api, Server};
 
@@ -115,19 +113,21 @@ pub async fn run(server: Arc<Server>, listener: TcpListener, shutdown: impl Futu
         let _ = stream.set_nodelay(true);
         let server = server.clone();
         let requests = slot.requests();
+        let raced = Arc::new(AtomicBool::new(false));
+        let raced_here = raced.clone();
         let service = service_fn(move |req| {
             let server = server.clone();
             let guard = requests.begin();
+            if guard.is_none() {
+                raced_here.store(true, Ordering::Relaxed);
+            }
             async move {
-                let Some(guard) = guard else {
-                    return Ok::<_, Infallible>(evicted_answer());
-                };
                 let Ok(response) = api::handle(server, req).await;
-                Ok(response.map(|body| Tracked::new(body, guard)))
+                Ok::<_, Infallible>(response.map(|body| Tracked::new(body, guard)))
             }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-        tokio::spawn(drive(connection, slot, evicted, closing.clone()));
+        tokio::spawn(drive(connection, slot, evicted, raced, closing.clone()));
         // The new connection's first poll (which parses a request head that came with the
         // handshake, making it busy) runs before the next accept, so that under a flood of
         // newcomers a real client is not evicted before its request was even read.
@@ -153,8 +153,17 @@ pub async fn run(server: Arc<Server>, listener: TcpListener, shutdown: impl Futu
 
 /// Serves one connection until it ends, is evicted, misses a deadline or is closed by shutdown.
 /// Returning drops the connection, which closes its socket, and the slot.
-async fn drive<C>(connection: C, slot: Slot, mut evicted: oneshot::Receiver<()>, mut closing: watch::Receiver<bool>)
-where
+///
+/// `raced`: a request head was parsed after the connection had been evicted (it arrived while
+/// the eviction was on its way). That request is served, outside the table, and the connection
+/// closes after it: the client did nothing wrong, and it is one request, bounded by its own limits.
+async fn drive<C>(
+    connection: C,
+    slot: Slot,
+    mut evicted: oneshot::Receiver<()>,
+    raced: Arc<AtomicBool>,
+    mut closing: watch::Receiver<bool>,
+) where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
@@ -165,24 +174,34 @@ where
     let limits = slot.limits();
     let period = limits.header_timeout.min(limits.idle_timeout);
     let mut check_at = Instant::now() + period;
-    // Set once a graceful close has begun (deadline or shutdown).
+    // Set once a graceful close has begun (deadline, eviction with a raced request, shutdown).
     let mut closed_by_deadline = false;
+    let mut was_evicted = false;
     let mut shutting_down = false;
     loop {
         tokio::select! {
+            // The connection first: a request head already received is parsed (and marks the
+            // connection busy, or raced) before an eviction is acted on.
+            biased;
             result = connection.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
                 return;
             }
-            // Idle and its slot given to a newcomer: nothing is in progress, so just drop it.
-            _ = &mut evicted => return,
+            _ = &mut evicted, if !was_evicted => {
+                // Idle, its slot given to a newcomer: nothing is in progress, so drop it.
+                if !raced.load(Ordering::Relaxed) {
+                    return;
+                }
+                was_evicted = true;
+                connection.as_mut().graceful_shutdown();
+            }
             () = sleep_until(check_at) => match slot.check() {
-                Check::Gone => return,
-                Check::Until(at) => check_at = at.min(Instant::now() + period),
+                Check::Gone if !raced.load(Ordering::Relaxed) => return,
                 // Its request has limits of its own; look again in case it goes idle.
-                Check::Busy => check_at = Instant::now() + period,
+                Check::Gone | Check::Busy => check_at = Instant::now() + period,
+                Check::Until(at) => check_at = at.min(Instant::now() + period),
                 Check::Missed(_) if closed_by_deadline => return,
                 Check::Missed(deadline) => {
                     slot.count_deadline(deadline);
@@ -200,17 +219,6 @@ where
             }
         }
     }
-}
-
-/// The answer to a request head that arrived on a connection just evicted (its socket is being
-/// dropped; a client that still reads this retries elsewhere).
-fn evicted_answer() -> Response<Tracked<Body>> {
-    let mut response = Response::new(Tracked::untracked(Body::default()));
-    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    response
-        .headers_mut()
-        .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
-    response
 }
 
 /// Logs, at most once per `SUMMARY_EVERY`, how many connections were evicted, refused and closed
