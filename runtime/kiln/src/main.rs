@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the HTTP API.
-    Serve(ServeSettings),
+    Serve(Box<ServeSettings>),
     #[command(flatten)]
     Client(kiln_cli::Command),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).

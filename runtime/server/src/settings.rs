@@ -71,12 +71,23 @@ pub struct ServeSettings {
     /// Largest asynchronous invoke body, in bytes [default: 1 MiB].
     #[arg(long, env = "KILN_MAX_ASYNC_INPUT_BYTES")]
     pub max_async_input_bytes: Option<u64>,
-    /// Open connections at once; more wait in the kernel's accept queue [default: 10000].
+    /// Open connections at once; at the cap a new connection takes the slot of the oldest idle
+    /// one, or waits in the kernel's accept queue while all are busy; lowered at start-up to fit
+    /// the open-file limit [default: 10000].
     #[arg(long, env = "KILN_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
-    /// Time a client gets to send a request's headers [default: 10000].
+    /// Open connections from one client address at once; at it, that address's oldest idle
+    /// connection makes room, or the new one is refused [default: a quarter of --max-connections].
+    #[arg(long, env = "KILN_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Time a client gets from connecting (or from the end of its last HTTP/1.1 request) to a
+    /// complete request head, on HTTP/1.1 and HTTP/2 alike [default: 10000].
     #[arg(long, env = "KILN_HEADER_READ_TIMEOUT_MS")]
     pub header_read_timeout_ms: Option<u64>,
+    /// Time a connection with no request in progress stays open after its last request (HTTP/2
+    /// with no open stream) [default: 60000].
+    #[arg(long, env = "KILN_IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<u64>,
     /// Time a client gets to send a whole request body [default: 60000].
     #[arg(long, env = "KILN_BODY_READ_TIMEOUT_MS")]
     pub body_read_timeout_ms: Option<u64>,
@@ -155,7 +166,9 @@ impl ServeSettings {
         pick!(max_sync_input_bytes => c.max_sync_input_bytes, |v| v);
         pick!(max_async_input_bytes => c.max_async_input_bytes, |v| v);
         pick!(max_connections => c.max_connections, |v| v);
+        pick!(max_connections_per_ip => c.max_connections_per_ip, Some);
         pick!(header_read_timeout_ms => c.header_read_timeout, Duration::from_millis);
+        pick!(idle_timeout_ms => c.idle_timeout, Duration::from_millis);
         pick!(body_read_timeout_ms => c.body_read_timeout, Duration::from_millis);
         pick!(shutdown_grace_ms => c.shutdown_grace, Duration::from_millis);
         pick!(retention_secs => c.core.retention, Duration::from_secs);
@@ -208,6 +221,24 @@ mod tests {
         assert_eq!(format, LogFormat::Json);
         assert_eq!(config.core.max_queued, 10_000, "the default remains");
         assert_eq!(config.core.data_dir, PathBuf::from(DEFAULT_DATA));
+    }
+
+    #[test]
+    fn connection_settings_from_the_file() {
+        let file: ServeSettings = toml::from_str(
+            r#"
+            max_connections = 100
+            max_connections_per_ip = 10
+            idle_timeout_ms = 5000
+            "#,
+        )
+        .unwrap();
+        let (config, _) = ServeSettings::default().merge(file);
+        assert_eq!(config.max_connections_per_ip(), 10);
+        assert_eq!(config.idle_timeout, Duration::from_secs(5));
+        let (defaults, _) = ServeSettings::default().merge(ServeSettings::default());
+        assert_eq!(defaults.max_connections_per_ip(), 2_500, "a quarter of 10,000");
+        assert_eq!(defaults.idle_timeout, Duration::from_secs(60));
     }
 
     #[test]
