@@ -56,7 +56,9 @@ pub enum CgroupError {
     Off,
     #[error("no cgroup v2 hierarchy is mounted (cgroup v1 only)")]
     NoV2,
-    #[error("the cgroup v2 hierarchy has no {missing} controller for {path} (a cgroup v1 or hybrid host, or not delegated)")]
+    #[error(
+        "the cgroup v2 hierarchy has no {missing} controller for {path} (a cgroup v1 or hybrid host, or not delegated)"
+    )]
     MissingController { missing: &'static str, path: PathBuf },
     #[error("cannot use {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
@@ -135,7 +137,10 @@ impl Cgroups {
                 let enabled = fs::read_to_string(&control).map_err(io_err(&control))?;
                 for name in ["memory", "cpu"] {
                     if !has(&enabled, name) {
-                        return Err(CgroupError::MissingController { missing: name, path: parent });
+                        return Err(CgroupError::MissingController {
+                            missing: name,
+                            path: parent,
+                        });
                     }
                 }
                 parent

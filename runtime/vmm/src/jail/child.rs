@@ -22,8 +22,8 @@ use std::time::Instant;
 
 use super::cgroup;
 use super::protocol::{
-    decode_frame, decode_header, BootFlat64Request, BootLinuxRequest, BootReport, Failure, ForbiddenSyscall,
-    Message, ProbeRequest, RestoreRequest, WorkerExit, HEADER_LEN,
+    decode_frame, decode_header, BootFlat64Request, BootLinuxRequest, BootReport, Failure, ForbiddenSyscall, Message,
+    ProbeRequest, RestoreRequest, WorkerExit, HEADER_LEN,
 };
 use super::seccomp::{self, Role};
 use crate::builder::{BootError, MicroVm, RequestError, VmConfig, MIN_MEMORY_MIB};
@@ -105,12 +105,13 @@ fn supervisor() -> Result<i32, String> {
     // SAFETY: geteuid and getegid have no preconditions.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     // SAFETY: unshare with namespace flags only changes this (single-threaded) process.
-    check(unsafe { libc::unshare(NAMESPACES) } as _, "unshare(user, mount, pid, net, ipc, uts)")?;
+    check(
+        unsafe { libc::unshare(NAMESPACES) } as _,
+        "unshare(user, mount, pid, net, ipc, uts)",
+    )?;
     // Root in the new user namespace is the caller's own uid and gid outside: the helper gains no
     // host privilege, and drops even these namespace-local capabilities before it runs a guest.
-    let write = |file: &str, text: String| {
-        std::fs::write(file, text).map_err(|e| format!("cannot write {file}: {e}"))
-    };
+    let write = |file: &str, text: String| std::fs::write(file, text).map_err(|e| format!("cannot write {file}: {e}"));
     write("/proc/self/setgroups", "deny".into())?;
     write("/proc/self/uid_map", format!("0 {uid} 1"))?;
     write("/proc/self/gid_map", format!("0 {gid} 1"))?;
@@ -286,7 +287,13 @@ fn pivot_into(dir: &Path, access: Access) -> Result<(), String> {
     unsafe {
         // Nothing done here propagates back to the host's mounts.
         check(
-            libc::mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) as _,
+            libc::mount(
+                null,
+                c"/".as_ptr(),
+                null,
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) as _,
             "making the mounts private",
         )?;
         check(
@@ -325,7 +332,10 @@ fn pivot_into(dir: &Path, access: Access) -> Result<(), String> {
             libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()),
             "pivot_root",
         )?;
-        check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH) as _, "detaching the old root")?;
+        check(
+            libc::umount2(c".".as_ptr(), libc::MNT_DETACH) as _,
+            "detaching the old root",
+        )?;
         check(libc::chdir(c"/".as_ptr()) as _, "chdir /")?;
     }
     Ok(())
@@ -437,11 +447,12 @@ fn drop_capabilities() -> Result<(), String> {
 
 fn restore(hypervisor: Hypervisor, request: RestoreRequest) -> Result<Message, Failure> {
     let (mut state, memory) = enter_jail(&hypervisor, &request.dir, Access::ReadOnly, Role::Restore, || {
-        Ok((File::open(root_file(STATE_FILE))?, File::open(root_file(MEMORY_FILE))?))
+        let open = |name: &str| File::open(root_file(name)).map_err(|e| named(name, e));
+        Ok((open(STATE_FILE)?, open(MEMORY_FILE)?))
     })?;
     let hypervisor = hypervisor.with_quirks(request.flags.quirks);
-    let snapshot = Snapshot::from_files(&mut state, memory)
-        .map_err(|e| Failure::Vm(format!("cannot load the snapshot: {e}")))?;
+    let snapshot =
+        Snapshot::from_files(&mut state, memory).map_err(|e| Failure::Vm(format!("cannot load the snapshot: {e}")))?;
     drop(state);
     let mut vm = snapshot
         .restore(&hypervisor)
@@ -464,6 +475,11 @@ fn root_file(name: &str) -> std::path::PathBuf {
     Path::new("/").join(name)
 }
 
+/// `e`, naming the file it happened to.
+fn named(name: &str, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{name}: {e}"))
+}
+
 /// Opens the two files a snapshot is written through, created empty and private.
 fn create_snapshot_files() -> io::Result<(File, File)> {
     let create = |name: &str| {
@@ -474,6 +490,7 @@ fn create_snapshot_files() -> io::Result<(File, File)> {
             .truncate(true)
             .mode(0o600)
             .open(root_file(name))
+            .map_err(|e| named(name, e))
     };
     Ok((create(MEMORY_FILE)?, create(STATE_TMP_FILE)?))
 }

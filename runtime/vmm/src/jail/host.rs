@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use super::cgroup::{CgroupError, CgroupSetting, Cgroups, HelperCgroup, OVERHEAD_BYTES};
 use super::child::CGROUP_ENV;
 use super::protocol::{
-    decode_frame, decode_header, BootFlat64Request, BootLinuxRequest, BootReport, Failure, ForbiddenSyscall,
-    Message, ProbeRequest, RequestFlags, RestoreRequest, WorkerExit, HEADER_LEN,
+    decode_frame, decode_header, BootFlat64Request, BootLinuxRequest, BootReport, Failure, ForbiddenSyscall, Message,
+    ProbeRequest, RequestFlags, RestoreRequest, WorkerExit, HEADER_LEN,
 };
 use crate::builder::{ConfigError, VmConfig, MIN_MEMORY_MIB};
 use crate::invocation::{Reply, SEED_LEN};
@@ -160,7 +160,6 @@ struct Shared {
     config: JailConfig,
     cgroups: Option<Cgroups>,
     cgroup_reason: Option<String>,
-    next_probe: AtomicU64,
 }
 
 /// Runs each VM operation in its own jailed helper process. Blocking: call it from
@@ -173,7 +172,9 @@ pub struct Jail {
 
 impl fmt::Debug for Jail {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Jail").field("shared", &self.shared).finish_non_exhaustive()
+        f.debug_struct("Jail")
+            .field("shared", &self.shared)
+            .finish_non_exhaustive()
     }
 }
 
@@ -196,7 +197,6 @@ impl Jail {
             config,
             cgroups,
             cgroup_reason,
-            next_probe: AtomicU64::new(0),
         });
         let pool = (shared.config.prestart > 0).then(|| Pool::start(shared.clone()));
         Self { shared, pool }
@@ -286,7 +286,7 @@ impl Jail {
     /// Whether a helper can be jailed here and create a VM in its jail: the server's capability
     /// check, without opening `/dev/kvm` itself. The error says why not.
     pub fn probe(&self) -> Result<(), String> {
-        self.run(|helper| helper.probe_attempt(&self.shared, None))
+        self.run(|helper| helper.probe_attempt(None))
             .map(drop)
             .map_err(|e| e.to_string())
     }
@@ -294,7 +294,7 @@ impl Jail {
     /// Makes a helper attempt `syscall` once jailed; its seccomp filter kills it, so this returns
     /// `JailError::Died(HelperExit::Signal(SIGSYS))`. A test of the filter, for tests.
     pub fn probe_forbidden(&self, syscall: ForbiddenSyscall) -> JailError {
-        match self.run(|helper| helper.probe_attempt(&self.shared, Some(syscall))) {
+        match self.run(|helper| helper.probe_attempt(Some(syscall))) {
             Ok(()) => JailError::Protocol(format!("the helper answered after attempting {syscall:?}")),
             Err(e) => e,
         }
@@ -545,8 +545,9 @@ impl Helper {
     }
 
     /// Runs a PROBE in a fresh empty directory (the jail's root).
-    fn probe_attempt(self, shared: &Shared, attempt: Option<ForbiddenSyscall>) -> Result<(), Attempt> {
-        let n = shared.next_probe.fetch_add(1, Ordering::Relaxed);
+    fn probe_attempt(self, attempt: Option<ForbiddenSyscall>) -> Result<(), Attempt> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("kiln-jail-probe-{}-{n}", std::process::id()));
         fs::create_dir(&dir).map_err(|e| JailError::Files(format!("cannot create {}: {e}", dir.display())))?;
         let request = Message::Probe(ProbeRequest {
@@ -568,7 +569,9 @@ impl Helper {
         let waited = budget + self.margin;
         let deadline = Instant::now() + waited;
         if let Some(cgroup) = &self.cgroup {
-            cgroup.set_memory_max(memory + OVERHEAD_BYTES).map_err(JailError::Cgroup)?;
+            cgroup
+                .set_memory_max(memory + OVERHEAD_BYTES)
+                .map_err(JailError::Cgroup)?;
         }
         match write_all_by(&mut self.to_helper, &request.encode(), deadline) {
             Ok(()) => {}
@@ -797,11 +800,13 @@ fn write_all_by(to: &mut ChildStdin, bytes: &[u8], deadline: Instant) -> Result<
     while written < bytes.len() {
         match to.write(&bytes[written..]) {
             Ok(n) => written += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => match wait_ready(to.as_raw_fd(), libc::POLLOUT, deadline) {
-                Ok(true) => {}
-                Ok(false) => return Err((written, WriteError::Deadline)),
-                Err(e) => return Err((written, WriteError::Io(e))),
-            },
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                match wait_ready(to.as_raw_fd(), libc::POLLOUT, deadline) {
+                    Ok(true) => {}
+                    Ok(false) => return Err((written, WriteError::Deadline)),
+                    Err(e) => return Err((written, WriteError::Io(e))),
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Err((written, WriteError::Closed)),
             Err(e) => return Err((written, WriteError::Io(e))),

@@ -776,7 +776,11 @@ mod tests {
             initramfs: vec![],
         };
         assert!(matches!(round_trip(Message::BootLinux(linux.clone())), Message::BootLinux(b) if b == linux));
-        for attempt in [None, Some(ForbiddenSyscall::Socket), Some(ForbiddenSyscall::OpenEtcPasswd)] {
+        for attempt in [
+            None,
+            Some(ForbiddenSyscall::Socket),
+            Some(ForbiddenSyscall::OpenEtcPasswd),
+        ] {
             let probe = ProbeRequest {
                 flags: flags(),
                 dir: "/p".into(),
@@ -817,10 +821,7 @@ mod tests {
                 min: 2,
                 max: 4096,
             }),
-            Failure::Config(ConfigError::ImageTooLarge {
-                len: 5,
-                memory_mib: 2,
-            }),
+            Failure::Config(ConfigError::ImageTooLarge { len: 5, memory_mib: 2 }),
             Failure::Layout(LayoutError::CmdlineTooLong { len: 3000 }),
             Failure::Layout(LayoutError::CmdlineNul),
             Failure::Layout(LayoutError::TooSmall {
@@ -829,7 +830,10 @@ mod tests {
                 memory: 3,
             }),
             Failure::Run(RunError::Timeout(Duration::from_millis(100))),
-            Failure::Run(RunError::MemoryExceeded { addr: 0x401234, size: 4 << 20 }),
+            Failure::Run(RunError::MemoryExceeded {
+                addr: 0x401234,
+                size: 4 << 20,
+            }),
             Failure::Run(RunError::Shutdown),
             Failure::Run(RunError::Channel(ChannelError::Underflow { wanted: 4, queued: 2 })),
             Failure::Run(RunError::Channel(ChannelError::Oversized { len: u32::MAX })),
@@ -928,7 +932,10 @@ mod tests {
         assert_eq!(decode_frame(&flags).unwrap_err(), DecodeError::Invalid("request flags"));
         let mut attempt = probe("/ok");
         *attempt.last_mut().unwrap() = 3;
-        assert_eq!(decode_frame(&attempt).unwrap_err(), DecodeError::Invalid("probe attempt"));
+        assert_eq!(
+            decode_frame(&attempt).unwrap_err(),
+            DecodeError::Invalid("probe attempt")
+        );
         // A log cap over the limit.
         let mut restore = Message::Restore(RestoreRequest {
             flags: RequestFlags::default(),
@@ -964,7 +971,11 @@ mod tests {
                 input: b"in".to_vec(),
             })
             .encode(),
-            Message::Failed(Failure::Run(RunError::Channel(ChannelError::Underflow { wanted: 1, queued: 0 }))).encode(),
+            Message::Failed(Failure::Run(RunError::Channel(ChannelError::Underflow {
+                wanted: 1,
+                queued: 0,
+            })))
+            .encode(),
             Message::Exited(WorkerExit::Signal(9)).encode(),
         ];
         for frame in frames {

@@ -19,8 +19,7 @@ use kvm_bindings::{
     kvm_xsave, KVMIO,
 };
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
-    TargetArch,
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
@@ -29,12 +28,7 @@ ioctl_io_nr!(KVM_CREATE_VM, KVMIO, 0x01);
 ioctl_io_nr!(KVM_CHECK_EXTENSION, KVMIO, 0x03);
 ioctl_io_nr!(KVM_GET_VCPU_MMAP_SIZE, KVMIO, 0x04);
 ioctl_io_nr!(KVM_CREATE_VCPU, KVMIO, 0x41);
-ioctl_iow_nr!(
-    KVM_SET_USER_MEMORY_REGION,
-    KVMIO,
-    0x46,
-    kvm_userspace_memory_region
-);
+ioctl_iow_nr!(KVM_SET_USER_MEMORY_REGION, KVMIO, 0x46, kvm_userspace_memory_region);
 ioctl_io_nr!(KVM_SET_TSS_ADDR, KVMIO, 0x47);
 ioctl_io_nr!(KVM_CREATE_IRQCHIP, KVMIO, 0x60);
 ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
@@ -203,16 +197,16 @@ fn rules(role: Role) -> BTreeMap<i64, Vec<SeccompRule>> {
         // The deadline timer is a CLOCK_MONOTONIC POSIX timer signalling this thread.
         rules.insert(
             libc::SYS_timer_create,
-            vec![rule(vec![condition(
-                0,
-                SeccompCmpOp::Eq,
-                libc::CLOCK_MONOTONIC as u64,
-            )])],
+            vec![rule(vec![condition(0, SeccompCmpOp::Eq, libc::CLOCK_MONOTONIC as u64)])],
         );
-        // `File::try_clone` (the memory file handed to the mapping).
+        // `File::try_clone` (the memory file handed to the mapping), and std's debug check that
+        // a descriptor it adopts is open.
         rules.insert(
             libc::SYS_fcntl,
-            vec![rule(vec![condition(1, SeccompCmpOp::Eq, libc::F_DUPFD_CLOEXEC as u64)])],
+            [libc::F_DUPFD_CLOEXEC, libc::F_GETFD]
+                .into_iter()
+                .map(|cmd| rule(vec![condition(1, SeccompCmpOp::Eq, cmd as u64)]))
+                .collect(),
         );
         rules.insert(
             libc::SYS_ioctl,
