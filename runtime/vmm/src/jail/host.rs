@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -332,6 +332,8 @@ pub struct Helper {
     to_helper: ChildStdin,
     from_helper: ChildStdout,
     worker_pid: u32,
+    /// A pidfd of the worker (opened at HELLO), to kill it without racing a reused pid.
+    worker: Option<OwnedFd>,
     margin: Duration,
     quirks: Quirks,
     cgroup: Option<HelperCgroup>,
@@ -374,6 +376,7 @@ fn spawn(shared: &Shared) -> Result<Helper, JailError> {
         to_helper,
         from_helper,
         worker_pid: 0,
+        worker: None,
         margin: config.margin,
         quirks: config.quirks,
         cgroup,
@@ -385,6 +388,8 @@ fn spawn(shared: &Shared) -> Result<Helper, JailError> {
     match helper.read_message(deadline) {
         Ok(Message::Hello { worker_pid }) => {
             helper.worker_pid = worker_pid;
+            // The worker cannot have ended yet (it waits for its request), so the pid is its own.
+            helper.worker = pidfd_open(worker_pid);
             Ok(helper)
         }
         Ok(Message::Failed(failure)) => {
@@ -684,14 +689,49 @@ impl Helper {
         self.reaped = true;
     }
 
+    /// Ends a helper that has not ended: kills the worker, so that its supervisor reaps it, reports
+    /// and exits (no process is left to be reparented), then reaps the supervisor — killing it too
+    /// if it does not exit at once.
     fn kill_and_reap(&mut self) {
-        if !self.reaped {
-            // SIGKILL to the supervisor; the worker follows it (PR_SET_PDEATHSIG).
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            self.reaped = true;
+        if self.reaped {
+            return;
         }
+        if let Some(worker) = &self.worker {
+            // SAFETY: pidfd_send_signal on a pidfd this helper owns; no info struct.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    worker.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+            let deadline = Instant::now() + SUPERVISOR_GRACE;
+            let mut rest = [0u8; 64];
+            while let Ok(n) = read_some_by(&mut self.from_helper, &mut rest, deadline) {
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        // Without effect if the supervisor already exited (it is not reaped yet, so the pid is
+        // still its own).
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.reaped = true;
     }
+}
+
+/// How long a supervisor whose worker was killed may take to report and exit.
+const SUPERVISOR_GRACE: Duration = Duration::from_secs(1);
+
+/// A pidfd for `pid`, or `None` where the kernel has none (before 5.3).
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open with a pid and no flags returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: a descriptor pidfd_open just returned, owned by nothing else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 impl Drop for Helper {

@@ -151,8 +151,9 @@ fn rules(role: Role) -> BTreeMap<i64, Vec<SeccompRule>> {
             rules.insert(nr, vec![]);
         }
     };
-    // Every role: write its frames (and a panic message), memory for the allocator, futexes for
-    // std's locks, signal return, exit.
+    // Every role: write its frames (and a panic message), memory for the allocator (`brk`,
+    // `mremap` and `madvise` too), futexes for std's locks, return from the kick signal's handler,
+    // the clock where the vDSO cannot serve it, exit. `gettid` arms the deadline timer.
     allow(&[
         libc::SYS_write,
         libc::SYS_close,
@@ -162,8 +163,6 @@ fn rules(role: Role) -> BTreeMap<i64, Vec<SeccompRule>> {
         libc::SYS_madvise,
         libc::SYS_futex,
         libc::SYS_rt_sigreturn,
-        libc::SYS_rt_sigprocmask,
-        libc::SYS_sigaltstack,
         libc::SYS_restart_syscall,
         libc::SYS_clock_gettime,
         libc::SYS_gettid,
@@ -174,25 +173,19 @@ fn rules(role: Role) -> BTreeMap<i64, Vec<SeccompRule>> {
         // The supervisor only waits for the worker.
         allow(&[libc::SYS_wait4]);
     } else {
-        // Reading the request and the snapshot's state, and the vCPU's deadline timer.
+        // Reading the request and the snapshot's state (`statx`, `fstat`, `lseek` size the read),
+        // and the vCPU's deadline timer.
         allow(&[
             libc::SYS_read,
-            libc::SYS_fstat,
-            libc::SYS_newfstatat,
             libc::SYS_statx,
+            libc::SYS_fstat,
             libc::SYS_lseek,
             libc::SYS_timer_settime,
             libc::SYS_timer_delete,
-            libc::SYS_sched_yield,
         ]);
         if role == Role::Boot {
             // The snapshot's files, opened before the jail closed.
-            allow(&[
-                libc::SYS_pwrite64,
-                libc::SYS_fsync,
-                libc::SYS_fdatasync,
-                libc::SYS_ftruncate,
-            ]);
+            allow(&[libc::SYS_pwrite64, libc::SYS_fsync, libc::SYS_ftruncate]);
         }
         // The deadline timer is a CLOCK_MONOTONIC POSIX timer signalling this thread.
         rules.insert(
