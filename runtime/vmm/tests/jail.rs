@@ -336,3 +336,70 @@ fn a_missing_snapshot_is_an_error_not_a_hang() {
     assert!(matches!(err, JailError::Setup(ref m) if m.contains("state")), "{err}");
     assert!(Path::new(dir.path()).join("memory").exists());
 }
+
+/// The Linux guest kernel `runtime/scripts/setup.sh` fetches, if it is there.
+fn guest_kernel() -> Option<Vec<u8>> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/kiln-guest/vmlinuz");
+    std::fs::read(path).ok()
+}
+
+#[test]
+fn a_linux_boot_goes_through_the_jail_as_in_process() {
+    let test = "a_linux_boot_goes_through_the_jail_as_in_process";
+    let Some((hv, jail)) = jail(test, support::config()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // Refused before any VM exists, with the error deploy turns into a 422.
+    let long = "x".repeat(kiln_vmm::linux::CMDLINE_MAX);
+    let err = jail
+        .boot_linux_and_snapshot(&[], &[], &long, VmConfig::new(64), BOOT, &dir.path().join("a"))
+        .unwrap_err();
+    // The kernel is loaded (and refused) before the command line is checked.
+    assert!(
+        matches!(err, JailError::LinuxBoot { ref message, run: None } if message.contains("ELF")),
+        "{err}"
+    );
+    let Some(bzimage) = guest_kernel() else {
+        kiln_testkit::skip(
+            test,
+            "no guest kernel at target/kiln-guest/vmlinuz (runtime/scripts/setup.sh fetches it)",
+        );
+        return;
+    };
+    let vmlinux = kiln_vmm::kernel::extract_vmlinux(&bzimage).unwrap();
+    let err = jail
+        .boot_linux_and_snapshot(&vmlinux, &[], &long, VmConfig::new(64), BOOT, &dir.path().join("b"))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            JailError::Layout(kiln_vmm::linux::LayoutError::CmdlineTooLong { .. })
+        ),
+        "{err}"
+    );
+    // A real boot, whose /init is no agent: it never gets READY. On PVM the kernel barely starts
+    // before the timeout; on hardware it panics (no init) and resets. Either way the jailed boot
+    // ends as the in-process one does.
+    let initramfs = kiln_vmm::initramfs::function_image(b"not an agent", b"", &[]);
+    let timeout = Duration::from_secs(2);
+    let config = VmConfig::new(128);
+    let cmdline = kiln_vmm::linux::DEFAULT_CMDLINE;
+    let in_process = match kiln_vmm::MicroVm::boot_linux(&hv, config, &vmlinux, &initramfs, cmdline, timeout) {
+        Err(kiln_vmm::LinuxBootError::Boot {
+            source: kiln_vmm::BootError::Run(e),
+            ..
+        }) => e,
+        other => panic!("the in-process boot did not stop: {:?}", other.map(drop)),
+    };
+    let jailed = jail
+        .boot_linux_and_snapshot(&vmlinux, &initramfs, cmdline, config, timeout, &dir.path().join("c"))
+        .unwrap_err();
+    let run = jailed.run_error().unwrap_or_else(|| panic!("{jailed}"));
+    assert_eq!(
+        std::mem::discriminant(run),
+        std::mem::discriminant(&in_process),
+        "jailed: {run}; in process: {in_process}"
+    );
+    assert!(!dir.path().join("c/state").exists());
+}

@@ -467,6 +467,8 @@ fn restore(hypervisor: Hypervisor, request: RestoreRequest) -> Result<Message, F
             InvokeError::Request(RequestError::Run(e)) => Failure::Run(e),
             e => Failure::Guest(e.to_string()),
         })?;
+    // The process's exit tears the VM down; the reply need not wait for that.
+    std::mem::forget(vm);
     Ok(Message::Replied(reply))
 }
 
@@ -518,13 +520,16 @@ fn boot_and_snapshot(
     let started = Instant::now();
     let mut vm = boot(&hypervisor)?;
     let booted = started.elapsed();
-    Snapshot::write_files(&hypervisor, &mut vm, memory, &mut state)
+    let snapshot = Snapshot::write_files(&hypervisor, &mut vm, memory, &mut state)
         .map_err(|e| Failure::Vm(format!("cannot write the snapshot: {e}")))?;
-    Ok(Message::Booted(BootReport {
+    let report = BootReport {
         memory_size: vm.memory().size() as u64,
         boot: booted,
         snapshot: started.elapsed() - booted,
-    }))
+    };
+    // As for a restore: the process's exit tears the VM down.
+    std::mem::forget((vm, snapshot));
+    Ok(Message::Booted(report))
 }
 
 fn boot_flat64(hypervisor: Hypervisor, request: BootFlat64Request) -> Result<Message, Failure> {
@@ -551,7 +556,17 @@ fn boot_linux(hypervisor: Hypervisor, request: BootLinuxRequest) -> Result<Messa
                 source: BootError::Config(e),
                 ..
             } => Failure::Config(e),
-            e => Failure::LinuxBoot(e.to_string()),
+            e => {
+                let message = e.to_string();
+                let run = match e {
+                    LinuxBootError::Boot {
+                        source: BootError::Run(run),
+                        ..
+                    } => Some(run),
+                    _ => None,
+                };
+                Failure::LinuxBoot { message, run }
+            }
         })
     })
 }

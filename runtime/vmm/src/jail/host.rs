@@ -117,8 +117,10 @@ pub enum JailError {
     Guest(String),
     #[error("{0}")]
     Vm(String),
-    #[error("the microVM's Linux guest did not boot: {0}")]
-    LinuxBoot(String),
+    /// A Linux boot failed: the message ends with the guest's console; `run` is the run error
+    /// behind it, if the vCPU stopped (a boot timeout, a triple fault...).
+    #[error("the microVM's Linux guest did not boot: {message}")]
+    LinuxBoot { message: String, run: Option<RunError> },
 }
 
 impl JailError {
@@ -127,6 +129,7 @@ impl JailError {
     pub fn run_error(&self) -> Option<&RunError> {
         match self {
             JailError::Run(e) => Some(e),
+            JailError::LinuxBoot { run, .. } => run.as_ref(),
             _ => None,
         }
     }
@@ -139,7 +142,7 @@ impl JailError {
             Failure::Run(e) => JailError::Run(e),
             Failure::Guest(m) => JailError::Guest(m),
             Failure::Vm(m) => JailError::Vm(m),
-            Failure::LinuxBoot(m) => JailError::LinuxBoot(m),
+            Failure::LinuxBoot { message, run } => JailError::LinuxBoot { message, run },
         }
     }
 }

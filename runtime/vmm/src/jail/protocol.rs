@@ -24,7 +24,7 @@
 //! | 18 REPLIED | helper → host | exit code i32, log truncated u8 (0/1), stdout bytes, log bytes |
 //! | 19 BOOTED | helper → host | memory size u64, boot ns u64, snapshot ns u64 |
 //! | 20 PROBED | helper → host | empty |
-//! | 21 FAILED | helper → host | a failure (tag u8 and its fields, see `put_failure`) |
+//! | 21 FAILED | helper → host | a failure: tag u8 and its fields (see `put_failure`; run errors keep their variant and fields) |
 //! | 22 EXITED | helper → host | how the worker ended: 0 exit code i32, or 1 signal i32 (sent by the supervisor) |
 //!
 //! Request flags: bit 0 `Quirks::available_tss_on_restore`, bit 1 report JAILED; other bits are
@@ -167,8 +167,12 @@ pub enum Failure {
     Guest(String),
     /// KVM, memory or snapshot files failed.
     Vm(String),
-    /// A Linux boot failed; the text ends with the guest's console.
-    LinuxBoot(String),
+    /// A Linux boot failed: the whole error (ending with the guest's console), and the run error
+    /// behind it if the vCPU stopped.
+    LinuxBoot {
+        message: String,
+        run: Option<RunError>,
+    },
 }
 
 /// One frame's message.
@@ -578,7 +582,14 @@ impl<'a> Reader<'a> {
             3 => Failure::Run(self.run_error()?),
             4 => Failure::Guest(self.text()?),
             5 => Failure::Vm(self.text()?),
-            6 => Failure::LinuxBoot(self.text()?),
+            6 => Failure::LinuxBoot {
+                message: self.text()?,
+                run: match self.u8()? {
+                    0 => None,
+                    1 => Some(self.run_error()?),
+                    _ => return Err(DecodeError::Invalid("optional run error")),
+                },
+            },
             _ => return Err(DecodeError::Invalid("failure")),
         })
     }
@@ -665,9 +676,16 @@ fn put_failure(w: &mut Writer, failure: &Failure) {
             w.u8(5);
             w.text(m);
         }
-        Failure::LinuxBoot(m) => {
+        Failure::LinuxBoot { message, run } => {
             w.u8(6);
-            w.text(m);
+            w.text(message);
+            match run {
+                None => w.u8(0),
+                Some(e) => {
+                    w.u8(1);
+                    put_run_error(w, e);
+                }
+            }
         }
     }
 }
@@ -846,7 +864,14 @@ mod tests {
             Failure::Run(RunError::Kvm(kvm_ioctls::Error::new(libc::EFAULT))),
             Failure::Guest("short response".into()),
             Failure::Vm("KVM_CREATE_VM: EMFILE".into()),
-            Failure::LinuxBoot("timeout; the guest's console said:\nPanic".into()),
+            Failure::LinuxBoot {
+                message: "timeout; the guest's console said:\nPanic".into(),
+                run: Some(RunError::Timeout(Duration::from_secs(3))),
+            },
+            Failure::LinuxBoot {
+                message: "not ELF".into(),
+                run: None,
+            },
         ];
         for failure in failures {
             let text = format!("{failure:?}");
