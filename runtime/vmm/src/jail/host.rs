@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -163,11 +163,14 @@ struct Shared {
     config: JailConfig,
     cgroups: Option<Cgroups>,
     cgroup_reason: Option<String>,
+    reaper: Arc<Reaper>,
 }
 
 /// Runs each VM operation in its own jailed helper process. Blocking: call it from
-/// `spawn_blocking` (or a thread of its own). Cheap to share (`Arc<Jail>`); every operation starts
-/// (or takes a pre-started) helper, runs one VM in it and reaps it before returning.
+/// `spawn_blocking` (or a thread of its own). Share it (`Arc<Jail>`); every operation starts (or
+/// takes a pre-started) helper and runs one VM in it. A helper that answered is reaped by the
+/// jail's reaper thread while the caller goes on (its exit, the VM's teardown, takes a few ms); one
+/// that failed is reaped before the operation returns. Dropping the jail reaps them all.
 pub struct Jail {
     shared: Arc<Shared>,
     pool: Option<Pool>,
@@ -200,6 +203,7 @@ impl Jail {
             config,
             cgroups,
             cgroup_reason,
+            reaper: Reaper::start(),
         });
         let pool = (shared.config.prestart > 0).then(|| Pool::start(shared.clone()));
         Self { shared, pool }
@@ -304,6 +308,14 @@ impl Jail {
     }
 }
 
+impl Drop for Jail {
+    fn drop(&mut self) {
+        // The pre-started helpers first (killed and reaped), then every helper that answered.
+        self.pool.take();
+        self.shared.reaper.stop();
+    }
+}
+
 /// An operation's outcome, telling apart a helper that never took the request.
 enum Attempt {
     /// The helper was gone before it read anything of the request.
@@ -341,6 +353,7 @@ pub struct Helper {
     quirks: Quirks,
     cgroup: Option<HelperCgroup>,
     on_jailed: Option<JailedHook>,
+    reaper: Arc<Reaper>,
 }
 
 impl fmt::Debug for Helper {
@@ -384,6 +397,7 @@ fn spawn(shared: &Shared) -> Result<Helper, JailError> {
         quirks: config.quirks,
         cgroup,
         on_jailed: None,
+        reaper: shared.reaper.clone(),
     };
     set_nonblocking(helper.to_helper.as_raw_fd()).map_err(JailError::Io)?;
     set_nonblocking(helper.from_helper.as_raw_fd()).map_err(JailError::Io)?;
@@ -599,12 +613,13 @@ impl Helper {
                     self.reap(deadline);
                     return Err(JailError::Died(exit).into());
                 }
+                // The worker answered and is exiting: the reaper waits for that, off this path.
                 Ok(Message::Failed(failure)) => {
-                    self.reap(deadline);
+                    self.reaper.clone().hand_over(self);
                     return Err(JailError::from_failure(failure).into());
                 }
                 Ok(answer @ (Message::Replied(_) | Message::Booted(_) | Message::Probed)) => {
-                    self.reap(deadline);
+                    self.reaper.clone().hand_over(self);
                     return Ok(answer);
                 }
                 Ok(other) => return Err(self.broken(format!("an unexpected {other:?} frame")).into()),
@@ -675,6 +690,12 @@ impl Helper {
     fn broken(mut self, message: String) -> JailError {
         self.kill_and_reap();
         JailError::Protocol(message)
+    }
+
+    /// Reaps a helper that answered (see `Reaper`), allowing its exit the margin.
+    fn finish(mut self) {
+        let deadline = Instant::now() + self.margin;
+        self.reap(deadline);
     }
 
     /// After the answer: the supervisor reports the worker's exit and ends; reads up to that and
@@ -856,6 +877,54 @@ fn write_all_by(to: &mut ChildStdin, bytes: &[u8], deadline: Instant) -> Result<
         }
     }
     Ok(())
+}
+
+/// Reaps helpers that have answered, off the operation's path: a helper's exit — the VM's
+/// teardown, its namespaces' — takes milliseconds the caller need not wait for. Dropping the jail
+/// waits until every helper handed over is reaped; a helper that outlives its jail is reaped by
+/// the thread that finishes with it.
+struct Reaper {
+    queue: Mutex<Option<mpsc::Sender<Helper>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl fmt::Debug for Reaper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Reaper")
+    }
+}
+
+impl Reaper {
+    fn start() -> Arc<Self> {
+        let (queue, answered) = mpsc::channel::<Helper>();
+        let thread = std::thread::Builder::new()
+            .name("kiln-vm-reaper".into())
+            .spawn(move || answered.into_iter().for_each(Helper::finish))
+            .expect("cannot start the microVM helper reaper");
+        Arc::new(Self {
+            queue: Mutex::new(Some(queue)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    fn hand_over(&self, helper: Helper) {
+        let queue = self.queue.lock().expect("reaper lock poisoned");
+        let unqueued = match queue.as_ref() {
+            Some(queue) => queue.send(helper).err().map(|mpsc::SendError(helper)| helper),
+            None => Some(helper),
+        };
+        drop(queue);
+        if let Some(helper) = unqueued {
+            helper.finish();
+        }
+    }
+
+    fn stop(&self) {
+        self.queue.lock().expect("reaper lock poisoned").take();
+        if let Some(thread) = self.thread.lock().expect("reaper lock poisoned").take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Pre-started helpers and the thread that keeps their number up.

@@ -50,8 +50,12 @@
 //! deadline — the operation's own timeout plus [`JailConfig::margin`] — and kills a helper that
 //! passes it ([`JailError::Hung`]). A helper that dies mid-invoke ends the pipe at once: the host
 //! answers [`JailError::Died`] with the worker's signal or exit code (`SIGSYS` for a seccomp kill).
-//! Every helper is reaped before its operation returns, whatever happened (dropping an unused
-//! [`Helper`] kills and reaps it too), and its cgroup removed. A guest that runs past its timeout
+//! Every helper is reaped, whatever happened, and its cgroup removed: one that answered by the
+//! jail's reaper thread, while the caller goes on (the helper's exit — the VM's teardown, the
+//! namespaces' — takes a few milliseconds nobody needs to wait for); one that failed, hung or died
+//! before the operation returns; an unused [`Helper`] when dropped (its worker is killed through a
+//! pidfd, so its supervisor reaps it: no process is ever left for init, or a server running as a
+//! container's PID 1, to adopt). Dropping the [`Jail`] waits until all are reaped. A guest that runs past its timeout
 //! gives [`JailError::Run`]`(RunError::Timeout(timeout))`, the error an in-process run gives.
 //!
 //! Starting a helper costs a fork and exec of the server's binary, the namespaces and KVM's
