@@ -335,6 +335,20 @@ fn a_missing_snapshot_is_an_error_not_a_hang() {
         .unwrap_err();
     assert!(matches!(err, JailError::Setup(ref m) if m.contains("state")), "{err}");
     assert!(Path::new(dir.path()).join("memory").exists());
+    // An input over the channel's frame limit, refused as in process.
+    let huge = vec![0; kiln_vmm::devices::channel::MAX_PAYLOAD as usize + 1];
+    let err = jail
+        .restore_and_invoke(dir.path(), &[0; 32], &huge, REQUEST, 4096)
+        .unwrap_err();
+    assert!(matches!(err, JailError::TooLarge { what: "input", .. }), "{err}");
+}
+
+#[test]
+fn a_jail_is_shared_across_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<kiln_vmm::jail::Jail>();
+    fn send<T: Send>() {}
+    send::<kiln_vmm::jail::Helper>();
 }
 
 /// The Linux guest kernel `runtime/scripts/setup.sh` fetches, if it is there.

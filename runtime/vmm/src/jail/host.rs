@@ -18,7 +18,7 @@ use super::cgroup::{CgroupError, CgroupSetting, Cgroups, HelperCgroup, OVERHEAD_
 use super::child::CGROUP_ENV;
 use super::protocol::{
     decode_frame, decode_header, BootFlat64Request, BootLinuxRequest, BootReport, Failure, ForbiddenSyscall, Message,
-    ProbeRequest, RequestFlags, RestoreRequest, WorkerExit, HEADER_LEN,
+    ProbeRequest, RequestFlags, RestoreRequest, WorkerExit, HEADER_LEN, MAX_PATH, MAX_REQUEST_PAYLOAD,
 };
 use crate::builder::{ConfigError, VmConfig, MIN_MEMORY_MIB};
 use crate::invocation::{Reply, SEED_LEN};
@@ -105,6 +105,8 @@ pub enum JailError {
     Io(io::Error),
     #[error("{0}")]
     Files(String),
+    #[error("the {what} of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { what: &'static str, len: usize, max: usize },
     #[error(transparent)]
     Config(ConfigError),
     #[error(transparent)]
@@ -259,6 +261,8 @@ impl Jail {
         timeout: Duration,
         log_cap: usize,
     ) -> Result<Reply, JailError> {
+        // Refused before a helper is taken for it.
+        check_input(input)?;
         self.run(|helper| helper.restore_and_invoke_attempt(snapshot_dir, seed, input, timeout, log_cap))
     }
 
@@ -464,6 +468,7 @@ impl Helper {
         timeout: Duration,
         log_cap: usize,
     ) -> Result<Reply, Attempt> {
+        check_input(input)?;
         let dir = absolute(snapshot_dir)?;
         let memory_file = dir.join(MEMORY_FILE);
         let memory = fs::metadata(&memory_file)
@@ -595,7 +600,17 @@ impl Helper {
                 .set_memory_max(memory + OVERHEAD_BYTES)
                 .map_err(JailError::Cgroup)?;
         }
-        match write_all_by(&mut self.to_helper, &request.encode(), deadline) {
+        let frame = request.encode();
+        drop(request);
+        if frame.len() - HEADER_LEN > MAX_REQUEST_PAYLOAD {
+            return Err(JailError::TooLarge {
+                what: "request",
+                len: frame.len() - HEADER_LEN,
+                max: MAX_REQUEST_PAYLOAD,
+            }
+            .into());
+        }
+        match write_all_by(&mut self.to_helper, &frame, deadline) {
             Ok(()) => {}
             Err((0, WriteError::Closed)) => return Err(Attempt::Unsent(self.lost(ReadError::Closed, waited))),
             Err((_, WriteError::Closed)) => return Err(self.lost(ReadError::Closed, waited).into()),
@@ -772,6 +787,19 @@ fn exit_of(status: ExitStatus) -> WorkerExit {
     }
 }
 
+/// An invocation's input must fit one channel frame, as in process.
+fn check_input(input: &[u8]) -> Result<(), JailError> {
+    let max = crate::devices::channel::MAX_PAYLOAD as usize;
+    match input.len() {
+        len if len > max => Err(JailError::TooLarge {
+            what: "input",
+            len,
+            max,
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn unexpected(message: Message) -> Attempt {
     JailError::Protocol(format!("an unexpected answer: {message:?}")).into()
 }
@@ -782,7 +810,16 @@ fn snapshot_time(config: VmConfig) -> Duration {
 }
 
 fn absolute(dir: &Path) -> Result<PathBuf, JailError> {
-    std::path::absolute(dir).map_err(|e| JailError::Files(format!("{}: {e}", dir.display())))
+    let dir = std::path::absolute(dir).map_err(|e| JailError::Files(format!("{}: {e}", dir.display())))?;
+    let len = dir.as_os_str().len();
+    if len > MAX_PATH {
+        return Err(JailError::TooLarge {
+            what: "directory path",
+            len,
+            max: MAX_PATH,
+        });
+    }
+    Ok(dir)
 }
 
 /// The directory a boot writes its snapshot into, created if missing (the helper's root).
@@ -959,6 +996,7 @@ impl Pool {
         let (lock, wake) = state;
         let want = shared.config.prestart;
         let mut guard = lock.lock().expect("pool lock poisoned");
+        let mut failing = false;
         loop {
             while !guard.stop && guard.ready.len() >= want {
                 guard = wake.wait(guard).expect("pool lock poisoned");
@@ -970,9 +1008,15 @@ impl Pool {
             let started = spawn(shared);
             guard = lock.lock().expect("pool lock poisoned");
             match started {
-                Ok(helper) => guard.ready.push_back(helper),
+                Ok(helper) => {
+                    failing = false;
+                    guard.ready.push_back(helper);
+                }
                 Err(e) => {
-                    tracing::warn!("cannot pre-start a microVM helper: {e}");
+                    // Said once per run of failures; operations start their own helpers meanwhile.
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::warn!("cannot pre-start a microVM helper (retrying every second): {e}");
+                    }
                     // Try again in a second, or at once when a helper is taken or the pool stops.
                     guard = wake
                         .wait_timeout(guard, Duration::from_secs(1))

@@ -229,7 +229,7 @@ impl Message {
 
     /// Whether the host sends this message (the helper sends the others).
     pub fn is_request(&self) -> bool {
-        is_request_kind(self.kind())
+        kind_is_request(self.kind())
     }
 
     /// The message as one frame on the wire.
@@ -301,7 +301,8 @@ impl Message {
     }
 }
 
-fn is_request_kind(kind: u8) -> bool {
+/// Whether a frame of `kind` travels host → helper (the helper sends the others).
+pub fn kind_is_request(kind: u8) -> bool {
     kind < kind::HELLO
 }
 
@@ -418,11 +419,6 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Message, DecodeError> {
         0 => Ok(message),
         n => Err(DecodeError::TrailingBytes(n)),
     }
-}
-
-/// Whether a frame of `kind` travels host → helper.
-pub(crate) fn kind_is_request(kind: u8) -> bool {
-    is_request_kind(kind)
 }
 
 struct Writer(Vec<u8>);
