@@ -122,6 +122,15 @@ fn the_worker_runs_in_its_own_namespaces_with_seccomp_and_no_new_privs() {
     let root = std::fs::metadata(format!("/proc/{pid}/root/.")).unwrap();
     let snapshot_dir = std::fs::metadata(dir.path()).unwrap();
     assert_eq!((root.dev(), root.ino()), (snapshot_dir.dev(), snapshot_dir.ino()));
+    // Its whole mount table is that one directory, read-only, without devices, suid or exec.
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let lines: Vec<&str> = mounts.lines().collect();
+    assert_eq!(lines.len(), 1, "{mounts}");
+    let fields: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(fields[4], "/", "{mounts}");
+    for flag in ["ro", "nosuid", "nodev", "noexec"] {
+        assert!(fields[5].split(',').any(|f| f == flag), "mount options {}", fields[5]);
+    }
     let mut seen: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())

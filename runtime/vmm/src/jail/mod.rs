@@ -39,8 +39,8 @@
 //! A boot writes its snapshot through `memory` and `state.tmp`, opened before the filter; the host
 //! renames `state.tmp` to `state` after the helper reported success (the worker can rename
 //! nothing). The cgroup (see [`cgroup`]): where the host delegates cgroup v2's `memory` and `cpu`
-//! controllers, each helper gets a cgroup with `memory.max` = guest RAM + 128 MiB and `cpu.max` =
-//! one CPU; elsewhere — this development host is cgroup v1 / hybrid, its `/sys/fs/cgroup/unified`
+//! controllers, each helper gets a cgroup with `memory.max` = guest RAM + request + 128 MiB,
+//! `memory.swap.max` = 0, `cpu.max` = one CPU and `pids.max` = 2; elsewhere — this development host is cgroup v1 / hybrid, its `/sys/fs/cgroup/unified`
 //! has no controllers — [`Jail::new`] logs once why not and helpers run without (guest RAM is
 //! still bounded by the VM's memory size and its time by the timeout).
 //!
@@ -55,37 +55,52 @@
 //! namespaces' — takes a few milliseconds nobody needs to wait for); one that failed, hung or died
 //! before the operation returns; an unused [`Helper`] when dropped (its worker is killed through a
 //! pidfd, so its supervisor reaps it: no process is ever left for init, or a server running as a
-//! container's PID 1, to adopt). Dropping the [`Jail`] waits until all are reaped. A guest that runs past its timeout
-//! gives [`JailError::Run`]`(RunError::Timeout(timeout))`, the error an in-process run gives.
+//! container's PID 1, to adopt). Dropping the [`Jail`] waits until all are reaped. A guest that
+//! runs past its timeout gives [`JailError::Run`]`(RunError::Timeout(timeout))`, the error an
+//! in-process run gives; run errors cross the pipe with their variant and fields.
 //!
 //! Starting a helper costs a fork and exec of the server's binary, the namespaces and KVM's
 //! set-up: [`JailConfig::prestart`] keeps that many helpers started and waiting for their request
 //! (each still runs one VM, then exits), which takes the start-up off the invocation's path.
 //!
 //! # How the server calls it
-//! At start-up, before any thread (the helper forks):
-//! ```ignore
-//! if std::env::args_os().nth(1).as_deref() == Some("vmm-jail".as_ref()) {
-//!     kiln_vmm::jail::child_main();
-//! }
-//! ```
-//! Then, instead of `Hypervisor::open`:
-//! ```ignore
-//! let mut config = JailConfig::new(std::env::current_exe()?, vec!["vmm-jail".into()]);
-//! config.quirks = quirks;          // KILN_MICROVM_QUIRKS, as today
-//! config.prestart = 2;             // optional: helpers kept ready
-//! let jail = Arc::new(Jail::new(config));
-//! let kvm_usable = jail.probe();   // Err(reason) → the tier's 503 reason; no KVM fd in the server
-//! ```
-//! Deploy (`microvm/deploy.rs`), on the blocking pool, holding the VM permit:
-//! `jail.boot_linux_and_snapshot(&image.vmlinux, &initramfs, &image.cmdline, config, BOOT_TIMEOUT,
-//! staged_path)` → [`BootReport`] (boot and snapshot times for the log); `JailError::Layout` is the
-//! `422` that `LinuxBootError::Layout` was, anything else the `503`. The snapshot is no longer
-//! loaded into the server: a version keeps its snapshot directory, and an invocation (`invoke.rs`)
-//! is `jail.restore_and_invoke(&dir, &seed, &input, config.timeout(), STDERR_CAP)` → [`Reply`]
-//! (shaped as today), with `JailError::run_error()` in place of `InvokeError::run_error()`
-//! (`Timeout` → `504`, `MemoryExceeded` → `502` naming the limit) and every other `JailError`
-//! (`Died`, `Hung`, ...) a `502`. The permits stay where they are: one VM permit per helper.
+//! 1. **Dispatch**, first thing in `main`, before any thread exists (the helper forks):
+//!    ```ignore
+//!    if std::env::args_os().nth(1).as_deref() == Some("vmm-jail".as_ref()) {
+//!        kiln_vmm::jail::child_main(); // never returns
+//!    }
+//!    ```
+//! 2. **Start-up** (`microvm/mod.rs`), instead of `Hypervisor::open`:
+//!    ```ignore
+//!    let mut config = JailConfig::new(std::env::current_exe()?, vec!["vmm-jail".into()]);
+//!    config.quirks = quirks;   // KILN_MICROVM_QUIRKS=available-tss, as today
+//!    config.prestart = 2;      // helpers kept started (see below); 0 starts one per VM
+//!    let jail = Arc::new(Jail::new(config)); // logs once if helpers get no cgroup limits
+//!    let kvm = jail.probe();   // Err(reason): the tier's 503 reason (`HostFacts::kvm_error`)
+//!    ```
+//!    `probe` starts one helper that opens `/dev/kvm`, enters its jail and creates a VM there: it
+//!    answers "can this host run jailed VMs", and the server itself never opens `/dev/kvm`.
+//! 3. **Deploy** (`microvm/deploy.rs`, on the blocking pool, holding the VM permit), instead of
+//!    `MicroVm::boot_linux` + `Snapshot::create`:
+//!    `jail.boot_linux_and_snapshot(&image.vmlinux, &initramfs, &image.cmdline, config,
+//!    BOOT_TIMEOUT, staged.path())` → [`BootReport`] (`boot` and `snapshot` durations for the log
+//!    line). [`JailError::Layout`] is the `422` `LinuxBootError::Layout` was; anything else is the
+//!    `503` (its text already says "the microVM's Linux guest did not boot" with the console tail).
+//! 4. **Invoke** (`microvm/invoke.rs`): a loaded version no longer holds a `Snapshot`, only its
+//!    directory; on the blocking pool, holding both permits:
+//!    `jail.restore_and_invoke(&dir, &seed, &input, config.timeout(), STDERR_CAP)` → [`Reply`],
+//!    shaped as today. `JailError::run_error()` replaces `InvokeError::run_error()`: `Timeout` →
+//!    `504`, `MemoryExceeded` → `502` naming the limit, `Shutdown` as today; every other
+//!    `JailError` (`Died`, `Hung`, `Setup`, ...) is a `502` with its text.
+//!
+//! Costs and choices for the lead: a helper that answered is reaped in the background, so its VM
+//! permit is released a few milliseconds before its process is gone. Starting a helper execs the
+//! server's binary: a large binary (the debug `kiln`, 225 MB, takes ~13 ms to exec and print its
+//! version here) is a reason for `prestart`, or for pointing [`JailConfig::exe`] at the small
+//! `kiln-vmm-jail` binary this crate builds. Issue 16's integrity check of snapshot files fits the
+//! host side: verify the directory once when a version is loaded (the helper only reads it, through
+//! a read-only bind mount). Unprivileged servers need user namespaces (some distributions restrict
+//! them, e.g. Ubuntu's AppArmor `apparmor_restrict_unprivileged_userns`): `probe` says so.
 
 pub mod cgroup;
 mod child;
