@@ -426,3 +426,92 @@ fn a_linux_boot_goes_through_the_jail_as_in_process() {
     );
     assert!(!dir.path().join("c/state").exists());
 }
+
+#[test]
+fn helpers_get_a_cgroup_where_the_host_delegates_one_and_say_why_not_elsewhere() {
+    let test = "helpers_get_a_cgroup_where_the_host_delegates_one";
+    let Some((hv, jail)) = jail(test, support::config()) else {
+        return;
+    };
+    let Some(parent) = jail.cgroup_parent() else {
+        // This development host: cgroup v1 / hybrid, no controllers in the unified hierarchy.
+        let reason = jail.cgroup_unavailable().expect("a reason when there is no cgroup");
+        kiln_testkit::skip(test, &format!("helpers run without cgroup limits here: {reason}"));
+        return;
+    };
+    assert!(jail.cgroup_unavailable().is_none());
+    let dir = tempfile::tempdir().unwrap();
+    snapshot(&hv, &test_guest::spin(), 2, dir.path());
+    let mut helper = jail.spawn().unwrap();
+    let (jailed, on_jailed) = mpsc::channel();
+    helper.on_jailed(move |pid| jailed.send(pid).unwrap());
+    let snapshot_dir = dir.path().to_path_buf();
+    let run = std::thread::spawn(move || {
+        helper.restore_and_invoke(&snapshot_dir, &[0; 32], b"", Duration::from_secs(60), 4096)
+    });
+    let pid = on_jailed.recv_timeout(REQUEST).unwrap();
+    // The worker's cgroup (as the host sees it: the worker's own view is namespaced)...
+    let mount = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mount = kiln_vmm::jail::cgroup::cgroup2_mount(&mount).unwrap();
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let cgroup = mount.join(
+        kiln_vmm::jail::cgroup::own_cgroup(&own)
+            .unwrap()
+            .trim_start_matches('/'),
+    );
+    assert_eq!(cgroup.parent(), Some(parent), "{}", cgroup.display());
+    // ...holds its limits: the guest's 2 MiB plus the overhead, one CPU.
+    let memory_max: u64 = std::fs::read_to_string(cgroup.join("memory.max"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(memory_max, (2 << 20) + kiln_vmm::jail::cgroup::OVERHEAD_BYTES);
+    assert_eq!(
+        std::fs::read_to_string(cgroup.join("cpu.max")).unwrap().trim(),
+        "100000 100000"
+    );
+    signal(pid, libc::SIGKILL);
+    assert!(matches!(run.join().unwrap(), Err(JailError::Died(_))));
+    // Removed once the helper is reaped.
+    assert!(!cgroup.exists());
+}
+
+#[test]
+fn helpers_join_their_cgroup_and_get_its_limits_before_their_request() {
+    // A stand-in for a delegated cgroup v2 directory (this host has none): plain files where the
+    // kernel's would be, so the jail's cgroup path runs end to end, if without the kernel's effect.
+    let fake = tempfile::tempdir().unwrap();
+    std::fs::write(fake.path().join("cgroup.controllers"), "cpu memory\n").unwrap();
+    let mut config = support::config();
+    config.cgroup = kiln_vmm::jail::CgroupSetting::Under(fake.path().into());
+    let Some((hv, jail)) = jail("helpers_join_their_cgroup_and_get_its_limits", config) else {
+        return;
+    };
+    assert_eq!(jail.cgroup_parent(), Some(fake.path()));
+    let dir = tempfile::tempdir().unwrap();
+    snapshot(&hv, &test_guest::agent(), 4, dir.path());
+    let before: Vec<_> = std::fs::read_dir(fake.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let reply = jail
+        .restore_and_invoke(dir.path(), &[5; 32], b"cg", REQUEST, 4096)
+        .unwrap();
+    assert_eq!(reply, agent_reply(0, &[5; 32], b"cg"));
+    drop(jail);
+    let helper = std::fs::read_dir(fake.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir() && !before.contains(p))
+        .expect("the helper's cgroup");
+    let read = |file: &str| std::fs::read_to_string(helper.join(file)).unwrap();
+    // The supervisor wrote itself in (its worker, forked after, follows), and the host set the
+    // memory limit for a 4 MiB guest before it sent the request.
+    assert_eq!(read("cgroup.procs"), "0");
+    assert_eq!(
+        read("memory.max"),
+        ((4u64 << 20) + 2 + kiln_vmm::jail::cgroup::OVERHEAD_BYTES).to_string()
+    );
+    assert_eq!(read("cpu.max"), "100000 100000");
+}

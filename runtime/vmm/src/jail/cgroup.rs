@@ -90,8 +90,12 @@ fn controllers(path: &Path) -> Result<String, CgroupError> {
     fs::read_to_string(&file).map_err(io_err(&file))
 }
 
+/// Whether a controller list (`cgroup.controllers`, `cgroup.subtree_control`) names `name`.
 fn has(controllers: &str, name: &str) -> bool {
-    controllers.split_whitespace().any(|c| c == name)
+    // The kernel lists bare names; a `+` (as written) is accepted too.
+    controllers
+        .split_whitespace()
+        .any(|c| c.trim_start_matches('+') == name)
 }
 
 impl Cgroups {
@@ -252,5 +256,30 @@ mod tests {
         );
         let err = Cgroups::open(&CgroupSetting::Under(dir.path().join("absent"))).unwrap_err();
         assert!(matches!(err, CgroupError::Io { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_delegated_parent_hands_each_helper_its_limits() {
+        // A stand-in for a delegated cgroup v2 directory: the same files, in a plain directory
+        // (this host has no cgroup v2 controllers to delegate). The kernel's files would also
+        // vanish with `rmdir`; plain ones do not, so the test cleans up itself.
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("cgroup.controllers"), "cpuset cpu io memory pids\n").unwrap();
+        let cgroups = Cgroups::open(&CgroupSetting::Under(dir.path().into())).unwrap();
+        assert_eq!(cgroups.parent(), dir.path());
+        let control = fs::read_to_string(dir.path().join("cgroup.subtree_control")).unwrap();
+        assert_eq!(control, "+memory +cpu +pids");
+        let helper = cgroups.create().unwrap();
+        assert!(helper.path().starts_with(dir.path()));
+        helper.set_memory_max(64 << 20).unwrap();
+        let read = |file: &str| fs::read_to_string(helper.path().join(file)).unwrap();
+        assert_eq!(read("cpu.max"), CPU_MAX);
+        assert_eq!(read("pids.max"), PIDS_MAX);
+        assert_eq!(read("memory.max"), (64u64 << 20).to_string());
+        join(helper.path()).unwrap();
+        assert_eq!(read("cgroup.procs"), "0");
+        let path = helper.path().to_path_buf();
+        fs::remove_dir_all(&path).unwrap();
+        drop(helper);
     }
 }
