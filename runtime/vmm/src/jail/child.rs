@@ -22,8 +22,8 @@ use std::time::Instant;
 
 use super::cgroup;
 use super::protocol::{
-    decode_frame, decode_header, BootFlat64Request, BootLinuxRequest, BootReport, Failure, ForbiddenSyscall, Message,
-    ProbeRequest, RestoreRequest, WorkerExit, HEADER_LEN,
+    decode_frame, decode_header, BootFlat64Request, BootLinuxRequest, BootReport, Failure, ForbiddenSyscall,
+    HelperExit, Message, ProbeRequest, RestoreRequest, HEADER_LEN,
 };
 use super::seccomp::{self, Role};
 use crate::builder::{BootError, MicroVm, RequestError, VmConfig, MIN_MEMORY_MIB};
@@ -138,7 +138,7 @@ fn supervisor() -> Result<i32, String> {
 }
 
 /// Waits for `pid` and says how it ended.
-fn wait_for(pid: libc::pid_t) -> Result<WorkerExit, String> {
+fn wait_for(pid: libc::pid_t) -> Result<HelperExit, String> {
     let mut status = 0;
     loop {
         // SAFETY: `status` is valid for the call; `pid` is this process's child.
@@ -151,9 +151,9 @@ fn wait_for(pid: libc::pid_t) -> Result<WorkerExit, String> {
         }
     }
     Ok(if libc::WIFSIGNALED(status) {
-        WorkerExit::Signal(libc::WTERMSIG(status))
+        HelperExit::Signal(libc::WTERMSIG(status))
     } else {
-        WorkerExit::Code(libc::WEXITSTATUS(status))
+        HelperExit::Code(libc::WEXITSTATUS(status))
     })
 }
 

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use super::cgroup::{CgroupError, CgroupSetting, Cgroups, HelperCgroup, OVERHEAD_BYTES};
 use super::child::CGROUP_ENV;
 use super::protocol::{
-    decode_frame, decode_header, BootFlat64Request, BootLinuxRequest, BootReport, Failure, ForbiddenSyscall, Message,
-    ProbeRequest, RequestFlags, RestoreRequest, WorkerExit, HEADER_LEN, MAX_PATH, MAX_REQUEST_PAYLOAD,
+    decode_frame, decode_header, BootFlat64Request, BootLinuxRequest, BootReport, Failure, ForbiddenSyscall,
+    HelperExit, Message, ProbeRequest, RequestFlags, RestoreRequest, HEADER_LEN, MAX_PATH, MAX_REQUEST_PAYLOAD,
 };
 use crate::builder::{ConfigError, VmConfig, MIN_MEMORY_MIB};
 use crate::invocation::{Reply, SEED_LEN};
@@ -64,14 +64,11 @@ impl JailConfig {
     }
 }
 
-/// How a helper process ended.
-pub use super::protocol::WorkerExit as HelperExit;
-
-impl fmt::Display for WorkerExit {
+impl fmt::Display for HelperExit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            WorkerExit::Code(code) => write!(f, "exit code {code}"),
-            WorkerExit::Signal(signal) => {
+            HelperExit::Code(code) => write!(f, "exit code {code}"),
+            HelperExit::Signal(signal) => {
                 let name = match signal {
                     libc::SIGKILL => " (SIGKILL)",
                     libc::SIGSYS => " (SIGSYS: a syscall its seccomp filter forbids)",
@@ -697,7 +694,7 @@ impl Helper {
         self.reaped = true;
         report.unwrap_or(JailError::Died(match status {
             Ok(status) => exit_of(status),
-            Err(_) => WorkerExit::Signal(libc::SIGKILL),
+            Err(_) => HelperExit::Signal(libc::SIGKILL),
         }))
     }
 
@@ -779,11 +776,11 @@ impl Drop for Helper {
     }
 }
 
-fn exit_of(status: ExitStatus) -> WorkerExit {
+fn exit_of(status: ExitStatus) -> HelperExit {
     use std::os::unix::process::ExitStatusExt;
     match status.signal() {
-        Some(signal) => WorkerExit::Signal(signal),
-        None => WorkerExit::Code(status.code().unwrap_or(-1)),
+        Some(signal) => HelperExit::Signal(signal),
+        None => HelperExit::Code(status.code().unwrap_or(-1)),
     }
 }
 

@@ -110,8 +110,8 @@ pub mod seccomp;
 
 pub use cgroup::CgroupSetting;
 pub use child::child_main;
-pub use host::{Helper, HelperExit, Jail, JailConfig, JailError};
-pub use protocol::{decode_frame, BootReport, DecodeError, ForbiddenSyscall};
+pub use host::{Helper, Jail, JailConfig, JailError};
+pub use protocol::{decode_frame, BootReport, DecodeError, ForbiddenSyscall, HelperExit};
 
 #[doc(no_inline)]
 pub use crate::invocation::Reply;

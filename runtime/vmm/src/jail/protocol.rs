@@ -147,9 +147,10 @@ pub struct BootReport {
     pub snapshot: Duration,
 }
 
-/// How the worker process ended, as its supervisor saw it.
+/// How a helper's worker ended, as its supervisor saw it (or, if the supervisor itself was killed,
+/// how the supervisor ended).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WorkerExit {
+pub enum HelperExit {
     Code(i32),
     Signal(i32),
 }
@@ -188,7 +189,7 @@ pub enum Message {
     Booted(BootReport),
     Probed,
     Failed(Failure),
-    Exited(WorkerExit),
+    Exited(HelperExit),
 }
 
 /// A frame the decoder refuses.
@@ -283,11 +284,11 @@ impl Message {
                 w.duration(b.snapshot);
             }
             Message::Failed(f) => put_failure(&mut w, f),
-            Message::Exited(WorkerExit::Code(c)) => {
+            Message::Exited(HelperExit::Code(c)) => {
                 w.u8(0);
                 w.u32(*c as u32);
             }
-            Message::Exited(WorkerExit::Signal(s)) => {
+            Message::Exited(HelperExit::Signal(s)) => {
                 w.u8(1);
                 w.u32(*s as u32);
             }
@@ -409,8 +410,8 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Message, DecodeError> {
         kind::PROBED => Message::Probed,
         kind::FAILED => Message::Failed(r.failure()?),
         kind::EXITED => Message::Exited(match r.u8()? {
-            0 => WorkerExit::Code(r.u32()? as i32),
-            1 => WorkerExit::Signal(r.u32()? as i32),
+            0 => HelperExit::Code(r.u32()? as i32),
+            1 => HelperExit::Signal(r.u32()? as i32),
             _ => return Err(DecodeError::Invalid("exit kind")),
         }),
         _ => unreachable!("decode_header knows every kind"),
@@ -821,7 +822,7 @@ mod tests {
             snapshot: Duration::from_micros(99),
         };
         assert!(matches!(round_trip(Message::Booted(report)), Message::Booted(r) if r == report));
-        for exit in [WorkerExit::Code(0), WorkerExit::Code(-1), WorkerExit::Signal(31)] {
+        for exit in [HelperExit::Code(0), HelperExit::Code(-1), HelperExit::Signal(31)] {
             assert!(matches!(round_trip(Message::Exited(exit)), Message::Exited(e) if e == exit));
         }
     }
@@ -997,7 +998,7 @@ mod tests {
                 queued: 0,
             })))
             .encode(),
-            Message::Exited(WorkerExit::Signal(9)).encode(),
+            Message::Exited(HelperExit::Signal(9)).encode(),
         ];
         for frame in frames {
             for end in 0..=frame.len() {
