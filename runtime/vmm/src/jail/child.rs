@@ -277,6 +277,10 @@ impl AsFds for (File, File) {
     }
 }
 
+/// `statvfs`'s flag for a `relatime` mount (Linux's `ST_RELATIME`, which the `libc` crate lacks
+/// for musl).
+const ST_RELATIME: libc::c_ulong = 0x1000;
+
 /// Makes `dir` the root of this process's mount namespace: a bind mount of it (read-only unless
 /// `access` is writable; never suid, devices or exec), `pivot_root` onto it, the old root detached.
 fn pivot_into(dir: &Path, access: Access) -> Result<(), String> {
@@ -310,7 +314,7 @@ fn pivot_into(dir: &Path, access: Access) -> Result<(), String> {
     for (st_flag, ms_flag) in [
         (libc::ST_NOATIME, libc::MS_NOATIME),
         (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
-        (libc::ST_RELATIME, libc::MS_RELATIME),
+        (ST_RELATIME, libc::MS_RELATIME),
         (libc::ST_RDONLY, libc::MS_RDONLY),
     ] {
         if st.f_flag & st_flag != 0 {
