@@ -40,9 +40,10 @@
 //! renames `state.tmp` to `state` after the helper reported success (the worker can rename
 //! nothing). The cgroup (see [`cgroup`]): where the host delegates cgroup v2's `memory` and `cpu`
 //! controllers, each helper gets a cgroup with `memory.max` = guest RAM + request + 128 MiB,
-//! `memory.swap.max` = 0, `cpu.max` = one CPU and `pids.max` = 2; elsewhere — this development host is cgroup v1 / hybrid, its `/sys/fs/cgroup/unified`
-//! has no controllers — [`Jail::new`] logs once why not and helpers run without (guest RAM is
-//! still bounded by the VM's memory size and its time by the timeout).
+//! `memory.swap.max` = 0, `cpu.max` = one CPU and `pids.max` = 2; elsewhere — this development
+//! host is cgroup v1 / hybrid, its `/sys/fs/cgroup/unified` has no controllers — [`Jail::new`]
+//! logs once why not and helpers run without (guest RAM is still bounded by the VM's memory size
+//! and its time by the timeout).
 //!
 //! # The protocol and the host's deadline
 //! Versioned, length-prefixed frames on the helper's stdin and stdout ([`protocol`]; its strict
