@@ -240,8 +240,9 @@ enum Access {
 
 /// Builds the jail around this process: `dir` becomes its root (read-only unless `access` says
 /// otherwise), `open` opens what it needs there (paths relative to the new root), every other
-/// descriptor but stdout, stderr and KVM is closed, capabilities are dropped, `no_new_privs` is
-/// set and `role`'s seccomp filter installed. Returns what `open` opened.
+/// descriptor but stdout, stderr and KVM is closed (and at most `MAX_FILES` may be open),
+/// capabilities are dropped, `no_new_privs` is set and `role`'s seccomp filter installed. Returns
+/// what `open` opened.
 fn enter_jail<T: AsFds>(
     hypervisor: &Hypervisor,
     dir: &Path,
@@ -256,9 +257,24 @@ fn enter_jail<T: AsFds>(
     let mut keep = vec![1, 2, hypervisor.kvm().as_raw_fd()];
     keep.extend(opened.fds());
     close_all_except(&mut keep).map_err(setup)?;
+    // Room for what KVM hands out after this (the VM, the vCPU, a duplicate of the memory file):
+    // no more.
+    let files = libc::rlimit {
+        rlim_cur: MAX_FILES,
+        rlim_max: MAX_FILES,
+    };
+    // SAFETY: a valid rlimit for the call.
+    check(
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &files) } as _,
+        "RLIMIT_NOFILE",
+    )
+    .map_err(setup)?;
     lock_down_with(&program).map_err(setup)?;
     Ok(opened)
 }
+
+/// The worker's descriptor limit (`RLIMIT_NOFILE`).
+const MAX_FILES: libc::rlim_t = 16;
 
 /// What a jail's `open` step returns: files whose descriptors must stay open.
 trait AsFds {
@@ -282,7 +298,8 @@ impl AsFds for (File, File) {
 const ST_RELATIME: libc::c_ulong = 0x1000;
 
 /// Makes `dir` the root of this process's mount namespace: a bind mount of it (read-only unless
-/// `access` is writable; never suid, devices or exec), `pivot_root` onto it, the old root detached.
+/// `access` is writable; never suid, devices or exec), `pivot_root` onto it, the old root detached
+/// (or, on an initial ramfs root, the mount moved over it and `chroot`).
 fn pivot_into(dir: &Path, access: Access) -> Result<(), String> {
     let dir_c = cstring(dir)?;
     let null = std::ptr::null::<libc::c_char>();
@@ -332,14 +349,24 @@ fn pivot_into(dir: &Path, access: Access) -> Result<(), String> {
         )?;
         check(libc::chdir(dir_c.as_ptr()) as _, "chdir")?;
         // pivot_root(".", "."): the old root is stacked under the new one, then detached.
-        check(
-            libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()),
-            "pivot_root",
-        )?;
-        check(
-            libc::umount2(c".".as_ptr(), libc::MNT_DETACH) as _,
-            "detaching the old root",
-        )?;
+        if libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0 {
+            check(
+                libc::umount2(c".".as_ptr(), libc::MNT_DETACH) as _,
+                "detaching the old root",
+            )?;
+        } else if io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+            // The root is the initial ramfs, which cannot be pivoted away (a system that runs from
+            // its initramfs, as the nested test VM does): move the directory's mount over it and
+            // chroot, as switch_root does. The ramfs stays underneath, out of reach: escaping a
+            // chroot takes capabilities or syscalls the jail no longer has.
+            check(
+                libc::mount(c".".as_ptr(), c"/".as_ptr(), null, libc::MS_MOVE, std::ptr::null()) as _,
+                "moving the VM's directory over the root",
+            )?;
+            check(libc::chroot(c".".as_ptr()) as _, "chroot")?;
+        } else {
+            return Err(errno_text("pivot_root"));
+        }
         check(libc::chdir(c"/".as_ptr()) as _, "chdir /")?;
     }
     Ok(())

@@ -27,14 +27,14 @@
 //!    reads its one request from stdin, then — before it touches any guest data — **pivots its
 //!    root into the VM's own directory** (a bind mount of the snapshot or staging directory,
 //!    read-only for a restore, always `nosuid,nodev,noexec`; the old root is detached), opens the
-//!    two files it needs there, **closes every descriptor** but stdout, stderr, KVM and those two,
-//!    **drops every capability** (bounding set, ambient, effective, permitted, inheritable;
-//!    securebits locked), sets **`no_new_privs`** and installs its **seccomp allow-list**
-//!    (`seccomp`: KVM `ioctl`s by request number, read/write, memory, futex, the deadline timer,
-//!    signal return, exit; kill the process on anything else — no `open`, `socket`, `fork`,
-//!    `exec`, `mount`, `ptrace`). Only then does it parse the snapshot's state, restore the VM and
-//!    run the guest on its one thread (the POSIX timer that kicks the vCPU at the timeout works
-//!    as in process). It answers with one frame and exits.
+//!    two files it needs there, **closes every descriptor** but stdout, stderr, KVM and those two
+//!    (`RLIMIT_NOFILE` 16 from then on), **drops every capability** (bounding set, ambient,
+//!    effective, permitted, inheritable; securebits locked), sets **`no_new_privs`** and installs
+//!    its **seccomp allow-list** (`seccomp`: KVM `ioctl`s by request number, read/write, memory,
+//!    futex, the deadline timer, signal return, exit; kill the process on anything else — no
+//!    `open`, `socket`, `fork`, `exec`, `mount`, `ptrace`). Only then does it parse the snapshot's
+//!    state, restore the VM and run the guest on its one thread (the POSIX timer that kicks the
+//!    vCPU at the timeout works as in process). It answers with one frame and exits.
 //!
 //! A boot writes its snapshot through `memory` and `state.tmp`, opened before the filter; the host
 //! renames `state.tmp` to `state` after the helper reported success (the worker can rename
