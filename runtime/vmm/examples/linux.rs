@@ -291,7 +291,11 @@ fn run_jailed(vmlinux: &[u8], image: &[u8], cmdline: &str, memory_mib: u32, runs
             report.boot,
             report.snapshot
         ),
-        Err(e) => panic!("jailed boot failed after {:?}: {e}", started.elapsed()),
+        Err(e) => panic!(
+            "jailed boot failed after {:?}: {e}{}",
+            started.elapsed(),
+            seccomp_kills()
+        ),
     }
     let mut samples = Vec::with_capacity(runs);
     for i in 0..runs {
@@ -299,7 +303,7 @@ fn run_jailed(vmlinux: &[u8], image: &[u8], cmdline: &str, memory_mib: u32, runs
         let started = Instant::now();
         let reply = jail
             .restore_and_invoke(dir.path(), &seed, b"hello from the jail", Duration::from_secs(60), 4096)
-            .unwrap_or_else(|e| panic!("jailed invoke {i}: {e}"));
+            .unwrap_or_else(|e| panic!("jailed invoke {i}: {e}{}", seccomp_kills()));
         samples.push(started.elapsed());
         if i == 0 {
             println!(
@@ -311,4 +315,29 @@ fn run_jailed(vmlinux: &[u8], image: &[u8], cmdline: &str, memory_mib: u32, runs
         }
     }
     report("jailed restore + invoke", samples);
+}
+
+/// The kernel's log lines about seccomp kills (audit type 1326: which syscall, which process), to
+/// say what a helper killed by SIGSYS attempted.
+fn seccomp_kills() -> String {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(mut kmsg) = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+    else {
+        return String::new();
+    };
+    // /dev/kmsg hands out one record per read, until EAGAIN.
+    let mut lines = String::new();
+    let mut record = [0u8; 8192];
+    while let Ok(n @ 1..) = kmsg.read(&mut record) {
+        let text = String::from_utf8_lossy(&record[..n]);
+        if text.contains("type=1326") {
+            lines.push_str("\n  ");
+            lines.push_str(text.trim_end());
+        }
+    }
+    lines
 }

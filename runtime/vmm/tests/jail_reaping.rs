@@ -83,9 +83,13 @@ fn every_helper_is_reaped_whatever_its_operation_ended_in() {
             });
             let dir = spin.path().to_path_buf();
             let run = std::thread::spawn(move || {
-                helper.restore_and_invoke(&dir, &[0; 32], b"", Duration::from_millis(500), 4096)
+                // Long enough for a loaded machine to get the helper jailed before the deadline.
+                helper.restore_and_invoke(&dir, &[0; 32], b"", Duration::from_secs(1), 4096)
             });
-            let pid = on_jailed.recv_timeout(REQUEST).unwrap();
+            let pid = match on_jailed.recv_timeout(REQUEST) {
+                Ok(pid) => pid,
+                Err(e) => panic!("no JAILED ({e}): the invocation gave {:?}", run.join().unwrap()),
+            };
             if !stop {
                 // SAFETY: kill with the worker's pid.
                 unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };

@@ -9,7 +9,10 @@
 //!
 //! No role can open a path, create a socket, fork, exec, mount, ptrace or change credentials. `mmap`
 //! and `mprotect` are refused `PROT_EXEC`. The lists were taken from `strace -f` of the jail tests
-//! and are exercised by them: a missing entry kills a test with SIGSYS.
+//! and are exercised by them, built for glibc and for musl (whose wrappers differ: `fstat` is
+//! `newfstatat(fd, "", AT_EMPTY_PATH)` there, `F_DUPFD_CLOEXEC` is followed by `F_SETFD`): a
+//! missing entry kills a test with SIGSYS, and the kernel's log names the syscall (audit type
+//! 1326, `syscall=N`).
 
 use std::collections::BTreeMap;
 
@@ -192,14 +195,25 @@ fn rules(role: Role) -> BTreeMap<i64, Vec<SeccompRule>> {
             libc::SYS_timer_create,
             vec![rule(vec![condition(0, SeccompCmpOp::Eq, libc::CLOCK_MONOTONIC as u64)])],
         );
-        // `File::try_clone` (the memory file handed to the mapping), and std's debug check that
-        // a descriptor it adopts is open.
+        // `fstat` as musl implements it (`fstatat(fd, "", AT_EMPTY_PATH)`): on a descriptor only.
+        rules.insert(
+            libc::SYS_newfstatat,
+            vec![rule(vec![condition(3, SeccompCmpOp::Eq, libc::AT_EMPTY_PATH as u64)])],
+        );
+        // `File::try_clone` (the memory file handed to the mapping; musl then sets FD_CLOEXEC
+        // again, for kernels older than F_DUPFD_CLOEXEC), and std's debug check that a
+        // descriptor it adopts is open.
+        let cmd = |cmd: libc::c_int| condition(1, SeccompCmpOp::Eq, cmd as u64);
         rules.insert(
             libc::SYS_fcntl,
-            [libc::F_DUPFD_CLOEXEC, libc::F_GETFD]
-                .into_iter()
-                .map(|cmd| rule(vec![condition(1, SeccompCmpOp::Eq, cmd as u64)]))
-                .collect(),
+            vec![
+                rule(vec![cmd(libc::F_DUPFD_CLOEXEC)]),
+                rule(vec![cmd(libc::F_GETFD)]),
+                rule(vec![
+                    cmd(libc::F_SETFD),
+                    condition(2, SeccompCmpOp::Eq, libc::FD_CLOEXEC as u64),
+                ]),
+            ],
         );
         rules.insert(
             libc::SYS_ioctl,
