@@ -99,6 +99,9 @@ pub struct ServeSettings {
     /// MicroVMs running at once, across all functions; past it invocations get 429 [default: 32].
     #[arg(long, env = "KILN_MICROVM_MAX_VMS")]
     pub microvm_max_vms: Option<u32>,
+    /// Jailed microVM helpers kept started, ready for the next VM; 0 starts one per VM [default: 2].
+    #[arg(long, env = "KILN_MICROVM_PRESTART")]
+    pub microvm_prestart: Option<usize>,
     /// Log line format [default: text].
     #[arg(long, env = "KILN_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -151,6 +154,7 @@ impl ServeSettings {
         pick!(microvm_kernel => c.core.microvm_kernel, Some);
         pick!(microvm_agent => c.core.microvm_agent, Some);
         pick!(microvm_max_vms => c.core.microvm_max_vms, |v: u32| v.max(1));
+        pick!(microvm_prestart => c.core.microvm_prestart, |v| v);
         let log_format = self.log_format.or(file.log_format).unwrap_or_default();
         (c, log_format)
     }

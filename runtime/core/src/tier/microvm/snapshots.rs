@@ -1,19 +1,30 @@
-//! Snapshots in the data directory: `<data>/microvm/<digest>/{memory,state}` (the file format is
-//! `kiln_vmm::persist`'s), named by [`super::GuestImage::snapshot_digest`], which the version row
-//! records as its code digest — so the row that references a snapshot is what keeps it.
+//! Snapshots in the data directory: `<data>/microvm/<digest>/{memory,state,seal}` (the first two
+//! in `kiln_vmm::persist`'s format), named by [`super::GuestImage::snapshot_digest`], which the
+//! version row records as its code digest — so the row that references a snapshot is what keeps it.
 //!
-//! A deploy boots into a staging directory `<data>/tmp/microvm-<random>/`, and under the commit
-//! lock the snapshot is fsynced and renamed to its final name *before* the version row commits: a
-//! crash leaves either a staging directory or an unreferenced snapshot, never a row naming a
-//! missing or half-written one. Start-up [`sweep`]s both kinds of leftovers.
+//! A deploy boots into a staging directory `<data>/tmp/microvm-<random>/` and [`seal`]s it there:
+//! `memory` and `state` are fsynced, then `seal` — a keyed MAC (`storage::seal`, this node's key)
+//! over the digest, the `state` file's bytes and the SHA-256 of `memory` — is written last. Under
+//! the commit lock the directory is fsynced and renamed to its final name *before* the version row
+//! commits: a crash leaves either a staging directory or an unreferenced snapshot, never a row
+//! naming a missing or half-written one. Start-up [`sweep`]s both kinds of leftovers.
+//!
+//! Loading a version [`verify`]s its snapshot once (the helpers then read it through a read-only
+//! bind mount): one that does not verify — copied from another function or node, edited, half
+//! written — or is gone is logged, set aside as `<digest>.rejected`, and booted again from the
+//! stored upload (`MicrovmTier::rebuild`); it is never executed. As for compiled Wasm code, the
+//! data directory is trusted not to change under a running server: the seal guards against what
+//! was put there before the load.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
-use kiln_vmm::Snapshot;
+use kiln_vmm::persist::{MEMORY_FILE, STATE_FILE};
+use sha2::{Digest as _, Sha256};
 
 use super::invoke::MicrovmFunction;
 use super::MicrovmTier;
@@ -21,9 +32,14 @@ use crate::digest::Digest;
 use crate::function::VersionRecord;
 use crate::functions::LoadError;
 use crate::storage::local::sync_dir;
+use crate::storage::seal::Sealer;
 use crate::storage::Layout;
 
 const STAGING_PREFIX: &str = "microvm-";
+/// The seal of a snapshot directory, beside its `memory` and `state`.
+pub const SEAL_FILE: &str = "seal";
+/// The suffix of a snapshot directory set aside because it did not verify.
+const REJECTED_SUFFIX: &str = ".rejected";
 
 fn root(layout: &Layout) -> PathBuf {
     layout.snapshots()
@@ -34,7 +50,115 @@ pub fn dir(layout: &Layout, digest: &Digest) -> PathBuf {
     root(layout).join(digest.hex())
 }
 
-/// A snapshot being written by a deploy: removed when dropped unless published.
+/// Where a snapshot directory goes when it does not verify.
+fn rejected(dir: &Path) -> PathBuf {
+    let mut name = dir.as_os_str().to_owned();
+    name.push(REJECTED_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// What the seal of a snapshot covers: its name, its vCPU/device state, its guest memory.
+fn sealed_parts<'a>(digest: &'a Digest, state: &'a [u8], memory_sha256: &'a [u8]) -> [&'a [u8]; 4] {
+    [
+        b"kiln microvm snapshot v1",
+        digest.hex().as_bytes(),
+        state,
+        memory_sha256,
+    ]
+}
+
+/// What a verified (or just sealed) snapshot's memory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    pub memory_len: u64,
+    pub memory_sha256: [u8; 32],
+}
+
+/// The SHA-256 and length of a file, read once.
+fn hash_file(path: &Path) -> io::Result<Verified> {
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    // Large reads: the memory file is guest RAM (sparse, mostly holes, which read as zeros).
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                len += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Verified {
+        memory_len: len,
+        memory_sha256: hasher.finalize().into(),
+    })
+}
+
+/// Seals the snapshot a boot wrote into `dir` as `digest`: makes `memory` and `state` durable,
+/// then writes the seal over them, last, durably. Blocking (reads all of `memory`).
+pub fn seal(sealer: &Sealer, dir: &Path, digest: &Digest) -> io::Result<()> {
+    for name in [MEMORY_FILE, STATE_FILE] {
+        File::open(dir.join(name))?.sync_all()?;
+    }
+    let state = fs::read(dir.join(STATE_FILE))?;
+    let memory = hash_file(&dir.join(MEMORY_FILE))?;
+    let seal = sealer.seal(&sealed_parts(digest, &state, &memory.memory_sha256));
+    let path = dir.join(SEAL_FILE);
+    fs::write(&path, seal)?;
+    File::open(&path)?.sync_all()
+}
+
+/// What [`verify`] found.
+#[derive(Debug)]
+pub enum Verdict {
+    /// The seal verifies: the snapshot is what this node booted for `digest`.
+    Sealed(Verified),
+    /// There is no snapshot directory.
+    Missing,
+    /// It did not verify (the reason), and was moved to `set_aside`.
+    Rejected { reason: String, set_aside: PathBuf },
+}
+
+/// Checks the snapshot in `dir` against its seal for `digest`; one that does not verify is moved
+/// out of the way (`<dir>.rejected`, replacing an older one), so that nothing can run it.
+/// Blocking (reads all of `memory`).
+pub fn verify(sealer: &Sealer, dir: &Path, digest: &Digest) -> io::Result<Verdict> {
+    if !dir.exists() {
+        return Ok(Verdict::Missing);
+    }
+    let reason = match check(sealer, dir, digest) {
+        Ok(verified) => return Ok(Verdict::Sealed(verified)),
+        Err(reason) => reason,
+    };
+    let set_aside = rejected(dir);
+    if set_aside.exists() {
+        fs::remove_dir_all(&set_aside)?;
+    }
+    fs::rename(dir, &set_aside)?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(Verdict::Rejected { reason, set_aside })
+}
+
+/// Why the snapshot in `dir` does not verify, if it does not.
+fn check(sealer: &Sealer, dir: &Path, digest: &Digest) -> Result<Verified, String> {
+    let read = |name: &str| fs::read(dir.join(name)).map_err(|e| format!("cannot read its {name}: {e}"));
+    let seal = read(SEAL_FILE)?;
+    let seal = String::from_utf8(seal).map_err(|_| "its seal is not text".to_owned())?;
+    let state = read(STATE_FILE)?;
+    let memory = hash_file(&dir.join(MEMORY_FILE)).map_err(|e| format!("cannot read its {MEMORY_FILE}: {e}"))?;
+    match sealer.verify(&sealed_parts(digest, &state, &memory.memory_sha256), &seal) {
+        true => Ok(memory),
+        false => Err("its seal does not match its files".into()),
+    }
+}
+
+/// A snapshot being written by a deploy (or a rebuild): removed when dropped unless published.
 pub struct Staged {
     pub digest: Digest,
     /// `None` when the snapshot already exists under its name (nothing was booted).
@@ -63,13 +187,14 @@ impl Staged {
         self.path.as_deref()
     }
 
-    /// Makes the staged files durable and moves them to their final name. Call it under the
-    /// commit lock, before the version row is committed. A snapshot published meanwhile under the
-    /// same name has the same content and is kept.
+    /// Makes the staged (sealed) files durable and moves them to their final name. Call it under
+    /// the commit lock, before the version row is committed. A sealed snapshot published
+    /// meanwhile under the same name is kept (the same image booted; loading verifies it).
     pub fn publish(mut self, layout: &Layout) -> io::Result<PathBuf> {
         let final_path = dir(layout, &self.digest);
+        let published = |path: &Path| path.join(SEAL_FILE).exists();
         let Some(path) = self.path.take() else {
-            return match final_path.join("state").exists() {
+            return match published(&final_path) {
                 true => Ok(final_path),
                 false => Err(io::Error::new(
                     io::ErrorKind::NotFound,
@@ -78,15 +203,26 @@ impl Staged {
             };
         };
         let result = (|| {
-            for name in ["memory", "state"] {
+            // The seal is written last by `seal`: a staged directory without one is unfinished.
+            for name in [MEMORY_FILE, STATE_FILE, SEAL_FILE] {
                 File::open(path.join(name))?.sync_all()?;
             }
             sync_dir(&path)?;
-            if final_path.join("state").exists() {
+            if published(&final_path) {
                 return Ok(());
             }
             fs::create_dir_all(root(layout))?;
-            fs::rename(&path, &final_path)?;
+            if final_path.exists() {
+                // Unsealed (an older Kiln's, or a leftover): never run, kept aside for a look.
+                let set_aside = rejected(&final_path);
+                let _ = fs::remove_dir_all(&set_aside);
+                fs::rename(&final_path, &set_aside)?;
+            }
+            match fs::rename(&path, &final_path) {
+                // Another deploy or load published it first.
+                Err(_) if published(&final_path) => return Ok(()),
+                other => other?,
+            }
             sync_dir(&root(layout))
         })();
         let _ = fs::remove_dir_all(&path);
@@ -102,31 +238,69 @@ impl Drop for Staged {
     }
 }
 
-/// Loads the snapshot a microvm version runs from. Blocking work runs on the blocking pool.
+/// Loads the snapshot a microvm version runs from: verifies its seal, and boots it again from the
+/// stored upload if it does not verify or is gone. Blocking work runs on the blocking pool.
 pub async fn load(tier: &MicrovmTier, record: &VersionRecord) -> Result<Arc<MicrovmFunction>, LoadError> {
-    if !tier.is_available() {
+    let (Some(sealer), true) = (tier.sealer.clone(), tier.is_available()) else {
         return Err(LoadError::Unavailable(tier.unavailable()));
+    };
+    let digest = record.code_digest.clone();
+    let lock = tier.loading_lock(&digest);
+    let _loading = lock.lock().await;
+    let path = dir(&tier.layout, &digest);
+    let verdict = {
+        let (path, digest) = (path.clone(), digest.clone());
+        let started = Instant::now();
+        let verdict = tokio::task::spawn_blocking(move || verify(&sealer, &path, &digest))
+            .await
+            .expect("snapshot verification task panicked");
+        tracing::debug!(
+            function = %record.name,
+            version = record.version,
+            verify_ms = started.elapsed().as_millis() as u64,
+            "verified the microVM snapshot's seal"
+        );
+        verdict
+    };
+    let link_error = |what: String| {
+        LoadError::Link(format!(
+            "the microVM snapshot of {}@{}: {what}",
+            record.name, record.version
+        ))
+    };
+    match verdict.map_err(|e| link_error(e.to_string()))? {
+        Verdict::Sealed(verified) => return Ok(Arc::new(MicrovmFunction::new(path, verified))),
+        Verdict::Missing => tracing::warn!(
+            function = %record.name,
+            version = record.version,
+            snapshot = digest.hex(),
+            "the microVM snapshot is missing; booting it again from the stored upload"
+        ),
+        Verdict::Rejected { reason, set_aside } => tracing::warn!(
+            function = %record.name,
+            version = record.version,
+            snapshot = digest.hex(),
+            set_aside = %set_aside.display(),
+            %reason,
+            "the microVM snapshot does not verify: set aside, never executed; booting it again from the stored upload"
+        ),
     }
-    let path = dir(&tier.layout, &record.code_digest);
-    let snapshot = tokio::task::spawn_blocking(move || Snapshot::load(&path))
+    let verified = tier
+        .rebuild(record)
         .await
-        .expect("snapshot load task panicked")
-        .map_err(|e| {
-            LoadError::Link(format!(
-                "the microVM snapshot of {}@{}: {e}",
-                record.name, record.version
-            ))
-        })?;
-    Ok(Arc::new(MicrovmFunction::new(snapshot)))
+        .map_err(|e| link_error(format!("cannot boot it again: {e}")))?;
+    Ok(Arc::new(MicrovmFunction::new(path, verified)))
 }
 
-/// Removes a snapshot no version references any more (after a delete).
+/// Removes a snapshot no version references any more (after a delete), and any set-aside copy.
 pub fn remove_snapshot(layout: &Layout, digest: &Digest) {
-    let _ = fs::remove_dir_all(dir(layout, digest));
+    let path = dir(layout, digest);
+    let _ = fs::remove_dir_all(&path);
+    let _ = fs::remove_dir_all(rejected(&path));
 }
 
-/// Removes what a crash may have left: staging directories, and snapshots whose digest no
-/// version references. Runs at start-up, before anything is served.
+/// Removes what a crash may have left: staging directories, and snapshots (or set-aside ones)
+/// whose digest no version references. Runs at start-up, before anything is served.
 pub fn sweep(layout: &Layout, referenced: &HashSet<String>) {
     if let Ok(entries) = fs::read_dir(layout.tmp()) {
         for entry in entries.flatten() {
@@ -141,7 +315,8 @@ pub fn sweep(layout: &Layout, referenced: &HashSet<String>) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if Digest::parse(&name).is_some() && !referenced.contains(name.as_ref()) {
+        let digest = name.strip_suffix(REJECTED_SUFFIX).unwrap_or(&name);
+        if Digest::parse(digest).is_some() && !referenced.contains(digest) {
             tracing::info!(digest = %name, "removing a microVM snapshot no version references");
             let _ = fs::remove_dir_all(entry.path());
         }
@@ -153,15 +328,47 @@ mod tests {
     use super::*;
 
     fn write_snapshot_files(dir: &Path) {
-        fs::write(dir.join("memory"), b"m").unwrap();
-        fs::write(dir.join("state"), b"s").unwrap();
+        fs::write(dir.join(MEMORY_FILE), b"m").unwrap();
+        fs::write(dir.join(STATE_FILE), b"s").unwrap();
     }
 
-    #[test]
-    fn staged_snapshots_publish_once_and_leftovers_are_swept() {
+    fn layout() -> (tempfile::TempDir, Layout) {
         let data = tempfile::tempdir().unwrap();
         let layout = Layout::new(data.path().to_path_buf());
         layout.prepare().unwrap();
+        (data, layout)
+    }
+
+    /// A published snapshot of fake files (a `memory` of `memory_len` bytes, mostly a hole, as
+    /// guest RAM is), sealed as a deploy seals it.
+    fn published(layout: &Layout, sealer: &Sealer, digest: &Digest, memory_len: u64) -> PathBuf {
+        let staged = Staged::new(layout, digest.clone()).unwrap();
+        let path = staged.path().unwrap();
+        let memory = File::create(path.join(MEMORY_FILE)).unwrap();
+        memory.set_len(memory_len).unwrap();
+        use std::os::unix::fs::FileExt;
+        memory.write_all_at(b"guest page", 4096).unwrap();
+        fs::write(path.join(STATE_FILE), b"vcpu and device state").unwrap();
+        seal(sealer, path, digest).unwrap();
+        staged.publish(layout).unwrap()
+    }
+
+    fn assert_set_aside(verdict: Verdict, dir: &Path, why: &str) {
+        let Verdict::Rejected { reason, set_aside } = verdict else {
+            panic!("{why}: {verdict:?}");
+        };
+        assert_eq!(set_aside, rejected(dir), "{why}");
+        assert!(
+            set_aside.join(STATE_FILE).exists() && !dir.exists(),
+            "{why}: not set aside"
+        );
+        assert!(!reason.is_empty());
+    }
+
+    #[test]
+    fn staged_snapshots_publish_once_sealed_and_leftovers_are_swept() {
+        let (_data, layout) = layout();
+        let sealer = Sealer::open(&layout.seal_key()).unwrap();
         let digest = Digest::of(b"snapshot");
 
         // Dropped before publishing: nothing remains.
@@ -171,32 +378,123 @@ mod tests {
         drop(staged);
         assert!(!staging.exists());
 
+        // Unsealed files are never published.
         let staged = Staged::new(&layout, digest.clone()).unwrap();
         write_snapshot_files(staged.path().unwrap());
+        assert!(staged.publish(&layout).is_err());
+        assert!(!dir(&layout, &digest).exists());
+
+        let staged = Staged::new(&layout, digest.clone()).unwrap();
+        write_snapshot_files(staged.path().unwrap());
+        seal(&sealer, staged.path().unwrap(), &digest).unwrap();
         let published = staged.publish(&layout).unwrap();
         assert_eq!(published, dir(&layout, &digest));
-        assert_eq!(fs::read(published.join("state")).unwrap(), b"s");
+        assert_eq!(fs::read(published.join(STATE_FILE)).unwrap(), b"s");
         // A second deploy of the same content keeps the first snapshot.
         let again = Staged::new(&layout, digest.clone()).unwrap();
-        fs::write(again.path().unwrap().join("memory"), b"other").unwrap();
-        fs::write(again.path().unwrap().join("state"), b"other").unwrap();
+        fs::write(again.path().unwrap().join(MEMORY_FILE), b"other").unwrap();
+        fs::write(again.path().unwrap().join(STATE_FILE), b"other").unwrap();
+        seal(&sealer, again.path().unwrap(), &digest).unwrap();
         assert_eq!(again.publish(&layout).unwrap(), published);
-        assert_eq!(fs::read(published.join("state")).unwrap(), b"s");
+        assert_eq!(fs::read(published.join(STATE_FILE)).unwrap(), b"s");
         assert!(Staged::existing(digest.clone()).publish(&layout).is_ok());
         assert!(Staged::existing(Digest::of(b"gone")).publish(&layout).is_err());
         assert_eq!(fs::read_dir(layout.tmp()).unwrap().count(), 0, "no staging left");
 
-        // A crash's leftovers: a staging directory and an unreferenced snapshot.
+        // An unsealed directory under the final name (an older Kiln's) is set aside, not reused.
+        let old = Digest::of(b"old");
+        fs::create_dir_all(dir(&layout, &old)).unwrap();
+        write_snapshot_files(&dir(&layout, &old));
+        let staged = Staged::new(&layout, old.clone()).unwrap();
+        fs::write(staged.path().unwrap().join(MEMORY_FILE), b"new").unwrap();
+        fs::write(staged.path().unwrap().join(STATE_FILE), b"new").unwrap();
+        seal(&sealer, staged.path().unwrap(), &old).unwrap();
+        staged.publish(&layout).unwrap();
+        assert_eq!(fs::read(dir(&layout, &old).join(STATE_FILE)).unwrap(), b"new");
+        assert_eq!(fs::read(rejected(&dir(&layout, &old)).join(STATE_FILE)).unwrap(), b"s");
+
+        // A crash's leftovers: a staging directory, an unreferenced snapshot, set-aside copies.
         let orphan = Digest::of(b"orphan");
         fs::create_dir_all(dir(&layout, &orphan)).unwrap();
+        fs::create_dir_all(rejected(&dir(&layout, &orphan))).unwrap();
+        fs::create_dir_all(rejected(&dir(&layout, &digest))).unwrap();
         let leftover = Staged::new(&layout, orphan.clone()).unwrap();
         let leftover_path = leftover.path().unwrap().to_path_buf();
         std::mem::forget(leftover);
         sweep(&layout, &HashSet::from([digest.hex().to_owned()]));
         assert!(!leftover_path.exists());
-        assert!(!dir(&layout, &orphan).exists());
+        assert!(!dir(&layout, &orphan).exists() && !rejected(&dir(&layout, &orphan)).exists());
+        assert!(!dir(&layout, &old).exists(), "unreferenced");
         assert!(published.exists(), "a referenced snapshot stays");
+        assert!(
+            rejected(&published).exists(),
+            "and what was set aside of it, for a look"
+        );
         remove_snapshot(&layout, &digest);
-        assert!(!published.exists());
+        assert!(!published.exists() && !rejected(&published).exists());
+    }
+
+    /// Issue 16's integrity check of snapshots, on fake files: what a deploy sealed verifies;
+    /// anything else is set aside (never handed to a helper) and reported, for the load to boot
+    /// the function again.
+    #[test]
+    fn snapshots_that_do_not_match_their_seal_are_set_aside() {
+        let (_data, layout) = layout();
+        let sealer = Sealer::open(&layout.seal_key()).unwrap();
+        let (a, b) = (Digest::of(b"function a"), Digest::of(b"function b"));
+        let memory_len = 64 << 20;
+
+        // What was sealed verifies, and the load learns the memory's size and hash.
+        let path = published(&layout, &sealer, &a, memory_len);
+        let Verdict::Sealed(verified) = verify(&sealer, &path, &a).unwrap() else {
+            panic!("a sealed snapshot does not verify");
+        };
+        assert_eq!(verified.memory_len, memory_len);
+        let mut expected = vec![0u8; memory_len as usize];
+        expected[4096..4106].copy_from_slice(b"guest page");
+        assert_eq!(verified.memory_sha256, <[u8; 32]>::from(Sha256::digest(&expected)));
+        assert!(path.exists());
+
+        // One byte of guest memory changed.
+        use std::os::unix::fs::FileExt;
+        let memory = fs::OpenOptions::new().write(true).open(path.join(MEMORY_FILE)).unwrap();
+        memory.write_all_at(b"G", 4096).unwrap();
+        drop(memory);
+        assert_set_aside(verify(&sealer, &path, &a).unwrap(), &path, "memory changed");
+        // Nothing is left to load under the name; the next check finds it missing.
+        assert!(matches!(verify(&sealer, &path, &a).unwrap(), Verdict::Missing));
+
+        // The state changed (an older set-aside copy is replaced).
+        let path = published(&layout, &sealer, &a, 4096);
+        fs::write(path.join(STATE_FILE), b"vcpu and device statE").unwrap();
+        assert_set_aside(verify(&sealer, &path, &a).unwrap(), &path, "state changed");
+
+        // Another function's snapshot, seal and all, copied under this one's name.
+        let other = published(&layout, &sealer, &b, 4096);
+        let path = dir(&layout, &a);
+        fs::rename(&other, &path).unwrap();
+        assert_set_aside(verify(&sealer, &path, &a).unwrap(), &path, "another snapshot's seal");
+
+        // No seal, a seal that is not one, another node's seal.
+        for (why, seal_file) in [
+            ("no seal", None),
+            ("not a seal", Some(b"\xff\xfe".to_vec())),
+            ("garbage", Some(b"0123".to_vec())),
+        ] {
+            let path = published(&layout, &sealer, &a, 4096);
+            match seal_file {
+                None => fs::remove_file(path.join(SEAL_FILE)).unwrap(),
+                Some(bytes) => fs::write(path.join(SEAL_FILE), bytes).unwrap(),
+            }
+            assert_set_aside(verify(&sealer, &path, &a).unwrap(), &path, why);
+        }
+        let elsewhere = tempfile::tempdir().unwrap();
+        let other_node = Sealer::open(&elsewhere.path().join("seal.key")).unwrap();
+        let path = published(&layout, &other_node, &a, 4096);
+        assert_set_aside(verify(&sealer, &path, &a).unwrap(), &path, "another node's key");
+        // A file missing.
+        let path = published(&layout, &sealer, &a, 4096);
+        fs::remove_file(path.join(MEMORY_FILE)).unwrap();
+        assert_set_aside(verify(&sealer, &path, &a).unwrap(), &path, "no memory file");
     }
 }
