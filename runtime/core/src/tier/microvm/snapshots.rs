@@ -497,4 +497,44 @@ mod tests {
         fs::remove_file(path.join(MEMORY_FILE)).unwrap();
         assert_set_aside(verify(&sealer, &path, &a).unwrap(), &path, "no memory file");
     }
+
+    /// Through the tier: a load verifies the snapshot, and one that does not verify (or is gone)
+    /// is set aside and never handed out — the load boots the function again from its upload, or,
+    /// where it cannot (here: the tier has no guest image, as on every host without hardware
+    /// virtualization), fails; no version ever runs it.
+    #[tokio::test]
+    async fn a_load_never_hands_out_a_snapshot_that_does_not_verify() {
+        use crate::function::{ArtifactKind, FunctionConfig};
+        use crate::tier::microvm::Capability;
+
+        let (_data, layout) = layout();
+        let tier = MicrovmTier::with_parts(Capability::Available, None, None, 1, layout.clone());
+        let sealer = tier.sealer.clone().expect("an available tier seals");
+        let digest = Digest::of(b"snapshot");
+        let path = published(&layout, &sealer, &digest, 8192);
+        let record = VersionRecord {
+            name: "native".into(),
+            version: 3,
+            digest: Digest::of(b"upload"),
+            code_digest: digest.clone(),
+            kind: ArtifactKind::Native,
+            config: FunctionConfig::default(),
+            created_at: String::new(),
+        };
+        let function = load(&tier, &record).await.unwrap();
+        assert_eq!(function.dir(), path);
+        assert_eq!(function.verified().memory_len, 8192);
+
+        fs::write(path.join(STATE_FILE), b"someone else's vCPU").unwrap();
+        let err = load(&tier, &record).await.err().expect("a tampered snapshot loaded");
+        let message = err.to_string();
+        assert!(
+            message.contains("native@3") && message.contains("cannot boot it again"),
+            "{message}"
+        );
+        assert!(!path.exists() && rejected(&path).join(STATE_FILE).exists());
+        // Gone now: the next load tries to boot it again too, and runs nothing meanwhile.
+        assert!(load(&tier, &record).await.is_err());
+        assert!(!path.exists());
+    }
 }
