@@ -196,6 +196,10 @@ mod tests {
         assert_eq!(config.core.retention, Duration::from_secs(60));
         assert_eq!(format, LogFormat::Json);
         assert_eq!(config.core.max_queued, 10_000, "the default remains");
+        assert_eq!(config.core.microvm_prestart, 2, "helpers pre-started by default");
+        let file: ServeSettings = toml::from_str("microvm_prestart = 0").unwrap();
+        let (config, _) = ServeSettings::default().merge(file);
+        assert_eq!(config.core.microvm_prestart, 0);
         assert_eq!(config.core.data_dir, PathBuf::from(DEFAULT_DATA));
     }
 

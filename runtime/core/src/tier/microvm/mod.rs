@@ -204,7 +204,8 @@ fn open_jail(config: &CoreConfig) -> Result<Arc<Jail>, String> {
     jail_config.quirks = Quirks {
         available_tss_on_restore: std::env::var("KILN_MICROVM_QUIRKS").is_ok_and(|q| q.contains("available-tss")),
     };
-    jail_config.prestart = config.microvm_prestart;
+    // More spares than VMs may run at once would only wait.
+    jail_config.prestart = config.microvm_prestart.min(config.microvm_max_vms as usize);
     let jail = Jail::new(jail_config);
     // Dropped (its pre-started helpers with it) if its helpers cannot work here.
     jail.probe()?;
