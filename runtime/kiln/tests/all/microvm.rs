@@ -180,6 +180,29 @@ fn guest_binaries() -> Result<(PathBuf, PathBuf), String> {
     Ok((bin.join("kiln-agent"), bin.join("kiln-upper")))
 }
 
+/// A client with time for a boot nested in an emulated VM: there the jailed helper's boot,
+/// snapshot and seal take minutes (seconds at most on hardware).
+fn booting_client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()
+        .unwrap()
+}
+
+/// Deploys as `Kiln::deploy_with` does, with time for the boot.
+fn deploy_booting(kiln: &Kiln, name: &str, code: Vec<u8>, config: &serde_json::Value) -> reqwest::blocking::Response {
+    use reqwest::blocking::multipart;
+    let form = multipart::Form::new()
+        .part("code", multipart::Part::bytes(code))
+        .part("config", multipart::Part::text(config.to_string()));
+    booting_client()
+        .put(kiln.url(&format!("/v1/functions/{name}")))
+        .bearer_auth(&kiln.token)
+        .multipart(form)
+        .send()
+        .expect("deploy")
+}
+
 #[test]
 fn native_functions_deploy_and_invoke_on_kilns_vmm_where_hardware_virtualization_exists() {
     let skip = |reason: &str| {
@@ -224,7 +247,7 @@ fn native_functions_deploy_and_invoke_on_kilns_vmm_where_hardware_virtualization
     let started = Instant::now();
     // Generous enough for a nested run (KVM inside an emulated VM: ~1 s per invocation).
     let config = json!({"tier": "microvm", "memory_mb": 256, "timeout_ms": 8000, "env": {"GREETING": "hi"}});
-    let response = kiln.deploy_with("upper", std::fs::read(&upper).unwrap(), config.clone());
+    let response = deploy_booting(&kiln, "upper", std::fs::read(&upper).unwrap(), &config);
     let status = response.status();
     let body: serde_json::Value = response.json().unwrap();
     assert_eq!(status, 201, "{body}");
@@ -265,11 +288,38 @@ fn native_functions_deploy_and_invoke_on_kilns_vmm_where_hardware_virtualization
     assert!(started.elapsed() < Duration::from_secs(30));
     assert_eq!(invoke(&kiln, "still alive").text().unwrap(), "STILL ALIVE");
 
-    // The snapshot outlives the process: a restarted Kiln serves from it without booting.
+    // The snapshot is sealed, and outlives the process: a restarted Kiln serves from it without
+    // booting.
+    let snapshot = std::fs::read_dir(&snapshots).unwrap().next().unwrap().unwrap().path();
+    assert!(snapshot.join("seal").exists(), "the snapshot is not sealed");
     kiln.kill();
-    let kiln = Kiln::start_in(data.path(), &args);
+    let mut kiln = Kiln::start_in(data.path(), &args);
     assert_eq!(invoke(&kiln, "after restart").text().unwrap(), "AFTER RESTART");
-    // Deleting the function removes its snapshot.
+    assert!(!kiln.log().contains("does not verify"), "{}", kiln.log());
+
+    // Integrity: a snapshot changed while Kiln was down does not verify when it is loaded. It is
+    // set aside, never run, and the function is booted again from its stored upload.
+    kiln.kill();
+    let state = snapshot.join("state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(&state, bytes).unwrap();
+    let kiln = Kiln::start_in(data.path(), &args);
+    let started = Instant::now();
+    let response = booting_client()
+        .post(kiln.url("/v1/functions/upper/invoke"))
+        .bearer_auth(&kiln.token)
+        .body("after a rebuild")
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().unwrap(), "AFTER A REBUILD");
+    eprintln!("set aside, booted again and invoked in {:?}", started.elapsed());
+    assert!(kiln.log().contains("does not verify: set aside"), "{}", kiln.log());
+    let mut set_aside = snapshot.into_os_string();
+    set_aside.push(".rejected");
+    assert!(Path::new(&set_aside).join("state").exists(), "nothing was set aside");
+    // Deleting the function removes its snapshot (and what was set aside of it).
     assert_eq!(kiln.delete("/v1/functions/upper").status(), 204);
     assert_eq!(std::fs::read_dir(&snapshots).unwrap().count(), 0);
 }

@@ -4,9 +4,10 @@
 //!
 //! A deploy boots into a staging directory `<data>/tmp/microvm-<random>/` and [`seal`]s it there:
 //! `memory` and `state` are fsynced, then `seal` — a keyed MAC (`storage::seal`, this node's key)
-//! over the digest, the `state` file's bytes and the SHA-256 of `memory` — is written last. Under
-//! the commit lock the directory is fsynced and renamed to its final name *before* the version row
-//! commits: a crash leaves either a staging directory or an unreferenced snapshot, never a row
+//! over the digest, the `state` file's bytes and [`memory_digest`] (a SHA-256 of `memory`'s
+//! non-zero pages) — is written last. Under the commit lock the directory is fsynced and renamed
+//! to its final name *before* the version row commits: a crash leaves either a staging directory
+//! or an unreferenced snapshot, never a row
 //! naming a missing or half-written one. Start-up [`sweep`]s both kinds of leftovers.
 //!
 //! Loading a version [`verify`]s its snapshot once (the helpers then read it through a read-only
@@ -18,7 +19,7 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -57,7 +58,8 @@ fn rejected(dir: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// What the seal of a snapshot covers: its name, its vCPU/device state, its guest memory.
+/// What the seal of a snapshot covers: its name, its vCPU/device state, its guest memory (as
+/// [`memory_digest`]).
 fn sealed_parts<'a>(digest: &'a Digest, state: &'a [u8], memory_sha256: &'a [u8]) -> [&'a [u8]; 4] {
     [
         b"kiln microvm snapshot v1",
@@ -71,26 +73,68 @@ fn sealed_parts<'a>(digest: &'a Digest, state: &'a [u8], memory_sha256: &'a [u8]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Verified {
     pub memory_len: u64,
+    /// [`memory_digest`] of the memory file.
     pub memory_sha256: [u8; 32],
 }
 
-/// The SHA-256 and length of a file, read once.
-fn hash_file(path: &Path) -> io::Result<Verified> {
-    let mut file = File::open(path)?;
+/// Guest pages, the unit of [`memory_digest`].
+const PAGE: u64 = 4096;
+
+/// The digest of a snapshot's memory file: SHA-256 over its length, then the index and bytes of
+/// each page that is not all zeros. It commits to the content exactly as a plain SHA-256 would
+/// (the zero pages are implied by the length and the indices), but costs only the guest's touched
+/// pages: the file is sparse (`kiln_vmm::persist` leaves zero pages as holes), holes are skipped
+/// with `SEEK_DATA`/`SEEK_HOLE` unread, and a copy that filled them in has the same digest.
+/// Blocking.
+pub fn memory_digest(path: &Path) -> io::Result<Verified> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
     let mut hasher = Sha256::new();
-    // Large reads: the memory file is guest RAM (sparse, mostly holes, which read as zeros).
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                hasher.update(&buf[..n]);
-                len += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+    hasher.update(b"kiln microvm memory v1");
+    hasher.update(len.to_le_bytes());
+    let seek = |offset: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
+        // SAFETY: lseek on a descriptor `file` owns; it moves only that descriptor's offset,
+        // which nothing else uses (reads below are positioned).
+        match unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) } {
+            -1 => match io::Error::last_os_error() {
+                // No data past `offset`.
+                e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+                e => Err(e),
+            },
+            at => Ok(Some(at as u64)),
         }
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    // The first byte not hashed yet; always page-aligned.
+    let mut next = 0u64;
+    while next < len {
+        // The next extent with data; a filesystem without SEEK_DATA has data everywhere.
+        let (data, hole) = match seek(next, libc::SEEK_DATA) {
+            Ok(None) => break,
+            Ok(Some(data)) => (data, seek(data, libc::SEEK_HOLE)?.unwrap_or(len)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (next, len),
+            Err(e) => return Err(e),
+        };
+        // Whole pages, from the one holding `data` to the one holding the extent's last byte.
+        let start = (data / PAGE * PAGE).max(next);
+        let end = hole.div_ceil(PAGE).saturating_mul(PAGE).min(len);
+        let mut at = start;
+        while at < end {
+            let chunk = &mut buf[..(end - at).min(1 << 20) as usize];
+            file.read_exact_at(chunk, at)?;
+            for (i, page) in chunk.chunks(PAGE as usize).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    hasher.update((at / PAGE + i as u64).to_le_bytes());
+                    hasher.update(page);
+                }
+            }
+            at += chunk.len() as u64;
+        }
+        // `data` is at or after `next`, so `end` is past it: every page is read once.
+        next = end;
     }
     Ok(Verified {
         memory_len: len,
@@ -105,7 +149,7 @@ pub fn seal(sealer: &Sealer, dir: &Path, digest: &Digest) -> io::Result<()> {
         File::open(dir.join(name))?.sync_all()?;
     }
     let state = fs::read(dir.join(STATE_FILE))?;
-    let memory = hash_file(&dir.join(MEMORY_FILE))?;
+    let memory = memory_digest(&dir.join(MEMORY_FILE))?;
     let seal = sealer.seal(&sealed_parts(digest, &state, &memory.memory_sha256));
     let path = dir.join(SEAL_FILE);
     fs::write(&path, seal)?;
@@ -151,7 +195,7 @@ fn check(sealer: &Sealer, dir: &Path, digest: &Digest) -> Result<Verified, Strin
     let seal = read(SEAL_FILE)?;
     let seal = String::from_utf8(seal).map_err(|_| "its seal is not text".to_owned())?;
     let state = read(STATE_FILE)?;
-    let memory = hash_file(&dir.join(MEMORY_FILE)).map_err(|e| format!("cannot read its {MEMORY_FILE}: {e}"))?;
+    let memory = memory_digest(&dir.join(MEMORY_FILE)).map_err(|e| format!("cannot read its {MEMORY_FILE}: {e}"))?;
     match sealer.verify(&sealed_parts(digest, &state, &memory.memory_sha256), &seal) {
         true => Ok(memory),
         false => Err("its seal does not match its files".into()),
@@ -254,7 +298,7 @@ pub async fn load(tier: &MicrovmTier, record: &VersionRecord) -> Result<Arc<Micr
         let verdict = tokio::task::spawn_blocking(move || verify(&sealer, &path, &digest))
             .await
             .expect("snapshot verification task panicked");
-        tracing::debug!(
+        tracing::info!(
             function = %record.name,
             version = record.version,
             verify_ms = started.elapsed().as_millis() as u64,
@@ -449,10 +493,8 @@ mod tests {
         let Verdict::Sealed(verified) = verify(&sealer, &path, &a).unwrap() else {
             panic!("a sealed snapshot does not verify");
         };
+        assert_eq!(verified, memory_digest(&path.join(MEMORY_FILE)).unwrap());
         assert_eq!(verified.memory_len, memory_len);
-        let mut expected = vec![0u8; memory_len as usize];
-        expected[4096..4106].copy_from_slice(b"guest page");
-        assert_eq!(verified.memory_sha256, <[u8; 32]>::from(Sha256::digest(&expected)));
         assert!(path.exists());
 
         // One byte of guest memory changed.
@@ -536,5 +578,65 @@ mod tests {
         // Gone now: the next load tries to boot it again too, and runs nothing meanwhile.
         assert!(load(&tier, &record).await.is_err());
         assert!(!path.exists());
+    }
+
+    /// The memory digest is the content's, whatever the file's holes: a dense copy digests the
+    /// same, any changed byte (a zero page written, a written page zeroed) does not.
+    #[test]
+    fn the_memory_digest_is_the_contents_whatever_the_holes() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let len: u64 = 40 * PAGE + 100;
+        // Pages 1, 7 (two extents' worth), 20 and a partial last page, the rest holes.
+        let written: [(u64, &[u8]); 4] = [
+            (PAGE + 5, b"one"),
+            (7 * PAGE, &[0xab; 4096]),
+            (20 * PAGE + 4095, b"x"),
+            (40 * PAGE + 99, b"z"),
+        ];
+        let sparse = dir.path().join("sparse");
+        let file = File::create(&sparse).unwrap();
+        file.set_len(len).unwrap();
+        for (at, bytes) in written {
+            file.write_all_at(bytes, at).unwrap();
+        }
+        let content = fs::read(&sparse).unwrap();
+        let digest = memory_digest(&sparse).unwrap();
+        assert_eq!(digest.memory_len, len);
+
+        // The same bytes with no holes at all.
+        let dense = dir.path().join("dense");
+        fs::write(&dense, &content).unwrap();
+        assert_eq!(memory_digest(&dense).unwrap(), digest);
+        // The whole file as data, as where SEEK_DATA has nothing to skip: an explicit zero page
+        // is the same as a hole.
+        let zeros_written = dir.path().join("zeros");
+        let file = File::create(&zeros_written).unwrap();
+        file.set_len(len).unwrap();
+        file.write_all_at(&content[..(2 * PAGE) as usize], 0).unwrap();
+        file.write_all_at(&content[(2 * PAGE) as usize..], 2 * PAGE).unwrap();
+        assert_eq!(memory_digest(&zeros_written).unwrap(), digest);
+
+        // Any byte changed, in a written page or a hole, or the length: another digest.
+        for (at, byte) in [(PAGE + 5, b'O'), (3 * PAGE, 1), (20 * PAGE + 4095, 0), (len - 1, 0)] {
+            let mut changed = content.clone();
+            changed[at as usize] = byte;
+            let path = dir.path().join("changed");
+            fs::write(&path, &changed).unwrap();
+            assert_ne!(memory_digest(&path).unwrap(), digest, "byte {at} changed");
+        }
+        let longer = dir.path().join("longer");
+        fs::write(&longer, [content.as_slice(), &[0]].concat()).unwrap();
+        assert_ne!(memory_digest(&longer).unwrap().memory_sha256, digest.memory_sha256);
+        // A page moved (same bytes, another index).
+        let moved = dir.path().join("moved");
+        let file = File::create(&moved).unwrap();
+        file.set_len(len).unwrap();
+        file.write_all_at(&content[(7 * PAGE) as usize..(8 * PAGE) as usize], 8 * PAGE)
+            .unwrap();
+        for (at, bytes) in written.iter().filter(|(at, _)| *at != 7 * PAGE) {
+            file.write_all_at(bytes, *at).unwrap();
+        }
+        assert_ne!(memory_digest(&moved).unwrap(), digest);
     }
 }
