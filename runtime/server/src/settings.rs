@@ -122,6 +122,9 @@ pub struct ServeSettings {
     /// MicroVMs running at once, across all functions; past it invocations get 429 [default: 32].
     #[arg(long, env = "KILN_MICROVM_MAX_VMS")]
     pub microvm_max_vms: Option<u32>,
+    /// Jailed microVM helpers kept started, ready for the next VM; 0 starts one per VM [default: 2].
+    #[arg(long, env = "KILN_MICROVM_PRESTART")]
+    pub microvm_prestart: Option<usize>,
     /// Log line format [default: text].
     #[arg(long, env = "KILN_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -179,6 +182,7 @@ impl ServeSettings {
         pick!(microvm_kernel => c.core.microvm_kernel, Some);
         pick!(microvm_agent => c.core.microvm_agent, Some);
         pick!(microvm_max_vms => c.core.microvm_max_vms, |v: u32| v.max(1));
+        pick!(microvm_prestart => c.core.microvm_prestart, |v| v);
         let log_format = self.log_format.or(file.log_format).unwrap_or_default();
         (c, log_format)
     }
@@ -220,6 +224,10 @@ mod tests {
         assert_eq!(config.core.retention, Duration::from_secs(60));
         assert_eq!(format, LogFormat::Json);
         assert_eq!(config.core.max_queued, 10_000, "the default remains");
+        assert_eq!(config.core.microvm_prestart, 2, "helpers pre-started by default");
+        let file: ServeSettings = toml::from_str("microvm_prestart = 0").unwrap();
+        let (config, _) = ServeSettings::default().merge(file);
+        assert_eq!(config.core.microvm_prestart, 0);
         assert_eq!(config.core.data_dir, PathBuf::from(DEFAULT_DATA));
     }
 
