@@ -120,7 +120,10 @@ pub fn run(client: &Client, command: SandboxCommand, json: bool) -> Result<(), C
             if json {
                 print_json(&listed);
             } else {
-                println!("{:<31} {:<20} {:>7}  {:<10} CREATED", "ID", "FUNCTION", "VERSION", "STATE");
+                println!(
+                    "{:<31} {:<20} {:>7}  {:<10} CREATED",
+                    "ID", "FUNCTION", "VERSION", "STATE"
+                );
                 for s in listed["sandboxes"].as_array().into_iter().flatten() {
                     println!(
                         "{:<31} {:<20} {:>7}  {:<10} {}",
@@ -163,7 +166,11 @@ pub fn run(client: &Client, command: SandboxCommand, json: bool) -> Result<(), C
             print_state(&record, json);
         }
         SandboxCommand::Token { id, scopes, ttl_s } => {
-            let scopes = if scopes.is_empty() { vec!["ingress".to_owned()] } else { scopes };
+            let scopes = if scopes.is_empty() {
+                vec!["ingress".to_owned()]
+            } else {
+                scopes
+            };
             let created = client.json(
                 client
                     .request(Method::POST, &format!("/v1/sandboxes/{id}/tokens"))
@@ -178,7 +185,14 @@ pub fn run(client: &Client, command: SandboxCommand, json: bool) -> Result<(), C
         SandboxCommand::Curl { id, path, method, data } => {
             let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
                 .map_err(|_| CliError::Usage(format!("-X {method:?} is not an HTTP method")))?;
-            let path = format!("/sbx/{id}{}", if path.starts_with('/') { path } else { format!("/{path}") });
+            let path = format!(
+                "/sbx/{id}{}",
+                if path.starts_with('/') {
+                    path
+                } else {
+                    format!("/{path}")
+                }
+            );
             let mut request = client.request(method, &path);
             if let Some(data) = data {
                 request = request.body(data);

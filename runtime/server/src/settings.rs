@@ -58,6 +58,10 @@ pub struct ServeSettings {
     /// Asynchronous invocations waiting to run at most; past it submits get 429 [default: 10000].
     #[arg(long, env = "KILN_MAX_QUEUED")]
     pub max_queued: Option<u64>,
+    /// Sandboxes running at once (live instances); past it creating or resuming one is 429
+    /// [default: 100].
+    #[arg(long, env = "KILN_MAX_SANDBOXES")]
+    pub max_sandboxes: Option<u32>,
     /// Asynchronous invocations running at once; 0 accepts asynchronous invocations without
     /// running them [default: 64].
     #[arg(long, env = "KILN_ASYNC_WORKERS")]
@@ -165,6 +169,7 @@ impl ServeSettings {
         pick!(max_instances => c.core.max_instances, |v| v);
         pick!(max_queued => c.core.max_queued, |v| v);
         pick!(async_workers => c.core.async_workers, |v| v);
+        pick!(max_sandboxes => c.core.max_sandboxes, |v| v);
         pick!(max_code_bytes => c.max_code_bytes, |v| v);
         pick!(max_sync_input_bytes => c.max_sync_input_bytes, |v| v);
         pick!(max_async_input_bytes => c.max_async_input_bytes, |v| v);

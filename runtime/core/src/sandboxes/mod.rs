@@ -390,9 +390,19 @@ impl Sandboxes {
                 )));
             }
         };
+        // On disk before the instance goes: a state that cannot be written (the disk budget)
+        // leaves the sandbox running as it was.
+        let digest = match self.save_state(&state).await {
+            Ok(digest) => digest,
+            Err(e) => {
+                *live = Some(current);
+                sandbox.enter(State::Running, self.clock.now_ms());
+                self.commit(sandbox).await?;
+                return Err(e);
+            }
+        };
         let Live { instance, .. } = current;
         instance.stop().await;
-        let digest = self.save_state(&state).await?;
         let previous = sandbox.state_digest.replace(digest);
         sandbox.state_bytes = state.len() as u64;
         sandbox.suspended_at = Some(now_rfc3339());

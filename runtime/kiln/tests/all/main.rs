@@ -17,6 +17,7 @@ mod musl;
 mod openapi;
 mod ops;
 mod polyglot;
+mod sandboxes;
 mod sdk;
 mod snapshot;
 mod support;
