@@ -23,6 +23,7 @@ mod invoke;
 pub mod limits;
 pub mod link;
 pub mod preinit;
+pub mod state;
 pub mod trigger;
 pub mod validate;
 
