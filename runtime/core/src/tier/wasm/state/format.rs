@@ -109,12 +109,17 @@ impl GlobalKind {
 }
 
 impl InstanceState {
-    /// The encoded state, ready to be written to disk as is (it was encoded at capture: free).
-    pub fn encode(&self) -> &[u8] {
+    /// The encoded state, to be written to disk: a copy of [`as_bytes`](InstanceState::as_bytes).
+    pub fn encode(&self) -> Vec<u8> {
+        self.bytes.clone()
+    }
+
+    /// The encoded state, borrowed: it was encoded at capture, so this is free.
+    pub fn as_bytes(&self) -> &[u8] {
         &self.bytes
     }
 
-    /// The encoded state, by value.
+    /// The encoded state, by value, without a copy.
     pub fn into_bytes(self) -> Vec<u8> {
         self.bytes
     }
@@ -158,8 +163,39 @@ impl InstanceState {
 
     /// Reads an encoded state, checking everything: magic, version, checksum, and that the
     /// directory is consistent with itself and with the data (sizes, alignment, order, bounds,
-    /// exact length). Takes the bytes by value: the state keeps them, without a copy.
-    pub fn decode(bytes: Vec<u8>) -> Result<InstanceState, StateError> {
+    /// exact length). The state keeps a copy of `bytes` once they are found sound.
+    pub fn decode(bytes: &[u8]) -> Result<InstanceState, StateError> {
+        let parts = Parts::parse(bytes)?;
+        Ok(parts.with_bytes(bytes.to_vec()))
+    }
+
+    /// [`decode`](InstanceState::decode), keeping `bytes` themselves (no copy of a large state).
+    pub fn decode_vec(bytes: Vec<u8>) -> Result<InstanceState, StateError> {
+        let parts = Parts::parse(&bytes)?;
+        Ok(parts.with_bytes(bytes))
+    }
+}
+
+/// A decoded state's directory, before it takes its bytes.
+struct Parts {
+    fingerprint: [u8; 32],
+    memories: Vec<MemoryImage>,
+    globals: Vec<GlobalValue>,
+    tables: Vec<u32>,
+}
+
+impl Parts {
+    fn with_bytes(self, bytes: Vec<u8>) -> InstanceState {
+        InstanceState {
+            bytes,
+            fingerprint: self.fingerprint,
+            memories: self.memories,
+            globals: self.globals,
+            tables: self.tables,
+        }
+    }
+
+    fn parse(bytes: &[u8]) -> Result<Parts, StateError> {
         let corrupt = |what: String| StateError::Corrupt(what);
         if bytes.len() < FIXED_HEADER + CHECKSUM {
             return Err(corrupt(format!(
@@ -265,8 +301,7 @@ impl InstanceState {
             run.data = at..at + n;
             at += n;
         }
-        Ok(InstanceState {
-            bytes,
+        Ok(Parts {
             fingerprint,
             memories,
             globals,
@@ -616,7 +651,7 @@ mod tests {
         assert_eq!(state.stored_bytes(), 5 * PAGE as u64);
         assert_eq!(state.memory_bytes(), (32 + 16) * PAGE as u64);
 
-        let decoded = InstanceState::decode(state.encode().to_vec()).unwrap();
+        let decoded = InstanceState::decode(&state.encode()).unwrap();
         assert_eq!(decoded.memories, state.memories);
         assert_eq!(decoded.globals, state.globals);
         assert_eq!(decoded.tables, [14, 107]);
@@ -638,12 +673,12 @@ mod tests {
         let (a, b) = sample();
         let bytes = sample_state(&a, &b).into_bytes();
         for len in 0..bytes.len() {
-            let error = InstanceState::decode(bytes[..len].to_vec()).unwrap_err();
+            let error = InstanceState::decode(&bytes[..len]).unwrap_err();
             assert!(matches!(error, StateError::Corrupt(_)), "{len}: {error}");
         }
         let mut longer = bytes.clone();
         longer.push(0);
-        assert!(InstanceState::decode(longer).is_err(), "a trailing byte is refused");
+        assert!(InstanceState::decode(&longer).is_err(), "a trailing byte is refused");
     }
 
     #[test]
@@ -656,7 +691,7 @@ mod tests {
             for bit in [0, 3, 7] {
                 let mut bad = bytes.clone();
                 bad[at] ^= 1 << bit;
-                let error = InstanceState::decode(bad).unwrap_err();
+                let error = InstanceState::decode(&bad).unwrap_err();
                 assert!(matches!(error, StateError::Corrupt(_)), "byte {at}: {error}");
             }
         }
@@ -694,7 +729,7 @@ mod tests {
         let p = PAGE as u64;
         let w = WASM_PAGE;
         let ok = forged(&[(w, &[(0, p), (2 * p, p)])], 2 * PAGE, &[(1, 5)]);
-        InstanceState::decode(ok).unwrap();
+        InstanceState::decode(&ok).unwrap();
         let cases: Vec<(&str, Vec<u8>)> = vec![
             ("size not in Wasm pages", forged(&[(w + p, &[])], 0, &[])),
             ("size past 4 GiB", forged(&[(MAX_MEMORY_BYTES + w, &[])], 0, &[])),
@@ -719,12 +754,12 @@ mod tests {
             }),
         ];
         for (what, bytes) in cases {
-            let error = InstanceState::decode(bytes).unwrap_err();
+            let error = InstanceState::decode(&bytes).unwrap_err();
             assert!(matches!(error, StateError::Corrupt(_)), "{what}: {error}");
         }
         let mut other_version = forged(&[], 0, &[]);
         other_version[8] = 2;
-        let error = InstanceState::decode(other_version).unwrap_err().to_string();
+        let error = InstanceState::decode(&other_version).unwrap_err().to_string();
         assert!(error.contains("version 2"), "{error}");
     }
 

@@ -19,7 +19,7 @@
 //! suspend  (no request in flight, the guest's handles all dropped)
 //!          let state = capture(&mut store, &instance, &layout).await?;
 //!          write state.encode() to disk; drop the store (frees the instance and its pool slot)
-//! resume   let state = InstanceState::decode(std::fs::read(path)?)?;
+//! resume   let state = InstanceState::decode(&std::fs::read(path)?)?;
 //!          a fresh store (instance::Guest::store) and instance, then, before any request:
 //!          restore(&mut store, &instance, &layout, &state).await?;
 //! ```

@@ -152,11 +152,14 @@ async fn the_counter_and_its_buffer_survive_suspend_and_resume() {
 
     let state = sandbox.capture(&layout).await.unwrap();
     assert!(state.memory_bytes() >= 4 * MIB as u64);
-    // Suspend: only the encoded bytes outlive the instance.
-    let bytes = state.into_bytes();
+    // Suspend: only the file outlives the instance.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sandbox.state");
+    std::fs::write(&path, state.encode()).unwrap();
+    drop(state);
     drop(sandbox);
 
-    let state = InstanceState::decode(bytes).unwrap();
+    let state = InstanceState::decode(&std::fs::read(&path).unwrap()).unwrap();
     let mut resumed = Sandbox::start(&component, 64 * MIB).await;
     restore(&mut resumed.store, &resumed.instance, &layout, &state).await.unwrap();
     let answer = resumed.get("/").await;
@@ -164,12 +167,36 @@ async fn the_counter_and_its_buffer_survive_suspend_and_resume() {
     assert_eq!(sum(&answer), sum(&grown), "the buffer came back byte for byte");
     // It goes on as a normal instance: a new buffer, more requests.
     assert!(resumed.get("/grow?kib=16&seed=9").await.starts_with("count=5 len=16384 "));
+}
 
-    // Restoring the same state again gives a second, independent copy (a fork).
-    let mut fork = Sandbox::start(&component, 64 * MIB).await;
-    restore(&mut fork.store, &fork.instance, &layout, &state).await.unwrap();
-    let answer = fork.get("/").await;
-    assert!(answer.starts_with("count=4 len=4194304 "), "{answer}");
+#[tokio::test]
+async fn one_capture_forks_into_instances_that_diverge() {
+    let Instrumented { component, layout } = instrument(&guest("http-counter")).unwrap();
+    let mut parent = Sandbox::start(&component, 64 * MIB).await;
+    let grown = parent.get("/grow?kib=256&seed=5").await;
+    assert!(grown.starts_with("count=1 len=262144 "), "{grown}");
+    let state = parent.capture(&layout).await.unwrap();
+
+    let mut left = Sandbox::start(&component, 64 * MIB).await;
+    restore(&mut left.store, &left.instance, &layout, &state).await.unwrap();
+    let mut right = Sandbox::start(&component, 64 * MIB).await;
+    restore(&mut right.store, &right.instance, &layout, &state).await.unwrap();
+
+    // Each fork starts where the parent was, then goes its own way.
+    let left_grown = left.get("/grow?kib=8&seed=1").await;
+    assert!(left_grown.starts_with("count=2 len=8192 "), "{left_grown}");
+    let answer = right.get("/").await;
+    assert!(answer.starts_with("count=2 len=262144 "), "{answer}");
+    assert_eq!(sum(&answer), sum(&grown), "the left fork's new buffer is not the right one's");
+    let answer = right.get("/").await;
+    assert!(answer.starts_with("count=3 len=262144 "), "{answer}");
+    let answer = left.get("/").await;
+    assert!(answer.starts_with("count=3 len=8192 "), "{answer}");
+    assert_eq!(sum(&answer), sum(&left_grown));
+    assert_ne!(sum(&left_grown), sum(&grown));
+    // Nor did either touch the parent.
+    let answer = parent.get("/").await;
+    assert!(answer.starts_with("count=2 len=262144 "), "{answer}");
     assert_eq!(sum(&answer), sum(&grown));
 }
 
@@ -243,16 +270,16 @@ async fn a_damaged_state_is_refused() {
     sandbox.get("/grow?kib=64").await;
     let bytes = sandbox.capture(&layout).await.unwrap().into_bytes();
     for cut in [0, 10, bytes.len() / 2, bytes.len() - 1] {
-        let error = InstanceState::decode(bytes[..cut].to_vec()).unwrap_err();
+        let error = InstanceState::decode(&bytes[..cut]).unwrap_err();
         assert!(matches!(error, StateError::Corrupt(_)), "cut at {cut}: {error}");
     }
     for at in [20, 100, bytes.len() / 2, bytes.len() - 3] {
         let mut bad = bytes.clone();
         bad[at] ^= 0x10;
-        let error = InstanceState::decode(bad).unwrap_err();
+        let error = InstanceState::decode(&bad).unwrap_err();
         assert!(error.to_string().contains("corrupt"), "byte {at}: {error}");
     }
-    InstanceState::decode(bytes).unwrap();
+    InstanceState::decode_vec(bytes).unwrap();
 }
 
 #[tokio::test]
@@ -393,7 +420,7 @@ async fn every_memory_and_global_of_every_core_instance_comes_back() {
 
     let state = capture(&mut a.store, &a.instance, &layout).await.unwrap();
     assert_eq!(a.peek("a", end).await, 0x0123_4567_89ab_cdef, "the capture put back what it borrowed");
-    let state = InstanceState::decode(state.into_bytes()).unwrap();
+    let state = InstanceState::decode(&state.encode()).unwrap();
 
     let mut b = Wat::start(&component).await;
     assert_eq!(b.peek("a", 100).await, fresh_hello, "a fresh instance has its data segment");
