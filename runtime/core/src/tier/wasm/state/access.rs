@@ -72,7 +72,9 @@ pub async fn capture<T: WasiView + Send>(
             continue;
         }
         let (tail,) = access.call::<(), (i64,)>(store, &format!("m{n}-tail"), ()).await?;
-        let (list,) = access.call::<(), (WasmList<u8>,)>(store, &format!("m{n}-read"), ()).await?;
+        let (list,) = access
+            .call::<(), (WasmList<u8>,)>(store, &format!("m{n}-read"), ())
+            .await?;
         if list.len() as u64 != pages * WASM_PAGE - 8 {
             return Err(StateError::Guest(format!(
                 "memory {n} lent {} bytes for {pages} pages",
@@ -84,7 +86,10 @@ pub async fn capture<T: WasiView + Send>(
     let views: Vec<MemoryView<'_>> = lent
         .iter()
         .map(|lent| match lent {
-            None => MemoryView { body: &[], tail: [0; 8] },
+            None => MemoryView {
+                body: &[],
+                tail: [0; 8],
+            },
             Some((list, tail)) => MemoryView {
                 body: list.as_le_slice(&*store),
                 tail: *tail,
@@ -114,7 +119,11 @@ pub async fn restore<T: Send>(
     let shape_matches = state.memories().len() == layout.memories.len()
         && state.tables().len() == layout.tables.len()
         && state.globals().len() == layout.globals.len()
-        && state.globals().iter().zip(&layout.globals).all(|(g, slot)| g.kind == slot.kind);
+        && state
+            .globals()
+            .iter()
+            .zip(&layout.globals)
+            .all(|(g, slot)| g.kind == slot.kind);
     if !shape_matches {
         return Err(StateError::Mismatch(
             "the state's memories, globals or tables do not match the component's".into(),
@@ -141,7 +150,9 @@ pub async fn restore<T: Send>(
         }
         if pages > fresh_pages {
             let delta = (pages - fresh_pages) as i32;
-            let (old,) = access.call::<(u32,), (i32,)>(store, &format!("m{n}-grow"), (delta as u32,)).await?;
+            let (old,) = access
+                .call::<(u32,), (i32,)>(store, &format!("m{n}-grow"), (delta as u32,))
+                .await?;
             if old as u32 as u64 != fresh_pages {
                 return Err(StateError::Guest(format!(
                     "memory {n} could not grow from {fresh_pages} to {pages} pages (its maximum?)"
@@ -182,10 +193,14 @@ pub async fn restore<T: Send>(
         let set = format!("g{n}-set");
         match global.kind {
             GlobalKind::I32 | GlobalKind::F32 => {
-                access.call::<(i32,), ()>(store, &set, (global.bits as u32 as i32,)).await?;
+                access
+                    .call::<(i32,), ()>(store, &set, (global.bits as u32 as i32,))
+                    .await?;
             }
             GlobalKind::I64 | GlobalKind::F64 => {
-                access.call::<(i64,), ()>(store, &set, (global.bits as u64 as i64,)).await?;
+                access
+                    .call::<(i64,), ()>(store, &set, (global.bits as u64 as i64,))
+                    .await?;
             }
             GlobalKind::V128 => {
                 let (lo, hi) = (global.bits as u64 as i64, (global.bits >> 64) as u64 as i64);
@@ -204,12 +219,18 @@ struct Access<'a> {
 
 impl<'a> Access<'a> {
     /// Finds the accessors and checks they were built for `layout`'s component.
-    async fn new<T: Send>(store: &mut Store<T>, instance: &'a Instance, layout: &Layout) -> Result<Access<'a>, StateError> {
-        let parent = instance.get_export_index(&mut *store, None, ACCESS_INSTANCE).ok_or_else(|| {
-            StateError::Mismatch(format!(
-                "the instance has no `{ACCESS_INSTANCE}` export: it is not of an instrumented component"
-            ))
-        })?;
+    async fn new<T: Send>(
+        store: &mut Store<T>,
+        instance: &'a Instance,
+        layout: &Layout,
+    ) -> Result<Access<'a>, StateError> {
+        let parent = instance
+            .get_export_index(&mut *store, None, ACCESS_INSTANCE)
+            .ok_or_else(|| {
+                StateError::Mismatch(format!(
+                    "the instance has no `{ACCESS_INSTANCE}` export: it is not of an instrumented component"
+                ))
+            })?;
         let access = Access { instance, parent };
         let (fingerprint,) = access.call::<(), (i64,)>(store, "fingerprint", ()).await?;
         if fingerprint as u64 != layout.short_fingerprint() {

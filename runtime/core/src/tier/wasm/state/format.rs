@@ -272,7 +272,10 @@ impl Parts {
             let kind = GlobalKind::from_tag(tag).ok_or_else(|| corrupt(format!("global {g}: unknown kind {tag}")))?;
             let bits = u128::from_le_bytes(r.take(16, "global value")?.try_into().expect("16 bytes"));
             if kind.width() < 128 && bits >> kind.width() != 0 {
-                return Err(corrupt(format!("global {g}: a {kind:?} value wider than {} bits", kind.width())));
+                return Err(corrupt(format!(
+                    "global {g}: a {kind:?} value wider than {} bits",
+                    kind.width()
+                )));
             }
             globals.push(GlobalValue { kind, bits });
         }
@@ -537,12 +540,7 @@ pub fn checksum(bytes: &[u8]) -> u64 {
     let len = bytes.len() as u64;
     let mut stripes = bytes.chunks_exact(32);
     let mut h = if bytes.len() >= 32 {
-        let mut v = [
-            P1.wrapping_add(P2),
-            P2,
-            0,
-            0u64.wrapping_sub(P1),
-        ];
+        let mut v = [P1.wrapping_add(P2), P2, 0, 0u64.wrapping_sub(P1)];
         for stripe in &mut stripes {
             for (lane, acc) in v.iter_mut().enumerate() {
                 *acc = round(*acc, word(&stripe[lane * 8..lane * 8 + 8]));
@@ -564,12 +562,18 @@ pub fn checksum(bytes: &[u8]) -> u64 {
     let rest = stripes.remainder();
     let mut words = rest.chunks_exact(8);
     for w in &mut words {
-        h = (h ^ round(0, word(w))).rotate_left(27).wrapping_mul(P1).wrapping_add(P4);
+        h = (h ^ round(0, word(w)))
+            .rotate_left(27)
+            .wrapping_mul(P1)
+            .wrapping_add(P4);
     }
     let mut rest = words.remainder();
     if rest.len() >= 4 {
         let w = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as u64;
-        h = (h ^ w.wrapping_mul(P1)).rotate_left(23).wrapping_mul(P2).wrapping_add(P3);
+        h = (h ^ w.wrapping_mul(P1))
+            .rotate_left(23)
+            .wrapping_mul(P2)
+            .wrapping_add(P3);
         rest = &rest[4..];
     }
     for &b in rest {
@@ -634,7 +638,19 @@ mod tests {
                 bits: u128::MAX - 7,
             },
         ];
-        encode(&[7; 32], &[view(a), view(b), MemoryView { body: &[], tail: [0; 8] }], &globals, &[14, 107])
+        encode(
+            &[7; 32],
+            &[
+                view(a),
+                view(b),
+                MemoryView {
+                    body: &[],
+                    tail: [0; 8],
+                },
+            ],
+            &globals,
+            &[14, 107],
+        )
     }
 
     #[test]
@@ -647,7 +663,11 @@ mod tests {
             .map(|r| (r.offset, r.data.len()))
             .collect();
         assert_eq!(runs, [(0, 2 * PAGE), (5 * PAGE as u64, PAGE), (31 * PAGE as u64, PAGE)]);
-        assert_eq!(state.memories[1].runs.len(), 1, "a page non-zero only in its tail is kept");
+        assert_eq!(
+            state.memories[1].runs.len(),
+            1,
+            "a page non-zero only in its tail is kept"
+        );
         assert_eq!(state.stored_bytes(), 5 * PAGE as u64);
         assert_eq!(state.memory_bytes(), (32 + 16) * PAGE as u64);
 
@@ -665,7 +685,13 @@ mod tests {
             }
             assert_eq!(&rebuilt, original);
         }
-        assert_eq!(decoded.memories[2], MemoryImage { byte_len: 0, runs: vec![] });
+        assert_eq!(
+            decoded.memories[2],
+            MemoryImage {
+                byte_len: 0,
+                runs: vec![]
+            }
+        );
     }
 
     #[test]
@@ -736,9 +762,15 @@ mod tests {
             ("unaligned run", forged(&[(w, &[(1, p)])], PAGE, &[])),
             ("empty run", forged(&[(w, &[(0, 0)])], 0, &[])),
             ("overlapping runs", forged(&[(w, &[(0, 2 * p), (p, p)])], 3 * PAGE, &[])),
-            ("runs out of order", forged(&[(w, &[(2 * p, p), (0, p)])], 2 * PAGE, &[])),
+            (
+                "runs out of order",
+                forged(&[(w, &[(2 * p, p), (0, p)])], 2 * PAGE, &[]),
+            ),
             ("run past the memory", forged(&[(w, &[(w - p, 2 * p)])], 2 * PAGE, &[])),
-            ("run length overflowing", forged(&[(w, &[(p, u64::MAX - p + 1)])], 0, &[])),
+            (
+                "run length overflowing",
+                forged(&[(w, &[(p, u64::MAX - p + 1)])], 0, &[]),
+            ),
             ("too little data", forged(&[(w, &[(0, p)])], PAGE - 1, &[])),
             ("too much data", forged(&[(w, &[(0, p)])], PAGE + 1, &[])),
             ("unknown global kind", forged(&[], 0, &[(9, 0)])),

@@ -52,14 +52,14 @@ const EXPORT_SECTION: u8 = 7;
 fn section_rank(id: u8) -> u8 {
     match id {
         1..=5 => id,
-        13 => 6,     // tag
-        6 => 7,      // global
-        7 => 8,      // export
-        8 => 9,      // start
-        9 => 10,     // element
-        12 => 11,    // data count
-        10 => 12,    // code
-        11 => 13,    // data
+        13 => 6,      // tag
+        6 => 7,       // global
+        7 => 8,       // export
+        8 => 9,       // start
+        9 => 10,      // element
+        12 => 11,     // data count
+        10 => 12,     // code
+        11 => 13,     // data
         _ => u8::MAX, // custom sections keep their place
     }
 }
@@ -430,9 +430,11 @@ pub fn instrument(component: &[u8]) -> Result<Instrumented, StateError> {
     }
     plan.append(&mut out, &counts, &layout)?;
 
-    Validator::new_with_features(features)
-        .validate_all(&out)
-        .map_err(|e| StateError::Invalid(format!("the instrumented component does not validate (a Kiln bug): {e}")))?;
+    Validator::new_with_features(features).validate_all(&out).map_err(|e| {
+        StateError::Invalid(format!(
+            "the instrumented component does not validate (a Kiln bug): {e}"
+        ))
+    })?;
     Ok(Instrumented { component: out, layout })
 }
 
@@ -499,7 +501,9 @@ impl Plan {
         };
         for &(core_instance, module_index) in instantiations {
             let module = modules.get(module_index as usize).ok_or_else(|| {
-                unsupported(format!("core instance {core_instance} instantiates a module not defined here"))
+                unsupported(format!(
+                    "core instance {core_instance} instantiates a module not defined here"
+                ))
             })?;
             let k = plan.instances.len();
             for (i, memory) in module.memories.iter().enumerate() {
@@ -539,7 +543,9 @@ impl Plan {
                     }
                 };
                 if table.table64 || table.shared {
-                    return Err(unsupported(format!("module {module_index} has a 64-bit or shared table")));
+                    return Err(unsupported(format!(
+                        "module {module_index} has a 64-bit or shared table"
+                    )));
                 }
                 plan.tables.push((k, i as u32, element));
             }
@@ -601,7 +607,11 @@ impl Plan {
         let mut wat = String::from("(module\n");
         let import = |k: usize| format!("i{k}");
         for (n, &(k, i)) in self.memories.iter().enumerate() {
-            let _ = writeln!(wat, "(import \"{}\" \"{EXPORT_PREFIX}m{i}\" (memory $m{n} 0))", import(k));
+            let _ = writeln!(
+                wat,
+                "(import \"{}\" \"{EXPORT_PREFIX}m{i}\" (memory $m{n} 0))",
+                import(k)
+            );
         }
         for (n, &(k, i, kind)) in self.globals.iter().enumerate() {
             let _ = writeln!(
@@ -612,7 +622,11 @@ impl Plan {
             );
         }
         for (n, &(k, i, element)) in self.tables.iter().enumerate() {
-            let _ = writeln!(wat, "(import \"{}\" \"{EXPORT_PREFIX}t{i}\" (table $t{n} 0 {element}))", import(k));
+            let _ = writeln!(
+                wat,
+                "(import \"{}\" \"{EXPORT_PREFIX}t{i}\" (table $t{n} 0 {element}))",
+                import(k)
+            );
         }
         let fingerprint = u64::from_le_bytes(fingerprint[..8].try_into().expect("8 bytes")) as i64;
         let _ = write!(
@@ -735,39 +749,104 @@ impl Plan {
 
         // What to lift: (export name, core function, type, options).
         let mut lifts: Vec<(String, u32, u32, Vec<(u8, u32)>)> = Vec::new();
-        lifts.push(("fingerprint".into(), core_func("fingerprint".into()), types.get_s64, vec![]));
+        lifts.push((
+            "fingerprint".into(),
+            core_func("fingerprint".into()),
+            types.get_s64,
+            vec![],
+        ));
         lifts.push(("seek".into(), core_func("seek".into()), types.set_offset, vec![]));
         let realloc = core_func("realloc".into());
         let write = core_func("write".into());
         for n in 0..self.memories.len() {
             let m = memory(n);
-            lifts.push((format!("m{n}-grow"), core_func(format!("m{n}-grow")), types.grow, vec![]));
-            lifts.push((format!("m{n}-tail"), core_func(format!("m{n}-tail")), types.get_s64, vec![]));
+            lifts.push((
+                format!("m{n}-grow"),
+                core_func(format!("m{n}-grow")),
+                types.grow,
+                vec![],
+            ));
+            lifts.push((
+                format!("m{n}-tail"),
+                core_func(format!("m{n}-tail")),
+                types.get_s64,
+                vec![],
+            ));
             let read = core_func(format!("m{n}-read"));
             let post = core_func(format!("m{n}-read-post"));
             lifts.push((format!("m{n}-read"), read, types.read, vec![(0x03, m), (0x05, post)]));
-            lifts.push((format!("m{n}-write"), write, types.write, vec![(0x03, m), (0x04, realloc)]));
-            lifts.push((format!("m{n}-zero"), core_func(format!("m{n}-zero")), types.zero, vec![]));
+            lifts.push((
+                format!("m{n}-write"),
+                write,
+                types.write,
+                vec![(0x03, m), (0x04, realloc)],
+            ));
+            lifts.push((
+                format!("m{n}-zero"),
+                core_func(format!("m{n}-zero")),
+                types.zero,
+                vec![],
+            ));
         }
         for (n, &(_, _, kind)) in self.globals.iter().enumerate() {
             match kind {
                 GlobalKind::I32 | GlobalKind::F32 => {
-                    lifts.push((format!("g{n}-get"), core_func(format!("g{n}-get")), types.get_s32, vec![]));
-                    lifts.push((format!("g{n}-set"), core_func(format!("g{n}-set")), types.set_s32, vec![]));
+                    lifts.push((
+                        format!("g{n}-get"),
+                        core_func(format!("g{n}-get")),
+                        types.get_s32,
+                        vec![],
+                    ));
+                    lifts.push((
+                        format!("g{n}-set"),
+                        core_func(format!("g{n}-set")),
+                        types.set_s32,
+                        vec![],
+                    ));
                 }
                 GlobalKind::I64 | GlobalKind::F64 => {
-                    lifts.push((format!("g{n}-get"), core_func(format!("g{n}-get")), types.get_s64, vec![]));
-                    lifts.push((format!("g{n}-set"), core_func(format!("g{n}-set")), types.set_s64, vec![]));
+                    lifts.push((
+                        format!("g{n}-get"),
+                        core_func(format!("g{n}-get")),
+                        types.get_s64,
+                        vec![],
+                    ));
+                    lifts.push((
+                        format!("g{n}-set"),
+                        core_func(format!("g{n}-set")),
+                        types.set_s64,
+                        vec![],
+                    ));
                 }
                 GlobalKind::V128 => {
-                    lifts.push((format!("g{n}-get-lo"), core_func(format!("g{n}-get-lo")), types.get_s64, vec![]));
-                    lifts.push((format!("g{n}-get-hi"), core_func(format!("g{n}-get-hi")), types.get_s64, vec![]));
-                    lifts.push((format!("g{n}-set"), core_func(format!("g{n}-set")), types.set_v128, vec![]));
+                    lifts.push((
+                        format!("g{n}-get-lo"),
+                        core_func(format!("g{n}-get-lo")),
+                        types.get_s64,
+                        vec![],
+                    ));
+                    lifts.push((
+                        format!("g{n}-get-hi"),
+                        core_func(format!("g{n}-get-hi")),
+                        types.get_s64,
+                        vec![],
+                    ));
+                    lifts.push((
+                        format!("g{n}-set"),
+                        core_func(format!("g{n}-set")),
+                        types.set_v128,
+                        vec![],
+                    ));
                 }
             }
         }
         for n in 0..self.tables.len() {
-            lifts.push((format!("t{n}-size"), core_func(format!("t{n}-size")), types.get_u32, vec![]));
+            lifts.push((
+                format!("t{n}-size"),
+                core_func(format!("t{n}-size")),
+                types.get_u32,
+                vec![],
+            ));
         }
         let mut alias_section = Vec::new();
         leb_u32(&mut alias_section, alias_count);
@@ -998,7 +1077,11 @@ mod tests {
         let mut out = Vec::new();
         leb_s33(&mut out, 63);
         leb_s33(&mut out, 64);
-        assert_eq!(out, [0x3f, 0xc0, 0x00], "64 takes two bytes so it cannot read as a primitive");
+        assert_eq!(
+            out,
+            [0x3f, 0xc0, 0x00],
+            "64 takes two bytes so it cannot read as a primitive"
+        );
     }
 
     #[test]

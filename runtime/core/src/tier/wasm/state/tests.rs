@@ -42,14 +42,26 @@ fn guest(name: &str) -> Vec<u8> {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(&dir)
-            .args(["build", "--release", "--target", "wasm32-wasip2", "-p", "http-counter", "-p", "http-hello"])
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "-p",
+                "http-counter",
+                "-p",
+                "http-hello",
+            ])
             .arg("--target-dir")
             .arg(dir.join("target"))
             .env_remove("CARGO_TARGET_DIR")
             .env_remove("RUSTFLAGS")
             .status()
             .expect("running cargo for the guests");
-        assert!(status.success(), "building the guests failed (is the wasm32-wasip2 target installed?)");
+        assert!(
+            status.success(),
+            "building the guests failed (is the wasm32-wasip2 target installed?)"
+        );
     });
     std::fs::read(dir.join(format!("target/wasm32-wasip2/release/{name}.wasm"))).expect("built guest")
 }
@@ -105,9 +117,10 @@ impl Sandbox {
 
     async fn get(&mut self, path: &str) -> String {
         let request = http::Request::get(format!("http://sandbox{path}"))
-            .body(http_body_util::Empty::<Bytes>::new().map_err(|never: Infallible| -> wasmtime_wasi_http::Error {
-                match never {}
-            }))
+            .body(
+                http_body_util::Empty::<Bytes>::new()
+                    .map_err(|never: Infallible| -> wasmtime_wasi_http::Error { match never {} }),
+            )
             .unwrap();
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let request = self
@@ -161,12 +174,17 @@ async fn the_counter_and_its_buffer_survive_suspend_and_resume() {
 
     let state = InstanceState::decode(&std::fs::read(&path).unwrap()).unwrap();
     let mut resumed = Sandbox::start(&component, 64 * MIB).await;
-    restore(&mut resumed.store, &resumed.instance, &layout, &state).await.unwrap();
+    restore(&mut resumed.store, &resumed.instance, &layout, &state)
+        .await
+        .unwrap();
     let answer = resumed.get("/").await;
     assert!(answer.starts_with("count=4 len=4194304 "), "{answer}");
     assert_eq!(sum(&answer), sum(&grown), "the buffer came back byte for byte");
     // It goes on as a normal instance: a new buffer, more requests.
-    assert!(resumed.get("/grow?kib=16&seed=9").await.starts_with("count=5 len=16384 "));
+    assert!(resumed
+        .get("/grow?kib=16&seed=9")
+        .await
+        .starts_with("count=5 len=16384 "));
 }
 
 #[tokio::test]
@@ -180,14 +198,20 @@ async fn one_capture_forks_into_instances_that_diverge() {
     let mut left = Sandbox::start(&component, 64 * MIB).await;
     restore(&mut left.store, &left.instance, &layout, &state).await.unwrap();
     let mut right = Sandbox::start(&component, 64 * MIB).await;
-    restore(&mut right.store, &right.instance, &layout, &state).await.unwrap();
+    restore(&mut right.store, &right.instance, &layout, &state)
+        .await
+        .unwrap();
 
     // Each fork starts where the parent was, then goes its own way.
     let left_grown = left.get("/grow?kib=8&seed=1").await;
     assert!(left_grown.starts_with("count=2 len=8192 "), "{left_grown}");
     let answer = right.get("/").await;
     assert!(answer.starts_with("count=2 len=262144 "), "{answer}");
-    assert_eq!(sum(&answer), sum(&grown), "the left fork's new buffer is not the right one's");
+    assert_eq!(
+        sum(&answer),
+        sum(&grown),
+        "the left fork's new buffer is not the right one's"
+    );
     let answer = right.get("/").await;
     assert!(answer.starts_with("count=3 len=262144 "), "{answer}");
     let answer = left.get("/").await;
@@ -207,7 +231,11 @@ async fn capture_leaves_the_instance_as_it_was() {
     let grown = sandbox.get("/grow?kib=300").await;
     let first = sandbox.capture(&layout).await.unwrap();
     let second = sandbox.capture(&layout).await.unwrap();
-    assert_eq!(first.encode(), second.encode(), "two captures in a row see the same state");
+    assert_eq!(
+        first.encode(),
+        second.encode(),
+        "two captures in a row see the same state"
+    );
     let answer = sandbox.get("/").await;
     assert!(answer.starts_with("count=2 len=307200 "), "{answer}");
     assert_eq!(sum(&answer), sum(&grown));
@@ -217,7 +245,11 @@ async fn capture_leaves_the_instance_as_it_was() {
 async fn the_instrumented_component_serves_like_the_original() {
     let original = guest("http-counter");
     let Instrumented { component, .. } = instrument(&original).unwrap();
-    assert_eq!(instrument(&original).unwrap().component, component, "instrumenting is deterministic");
+    assert_eq!(
+        instrument(&original).unwrap().component,
+        component,
+        "instrumenting is deterministic"
+    );
     let mut a = Sandbox::start(&original, 64 * MIB).await;
     let mut b = Sandbox::start(&component, 64 * MIB).await;
     for path in ["/", "/grow?kib=100&seed=3", "/zeros?kib=8", "/", "/grow?kib=1"] {
@@ -253,13 +285,25 @@ async fn a_state_restores_only_into_its_own_component() {
     let state = sandbox.capture(&counter.layout).await.unwrap();
 
     let mut other = Sandbox::start(&hello.component, 64 * MIB).await;
-    let error = restore(&mut other.store, &other.instance, &hello.layout, &state).await.unwrap_err();
-    assert!(matches!(error, StateError::Mismatch(_)), "the state's fingerprint: {error}");
-    let error = restore(&mut other.store, &other.instance, &counter.layout, &state).await.unwrap_err();
-    assert!(matches!(error, StateError::Mismatch(_)), "the instance's own fingerprint: {error}");
+    let error = restore(&mut other.store, &other.instance, &hello.layout, &state)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, StateError::Mismatch(_)),
+        "the state's fingerprint: {error}"
+    );
+    let error = restore(&mut other.store, &other.instance, &counter.layout, &state)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, StateError::Mismatch(_)),
+        "the instance's own fingerprint: {error}"
+    );
     // Nor into an instance of the component as it was before instrumentation.
     let mut plain = Sandbox::start(&guest("http-counter"), 64 * MIB).await;
-    let error = restore(&mut plain.store, &plain.instance, &counter.layout, &state).await.unwrap_err();
+    let error = restore(&mut plain.store, &plain.instance, &counter.layout, &state)
+        .await
+        .unwrap_err();
     assert!(error.to_string().contains(ACCESS_INSTANCE), "{error}");
 }
 
@@ -289,7 +333,9 @@ async fn restore_grows_memory_under_the_stores_limit() {
     sandbox.get("/grow?kib=4096").await;
     let state = sandbox.capture(&layout).await.unwrap();
     let mut small = Sandbox::start(&component, 3 * MIB).await;
-    let error = restore(&mut small.store, &small.instance, &layout, &state).await.unwrap_err();
+    let error = restore(&mut small.store, &small.instance, &layout, &state)
+        .await
+        .unwrap_err();
     assert!(error.to_string().contains("memory limit of 3 MiB exceeded"), "{error}");
 }
 
@@ -419,11 +465,19 @@ async fn every_memory_and_global_of_every_core_instance_comes_back() {
     let globals = a.globals().await;
 
     let state = capture(&mut a.store, &a.instance, &layout).await.unwrap();
-    assert_eq!(a.peek("a", end).await, 0x0123_4567_89ab_cdef, "the capture put back what it borrowed");
+    assert_eq!(
+        a.peek("a", end).await,
+        0x0123_4567_89ab_cdef,
+        "the capture put back what it borrowed"
+    );
     let state = InstanceState::decode(&state.encode()).unwrap();
 
     let mut b = Wat::start(&component).await;
-    assert_eq!(b.peek("a", 100).await, fresh_hello, "a fresh instance has its data segment");
+    assert_eq!(
+        b.peek("a", 100).await,
+        fresh_hello,
+        "a fresh instance has its data segment"
+    );
     restore(&mut b.store, &b.instance, &layout, &state).await.unwrap();
     assert_eq!(b.peek("a", end).await, 0x0123_4567_89ab_cdef);
     assert_eq!(b.peek("a", 96).await, 0, "zeros over the data segment were restored");
@@ -434,11 +488,23 @@ async fn every_memory_and_global_of_every_core_instance_comes_back() {
     assert_eq!(b.peek("b2", 8).await, 22);
     assert_eq!(b.call::<_, (u32,)>("b1-pokes", ()).await.0, 1);
     assert_eq!(b.call::<_, (u32,)>("b2-pokes", ()).await.0, 2);
-    assert_eq!(b.globals().await, globals, "every global bit for bit, NaN payloads included");
-    assert_eq!(b.call::<_, (i32,)>("a-grow", (0u32,)).await.0, 3, "the memory's size came back");
+    assert_eq!(
+        b.globals().await,
+        globals,
+        "every global bit for bit, NaN payloads included"
+    );
+    assert_eq!(
+        b.call::<_, (i32,)>("a-grow", (0u32,)).await.0,
+        3,
+        "the memory's size came back"
+    );
 
     let again = capture(&mut b.store, &b.instance, &layout).await.unwrap();
-    assert_eq!(again.encode(), state.encode(), "the restored instance captures to the same state");
+    assert_eq!(
+        again.encode(),
+        state.encode(),
+        "the restored instance captures to the same state"
+    );
 }
 
 #[tokio::test]
@@ -449,7 +515,10 @@ async fn a_grown_table_is_refused_at_capture() {
     assert_eq!(a.call::<_, (i32,)>("a-grow-table", ()).await.0, 2);
     let error = capture(&mut a.store, &a.instance, &layout).await.unwrap_err();
     assert!(matches!(error, StateError::Unsupported(_)), "{error}");
-    assert!(error.to_string().contains("has 3 elements and a fresh instance has 2"), "{error}");
+    assert!(
+        error.to_string().contains("has 3 elements and a fresh instance has 2"),
+        "{error}"
+    );
 }
 
 #[test]
