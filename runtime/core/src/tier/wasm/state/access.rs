@@ -163,11 +163,12 @@ pub async fn restore<T: Send>(
         // Pages the state has as zeros need clearing only where a fresh instance may have data;
         // grown pages are zero by the language's rules.
         let fresh_len = fresh_pages * WASM_PAGE;
+        let whole = 0..fresh_len;
         let may_be_dirty = match &slot.fresh {
-            FreshImage::Pages(ranges) => ranges.clone(),
-            FreshImage::Unknown => vec![0..fresh_len],
+            FreshImage::Pages(ranges) => ranges.as_slice(),
+            FreshImage::Unknown => std::slice::from_ref(&whole),
         };
-        for range in intersect(&format::gaps(&image.runs, image.byte_len), &may_be_dirty, fresh_len) {
+        for range in intersect(&format::gaps(&image.runs, image.byte_len), may_be_dirty, fresh_len) {
             for chunk in chunks(range) {
                 let len = (chunk.end - chunk.start) as u32;
                 access
@@ -249,7 +250,7 @@ impl<'a> Access<'a> {
         let func: TypedFunc<P, R> = self
             .instance
             .get_export_index(&mut *store, Some(&self.parent), name)
-            .and_then(|index| self.instance.get_typed_func(&mut *store, &index).ok())
+            .and_then(|index| self.instance.get_typed_func(&mut *store, index).ok())
             .ok_or_else(|| StateError::Mismatch(format!("the accessor `{name}` is missing or of another type")))?;
         func.call_async(&mut *store, params)
             .await
@@ -344,6 +345,7 @@ fn chunks(range: Range<u64>) -> impl Iterator<Item = Range<u64>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)] // lists of byte ranges, some of one
 mod tests {
     use super::*;
 

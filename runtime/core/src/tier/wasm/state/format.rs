@@ -587,6 +587,7 @@ pub fn checksum(bytes: &[u8]) -> u64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)] // lists of byte ranges, some of one
 mod tests {
     use super::*;
 

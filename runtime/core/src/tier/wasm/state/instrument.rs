@@ -402,10 +402,8 @@ pub fn instrument(component: &[u8]) -> Result<Instrumented, StateError> {
             Payload::ComponentStartSection { .. } => {
                 return Err(unsupported("the component has a start function"));
             }
-            Payload::Version { encoding, .. } => {
-                if encoding != Encoding::Component {
-                    return Err(StateError::Invalid("a core module, not a component".into()));
-                }
+            Payload::Version { encoding, .. } if encoding != Encoding::Component => {
+                return Err(StateError::Invalid("a core module, not a component".into()));
             }
             _ => {}
         }
@@ -747,8 +745,7 @@ impl Plan {
             index
         };
 
-        // What to lift: (export name, core function, type, options).
-        let mut lifts: Vec<(String, u32, u32, Vec<(u8, u32)>)> = Vec::new();
+        let mut lifts: Vec<Lift> = Vec::new();
         lifts.push((
             "fingerprint".into(),
             core_func("fingerprint".into()),
@@ -892,6 +889,12 @@ impl Plan {
     }
 }
 
+/// An accessor to lift: (export name, core function, component function type, canon options).
+type Lift = (String, u32, u32, Vec<(u8, u32)>);
+
+/// A component function type: named parameters and an optional result.
+type FuncType<'a> = (&'a [(&'a str, ValTy)], Option<ValTy>);
+
 impl GlobalKind {
     fn wat(self) -> &'static str {
         match self {
@@ -947,7 +950,7 @@ impl Types {
     /// the indices above.
     fn section(&self) -> Vec<u8> {
         let list = ValTy::Index(self.base);
-        let funcs: [(&[(&str, ValTy)], Option<ValTy>); 11] = [
+        let funcs: [FuncType<'_>; 11] = [
             (&[], Some(list)),
             (&[], Some(ValTy::Prim(S64))),
             (&[], Some(ValTy::Prim(S32))),
@@ -1065,6 +1068,7 @@ fn write_section(out: &mut Vec<u8>, id: u8, content: &[u8]) {
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)] // lists of byte ranges, some of one
 mod tests {
     use super::*;
 

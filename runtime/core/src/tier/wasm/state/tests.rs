@@ -3,6 +3,8 @@
 //! WAT components for what Rust guests do not exercise (several memories, every kind of global,
 //! a module instantiated twice, tables).
 
+#![allow(clippy::single_range_in_vec_init)] // lists of byte ranges, some of one
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::path::Path;
