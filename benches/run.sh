@@ -6,6 +6,7 @@
 #   kiln-sync         Kiln sync invoke of guests/wat/hello.wat
 #   kiln-snapshot     Kiln sync invoke of guests/wat/snapshot.wat (~0.3 s of init, run from its snapshot)
 #   kiln-trigger      Kiln HTTP trigger, guests/http-hello (a wasi:http/proxy component)
+#   kiln-sandbox      Kiln sandbox ingress, the same component (one live instance, no instantiation)
 #   wasmtime-serve    `wasmtime serve` 48.0.8 of the same component
 #   http-floor        the same component behind the least a wasmtime + hyper server can do
 #                     (src/bin/http_floor.rs: no auth, limits, timeout, log or metrics)
@@ -14,7 +15,8 @@
 #   kiln-async-submit Kiln async submits (202 once on disk), then drained end to end
 # Scenarios: c32 (throughput, wrk -c32), c1 (latency p50/p99/p99.9, wrk -c1), cold first invoke
 # after deploy vs warm, deploy time (small and large module), N functions round-robin (10 vs N),
-# resident memory per idle function, and Kiln's invoke path vs raw wasmtime in process.
+# resident memory per idle function, a 4 MiB sandbox suspended and resumed, 1,000 sandboxes
+# suspended and resumed (resident memory), and Kiln's invoke path vs raw wasmtime in process.
 # Servers are pinned to CPU 0, load generators to CPU 1.
 #
 # Writes benches/results/<UTC stamp>.json, latest.json, latest.md (printed) and latest.svg.
@@ -39,9 +41,12 @@ case "${1:-}" in
   *) echo "usage: benches/run.sh [--quick | --smoke]" >&2; exit 2 ;;
 esac
 case $mode in
-  full)  c32=15s; c1=10s; functions=10000; fn_secs=15; cold_reps=200; small_reps=50; large_reps=10; iterations=20000 ;;
-  quick) c32=5s;  c1=3s;  functions=1000;  fn_secs=5;  cold_reps=50;  small_reps=10; large_reps=3;  iterations=5000 ;;
-  smoke) c32=1s;  c1=1s;  functions=100;   fn_secs=1;  cold_reps=5;   small_reps=2;  large_reps=1;  iterations=1000 ;;
+  full)  c32=15s; c1=10s; functions=10000; fn_secs=15; cold_reps=200; small_reps=50; large_reps=10; iterations=20000
+         sandbox_reps=200; sandboxes=1000 ;;
+  quick) c32=5s;  c1=3s;  functions=1000;  fn_secs=5;  cold_reps=50;  small_reps=10; large_reps=3;  iterations=5000
+         sandbox_reps=50; sandboxes=1000 ;;
+  smoke) c32=1s;  c1=1s;  functions=100;   fn_secs=1;  cold_reps=5;   small_reps=2;  large_reps=1;  iterations=1000
+         sandbox_reps=5; sandboxes=50 ;;
 esac
 large_functions=4000
 connections=32
@@ -63,8 +68,9 @@ for tool in wrk curl taskset; do
   fi
 done
 cargo build --release -p kiln -p kiln-bench
-(cd guests && cargo build --release --target wasm32-wasip2 -p http-hello)
+(cd guests && cargo build --release --target wasm32-wasip2 -p http-hello -p http-counter)
 http_hello=guests/target/wasm32-wasip2/release/http-hello.wasm
+http_counter=guests/target/wasm32-wasip2/release/http-counter.wasm
 # The peer for HTTP triggers and per-request runs: wasmtime-cli of the same wasmtime release,
 # built once into benches/.tools (git-ignored; ~15 minutes of 2 cores the first time).
 wasmtime=benches/.tools/bin/wasmtime
@@ -158,6 +164,9 @@ put warm guests/wat/snapshot.wat $kiln_addr
 bench kiln-snapshot "Kiln sync invoke, 0.3 s-init guest from its snapshot" http://$kiln_addr/v1/functions/warm/invoke
 put web "$http_hello" $kiln_addr
 bench kiln-trigger "Kiln HTTP trigger, http-hello (wasi:http)" http://$kiln_addr/fn/web/
+sandbox=$(curl -fsS -X POST -H "Authorization: Bearer $KILN_TOKEN" --data '{"function":"web"}' \
+  http://$kiln_addr/v1/sandboxes | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
+bench kiln-sandbox "Kiln sandbox ingress, http-hello (one live instance)" http://$kiln_addr/sbx/$sandbox/
 
 # Async: submits for the c32 duration, then the time until every accepted invocation has run.
 metric() { curl -fsS http://$kiln_addr/metrics | awk -v m="$1" 'index($0, m " ") == 1 {v = $2} END {print v + 0}'; }
@@ -208,6 +217,15 @@ scenarios() { taskset -c 1 target/release/scenarios --addr $fleet_addr --out "$r
 scenarios functions --count "$functions" --duration "$fn_secs" --connections "$connections" --kiln-pid "$fleet"
 scenarios cold --reps "$cold_reps" --warm 20
 scenarios deploy --small-reps "$small_reps" --large-reps "$large_reps" --large-functions "$large_functions"
+stop "$fleet"
+
+echo "== Sandboxes: suspend/resume of 4 MiB, then $sandboxes sandboxes (a fresh Kiln on CPU 0)"
+taskset -c 0 target/release/kiln serve --listen $fleet_addr --data "$work/sandboxes" "${kiln_flags[@]}" \
+  --max-sandboxes $((sandboxes + 10)) --max-instances $((4 * sandboxes + 100)) 2>"$work/sandboxes.log" &
+fleet=$!; pids+=("$fleet")
+wait_for http://$fleet_addr/healthz "$fleet"
+KILN_TOKEN=$(cat "$work/sandboxes/admin.token")
+scenarios sandboxes --component "$http_counter" --reps "$sandbox_reps" --count "$sandboxes" --kiln-pid "$fleet"
 stop "$fleet"
 
 echo "== In process, no HTTP (CPU 0)"

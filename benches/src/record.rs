@@ -30,6 +30,10 @@ pub mod scenario {
     pub const MEMORY: &str = "memory";
     /// In process, no HTTP: Kiln's invoke path next to raw wasmtime.
     pub const INPROC: &str = "inproc";
+    /// A Wasm sandbox holding a few MiB of state, suspended and resumed through the API.
+    pub const SANDBOX: &str = "sandbox";
+    /// Many sandboxes suspended, then all resumed: the server's resident memory along the way.
+    pub const SANDBOX_FLEET: &str = "sandbox-fleet";
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -13,11 +13,12 @@ use crate::record::{scenario, Record};
 use crate::svg::{self, Chart, Row};
 
 /// The order systems appear in tables and the plot; systems not listed follow in record order.
-const SYSTEM_ORDER: [&str; 9] = [
+const SYSTEM_ORDER: [&str; 10] = [
     "bare-hyper",
     "kiln-sync",
     "kiln-snapshot",
     "kiln-trigger",
+    "kiln-sandbox",
     "wasmtime-serve",
     "http-floor",
     "fork-exec",
@@ -145,6 +146,42 @@ pub fn ratios(records: &[Record]) -> Vec<Ratio> {
             quotient(v(C32, "kiln-trigger", "p99_ms"), v(C32, "wasmtime-serve", "p99_ms")),
             "x",
             Goal::Below(1.0),
+        ),
+        (
+            "Kiln sandbox ingress / Kiln HTTP trigger, same component, req/s at c=32",
+            quotient(v(C32, "kiln-sandbox", "rps"), v(C32, "kiln-trigger", "rps")),
+            "x",
+            Goal::AtLeast(1.5),
+        ),
+        (
+            "Kiln sandbox ingress / Kiln HTTP trigger, same component, p99 at c=32",
+            quotient(v(C32, "kiln-sandbox", "p99_ms"), v(C32, "kiln-trigger", "p99_ms")),
+            "x",
+            Goal::AtMost(1.0),
+        ),
+        (
+            "Sandbox suspend, 4 MiB of state, p50",
+            v(SANDBOX, "suspend", "p50_ms"),
+            "ms",
+            Goal::AtMost(5.0),
+        ),
+        (
+            "Sandbox resume, 4 MiB of state, p50",
+            v(SANDBOX, "resume", "p50_ms"),
+            "ms",
+            Goal::AtMost(5.0),
+        ),
+        (
+            "Server RSS with every sandbox of the fleet suspended, above its baseline",
+            match (
+                v(SANDBOX_FLEET, "kiln", "rss_suspended_mib"),
+                v(SANDBOX_FLEET, "kiln", "rss_baseline_mib"),
+            ) {
+                (Some(suspended), Some(baseline)) => Some(suspended - baseline),
+                _ => None,
+            },
+            "MiB",
+            Goal::None,
         ),
         (
             "Kiln HTTP trigger / wasmtime + hyper floor, req/s at c=32",

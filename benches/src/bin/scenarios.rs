@@ -8,8 +8,13 @@
 //! - `functions`: deploy N functions (distinct code) over keep-alive connections, read the
 //!   server's resident memory before and after (memory per idle function), invoke each once, then
 //!   drive round-robin over 10 of them and over all N. Goal: latency flat (±10 %) from 10 to N.
+//! - `sandboxes`: a Wasm sandbox of `guests/http-counter` holding `--state-kib` of state (a
+//!   non-zero pattern), suspended and resumed `--reps` times through the API, its state checked
+//!   after each resume (goal: p50 of each ≤ 5 ms at 4 MiB); then `--count` sandboxes created, each
+//!   given its own state, all suspended, all resumed and every state checked, with the server's
+//!   resident memory at each step (goal: back near the baseline while suspended).
 //!
-//! Usage: scenarios <cold|deploy|functions> --addr HOST:PORT --out RAW.jsonl [options]
+//! Usage: scenarios <cold|deploy|functions|sandboxes> --addr HOST:PORT --out RAW.jsonl [options]
 //! (the admin token comes from --token or KILN_TOKEN).
 
 use std::net::SocketAddr;
@@ -76,6 +81,29 @@ enum Scenario {
         #[arg(long)]
         kiln_pid: Option<u32>,
     },
+    Sandboxes {
+        /// The `wasi:http` component the sandboxes run (guests/http-counter).
+        #[arg(long)]
+        component: PathBuf,
+        /// State the timed sandbox holds, in KiB.
+        #[arg(long, default_value_t = 4096)]
+        state_kib: usize,
+        /// Suspend/resume cycles timed.
+        #[arg(long, default_value_t = 50)]
+        reps: usize,
+        /// Sandboxes in the fleet.
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        /// State each sandbox of the fleet holds, in KiB.
+        #[arg(long, default_value_t = 256)]
+        fleet_state_kib: usize,
+        /// Connections driving the fleet.
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        /// The Kiln server's process id, for its resident memory (required: it is the point).
+        #[arg(long)]
+        kiln_pid: u32,
+    },
 }
 
 /// Salts keep every scenario's generated code distinct on one server.
@@ -106,6 +134,23 @@ async fn main() {
                 duration: Duration::from_secs_f64(duration),
             };
             functions(&args, count, few.min(count), load, deployers, kiln_pid).await
+        }
+        Scenario::Sandboxes {
+            ref component,
+            state_kib,
+            reps,
+            count,
+            fleet_state_kib,
+            connections,
+            kiln_pid,
+        } => {
+            let fleet = Fleet {
+                count,
+                state_kib: fleet_state_kib,
+                connections,
+                kiln_pid,
+            };
+            sandboxes(&args, component, state_kib, reps, fleet).await
         }
     };
     if let Err(e) = result {
@@ -308,6 +353,175 @@ async fn functions(
                 .with("errors", result.failures as f64),
         );
     }
+    Ok(())
+}
+
+struct Fleet {
+    count: usize,
+    state_kib: usize,
+    connections: usize,
+    kiln_pid: u32,
+}
+
+/// The counter's answer `count=N len=L sum=S`, without the count: what a resume must keep.
+fn kept_state(answer: &Bytes) -> String {
+    let text = String::from_utf8_lossy(answer);
+    text.split_whitespace()
+        .filter(|w| !w.starts_with("count="))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `POST /v1/sandboxes` for `function`; the new sandbox's id.
+async fn create_sandbox(conn: &mut Conn, function: &str) -> Result<String, LoadError> {
+    let body = serde_json::to_vec(&serde_json::json!({ "function": function })).expect("JSON");
+    let answer = conn.expect_ok(Method::POST, "/v1/sandboxes", Bytes::from(body)).await?;
+    let record: serde_json::Value = serde_json::from_slice(&answer).expect("a sandbox record");
+    Ok(record["id"].as_str().expect("a sandbox id").to_owned())
+}
+
+/// Fails the scenario when a resumed sandbox does not hold what it held before.
+fn check_kept(id: &str, before: &str, after: &Bytes) {
+    let after = kept_state(after);
+    if after != before {
+        eprintln!("scenarios: sandbox {id} resumed with `{after}`, held `{before}`");
+        std::process::exit(1);
+    }
+}
+
+async fn sandboxes(
+    args: &Args,
+    component: &Path,
+    state_kib: usize,
+    reps: usize,
+    fleet: Fleet,
+) -> Result<(), LoadError> {
+    let mut conn = Conn::open(args.addr, Some(&args.token)).await?;
+    let code = std::fs::read(component).unwrap_or_else(|e| panic!("{}: {e}", component.display()));
+    conn.expect_ok(Method::PUT, "/v1/functions/counter", Bytes::from(code))
+        .await?;
+
+    // One sandbox with `state_kib` of non-zero state, suspended and resumed `reps` times.
+    let id = create_sandbox(&mut conn, "counter").await?;
+    let grown = conn
+        .expect_ok(
+            Method::GET,
+            &format!("/sbx/{id}/grow?kib={state_kib}&seed=7"),
+            Bytes::new(),
+        )
+        .await?;
+    let held = kept_state(&grown);
+    let (mut suspends, mut resumes) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+    for _ in 0..reps {
+        let suspend = format!("/v1/sandboxes/{id}/suspend");
+        suspends.push(timed(conn.expect_ok(Method::POST, &suspend, Bytes::new())).await?);
+        let resume = format!("/v1/sandboxes/{id}/resume");
+        resumes.push(timed(conn.expect_ok(Method::POST, &resume, Bytes::new())).await?);
+        let answer = conn
+            .expect_ok(Method::GET, &format!("/sbx/{id}/"), Bytes::new())
+            .await?;
+        check_kept(&id, &held, &answer);
+    }
+    let label = |what: &str| format!("{what} of a sandbox holding {state_kib} KiB (http-counter), through the API");
+    write(
+        &args.out,
+        Record::new(scenario::SANDBOX, "suspend", &label("POST suspend")).with_latencies(&suspends),
+    );
+    write(
+        &args.out,
+        Record::new(scenario::SANDBOX, "resume", &label("POST resume")).with_latencies(&resumes),
+    );
+    println!(
+        "sandboxes: {state_kib} KiB, suspend p50 {:.3} ms, resume p50 {:.3} ms ({reps} cycles, state checked after each)",
+        ms(median(&suspends)),
+        ms(median(&resumes))
+    );
+    conn.expect_ok(Method::DELETE, &format!("/v1/sandboxes/{id}"), Bytes::new())
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The fleet: `count` sandboxes, each with its own state, all suspended, then all resumed.
+    let rss = || rss_kib(fleet.kiln_pid).unwrap_or(0) as f64 / 1024.0;
+    let baseline = rss();
+    let ids = Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let run_all = |phase: &'static str| {
+        let ids = ids.clone();
+        let next = Arc::new(AtomicUsize::new(0));
+        let (addr, token, count, kib) = (args.addr, args.token.clone(), fleet.count, fleet.state_kib);
+        async move {
+            let mut tasks = Vec::new();
+            for _ in 0..fleet.connections.max(1) {
+                let mut conn = Conn::open(addr, Some(&token)).await?;
+                let (ids, next) = (ids.clone(), next.clone());
+                tasks.push(tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= count {
+                            return Ok::<_, LoadError>(());
+                        }
+                        match phase {
+                            "create" => {
+                                let id = create_sandbox(&mut conn, "counter").await?;
+                                let path = format!("/sbx/{id}/grow?kib={kib}&seed={}", i + 1);
+                                let answer = conn.expect_ok(Method::GET, &path, Bytes::new()).await?;
+                                ids.lock().unwrap().push((id, kept_state(&answer)));
+                            }
+                            action => {
+                                let (id, held) = ids.lock().unwrap()[i].clone();
+                                let path = format!("/v1/sandboxes/{id}/{action}");
+                                conn.expect_ok(Method::POST, &path, Bytes::new()).await?;
+                                if action == "resume" {
+                                    let answer = conn
+                                        .expect_ok(Method::GET, &format!("/sbx/{id}/"), Bytes::new())
+                                        .await?;
+                                    check_kept(&id, &held, &answer);
+                                }
+                            }
+                        }
+                    }
+                }));
+            }
+            for task in tasks {
+                task.await.expect("fleet task panicked")?;
+            }
+            Ok::<_, LoadError>(())
+        }
+    };
+    let mut times = Vec::new();
+    let mut memory = vec![baseline];
+    for phase in ["create", "suspend", "resume"] {
+        let started = Instant::now();
+        run_all(phase).await?;
+        times.push(started.elapsed().as_secs_f64());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        memory.push(rss());
+    }
+    let count = fleet.count;
+    println!(
+        "sandboxes: {count} × {} KiB: RSS {:.0} MiB at start, {:.0} running, {:.0} suspended, {:.0} resumed \
+         (create {:.1} s, suspend {:.1} s, resume + check {:.1} s)",
+        fleet.state_kib, memory[0], memory[1], memory[2], memory[3], times[0], times[1], times[2]
+    );
+    write(
+        &args.out,
+        Record::new(
+            scenario::SANDBOX_FLEET,
+            "kiln",
+            &format!(
+                "{count} sandboxes of {} KiB state each: created, all suspended, all resumed and checked",
+                fleet.state_kib
+            ),
+        )
+        .with("sandboxes", count as f64)
+        .with("state_kib", fleet.state_kib as f64)
+        .with("rss_baseline_mib", memory[0])
+        .with("rss_running_mib", memory[1])
+        .with("rss_suspended_mib", memory[2])
+        .with("rss_resumed_mib", memory[3])
+        .with("create_seconds", times[0])
+        .with("suspend_seconds", times[1])
+        .with("resume_seconds", times[2]),
+    );
     Ok(())
 }
 

@@ -706,12 +706,12 @@ impl Sandboxes {
         };
         // The function's own limit applies to its sandboxes' requests too.
         let resolved = self.functions.resolve(&function, None).await?;
-        let _permit = resolved
+        let permit = resolved
             .concurrency
             .try_take(1)
             .ok_or_else(|| InvokeError::FunctionBusy(function.clone(), resolved.concurrency.limit()))?;
         self.touch(id);
-        match instance_jobs.request(request).await {
+        match instance_jobs.request(request, Some(permit)).await {
             Ok(response) => Ok(response),
             Err(Some(error)) => {
                 if matches!(error, InvokeError::Timeout(_) | InvokeError::Failed(_)) {

@@ -343,6 +343,13 @@ fn forks_are_independent_copies_with_their_own_randomness_and_tokens() {
         .unwrap()
         .status();
     assert_eq!(status, 403);
+    let own = sandbox_token(&kiln, &forks[0], &["ingress"]);
+    let status = ingress(&kiln, &forks[0], "/")
+        .header("x-kiln-sandbox-token", &own)
+        .send()
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
     expect_error(
         client()
             .post(kiln.url(&format!("/v1/sandboxes/{source}/fork")))

@@ -12,7 +12,9 @@
 //!   one place for every caller, and how a guest's error is classified;
 //! - [`limits`]: the memory limiter and capped output streams;
 //! - [`invoke`]: a sync or async invocation; [`trigger`]: an HTTP-trigger request;
-//! - [`egress`]: where a component's outbound HTTP may go.
+//! - [`egress`]: where a component's outbound HTTP may go;
+//! - [`state`]: a live component instance's state captured and restored (sandbox suspend, resume
+//!   and fork); [`sandbox`]: a live instance held between requests.
 
 pub mod compile;
 pub mod egress;

@@ -17,7 +17,7 @@ use std::task::Poll;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 use wasmtime_wasi_http::WasiHttpView;
@@ -26,7 +26,7 @@ use super::footprint::Footprint;
 use super::instance::{arm_deadline, classify, ComponentState, Guest, Instance, StdoutCap};
 use super::limits::PoolShare;
 use super::link::Code;
-use super::state::{self, InstanceState, StateLayout};
+use super::state::{self, InstanceState, Layout};
 use super::trigger::GuestBody;
 use super::WasmTier;
 use crate::digest::Digest;
@@ -43,7 +43,7 @@ pub type IngressBody = BoxBody<Bytes, ErrorCode>;
 /// linked once, and shared by every sandbox of the version.
 pub struct SandboxCode {
     pre: ProxyPre<ComponentState>,
-    layout: StateLayout,
+    layout: Layout,
     /// Pool permits one instance holds.
     pub weight: u32,
 }
@@ -66,11 +66,11 @@ impl WasmTier {
                 .get(BlobKind::Artifact, &digest)
                 .map_err(|e| LoadError::Link(e.to_string()))?;
             let instrumented = state::instrument(&original).map_err(|e| LoadError::Link(e.to_string()))?;
-            let instrumented_digest = Digest::of(&instrumented.wasm);
+            let instrumented_digest = Digest::of(&instrumented.component);
             // The instrumented code is an artifact of its own: stored once, compiled once per
             // engine/CPU and sealed like any other.
             tier.blobs
-                .put(BlobKind::Artifact, &instrumented_digest, &instrumented.wasm)
+                .put(BlobKind::Artifact, &instrumented_digest, &instrumented.component)
                 .map_err(|e| LoadError::Link(e.to_string()))?;
             let (compiled, footprint) = tier.cache.load(ArtifactKind::Component, &instrumented_digest)?;
             Ok((compiled, footprint, instrumented.layout))
@@ -104,6 +104,8 @@ enum Job {
     Request {
         request: http::Request<IngressBody>,
         respond: oneshot::Sender<Result<http::Response<GuestBody>, InvokeError>>,
+        /// Held until the guest's handler returns (its body may stream on after the answer).
+        hold: Option<OwnedSemaphorePermit>,
     },
     Capture {
         respond: oneshot::Sender<Result<Vec<u8>, String>>,
@@ -221,15 +223,16 @@ impl LiveHandle {
         self.failure.get().cloned()
     }
 
-    /// Serves one request; `Err(None)` when the instance is gone (stopped, or failed: see
-    /// [`LiveInstance::failure`]).
+    /// Serves one request, holding `hold` until the guest's handler has returned; `Err(None)`
+    /// when the instance is gone (stopped, or failed: see [`LiveInstance::failure`]).
     pub async fn request(
         &self,
         request: http::Request<IngressBody>,
+        hold: Option<OwnedSemaphorePermit>,
     ) -> Result<http::Response<GuestBody>, Option<InvokeError>> {
         let (respond, answer) = oneshot::channel();
         self.jobs
-            .send(Job::Request { request, respond })
+            .send(Job::Request { request, respond, hold })
             .await
             .map_err(|_| None)?;
         answer.await.map_err(|_| None)?.map_err(Some)
@@ -252,7 +255,7 @@ struct Serving {
     store: wasmtime::Store<ComponentState>,
     instance: wasmtime::component::Instance,
     proxy: Proxy,
-    layout: StateLayout,
+    layout: Layout,
     timeout: std::time::Duration,
     timeout_ms: u64,
     stdout: super::limits::CappedOutput,
@@ -264,13 +267,17 @@ impl Serving {
     async fn run(mut self, mut queue: mpsc::Receiver<Job>) {
         while let Some(job) = queue.recv().await {
             match job {
-                Job::Request { request, respond } => {
-                    if let Err(reason) = self.serve(request, respond).await {
+                Job::Request { request, respond, hold } => {
+                    let served = self.serve(request, respond).await;
+                    drop(hold);
+                    if let Err(reason) = served {
                         let _ = self.failure.set(reason);
                         return;
                     }
                 }
                 Job::Capture { respond } => {
+                    // The accessors are guest code: the last request's deadline may have passed.
+                    arm_deadline(&mut self.store, self.timeout);
                     let captured = state::capture(&mut self.store, &self.instance, &self.layout)
                         .await
                         .map(|state| state.encode())
