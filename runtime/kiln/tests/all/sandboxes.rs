@@ -623,7 +623,7 @@ fn limits_running_sandboxes_suspended_state_on_disk_memory_and_concurrency() {
         });
         first_event.recv_timeout(10 * SEC).expect("the stream started");
         expect_error(
-            ingress(&kiln, &b, "/").bearer_auth(&kiln.token).send().unwrap(),
+            ingress(kiln, &b, "/").bearer_auth(&kiln.token).send().unwrap(),
             429,
             "too_many_requests",
         );

@@ -102,7 +102,8 @@ impl WasmTier {
 /// A job for a live instance.
 enum Job {
     Request {
-        request: http::Request<IngressBody>,
+        // Boxed: a request is much larger than a capture's reply channel.
+        request: Box<http::Request<IngressBody>>,
         respond: oneshot::Sender<Result<http::Response<GuestBody>, InvokeError>>,
         /// Held until the guest's handler returns (its body may stream on after the answer).
         hold: Option<OwnedSemaphorePermit>,
@@ -232,7 +233,11 @@ impl LiveHandle {
     ) -> Result<http::Response<GuestBody>, Option<InvokeError>> {
         let (respond, answer) = oneshot::channel();
         self.jobs
-            .send(Job::Request { request, respond, hold })
+            .send(Job::Request {
+                request: Box::new(request),
+                respond,
+                hold,
+            })
             .await
             .map_err(|_| None)?;
         answer.await.map_err(|_| None)?.map_err(Some)
@@ -268,7 +273,7 @@ impl Serving {
         while let Some(job) = queue.recv().await {
             match job {
                 Job::Request { request, respond, hold } => {
-                    let served = self.serve(request, respond).await;
+                    let served = self.serve(*request, respond).await;
                     drop(hold);
                     if let Err(reason) = served {
                         let _ = self.failure.set(reason);
