@@ -676,4 +676,34 @@ fn bad_sandbox_requests_get_clear_errors() {
         404,
         "not_found",
     );
+    // exec, shell and files are the microVM tier's: a Wasm sandbox says so, naming its tier.
+    kiln.must_deploy("hello", component("http-hello"));
+    let id = must_create(&kiln, json!({"function": "hello"}))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (method, what) in [
+        (reqwest::Method::POST, "exec"),
+        (reqwest::Method::GET, "shell"),
+        (reqwest::Method::GET, "files?path=/etc/hostname"),
+        (reqwest::Method::PUT, "files?path=/tmp/x"),
+    ] {
+        let error = expect_error(
+            client()
+                .request(method, kiln.url(&format!("/v1/sandboxes/{id}/{what}")))
+                .bearer_auth(&kiln.token)
+                .json(&json!({"argv": ["ls"]}))
+                .send()
+                .unwrap(),
+            400,
+            "invalid_request",
+        );
+        assert!(error["message"].as_str().unwrap().contains("wasm tier"), "{error}");
+    }
+    expect_error(
+        kiln.get("/v1/sandboxes/sbx_zzzzzzzzzzzzzzzzzzzzzzzzzz/shell"),
+        404,
+        "not_found",
+    );
+    expect_error(kiln.get(&format!("/v1/sandboxes/{id}/exec")), 405, "method_not_allowed");
 }

@@ -112,6 +112,11 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
             sandboxes::token(&kiln.sandboxes, &principal, &server.bodies, id, req).await
         }
         (["v1", "sandboxes", _, "suspend" | "resume" | "fork" | "tokens"], _) => Err(error::method_not_allowed()),
+        (["v1", "sandboxes", id, "exec"], Method::POST) => sandboxes::exec(&kiln.sandboxes, &principal, id).await,
+        (["v1", "sandboxes", id, "shell"], Method::GET) => sandboxes::shell(&kiln.sandboxes, &principal, id).await,
+        (["v1", "sandboxes", id, "files"], Method::GET) => sandboxes::read_file(&kiln.sandboxes, &principal, id).await,
+        (["v1", "sandboxes", id, "files"], Method::PUT) => sandboxes::write_file(&kiln.sandboxes, &principal, id).await,
+        (["v1", "sandboxes", _, "exec" | "shell" | "files"], _) => Err(error::method_not_allowed()),
         (["v1", "functions"], Method::GET) => functions::list(&kiln.functions).await,
         (["v1", "functions"], _) => Err(error::method_not_allowed()),
         (["v1", "functions", name, rest @ ..], method) => {
