@@ -242,12 +242,13 @@ enum Access {
 /// otherwise), `open` opens what it needs there (paths relative to the new root), every other
 /// descriptor but stdout, stderr and KVM is closed (and at most `MAX_FILES` may be open),
 /// capabilities are dropped, `no_new_privs` is set and `role`'s seccomp filter installed. Returns
-/// what `open` opened.
+/// what `open` opened. With `keep_stdin` the host's pipe stays open for [`say_jailed`].
 fn enter_jail<T: AsFds>(
     hypervisor: &Hypervisor,
     dir: &Path,
     access: Access,
     role: Role,
+    keep_stdin: bool,
     open: impl FnOnce() -> io::Result<T>,
 ) -> Result<T, Failure> {
     let setup = Failure::Setup;
@@ -255,6 +256,9 @@ fn enter_jail<T: AsFds>(
     pivot_into(dir, access).map_err(setup)?;
     let opened = open().map_err(|e| setup(format!("cannot open the VM's files in {}: {e}", dir.display())))?;
     let mut keep = vec![1, 2, hypervisor.kvm().as_raw_fd()];
+    if keep_stdin {
+        keep.push(0);
+    }
     keep.extend(opened.fds());
     close_all_except(&mut keep).map_err(setup)?;
     // Room for what KVM hands out after this (the VM, the vCPU, a duplicate of the memory file):
@@ -271,6 +275,19 @@ fn enter_jail<T: AsFds>(
     .map_err(setup)?;
     lock_down_with(&program).map_err(setup)?;
     Ok(opened)
+}
+
+/// Says `JAILED` (tests and tools ask for it) and waits for the host's go-ahead on stdin, so the
+/// host's hook runs before the guest does; then closes stdin, as `enter_jail` would have.
+fn say_jailed() -> Result<(), Failure> {
+    send(&Message::Jailed).map_err(|e| Failure::Setup(format!("cannot report: {e}")))?;
+    // SAFETY: fd 0 is the host's pipe, kept open by `enter_jail`; this `File` closes it.
+    let mut stdin = unsafe { File::from_raw_fd(0) };
+    let mut go = [0u8; 1];
+    match stdin.read(&mut go) {
+        Ok(1) => Ok(()),
+        _ => Err(Failure::Setup("the host went away before its go-ahead".into())),
+    }
 }
 
 /// The worker's descriptor limit (`RLIMIT_NOFILE`).
@@ -477,10 +494,17 @@ fn drop_capabilities() -> Result<(), String> {
 }
 
 fn restore(hypervisor: Hypervisor, request: RestoreRequest) -> Result<Message, Failure> {
-    let (mut state, memory) = enter_jail(&hypervisor, &request.dir, Access::ReadOnly, Role::Restore, || {
-        let open = |name: &str| File::open(root_file(name)).map_err(|e| named(name, e));
-        Ok((open(STATE_FILE)?, open(MEMORY_FILE)?))
-    })?;
+    let (mut state, memory) = enter_jail(
+        &hypervisor,
+        &request.dir,
+        Access::ReadOnly,
+        Role::Restore,
+        request.flags.report_jailed,
+        || {
+            let open = |name: &str| File::open(root_file(name)).map_err(|e| named(name, e));
+            Ok((open(STATE_FILE)?, open(MEMORY_FILE)?))
+        },
+    )?;
     let hypervisor = hypervisor.with_quirks(request.flags.quirks);
     let snapshot =
         Snapshot::from_files(&mut state, memory).map_err(|e| Failure::Vm(format!("cannot load the snapshot: {e}")))?;
@@ -490,7 +514,7 @@ fn restore(hypervisor: Hypervisor, request: RestoreRequest) -> Result<Message, F
         .map_err(|e| Failure::Vm(format!("cannot restore the snapshot: {e}")))?;
     drop(snapshot);
     if request.flags.report_jailed {
-        send(&Message::Jailed).map_err(|e| Failure::Setup(format!("cannot report: {e}")))?;
+        say_jailed()?;
     }
     let reply = vm
         .invoke(&request.seed, &request.input, request.timeout, request.log_cap as usize)
@@ -544,9 +568,16 @@ fn boot_and_snapshot(
     report_jailed: bool,
     boot: impl FnOnce(&Hypervisor) -> Result<MicroVm, Failure>,
 ) -> Result<Message, Failure> {
-    let (memory, mut state) = enter_jail(&hypervisor, dir, Access::Writable, Role::Boot, create_snapshot_files)?;
+    let (memory, mut state) = enter_jail(
+        &hypervisor,
+        dir,
+        Access::Writable,
+        Role::Boot,
+        report_jailed,
+        create_snapshot_files,
+    )?;
     if report_jailed {
-        send(&Message::Jailed).map_err(|e| Failure::Setup(format!("cannot report: {e}")))?;
+        say_jailed()?;
     }
     let started = Instant::now();
     let mut vm = boot(&hypervisor)?;
@@ -603,9 +634,16 @@ fn boot_linux(hypervisor: Hypervisor, request: BootLinuxRequest) -> Result<Messa
 }
 
 fn probe(hypervisor: Hypervisor, request: ProbeRequest) -> Result<Message, Failure> {
-    enter_jail(&hypervisor, &request.dir, Access::ReadOnly, Role::Restore, || Ok(()))?;
+    enter_jail(
+        &hypervisor,
+        &request.dir,
+        Access::ReadOnly,
+        Role::Restore,
+        request.flags.report_jailed,
+        || Ok(()),
+    )?;
     if request.flags.report_jailed {
-        send(&Message::Jailed).map_err(|e| Failure::Setup(format!("cannot report: {e}")))?;
+        say_jailed()?;
     }
     match request.attempt {
         None => {

@@ -8,7 +8,7 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -376,7 +376,7 @@ fn spawn(shared: &Shared) -> Result<Helper, JailError> {
         .env_clear()
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stderr(Stdio::piped());
     if let Some(cgroup) = &cgroup {
         command.env(CGROUP_ENV, cgroup.path());
     }
@@ -384,9 +384,12 @@ fn spawn(shared: &Shared) -> Result<Helper, JailError> {
         exe: config.exe.clone(),
         source,
     })?;
-    let (Some(to_helper), Some(from_helper)) = (child.stdin.take(), child.stdout.take()) else {
-        unreachable!("both pipes were asked for");
+    let (Some(to_helper), Some(from_helper), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        unreachable!("the three pipes were asked for");
     };
+    forward_stderr(stderr, child.id());
     let mut helper = Helper {
         child,
         reaped: false,
@@ -416,6 +419,24 @@ fn spawn(shared: &Shared) -> Result<Helper, JailError> {
         }
         Ok(other) => Err(helper.broken(format!("a {other:?} frame instead of HELLO"))),
         Err(e) => Err(helper.lost(e, config.start_timeout)),
+    }
+}
+
+/// Copies a helper's stderr (a panic, the jail's diagnostics) into the server's log, line by
+/// line. A pipe rather than the server's own stderr: the jailed worker must hold no descriptor
+/// of the host's (a log file, a terminal). The thread ends when the helper and its worker have.
+fn forward_stderr(stderr: ChildStderr, supervisor_pid: u32) {
+    use std::io::BufRead;
+    let forward = move || {
+        for line in io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            tracing::warn!(helper = supervisor_pid, "microvm helper: {line}");
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("kiln-vmm-stderr".into())
+        .spawn(forward)
+    {
+        tracing::warn!("the microvm helper's stderr is not forwarded: {e}");
     }
 }
 
@@ -619,6 +640,15 @@ impl Helper {
                 Ok(Message::Jailed) => {
                     if let Some(hook) = self.on_jailed.take() {
                         hook(self.worker_pid);
+                    }
+                    // The worker waits for this before it runs the guest (see `report_jailed`).
+                    if let Err((_, e)) = write_all_by(&mut self.to_helper, &[1], deadline) {
+                        let e = match e {
+                            WriteError::Closed => ReadError::Closed,
+                            WriteError::Deadline => ReadError::Deadline,
+                            WriteError::Io(e) => ReadError::Io(e),
+                        };
+                        return Err(self.lost(e, waited).into());
                     }
                 }
                 Ok(Message::Exited(exit)) => {
