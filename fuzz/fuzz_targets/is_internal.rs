@@ -63,12 +63,19 @@ fuzz_target!(|data: &[u8]| {
     {
         assert!(internal6, "{v6}");
     }
-    // Only global unicast (2000::/3) can be public.
-    if !internal6 {
+    // Only global unicast (2000::/3) can be public, besides the forms that carry an IPv4 address.
+    let carries_v4 = v6.to_ipv4_mapped().is_some() || v6.segments()[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+    if !internal6 && !carries_v4 {
         assert_eq!(v6.segments()[0] & 0xe000, 0x2000, "{v6}");
     }
+    // (An IPv4-mapped or NAT64 address is judged as the IPv4 address it carries, so a public one
+    // lies outside 2000::/3: both are checked against that address here.)
     if let Some(mapped) = v6.to_ipv4_mapped() {
         assert_eq!(internal6, is_internal(IpAddr::V4(mapped)));
+    }
+    if v6.segments()[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        let [.., a, b, c, d] = v6.octets();
+        assert_eq!(internal6, is_internal(IpAddr::V4(Ipv4Addr::new(a, b, c, d))), "{v6}");
     }
     // The text forms an address parses from are judged as the address.
     for ip in [IpAddr::V4(v4), IpAddr::V6(v6)] {

@@ -21,11 +21,18 @@ fuzz_target!(|data: &[u8]| {
     if let Some(module) = smith(data) {
         if let Some(binary) = check(&module) {
             // The same module as text must get the same verdict: text is converted, then inspected.
+            // Text that the `wat` crate itself cannot read back (wasmprinter 0.254 prints syntax
+            // that wat 1.263 may spell differently) is a gap between those two crates, not a
+            // verdict of Kiln's: skipped, but only when `wat` alone refuses it too.
             if let Ok(text) = wasmprinter::print_bytes(&module) {
-                let from_text = inspect(text.as_bytes(), &LIMITS)
-                    .unwrap_or_else(|e| panic!("accepted as binary, refused as text: {e}\n{text}"));
-                assert_eq!(from_text.kind, binary.kind);
-                assert_eq!(from_text.init_hook, binary.init_hook);
+                match inspect(text.as_bytes(), &LIMITS) {
+                    Ok(from_text) => {
+                        assert_eq!(from_text.kind, binary.kind);
+                        assert_eq!(from_text.init_hook, binary.init_hook);
+                    }
+                    Err(e) if e.0.starts_with("not WebAssembly") && wat::parse_str(&text).is_err() => {}
+                    Err(e) => panic!("accepted as binary, refused as text: {e}\n{text}"),
+                }
             }
         }
     }
@@ -50,12 +57,17 @@ fn check(upload: &[u8]) -> Option<Artifact> {
     Some(artifact)
 }
 
-/// A valid module from wasm-smith, with a config also drawn from the input (imports off, so the
-/// module reaches the memory, table and export checks).
+/// `(module (func (export "_start")))`: wasm-smith's modules must export it, as Kiln's must.
+const START: &[u8] =
+    b"\0asm\x01\0\0\0\x01\x04\x01\x60\0\0\x03\x02\x01\0\x07\x0a\x01\x06_start\0\0\x0a\x04\x01\x02\0\x0b";
+
+/// A valid module from wasm-smith, with a config also drawn from the input (no imports, a `_start`
+/// export, so that modules get through every check and some are accepted).
 fn smith(data: &[u8]) -> Option<Vec<u8>> {
     let mut u = Unstructured::new(data);
     let mut config: wasm_smith::Config = u.arbitrary().ok()?;
     config.max_imports = 0;
+    config.exports = Some(START.to_vec());
     config.max_memories = config.max_memories.min(2);
     config.max_tables = config.max_tables.min(5);
     let module = wasm_smith::Module::new(config, &mut u).ok()?;
