@@ -218,7 +218,7 @@ async fn scenarios_and_instantiate_run_against_a_real_kiln() {
         .await
         .unwrap()
         .unwrap();
-    let app = std::sync::Arc::new(kiln_server::Server { kiln, config });
+    let app = std::sync::Arc::new(kiln_server::Server::new(kiln, config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -52,6 +52,9 @@ pub enum Command {
     /// Manage scoped (invoke-only) tokens.
     #[command(subcommand)]
     Token(tokens::TokenCommand),
+    /// Manage the keys that sign result URLs.
+    #[command(subcommand)]
+    Keys(tokens::KeysCommand),
 }
 
 /// Runs one client command against the server.
@@ -68,6 +71,7 @@ pub fn run(connection: &Connection, command: Command) -> Result<(), CliError> {
         Command::Logs { invocation_id } => invocations::logs(&client, &invocation_id, json),
         Command::Status { invocation_id } => invocations::status(&client, &invocation_id, json),
         Command::Token(command) => tokens::run(&client, command, json),
+        Command::Keys(command) => tokens::keys(&client, command, json),
     }
 }
 

@@ -1,4 +1,5 @@
-//! `kiln token create|ls|rm`: scoped, invoke-only tokens.
+//! `kiln token create|ls|rm`: scoped, invoke-only tokens; `kiln keys rotate`: retire every
+//! result-URL signing key (every URL handed out so far stops working).
 
 use reqwest::Method;
 use serde_json::json;
@@ -12,6 +13,9 @@ pub enum TokenCommand {
     Create {
         #[arg(required = true)]
         functions: Vec<String>,
+        /// Seconds the token is valid for [default: until revoked].
+        #[arg(long = "ttl-s")]
+        ttl_s: Option<u64>,
     },
     /// List scoped tokens (without secrets).
     Ls,
@@ -21,10 +25,12 @@ pub enum TokenCommand {
 
 pub fn run(client: &Client, command: TokenCommand, json: bool) -> Result<(), CliError> {
     match command {
-        TokenCommand::Create { functions } => {
-            let request = client
-                .request(Method::POST, "/v1/tokens")
-                .json(&json!({ "functions": functions }));
+        TokenCommand::Create { functions, ttl_s } => {
+            let mut body = json!({ "functions": functions });
+            if let Some(ttl_s) = ttl_s {
+                body["ttl_s"] = ttl_s.into();
+            }
+            let request = client.request(Method::POST, "/v1/tokens").json(&body);
             let created = client.json(request)?;
             if json {
                 print_json(&created);
@@ -64,6 +70,31 @@ pub fn run(client: &Client, command: TokenCommand, json: bool) -> Result<(), Cli
                 print_json(&json!({ "id": id, "revoked": true }));
             } else {
                 println!("revoked {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Sign result URLs with a new key and retire every older one: every result URL handed out
+    /// so far is refused from now on.
+    Rotate,
+}
+
+pub fn keys(client: &Client, command: KeysCommand, json: bool) -> Result<(), CliError> {
+    match command {
+        KeysCommand::Rotate => {
+            let rotated = client.json(client.request(Method::POST, "/v1/keys/rotate"))?;
+            if json {
+                print_json(&rotated);
+            } else {
+                println!(
+                    "signing key {} ({} retired: result URLs signed before are refused)",
+                    rotated["kid"].as_str().unwrap_or(""),
+                    rotated["retired"]
+                );
             }
         }
     }

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::clock::Clock;
 use crate::storage::{Metadata, StorageError};
 
 const ADMIN_ID: &str = "admin";
@@ -37,16 +38,24 @@ pub enum AuthSetupError {
 pub struct Auth {
     admin_hash: [u8; 32],
     scoped: DashMap<[u8; 32], Arc<ScopedToken>>,
+    /// What decides whether a token has expired.
+    clock: Arc<dyn Clock>,
 }
 
-/// An invoke-only token: what it may invoke, and its public id.
+/// An invoke-only token: what it may invoke, until when, and its public id.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ScopedToken {
     #[serde(skip)]
     pub id: String,
     /// Functions it may invoke (sync and async).
     pub functions: BTreeSet<String>,
+    /// Unix seconds after which it is refused; `None`: until revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
 }
+
+/// The longest life a scoped token may be given.
+pub const MAX_TOKEN_TTL_SECS: u64 = 365 * 24 * 3600;
 
 /// Who a request is from.
 #[derive(Debug, Clone)]
@@ -98,6 +107,7 @@ impl Auth {
         store: &dyn Metadata,
         token_file: &Path,
         from_env: Option<&str>,
+        clock: Arc<dyn Clock>,
     ) -> Result<(Auth, AdminTokenSource), AuthSetupError> {
         let io_err = |source| AuthSetupError::Io {
             path: token_file.display().to_string(),
@@ -144,7 +154,14 @@ impl Auth {
                 Err(_) => tracing::warn!(id = %row.id, "ignoring a stored token with an unknown scope"),
             }
         }
-        Ok((Auth { admin_hash, scoped }, source))
+        Ok((
+            Auth {
+                admin_hash,
+                scoped,
+                clock,
+            },
+            source,
+        ))
     }
 
     /// Checks an `Authorization` header value for the admin token.
@@ -159,22 +176,27 @@ impl Auth {
         if bool::from(presented.ct_eq(&self.admin_hash)) {
             return Some(Principal::Admin);
         }
-        self.scoped
-            .get(&presented)
-            .map(|scoped| Principal::Invoke(scoped.clone()))
+        let scoped = self.scoped.get(&presented)?.clone();
+        // An expired token is as good as an unknown one: `unauthorized`.
+        if scoped.expires_at.is_some_and(|at| self.clock.now_secs() >= at) {
+            return None;
+        }
+        Some(Principal::Invoke(scoped))
     }
 
-    /// Creates an invoke-only token for `functions`. Returns its id, the secret (shown once,
-    /// never stored) and its creation time. Blocking (SQLite).
+    /// Creates an invoke-only token for `functions`, valid for `ttl` if given. Returns its id,
+    /// the secret (shown once, never stored) and its creation time. Blocking (SQLite).
     pub fn create_scoped(
         &self,
         store: &dyn Metadata,
         functions: BTreeSet<String>,
+        ttl: Option<std::time::Duration>,
     ) -> Result<(ScopedToken, String, String), TokenError> {
         let secret = generate_token();
         let token = ScopedToken {
             id: format!("tok_{}", hex::encode(rand::random::<[u8; 8]>())),
             functions,
+            expires_at: ttl.map(|ttl| self.clock.now_secs() + ttl.as_secs()),
         };
         let scope = serde_json::to_string(&token).expect("scope serialises");
         let token_hash = hash(&secret);
@@ -225,7 +247,9 @@ mod tests {
         let sqlite = crate::storage::Sqlite::open(&dir.path().join("db")).unwrap();
         let store: &dyn Metadata = &sqlite;
         let file = dir.path().join("admin.token");
-        let (auth, source) = Auth::init(store, &file, None).unwrap();
+        let clock = crate::clock::ManualClock::at(1_800_000_000_000);
+        let init = |env: Option<&str>| Auth::init(store, &file, env, clock.clone());
+        let (auth, source) = init(None).unwrap();
         assert!(matches!(source, AdminTokenSource::CreatedFile));
         assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
         let token = std::fs::read_to_string(&file).unwrap().trim().to_owned();
@@ -239,14 +263,14 @@ mod tests {
         assert_eq!(stored, hash(&token).to_vec());
         assert!(!String::from_utf8_lossy(&stored).contains(&token));
 
-        let (again, source) = Auth::init(store, &file, None).unwrap();
+        let (again, source) = init(None).unwrap();
         assert!(matches!(source, AdminTokenSource::ExistingFile));
         assert!(again.check(Some(format!("Bearer {token}").as_bytes())));
         // A scoped token is known after a restart and gone once revoked.
         let functions: BTreeSet<String> = ["f".to_owned()].into();
-        let (scoped, secret, _) = again.create_scoped(store, functions).unwrap();
+        let (scoped, secret, _) = again.create_scoped(store, functions.clone(), None).unwrap();
         let header = format!("Bearer {secret}");
-        let (reopened, _) = Auth::init(store, &file, None).unwrap();
+        let (reopened, _) = init(None).unwrap();
         let principal = reopened.authenticate(Some(header.as_bytes())).unwrap();
         assert!(!principal.is_admin() && principal.may_invoke("f") && !principal.may_invoke("g"));
         assert!(
@@ -262,7 +286,26 @@ mod tests {
             "the admin token cannot be revoked"
         );
 
-        let (env, _) = Auth::init(store, &file, Some("secret")).unwrap();
+        // A token with a life is refused once it is over, after a restart too.
+        let (short, short_secret, _) = reopened
+            .create_scoped(store, functions, Some(std::time::Duration::from_secs(60)))
+            .unwrap();
+        assert_eq!(short.expires_at, Some(1_800_000_060));
+        let short_header = format!("Bearer {short_secret}");
+        assert!(reopened.authenticate(Some(short_header.as_bytes())).is_some());
+        clock.advance(std::time::Duration::from_secs(59));
+        assert!(init(None)
+            .unwrap()
+            .0
+            .authenticate(Some(short_header.as_bytes()))
+            .is_some());
+        clock.advance(std::time::Duration::from_secs(1));
+        assert!(
+            reopened.authenticate(Some(short_header.as_bytes())).is_none(),
+            "expired"
+        );
+
+        let (env, _) = init(Some("secret")).unwrap();
         assert!(env.check(Some(b"Bearer secret")));
         assert!(!env.check(Some(format!("Bearer {token}").as_bytes())));
     }

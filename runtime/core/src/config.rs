@@ -28,6 +28,11 @@ pub struct CoreConfig {
     pub microvm_kernel: Option<PathBuf>,
     /// The microvm tier's guest agent: the static `kiln-agent` executable, `/init` of every guest.
     pub microvm_agent: Option<PathBuf>,
+    /// Free bytes the data directory's file system keeps: deploys and asynchronous submits that
+    /// would go below it are refused (`insufficient_storage`), so the database can still commit.
+    pub min_free_bytes: u64,
+    /// The data directory's size at most (`None`: no cap but the free-space floor).
+    pub max_data_bytes: Option<u64>,
     /// MicroVMs running at once, across all functions; past it invocations are refused. Each holds a
     /// thread (its vCPU) and up to its function's `memory_mb` of RAM.
     pub microvm_max_vms: u32,
@@ -43,6 +48,8 @@ impl CoreConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             max_kept_logs: 100_000,
             admin_token: None,
+            min_free_bytes: 256 << 20,
+            max_data_bytes: None,
             microvm_kernel: None,
             microvm_agent: None,
             microvm_max_vms: 32,

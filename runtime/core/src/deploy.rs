@@ -19,6 +19,7 @@ use crate::digest::Digest;
 use crate::function::{FunctionConfig, Tier as TierName, VersionRecord};
 use crate::functions::Functions;
 use crate::registry::LoadedFunction;
+use crate::storage::budget::StorageFull;
 use crate::storage::{BlobKind, StorageError};
 use crate::tier::Tier;
 
@@ -36,6 +37,8 @@ pub enum DeployError {
     Io(#[from] std::io::Error),
     #[error("compile cache: {0}")]
     Cache(String),
+    #[error("{0}")]
+    InsufficientStorage(#[from] StorageFull),
 }
 
 pub struct Deployed {
@@ -77,6 +80,11 @@ impl Functions {
                 });
             }
         }
+        // What this deploy will write must fit the disk budget: checked before anything is built.
+        let (budget, bytes) = (self.storage.budget.clone(), artifact.bytes.len() as u64);
+        tokio::task::spawn_blocking(move || budget.admit(bytes))
+            .await
+            .expect("budget task panicked")?;
         let staged = tier.stage(name, &artifact, &config).await?;
 
         // Stage 2: the commit.
@@ -145,6 +153,7 @@ mod tests {
     use crate::function::ArtifactKind;
     use crate::functions::LoadError;
     use crate::outcome::{InvokeError, Success};
+    use crate::permits::Permits;
     use crate::registry::{Concurrency, Entry};
     use crate::tier::wasm::WasmTier;
     use crate::tier::Artifact;
@@ -201,7 +210,11 @@ mod tests {
             self.wasm.load(record).await
         }
 
-        async fn invoke(&self, _: &LoadedFunction, _: &Concurrency, _: Bytes) -> Result<Success, InvokeError> {
+        fn admit(&self, _: &LoadedFunction, _: &Concurrency) -> Result<Permits, InvokeError> {
+            unreachable!("deploy never invokes")
+        }
+
+        async fn run(&self, _: Permits, _: &LoadedFunction, _: Bytes) -> Result<Success, InvokeError> {
             unreachable!("deploy never invokes")
         }
     }

@@ -8,6 +8,7 @@ use bytes::Bytes;
 
 use crate::function::VersionRecord;
 use crate::outcome::{InvokeError, Success};
+use crate::permits::Permits;
 use crate::registry::{Concurrency, LoadedFunction, Lookup, Registry, Slot};
 use crate::storage::{Storage, StorageError};
 use crate::telemetry::metrics::Metrics;
@@ -96,11 +97,21 @@ impl Functions {
         Ok(Arc::new(LoadedFunction::new(slot.record.clone(), entry)))
     }
 
-    /// Runs one invocation of a resolved function on its tier.
+    /// Admits one invocation of a resolved function: its permits, or `too_many_requests`. Take
+    /// them before reading the input, so a refused request costs no buffering.
+    pub fn admit(&self, resolved: &Resolved) -> Result<Permits, InvokeError> {
+        self.tiers.admit(&resolved.function, &resolved.concurrency)
+    }
+
+    /// Runs one admitted invocation of a resolved function on its tier.
+    pub async fn run(&self, resolved: &Resolved, permits: Permits, input: Bytes) -> Result<Success, InvokeError> {
+        self.tiers.run(permits, &resolved.function, input).await
+    }
+
+    /// Admits and runs one invocation.
     pub async fn invoke(&self, resolved: &Resolved, input: Bytes) -> Result<Success, InvokeError> {
-        self.tiers
-            .invoke(&resolved.function, &resolved.concurrency, input)
-            .await
+        let permits = self.admit(resolved)?;
+        self.run(resolved, permits, input).await
     }
 
     /// Whether `name` exists and may be served without a token, known without loading it.

@@ -13,6 +13,7 @@ use crate::config::CoreConfig;
 use crate::functions::Functions;
 use crate::invocations::{Queue, QueueConfig};
 use crate::signing::Signer;
+use crate::storage::budget::DiskBudget;
 use crate::storage::{BlobKind, Layout, LocalBlobs, Sqlite, Storage, StorageError};
 use crate::telemetry::invocation_logs::InvocationLogs;
 use crate::telemetry::metrics::Metrics;
@@ -41,7 +42,7 @@ pub struct Kiln {
     pub auth: Arc<Auth>,
     /// Asynchronous invocations.
     pub queue: Queue,
-    pub signer: Signer,
+    pub signer: Arc<Signer>,
     pub telemetry: Telemetry,
     shutting_down: AtomicBool,
 }
@@ -69,12 +70,18 @@ impl Kiln {
         let storage = Arc::new(Storage {
             metadata: Arc::new(Sqlite::open(&layout.database())?),
             blobs: Arc::new(LocalBlobs::new(layout.clone())),
+            budget: Arc::new(DiskBudget::new(
+                layout.root.clone(),
+                config.min_free_bytes,
+                config.max_data_bytes,
+            )),
             layout: layout.clone(),
         });
         let (auth, source) = Auth::init(
             storage.metadata.as_ref(),
             &layout.admin_token(),
             config.admin_token.as_deref(),
+            clock.clone(),
         )?;
         match source {
             AdminTokenSource::Environment => tracing::info!("admin token taken from KILN_ADMIN_TOKEN"),
@@ -91,6 +98,7 @@ impl Kiln {
                 clock: clock.clone(),
             },
             storage.blobs.clone(),
+            storage.budget.clone(),
         )?;
         let metrics = Arc::new(Metrics::default());
         let telemetry = Telemetry {
@@ -123,7 +131,7 @@ impl Kiln {
             functions,
             auth: Arc::new(auth),
             queue,
-            signer,
+            signer: Arc::new(signer),
             telemetry,
             shutting_down: AtomicBool::new(false),
         }))

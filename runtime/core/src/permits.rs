@@ -34,15 +34,15 @@ impl Limit {
         (self.limit as usize).saturating_sub(self.permits.available_permits())
     }
 
-    fn try_take(&self) -> Option<OwnedSemaphorePermit> {
-        self.permits.clone().try_acquire_owned().ok()
+    fn try_take(&self, count: u32) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_many_owned(count).ok()
     }
 
-    /// Waits for a permit (deploy-time work that must not be refused, e.g. a boot).
-    pub async fn take(&self) -> OwnedSemaphorePermit {
+    /// Waits for `count` permits (deploy-time work that must not be refused, e.g. a boot).
+    pub async fn take(&self, count: u32) -> OwnedSemaphorePermit {
         self.permits
             .clone()
-            .acquire_owned()
+            .acquire_many_owned(count)
             .await
             .expect("the permits are never closed")
     }
@@ -56,13 +56,13 @@ pub struct Permits {
 }
 
 impl Permits {
-    /// Takes a permit of `function` (the function named `name`) and one of the tier's `capacity`,
-    /// or neither.
-    pub fn take(name: &str, function: &Limit, capacity: &Limit) -> Result<Permits, InvokeError> {
+    /// Takes a permit of `function` (the function named `name`) and `weight` of the tier's
+    /// `capacity` (what one instance of its code takes, see `tier::wasm::footprint`), or neither.
+    pub fn take(name: &str, function: &Limit, capacity: &Limit, weight: u32) -> Result<Permits, InvokeError> {
         let function_permit = function
-            .try_take()
+            .try_take(1)
             .ok_or_else(|| InvokeError::FunctionBusy(name.to_owned(), function.limit))?;
-        let capacity_permit = capacity.try_take().ok_or(InvokeError::PoolBusy(capacity.limit))?;
+        let capacity_permit = capacity.try_take(weight).ok_or(InvokeError::PoolBusy(capacity.limit))?;
         Ok(Permits {
             _function: function_permit,
             _capacity: capacity_permit,
@@ -78,15 +78,15 @@ mod tests {
     fn both_or_neither_and_given_back_on_drop() {
         let function = Limit::new(2);
         let capacity = Limit::new(1);
-        let first = Permits::take("f", &function, &capacity).unwrap();
+        let first = Permits::take("f", &function, &capacity, 1).unwrap();
         assert_eq!((function.in_use(), capacity.in_use()), (1, 1));
-        let refused = Permits::take("f", &function, &capacity).unwrap_err();
+        let refused = Permits::take("f", &function, &capacity, 1).unwrap_err();
         assert!(matches!(refused, InvokeError::PoolBusy(1)), "{refused}");
         assert_eq!(function.in_use(), 1, "a refused take leaves the function's permit");
         drop(first);
         assert_eq!((function.in_use(), capacity.in_use()), (0, 0));
         let busy = Limit::new(0);
-        let refused = Permits::take("f", &busy, &capacity).unwrap_err();
+        let refused = Permits::take("f", &busy, &capacity, 1).unwrap_err();
         assert!(
             matches!(refused, InvokeError::FunctionBusy(ref name, 0) if name == "f"),
             "{refused}"

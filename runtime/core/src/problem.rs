@@ -93,6 +93,7 @@ impl From<DeployError> for Problem {
             DeployError::InvalidCode(msg) => Problem::new(ErrorCode::InvalidCode, msg),
             DeployError::TierUnavailable(msg) => Problem::new(ErrorCode::Unavailable, msg),
             e @ DeployError::NotFound(_) => Problem::new(ErrorCode::NotFound, e.to_string()),
+            e @ DeployError::InsufficientStorage(_) => Problem::new(ErrorCode::InsufficientStorage, e.to_string()),
             e @ (DeployError::Store(_) | DeployError::Io(_) | DeployError::Cache(_)) => Problem::internal(e),
         }
     }
@@ -140,6 +141,7 @@ impl From<SubmitError> for Problem {
         match e {
             e @ SubmitError::QueueFull(_) => Problem::new(ErrorCode::TooManyRequests, e.to_string()),
             SubmitError::Closed => Problem::new(ErrorCode::Unavailable, "kiln is shutting down"),
+            e @ SubmitError::InsufficientStorage(_) => Problem::new(ErrorCode::InsufficientStorage, e.to_string()),
             e @ (SubmitError::Store(_) | SubmitError::Commit(_)) => Problem::internal(e),
         }
     }

@@ -3,15 +3,16 @@
 //! one needs no token; any change to the path or query, or a time past `expires`, is refused.
 //!
 //! Keys live in `<data>/keys/<kid>.key` (32 random bytes, mode 0600). The newest key signs; every
-//! key present verifies, so a key can be rotated by adding a new file and removed once the URLs it
-//! signed have expired.
+//! key present verifies. [`Signer::rotate`] (`kiln keys rotate`) makes a new key and retires every
+//! other: URLs signed before it are refused from then on — what to do when a URL, or the token
+//! that fetched it, must stop working.
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use hmac::{Hmac, Mac};
@@ -24,9 +25,15 @@ pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(15 * 60);
 pub const MAX_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 
 pub struct Signer {
-    keys: HashMap<String, [u8; 32]>,
-    current: String,
+    dir: PathBuf,
+    keys: RwLock<Keys>,
     clock: Arc<dyn Clock>,
+}
+
+/// The keys that verify, and the one that signs.
+struct Keys {
+    all: HashMap<String, [u8; 32]>,
+    current: String,
 }
 
 /// Why a URL was refused.
@@ -38,6 +45,20 @@ pub enum Refused {
     Expired,
     #[error("the URL's signature does not match")]
     BadSignature,
+}
+
+/// Writes a new random key into `dir`; returns its id and bytes.
+fn new_key(dir: &Path) -> std::io::Result<(String, [u8; 32])> {
+    let kid = hex::encode(rand::random::<[u8; 4]>());
+    let key: [u8; 32] = rand::random();
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dir.join(format!("{kid}.key")))?;
+    file.write_all(&key)?;
+    file.sync_all()?;
+    Ok((kid, key))
 }
 
 impl Signer {
@@ -66,24 +87,42 @@ impl Signer {
         let current = match newest {
             Some((_, kid)) => kid,
             None => {
-                let kid = hex::encode(rand::random::<[u8; 4]>());
-                let key: [u8; 32] = rand::random();
-                let mut file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(dir.join(format!("{kid}.key")))?;
-                file.write_all(&key)?;
-                file.sync_all()?;
+                let (kid, key) = new_key(dir)?;
                 keys.insert(kid.clone(), key);
                 kid
             }
         };
-        Ok(Signer { keys, current, clock })
+        Ok(Signer {
+            dir: dir.to_path_buf(),
+            keys: RwLock::new(Keys { all: keys, current }),
+            clock,
+        })
     }
 
-    fn mac(&self, kid: &str, id: &str, expires: u64) -> Option<Hmac<Sha256>> {
-        let key = self.keys.get(kid)?;
+    /// Makes a new signing key and retires every other, on disk and here: URLs signed before are
+    /// refused from now on. Returns the new key's id and how many were retired. Blocking.
+    pub fn rotate(&self) -> std::io::Result<(String, usize)> {
+        let (kid, key) = new_key(&self.dir)?;
+        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        let mut retired = 0;
+        for old in keys.all.keys() {
+            std::fs::remove_file(self.dir.join(format!("{old}.key")))?;
+            retired += 1;
+        }
+        crate::storage::local::sync_dir(&self.dir)?;
+        *keys = Keys {
+            all: HashMap::from([(kid.clone(), key)]),
+            current: kid.clone(),
+        };
+        Ok((kid, retired))
+    }
+
+    fn keys(&self) -> std::sync::RwLockReadGuard<'_, Keys> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn mac(keys: &Keys, kid: &str, id: &str, expires: u64) -> Option<Hmac<Sha256>> {
+        let key = keys.all.get(kid)?;
         let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
         mac.update(format!("GET\n/v1/results/{id}\n{id}\n{expires}\n{kid}").as_bytes());
         Some(mac)
@@ -92,14 +131,15 @@ impl Signer {
     /// A URL for the result of invocation `id`, valid for `lifetime` (capped at `MAX_LIFETIME`).
     pub fn url(&self, id: &str, lifetime: Duration) -> String {
         let expires = self.clock.now_secs() + lifetime.min(MAX_LIFETIME).as_secs();
-        let sig = self
-            .mac(&self.current, id, expires)
+        // One read of the keys for both: a rotation in between cannot leave `current` unknown.
+        let keys = self.keys();
+        let sig = Signer::mac(&keys, &keys.current, id, expires)
             .expect("the current key exists")
             .finalize()
             .into_bytes();
         format!(
             "/v1/results/{id}?expires={expires}&kid={}&sig={}",
-            self.current,
+            keys.current,
             hex::encode(sig)
         )
     }
@@ -130,7 +170,7 @@ impl Signer {
         if hex::encode(&sig) != sig_hex {
             return Err(Refused::Malformed);
         }
-        let mac = self.mac(kid, id, expires).ok_or(Refused::BadSignature)?;
+        let mac = Signer::mac(&self.keys(), kid, id, expires).ok_or(Refused::BadSignature)?;
         // `verify_slice` compares in constant time.
         mac.verify_slice(&sig).map_err(|_| Refused::BadSignature)?;
         if self.clock.now_secs() > expires {
@@ -189,6 +229,24 @@ mod tests {
         // Reopening keeps the key, so URLs survive restarts.
         let again = open(dir.path());
         assert_eq!(again.verify(&id, query.as_deref()), Ok(()));
+    }
+
+    #[test]
+    fn rotation_retires_every_older_key_and_its_urls() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = open(dir.path());
+        let (id, query) = split(&signer.url("abc", DEFAULT_LIFETIME));
+        let (kid, retired) = signer.rotate().unwrap();
+        assert_eq!(retired, 1);
+        assert_eq!(signer.verify(&id, query.as_deref()), Err(Refused::BadSignature));
+        let (id2, query2) = split(&signer.url("abc", DEFAULT_LIFETIME));
+        assert!(query2.as_deref().unwrap().contains(&format!("kid={kid}")));
+        assert_eq!(signer.verify(&id2, query2.as_deref()), Ok(()));
+        // On disk too: a restart knows only the new key.
+        let again = open(dir.path());
+        assert_eq!(again.verify(&id, query.as_deref()), Err(Refused::BadSignature));
+        assert_eq!(again.verify(&id2, query2.as_deref()), Ok(()));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

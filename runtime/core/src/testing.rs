@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::config::CoreConfig;
 use crate::functions::Functions;
+use crate::storage::budget::DiskBudget;
 use crate::storage::{Layout, LocalBlobs, Sqlite, Storage};
 use crate::telemetry::metrics::Metrics;
 use crate::tier::microvm::{Capability, MicrovmTier};
@@ -23,6 +24,7 @@ pub fn functions(dir: &Path) -> Functions {
     let storage = Arc::new(Storage {
         metadata: Arc::new(Sqlite::open(&layout.database()).unwrap()),
         blobs: blobs.clone(),
+        budget: Arc::new(DiskBudget::new(layout.root.clone(), 0, None)),
         layout: layout.clone(),
     });
     let wasm = WasmTier::open(&config, &layout, blobs, Arc::new(NoConnector)).unwrap();

@@ -57,7 +57,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(log_format);
+    // Secrets come from the environment only, never from flags (visible in `ps`) or kiln.toml.
     config.core.admin_token = std::env::var("KILN_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
+    config.metrics_token = std::env::var("KILN_METRICS_TOKEN").ok().filter(|t| !t.is_empty());
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -27,6 +27,11 @@ pub struct ServerConfig {
     pub body_read_timeout: Duration,
     /// How long shutdown waits for in-flight requests before closing connections.
     pub shutdown_grace: Duration,
+    /// Request-body bytes held in memory at once, all requests together (`api::body::BodyBudget`).
+    pub max_body_buffer_bytes: u64,
+    /// When set (`KILN_METRICS_TOKEN`), `/metrics` needs it (or the admin token) as a bearer
+    /// token: function names and traffic are not everyone's business.
+    pub metrics_token: Option<String>,
     pub core: CoreConfig,
 }
 
@@ -41,6 +46,9 @@ impl ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
+            // Room for 16 deploys of the largest code at once, or 170 sync inputs of 6 MiB.
+            max_body_buffer_bytes: 1 << 30,
+            metrics_token: None,
             core: CoreConfig::new(data_dir),
         }
     }

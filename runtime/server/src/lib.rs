@@ -19,15 +19,31 @@ use kiln_core::Kiln;
 
 pub use config::ServerConfig;
 
-/// What the API serves: the core, and the edge's own settings.
+/// What the API serves: the core, and the edge's own settings and budgets.
 pub struct Server {
     pub kiln: Arc<Kiln>,
     pub config: ServerConfig,
+    /// Request-body bytes held in memory at once.
+    pub bodies: api::body::BodyBudget,
+}
+
+impl Server {
+    pub fn new(kiln: Arc<Kiln>, config: ServerConfig) -> Server {
+        Server {
+            bodies: api::body::BodyBudget::new(config.max_body_buffer_bytes),
+            kiln,
+            config,
+        }
+    }
 }
 
 /// Opens the data directory, binds `config.listen` and serves until SIGINT or SIGTERM, then
 /// drains. Logs where it listens (`kiln listening on http://ADDR`) once it accepts connections.
 pub async fn serve(config: ServerConfig) -> Result<(), String> {
+    // Everything Kiln writes — the database with functions' secrets, inputs, results, keys — is
+    // its own: no permission for group or others on what this process creates.
+    // SAFETY: umask only sets the process's file-mode creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
     let listen = config.listen;
     let core = config.core.clone();
     let kiln = tokio::task::spawn_blocking(move || Kiln::open(core, Arc::new(outbound::HyperConnector)))
@@ -41,10 +57,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), String> {
     tracing::info!(address = %local, data = %kiln.storage.layout.root.display(), "kiln listening on http://{local}");
     kiln.warm_up();
     kiln.start_queue();
-    let server = Arc::new(Server {
-        kiln: kiln.clone(),
-        config,
-    });
+    let server = Arc::new(Server::new(kiln.clone(), config));
     listener::run(server, listener, shutdown::signal_received()).await;
     // Invocation logs still queued for the disk are written before the process ends.
     let _ = tokio::task::spawn_blocking(move || kiln.telemetry.logs.flush()).await;

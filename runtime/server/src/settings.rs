@@ -86,6 +86,18 @@ pub struct ServeSettings {
     /// How long finished invocations, their results and logs are kept, in seconds [default: 604800].
     #[arg(long, env = "KILN_RETENTION_SECS")]
     pub retention_secs: Option<u64>,
+    /// Request-body bytes held in memory at once, all requests together; past it requests get 503
+    /// [default: 1 GiB].
+    #[arg(long, env = "KILN_MAX_BODY_BUFFER_BYTES")]
+    pub max_body_buffer_bytes: Option<u64>,
+    /// Free bytes the data directory's file system keeps; deploys and asynchronous submits that
+    /// would go below it get 507 [default: 256 MiB].
+    #[arg(long, env = "KILN_MIN_FREE_BYTES")]
+    pub min_free_bytes: Option<u64>,
+    /// The data directory's size at most; deploys and asynchronous submits past it get 507
+    /// [default: no cap].
+    #[arg(long, env = "KILN_MAX_DATA_BYTES")]
+    pub max_data_bytes: Option<u64>,
     /// Logs of synchronous invocations kept at most (the newest) [default: 100000].
     #[arg(long, env = "KILN_MAX_KEPT_LOGS")]
     pub max_kept_logs: Option<u64>,
@@ -148,6 +160,9 @@ impl ServeSettings {
         pick!(shutdown_grace_ms => c.shutdown_grace, Duration::from_millis);
         pick!(retention_secs => c.core.retention, Duration::from_secs);
         pick!(max_kept_logs => c.core.max_kept_logs, |v| v);
+        pick!(max_body_buffer_bytes => c.max_body_buffer_bytes, |v| v);
+        pick!(min_free_bytes => c.core.min_free_bytes, |v| v);
+        pick!(max_data_bytes => c.core.max_data_bytes, Some);
         pick!(microvm_kernel => c.core.microvm_kernel, Some);
         pick!(microvm_agent => c.core.microvm_agent, Some);
         pick!(microvm_max_vms => c.core.microvm_max_vms, |v: u32| v.max(1));

@@ -37,6 +37,7 @@ use tokio::sync::oneshot;
 use crate::clock::Clock;
 use crate::digest::Digest;
 use crate::kiln::Kiln;
+use crate::storage::budget::{DiskBudget, StorageFull};
 use crate::storage::{Blobs, StorageError};
 
 pub use records::Record;
@@ -54,6 +55,8 @@ pub enum SubmitError {
     Closed,
     #[error("committing the submit failed: {0}")]
     Commit(String),
+    #[error("{0}")]
+    InsufficientStorage(#[from] StorageFull),
 }
 
 /// One accepted submit.
@@ -120,6 +123,8 @@ enum Message {
 /// The queue of asynchronous invocations, and the runners that take from it.
 pub struct Queue {
     ledger: mpsc::Sender<Message>,
+    /// What a submit's input must fit on disk.
+    budget: Arc<DiskBudget>,
     closed: AtomicBool,
     /// Invocations queued or running, kept by the ledger (for `/metrics`).
     depth: Arc<AtomicU64>,
@@ -141,7 +146,7 @@ pub struct QueueConfig {
 
 impl Queue {
     /// Requeues what a crash left `running` and starts the ledger thread on its own connection.
-    pub fn open(config: QueueConfig, blobs: Arc<dyn Blobs>) -> Result<Queue, StorageError> {
+    pub fn open(config: QueueConfig, blobs: Arc<dyn Blobs>, budget: Arc<DiskBudget>) -> Result<Queue, StorageError> {
         let (tx, rx) = mpsc::channel();
         let (claimed_tx, claimed_rx) = tokio::sync::mpsc::unbounded_channel();
         let depth = Arc::new(AtomicU64::new(0));
@@ -152,6 +157,7 @@ impl Queue {
             .expect("spawning the async ledger");
         Ok(Queue {
             ledger: tx,
+            budget,
             closed: AtomicBool::new(false),
             depth,
             claimed: Mutex::new(Some(claimed_rx)),
@@ -163,6 +169,10 @@ impl Queue {
         if self.closed.load(Ordering::Acquire) {
             return Err(SubmitError::Closed);
         }
+        let (budget, bytes) = (self.budget.clone(), invocation.input.len() as u64);
+        tokio::task::spawn_blocking(move || budget.admit(bytes))
+            .await
+            .expect("budget task panicked")?;
         let (reply, answer) = oneshot::channel();
         self.ledger
             .send(Message::Submit { invocation, reply })
@@ -255,7 +265,8 @@ mod tests {
             retention: Duration::from_secs(3600),
             clock: clock.clone(),
         };
-        let queue = Queue::open(config, Arc::new(LocalBlobs::new(layout))).unwrap();
+        let budget = Arc::new(DiskBudget::new(layout.root.clone(), 0, None));
+        let queue = Queue::open(config, Arc::new(LocalBlobs::new(layout)), budget).unwrap();
         let claimed = queue.claimed.lock().unwrap().take().unwrap();
         Harness {
             queue,
@@ -356,6 +367,16 @@ mod tests {
         let record = h.metadata.invocation(&first).unwrap().unwrap();
         assert_eq!(record.error.unwrap()["code"], "timeout");
         assert_eq!(state(&h, &second).0, "succeeded");
+        let input_len = |id: &str| -> i64 {
+            h.metadata
+                .conn()
+                .query_row("SELECT length(input) FROM invocations WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })
+                .unwrap()
+        };
+        assert_eq!(input_len(&second), 0, "a succeeded invocation's input is dropped");
+        assert_eq!(input_len(&first), 2, "a failed one keeps its input");
         assert_eq!(
             h.metadata.invocation_result(&second).unwrap(),
             Some(StoredResult::Blob(digest))

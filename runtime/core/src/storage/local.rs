@@ -70,6 +70,10 @@ impl Layout {
     pub fn result(&self, digest: &Digest) -> PathBuf {
         self.results().join(digest.hex())
     }
+    /// The key that seals compiled code and snapshots (`seal`).
+    pub fn seal_key(&self) -> PathBuf {
+        self.root.join("seal.key")
+    }
     /// Keys that sign result URLs.
     pub fn keys(&self) -> PathBuf {
         self.root.join("keys")
@@ -79,7 +83,8 @@ impl Layout {
         self.root.join("microvm")
     }
 
-    /// Creates the directories and empties `tmp/` of what a crash left behind.
+    /// Creates the directories, closes whatever of the directory others can open (see
+    /// [`Layout::make_private`]), and empties `tmp/` of what a crash left behind.
     pub fn prepare(&self) -> io::Result<()> {
         for dir in [
             self.root.clone(),
@@ -90,10 +95,47 @@ impl Layout {
         ] {
             fs::create_dir_all(&dir)?;
         }
+        let opened = self.make_private()?;
+        if !opened.is_empty() {
+            tracing::warn!(
+                data = %self.root.display(),
+                count = opened.len(),
+                first = %opened[0].display(),
+                "the data directory was readable by others (function secrets, inputs and results \
+                 live here): made private again (directories 0700, files 0600)"
+            );
+        }
         for entry in fs::read_dir(self.tmp())? {
             let _ = fs::remove_file(entry?.path());
         }
         Ok(())
+    }
+
+    /// Takes away every permission of group and others under the data directory — directories
+    /// 0700, files 0600 (what Kiln's umask of 077 gives what it creates) — and returns what it
+    /// changed. Symbolic links are not followed.
+    pub fn make_private(&self) -> io::Result<Vec<PathBuf>> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut changed = Vec::new();
+        let mut pending = vec![self.root.clone()];
+        while let Some(path) = pending.pop() {
+            let meta = fs::symlink_metadata(&path)?;
+            if meta.file_type().is_symlink() {
+                continue;
+            }
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                let private = if meta.is_dir() { 0o700 } else { 0o600 };
+                fs::set_permissions(&path, fs::Permissions::from_mode(private))?;
+                changed.push(path.clone());
+            }
+            if meta.is_dir() {
+                for entry in fs::read_dir(&path)? {
+                    pending.push(entry?.path());
+                }
+            }
+        }
+        Ok(changed)
     }
 }
 
@@ -136,6 +178,10 @@ impl Blobs for LocalBlobs {
         fs::read(self.path(kind, digest))
     }
 
+    fn open(&self, kind: BlobKind, digest: &Digest) -> io::Result<File> {
+        File::open(self.path(kind, digest))
+    }
+
     fn exists(&self, kind: BlobKind, digest: &Digest) -> bool {
         self.path(kind, digest).exists()
     }
@@ -170,6 +216,24 @@ impl Blobs for LocalBlobs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_others_could_open_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path().join("data"));
+        layout.prepare().unwrap();
+        let file = layout.artifacts().join("x.wasm");
+        fs::write(&file, b"x").unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::set_permissions(layout.results(), fs::Permissions::from_mode(0o755)).unwrap();
+        let changed = layout.make_private().unwrap();
+        assert_eq!(changed.len(), 2, "{changed:?}");
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&file), 0o600);
+        assert_eq!(mode(&layout.results()), 0o700);
+        assert!(layout.make_private().unwrap().is_empty());
+    }
 
     #[test]
     fn atomic_write_replaces_and_leaves_no_temp() {

@@ -13,7 +13,9 @@
 //!
 //! Calls block on disk; async callers run them on the blocking pool.
 
+pub mod budget;
 pub mod local;
+pub mod seal;
 pub mod sqlite;
 mod tokens;
 
@@ -94,6 +96,8 @@ pub trait Blobs: Send + Sync {
     /// Stores `bytes` under `digest`, durably and whole or not at all; nothing if already there.
     fn put(&self, kind: BlobKind, digest: &Digest, bytes: &[u8]) -> std::io::Result<()>;
     fn get(&self, kind: BlobKind, digest: &Digest) -> std::io::Result<Vec<u8>>;
+    /// The blob as an open file, to stream it rather than hold it whole in memory.
+    fn open(&self, kind: BlobKind, digest: &Digest) -> std::io::Result<std::fs::File>;
     fn exists(&self, kind: BlobKind, digest: &Digest) -> bool;
     /// Removes a blob; removing one that is not there is not an error.
     fn remove(&self, kind: BlobKind, digest: &Digest) -> std::io::Result<()>;
@@ -107,9 +111,11 @@ pub enum StoredResult {
     Blob(Digest),
 }
 
-/// The data directory's two stores, as the rest of the core uses them.
+/// The data directory's two stores, as the rest of the core uses them, and the budget new data
+/// must fit.
 pub struct Storage {
     pub layout: Layout,
     pub metadata: std::sync::Arc<dyn Metadata>,
     pub blobs: std::sync::Arc<dyn Blobs>,
+    pub budget: std::sync::Arc<budget::DiskBudget>,
 }

@@ -3,7 +3,7 @@
 //! ```text
 //! deploy:  inspect (validate) ─ unchanged? ─ stage (compile, or boot + snapshot) ─┐
 //!          commit lock: artifact blob ─ publish (make staged files durable) ─ version row ─ load ─ registry
-//! invoke:  permits (function + tier capacity) ─ run under the function's deadline ─ classify the outcome
+//! invoke:  admit (function + tier permits) ─ read the input ─ run under the deadline ─ classify
 //! ```
 //!
 //! - [`wasm`]: WebAssembly modules and components — engine and pooling allocator, AOT compile
@@ -28,6 +28,7 @@ use crate::digest::Digest;
 use crate::function::{ArtifactKind, FunctionConfig, VersionRecord};
 use crate::functions::LoadError;
 use crate::outcome::{InvokeError, Success};
+use crate::permits::Permits;
 use crate::registry::{Concurrency, Entry, LoadedFunction};
 
 /// An upload that passed its tier's checks, in the form that is stored.
@@ -64,12 +65,16 @@ pub trait Tier: Send + Sync {
     /// Makes a committed version runnable (loads compiled code, maps a snapshot).
     fn load(&self, record: &VersionRecord) -> impl Future<Output = Result<Entry, LoadError>> + Send;
 
-    /// One invocation: take the function's and the tier's permits, run the guest with `input`
-    /// under the function's deadline, and classify how it ended.
-    fn invoke(
+    /// Admission: takes the function's and the tier's permits for one invocation of `f`, or
+    /// refuses it — before its input is read, so a refused request costs no buffering.
+    fn admit(&self, f: &LoadedFunction, concurrency: &Concurrency) -> Result<Permits, InvokeError>;
+
+    /// Runs one admitted invocation: the guest with `input` under the function's deadline, its
+    /// outcome classified. The permits are given back when the guest is gone.
+    fn run(
         &self,
+        permits: Permits,
         f: &LoadedFunction,
-        concurrency: &Concurrency,
         input: Bytes,
     ) -> impl Future<Output = Result<Success, InvokeError>> + Send;
 }
@@ -81,16 +86,19 @@ pub struct Tiers {
 }
 
 impl Tiers {
-    /// Runs one invocation on the tier that loaded `f`.
-    pub async fn invoke(
-        &self,
-        f: &LoadedFunction,
-        concurrency: &Concurrency,
-        input: Bytes,
-    ) -> Result<Success, InvokeError> {
+    /// Admits one invocation on the tier that loaded `f`.
+    pub fn admit(&self, f: &LoadedFunction, concurrency: &Concurrency) -> Result<Permits, InvokeError> {
         match &f.entry {
-            Entry::Wasm(_) => self.wasm.invoke(f, concurrency, input).await,
-            Entry::Microvm(_) => self.microvm.invoke(f, concurrency, input).await,
+            Entry::Wasm(_) => self.wasm.admit(f, concurrency),
+            Entry::Microvm(_) => self.microvm.admit(f, concurrency),
+        }
+    }
+
+    /// Runs one admitted invocation on the tier that loaded `f`.
+    pub async fn run(&self, permits: Permits, f: &LoadedFunction, input: Bytes) -> Result<Success, InvokeError> {
+        match &f.entry {
+            Entry::Wasm(_) => self.wasm.run(permits, f, input).await,
+            Entry::Microvm(_) => self.microvm.run(permits, f, input).await,
         }
     }
 

@@ -174,10 +174,26 @@ fn table() -> Vec<Row> {
             Outcome::Refused("imports `wasi_snapshot_preview1::memory` as a non-function"),
             3 * SEC,
         ),
+        // Issue 16, defect 2: a 64-bit memory's growth request wrapped the limiter's count and
+        // let a component's memories grow past memory_mb (200 on the old server).
+        row(
+            Code::Wat("wide_memory"),
+            json!({"timeout_ms": 5000, "memory_mb": 128}),
+            b"",
+            Outcome::Refused("memory64"),
+            3 * SEC,
+        ),
+        row(
+            Code::Wat("two_memories"),
+            json!({"timeout_ms": 5000, "memory_mb": 128}),
+            b"",
+            failed("memory limit of 128 MiB exceeded"),
+            3 * SEC,
+        ),
         // Stack.
         // Not repeated: each run may land on another of the pool's fiber stacks, and a stack
-        // keeps the ~1 MiB a recursion touched resident (Kiln does not enable
-        // async_stack_zeroing), so repeats grow the server by up to 1 MiB per stack slot.
+        // may keep the ~1 MiB a recursion touched resident until it is zeroed on its next use,
+        // so repeats could grow the server by up to 1 MiB per stack slot.
         Row {
             repeat: false,
             ..row(

@@ -166,6 +166,14 @@ fn timeout_is_504_and_a_trap_is_502_with_the_json_body() {
         "{}",
         kiln.log()
     );
+    // The guest's stderr is in that line, escaped: its own lines (the panic message) never start a
+    // line of the server's log.
+    assert!(kiln.log().contains("trapped mid-body"), "{}", kiln.log());
+    assert!(
+        !kiln.log().lines().any(|line| line.starts_with("trapped mid-body")),
+        "guest text forged a log line:\n{}",
+        kiln.log()
+    );
     // The server is still healthy and the function still answers.
     assert_eq!(get("hello/").status(), 200);
     assert_eq!(kiln.metric("kiln_pool_instances_in_use "), 0);

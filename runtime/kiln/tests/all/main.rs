@@ -5,6 +5,7 @@ mod api;
 mod asynchronous;
 mod cli;
 mod errors;
+mod hardening;
 mod hostile;
 mod http_trigger;
 mod lifecycle;

@@ -10,7 +10,7 @@ use kiln_core::functions::Functions;
 use kiln_core::problem::Problem;
 use kiln_core::telemetry::Telemetry;
 
-use super::body::{self, Body};
+use super::body::{self, Body, BodyBudget, Held};
 use super::error;
 use super::openapi::{DeployForm, ErrorBody, FunctionList};
 use crate::ServerConfig;
@@ -61,13 +61,14 @@ pub async fn deploy(
     functions: &Functions,
     telemetry: &Telemetry,
     limits: &ServerConfig,
+    budget: &BodyBudget,
     name: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Problem> {
     let (parts, incoming) = req.into_parts();
-    let upload = read_upload(&parts.headers, incoming, limits).await;
+    let upload = read_upload(&parts.headers, incoming, limits, budget).await;
     // What the request itself got wrong counts as a failed deploy, as the deploy's own refusals do.
-    let (code, config) = upload.inspect_err(|_| telemetry.metrics.deploys_failed.inc())?;
+    let (code, config, _held) = upload.inspect_err(|_| telemetry.metrics.deploys_failed.inc())?;
     let deployed = functions.deploy(name, code, config).await?;
     let status = if deployed.created {
         StatusCode::CREATED
@@ -82,10 +83,11 @@ async fn read_upload(
     headers: &http::HeaderMap,
     incoming: Incoming,
     limits: &ServerConfig,
-) -> Result<(Bytes, FunctionConfig), Problem> {
+    budget: &BodyBudget,
+) -> Result<(Bytes, FunctionConfig, Held), Problem> {
     // The code cap plus room for the multipart framing and a config part.
     let limit = limits.max_code_bytes + 64 * 1024;
-    let bytes = body::read(headers, incoming, limit, limits.body_read_timeout).await?;
+    let (bytes, held) = body::read(headers, incoming, limit, limits.body_read_timeout, budget).await?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -98,7 +100,7 @@ async fn read_upload(
     if code.len() as u64 > limits.max_code_bytes {
         return Err(error::payload_too_large(limits.max_code_bytes));
     }
-    Ok((code, config))
+    Ok((code, config, held))
 }
 
 pub(super) async fn parse_multipart(content_type: &str, bytes: Bytes) -> Result<(Bytes, FunctionConfig), Problem> {

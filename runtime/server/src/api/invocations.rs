@@ -13,7 +13,7 @@ use kiln_core::signing::{self, Refused, Signer};
 use kiln_core::storage::{BlobKind, Storage, StoredResult};
 use serde_json::json;
 
-use super::body::{self, Body};
+use super::body::{self, Body, BodyBudget, FileBody};
 use super::error;
 use super::openapi::{ErrorBody, Invocation, Submitted};
 use crate::ServerConfig;
@@ -32,6 +32,7 @@ pub async fn submit(
     functions: &Functions,
     queue: &Queue,
     limits: &ServerConfig,
+    budget: &BodyBudget,
     name: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Problem> {
@@ -52,11 +53,12 @@ pub async fn submit(
         }
     };
     let (parts, incoming) = req.into_parts();
-    let input = body::read(
+    let (input, _held) = body::read(
         &parts.headers,
         incoming,
         limits.max_async_input_bytes,
         limits.body_read_timeout,
+        budget,
     )
     .await?;
     let invocation = NewInvocation {
@@ -171,14 +173,15 @@ pub async fn result(
     })?;
     let (metadata, blobs) = (storage.metadata.clone(), storage.blobs.clone());
     let owned = id.to_owned();
-    let result = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, String> {
+    let result = tokio::task::spawn_blocking(move || -> Result<Option<Body>, String> {
         match metadata.invocation_result(&owned).map_err(|e| e.to_string())? {
             None => Ok(None),
-            Some(StoredResult::Inline(bytes)) => Ok(Some(bytes)),
+            Some(StoredResult::Inline(bytes)) => Ok(Some(Body::new(Bytes::from(bytes)))),
             Some(StoredResult::Blob(digest)) => blobs
-                .get(BlobKind::Result, &digest)
-                .map(Some)
-                .map_err(|e| format!("reading the result blob: {e}")),
+                .open(BlobKind::Result, &digest)
+                .and_then(FileBody::new)
+                .map(|file| Some(Body::File(file)))
+                .map_err(|e| format!("opening the result blob: {e}")),
         }
     })
     .await
@@ -188,6 +191,6 @@ pub async fn result(
     Ok(Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/octet-stream")
-        .body(Body::new(Bytes::from(result)))
+        .body(result)
         .expect("static headers are valid"))
 }

@@ -1,6 +1,6 @@
 //! Synchronous invoke: the request body is the guest's stdin, its stdout the response body.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -8,7 +8,7 @@ use kiln_core::functions::Functions;
 use kiln_core::problem::Problem;
 use kiln_core::telemetry::Telemetry;
 
-use super::body::{self, Body};
+use super::body::{self, Body, BodyBudget};
 use super::openapi::ErrorBody;
 use crate::ServerConfig;
 
@@ -31,24 +31,31 @@ pub async fn sync(
     functions: &Functions,
     telemetry: &Telemetry,
     limits: &ServerConfig,
+    budget: &BodyBudget,
     name: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Problem> {
     let version = super::version_param(req.uri().query())?;
     let resolved = functions.resolve(name, version).await?;
-    let (parts, incoming) = req.into_parts();
-    let input = body::read(
-        &parts.headers,
-        incoming,
-        limits.max_sync_input_bytes,
-        limits.body_read_timeout,
-    )
-    .await?;
-
     let id = uuid::Uuid::now_v7();
-    let started = Instant::now();
-    let outcome = functions.invoke(&resolved, input).await;
-    let duration = started.elapsed();
+    // Permits first, then the input: a refused invocation costs no buffered body.
+    let (outcome, duration) = match functions.admit(&resolved) {
+        Err(refused) => (Err(refused), Duration::ZERO),
+        Ok(permits) => {
+            let (parts, incoming) = req.into_parts();
+            let (input, _held) = body::read(
+                &parts.headers,
+                incoming,
+                limits.max_sync_input_bytes,
+                limits.body_read_timeout,
+                budget,
+            )
+            .await?;
+            let started = Instant::now();
+            let outcome = functions.run(&resolved, permits, input).await;
+            (outcome, started.elapsed())
+        }
+    };
     let record = &resolved.function.record;
     telemetry.sync_invocation(id, record, &outcome, duration);
     let mut response = match outcome {

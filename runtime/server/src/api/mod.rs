@@ -9,6 +9,7 @@ mod functions;
 mod http_trigger;
 mod invocations;
 mod invoke;
+mod keys;
 mod logs;
 mod openapi;
 mod tokens;
@@ -21,6 +22,8 @@ use hyper::body::Incoming;
 use kiln_core::function::is_valid_function_name;
 use kiln_core::problem::Problem;
 use kiln_core::telemetry::metrics::Gauges;
+
+use sha2::Digest as _;
 
 use crate::Server;
 use body::Body;
@@ -40,7 +43,13 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
     let method = req.method().clone();
     let api = match classify(&method, &segments) {
         Route::Healthz => return Ok(healthz(server)),
-        Route::Metrics => return Ok(metrics(server)),
+        Route::Metrics => {
+            let authorization = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
+            if !may_read_metrics(server, authorization) {
+                return Err(error::unauthorized());
+            }
+            return Ok(metrics(server));
+        }
         Route::Refused(refusal) => return Err(refusal.problem(&path)),
         _ if kiln.is_shutting_down() => return Err(error::shutting_down()),
         Route::Trigger(name) => {
@@ -55,18 +64,19 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
         .authenticate(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()))
         .ok_or_else(error::unauthorized)?;
     tokens::authorize(&kiln.storage, &kiln.telemetry.logs, &principal, &segments, &method).await?;
-    let limits = &server.config;
+    let (limits, bodies) = (&server.config, &server.bodies);
     match api {
         Api::OpenApi => Ok(openapi::document()),
-        Api::CreateToken => tokens::create(&kiln.auth, &kiln.storage, req).await,
+        Api::CreateToken => tokens::create(&kiln.auth, &kiln.storage, bodies, req).await,
         Api::ListTokens => tokens::list(&kiln.auth, &kiln.storage).await,
         Api::DeleteToken(id) => tokens::delete(&kiln.auth, &kiln.storage, id).await,
+        Api::RotateKeys => keys::rotate(&kiln.signer).await,
         Api::ListFunctions => functions::list(&kiln.functions).await,
-        Api::Deploy(name) => functions::deploy(&kiln.functions, &kiln.telemetry, limits, name, req).await,
+        Api::Deploy(name) => functions::deploy(&kiln.functions, &kiln.telemetry, limits, bodies, name, req).await,
         Api::GetFunction(name) => functions::get(&kiln.functions, name).await,
         Api::DeleteFunction(name) => functions::delete(&kiln.functions, name).await,
-        Api::Invoke(name) => invoke::sync(&kiln.functions, &kiln.telemetry, limits, name, req).await,
-        Api::InvokeAsync(name) => invocations::submit(&kiln.functions, &kiln.queue, limits, name, req).await,
+        Api::Invoke(name) => invoke::sync(&kiln.functions, &kiln.telemetry, limits, bodies, name, req).await,
+        Api::InvokeAsync(name) => invocations::submit(&kiln.functions, &kiln.queue, limits, bodies, name, req).await,
         Api::GetInvocation(id) => invocations::get(&kiln.storage, &kiln.signer, id, req.uri().query()).await,
         Api::InvocationLogs(id) => logs::get(&kiln.storage, &kiln.telemetry.logs, id).await,
         Api::Refused(refusal) => Err(refusal.problem(&path)),
@@ -101,6 +111,7 @@ pub enum Api<'a> {
     CreateToken,
     ListTokens,
     DeleteToken(&'a str),
+    RotateKeys,
     ListFunctions,
     Deploy(&'a str),
     GetFunction(&'a str),
@@ -155,6 +166,8 @@ fn classify_api<'a>(method: &Method, segments: &[&'a str]) -> Api<'a> {
         (["v1", "tokens"], _) => refused(Refusal::MethodNotAllowed),
         (["v1", "tokens", id], &Method::DELETE) => Api::DeleteToken(id),
         (["v1", "tokens", _], _) => refused(Refusal::MethodNotAllowed),
+        (["v1", "keys", "rotate"], &Method::POST) => Api::RotateKeys,
+        (["v1", "keys", "rotate"], _) => refused(Refusal::MethodNotAllowed),
         (["v1", "functions"], &Method::GET) => Api::ListFunctions,
         (["v1", "functions"], _) => refused(Refusal::MethodNotAllowed),
         (["v1", "functions", name, rest @ ..], method) => {
@@ -192,13 +205,32 @@ fn healthz(server: &Server) -> Response<Body> {
         "tiers": { "wasm": true, "microvm": microvm.is_available() },
     });
     if let Some(reason) = microvm.reason() {
-        health["unavailable"] = serde_json::json!({ "microvm": reason });
+        health["unavailable"] = serde_json::json!({ "microvm": without_host_paths(reason) });
     }
     body::json(StatusCode::OK, &health)
 }
 
-#[utoipa::path(get, path = "/metrics", tag = "operations", security(()),
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+/// `/healthz` needs no token: what it says must not map the host's file system. An absolute path
+/// in a reason (a guest kernel's, say) is shortened to its file name; the server's log and an
+/// authenticated deploy's answer keep the whole path.
+fn without_host_paths(reason: &str) -> String {
+    reason
+        .split(' ')
+        .map(|word| match word.strip_prefix('/') {
+            Some(rest) if word != "/dev/kvm" && rest.contains('/') => {
+                let tail = word.trim_end_matches([':', ',', '.', ')']);
+                let name = tail.rsplit('/').next().unwrap_or("");
+                format!("…/{name}{}", &word[tail.len()..])
+            }
+            _ => word.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "operations", security((), ("bearer" = [])),
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain"),
+        (status = 401, description = "A metrics token is configured and was not given", body = crate::api::openapi::ErrorBody)))]
 fn metrics(server: &Server) -> Response<Body> {
     let kiln = &server.kiln;
     let wasm = &kiln.functions.tiers.wasm;
@@ -212,6 +244,27 @@ fn metrics(server: &Server) -> Response<Body> {
         .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
         .body(Body::from(kiln.telemetry.metrics.render(&gauges)))
         .expect("static headers are valid")
+}
+
+/// Whether `/metrics` may be read with this `Authorization`: by anyone unless a metrics token is
+/// configured, then with it or the admin token (compared as hashes, in constant time).
+fn may_read_metrics(server: &Server, authorization: Option<&[u8]>) -> bool {
+    let Some(expected) = &server.config.metrics_token else {
+        return true;
+    };
+    if server.kiln.auth.check(authorization) {
+        return true;
+    }
+    let presented = authorization
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+        .map(str::trim)
+        .unwrap_or("");
+    let digest = |text: &str| -> [u8; 32] { sha2::Sha256::digest(text.as_bytes()).into() };
+    bool::from(subtle::ConstantTimeEq::ct_eq(
+        &digest(presented)[..],
+        &digest(expected)[..],
+    ))
 }
 
 /// Parses the `version` query parameter; other parameters are refused so a typo is not ignored.
@@ -299,6 +352,8 @@ mod tests {
                 Route::Api(Api::InvocationLogs("i")),
             ),
             (Method::DELETE, "/v1/tokens/t", Route::Api(Api::DeleteToken("t"))),
+            (Method::POST, "/v1/keys/rotate", Route::Api(Api::RotateKeys)),
+            (Method::GET, "/v1/keys/rotate", after_auth(MethodNotAllowed)),
             (Method::GET, "/v1/nope", after_auth(NotFound)),
             (Method::GET, "/v1/functions/f/invoke", after_auth(MethodNotAllowed)),
             (Method::GET, "/v1/functions/f/x", after_auth(NotFound)),
@@ -307,6 +362,18 @@ mod tests {
         ] {
             assert_eq!(classify(&method, &segments(path)), expected, "{method} {path}");
         }
+    }
+
+    #[test]
+    fn healthz_reasons_name_no_host_paths() {
+        assert_eq!(
+            without_host_paths("cannot read the guest kernel /srv/kiln/images/vmlinuz: not found"),
+            "cannot read the guest kernel …/vmlinuz: not found"
+        );
+        assert_eq!(
+            without_host_paths("the microvm tier needs KVM and this host has no /dev/kvm"),
+            "the microvm tier needs KVM and this host has no /dev/kvm"
+        );
     }
 
     #[test]

@@ -87,6 +87,8 @@ pub struct Invocation {
 pub struct NewTokenRequest {
     /// Functions the token may invoke.
     functions: Vec<String>,
+    /// Seconds the token is valid for (1 to a year); without it, until revoked.
+    ttl_s: Option<u64>,
 }
 
 #[derive(ToSchema)]
@@ -99,6 +101,17 @@ pub struct TokenView {
     scope: String,
     functions: Vec<String>,
     created_at: String,
+    /// When it stops being accepted; `null`: when revoked.
+    expires_at: Option<String>,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct Rotated {
+    /// The id of the key that signs from now on.
+    kid: String,
+    /// How many keys were retired.
+    retired: u32,
 }
 
 #[derive(ToSchema)]
@@ -138,9 +151,10 @@ impl Modify for BearerAuth {
         super::tokens::create,
         super::tokens::list,
         super::tokens::delete,
+        super::keys::rotate,
         document,
     ),
-    components(schemas(ErrorBody, ErrorObject, DeployForm, FunctionList, Submitted, Invocation, NewTokenRequest, TokenView, TokenList)),
+    components(schemas(ErrorBody, ErrorObject, DeployForm, FunctionList, Submitted, Invocation, NewTokenRequest, TokenView, TokenList, Rotated)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
 )]

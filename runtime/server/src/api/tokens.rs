@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use kiln_core::auth::{Auth, Principal};
+use kiln_core::auth::{Auth, Principal, MAX_TOKEN_TTL_SECS};
 use kiln_core::function::is_valid_function_name;
 use kiln_core::problem::Problem;
 use kiln_core::storage::Storage;
@@ -16,7 +16,7 @@ use kiln_core::telemetry::invocation_logs::InvocationLogs;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::body::{self, Body};
+use super::body::{self, Body, BodyBudget};
 use super::error::{self, forbidden};
 use super::openapi::{ErrorBody, NewTokenRequest, TokenList, TokenView};
 
@@ -77,16 +77,41 @@ pub async fn authorize(
 #[serde(deny_unknown_fields)]
 struct NewToken {
     functions: BTreeSet<String>,
+    /// Seconds the token is valid for; without it, until revoked.
+    #[serde(default)]
+    ttl_s: Option<u64>,
+}
+
+/// Unix seconds as the API shows times.
+fn rfc3339(unix_secs: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix_secs as i64)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
 }
 
 #[utoipa::path(post, path = "/v1/tokens", tag = "tokens", request_body = NewTokenRequest,
     responses((status = 201, description = "The token; its secret is shown only here", body = TokenView),
         (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
-pub async fn create(auth: &Arc<Auth>, storage: &Storage, req: Request<Incoming>) -> Result<Response<Body>, Problem> {
+pub async fn create(
+    auth: &Arc<Auth>,
+    storage: &Storage,
+    budget: &BodyBudget,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Problem> {
     let (parts, incoming) = req.into_parts();
-    let bytes = body::read(&parts.headers, incoming, 64 * 1024, Duration::from_secs(10)).await?;
+    let (bytes, _held) = body::read(&parts.headers, incoming, 64 * 1024, Duration::from_secs(10), budget).await?;
     let request: NewToken = serde_json::from_slice(&bytes)
-        .map_err(|e| error::invalid_request(format!("expected {{\"functions\": [names]}}: {e}")))?;
+        .map_err(|e| error::invalid_request(format!("expected {{\"functions\": [names], \"ttl_s\": seconds}}: {e}")))?;
+    let ttl = match request.ttl_s {
+        None => None,
+        Some(seconds) if (1..=MAX_TOKEN_TTL_SECS).contains(&seconds) => Some(Duration::from_secs(seconds)),
+        Some(_) => {
+            return Err(error::invalid_request(format!(
+                "ttl_s must be between 1 and {MAX_TOKEN_TTL_SECS} seconds"
+            )))
+        }
+    };
     if request.functions.is_empty() || request.functions.len() > MAX_FUNCTIONS {
         return Err(error::invalid_request(format!(
             "functions must name 1 to {MAX_FUNCTIONS} functions"
@@ -99,7 +124,7 @@ pub async fn create(auth: &Arc<Auth>, storage: &Storage, req: Request<Incoming>)
     }
     let (auth, metadata) = (auth.clone(), storage.metadata.clone());
     let (token, secret, created_at) =
-        tokio::task::spawn_blocking(move || auth.create_scoped(metadata.as_ref(), request.functions))
+        tokio::task::spawn_blocking(move || auth.create_scoped(metadata.as_ref(), request.functions, ttl))
             .await
             .expect("token task panicked")
             .map_err(Problem::internal)?;
@@ -111,6 +136,7 @@ pub async fn create(auth: &Arc<Auth>, storage: &Storage, req: Request<Incoming>)
             "scope": "invoke",
             "functions": token.functions,
             "created_at": created_at,
+            "expires_at": token.expires_at.map(rfc3339),
         }),
     ))
 }
@@ -126,7 +152,10 @@ pub async fn list(auth: &Arc<Auth>, storage: &Storage) -> Result<Response<Body>,
     let tokens: Vec<_> = tokens
         .into_iter()
         .map(|(token, created_at)| {
-            json!({ "id": token.id, "scope": "invoke", "functions": token.functions, "created_at": created_at })
+            json!({
+                "id": token.id, "scope": "invoke", "functions": token.functions, "created_at": created_at,
+                "expires_at": token.expires_at.map(rfc3339),
+            })
         })
         .collect();
     Ok(body::json(StatusCode::OK, &json!({ "tokens": tokens })))

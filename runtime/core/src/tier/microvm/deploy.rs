@@ -62,7 +62,7 @@ impl MicrovmTier {
         let Some((hypervisor, image)) = self.runtime() else {
             return Err(DeployError::TierUnavailable(self.unavailable()));
         };
-        let permit = self.vms.take().await;
+        let permit = self.vms.take(1).await;
         let (layout, upload, name) = (self.layout.clone(), artifact.bytes.clone(), name.to_owned());
         let (memory_mib, env) = (config.memory_mb as u32, config.env.clone());
         tokio::task::spawn_blocking(move || {

@@ -39,7 +39,7 @@ impl MicrovmTier {
     /// Restores `function`, runs one request and tears the VM down. The permits move to the VM's
     /// thread: they are released when the VM is gone, even if this future is dropped first (a
     /// client that hangs up does not free a slot early).
-    pub(crate) async fn run(
+    pub(crate) async fn run_vm(
         &self,
         permits: Permits,
         function: &Arc<MicrovmFunction>,
@@ -182,6 +182,17 @@ mod tests {
         Arc::new(MicrovmFunction::new(Snapshot::load(dir).unwrap()))
     }
 
+    /// Admit, then run: the tier's two steps, as `Functions::invoke` takes them.
+    async fn invoke(
+        tier: &MicrovmTier,
+        f: &LoadedFunction,
+        concurrency: &Limit,
+        input: Bytes,
+    ) -> Result<Success, InvokeError> {
+        let permits = tier.admit(f, concurrency)?;
+        tier.run(permits, f, input).await
+    }
+
     /// Kiln's invocation path — permits, restore on the blocking pool, automatic RESEED, REQUEST,
     /// LOG and RESPONSE, teardown, shaping, timeout — with the VMM's tiny agent-protocol guest in
     /// place of Linux, so it runs on hosts (PVM) where the Linux guest cannot.
@@ -221,8 +232,7 @@ mod tests {
         let mut seeds = Vec::new();
         for i in 0..4 {
             let input = format!("request {i}");
-            let success = tier
-                .invoke(&native, &concurrency, Bytes::from(input.clone()))
+            let success = invoke(&tier, &native, &concurrency, Bytes::from(input.clone()))
                 .await
                 .unwrap();
             // The guest answers with the seed it was sent and the input; exit code 0 because every
@@ -239,8 +249,8 @@ mod tests {
 
         // The tier's VM limit: with its one permit taken, an invocation is refused; the function's own
         // limit is checked first.
-        let held = Permits::take("other", &Limit::new(1), &tier.vms).unwrap();
-        let busy = tier.invoke(&native, &concurrency, Bytes::new()).await.err().unwrap();
+        let held = Permits::take("other", &Limit::new(1), &tier.vms, 1).unwrap();
+        let busy = invoke(&tier, &native, &concurrency, Bytes::new()).await.err().unwrap();
         assert!(matches!(busy, InvokeError::PoolBusy(1)), "{busy}");
         drop(held);
         assert_eq!(concurrency.in_use(), 0, "a refused invocation holds no function permit");
@@ -252,16 +262,14 @@ mod tests {
         };
         let spinning = function(&spin, &short);
         let started = Instant::now();
-        let err = tier
-            .invoke(&spinning, &concurrency, Bytes::from_static(b"x"))
+        let err = invoke(&tier, &spinning, &concurrency, Bytes::from_static(b"x"))
             .await
             .err()
             .unwrap();
         assert!(matches!(err, InvokeError::Timeout(100)), "{err}");
         assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
         // The permits came back with the VM: the tier serves again.
-        assert!(tier
-            .invoke(&native, &concurrency, Bytes::from_static(b"ok"))
+        assert!(invoke(&tier, &native, &concurrency, Bytes::from_static(b"ok"))
             .await
             .is_ok());
         assert_eq!((concurrency.in_use(), tier.vms.in_use()), (0, 0));

@@ -177,16 +177,14 @@ impl Tier for MicrovmTier {
         Ok(Entry::Microvm(function))
     }
 
-    async fn invoke(
-        &self,
-        f: &LoadedFunction,
-        concurrency: &Concurrency,
-        input: Bytes,
-    ) -> Result<Success, InvokeError> {
+    fn admit(&self, f: &LoadedFunction, concurrency: &Concurrency) -> Result<Permits, InvokeError> {
+        Permits::take(&f.record.name, concurrency, &self.vms, 1)
+    }
+
+    async fn run(&self, permits: Permits, f: &LoadedFunction, input: Bytes) -> Result<Success, InvokeError> {
         let Entry::Microvm(function) = &f.entry else {
-            unreachable!("Tiers::invoke sends only microvm functions here")
+            unreachable!("Tiers sends only microvm functions to the microvm tier")
         };
-        let permits = Permits::take(&f.record.name, concurrency, &self.vms)?;
-        self.run(permits, function, &f.record.config, input).await
+        self.run_vm(permits, function, &f.record.config, input).await
     }
 }

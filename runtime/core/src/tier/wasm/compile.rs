@@ -2,21 +2,31 @@
 //! and stored as `<data>/compiled/<key>/<digest>.cwasm`, where `key` hashes the engine's
 //! compatibility hash (wasmtime version and every codegen setting) with the CPU features detected
 //! here. A node whose CPU or engine settings differ has a different key, finds no entry, and
-//! recompiles on first use (logged once per key and per artifact). Invocations load entries with
-//! `deserialize_file`, which maps the file instead of reading it.
+//! recompiles on first use (logged once per key and per artifact).
+//!
+//! Compiled code is native code, so nothing is loaded on trust: beside each `.cwasm` is its
+//! `.seal`, the code's [`Footprint`] and a keyed MAC (`storage::seal`) over the engine key, the
+//! artifact's digest, the footprint and the code's SHA-256. A file that does not verify — copied
+//! over another function's, restored from another node, half-written — is logged, set aside
+//! (`<name>.rejected`) and compiled again from its artifact, whose own digest is checked; it is
+//! never executed. Loading maps the verified file (`deserialize_open_file`) rather than copying it.
 
+use std::fs::File;
 use std::hash::Hasher;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use wasmtime::component::Component;
 use wasmtime::{Engine, Module};
 
+use super::footprint::Footprint;
 use crate::digest::Digest;
 use crate::function::ArtifactKind;
 use crate::storage::local::write_atomic;
+use crate::storage::seal::Sealer;
 use crate::storage::{BlobKind, Blobs, Layout};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +35,8 @@ pub enum CompileError {
     Compile(String),
     #[error("compile cache I/O: {0}")]
     Io(#[from] std::io::Error),
+    #[error("the stored artifact {0} does not match its digest")]
+    CorruptArtifact(String),
 }
 
 /// Native executables run in microVMs (`crate::tier::microvm`) and have no compiled form.
@@ -39,18 +51,37 @@ pub enum Compiled {
     Component(Component),
 }
 
+/// Compiled code not yet stored: the bytes and what an instance of them takes from the pool.
+pub struct Precompiled {
+    pub cwasm: Vec<u8>,
+    pub footprint: Footprint,
+}
+
+/// What is written beside a `.cwasm`.
+#[derive(Serialize, Deserialize)]
+struct Seal {
+    footprint: Footprint,
+    mac: String,
+}
+
 pub struct CompileCache {
     engine: Engine,
     layout: Layout,
     /// Where artifacts are, to compile one this engine/CPU has no entry for.
     blobs: Arc<dyn Blobs>,
+    sealer: Sealer,
     dir: PathBuf,
     key: String,
     compilations: AtomicU64,
 }
 
 impl CompileCache {
-    pub fn open(engine: Engine, layout: Layout, blobs: Arc<dyn Blobs>) -> std::io::Result<CompileCache> {
+    pub fn open(
+        engine: Engine,
+        layout: Layout,
+        blobs: Arc<dyn Blobs>,
+        sealer: Sealer,
+    ) -> std::io::Result<CompileCache> {
         let key = cache_key(&engine);
         let dir = layout.compiled().join(&key);
         if !dir.exists() {
@@ -61,6 +92,7 @@ impl CompileCache {
             engine,
             layout,
             blobs,
+            sealer,
             dir,
             key,
             compilations: AtomicU64::new(0),
@@ -80,15 +112,23 @@ impl CompileCache {
         self.dir.join(format!("{}.cwasm", digest.hex()))
     }
 
+    fn seal_path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join(format!("{}.seal", digest.hex()))
+    }
+
     /// Compiles `bytes` to native code for this host. CPU-bound: call it off the async threads.
-    pub fn precompile(&self, kind: ArtifactKind, bytes: &[u8]) -> Result<Vec<u8>, CompileError> {
+    pub fn precompile(&self, kind: ArtifactKind, bytes: &[u8]) -> Result<Precompiled, CompileError> {
         self.compilations.fetch_add(1, Ordering::Relaxed);
         let result = match kind {
             ArtifactKind::Module => self.engine.precompile_module(bytes),
             ArtifactKind::Component => self.engine.precompile_component(bytes),
             ArtifactKind::Native => return Err(not_wasm()),
         };
-        result.map_err(|e| CompileError::Compile(format!("{e:#}")))
+        let cwasm = result.map_err(|e| CompileError::Compile(format!("{e:#}")))?;
+        Ok(Precompiled {
+            cwasm,
+            footprint: Footprint::of(kind, bytes),
+        })
     }
 
     /// Loads precompiled code from memory (deploy uses it to link-check before anything is stored).
@@ -104,46 +144,140 @@ impl CompileCache {
         loaded.map_err(|e| CompileError::Compile(format!("{e:#}")))
     }
 
-    /// Stores compiled code for `digest` durably.
-    pub fn store(&self, digest: &Digest, cwasm: &[u8]) -> Result<(), CompileError> {
-        Ok(write_atomic(&self.layout.tmp(), &self.path(digest), cwasm)?)
+    /// What the seal of compiled code for `digest` covers.
+    fn sealed_parts(&self, digest: &Digest, footprint: &Footprint, cwasm_sha256: &[u8]) -> Vec<Vec<u8>> {
+        vec![
+            b"kiln compiled code v1".to_vec(),
+            self.key.as_bytes().to_vec(),
+            digest.hex().as_bytes().to_vec(),
+            serde_json::to_vec(footprint).expect("a footprint serialises"),
+            cwasm_sha256.to_vec(),
+        ]
     }
 
-    /// Loads the compiled code of an artifact, compiling it first if this engine/CPU has no entry
-    /// (or the entry cannot be loaded). Blocking; call it off the async threads.
-    pub fn load(&self, kind: ArtifactKind, digest: &Digest) -> Result<Compiled, CompileError> {
-        let path = self.path(digest);
-        if path.exists() {
-            // SAFETY: files under `dir` are written only by `store` (atomically) with code this
-            // engine configuration produced; the key in the path pins the configuration.
-            let loaded = unsafe {
-                match kind {
-                    ArtifactKind::Module => Module::deserialize_file(&self.engine, &path).map(Compiled::Module),
-                    ArtifactKind::Component => {
-                        Component::deserialize_file(&self.engine, &path).map(Compiled::Component)
+    /// Stores compiled code for `digest` durably, with its seal (written last: code without a
+    /// seal is never loaded).
+    pub fn store(&self, digest: &Digest, compiled: &Precompiled) -> Result<(), CompileError> {
+        let parts = self.sealed_parts(digest, &compiled.footprint, &Sha256::digest(&compiled.cwasm));
+        let seal = Seal {
+            footprint: compiled.footprint,
+            mac: self.sealer.seal(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>()),
+        };
+        write_atomic(&self.layout.tmp(), &self.path(digest), &compiled.cwasm)?;
+        let seal = serde_json::to_vec(&seal).expect("a seal serialises");
+        Ok(write_atomic(&self.layout.tmp(), &self.seal_path(digest), &seal)?)
+    }
+
+    /// Loads the compiled code of an artifact and its footprint, compiling it first if this
+    /// engine/CPU has no entry, or the entry does not verify or load. Blocking; call it off the
+    /// async threads.
+    pub fn load(&self, kind: ArtifactKind, digest: &Digest) -> Result<(Compiled, Footprint), CompileError> {
+        match self.open_sealed(digest)? {
+            Cached::Sealed(file, footprint) => {
+                // SAFETY: the file's bytes are what this node compiled for `digest` with this
+                // engine configuration: its seal, keyed by this node and naming the digest and the
+                // engine key, was verified just now over the same open file (a module is mapped
+                // from that very descriptor; a component, which wasmtime maps only by path, from
+                // the same path a moment later — the data directory is trusted not to change
+                // under a running server, the seal guards against what was put there before).
+                let loaded = unsafe {
+                    match kind {
+                        ArtifactKind::Module => Module::deserialize_open_file(&self.engine, file).map(Compiled::Module),
+                        ArtifactKind::Component => {
+                            Component::deserialize_file(&self.engine, self.path(digest)).map(Compiled::Component)
+                        }
+                        ArtifactKind::Native => return Err(not_wasm()),
                     }
-                    ArtifactKind::Native => return Err(not_wasm()),
+                };
+                match loaded {
+                    Ok(compiled) => return Ok((compiled, footprint)),
+                    Err(e) => {
+                        tracing::warn!(digest = digest.hex(), error = %e, "cached code does not load; recompiling")
+                    }
                 }
-            };
-            match loaded {
-                Ok(compiled) => return Ok(compiled),
-                Err(e) => tracing::warn!(digest = digest.hex(), error = %e, "cached code does not load; recompiling"),
+            }
+            Cached::Missing => {
+                tracing::info!(digest = digest.hex(), key = %self.key, "compiling for this engine/CPU (no cache entry)");
+            }
+            Cached::Rejected(set_aside) => {
+                tracing::warn!(
+                    digest = digest.hex(),
+                    set_aside = %set_aside.display(),
+                    "compiled code does not match its seal: set aside, never loaded; compiling it again from the artifact"
+                );
             }
         }
-        tracing::info!(digest = digest.hex(), key = %self.key, "compiling for this engine/CPU (no cache entry)");
         let bytes = self.blobs.get(BlobKind::Artifact, digest)?;
-        let cwasm = self.precompile(kind, &bytes)?;
-        self.store(digest, &cwasm)?;
-        self.load(kind, digest)
+        if Digest::of(&bytes) != *digest {
+            return Err(CompileError::CorruptArtifact(digest.prefixed()));
+        }
+        let compiled = self.precompile(kind, &bytes)?;
+        self.store(digest, &compiled)?;
+        let loaded = self.load_bytes(kind, &compiled.cwasm)?;
+        Ok((loaded, compiled.footprint))
+    }
+
+    /// The cache entry of `digest`, verified against its seal; one that does not verify is moved
+    /// out of the way.
+    fn open_sealed(&self, digest: &Digest) -> std::io::Result<Cached> {
+        let path = self.path(digest);
+        let mut file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Cached::Missing),
+            Err(e) => return Err(e),
+        };
+        let seal: Option<Seal> = std::fs::read(self.seal_path(digest))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut file, &mut HashWriter(&mut hasher))?;
+        let sha = hasher.finalize();
+        if let Some(seal) = seal {
+            let parts = self.sealed_parts(digest, &seal.footprint, &sha);
+            if self
+                .sealer
+                .verify(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>(), &seal.mac)
+            {
+                return Ok(Cached::Sealed(file, seal.footprint));
+            }
+        }
+        let rejected = path.with_extension("cwasm.rejected");
+        std::fs::rename(&path, &rejected)?;
+        let _ = std::fs::remove_file(self.seal_path(digest));
+        Ok(Cached::Rejected(rejected))
     }
 
     /// Removes the compiled entries of an artifact, under every key.
     pub fn remove(&self, digest: &Digest) {
         if let Ok(keys) = std::fs::read_dir(self.layout.compiled()) {
             for key in keys.flatten() {
-                let _ = std::fs::remove_file(key.path().join(format!("{}.cwasm", digest.hex())));
+                for suffix in ["cwasm", "seal", "cwasm.rejected"] {
+                    let _ = std::fs::remove_file(key.path().join(format!("{}.{suffix}", digest.hex())));
+                }
             }
         }
+    }
+}
+
+/// A cache entry, as found.
+enum Cached {
+    Missing,
+    /// It did not verify; it is now at this path.
+    Rejected(PathBuf),
+    /// Verified, and open.
+    Sealed(File, Footprint),
+}
+
+/// Feeds what is copied into a hash.
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.update(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

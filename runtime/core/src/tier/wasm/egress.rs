@@ -198,6 +198,9 @@ pub fn is_internal(ip: IpAddr) -> bool {
 const MAX_OUTBOUND_PER_INSTANCE: usize = 32;
 /// Name lookups in flight at once, server-wide: each holds a thread of the blocking pool.
 const MAX_LOOKUPS: usize = 64;
+/// Name lookups one instance may have in flight: its share of the server's, so one tenant's slow
+/// names cannot take every slot.
+const MAX_LOOKUPS_PER_INSTANCE: usize = 4;
 
 /// What completes an outbound exchange after its response headers arrived (the connection
 /// still carrying the body).
@@ -248,6 +251,8 @@ pub fn check_allowed_hosts(entries: &[String]) -> Result<(), String> {
 pub struct Egress {
     rules: Arc<[Rule]>,
     outbound: Arc<Semaphore>,
+    /// This instance's share of the server's name-lookup slots.
+    lookups: Arc<Semaphore>,
     connector: Arc<dyn Connector>,
 }
 
@@ -268,6 +273,7 @@ impl Egress {
         Ok(Egress {
             rules: rules.into(),
             outbound: Arc::new(Semaphore::new(MAX_OUTBOUND_PER_INSTANCE)),
+            lookups: Arc::new(Semaphore::new(MAX_LOOKUPS_PER_INSTANCE)),
             connector,
         })
     }
@@ -282,6 +288,7 @@ impl Egress {
         Egress {
             rules: self.rules.clone(),
             outbound: Arc::new(Semaphore::new(MAX_OUTBOUND_PER_INSTANCE)),
+            lookups: Arc::new(Semaphore::new(MAX_LOOKUPS_PER_INSTANCE)),
             connector: self.connector.clone(),
         }
     }
@@ -307,15 +314,21 @@ impl Egress {
             Host::Ip(ip) => (vec![SocketAddr::new(*ip, port)], ip.to_string()),
             Host::Name(name) => {
                 static LOOKUPS: Semaphore = Semaphore::const_new(MAX_LOOKUPS);
-                let _lookup_slot = LOOKUPS.acquire().await.map_err(|_| Error::DnsTimeout)?;
-                let lookup = tokio::net::lookup_host((name.as_str(), port));
+                // Waiting for a slot counts against the same deadline as the lookup itself: a
+                // slot held by someone's slow name is never waited on for longer.
+                let lookup = async {
+                    let _mine = self.lookups.acquire().await.map_err(|_| Error::DnsTimeout)?;
+                    let _server_wide = LOOKUPS.acquire().await.map_err(|_| Error::DnsTimeout)?;
+                    tokio::net::lookup_host((name.as_str(), port))
+                        .await
+                        .map_err(|_| Error::DnsError {
+                            rcode: Some("name not resolved".to_owned()),
+                            info_code: None,
+                        })
+                };
                 let found = tokio::time::timeout(CONNECT_TIMEOUT, lookup)
                     .await
-                    .map_err(|_| Error::DnsTimeout)?
-                    .map_err(|_| Error::DnsError {
-                        rcode: Some("name not resolved".to_owned()),
-                        info_code: None,
-                    })?;
+                    .map_err(|_| Error::DnsTimeout)??;
                 (found.collect(), name.clone())
             }
         };
@@ -382,6 +395,31 @@ impl WasiHttpHooks for Egress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lookup waits for a slot no longer than the lookup deadline: an instance whose share of
+    /// the slots is taken (its own slow names) gets `DnsTimeout`, and never resolves anything.
+    #[tokio::test(start_paused = true)]
+    async fn a_lookup_waits_for_its_slot_no_longer_than_the_deadline() {
+        let egress = Egress::new(&["http://slow.example".to_owned()], Arc::new(NoConnector))
+            .unwrap()
+            .for_instance();
+        let _taken = egress
+            .lookups
+            .clone()
+            .acquire_many_owned(MAX_LOOKUPS_PER_INSTANCE as u32)
+            .await
+            .unwrap();
+        let uri: http::Uri = "http://slow.example/".parse().unwrap();
+        let started = tokio::time::Instant::now();
+        let refused = egress.destination(&uri).await.unwrap_err();
+        assert!(matches!(refused, Error::DnsTimeout), "{refused:?}");
+        assert_eq!(started.elapsed(), CONNECT_TIMEOUT);
+        // Another instance of the same function has its own share.
+        assert_eq!(
+            egress.for_instance().lookups.available_permits(),
+            MAX_LOOKUPS_PER_INSTANCE
+        );
+    }
 
     #[test]
     fn entries_parse_strictly() {

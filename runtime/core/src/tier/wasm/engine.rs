@@ -13,6 +13,19 @@
 //! | tables             | 2 × max_instances     | cheap: 8 bytes per element                       |
 //! | async stacks       | max_instances         | one fiber stack per running invocation           |
 //!
+//! The pool is never exhausted by one tenant at another's expense: an invocation takes as many of
+//! the `max_instances` permits as its code needs pool slots — its *weight*, one per memory, per
+//! [`TABLES_PER_PERMIT`] tables and per [`CORE_INSTANCES_PER_PERMIT`] core instances — and its store
+//! may create no more than its weight stands for (`limits::PoolShare`). A component with eight
+//! memories takes eight permits; past `max_instances` the caller gets `too_many_requests`, never
+//! another function a failure to instantiate.
+//!
+//! Proposals no supported guest toolchain emits (Rust, C via zig, componentize-py,
+//! componentize-js) are off: 64-bit memories, GC and typed function references, exceptions,
+//! threads, stack switching, wide arithmetic, custom page sizes, the component model's async
+//! ABI. Less code compiled means less attack surface; an upload that uses one is refused at
+//! deploy, naming the feature ([`features`] is what the deploy validator allows).
+//!
 //! Epoch interruption bounds guest code in time: a ticker thread advances the engine's epoch every
 //! `EPOCH_TICK`, and each store gets a deadline in ticks.
 
@@ -20,6 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use wasmparser::WasmFeatures;
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::function::MAX_MEMORY_MB;
@@ -30,6 +44,11 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 pub const TABLE_ELEMENTS: usize = 100_000;
 pub const MEMORIES_PER_MODULE: u32 = 1;
 pub const TABLES_PER_MODULE: u32 = 4;
+/// Pool slots one permit stands for, by kind (the pool's ratios above).
+pub const TABLES_PER_PERMIT: u32 = 2;
+pub const CORE_INSTANCES_PER_PERMIT: u32 = 4;
+/// The most permits one invocation may need; code that needs more is refused at deploy.
+pub const MAX_WEIGHT: u32 = 16;
 /// Deepest Wasm stack a guest may use before it traps with a stack overflow.
 pub const MAX_WASM_STACK: usize = 1 << 20;
 
@@ -40,13 +59,13 @@ const MIB: usize = 1 << 20;
 pub fn engine(max_instances: u32) -> wasmtime::Result<Engine> {
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(max_instances)
-        .total_core_instances(4 * max_instances)
+        .total_core_instances(CORE_INSTANCES_PER_PERMIT * max_instances)
         .total_memories(max_instances)
-        .total_tables(2 * max_instances)
+        .total_tables(TABLES_PER_PERMIT * max_instances)
         .total_stacks(max_instances)
-        .max_core_instances_per_component(32)
-        .max_memories_per_component(8)
-        .max_tables_per_component(16)
+        .max_core_instances_per_component(CORE_INSTANCES_PER_PERMIT * MAX_WEIGHT)
+        .max_memories_per_component(MAX_WEIGHT)
+        .max_tables_per_component(TABLES_PER_PERMIT * MAX_WEIGHT)
         .max_memories_per_module(MEMORIES_PER_MODULE)
         .max_tables_per_module(TABLES_PER_MODULE)
         .table_elements(TABLE_ELEMENTS)
@@ -70,10 +89,37 @@ pub fn engine(max_instances: u32) -> wasmtime::Result<Engine> {
         .epoch_interruption(true)
         .max_wasm_stack(MAX_WASM_STACK)
         .async_stack_size(MAX_WASM_STACK + 512 * 1024)
+        // Fiber stacks are reused across tenants: zero them, so a compiler bug that reads a stack
+        // slot before writing it cannot read another tenant's data.
+        .async_stack_zeroing(true)
         .memory_init_cow(true)
         .cranelift_opt_level(wasmtime::OptLevel::Speed)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    config.wasm_features(DISABLED, false);
     Engine::new(&config)
+}
+
+/// The proposals turned off (see the module doc).
+const DISABLED: WasmFeatures = WasmFeatures::MEMORY64
+    .union(WasmFeatures::GC)
+    .union(WasmFeatures::FUNCTION_REFERENCES)
+    .union(WasmFeatures::EXCEPTIONS)
+    .union(WasmFeatures::LEGACY_EXCEPTIONS)
+    .union(WasmFeatures::THREADS)
+    .union(WasmFeatures::SHARED_EVERYTHING_THREADS)
+    .union(WasmFeatures::STACK_SWITCHING)
+    .union(WasmFeatures::WIDE_ARITHMETIC)
+    .union(WasmFeatures::CUSTOM_PAGE_SIZES)
+    .union(WasmFeatures::CM_ASYNC)
+    .union(WasmFeatures::CM_MORE_ASYNC_BUILTINS)
+    .union(WasmFeatures::CM_ASYNC_STACKFUL)
+    .union(WasmFeatures::CM_THREADING)
+    .union(WasmFeatures::CM_ERROR_CONTEXT)
+    .union(WasmFeatures::CM_GC);
+
+/// What a deploy's validator accepts: the validator's defaults without the disabled proposals.
+pub fn features() -> WasmFeatures {
+    WasmFeatures::default().difference(DISABLED)
 }
 
 /// Advances the engine's epoch every `EPOCH_TICK` until dropped.

@@ -15,7 +15,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::egress::Egress;
 use super::engine::ticks_for;
-use super::limits::{CappedOutput, MemoryLimiter, MAX_HOST_OBJECTS, MAX_RANDOM_BYTES};
+use super::limits::{CappedOutput, MemoryLimiter, PoolShare, MAX_HOST_OBJECTS, MAX_RANDOM_BYTES};
 use crate::outcome::{Failure, InvokeError, Success, STDERR_CAP, STDERR_TAIL, STDOUT_CAP};
 
 /// Longest stretch guest code runs before it yields to the other tasks on its thread.
@@ -99,6 +99,8 @@ pub struct Guest<'a> {
     pub env: &'a [(String, String)],
     pub egress: &'a Egress,
     pub memory_bytes: usize,
+    /// What of the pool the store may take: what its permits stand for.
+    pub share: PoolShare,
     pub timeout: Duration,
     pub timeout_ms: u64,
 }
@@ -130,7 +132,7 @@ impl Guest<'_> {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .max_random_size(MAX_RANDOM_BYTES);
-        let state = T::new(wasi, MemoryLimiter::new(self.memory_bytes), self.egress);
+        let state = T::new(wasi, MemoryLimiter::new(self.memory_bytes, self.share), self.egress);
         let mut store = Store::new(engine, state);
         store.limiter(|s| s.limiter());
         arm_deadline(&mut store, self.timeout);

@@ -16,7 +16,7 @@ use crate::outcome::{InvokeError, Success};
 
 impl WasmTier {
     /// Runs `f` on `input` (its stdin) once.
-    pub(super) async fn run(
+    pub(super) async fn run_guest(
         &self,
         f: &WasmFunction,
         record: &VersionRecord,
@@ -147,5 +147,48 @@ mod tests {
 
         assert_eq!(functions.tiers.wasm.instances_in_use(), 0, "every permit came back");
         assert_eq!(echo.concurrency.in_use(), 0);
+    }
+}
+
+#[cfg(test)]
+mod hostile {
+    use bytes::Bytes;
+
+    use crate::deploy::DeployError;
+    use crate::function::FunctionConfig;
+    use crate::outcome::InvokeError;
+
+    fn guest(name: &str) -> Bytes {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../guests/hostile/{name}.wat"));
+        Bytes::from(std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_memory_of_a_component_counts_against_one_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let functions = crate::testing::functions(dir.path());
+        let wide = functions
+            .deploy("wide", guest("wide_memory"), FunctionConfig::default())
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&wide, DeployError::InvalidCode(m) if m.contains("memory64")),
+            "a 64-bit memory is refused, naming the proposal: {wide}"
+        );
+        functions
+            .deploy("two", guest("two_memories"), FunctionConfig::default())
+            .await
+            .unwrap();
+        let two = functions.resolve("two", None).await.unwrap();
+        let Err(InvokeError::Failed(failed)) = functions.invoke(&two, Bytes::new()).await else {
+            panic!("200 MiB across two memories under a 128 MiB limit must fail")
+        };
+        assert!(
+            failed.message.contains("memory limit of 128 MiB exceeded"),
+            "{}",
+            failed.message
+        );
+        assert_eq!(functions.tiers.wasm.instances_in_use(), 0);
     }
 }

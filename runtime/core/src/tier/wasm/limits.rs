@@ -20,19 +20,51 @@ pub const MAX_HOST_OBJECTS: usize = 10_000;
 /// Bytes one `random_get` may ask for: the host fills them without yielding.
 pub const MAX_RANDOM_BYTES: u64 = 1 << 20;
 
-/// Caps a store's linear memory (all memories together) and table sizes.
+/// Caps a store's linear memory (all its memories together), its tables' sizes, and how many
+/// memories, tables and core instances it may create (its share of the pool, see `engine`).
+///
+/// The count of bytes in use is kept with checked arithmetic: wasmtime asks before it checks a
+/// memory's own maximum, so `desired` may be anything up to `usize::MAX` (a 64-bit memory asked to
+/// grow by 2^48 pages), and a growth that fails after it was allowed is given back
+/// (`memory_grow_failed`). A wrapped or stale count would let the next growth through.
 pub struct MemoryLimiter {
     limit: usize,
     used: usize,
+    /// The growth allowed last, until wasmtime reports whether it happened.
+    pending: usize,
     exceeded: bool,
+    share: PoolShare,
+}
+
+/// How much of the pool one store may take: the memories, tables and core instances its
+/// permits stand for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolShare {
+    pub memories: usize,
+    pub tables: usize,
+    pub core_instances: usize,
+}
+
+impl PoolShare {
+    /// What `weight` pool permits stand for (the ratios the pool is sized with, `engine`).
+    pub fn of_weight(weight: u32) -> PoolShare {
+        let weight = weight as usize;
+        PoolShare {
+            memories: weight,
+            tables: weight * super::engine::TABLES_PER_PERMIT as usize,
+            core_instances: weight * super::engine::CORE_INSTANCES_PER_PERMIT as usize,
+        }
+    }
 }
 
 impl MemoryLimiter {
-    pub fn new(limit: usize) -> MemoryLimiter {
+    pub fn new(limit: usize, share: PoolShare) -> MemoryLimiter {
         MemoryLimiter {
             limit,
             used: 0,
+            pending: 0,
             exceeded: false,
+            share,
         }
     }
 
@@ -44,23 +76,54 @@ impl MemoryLimiter {
     pub fn limit_mib(&self) -> usize {
         self.limit >> 20
     }
+
+    /// Bytes of linear memory in use, all memories together.
+    pub fn used(&self) -> usize {
+        self.used
+    }
 }
 
 impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
-        let used = self.used - current + desired;
-        if used > self.limit {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.pending = 0;
+        // Past the memory's own maximum wasmtime refuses the growth itself (memory.grow gives -1):
+        // nothing to count.
+        if maximum.is_some_and(|max| desired > max) {
+            return Ok(false);
+        }
+        let growth = desired.saturating_sub(current);
+        let used = self.used.checked_add(growth).filter(|&used| used <= self.limit);
+        let Some(used) = used else {
             self.exceeded = true;
             // Trapping (rather than failing `memory.grow` with -1) ends the invocation with a
             // clear reason instead of letting the guest limp on or abort with its own message.
             wasmtime::bail!("memory limit of {} MiB exceeded", self.limit_mib());
-        }
+        };
         self.used = used;
+        self.pending = growth;
         Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        // The growth allowed just before did not happen: give its bytes back.
+        self.used -= std::mem::take(&mut self.pending);
+        Ok(())
     }
 
     fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= TABLE_ELEMENTS)
+    }
+
+    fn memories(&self) -> usize {
+        self.share.memories
+    }
+
+    fn tables(&self) -> usize {
+        self.share.tables
+    }
+
+    fn instances(&self) -> usize {
+        self.share.core_instances
     }
 }
 
@@ -205,12 +268,44 @@ mod tests {
         assert!(out.check_write().is_ok(), "a full buffer still completes its flush");
     }
 
+    fn limiter() -> MemoryLimiter {
+        MemoryLimiter::new(1 << 20, PoolShare::of_weight(1))
+    }
+
     #[test]
     fn memory_limit_counts_growth() {
-        let mut limiter = MemoryLimiter::new(1 << 20);
+        let mut limiter = limiter();
         assert!(limiter.memory_growing(0, 512 << 10, None).unwrap());
         assert!(limiter.memory_growing(512 << 10, 1 << 20, None).unwrap());
         assert!(limiter.memory_growing(1 << 20, 2 << 20, None).is_err());
         assert!(limiter.exceeded());
+    }
+
+    /// The escape of issue 16: a growth request near `usize::MAX` (a 64-bit memory) wrapped the
+    /// count, and every memory could then grow to its pool slot's maximum.
+    #[test]
+    fn a_huge_request_neither_wraps_nor_corrupts_the_count() {
+        let mut limiter = limiter();
+        assert!(limiter.memory_growing(0, 64 << 10, None).unwrap());
+        assert!(limiter.memory_growing(64 << 10, usize::MAX - 4096, None).is_err());
+        assert_eq!(limiter.used(), 64 << 10, "the refused growth counted nothing");
+        assert!(limiter.memory_growing(0, usize::MAX, None).is_err());
+        // A second memory still only gets what is left of the limit.
+        assert!(limiter.memory_growing(0, (1 << 20) - (64 << 10), None).unwrap());
+        assert!(limiter.memory_growing(0, 64 << 10, None).is_err());
+    }
+
+    #[test]
+    fn growth_past_a_memorys_maximum_or_failed_later_is_not_counted() {
+        let mut limiter = limiter();
+        assert!(!limiter.memory_growing(0, 512 << 10, Some(64 << 10)).unwrap());
+        assert_eq!(limiter.used(), 0);
+        assert!(limiter.memory_growing(0, 512 << 10, None).unwrap());
+        limiter
+            .memory_grow_failed(wasmtime::Error::msg("no room in the slot"))
+            .unwrap();
+        assert_eq!(limiter.used(), 0, "a growth that failed is given back");
+        assert!(limiter.memory_growing(0, 1 << 20, None).unwrap());
+        assert!(!limiter.exceeded());
     }
 }

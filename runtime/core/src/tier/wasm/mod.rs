@@ -17,6 +17,7 @@
 pub mod compile;
 pub mod egress;
 pub mod engine;
+pub mod footprint;
 pub mod instance;
 mod invoke;
 pub mod limits;
@@ -29,10 +30,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use self::compile::{CompileCache, CompileError};
+use self::compile::{CompileCache, CompileError, Precompiled};
 use self::egress::{Connector, Egress};
-use self::engine::EpochTicker;
+use self::engine::{EpochTicker, MAX_WEIGHT};
+use self::footprint::Footprint;
 use self::instance::Guest;
+use self::limits::PoolShare;
 use self::link::{Code, Linkers};
 use self::validate::CodeLimits;
 use super::{Artifact, Tier};
@@ -44,6 +47,7 @@ use crate::functions::LoadError;
 use crate::outcome::{InvokeError, Success};
 use crate::permits::{Limit, Permits};
 use crate::registry::{Concurrency, Entry, LoadedFunction};
+use crate::storage::seal::Sealer;
 use crate::storage::{BlobKind, Blobs, Layout};
 
 /// A loaded Wasm version: its linked code and what every instance of it is given.
@@ -53,12 +57,20 @@ pub struct WasmFunction {
     pub args: [String; 1],
     pub env: Vec<(String, String)>,
     pub egress: Egress,
+    /// Pool permits one instance holds (`footprint`).
+    pub weight: u32,
 }
 
 impl WasmFunction {
-    pub fn new(record: &VersionRecord, code: Code, connector: Arc<dyn Connector>) -> WasmFunction {
+    pub fn new(
+        record: &VersionRecord,
+        code: Code,
+        footprint: Footprint,
+        connector: Arc<dyn Connector>,
+    ) -> WasmFunction {
         WasmFunction {
             code,
+            weight: footprint.weight(),
             args: [record.name.clone()],
             env: record.config.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             // The config was validated at deploy; a stored entry that no longer parses allows nothing.
@@ -78,6 +90,7 @@ impl WasmFunction {
             env: &self.env,
             egress: &self.egress,
             memory_bytes: config.memory_bytes(),
+            share: PoolShare::of_weight(self.weight),
             timeout: config.timeout(),
             timeout_ms: config.timeout_ms,
         }
@@ -103,7 +116,7 @@ pub struct WasmTier {
 pub struct WasmStaged {
     code_digest: Digest,
     snapshot: Option<Vec<u8>>,
-    cwasm: Vec<u8>,
+    compiled: Precompiled,
 }
 
 impl WasmTier {
@@ -115,7 +128,9 @@ impl WasmTier {
     ) -> Result<WasmTier, String> {
         let engine = engine::engine(config.max_instances).map_err(|e| format!("wasmtime engine: {e:#}"))?;
         let ticker = EpochTicker::start(&engine);
-        let cache = CompileCache::open(engine.clone(), layout.clone(), blobs.clone())
+        let sealer =
+            Sealer::open(&layout.seal_key()).map_err(|e| format!("seal key {}: {e}", layout.seal_key().display()))?;
+        let cache = CompileCache::open(engine.clone(), layout.clone(), blobs.clone(), sealer)
             .map_err(|e| format!("compile cache {}: {e}", layout.compiled().display()))?;
         let linkers = Linkers::new(&engine).map_err(|e| format!("wasmtime linkers: {e:#}"))?;
         Ok(WasmTier {
@@ -144,13 +159,33 @@ impl WasmTier {
         self.cache.remove(digest);
     }
 
-    /// The permits of one invocation of `f`.
-    fn permits(&self, f: &LoadedFunction, concurrency: &Concurrency) -> Result<Permits, InvokeError> {
-        Permits::take(&f.record.name, concurrency, &self.capacity)
+    /// The permits of one invocation of `f`: its function's, and its weight of the pool's.
+    fn permits(
+        &self,
+        f: &LoadedFunction,
+        wasm: &WasmFunction,
+        concurrency: &Concurrency,
+    ) -> Result<Permits, InvokeError> {
+        Permits::take(&f.record.name, concurrency, &self.capacity, wasm.weight)
+    }
+
+    /// Refuses code one instance of which would take more of the pool than an invocation may.
+    fn check_weight(&self, footprint: &Footprint) -> Result<(), DeployError> {
+        let weight = footprint.weight();
+        let most = MAX_WEIGHT.min(self.capacity.limit());
+        if weight > most {
+            return Err(DeployError::InvalidCode(format!(
+                "one instance needs {} memories, {} tables and {} core instances: {weight} of the \
+                 instance pool's slots, and an invocation may take at most {most}",
+                footprint.memories, footprint.tables, footprint.core_instances
+            )));
+        }
+        Ok(())
     }
 
     /// Stage 1, blocking and CPU-heavy: the init hook's snapshot, compilation, a link check.
     fn prepare(&self, name: &str, artifact: &Artifact, config: &FunctionConfig) -> Result<WasmStaged, DeployError> {
+        self.check_weight(&Footprint::of(artifact.kind, &artifact.bytes))?;
         let snapshot = match artifact.init_hook {
             Some(hook) => {
                 tracing::info!(
@@ -174,15 +209,16 @@ impl WasmTier {
             "compiling"
         );
         let invalid = |e: CompileError| DeployError::InvalidCode(e.to_string());
-        let cwasm = self.cache.precompile(artifact.kind, code).map_err(invalid)?;
-        let compiled = self.cache.load_bytes(artifact.kind, &cwasm).map_err(invalid)?;
+        let compiled = self.cache.precompile(artifact.kind, code).map_err(invalid)?;
+        self.check_weight(&compiled.footprint)?;
+        let loaded = self.cache.load_bytes(artifact.kind, &compiled.cwasm).map_err(invalid)?;
         self.linkers
-            .link(&compiled)
+            .link(&loaded)
             .map_err(|e| DeployError::InvalidCode(format!("cannot be linked: {e}")))?;
         Ok(WasmStaged {
             code_digest,
             snapshot,
-            cwasm,
+            compiled,
         })
     }
 }
@@ -207,6 +243,13 @@ impl Tier for WasmTier {
     }
 
     async fn stage(&self, name: &str, artifact: &Artifact, config: &FunctionConfig) -> Result<WasmStaged, DeployError> {
+        // The init hook is an instance from the pool like any other: it waits for its share of
+        // the pool's permits (not refused: a deploy is not an invocation that can be retried).
+        let weight = Footprint::of(artifact.kind, &artifact.bytes).weight();
+        let _pool_share = match artifact.init_hook {
+            Some(_) => Some(self.capacity.take(weight.min(self.capacity.limit())).await),
+            None => None,
+        };
         let (tier, name, config) = (self.clone(), name.to_owned(), config.clone());
         let artifact = Artifact {
             kind: artifact.kind,
@@ -224,7 +267,7 @@ impl Tier for WasmTier {
             self.blobs.put(BlobKind::Artifact, &staged.code_digest, snapshot)?;
         }
         self.cache
-            .store(&staged.code_digest, &staged.cwasm)
+            .store(&staged.code_digest, &staged.compiled)
             .map_err(|e| DeployError::Cache(e.to_string()))?;
         Ok(staged.code_digest)
     }
@@ -233,26 +276,35 @@ impl Tier for WasmTier {
         // Served from the mapped file (shared page cache), never from a deploy's heap copy.
         let cache = self.cache.clone();
         let (kind, digest) = (record.kind, record.code_digest.clone());
-        let compiled = tokio::task::spawn_blocking(move || cache.load(kind, &digest))
+        let (compiled, footprint) = tokio::task::spawn_blocking(move || cache.load(kind, &digest))
             .await
             .expect("compile task panicked")?;
         let code = self.linkers.link(&compiled).map_err(LoadError::Link)?;
-        Ok(Entry::Wasm(WasmFunction::new(record, code, self.connector.clone())))
+        Ok(Entry::Wasm(WasmFunction::new(
+            record,
+            code,
+            footprint,
+            self.connector.clone(),
+        )))
     }
 
-    async fn invoke(
-        &self,
-        f: &LoadedFunction,
-        concurrency: &Concurrency,
-        input: Bytes,
-    ) -> Result<Success, InvokeError> {
-        let Entry::Wasm(wasm) = &f.entry else {
-            unreachable!("Tiers::invoke sends only Wasm functions here")
-        };
+    fn admit(&self, f: &LoadedFunction, concurrency: &Concurrency) -> Result<Permits, InvokeError> {
+        let wasm = wasm_of(f);
         if wasm.is_http() {
             return Err(InvokeError::HttpTrigger(f.record.name.clone()));
         }
-        let _permits = self.permits(f, concurrency)?;
-        self.run(wasm, &f.record, input).await
+        self.permits(f, wasm, concurrency)
+    }
+
+    async fn run(&self, permits: Permits, f: &LoadedFunction, input: Bytes) -> Result<Success, InvokeError> {
+        let _permits = permits;
+        self.run_guest(wasm_of(f), &f.record, input).await
+    }
+}
+
+fn wasm_of(f: &LoadedFunction) -> &WasmFunction {
+    match &f.entry {
+        Entry::Wasm(wasm) => wasm,
+        Entry::Microvm(_) => unreachable!("Tiers sends only Wasm functions to the Wasm tier"),
     }
 }

@@ -12,8 +12,11 @@ use bytes::Bytes;
 use wasmtime_wizer::Wizer;
 
 use super::egress::Egress;
+use super::footprint::Footprint;
 use super::instance::{Guest, ModuleState, StdoutCap};
+use super::limits::PoolShare;
 use super::WasmTier;
+use crate::function::ArtifactKind;
 use crate::function::FunctionConfig;
 use crate::outcome::InvokeError;
 
@@ -34,6 +37,7 @@ pub fn preinitialize(
         env: &env,
         egress: &no_egress,
         memory_bytes: config.memory_bytes(),
+        share: PoolShare::of_weight(Footprint::of(ArtifactKind::Module, wasm).weight()),
         timeout: config.timeout(),
         timeout_ms: config.timeout_ms,
     };

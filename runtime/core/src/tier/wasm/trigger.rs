@@ -85,7 +85,7 @@ impl WasmTier {
         if !wasm.is_http() {
             return Err(InvokeError::NotHttpTrigger(f.record.name.clone()));
         }
-        let permits = self.permits(&f, concurrency)?;
+        let permits = self.permits(&f, wasm, concurrency)?;
         let config = &f.record.config;
         let Instance {
             mut store,
@@ -229,7 +229,9 @@ fn log_failure_after_answer(f: &LoadedFunction, outcome: &GuestResult, stderr: &
         Err(_) => format!("ran past its timeout of {} ms", f.record.config.timeout_ms),
     };
     let stderr = stderr.tail(512);
-    tracing::warn!(function = %f.record.name, %error, %stderr, "http trigger failed while streaming its response");
+    // The guest's text goes in quoted and escaped (`?`): a newline in it must not start a line of
+    // the server's log that looks like the server's own.
+    tracing::warn!(function = %f.record.name, error = ?error, stderr = ?stderr, "http trigger failed while streaming its response");
 }
 
 /// Why a guest ended without setting a response.

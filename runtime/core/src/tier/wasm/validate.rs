@@ -2,7 +2,7 @@
 //! or component (or WAT text, converted here), is it valid, does it import only what Kiln provides,
 //! and does it fit the limits it will run under. Every rejection says, for a person, what is wrong.
 
-use wasmparser::{Operator, Parser, Payload, TypeRef, Validator, WasmFeatures};
+use wasmparser::{Operator, Parser, Payload, TypeRef, Validator};
 
 use crate::function::ArtifactKind;
 
@@ -58,7 +58,7 @@ pub fn inspect(upload: &[u8], limits: &CodeLimits) -> Result<Artifact, InvalidCo
             "unsupported WebAssembly binary version (expected a module or a component)",
         ));
     };
-    Validator::new_with_features(WasmFeatures::default())
+    Validator::new_with_features(super::engine::features())
         .validate_all(&bytes)
         .map_err(|e| invalid(format!("invalid WebAssembly: {e}")))?;
     check_compile_cost(&bytes)?;
