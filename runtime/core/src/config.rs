@@ -36,6 +36,9 @@ pub struct CoreConfig {
     /// MicroVMs running at once, across all functions; past it invocations are refused. Each holds a
     /// thread (its vCPU) and up to its function's `memory_mb` of RAM.
     pub microvm_max_vms: u32,
+    /// Jailed VM helpers kept started and waiting (each still runs one VM, then exits): takes the
+    /// helper's start-up — exec, namespaces, KVM — off the invocation's path. 0 starts one per VM.
+    pub microvm_prestart: usize,
 }
 
 impl CoreConfig {
@@ -53,6 +56,7 @@ impl CoreConfig {
             microvm_kernel: None,
             microvm_agent: None,
             microvm_max_vms: 32,
+            microvm_prestart: 2,
         }
     }
 }

@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the HTTP API.
-    Serve(ServeSettings),
+    Serve(Box<ServeSettings>),
     #[command(flatten)]
     Client(kiln_cli::Command),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -32,6 +32,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // `kiln vmm-jail` is the jailed microVM helper the server starts for every VM
+    // (`kiln_vmm::jail`). It branches off before anything else runs: it forks, so no thread may
+    // exist yet, and it speaks its own protocol on stdin/stdout, so clap must not see it.
+    if std::env::args_os().nth(1).as_deref() == Some(kiln_core::tier::microvm::HELPER_ARG.as_ref()) {
+        kiln_vmm::jail::child_main();
+    }
     let cli = Cli::parse();
     let args = match cli.command {
         Command::Serve(args) => args,

@@ -19,10 +19,17 @@ pub struct ServerConfig {
     pub max_sync_input_bytes: u64,
     /// Largest body an asynchronous invoke accepts.
     pub max_async_input_bytes: u64,
-    /// Open connections at once; further ones wait in the kernel's accept queue.
+    /// Open connections at once. At the cap, a new connection takes the slot of the oldest idle
+    /// one (`connections.rs`), or waits in the kernel's accept queue while all are busy.
     pub max_connections: usize,
-    /// Time a client gets to send a request's headers (slowloris guard).
+    /// Open connections from one client address at once; `None`: a quarter of `max_connections`.
+    pub max_connections_per_ip: Option<usize>,
+    /// Time a client gets from accept (or, on HTTP/1.1, from the end of its last request) to a
+    /// complete request head, on every protocol (slowloris, silent sockets, bare h2 prefaces).
     pub header_read_timeout: Duration,
+    /// Time a connection with no request in progress is kept after its last request (HTTP/2
+    /// with no open stream; HTTP/1.1 is held to `header_read_timeout` between requests).
+    pub idle_timeout: Duration,
     /// Time a client gets to send a whole request body.
     pub body_read_timeout: Duration,
     /// How long shutdown waits for in-flight requests before closing connections.
@@ -43,7 +50,9 @@ impl ServerConfig {
             max_sync_input_bytes: 6 * MIB,
             max_async_input_bytes: MIB,
             max_connections: 10_000,
+            max_connections_per_ip: None,
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
             body_read_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
             // Room for 16 deploys of the largest code at once, or 170 sync inputs of 6 MiB.
@@ -51,5 +60,16 @@ impl ServerConfig {
             metrics_token: None,
             core: CoreConfig::new(data_dir),
         }
+    }
+}
+
+impl ServerConfig {
+    /// The per-address cap in force. A quarter by default: one address (NAT, a proxy, or one
+    /// attacker) can then hold at most a quarter of the slots with requests in progress, which
+    /// eviction cannot take back, while a proxy in front still gets thousands.
+    pub fn max_connections_per_ip(&self) -> usize {
+        self.max_connections_per_ip
+            .unwrap_or(self.max_connections.div_ceil(4))
+            .clamp(1, self.max_connections.max(1))
     }
 }

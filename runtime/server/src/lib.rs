@@ -1,5 +1,6 @@
 //! `kiln serve`: Kiln's network edge over `kiln-core`. The listener accepts HTTP/1.1 and h2c on
-//! one port and guards it against hostile clients ([`listener`]); the HTTP API of
+//! one port and guards it against hostile clients ([`listener`], with the connection table of
+//! [`connections`] and the open-file check of [`open_files`]); the HTTP API of
 //! `../shared/API.md` routes, authenticates and shapes answers ([`api`]) — the only place where
 //! errors become HTTP statuses ([`api::error`]); [`outbound`] is the HTTP client behind
 //! functions' egress. [`settings`] reads flags, environment and `kiln.toml` into a
@@ -7,8 +8,10 @@
 
 pub mod api;
 pub mod config;
+pub mod connections;
 pub mod listener;
 pub mod log_writer;
+pub mod open_files;
 pub mod outbound;
 pub mod settings;
 pub mod shutdown;
@@ -39,11 +42,12 @@ impl Server {
 
 /// Opens the data directory, binds `config.listen` and serves until SIGINT or SIGTERM, then
 /// drains. Logs where it listens (`kiln listening on http://ADDR`) once it accepts connections.
-pub async fn serve(config: ServerConfig) -> Result<(), String> {
+pub async fn serve(mut config: ServerConfig) -> Result<(), String> {
     // Everything Kiln writes — the database with functions' secrets, inputs, results, keys — is
     // its own: no permission for group or others on what this process creates.
     // SAFETY: umask only sets the process's file-mode creation mask; it cannot fail.
     unsafe { libc::umask(0o077) };
+    open_files::fit(&mut config)?;
     let listen = config.listen;
     let core = config.core.clone();
     let kiln = tokio::task::spawn_blocking(move || Kiln::open(core, Arc::new(outbound::HyperConnector)))

@@ -71,12 +71,23 @@ pub struct ServeSettings {
     /// Largest asynchronous invoke body, in bytes [default: 1 MiB].
     #[arg(long, env = "KILN_MAX_ASYNC_INPUT_BYTES")]
     pub max_async_input_bytes: Option<u64>,
-    /// Open connections at once; more wait in the kernel's accept queue [default: 10000].
+    /// Open connections at once; at the cap a new connection takes the slot of the oldest idle
+    /// one, or waits in the kernel's accept queue while all are busy; lowered at start-up to fit
+    /// the open-file limit [default: 10000].
     #[arg(long, env = "KILN_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
-    /// Time a client gets to send a request's headers [default: 10000].
+    /// Open connections from one client address at once; at it, that address's oldest idle
+    /// connection makes room, or the new one is refused [default: a quarter of --max-connections].
+    #[arg(long, env = "KILN_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Time a client gets from connecting (or from the end of its last HTTP/1.1 request) to a
+    /// complete request head, on HTTP/1.1 and HTTP/2 alike [default: 10000].
     #[arg(long, env = "KILN_HEADER_READ_TIMEOUT_MS")]
     pub header_read_timeout_ms: Option<u64>,
+    /// Time a connection with no request in progress stays open after its last request (HTTP/2
+    /// with no open stream) [default: 60000].
+    #[arg(long, env = "KILN_IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<u64>,
     /// Time a client gets to send a whole request body [default: 60000].
     #[arg(long, env = "KILN_BODY_READ_TIMEOUT_MS")]
     pub body_read_timeout_ms: Option<u64>,
@@ -111,6 +122,9 @@ pub struct ServeSettings {
     /// MicroVMs running at once, across all functions; past it invocations get 429 [default: 32].
     #[arg(long, env = "KILN_MICROVM_MAX_VMS")]
     pub microvm_max_vms: Option<u32>,
+    /// Jailed microVM helpers kept started, ready for the next VM; 0 starts one per VM [default: 2].
+    #[arg(long, env = "KILN_MICROVM_PRESTART")]
+    pub microvm_prestart: Option<usize>,
     /// Log line format [default: text].
     #[arg(long, env = "KILN_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -155,7 +169,9 @@ impl ServeSettings {
         pick!(max_sync_input_bytes => c.max_sync_input_bytes, |v| v);
         pick!(max_async_input_bytes => c.max_async_input_bytes, |v| v);
         pick!(max_connections => c.max_connections, |v| v);
+        pick!(max_connections_per_ip => c.max_connections_per_ip, Some);
         pick!(header_read_timeout_ms => c.header_read_timeout, Duration::from_millis);
+        pick!(idle_timeout_ms => c.idle_timeout, Duration::from_millis);
         pick!(body_read_timeout_ms => c.body_read_timeout, Duration::from_millis);
         pick!(shutdown_grace_ms => c.shutdown_grace, Duration::from_millis);
         pick!(retention_secs => c.core.retention, Duration::from_secs);
@@ -166,6 +182,7 @@ impl ServeSettings {
         pick!(microvm_kernel => c.core.microvm_kernel, Some);
         pick!(microvm_agent => c.core.microvm_agent, Some);
         pick!(microvm_max_vms => c.core.microvm_max_vms, |v: u32| v.max(1));
+        pick!(microvm_prestart => c.core.microvm_prestart, |v| v);
         let log_format = self.log_format.or(file.log_format).unwrap_or_default();
         (c, log_format)
     }
@@ -207,7 +224,29 @@ mod tests {
         assert_eq!(config.core.retention, Duration::from_secs(60));
         assert_eq!(format, LogFormat::Json);
         assert_eq!(config.core.max_queued, 10_000, "the default remains");
+        assert_eq!(config.core.microvm_prestart, 2, "helpers pre-started by default");
+        let file: ServeSettings = toml::from_str("microvm_prestart = 0").unwrap();
+        let (config, _) = ServeSettings::default().merge(file);
+        assert_eq!(config.core.microvm_prestart, 0);
         assert_eq!(config.core.data_dir, PathBuf::from(DEFAULT_DATA));
+    }
+
+    #[test]
+    fn connection_settings_from_the_file() {
+        let file: ServeSettings = toml::from_str(
+            r#"
+            max_connections = 100
+            max_connections_per_ip = 10
+            idle_timeout_ms = 5000
+            "#,
+        )
+        .unwrap();
+        let (config, _) = ServeSettings::default().merge(file);
+        assert_eq!(config.max_connections_per_ip(), 10);
+        assert_eq!(config.idle_timeout, Duration::from_secs(5));
+        let (defaults, _) = ServeSettings::default().merge(ServeSettings::default());
+        assert_eq!(defaults.max_connections_per_ip(), 2_500, "a quarter of 10,000");
+        assert_eq!(defaults.idle_timeout, Duration::from_secs(60));
     }
 
     #[test]

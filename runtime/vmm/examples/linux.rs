@@ -13,10 +13,14 @@
 //! `/run` (a command line, arguments separated by NUL; `/run-env` likewise holds `KEY=VALUE`
 //! entries), it brings up the loopback interface and runs that command instead — e.g. Kiln's API
 //! test binary, to drive the `kiln` server inside the nested VM.
-
+//!
+//! Then (as PID 1, or with `KILN_JAIL` set) the same through the jail (`kiln_vmm::jail`): boot and
+//! snapshot in a jailed helper, then RUNS jailed restores + invocations. The example is its own
+//! helper (`linux vmm-jail`), as Kiln's binary is.
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+use kiln_vmm::jail::{Jail, JailConfig};
 use kiln_vmm::linux::DEFAULT_CMDLINE;
 use kiln_vmm::{initramfs, kernel, Hypervisor, MicroVm, Quirks, Snapshot, VmConfig};
 
@@ -62,6 +66,9 @@ fn prepare_nested_host() {
 }
 
 fn main() {
+    if std::env::args_os().nth(1).as_deref() == Some("vmm-jail".as_ref()) {
+        kiln_vmm::jail::child_main();
+    }
     // SAFETY: getpid has no preconditions.
     let pid1 = unsafe { libc::getpid() } == 1;
     if pid1 && std::path::Path::new("/run").exists() {
@@ -79,6 +86,7 @@ fn main() {
             },
             cmdline_extra: "loglevel=7 print-fatal-signals=1".into(),
             check_original: true,
+            jail: true,
         };
         let args = ["/vmlinuz", "/agent", "/function", "5", "256"]
             .map(String::from)
@@ -91,6 +99,7 @@ fn main() {
             },
             cmdline_extra: std::env::var("KILN_GUEST_CMDLINE_EXTRA").unwrap_or_default(),
             check_original: std::env::var_os("KILN_CHECK_ORIGINAL").is_some(),
+            jail: std::env::var_os("KILN_JAIL").is_some(),
         };
         (std::env::args().skip(1).collect(), options)
     };
@@ -150,11 +159,12 @@ fn run_command() {
 /// Knobs, from the environment (or fixed, as PID 1): `KILN_QUIRK_AVAILABLE_TSS` when KVM runs
 /// nested under QEMU's TCG, `KILN_GUEST_CMDLINE_EXTRA` appended to Kiln's command line (e.g.
 /// `loglevel=7 print-fatal-signals=1`), `KILN_CHECK_ORIGINAL` to invoke the snapshotted VM itself
-/// once before restoring.
+/// once before restoring, `KILN_JAIL` to run the jailed phase too.
 struct Options {
     quirks: Quirks,
     cmdline_extra: String,
     check_original: bool,
+    jail: bool,
 }
 
 fn run(args: &[String], options: &Options) {
@@ -246,4 +256,88 @@ fn run(args: &[String], options: &Options) {
         Ok(reply) => println!("hog reply: exit {}", reply.exit_code),
         Err(e) => println!("hog failed: {e}"),
     }
+
+    drop(snapshot);
+    if options.jail {
+        run_jailed(&vmlinux, &image, cmdline.trim_end(), memory_mib, runs, options);
+    }
+}
+
+/// Deploy and invoke through the jail: boot + snapshot in one jailed helper, each restore +
+/// invocation in another.
+fn run_jailed(vmlinux: &[u8], image: &[u8], cmdline: &str, memory_mib: u32, runs: usize, options: &Options) {
+    let exe = std::env::current_exe().expect("this executable");
+    let mut config = JailConfig::new(exe, vec!["vmm-jail".into()]);
+    config.quirks = options.quirks;
+    let jail = Jail::new(config);
+    match jail.probe() {
+        Ok(()) => println!("jail probe: ok"),
+        Err(e) => panic!("jail probe: {e}"),
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let started = Instant::now();
+    let booted = jail.boot_linux_and_snapshot(
+        vmlinux,
+        image,
+        cmdline,
+        VmConfig::new(memory_mib),
+        Duration::from_secs(600),
+        dir.path(),
+    );
+    match booted {
+        Ok(report) => println!(
+            "jailed boot to READY + snapshot  {:>10.1} ms (boot {:?}, snapshot {:?})",
+            started.elapsed().as_secs_f64() * 1e3,
+            report.boot,
+            report.snapshot
+        ),
+        Err(e) => panic!(
+            "jailed boot failed after {:?}: {e}{}",
+            started.elapsed(),
+            seccomp_kills()
+        ),
+    }
+    let mut samples = Vec::with_capacity(runs);
+    for i in 0..runs {
+        let seed = [i as u8 + 1; 32];
+        let started = Instant::now();
+        let reply = jail
+            .restore_and_invoke(dir.path(), &seed, b"hello from the jail", Duration::from_secs(60), 4096)
+            .unwrap_or_else(|e| panic!("jailed invoke {i}: {e}{}", seccomp_kills()));
+        samples.push(started.elapsed());
+        if i == 0 {
+            println!(
+                "jailed reply: exit {} stdout {:?} log {:?}",
+                reply.exit_code,
+                String::from_utf8_lossy(&reply.stdout),
+                String::from_utf8_lossy(&reply.log)
+            );
+        }
+    }
+    report("jailed restore + invoke", samples);
+}
+
+/// The kernel's log lines about seccomp kills (audit type 1326: which syscall, which process), to
+/// say what a helper killed by SIGSYS attempted.
+fn seccomp_kills() -> String {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(mut kmsg) = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+    else {
+        return String::new();
+    };
+    // /dev/kmsg hands out one record per read, until EAGAIN.
+    let mut lines = String::new();
+    let mut record = [0u8; 8192];
+    while let Ok(n @ 1..) = kmsg.read(&mut record) {
+        let text = String::from_utf8_lossy(&record[..n]);
+        if text.contains("type=1326") {
+            lines.push_str("\n  ");
+            lines.push_str(text.trim_end());
+        }
+    }
+    lines
 }

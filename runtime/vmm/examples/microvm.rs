@@ -5,12 +5,17 @@
 //! (`Snapshot::reset`: memory remapped copy-on-write, state set back, no VM created), and Kiln's
 //! invocation exchange (RESEED + REQUEST, LOG + RESPONSE) with the agent-protocol test guest.
 //!
+//! Then the same invocation through the jail (`kiln_vmm::jail`): a helper process per VM, started
+//! for the invocation, or started beforehand and waiting (`JailConfig::prestart`), and what
+//! starting one costs. This example is its own helper (`microvm vmm-jail`), as Kiln's binary is.
+//!
 //! Usage: cargo run --release -p kiln-vmm --example microvm -- [RUNS] [MEMORY_MIB]
 //!        (defaults: 200, 128)
 //! Prints median and p99 per phase in microseconds.
 
 use std::time::{Duration, Instant};
 
+use kiln_vmm::jail::{Jail, JailConfig};
 use kiln_vmm::{test_guest, Hypervisor, MicroVm, Snapshot, VmConfig};
 
 fn report(name: &str, mut samples: Vec<Duration>) {
@@ -35,6 +40,9 @@ fn time(runs: usize, mut f: impl FnMut()) -> Vec<Duration> {
 }
 
 fn main() {
+    if std::env::args_os().nth(1).as_deref() == Some("vmm-jail".as_ref()) {
+        kiln_vmm::jail::child_main();
+    }
     let mut args = std::env::args().skip(1);
     let runs: usize = args.next().map_or(200, |a| a.parse().expect("RUNS is a number"));
     let memory_mib: u32 = args.next().map_or(128, |a| a.parse().expect("MEMORY_MIB is a number"));
@@ -97,6 +105,55 @@ fn main() {
         time(runs, || {
             snapshot.reset(&mut vm).unwrap();
             assert_eq!(vm.request(input, timeout).unwrap(), expected);
+        }),
+    );
+
+    drop(vm);
+
+    // The jail: the same invocation in a helper process per VM.
+    let mut config = JailConfig::new(std::env::current_exe().unwrap(), vec!["vmm-jail".into()]);
+    config.cgroup = kiln_vmm::jail::CgroupSetting::Off;
+    let jail = Jail::new(config.clone());
+    jail.probe().expect("the jail works here");
+    let check = |reply: kiln_vmm::Reply| assert_eq!((reply.exit_code, &reply.stdout[32..]), (0, &input[..]));
+    report(
+        "jail: start a helper (to HELLO), drop",
+        time(runs, || drop(jail.spawn().unwrap())),
+    );
+    report(
+        "jail: restore + invoke, new helper",
+        time(runs, || {
+            check(
+                jail.restore_and_invoke(agent_dir.path(), &[7; 32], input, timeout, 4096)
+                    .unwrap(),
+            )
+        }),
+    );
+    // A helper started beforehand (outside the timing) and waiting for its request: the
+    // invocation's path when the pool of pre-started helpers keeps up.
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let helper = jail.spawn().unwrap();
+        let started = Instant::now();
+        check(
+            helper
+                .restore_and_invoke(agent_dir.path(), &[7; 32], input, timeout, 4096)
+                .unwrap(),
+        );
+        samples.push(started.elapsed());
+    }
+    report("jail: restore + invoke, pre-started", samples);
+    // Back to back through a pool of two: as fast as helpers can be started behind the calls.
+    config.prestart = 2;
+    let pooled = Jail::new(config);
+    report(
+        "jail: back to back, prestart 2",
+        time(runs, || {
+            check(
+                pooled
+                    .restore_and_invoke(agent_dir.path(), &[7; 32], input, timeout, 4096)
+                    .unwrap(),
+            )
         }),
     );
 }

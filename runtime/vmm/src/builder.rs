@@ -41,7 +41,7 @@ const PDPT: u64 = 0xa000;
 const PD: u64 = 0xb000;
 
 /// A guest's resources.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VmConfig {
     /// Guest RAM in MiB, [`MIN_MEMORY_MIB`]..=[`MAX_MEMORY_MIB`] and at most the caller's cap.
     pub memory_mib: u32,

@@ -11,15 +11,19 @@
 //! - [`linux`]: booting that kernel and an initramfs (64-bit boot protocol, zero page, e820).
 //! - [`invocation`]: one request to a restored guest agent: RESEED, REQUEST, then LOG/RESPONSE.
 //! - [`persist`]: snapshot a ready VM to files and restore it, many times, from them.
+//! - [`jail`]: the same operations in a jailed helper process per VM (namespaces, pivot_root,
+//!   no capabilities, seccomp, cgroup), so the server holds no KVM descriptor.
 //! - [`test_guest`]: tiny 64-bit guests assembled in Rust, for tests and benchmarks.
 //!
 //! The API is blocking: a vCPU runs on the thread that calls [`builder::MicroVm::request`] (or
-//! boot, or restore), never inside an async task. Kiln calls it from `spawn_blocking`.
+//! boot, or restore), never inside an async task — or, through [`jail`], in a helper process while
+//! the calling thread waits for it. Kiln calls it from `spawn_blocking`.
 
 pub mod builder;
 pub mod devices;
 pub mod initramfs;
 pub mod invocation;
+pub mod jail;
 pub mod kernel;
 pub mod linux;
 pub mod persist;

@@ -27,7 +27,7 @@
 //! vanish with it; the file is never written.
 
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use zerocopy::{FromBytes, IntoBytes};
@@ -40,8 +40,12 @@ use crate::vstate::vm::{Hypervisor, Vm, VmError, VmState};
 
 const MAGIC: &[u8; 8] = b"KILNSNAP";
 const VERSION: u32 = 1;
-const MEMORY_FILE: &str = "memory";
-const STATE_FILE: &str = "state";
+/// The guest memory file of a snapshot directory.
+pub const MEMORY_FILE: &str = "memory";
+/// The state file of a snapshot directory; its presence means the snapshot is complete.
+pub const STATE_FILE: &str = "state";
+/// The state file while it is written, renamed to [`STATE_FILE`] last.
+pub const STATE_TMP_FILE: &str = "state.tmp";
 
 /// Failure to write a snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -90,9 +94,6 @@ impl Snapshot {
             let path = path.to_path_buf();
             move |source| CreateSnapshotError::Io { path, source }
         };
-        vm.vcpu.complete_pending_io()?;
-        let vcpu = vm.vcpu.save_state(hypervisor)?;
-        let vm_state = vm.vm.save_state()?;
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let memory_path = dir.join(MEMORY_FILE);
         let memory = File::options()
@@ -102,7 +103,34 @@ impl Snapshot {
             .truncate(true)
             .open(&memory_path)
             .map_err(io_err(&memory_path))?;
-        vm.memory.dump(&memory).map_err(io_err(&memory_path))?;
+        let state_path = dir.join(STATE_FILE);
+        let tmp = dir.join(STATE_TMP_FILE);
+        let mut state = File::create(&tmp).map_err(io_err(&tmp))?;
+        let snapshot = Self::write_files(hypervisor, vm, memory, &mut state)?;
+        drop(state);
+        fs::rename(&tmp, &state_path).map_err(io_err(&state_path))?;
+        Ok(snapshot)
+    }
+
+    /// Writes `vm`'s snapshot into two files the caller opened, empty and writable: `memory`
+    /// (kept open by the returned snapshot) and `state`, both synced. The caller names them: a
+    /// snapshot directory holds them as `memory` and `state` (written as [`STATE_TMP_FILE`] and
+    /// renamed last, so a directory with a `state` file is complete). The jailed helper
+    /// (`crate::jail`) writes through files it opened before its jail closed, and the host renames.
+    pub fn write_files(
+        hypervisor: &Hypervisor,
+        vm: &mut MicroVm,
+        memory: File,
+        state: &mut File,
+    ) -> Result<Self, CreateSnapshotError> {
+        let io_err = |name: &str| {
+            let path = PathBuf::from(name);
+            move |source| CreateSnapshotError::Io { path, source }
+        };
+        vm.vcpu.complete_pending_io()?;
+        let vcpu = vm.vcpu.save_state(hypervisor)?;
+        let vm_state = vm.vm.save_state()?;
+        vm.memory.dump(&memory).map_err(io_err(MEMORY_FILE))?;
         let snapshot = Self {
             memory,
             memory_size: vm.memory.size(),
@@ -110,11 +138,10 @@ impl Snapshot {
             vm: vm_state,
             channel: vm.channel.clone(),
         };
-        let state_path = dir.join(STATE_FILE);
-        let tmp = dir.join("state.tmp");
-        fs::write(&tmp, snapshot.encode_state()).map_err(io_err(&tmp))?;
-        File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &state_path).map_err(io_err(&state_path))?;
+        state
+            .write_all(&snapshot.encode_state())
+            .and_then(|()| state.sync_all())
+            .map_err(io_err(STATE_TMP_FILE))?;
         Ok(snapshot)
     }
 
@@ -125,6 +152,17 @@ impl Snapshot {
         let bytes = fs::read(&state_path).map_err(io_err(state_path))?;
         let memory_path = dir.join(MEMORY_FILE);
         let memory = File::open(&memory_path).map_err(io_err(memory_path))?;
+        Self::decode_state(&bytes, memory)
+    }
+
+    /// Reads a snapshot from its two files, already open (the jailed helper opens them before
+    /// its jail closes, and reads them after).
+    pub fn from_files(state: &mut File, memory: File) -> Result<Self, LoadSnapshotError> {
+        let mut bytes = Vec::new();
+        state.read_to_end(&mut bytes).map_err(|source| LoadSnapshotError::Io {
+            path: PathBuf::from(STATE_FILE),
+            source,
+        })?;
         Self::decode_state(&bytes, memory)
     }
 

@@ -4,7 +4,8 @@
 //! `linux` example in PID-1 mode, which loads the modules and then, on `/dev/kvm` inside the VM,
 //! boots the kernel + Kiln's initramfs (agent + `kiln-upper`) on `kiln-vmm` to the agent's READY
 //! (64-bit boot protocol), snapshots it, invokes the snapshotted VM, and restores five VMs from
-//! the snapshot, each reseeded and invoked. It proves the Linux path's correctness, not its speed:
+//! the snapshot, each reseeded and invoked; then does the same through the jail (`kiln_vmm::jail`):
+//! boot and snapshot in one jailed helper, five restores + invocations in five more. It proves the Linux path's correctness, not its speed:
 //! everything runs emulated (a boot to READY takes 20–60 s here).
 //!
 //! Slow (one to three minutes). Needs `qemu-system-x86_64`, the kernel and its KVM modules in
@@ -126,6 +127,20 @@ fn kilns_vmm_boots_snapshots_and_restores_the_linux_guest_nested_in_qemu() {
     assert!(
         console.contains("hog reply: exit 137"),
         "the memory hog was not OOM-killed"
+    );
+    // The same deploy and invocations through the jail: a helper process per VM, in its own
+    // namespaces, behind its seccomp filter.
+    assert!(
+        console.contains("jail probe: ok"),
+        "the jail does not work in the nested VM"
+    );
+    assert!(
+        console.contains(r#"jailed reply: exit 0 stdout "HELLO FROM THE JAIL" log "upper: 19 bytes\n""#),
+        "a guest booted and restored in the jail did not answer"
+    );
+    assert!(
+        console.contains("jailed restore + invoke"),
+        "not every jailed restore answered"
     );
     assert!(console.contains("nested run finished: ok"));
 }

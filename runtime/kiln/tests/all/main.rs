@@ -4,6 +4,7 @@
 mod api;
 mod asynchronous;
 mod cli;
+mod connections;
 mod errors;
 mod hardening;
 mod hostile;

@@ -4,7 +4,9 @@
 //! Kiln's VMM, and a Linux guest needs hardware virtualization: on a KVM without `vmx`/`svm` — a
 //! nested PVM backend, as on Kiln's development machines — KVM emulates a non-PVM guest
 //! instruction by instruction and Linux never finishes booting. It also needs the guest image
-//! (`--microvm-kernel`, `--microvm-agent`). Where any piece is missing the tier answers
+//! (`--microvm-kernel`, `--microvm-agent`), and a jailed helper process (`kiln vmm-jail`, see
+//! `kiln_vmm::jail`) that can enter its namespaces and create a VM there: the server itself never
+//! opens `/dev/kvm`, its helper's probe is the KVM check. Where any piece is missing the tier answers
 //! `unavailable` with the reason, after the upload was validated (bad input is `invalid_code` on every
 //! host, so a client learns about a broken upload before it learns about the host).
 
@@ -19,23 +21,19 @@ pub enum Capability {
 #[derive(Debug, Clone, Default)]
 pub struct HostFacts<'a> {
     pub has_kvm: bool,
-    /// Why `/dev/kvm` could not be opened, if it could not.
-    pub kvm_error: Option<String>,
     pub cpuinfo: &'a str,
     pub pvm: bool,
     /// Why the guest image could not be loaded, if it could not.
     pub image_error: Option<String>,
+    /// Why a jailed helper could not enter its jail or create a VM there, if it could not (its
+    /// probe runs only where everything above says the tier could run).
+    pub jail_error: Option<String>,
 }
 
 impl Capability {
     pub fn decide(facts: &HostFacts<'_>) -> Self {
         if !facts.has_kvm {
             return Self::Unavailable("the microvm tier needs KVM and this host has no /dev/kvm".into());
-        }
-        if let Some(error) = &facts.kvm_error {
-            return Self::Unavailable(format!(
-                "the microvm tier needs KVM and /dev/kvm cannot be used: {error}"
-            ));
         }
         if !has_hardware_virtualization(facts.cpuinfo) {
             let backend = if facts.pvm {
@@ -53,6 +51,11 @@ impl Capability {
             return Self::Unavailable(format!(
                 "the microvm tier is not available: this host has hardware virtualization, but the \
                  Linux guest image is not usable: {error}"
+            ));
+        }
+        if let Some(error) = &facts.jail_error {
+            return Self::Unavailable(format!(
+                "the microvm tier is not available: its jailed VM helper cannot run a VM on this host: {error}"
             ));
         }
         Self::Available
@@ -88,12 +91,6 @@ mod tests {
     fn the_capability_names_the_missing_piece() {
         let no_kvm = Capability::decide(&HostFacts::default());
         assert!(no_kvm.reason().unwrap().contains("no /dev/kvm"));
-        let broken = Capability::decide(&HostFacts {
-            has_kvm: true,
-            kvm_error: Some("permission denied".into()),
-            ..Default::default()
-        });
-        assert!(broken.reason().unwrap().contains("permission denied"));
         let pvm = Capability::decide(&HostFacts {
             has_kvm: true,
             cpuinfo: "flags\t: fpu sse2 avx2 hypervisor\n",
@@ -112,6 +109,18 @@ mod tests {
         });
         assert!(no_image.reason().unwrap().contains("--microvm-kernel"));
         assert!(!no_image.is_available());
+        // The jail comes last (it is probed only where the rest says yes); its reason is named.
+        let no_jail = Capability::decide(&HostFacts {
+            has_kvm: true,
+            cpuinfo: "flags\t: fpu vmx sse2\n",
+            jail_error: Some("cannot use KVM: permission denied".into()),
+            ..Default::default()
+        });
+        let reason = no_jail.reason().unwrap();
+        assert!(
+            reason.contains("jailed") && reason.contains("permission denied"),
+            "{reason}"
+        );
         let ready = Capability::decide(&HostFacts {
             has_kvm: true,
             cpuinfo: "processor\t: 0\nflags\t: fpu svm sse2\n",

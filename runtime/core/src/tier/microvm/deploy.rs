@@ -1,27 +1,31 @@
 //! Deploying a microvm function: the microvm side of the stages of `crate::deploy`:
 //!
 //! 1. validate the upload (`invalid_code` on every host), then — where the tier is available — build the
-//!    initramfs, boot the Linux guest until the agent's READY, and snapshot it into a staging
-//!    directory: all before anything is visible, so a failure leaves nothing behind;
+//!    initramfs, boot the Linux guest until the agent's READY and snapshot it into a staging
+//!    directory, in a jailed helper process (`kiln_vmm::jail`), and seal the snapshot with this
+//!    node's key (`snapshots::seal`): all before anything is visible, so a failure leaves nothing
+//!    behind;
 //! 2. under the commit lock: the upload is stored as the version's artifact, the snapshot is
 //!    published (fsync, rename), then the version row commits — the commit point;
 //! 3. the loaded version is installed in the registry.
 //!
-//! The boot holds one of the tier's VM permits and runs on the blocking pool.
+//! The boot holds one of the tier's VM permits; the blocking pool's thread waits for the helper.
+//! A load whose snapshot does not verify boots it again the same way ([`MicrovmTier::rebuild`]).
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kiln_vmm::linux::LinuxBootError;
-use kiln_vmm::{MicroVm, Snapshot, VmConfig};
+use kiln_vmm::jail::{Jail, JailError};
+use kiln_vmm::VmConfig;
 
 use super::image::validate_executable;
-use super::snapshots::{self, Staged};
+use super::snapshots::{self, Staged, Verdict, Verified};
 use super::{GuestImage, MicrovmTier};
 use crate::deploy::DeployError;
 use crate::digest::Digest;
-use crate::function::{ArtifactKind, FunctionConfig, MAX_MEMORY_MB};
-use crate::storage::Layout;
+use crate::function::{ArtifactKind, FunctionConfig, VersionRecord, MAX_MEMORY_MB};
+use crate::storage::seal::Sealer;
+use crate::storage::{BlobKind, Layout};
 use crate::tier::Artifact;
 
 /// The smallest guest Kiln boots: the kernel, the unpacked initramfs and the agent need it.
@@ -52,14 +56,14 @@ impl MicrovmTier {
         })
     }
 
-    /// Stage 1: boot and snapshot, on the blocking pool, holding a VM permit.
+    /// Stage 1: boot, snapshot and seal, holding a VM permit.
     pub(super) async fn boot(
         &self,
         name: &str,
         artifact: &Artifact,
         config: &FunctionConfig,
     ) -> Result<Staged, DeployError> {
-        let Some((hypervisor, image)) = self.runtime() else {
+        let Some((jail, image, sealer)) = self.runtime() else {
             return Err(DeployError::TierUnavailable(self.unavailable()));
         };
         let permit = self.vms.take(1).await;
@@ -67,57 +71,135 @@ impl MicrovmTier {
         let (memory_mib, env) = (config.memory_mb as u32, config.env.clone());
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            boot_and_snapshot(&layout, &hypervisor, &image, &name, &upload, &env, memory_mib)
+            let boot = Boot {
+                layout: &layout,
+                jail: &jail,
+                image: &image,
+                sealer: &sealer,
+                name: &name,
+            };
+            let initramfs = image.initramfs(&upload, &env);
+            let digest = image.snapshot_digest(&initramfs, memory_mib);
+            if snapshots::dir(&layout, &digest).join(snapshots::SEAL_FILE).exists() {
+                // The same image was booted before: loading verifies that snapshot.
+                return Ok(Staged::existing(digest));
+            }
+            boot.staged(digest, &initramfs, memory_mib)
         })
         .await
         .expect("boot task panicked")
     }
+
+    /// Boots a version's snapshot again, from its stored upload and its config, and publishes it
+    /// under the version's snapshot digest, sealed: a load whose snapshot did not verify, or was
+    /// gone. With the guest image this node has now, even if it changed since the deploy.
+    pub(super) async fn rebuild(&self, record: &VersionRecord) -> Result<Verified, DeployError> {
+        let Some((jail, image, sealer)) = self.runtime() else {
+            return Err(DeployError::TierUnavailable(self.unavailable()));
+        };
+        let (blobs, artifact) = (self.blobs.clone(), record.digest.clone());
+        let upload = tokio::task::spawn_blocking(move || blobs.get(BlobKind::Artifact, &artifact))
+            .await
+            .expect("artifact read task panicked")?;
+        if Digest::of(&upload) != record.digest {
+            return Err(DeployError::Io(std::io::Error::other(format!(
+                "the stored upload {} does not match its digest",
+                record.digest.prefixed()
+            ))));
+        }
+        let permit = self.vms.take(1).await;
+        let (layout, expected, name) = (self.layout.clone(), record.code_digest.clone(), record.name.clone());
+        let (memory_mib, env) = (record.config.memory_mb as u32, record.config.env.clone());
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let boot = Boot {
+                layout: &layout,
+                jail: &jail,
+                image: &image,
+                sealer: &sealer,
+                name: &name,
+            };
+            let initramfs = image.initramfs(&upload, &env);
+            if image.snapshot_digest(&initramfs, memory_mib) != expected {
+                // Booted with the image this node has now, under the name the version row knows
+                // (so it is the one that stays): a version must stay runnable, and redeploying the
+                // same upload and config would change nothing.
+                tracing::warn!(
+                    function = %name,
+                    snapshot = expected.hex(),
+                    "the guest image changed since this version was deployed: its snapshot is booted \
+                     again with the current one"
+                );
+            }
+            let staged = boot.staged(expected.clone(), &initramfs, memory_mib)?;
+            let path = staged.publish(&layout)?;
+            // Verified as any load's snapshot is: what is published is what runs.
+            match snapshots::verify(&sealer, &path, &expected)? {
+                Verdict::Sealed(verified) => Ok(verified),
+                other => Err(DeployError::Io(std::io::Error::other(format!(
+                    "the snapshot just booted does not verify: {other:?}"
+                )))),
+            }
+        })
+        .await
+        .expect("rebuild task panicked")
+    }
 }
 
-/// Builds the function's initramfs, boots it to READY and snapshots it into a staging directory;
-/// reuses the published snapshot when one of the same content exists. Blocking.
-fn boot_and_snapshot(
-    layout: &Layout,
-    hypervisor: &kiln_vmm::Hypervisor,
-    image: &GuestImage,
-    name: &str,
-    upload: &[u8],
-    env: &std::collections::BTreeMap<String, String>,
-    memory_mib: u32,
-) -> Result<Staged, DeployError> {
-    let initramfs = image.initramfs(upload, env);
-    let digest = image.snapshot_digest(&initramfs, memory_mib);
-    if snapshots::dir(layout, &digest).join("state").exists() {
-        return Ok(Staged::existing(digest));
+/// What a boot needs. Blocking: runs on the blocking pool.
+struct Boot<'a> {
+    layout: &'a Layout,
+    jail: &'a Jail,
+    image: &'a GuestImage,
+    sealer: &'a Sealer,
+    name: &'a str,
+}
+
+impl Boot<'_> {
+    /// Boots the image with `initramfs` to READY in a jailed helper, snapshots it into a new
+    /// staging directory and seals it as `digest`.
+    fn staged(&self, digest: Digest, initramfs: &[u8], memory_mib: u32) -> Result<Staged, DeployError> {
+        let staged = Staged::new(self.layout, digest)?;
+        let path = staged.path().expect("a new staging directory");
+        let config = VmConfig {
+            memory_mib,
+            max_memory_mib: MAX_MEMORY_MB as u32,
+        };
+        let started = Instant::now();
+        let report = self
+            .jail
+            .boot_linux_and_snapshot(
+                &self.image.vmlinux,
+                initramfs,
+                &self.image.cmdline,
+                config,
+                BOOT_TIMEOUT,
+                path,
+            )
+            .map_err(|e| boot_error(e, memory_mib))?;
+        let helper = started.elapsed();
+        snapshots::seal(self.sealer, path, &staged.digest)?;
+        tracing::info!(
+            function = self.name,
+            boot_ms = report.boot.as_millis() as u64,
+            snapshot_ms = report.snapshot.as_millis() as u64,
+            // The helper's whole run as the server saw it: start-up, the request, boot, snapshot.
+            helper_ms = helper.as_millis() as u64,
+            seal_ms = (started.elapsed() - helper).as_millis() as u64,
+            "booted, snapshotted and sealed the microVM"
+        );
+        Ok(staged)
     }
-    let staged = Staged::new(layout, digest)?;
-    let config = VmConfig {
-        memory_mib,
-        max_memory_mib: MAX_MEMORY_MB as u32,
-    };
-    let started = Instant::now();
-    let mut vm = MicroVm::boot_linux(
-        hypervisor,
-        config,
-        &image.vmlinux,
-        &initramfs,
-        &image.cmdline,
-        BOOT_TIMEOUT,
-    )
-    .map_err(|e| match e {
-        LinuxBootError::Layout(e) => {
+}
+
+/// A failed boot as a deploy tells it: a layout the memory size cannot hold is the upload's
+/// problem; anything else is the host's (the message ends with the guest's console, if any).
+fn boot_error(e: JailError, memory_mib: u32) -> DeployError {
+    match e {
+        JailError::Layout(e) => {
             DeployError::InvalidCode(format!("memory_mb {memory_mib} is too small for this function: {e}"))
         }
+        e @ JailError::LinuxBoot { .. } => DeployError::TierUnavailable(e.to_string()),
         e => DeployError::TierUnavailable(format!("the microVM's Linux guest did not boot: {e}")),
-    })?;
-    let booted = started.elapsed();
-    let path = staged.path().expect("a new staging directory");
-    Snapshot::create(hypervisor, &mut vm, path).map_err(|e| DeployError::Io(std::io::Error::other(e.to_string())))?;
-    tracing::info!(
-        function = name,
-        boot_ms = booted.as_millis() as u64,
-        snapshot_ms = (started.elapsed() - booted).as_millis() as u64,
-        "booted and snapshotted the microVM"
-    );
-    Ok(staged)
+    }
 }

@@ -16,20 +16,33 @@
 //!
 //! Deploy and invoke reach it through [`crate::tier::Tier`], like the Wasm tier.
 //!
-//! Every KVM call runs on the blocking pool (`spawn_blocking`): a vCPU blocks its thread for as
-//! long as the guest runs, which must never be a tokio worker.
+//! **No VM runs in this process.** Every boot and every restore runs in a jailed helper process
+//! of its own ([`kiln_vmm::jail`]: `kiln vmm-jail`, new user/mount/PID/network/IPC/UTS
+//! namespaces, its root the snapshot's directory, no capabilities, `no_new_privs`, a seccomp
+//! allow-list, a cgroup v2 limit where the host delegates one); the server never opens
+//! `/dev/kvm`, so a guest that escapes KVM lands in a process that can do almost nothing, not in
+//! the one holding the database, tokens and signing keys. The calling thread waits for its
+//! helper on the blocking pool (`spawn_blocking`), never on a tokio worker.
+//!
+//! **Snapshots are sealed** ([`snapshots`]): a keyed MAC over the snapshot's digest, its `state`
+//! and the SHA-256 of its `memory`, checked when a version is loaded; one that does not verify is
+//! set aside and booted again from the stored upload, never executed.
 
 mod capability;
 mod deploy;
 mod image;
 mod invoke;
 mod snapshots;
+#[cfg(test)]
+mod test_helper;
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use kiln_vmm::{Hypervisor, Quirks};
+use kiln_vmm::jail::{Jail, JailConfig};
+use kiln_vmm::Quirks;
 
 pub use capability::Capability;
 pub use image::{validate_executable, GuestImage};
@@ -45,78 +58,101 @@ use crate::functions::LoadError;
 use crate::outcome::{InvokeError, Success};
 use crate::permits::{Limit, Permits};
 use crate::registry::{Concurrency, Entry, LoadedFunction};
-use crate::storage::Layout;
+use crate::storage::seal::Sealer;
+use crate::storage::{Blobs, Layout, LocalBlobs};
+
+/// The argument that makes Kiln's binary the jailed VM helper (`runtime/kiln/src/main.rs`).
+pub const HELPER_ARG: &str = "vmm-jail";
 
 /// The tier's state, built once at start-up and shared by every deploy and invocation.
 pub struct MicrovmTier {
     capability: Capability,
-    /// `/dev/kvm`, when it opens.
-    hypervisor: Option<Arc<Hypervisor>>,
+    /// Starts the jailed helper processes every VM runs in, when the tier is available.
+    jail: Option<Arc<Jail>>,
     /// The guest image, when the tier is available.
     image: Option<Arc<GuestImage>>,
     /// One per running microVM (deploy boots and invocations alike).
     vms: Limit,
     /// Where snapshots live.
     layout: Layout,
+    /// Where uploads are, to boot a snapshot again that did not verify.
+    blobs: Arc<dyn Blobs>,
+    /// Seals snapshots with this node's key; `None` when the tier is unavailable.
+    sealer: Option<Sealer>,
+    /// One lock per snapshot being loaded: two versions sharing a snapshot verify (and, if need
+    /// be, rebuild) it once, not concurrently.
+    loading: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// A helper the next invocation must use (tests: its pid, its jailed hook).
+    #[cfg(test)]
+    next_helper: Mutex<Option<kiln_vmm::jail::Helper>>,
 }
 
 impl MicrovmTier {
-    /// Probes the host and loads the guest image where it could run. Blocking (reads and
-    /// decompresses the kernel): call it at start-up.
+    /// Probes the host, loads the guest image and checks the jail where the tier could run.
+    /// Blocking (reads and decompresses the kernel, starts a helper): call it at start-up.
     pub fn open(config: &CoreConfig, layout: &Layout) -> Self {
         let has_kvm = Path::new("/dev/kvm").exists();
-        let hypervisor = has_kvm.then(Hypervisor::open);
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let kvm_usable = matches!(hypervisor, Some(Ok(_)));
-        // The image is read only where the tier could run: elsewhere the reason is the host.
-        let image = (kvm_usable && capability::has_hardware_virtualization(&cpuinfo))
-            .then(|| GuestImage::load(config.microvm_kernel.as_deref(), config.microvm_agent.as_deref()));
+        // Each step only where the ones before it say the tier could run: elsewhere the reason
+        // is the host (or the image), and no helper is ever started — embedders and test
+        // binaries that cannot be a helper never spawn themselves.
+        let could_run = has_kvm && capability::has_hardware_virtualization(&cpuinfo);
+        let image =
+            could_run.then(|| GuestImage::load(config.microvm_kernel.as_deref(), config.microvm_agent.as_deref()));
+        let jail = matches!(image, Some(Ok(_))).then(|| open_jail(config));
         let capability = Capability::decide(&capability::HostFacts {
             has_kvm,
-            kvm_error: match &hypervisor {
-                Some(Err(e)) => Some(e.to_string()),
-                _ => None,
-            },
             cpuinfo: &cpuinfo,
             pvm: Path::new("/sys/module/kvm_pvm").exists(),
             image_error: match &image {
                 Some(Err(e)) => Some(e.clone()),
                 _ => None,
             },
+            jail_error: match &jail {
+                Some(Err(e)) => Some(e.clone()),
+                _ => None,
+            },
         });
-        let image = match image {
-            Some(Ok(image)) if capability.is_available() => Some(Arc::new(image)),
-            _ => None,
+        let (image, jail) = match (image, jail) {
+            (Some(Ok(image)), Some(Ok(jail))) if capability.is_available() => (Some(Arc::new(image)), Some(jail)),
+            _ => (None, None),
         };
-        // KILN_MICROVM_QUIRKS=available-tss: this KVM runs nested under QEMU's TCG (test set-ups;
-        // see `kiln_vmm::Quirks`). Never needed, nor right, on hardware.
-        let quirks = Quirks {
-            available_tss_on_restore: std::env::var("KILN_MICROVM_QUIRKS").is_ok_and(|q| q.contains("available-tss")),
-        };
-        Self::with_parts(
-            capability,
-            hypervisor
-                .and_then(Result::ok)
-                .map(|hv| Arc::new(hv.with_quirks(quirks))),
-            image,
-            config.microvm_max_vms,
-            layout.clone(),
-        )
+        Self::with_parts(capability, jail, image, config.microvm_max_vms, layout.clone())
     }
 
     pub(crate) fn with_parts(
         capability: Capability,
-        hypervisor: Option<Arc<Hypervisor>>,
+        jail: Option<Arc<Jail>>,
         image: Option<Arc<GuestImage>>,
         max_vms: u32,
         layout: Layout,
     ) -> Self {
+        // No snapshot is run unsealed: without the node's key the tier is unavailable.
+        let (capability, sealer) = match capability {
+            Capability::Available => match Sealer::open(&layout.seal_key()) {
+                Ok(sealer) => (Capability::Available, Some(sealer)),
+                Err(e) => (
+                    Capability::Unavailable(format!(
+                        "the microvm tier cannot seal its snapshots: seal key {}: {e}",
+                        layout.seal_key().display()
+                    )),
+                    None,
+                ),
+            },
+            unavailable => (unavailable, None),
+        };
         Self {
             capability,
-            hypervisor,
+            jail,
             image,
             vms: Limit::new(max_vms),
+            // The local disk, where `Kiln::open` keeps artifacts too (`Storage::blobs`).
+            blobs: Arc::new(LocalBlobs::new(layout.clone())),
             layout,
+            sealer,
+            loading: Mutex::new(HashMap::new()),
+            #[cfg(test)]
+            next_helper: Mutex::new(None),
         }
     }
 
@@ -129,10 +165,10 @@ impl MicrovmTier {
         self.capability.reason()
     }
 
-    /// KVM and the guest image, when the tier is available.
-    fn runtime(&self) -> Option<(Arc<Hypervisor>, Arc<GuestImage>)> {
-        match (&self.hypervisor, &self.image, self.is_available()) {
-            (Some(hv), Some(image), true) => Some((hv.clone(), image.clone())),
+    /// The jail, the guest image and the sealer, when the tier is available.
+    fn runtime(&self) -> Option<(Arc<Jail>, Arc<GuestImage>, Sealer)> {
+        match (&self.jail, &self.image, &self.sealer, self.is_available()) {
+            (Some(jail), Some(image), Some(sealer), true) => Some((jail.clone(), image.clone(), sealer.clone())),
             _ => None,
         }
     }
@@ -148,6 +184,39 @@ impl MicrovmTier {
     pub fn forget(&self, digest: &Digest) {
         snapshots::remove_snapshot(&self.layout, digest);
     }
+
+    /// The lock of the snapshot `digest` while a version using it loads.
+    fn loading_lock(&self, digest: &Digest) -> Arc<tokio::sync::Mutex<()>> {
+        let mut loading = self.loading.lock().expect("loading lock poisoned");
+        // Locks nobody holds or waits for any more go, so the map stays as small as the loads
+        // in flight.
+        loading.retain(|_, lock| Arc::strong_count(lock) > 1);
+        loading.entry(digest.clone()).or_default().clone()
+    }
+}
+
+/// The jail every VM of this process runs in, if a helper can be jailed here and create a VM:
+/// the capability check (`probe`), done in a helper so that this process never opens `/dev/kvm`.
+fn open_jail(config: &CoreConfig) -> Result<Arc<Jail>, String> {
+    let mut jail_config = JailConfig::new(helper_exe(), vec![HELPER_ARG.into()]);
+    // KILN_MICROVM_QUIRKS=available-tss: this KVM runs nested under QEMU's TCG (test set-ups;
+    // see `kiln_vmm::Quirks`). Never needed, nor right, on hardware.
+    jail_config.quirks = Quirks {
+        available_tss_on_restore: std::env::var("KILN_MICROVM_QUIRKS").is_ok_and(|q| q.contains("available-tss")),
+    };
+    // More spares than VMs may run at once would only wait.
+    jail_config.prestart = config.microvm_prestart.min(config.microvm_max_vms as usize);
+    let jail = Jail::new(jail_config);
+    // Dropped (its pre-started helpers with it) if its helpers cannot work here.
+    jail.probe()?;
+    Ok(Arc::new(jail))
+}
+
+/// The helper executable: this very binary. `/proc/self/exe` rather than the path it was started
+/// from, so that a binary replaced on disk (an upgrade under a running server) still starts
+/// helpers that speak this process's protocol, and a deleted one still starts them at all.
+fn helper_exe() -> std::path::PathBuf {
+    std::path::PathBuf::from("/proc/self/exe")
 }
 
 impl Tier for MicrovmTier {
