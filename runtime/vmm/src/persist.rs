@@ -350,3 +350,14 @@ fn decode_fpu(bytes: &[u8]) -> Result<kvm_bindings::kvm_fpu, LoadSnapshotError> 
     fpu.mxcsr = u32::from_le_bytes(take(4).try_into().expect("4 bytes"));
     Ok(fpu)
 }
+
+/// Decodes a state file, as [`Snapshot::load`] does, and encodes what it read: the fuzz target's
+/// way in (`fuzz/`), needing neither KVM nor a memory file. Not an API.
+#[doc(hidden)]
+pub fn reencode_state(bytes: &[u8]) -> Result<Vec<u8>, LoadSnapshotError> {
+    let memory = File::open("/dev/null").map_err(|source| LoadSnapshotError::Io {
+        path: PathBuf::from("/dev/null"),
+        source,
+    })?;
+    Ok(Snapshot::decode_state(bytes, memory)?.encode_state())
+}

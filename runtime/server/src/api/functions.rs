@@ -103,7 +103,7 @@ async fn read_upload(
     Ok((code, config, held))
 }
 
-async fn parse_multipart(content_type: &str, bytes: Bytes) -> Result<(Bytes, FunctionConfig), Problem> {
+pub(super) async fn parse_multipart(content_type: &str, bytes: Bytes) -> Result<(Bytes, FunctionConfig), Problem> {
     let bad = |msg: String| error::invalid_request(format!("multipart body: {msg}"));
     let boundary = multer::parse_boundary(content_type).map_err(|e| bad(e.to_string()))?;
     let stream = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(bytes) });

@@ -90,7 +90,7 @@ pub async fn handle(
 }
 
 /// `/fn/{name}/a/b?x=1` → `/a/b?x=1`; `/fn/{name}` → `/`.
-fn guest_uri(uri: &Uri, name: &str) -> Result<Uri, Problem> {
+pub(super) fn guest_uri(uri: &Uri, name: &str) -> Result<Uri, Problem> {
     // The router ignores extra leading slashes (`//fn/x`); so does this.
     let rest = &uri.path().trim_start_matches('/')["fn/".len() + name.len()..];
     let path = if rest.is_empty() { "/" } else { rest };

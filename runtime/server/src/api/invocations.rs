@@ -86,7 +86,7 @@ pub(super) fn valid_id(id: &str) -> Result<(), Problem> {
 }
 
 /// `expires_in` (seconds) sets the result URL's lifetime: default 15 minutes, at most 7 days.
-fn url_lifetime(query: Option<&str>) -> Result<Duration, Problem> {
+pub(super) fn url_lifetime(query: Option<&str>) -> Result<Duration, Problem> {
     let mut lifetime = signing::DEFAULT_LIFETIME;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {

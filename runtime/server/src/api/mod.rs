@@ -41,127 +41,201 @@ pub async fn handle(server: Arc<Server>, req: Request<Incoming>) -> Result<Respo
 async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>, Problem> {
     let kiln = &server.kiln;
     let path = req.uri().path().to_owned();
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let segments = segments(&path);
     let method = req.method().clone();
-    match segments.as_slice() {
-        ["healthz"] if method == Method::GET || method == Method::HEAD => return Ok(healthz(server)),
-        ["metrics"] if method == Method::GET => {
+    let api = match classify(&method, &segments) {
+        Route::Healthz => return Ok(healthz(server)),
+        Route::Metrics => {
             let authorization = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
             if !may_read_metrics(server, authorization) {
                 return Err(error::unauthorized());
             }
             return Ok(metrics(server).await);
         }
-        ["healthz"] | ["metrics"] => return Err(error::method_not_allowed()),
-        ["v1", ..] => {}
-        ["fn", name, ..] => {
-            if kiln.is_shutting_down() {
-                return Err(error::shutting_down());
-            }
-            let name = name.to_string();
-            return http_trigger::handle(&kiln.auth, &kiln.functions, &kiln.telemetry, &name, req).await;
+        Route::Refused(refusal) => return Err(refusal.problem(&path)),
+        _ if kiln.is_shutting_down() => return Err(error::shutting_down()),
+        Route::Trigger(name) => {
+            return http_trigger::handle(&kiln.auth, &kiln.functions, &kiln.telemetry, name, req).await;
         }
-        ["sbx", id, ..] => {
-            if kiln.is_shutting_down() {
-                return Err(error::shutting_down());
-            }
-            let id = id.to_string();
-            return sandboxes::ingress(&kiln.auth, &kiln.sandboxes, &id, req).await;
-        }
-        _ => return Err(error::not_found(format!("no route for {path}"))),
-    }
-    if kiln.is_shutting_down() {
-        return Err(error::shutting_down());
-    }
-    // Result URLs carry their own authority (a signature), not a token.
-    if let ["v1", "results", id] = segments.as_slice() {
-        return match method {
-            Method::GET => invocations::result(&kiln.signer, &kiln.storage, id, req.uri().query()).await,
-            _ => Err(error::method_not_allowed()),
-        };
-    }
+        Route::Ingress(id) => return sandboxes::ingress(&kiln.auth, &kiln.sandboxes, id, req).await,
+        // Result URLs carry their own authority (a signature), not a token.
+        Route::Result(id) => return invocations::result(&kiln.signer, &kiln.storage, id, req.uri().query()).await,
+        Route::Api(api) => api,
+    };
     let principal = kiln
         .auth
         .authenticate(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()))
         .ok_or_else(error::unauthorized)?;
     tokens::authorize(&kiln.storage, &kiln.telemetry.logs, &principal, &segments, &method).await?;
-    match (segments.as_slice(), method) {
-        (["v1", "openapi.json"], Method::GET) => Ok(openapi::document()),
-        (["v1", "openapi.json"], _) => Err(error::method_not_allowed()),
-        (["v1", "tokens"], Method::POST) => tokens::create(&kiln.auth, &kiln.storage, &server.bodies, req).await,
-        (["v1", "tokens"], Method::GET) => tokens::list(&kiln.auth, &kiln.storage).await,
-        (["v1", "tokens"], _) => Err(error::method_not_allowed()),
-        (["v1", "tokens", id], Method::DELETE) => tokens::delete(&kiln.auth, &kiln.storage, id).await,
-        (["v1", "tokens", _], _) => Err(error::method_not_allowed()),
-        (["v1", "keys", "rotate"], Method::POST) => keys::rotate(&kiln.signer).await,
-        (["v1", "keys", "rotate"], _) => Err(error::method_not_allowed()),
-        (["v1", "sandboxes"], Method::POST) => {
-            sandboxes::create(&kiln.sandboxes, &principal, &server.bodies, req).await
+    let (limits, bodies) = (&server.config, &server.bodies);
+    match api {
+        Api::OpenApi => Ok(openapi::document()),
+        Api::CreateToken => tokens::create(&kiln.auth, &kiln.storage, bodies, req).await,
+        Api::ListTokens => tokens::list(&kiln.auth, &kiln.storage).await,
+        Api::DeleteToken(id) => tokens::delete(&kiln.auth, &kiln.storage, id).await,
+        Api::RotateKeys => keys::rotate(&kiln.signer).await,
+        Api::ListFunctions => functions::list(&kiln.functions).await,
+        Api::Deploy(name) => functions::deploy(&kiln.functions, &kiln.telemetry, limits, bodies, name, req).await,
+        Api::GetFunction(name) => functions::get(&kiln.functions, name).await,
+        Api::DeleteFunction(name) => functions::delete(&kiln.functions, name).await,
+        Api::Invoke(name) => invoke::sync(&kiln.functions, &kiln.telemetry, limits, bodies, name, req).await,
+        Api::InvokeAsync(name) => invocations::submit(&kiln.functions, &kiln.queue, limits, bodies, name, req).await,
+        Api::GetInvocation(id) => invocations::get(&kiln.storage, &kiln.signer, id, req.uri().query()).await,
+        Api::InvocationLogs(id) => logs::get(&kiln.storage, &kiln.telemetry.logs, id).await,
+        Api::CreateSandbox => sandboxes::create(&kiln.sandboxes, &principal, bodies, req).await,
+        Api::ListSandboxes => sandboxes::list(&kiln.sandboxes, &principal, req.uri().query()).await,
+        Api::GetSandbox(id) => sandboxes::get(&kiln.sandboxes, &principal, id).await,
+        Api::TerminateSandbox(id) => sandboxes::terminate(&kiln.sandboxes, &principal, id).await,
+        Api::SuspendSandbox(id) => sandboxes::suspend(&kiln.sandboxes, &principal, id).await,
+        Api::ResumeSandbox(id) => sandboxes::resume(&kiln.sandboxes, &principal, id).await,
+        Api::ForkSandbox(id) => sandboxes::fork(&kiln.sandboxes, &principal, bodies, id, req).await,
+        Api::SandboxToken(id) => sandboxes::token(&kiln.sandboxes, &principal, bodies, id, req).await,
+        Api::SandboxExec(id) => sandboxes::exec(&kiln.sandboxes, &principal, id).await,
+        Api::SandboxShell(id) => sandboxes::shell(&kiln.sandboxes, &principal, id).await,
+        Api::SandboxReadFile(id) => sandboxes::read_file(&kiln.sandboxes, &principal, id).await,
+        Api::SandboxWriteFile(id) => sandboxes::write_file(&kiln.sandboxes, &principal, id).await,
+        Api::Refused(refusal) => Err(refusal.problem(&path)),
+    }
+}
+
+/// A path's segments, as the router matches them (extra leading slashes ignored).
+fn segments(path: &str) -> Vec<&str> {
+    path.trim_start_matches('/').split('/').collect()
+}
+
+/// Where a request goes, from its method and path alone: decided before anything is read,
+/// authenticated or looked up, so the routing table is one pure function (fuzzed in `fuzz/`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route<'a> {
+    Healthz,
+    Metrics,
+    /// `/fn/<name>/...`, any method; the trigger checks the name and the caller.
+    Trigger(&'a str),
+    /// `GET /v1/results/<id>`: authorised by its signature, not by a token.
+    Result(&'a str),
+    /// `/sbx/<id>/...`, any method: a sandbox's ingress, which authenticates on its own terms.
+    Ingress(&'a str),
+    /// Answered at once, before authentication or the shutdown check.
+    Refused(Refusal<'a>),
+    /// The rest of `/v1`: only for an authenticated, authorised caller.
+    Api(Api<'a>),
+}
+
+/// A route under `/v1` that needs a token. Function names are valid ([`is_valid_function_name`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api<'a> {
+    OpenApi,
+    CreateToken,
+    ListTokens,
+    DeleteToken(&'a str),
+    RotateKeys,
+    ListFunctions,
+    Deploy(&'a str),
+    GetFunction(&'a str),
+    DeleteFunction(&'a str),
+    Invoke(&'a str),
+    InvokeAsync(&'a str),
+    GetInvocation(&'a str),
+    InvocationLogs(&'a str),
+    CreateSandbox,
+    ListSandboxes,
+    GetSandbox(&'a str),
+    TerminateSandbox(&'a str),
+    SuspendSandbox(&'a str),
+    ResumeSandbox(&'a str),
+    ForkSandbox(&'a str),
+    SandboxToken(&'a str),
+    SandboxExec(&'a str),
+    SandboxShell(&'a str),
+    SandboxReadFile(&'a str),
+    SandboxWriteFile(&'a str),
+    /// Told only to an authenticated caller: an anonymous one learns nothing about `/v1` but 401.
+    Refused(Refusal<'a>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal<'a> {
+    NotFound,
+    MethodNotAllowed,
+    InvalidName(&'a str),
+}
+
+impl Refusal<'_> {
+    fn problem(self, path: &str) -> Problem {
+        match self {
+            Refusal::NotFound => error::not_found(format!("no route for {path}")),
+            Refusal::MethodNotAllowed => error::method_not_allowed(),
+            Refusal::InvalidName(name) => error::invalid_function_name(name),
         }
-        (["v1", "sandboxes"], Method::GET) => sandboxes::list(&kiln.sandboxes, &principal, req.uri().query()).await,
-        (["v1", "sandboxes"], _) => Err(error::method_not_allowed()),
-        (["v1", "sandboxes", id], Method::GET) => sandboxes::get(&kiln.sandboxes, &principal, id).await,
-        (["v1", "sandboxes", id], Method::DELETE) => sandboxes::terminate(&kiln.sandboxes, &principal, id).await,
-        (["v1", "sandboxes", _], _) => Err(error::method_not_allowed()),
-        (["v1", "sandboxes", id, "suspend"], Method::POST) => sandboxes::suspend(&kiln.sandboxes, &principal, id).await,
-        (["v1", "sandboxes", id, "resume"], Method::POST) => sandboxes::resume(&kiln.sandboxes, &principal, id).await,
-        (["v1", "sandboxes", id, "fork"], Method::POST) => {
-            sandboxes::fork(&kiln.sandboxes, &principal, &server.bodies, id, req).await
+    }
+}
+
+/// The routing table of `../shared/API.md`.
+pub fn classify<'a>(method: &Method, segments: &[&'a str]) -> Route<'a> {
+    let get = method == Method::GET;
+    match segments {
+        ["healthz"] if get || method == Method::HEAD => Route::Healthz,
+        ["metrics"] if get => Route::Metrics,
+        ["healthz"] | ["metrics"] => Route::Refused(Refusal::MethodNotAllowed),
+        ["fn", name, ..] => Route::Trigger(name),
+        ["v1", "results", id] if get => Route::Result(id),
+        ["v1", "results", _] => Route::Refused(Refusal::MethodNotAllowed),
+        ["sbx", id, ..] => Route::Ingress(id),
+        ["v1", ..] => Route::Api(classify_api(method, segments)),
+        _ => Route::Refused(Refusal::NotFound),
+    }
+}
+
+fn classify_api<'a>(method: &Method, segments: &[&'a str]) -> Api<'a> {
+    let refused = Api::Refused;
+    match (segments, method) {
+        (["v1", "openapi.json"], &Method::GET) => Api::OpenApi,
+        (["v1", "openapi.json"], _) => refused(Refusal::MethodNotAllowed),
+        (["v1", "tokens"], &Method::POST) => Api::CreateToken,
+        (["v1", "tokens"], &Method::GET) => Api::ListTokens,
+        (["v1", "tokens"], _) => refused(Refusal::MethodNotAllowed),
+        (["v1", "tokens", id], &Method::DELETE) => Api::DeleteToken(id),
+        (["v1", "tokens", _], _) => refused(Refusal::MethodNotAllowed),
+        (["v1", "keys", "rotate"], &Method::POST) => Api::RotateKeys,
+        (["v1", "keys", "rotate"], _) => refused(Refusal::MethodNotAllowed),
+        (["v1", "functions"], &Method::GET) => Api::ListFunctions,
+        (["v1", "functions"], _) => refused(Refusal::MethodNotAllowed),
+        (["v1", "sandboxes"], &Method::POST) => Api::CreateSandbox,
+        (["v1", "sandboxes"], &Method::GET) => Api::ListSandboxes,
+        (["v1", "sandboxes"], _) => refused(Refusal::MethodNotAllowed),
+        (["v1", "sandboxes", id], &Method::GET) => Api::GetSandbox(id),
+        (["v1", "sandboxes", id], &Method::DELETE) => Api::TerminateSandbox(id),
+        (["v1", "sandboxes", _], _) => refused(Refusal::MethodNotAllowed),
+        (["v1", "sandboxes", id, "suspend"], &Method::POST) => Api::SuspendSandbox(id),
+        (["v1", "sandboxes", id, "resume"], &Method::POST) => Api::ResumeSandbox(id),
+        (["v1", "sandboxes", id, "fork"], &Method::POST) => Api::ForkSandbox(id),
+        (["v1", "sandboxes", id, "tokens"], &Method::POST) => Api::SandboxToken(id),
+        (["v1", "sandboxes", id, "exec"], &Method::POST) => Api::SandboxExec(id),
+        (["v1", "sandboxes", id, "shell"], &Method::GET) => Api::SandboxShell(id),
+        (["v1", "sandboxes", id, "files"], &Method::GET) => Api::SandboxReadFile(id),
+        (["v1", "sandboxes", id, "files"], &Method::PUT) => Api::SandboxWriteFile(id),
+        (["v1", "sandboxes", _, "suspend" | "resume" | "fork" | "tokens" | "exec" | "shell" | "files"], _) => {
+            refused(Refusal::MethodNotAllowed)
         }
-        (["v1", "sandboxes", id, "tokens"], Method::POST) => {
-            sandboxes::token(&kiln.sandboxes, &principal, &server.bodies, id, req).await
-        }
-        (["v1", "sandboxes", _, "suspend" | "resume" | "fork" | "tokens"], _) => Err(error::method_not_allowed()),
-        (["v1", "sandboxes", id, "exec"], Method::POST) => sandboxes::exec(&kiln.sandboxes, &principal, id).await,
-        (["v1", "sandboxes", id, "shell"], Method::GET) => sandboxes::shell(&kiln.sandboxes, &principal, id).await,
-        (["v1", "sandboxes", id, "files"], Method::GET) => sandboxes::read_file(&kiln.sandboxes, &principal, id).await,
-        (["v1", "sandboxes", id, "files"], Method::PUT) => sandboxes::write_file(&kiln.sandboxes, &principal, id).await,
-        (["v1", "sandboxes", _, "exec" | "shell" | "files"], _) => Err(error::method_not_allowed()),
-        (["v1", "functions"], Method::GET) => functions::list(&kiln.functions).await,
-        (["v1", "functions"], _) => Err(error::method_not_allowed()),
         (["v1", "functions", name, rest @ ..], method) => {
             if !is_valid_function_name(name) {
-                return Err(error::invalid_function_name(name));
+                return refused(Refusal::InvalidName(name));
             }
             match (rest, method) {
-                ([], Method::PUT) => {
-                    functions::deploy(
-                        &kiln.functions,
-                        &kiln.telemetry,
-                        &server.config,
-                        &server.bodies,
-                        name,
-                        req,
-                    )
-                    .await
-                }
-                ([], Method::GET) => functions::get(&kiln.functions, name).await,
-                ([], Method::DELETE) => functions::delete(&kiln.functions, name).await,
-                (["invoke"], Method::POST) => {
-                    invoke::sync(
-                        &kiln.functions,
-                        &kiln.telemetry,
-                        &server.config,
-                        &server.bodies,
-                        name,
-                        req,
-                    )
-                    .await
-                }
-                (["invoke-async"], Method::POST) => {
-                    invocations::submit(&kiln.functions, &kiln.queue, &server.config, &server.bodies, name, req).await
-                }
-                ([] | ["invoke"] | ["invoke-async"], _) => Err(error::method_not_allowed()),
-                _ => Err(error::not_found(format!("no route for {path}"))),
+                ([], &Method::PUT) => Api::Deploy(name),
+                ([], &Method::GET) => Api::GetFunction(name),
+                ([], &Method::DELETE) => Api::DeleteFunction(name),
+                (["invoke"], &Method::POST) => Api::Invoke(name),
+                (["invoke-async"], &Method::POST) => Api::InvokeAsync(name),
+                ([] | ["invoke"] | ["invoke-async"], _) => refused(Refusal::MethodNotAllowed),
+                _ => refused(Refusal::NotFound),
             }
         }
-        (["v1", "invocations", id], Method::GET) => {
-            invocations::get(&kiln.storage, &kiln.signer, id, req.uri().query()).await
-        }
-        (["v1", "invocations", _], _) => Err(error::method_not_allowed()),
-        (["v1", "invocations", id, "logs"], Method::GET) => logs::get(&kiln.storage, &kiln.telemetry.logs, id).await,
-        (["v1", "invocations", _, "logs"], _) => Err(error::method_not_allowed()),
-        _ => Err(error::not_found(format!("no route for {path}"))),
+        (["v1", "invocations", id], &Method::GET) => Api::GetInvocation(id),
+        (["v1", "invocations", _], _) => refused(Refusal::MethodNotAllowed),
+        (["v1", "invocations", id, "logs"], &Method::GET) => Api::InvocationLogs(id),
+        (["v1", "invocations", _, "logs"], _) => refused(Refusal::MethodNotAllowed),
+        _ => refused(Refusal::NotFound),
     }
 }
 
@@ -263,9 +337,84 @@ fn version_param(query: Option<&str>) -> Result<Option<u32>, Problem> {
     Ok(version)
 }
 
+/// The request parsers the server runs, for the fuzz targets in `fuzz/`; not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{Method, Uri};
+    use kiln_core::function::FunctionConfig;
+    use kiln_core::problem::Problem;
+
+    pub use super::{Api, Refusal, Route};
+
+    /// The router's decision for a method and a path.
+    pub fn route<'a>(method: &Method, path: &'a str) -> Route<'a> {
+        super::classify(method, &super::segments(path))
+    }
+
+    pub async fn parse_multipart(content_type: &str, body: Bytes) -> Result<(Bytes, FunctionConfig), Problem> {
+        super::functions::parse_multipart(content_type, body).await
+    }
+
+    pub fn version_param(query: Option<&str>) -> Result<Option<u32>, Problem> {
+        super::version_param(query)
+    }
+
+    pub fn url_lifetime(query: Option<&str>) -> Result<Duration, Problem> {
+        super::invocations::url_lifetime(query)
+    }
+
+    pub fn valid_id(id: &str) -> bool {
+        super::invocations::valid_id(id).is_ok()
+    }
+
+    pub fn guest_uri(uri: &Uri, name: &str) -> Result<Uri, Problem> {
+        super::http_trigger::guest_uri(uri, name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routing_table() {
+        use Refusal::*;
+        // Under /v1, refusals come after authentication: `route` authenticates first.
+        let after_auth = |refusal| Route::Api(Api::Refused(refusal));
+        for (method, path, expected) in [
+            (Method::HEAD, "/healthz", Route::Healthz),
+            (Method::GET, "//metrics", Route::Metrics),
+            (Method::POST, "/metrics", Route::Refused(MethodNotAllowed)),
+            (Method::GET, "/nope", Route::Refused(NotFound)),
+            (Method::PATCH, "/fn/Bad/x", Route::Trigger("Bad")),
+            (Method::GET, "/v1/results/abc", Route::Result("abc")),
+            (Method::PUT, "/v1/results/abc", Route::Refused(MethodNotAllowed)),
+            (Method::PUT, "/v1/functions/f", Route::Api(Api::Deploy("f"))),
+            (
+                Method::POST,
+                "/v1/functions/f/invoke-async",
+                Route::Api(Api::InvokeAsync("f")),
+            ),
+            (
+                Method::GET,
+                "/v1/invocations/i/logs",
+                Route::Api(Api::InvocationLogs("i")),
+            ),
+            (Method::DELETE, "/v1/tokens/t", Route::Api(Api::DeleteToken("t"))),
+            (Method::POST, "/v1/keys/rotate", Route::Api(Api::RotateKeys)),
+            (Method::GET, "/v1/keys/rotate", after_auth(MethodNotAllowed)),
+            (Method::GET, "/v1/nope", after_auth(NotFound)),
+            (Method::GET, "/v1/functions/f/invoke", after_auth(MethodNotAllowed)),
+            (Method::GET, "/v1/functions/f/x", after_auth(NotFound)),
+            (Method::GET, "/v1/functions/A/x", after_auth(InvalidName("A"))),
+            (Method::GET, "/v1/functions/../x", after_auth(InvalidName(".."))),
+        ] {
+            assert_eq!(classify(&method, &segments(path)), expected, "{method} {path}");
+        }
+    }
 
     #[test]
     fn healthz_reasons_name_no_host_paths() {

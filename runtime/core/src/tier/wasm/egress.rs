@@ -79,6 +79,13 @@ impl Rule {
         Ok(Rule { https, host, port })
     }
 
+    /// Whether a request to `https`, `host` (as a URI gives it) and `port` matches, as the policy
+    /// decides it: for the fuzz targets in `fuzz/`; not an API.
+    #[doc(hidden)]
+    pub fn allows(&self, https: bool, host: &str, port: u16) -> bool {
+        self.matches(https, &Host::of(host), port)
+    }
+
     fn matches(&self, https: bool, host: &Host, port: u16) -> bool {
         if self.https != https || self.port != port {
             return false;
@@ -90,6 +97,18 @@ impl Rule {
                 .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
             (HostPattern::Ip(rule), Host::Ip(ip)) => rule == ip,
             _ => false,
+        }
+    }
+}
+
+/// The canonical form of an entry (lowercase, explicit port), which parses back to the same rule.
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.https { "https" } else { "http" };
+        match &self.host {
+            HostPattern::Exact(name) => write!(f, "{scheme}://{name}:{}", self.port),
+            HostPattern::Subdomains(suffix) => write!(f, "{scheme}://*.{suffix}:{}", self.port),
+            HostPattern::Ip(ip) => write!(f, "{scheme}://{}", SocketAddr::new(*ip, self.port)),
         }
     }
 }
@@ -420,6 +439,20 @@ mod tests {
             "https://*.",
         ] {
             assert!(Rule::parse(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn rules_print_in_canonical_form() {
+        for (entry, canonical) in [
+            ("https://API.example.com/", "https://api.example.com:443"),
+            ("https://*.example.com:8443", "https://*.example.com:8443"),
+            ("http://[::1]:9000", "http://[::1]:9000"),
+            ("http://127.0.0.1", "http://127.0.0.1:80"),
+        ] {
+            let rule = Rule::parse(entry).unwrap();
+            assert_eq!(rule.to_string(), canonical);
+            assert_eq!(Rule::parse(canonical), Ok(rule));
         }
     }
 

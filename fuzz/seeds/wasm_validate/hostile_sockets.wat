@@ -1,0 +1,63 @@
+;; Hostile: tries the network. No socket is granted, so it calls sock_accept, sock_recv,
+;; sock_send and sock_shutdown on a made-up fd (3), on a huge fd (1000) and on stdin/stdout (real
+;; fds that are not sockets), and prints each errno as "name=errno". Then it exits 0.
+;; Expected: 200, every errno non-zero (8 = badf for the made-up fds, 57 = notsock for stdio).
+(module
+  (import "wasi_snapshot_preview1" "fd_write"
+    (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "sock_accept"
+    (func $sock_accept (param i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "sock_recv"
+    (func $sock_recv (param i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "sock_send"
+    (func $sock_send (param i32 i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "sock_shutdown"
+    (func $sock_shutdown (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 640) "accept3")
+  (data (i32.const 656) "accept0")
+  (data (i32.const 672) "recv3")
+  (data (i32.const 688) "recv0")
+  (data (i32.const 704) "send1000")
+  (data (i32.const 720) "send1")
+  (data (i32.const 736) "shutdown3")
+  (data (i32.const 752) "shutdown1")
+  (data (i32.const 768) "GET / HTTP/1.0\r\n\r\n")
+  (data (i32.const 816) "=")
+  (data (i32.const 818) "\n")
+  (func $write (param $ptr i32) (param $len i32)
+    (i32.store (i32.const 0) (local.get $ptr))
+    (i32.store (i32.const 4) (local.get $len))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))))
+  (func $print_num (param $n i32)
+    (local $p i32)
+    (local.set $p (i32.const 240))
+    (loop $digit
+      (local.set $p (i32.sub (local.get $p) (i32.const 1)))
+      (i32.store8 (local.get $p) (i32.add (i32.const 48) (i32.rem_u (local.get $n) (i32.const 10))))
+      (local.set $n (i32.div_u (local.get $n) (i32.const 10)))
+      (br_if $digit (local.get $n)))
+    (call $write (local.get $p) (i32.sub (i32.const 240) (local.get $p))))
+  (func $report (param $label i32) (param $len i32) (param $value i32)
+    (call $write (local.get $label) (local.get $len))
+    (call $write (i32.const 816) (i32.const 1))
+    (call $print_num (local.get $value))
+    (call $write (i32.const 818) (i32.const 1)))
+  (func (export "_start")
+    ;; iovec for send/recv at 32: { 768, 18 } (the recv buffer is 4096..8192, iovec at 48)
+    (i32.store (i32.const 32) (i32.const 768))
+    (i32.store (i32.const 36) (i32.const 18))
+    (i32.store (i32.const 48) (i32.const 4096))
+    (i32.store (i32.const 52) (i32.const 4096))
+    (call $report (i32.const 640) (i32.const 7) (call $sock_accept (i32.const 3) (i32.const 0) (i32.const 16)))
+    (call $report (i32.const 656) (i32.const 7) (call $sock_accept (i32.const 0) (i32.const 0) (i32.const 16)))
+    (call $report (i32.const 672) (i32.const 5)
+      (call $sock_recv (i32.const 3) (i32.const 48) (i32.const 1) (i32.const 0) (i32.const 20) (i32.const 24)))
+    (call $report (i32.const 688) (i32.const 5)
+      (call $sock_recv (i32.const 0) (i32.const 48) (i32.const 1) (i32.const 0) (i32.const 20) (i32.const 24)))
+    (call $report (i32.const 704) (i32.const 8)
+      (call $sock_send (i32.const 1000) (i32.const 32) (i32.const 1) (i32.const 0) (i32.const 20)))
+    (call $report (i32.const 720) (i32.const 5)
+      (call $sock_send (i32.const 1) (i32.const 32) (i32.const 1) (i32.const 0) (i32.const 20)))
+    (call $report (i32.const 736) (i32.const 9) (call $sock_shutdown (i32.const 3) (i32.const 3)))
+    (call $report (i32.const 752) (i32.const 9) (call $sock_shutdown (i32.const 1) (i32.const 3)))))
