@@ -21,9 +21,11 @@
 //! answer `unavailable` with the reason.
 
 pub mod record;
+pub mod saved;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -31,6 +33,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::{Mutex, OwnedSemaphorePermit};
 
 use self::record::{Ingress, OnIdle, Sandbox, SandboxToken, Scope, Settings, State};
+use self::saved::{Manifest, SavedStates};
 use crate::auth::Principal;
 use crate::clock::{now_rfc3339, Clock};
 use crate::digest::Digest;
@@ -40,7 +43,7 @@ use crate::outcome::InvokeError;
 use crate::permits::Limit;
 use crate::registry::Entry;
 use crate::storage::budget::StorageFull;
-use crate::storage::{BlobKind, Storage, StorageError};
+use crate::storage::{Durability, Storage, StorageError};
 use crate::telemetry::metrics::Metrics;
 use crate::tier::wasm::sandbox::{IngressBody, LiveInstance, SandboxCode, Start};
 use crate::tier::wasm::trigger::GuestBody;
@@ -100,21 +103,60 @@ impl Default for SandboxesConfig {
     }
 }
 
-/// One sandbox's lock, and its live instance while it has one.
+/// One sandbox's lock, its live instance while it has one, and what ingress reads on every
+/// request — kept in memory so that a request touches no store.
 #[derive(Default)]
 struct Slot {
+    /// `Some` exactly while the sandbox's committed state is `running`.
     live: Mutex<Option<Live>>,
+    /// The last ingress activity (ms on the manager's clock). Not written per request: the
+    /// record takes it at its next transition, and the reaper and `get` read it from here.
+    active_ms: AtomicU64,
+    /// Who may enter, fixed at creation.
+    gate: OnceLock<Gate>,
+    /// The chunks of the state it last resumed from or saved: the next save writes only what
+    /// changed.
+    saved: std::sync::Mutex<Option<Arc<Manifest>>>,
 }
 
-/// A live sandbox: its instance and what it holds of the server.
+impl Slot {
+    fn saved(&self) -> Option<Arc<Manifest>> {
+        self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_saved(&self, manifest: Option<Manifest>) {
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = manifest.map(Arc::new);
+    }
+}
+
+/// What ingress checks a request against: a sandbox's id, function and ingress setting (fixed
+/// for its life).
+#[derive(Debug, Clone)]
+pub struct Gate {
+    pub id: String,
+    pub function: String,
+    pub ingress: Ingress,
+}
+
+impl Gate {
+    fn of(sandbox: &Sandbox) -> Gate {
+        Gate {
+            id: sandbox.id.clone(),
+            function: sandbox.function.clone(),
+            ingress: sandbox.settings.ingress,
+        }
+    }
+}
+
+/// A live sandbox: its instance and its place among the running sandboxes.
 struct Live {
     instance: LiveInstance,
-    _pool: OwnedSemaphorePermit,
     _running: OwnedSemaphorePermit,
 }
 
 pub struct Sandboxes {
     storage: Arc<Storage>,
+    saved: Arc<SavedStates>,
     functions: Arc<Functions>,
     slots: DashMap<String, Arc<Slot>>,
     /// Sandbox tokens by the SHA-256 of their secret.
@@ -163,9 +205,16 @@ impl Sandboxes {
                     sandbox.enter(State::Failed, now);
                 }
             }
-            storage.metadata.update_sandbox(&sandbox)?;
+            storage.metadata.update_sandbox(&sandbox, Durability::Disk)?;
+        }
+        let saved = SavedStates::new(storage.clone());
+        match saved.release_unreferenced() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(states = n, "released sandbox states a crash left behind"),
+            Err(e) => tracing::warn!(error = %e, "could not release sandbox states a crash left behind"),
         }
         Ok(Sandboxes {
+            saved: Arc::new(saved),
             storage,
             functions,
             slots: DashMap::new(),
@@ -195,14 +244,50 @@ impl Sandboxes {
 
     async fn load(&self, id: &str) -> Result<Sandbox, SandboxError> {
         let owned = id.to_owned();
-        self.blocking(move |m| m.sandbox(&owned))
-            .await?
-            .ok_or_else(|| SandboxError::NotFound(id.to_owned()))
+        let Some(mut sandbox) = self.blocking(move |m| m.sandbox(&owned)).await? else {
+            // A request for an id that is not there leaves nothing behind.
+            self.slots.remove(id);
+            return Err(SandboxError::NotFound(id.to_owned()));
+        };
+        self.fold_activity(&mut sandbox);
+        if let Some(slot) = self.slots.get(id) {
+            let _ = slot.gate.get_or_init(|| Gate::of(&sandbox));
+        }
+        Ok(sandbox)
     }
 
+    /// Brings the record's `last_active_ms` up to the activity kept in memory.
+    fn fold_activity(&self, sandbox: &mut Sandbox) {
+        if let Some(slot) = self.slots.get(&sandbox.id) {
+            sandbox.last_active_ms = sandbox.last_active_ms.max(slot.active_ms.load(Ordering::Relaxed));
+        }
+    }
+
+    /// Who may enter `id`: from memory after the first request.
+    pub async fn gate(&self, id: &str) -> Result<Gate, SandboxError> {
+        if let Some(gate) = self.slots.get(id).and_then(|slot| slot.gate.get().cloned()) {
+            return Ok(gate);
+        }
+        let sandbox = self.load(id).await?;
+        let gate = Gate::of(&sandbox);
+        if !sandbox.state.is_final() {
+            let _ = self.slot(id).gate.set(gate.clone());
+        }
+        Ok(gate)
+    }
+
+    /// Commits a transition. Steps into a live state (starting, running, suspending, resuming)
+    /// need not reach the disk before they are reported: a power loss can only roll one back to
+    /// the step before, and recovery treats both alike (back to the last suspend point). What
+    /// moves the suspend point or ends a sandbox is on disk before it is reported.
     async fn commit(&self, sandbox: &Sandbox) -> Result<(), SandboxError> {
         let copy = sandbox.clone();
-        self.blocking(move |m| m.update_sandbox(&copy)).await?;
+        let durability = if sandbox.state.is_live() {
+            Durability::Process
+        } else {
+            Durability::Disk
+        };
+        self.blocking(move |m| m.update_sandbox(&copy, durability)).await?;
         tracing::info!(sandbox = %sandbox.id, function = %sandbox.function, state = sandbox.state.as_str(), "sandbox");
         self.metrics.sandbox_transition(sandbox.state);
         Ok(())
@@ -215,7 +300,11 @@ impl Sandboxes {
 
     /// Sandboxes, optionally of one function and in one state.
     pub async fn list(&self, function: Option<String>, state: Option<State>) -> Result<Vec<Sandbox>, SandboxError> {
-        Ok(self.blocking(move |m| m.sandboxes(function.as_deref(), state)).await?)
+        let mut all = self.blocking(move |m| m.sandboxes(function.as_deref(), state)).await?;
+        for sandbox in &mut all {
+            self.fold_activity(sandbox);
+        }
+        Ok(all)
     }
 
     /// Now, on the manager's clock.
@@ -271,10 +360,11 @@ impl Sandboxes {
             return Ok((self.load(&existing).await?, false));
         }
         self.metrics.sandbox_transition(State::Starting);
+        let _ = slot.gate.set(Gate::of(&sandbox));
         match self.start(&sandbox, &record, None).await {
             Ok(started) => {
-                *live = Some(started);
                 sandbox.enter(State::Running, self.clock.now_ms());
+                self.publish(&sandbox, started, &mut live).await?;
             }
             Err(e) => {
                 sandbox.error = Some(e.to_string());
@@ -283,8 +373,18 @@ impl Sandboxes {
                 return Err(e);
             }
         }
-        self.commit(&sandbox).await?;
         Ok((sandbox, true))
+    }
+
+    /// Commits `sandbox` as running and only then lets ingress reach `started`; an instance whose
+    /// state could not be committed is stopped.
+    async fn publish(&self, sandbox: &Sandbox, started: Live, live: &mut Option<Live>) -> Result<(), SandboxError> {
+        if let Err(e) = self.commit(sandbox).await {
+            started.instance.stop().await;
+            return Err(e);
+        }
+        *live = Some(started);
+        Ok(())
     }
 
     /// The version's sandbox code, instrumented and compiled on first use.
@@ -298,8 +398,7 @@ impl Sandboxes {
         Ok(code)
     }
 
-    /// Starts an instance for `sandbox` (fresh, or from `state`), holding its pool slots and a
-    /// running permit.
+    /// Starts an instance for `sandbox` (fresh, or from `state`), holding a running permit.
     async fn start(
         &self,
         sandbox: &Sandbox,
@@ -312,10 +411,6 @@ impl Sandboxes {
             .ok_or(SandboxError::TooMany(self.running.limit()))?;
         let code = self.code(record).await?;
         let wasm = &self.functions.tiers.wasm;
-        let pool = wasm
-            .capacity()
-            .try_take(code.weight)
-            .ok_or(InvokeError::PoolBusy(wasm.capacity().limit()))?;
         let mut env: Vec<(String, String)> = record.config.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         env.extend(sandbox.settings.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         let egress = match &self
@@ -341,7 +436,6 @@ impl Sandboxes {
         .await?;
         Ok(Live {
             instance,
-            _pool: pool,
             _running: running,
         })
     }
@@ -362,11 +456,16 @@ impl Sandboxes {
                 sandbox.state.as_str()
             )));
         }
-        self.suspend_locked(&mut sandbox, &mut live).await?;
+        self.suspend_locked(&slot, &mut sandbox, &mut live).await?;
         Ok(sandbox)
     }
 
-    async fn suspend_locked(&self, sandbox: &mut Sandbox, live: &mut Option<Live>) -> Result<(), SandboxError> {
+    async fn suspend_locked(
+        &self,
+        slot: &Slot,
+        sandbox: &mut Sandbox,
+        live: &mut Option<Live>,
+    ) -> Result<(), SandboxError> {
         let started = std::time::Instant::now();
         let Some(current) = live.take() else {
             return self.lost(sandbox).await;
@@ -392,8 +491,12 @@ impl Sandboxes {
         };
         // On disk before the instance goes: a state that cannot be written (the disk budget)
         // leaves the sandbox running as it was.
-        let digest = match self.save_state(&state).await {
-            Ok(digest) => digest,
+        let state_bytes = state.len() as u64;
+        let digest = match self.save_state(slot.saved(), state).await {
+            Ok((digest, manifest)) => {
+                slot.set_saved(Some(manifest));
+                digest
+            }
             Err(e) => {
                 *live = Some(current);
                 sandbox.enter(State::Running, self.clock.now_ms());
@@ -404,43 +507,46 @@ impl Sandboxes {
         let Live { instance, .. } = current;
         instance.stop().await;
         let previous = sandbox.state_digest.replace(digest);
-        sandbox.state_bytes = state.len() as u64;
+        sandbox.state_bytes = state_bytes;
         sandbox.suspended_at = Some(now_rfc3339());
         sandbox.resumed_from = None;
         sandbox.enter(State::Suspended, self.clock.now_ms());
         self.commit(sandbox).await?;
         if let Some(previous) = previous {
-            self.forget_state(previous).await;
+            // Not waited for: the suspend is done, and a save never takes a chunk a release
+            // is removing (`saved`).
+            let saved = self.saved.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = saved.release(&previous) {
+                    tracing::warn!(error = %e, "a sandbox state could not be released");
+                }
+            });
         }
         self.metrics.sandbox_suspended(started.elapsed());
         Ok(())
     }
 
-    /// Writes a state blob (content-addressed: forks of one state share it).
-    async fn save_state(&self, state: &[u8]) -> Result<Digest, SandboxError> {
-        let digest = Digest::of(state);
-        let (storage, copy, key) = (self.storage.clone(), state.to_vec(), digest.clone());
-        tokio::task::spawn_blocking(move || -> Result<(), SandboxError> {
-            storage.budget.admit(copy.len() as u64)?;
-            storage
-                .blobs
-                .put(BlobKind::SandboxState, &key, &copy)
-                .map_err(|e| SandboxError::State(e.to_string()))
-        })
-        .await
-        .expect("state task panicked")?;
-        Ok(digest)
+    /// Writes a state, only the chunks that changed since `previous` (see `saved`).
+    async fn save_state(
+        &self,
+        previous: Option<Arc<Manifest>>,
+        state: Vec<u8>,
+    ) -> Result<(Digest, Manifest), SandboxError> {
+        let saved = self.saved.clone();
+        tokio::task::spawn_blocking(move || saved.save(&state, previous.as_deref()))
+            .await
+            .expect("state task panicked")
     }
 
-    /// Removes a state blob no sandbox points at any more.
+    /// Removes a state no sandbox points at any more.
     async fn forget_state(&self, digest: Digest) {
-        let storage = self.storage.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            if matches!(storage.metadata.sandbox_state_in_use(&digest), Ok(false)) {
-                let _ = storage.blobs.remove(BlobKind::SandboxState, &digest);
-            }
-        })
-        .await;
+        let saved = self.saved.clone();
+        let released = tokio::task::spawn_blocking(move || saved.release(&digest))
+            .await
+            .expect("state task panicked");
+        if let Err(e) = released {
+            tracing::warn!(error = %e, "a sandbox state could not be released");
+        }
     }
 
     /// Resumes a suspended sandbox from its state.
@@ -454,12 +560,17 @@ impl Sandboxes {
                 sandbox.state.as_str()
             )));
         }
-        self.resume_locked(&mut sandbox, &mut live).await?;
+        self.resume_locked(&slot, &mut sandbox, &mut live).await?;
         Ok(sandbox)
     }
 
-    async fn resume_locked(&self, sandbox: &mut Sandbox, live: &mut Option<Live>) -> Result<(), SandboxError> {
-        let started = std::time::Instant::now();
+    async fn resume_locked(
+        &self,
+        slot: &Slot,
+        sandbox: &mut Sandbox,
+        live: &mut Option<Live>,
+    ) -> Result<(), SandboxError> {
+        let begun = std::time::Instant::now();
         let record = self.version(sandbox).await?;
         let Some(digest) = sandbox.state_digest.clone() else {
             return Err(SandboxError::State(format!(
@@ -467,16 +578,16 @@ impl Sandboxes {
                 sandbox.id
             )));
         };
-        let storage = self.storage.clone();
-        let state = tokio::task::spawn_blocking(move || storage.blobs.get(BlobKind::SandboxState, &digest))
+        let saved = self.saved.clone();
+        let (state, manifest) = tokio::task::spawn_blocking(move || saved.load(&digest))
             .await
-            .expect("state task panicked")
-            .map_err(|e| SandboxError::State(format!("reading the saved state: {e}")))?;
+            .expect("state task panicked")?;
+        slot.set_saved(manifest);
         sandbox.enter(State::Resuming, self.clock.now_ms());
         self.commit(sandbox).await?;
-        match self.start(sandbox, &record, Some(&state)).await {
-            Ok(started) => *live = Some(started),
-            Err(e @ (SandboxError::TooMany(_) | SandboxError::Invoke(InvokeError::PoolBusy(_)))) => {
+        let started = match self.start(sandbox, &record, Some(&state)).await {
+            Ok(started) => started,
+            Err(e @ SandboxError::TooMany(_)) => {
                 // No room now: it stays suspended, and the caller may retry.
                 sandbox.enter(State::Suspended, self.clock.now_ms());
                 self.commit(sandbox).await?;
@@ -486,11 +597,11 @@ impl Sandboxes {
                 self.fail(sandbox, format!("resuming failed: {e}")).await?;
                 return Err(e);
             }
-        }
+        };
         sandbox.last_active_ms = self.clock.now_ms();
         sandbox.enter(State::Running, self.clock.now_ms());
-        self.commit(sandbox).await?;
-        self.metrics.sandbox_resumed(started.elapsed());
+        self.publish(sandbox, started, live).await?;
+        self.metrics.sandbox_resumed(begun.elapsed());
         Ok(())
     }
 
@@ -554,7 +665,9 @@ impl Sandboxes {
                     current.instance.capture().await.map_err(|reason| {
                         SandboxError::Conflict(format!("sandbox {id} cannot be forked now: {reason}"))
                     })?;
-                (self.save_state(&state).await?, state.len() as u64)
+                // The fork's state: the source's own next save still builds on its own last one.
+                let bytes = state.len() as u64;
+                (self.save_state(slot.saved(), state).await?.0, bytes)
             }
             (State::Suspended, _) => match &source.state_digest {
                 Some(digest) => (digest.clone(), source.state_bytes),
@@ -635,30 +748,25 @@ impl Sandboxes {
         Ok((secret, token))
     }
 
-    /// Whether a request with this principal and sandbox token may reach `sandbox`'s ingress.
+    /// Whether a request with this principal and sandbox token may reach the ingress of `gate`'s sandbox.
     pub fn may_enter(
         &self,
-        sandbox: &Sandbox,
+        gate: &Gate,
         principal: Option<&Principal>,
         sandbox_token: Option<&str>,
     ) -> Result<(), SandboxError> {
-        match sandbox.settings.ingress {
-            Ingress::Off => {
-                return Err(SandboxError::Forbidden(format!(
-                    "sandbox {} takes no ingress",
-                    sandbox.id
-                )))
-            }
+        match gate.ingress {
+            Ingress::Off => return Err(SandboxError::Forbidden(format!("sandbox {} takes no ingress", gate.id))),
             Ingress::Public => return Ok(()),
             Ingress::Token => {}
         }
         if let Some(principal) = principal {
-            return if principal.may_invoke(&sandbox.function) {
+            return if principal.may_invoke(&gate.function) {
                 Ok(())
             } else {
                 Err(SandboxError::Forbidden(format!(
                     "this token may not reach sandboxes of `{}`",
-                    sandbox.function
+                    gate.function
                 )))
             };
         }
@@ -672,37 +780,40 @@ impl Sandboxes {
         if token.expires_ms.is_some_and(|at| self.clock.now_ms() >= at) {
             return Err(SandboxError::Unauthorized);
         }
-        if token.sandbox != sandbox.id || !token.scopes.contains(&Scope::Ingress) {
+        if token.sandbox != gate.id || !token.scopes.contains(&Scope::Ingress) {
             return Err(SandboxError::Forbidden(format!(
                 "this sandbox token may not reach sandbox {}",
-                sandbox.id
+                gate.id
             )));
         }
         Ok(())
     }
 
-    /// Serves one ingress request: resumes the sandbox first if it is suspended.
+    /// Serves one ingress request: resumes the sandbox first if it is suspended. A running
+    /// sandbox is served from memory: no store is read or written per request.
     pub async fn enter(
         &self,
         id: &str,
         request: http::Request<IngressBody>,
     ) -> Result<http::Response<GuestBody>, SandboxError> {
         let slot = self.slot(id);
-        let (instance_jobs, function) = {
+        let instance = {
             let mut live = slot.live.lock().await;
-            let mut sandbox = self.load(id).await?;
-            match sandbox.state {
-                State::Running if live.is_some() => {}
-                State::Running => {
-                    self.lost(&mut sandbox).await?;
-                }
-                State::Suspended => self.resume_locked(&mut sandbox, &mut live).await?,
-                state => {
-                    return Err(SandboxError::Conflict(format!("sandbox {id} is {}", state.as_str())));
+            if live.is_none() {
+                let mut sandbox = self.load(id).await?;
+                match sandbox.state {
+                    State::Running => self.lost(&mut sandbox).await?,
+                    State::Suspended => self.resume_locked(&slot, &mut sandbox, &mut live).await?,
+                    state => {
+                        return Err(SandboxError::Conflict(format!("sandbox {id} is {}", state.as_str())));
+                    }
                 }
             }
-            let current = live.as_ref().expect("running with an instance");
-            (current.instance.handle(), sandbox.function.clone())
+            live.as_ref().expect("running with an instance").instance.handle()
+        };
+        let function = match slot.gate.get() {
+            Some(gate) => gate.function.clone(),
+            None => self.gate(id).await?.function,
         };
         // The function's own limit applies to its sandboxes' requests too.
         let resolved = self.functions.resolve(&function, None).await?;
@@ -710,8 +821,8 @@ impl Sandboxes {
             .concurrency
             .try_take(1)
             .ok_or_else(|| InvokeError::FunctionBusy(function.clone(), resolved.concurrency.limit()))?;
-        self.touch(id);
-        match instance_jobs.request(request, Some(permit)).await {
+        slot.active_ms.fetch_max(self.clock.now_ms(), Ordering::Relaxed);
+        match instance.request(request, Some(permit)).await {
             Ok(response) => Ok(response),
             Err(Some(error)) => {
                 if matches!(error, InvokeError::Timeout(_) | InvokeError::Failed(_)) {
@@ -721,26 +832,11 @@ impl Sandboxes {
                 Err(error.into())
             }
             Err(None) => {
-                let reason = instance_jobs.failure().unwrap_or_else(|| "its instance is gone".into());
+                let reason = instance.failure().unwrap_or_else(|| "its instance is gone".into());
                 self.instance_failed(id, reason.clone()).await;
                 Err(SandboxError::Conflict(format!("sandbox {id} failed: {reason}")))
             }
         }
-    }
-
-    /// Records the last ingress activity (for the idle reaper), without waiting for it.
-    fn touch(&self, id: &str) {
-        let owned = id.to_owned();
-        let now = self.clock.now_ms();
-        let metadata = self.storage.metadata.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Ok(Some(mut sandbox)) = metadata.sandbox(&owned) {
-                if sandbox.state == State::Running {
-                    sandbox.last_active_ms = now;
-                    let _ = metadata.update_sandbox(&sandbox);
-                }
-            }
-        });
     }
 
     async fn instance_failed(&self, id: &str, reason: String) {

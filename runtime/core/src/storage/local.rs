@@ -16,18 +16,32 @@ use crate::digest::Digest;
 
 /// Writes `bytes` to `path` atomically and durably; an existing file of that name is replaced.
 pub fn write_atomic(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp_path = tmp_dir.join(format!("{:016x}.tmp", rand::random::<u64>()));
-    let result = (|| {
-        let mut file = File::create_new(&tmp_path)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp_path, path)?;
-        sync_dir(path.parent().unwrap_or(Path::new(".")))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp_path);
+    write_atomic_all(tmp_dir, &[(path, bytes)])
+}
+
+/// Writes each file as [`write_atomic`] does, in order, syncing each directory once at the end
+/// rather than once per file. When it returns every file is durable; after a crash, any of them
+/// may be whole or missing, none half-written.
+pub fn write_atomic_all(tmp_dir: &Path, files: &[(&Path, &[u8])]) -> io::Result<()> {
+    let mut dirs: Vec<&Path> = Vec::new();
+    for &(path, bytes) in files {
+        let tmp_path = tmp_dir.join(format!("{:016x}.tmp", rand::random::<u64>()));
+        let written = (|| {
+            let mut file = File::create_new(&tmp_path)?;
+            file.write_all(bytes)?;
+            file.sync_all()?;
+            fs::rename(&tmp_path, path)
+        })();
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp_path);
+            return written;
+        }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
     }
-    result
+    dirs.into_iter().try_for_each(sync_dir)
 }
 
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -70,9 +84,13 @@ impl Layout {
     pub fn result(&self, digest: &Digest) -> PathBuf {
         self.results().join(digest.hex())
     }
-    /// Suspended sandboxes' states, named by digest.
+    /// Suspended sandboxes' states (their manifests), named by digest.
     pub fn sandbox_states(&self) -> PathBuf {
         self.root.join("sandboxes")
+    }
+    /// The chunks the states are made of, named by digest.
+    pub fn sandbox_chunks(&self) -> PathBuf {
+        self.root.join("sandboxes").join("chunks")
     }
     /// The key that seals compiled code and snapshots (`seal`).
     pub fn seal_key(&self) -> PathBuf {
@@ -97,6 +115,7 @@ impl Layout {
             self.compiled(),
             self.results(),
             self.sandbox_states(),
+            self.sandbox_chunks(),
         ] {
             fs::create_dir_all(&dir)?;
         }
@@ -160,6 +179,7 @@ impl LocalBlobs {
             BlobKind::Artifact => self.layout.artifact(digest),
             BlobKind::Result => self.layout.result(digest),
             BlobKind::SandboxState => self.layout.sandbox_states().join(digest.hex()),
+            BlobKind::SandboxChunk => self.layout.sandbox_chunks().join(digest.hex()),
         }
     }
 
@@ -168,6 +188,7 @@ impl LocalBlobs {
             BlobKind::Artifact => self.layout.artifacts(),
             BlobKind::Result => self.layout.results(),
             BlobKind::SandboxState => self.layout.sandbox_states(),
+            BlobKind::SandboxChunk => self.layout.sandbox_chunks(),
         }
     }
 }
@@ -179,6 +200,17 @@ impl Blobs for LocalBlobs {
             return Ok(());
         }
         write_atomic(&self.layout.tmp(), &path, bytes)
+    }
+
+    fn put_all(&self, blobs: &[(BlobKind, &Digest, &[u8])]) -> io::Result<()> {
+        let paths: Vec<PathBuf> = blobs.iter().map(|(kind, digest, _)| self.path(*kind, digest)).collect();
+        let files: Vec<(&Path, &[u8])> = paths
+            .iter()
+            .zip(blobs)
+            .filter(|(path, _)| !path.exists())
+            .map(|(path, (_, _, bytes))| (path.as_path(), *bytes))
+            .collect();
+        write_atomic_all(&self.layout.tmp(), &files)
     }
 
     fn get(&self, kind: BlobKind, digest: &Digest) -> io::Result<Vec<u8>> {
@@ -203,7 +235,7 @@ impl Blobs for LocalBlobs {
     fn list(&self, kind: BlobKind) -> io::Result<Vec<Digest>> {
         let suffix = match kind {
             BlobKind::Artifact => ".wasm",
-            BlobKind::Result | BlobKind::SandboxState => "",
+            BlobKind::Result | BlobKind::SandboxState | BlobKind::SandboxChunk => "",
         };
         let mut digests = Vec::new();
         for entry in fs::read_dir(self.dir(kind))? {

@@ -38,6 +38,28 @@ pub enum StorageError {
     Corrupt(String),
 }
 
+/// What releasing a sandbox state did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Released {
+    /// A sandbox points at it: kept.
+    InUse,
+    /// Not registered (a state saved whole, before states had chunks): its blob alone may go.
+    Unregistered,
+    /// Forgotten; these chunks are in no other state.
+    Released { orphans: Vec<Digest> },
+}
+
+/// How far a write has reached when it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// On stable storage (fsync): kept through a power loss.
+    Disk,
+    /// Committed — atomic, seen by every reader, kept if Kiln crashes — and on stable storage
+    /// with the next `Disk` write; a power loss before that may roll it back to the last `Disk`
+    /// write. For steps whose loss recovery handles the same way as the step before them.
+    Process,
+}
+
 /// Functions, versions, tokens and invocation records.
 pub trait Metadata: Send + Sync {
     /// Commits a new version unless the latest one already has this digest and config, in which
@@ -85,13 +107,21 @@ pub trait Metadata: Send + Sync {
     /// Adds a sandbox's record; if its idempotency key was used before, adds nothing and returns
     /// the id of the sandbox that used it.
     fn insert_sandbox(&self, sandbox: &Sandbox) -> Result<Option<String>, StorageError>;
-    /// Writes a sandbox's state, clocks and suspend point (its settings never change).
-    fn update_sandbox(&self, sandbox: &Sandbox) -> Result<(), StorageError>;
+    /// Writes a sandbox's state, clocks and suspend point (its settings never change), as far as
+    /// `durability` says.
+    fn update_sandbox(&self, sandbox: &Sandbox, durability: Durability) -> Result<(), StorageError>;
     fn sandbox(&self, id: &str) -> Result<Option<Sandbox>, StorageError>;
     /// Sandboxes, oldest first, optionally of one function and in one state.
     fn sandboxes(&self, function: Option<&str>, state: Option<SandboxState>) -> Result<Vec<Sandbox>, StorageError>;
     /// Whether any sandbox's suspend point is this state blob.
-    fn sandbox_state_in_use(&self, digest: &Digest) -> Result<bool, StorageError>;
+    /// Records that the state `digest` (a manifest) is made of `chunks`, so that their blobs are
+    /// kept while it is; registering a state again changes nothing. On disk when it returns.
+    fn register_sandbox_state(&self, digest: &Digest, chunks: &[Digest]) -> Result<(), StorageError>;
+    /// Forgets the state `digest` unless a sandbox points at it, and says which chunks no state
+    /// lists any more (their blobs may go).
+    fn release_sandbox_state(&self, digest: &Digest) -> Result<Released, StorageError>;
+    /// Registered states no sandbox points at: what a crash between a save and its commit left.
+    fn unreferenced_sandbox_states(&self) -> Result<Vec<Digest>, StorageError>;
     fn insert_sandbox_token(&self, hash: &[u8], token: &SandboxToken) -> Result<(), StorageError>;
     /// Every sandbox token, by the SHA-256 of its secret.
     fn sandbox_tokens(&self) -> Result<Vec<(Vec<u8>, SandboxToken)>, StorageError>;
@@ -105,14 +135,23 @@ pub enum BlobKind {
     Artifact,
     /// An asynchronous invocation's output too large for its record.
     Result,
-    /// A suspended sandbox's state.
+    /// A suspended sandbox's state: the manifest of its chunks (`sandboxes::saved`).
     SandboxState,
+    /// A piece of one or more sandbox states.
+    SandboxChunk,
 }
 
 /// Content-addressed bytes.
 pub trait Blobs: Send + Sync {
     /// Stores `bytes` under `digest`, durably and whole or not at all; nothing if already there.
     fn put(&self, kind: BlobKind, digest: &Digest, bytes: &[u8]) -> std::io::Result<()>;
+    /// Stores several blobs as `put` does, in order: all durable when it returns (a store may
+    /// batch what it syncs).
+    fn put_all(&self, blobs: &[(BlobKind, &Digest, &[u8])]) -> std::io::Result<()> {
+        blobs
+            .iter()
+            .try_for_each(|(kind, digest, bytes)| self.put(*kind, digest, bytes))
+    }
     fn get(&self, kind: BlobKind, digest: &Digest) -> std::io::Result<Vec<u8>>;
     /// The blob as an open file, to stream it rather than hold it whole in memory.
     fn open(&self, kind: BlobKind, digest: &Digest) -> std::io::Result<std::fs::File>;

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Metadata, StorageError, StoredResult, TokenRow};
+use super::{Durability, Metadata, Released, StorageError, StoredResult, TokenRow};
 use crate::clock::now_rfc3339;
 use crate::digest::Digest;
 use crate::function::Tier;
@@ -128,10 +128,39 @@ const MIGRATIONS: &[&str] = &[
         expires_ms  INTEGER
     );
 "#,
+    r#"
+    -- Sandbox states are manifests of content-addressed chunks; a chunk's blob is kept while a
+    -- registered state lists it, a state while a sandbox points at it (sandboxes::saved).
+    CREATE TABLE sandbox_states (
+        digest      TEXT PRIMARY KEY
+    );
+    CREATE TABLE sandbox_state_chunks (
+        state       TEXT NOT NULL REFERENCES sandbox_states(digest) ON DELETE CASCADE,
+        chunk       TEXT NOT NULL,
+        PRIMARY KEY (state, chunk)
+    );
+    CREATE INDEX sandbox_state_chunks_by_chunk ON sandbox_state_chunks(chunk);
+"#,
 ];
 
 pub struct Sqlite {
     conn: Mutex<Connection>,
+}
+
+/// Runs `write` with commits as durable as `durability` says. In WAL mode `synchronous=NORMAL`
+/// commits without syncing the log; the next FULL commit syncs it, these pages included.
+fn with_durability<T>(
+    conn: &mut Connection,
+    durability: Durability,
+    write: impl FnOnce(&mut Connection) -> Result<T, StorageError>,
+) -> Result<T, StorageError> {
+    if durability == Durability::Disk {
+        return write(conn);
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    let written = write(conn);
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    written
 }
 
 /// Opens another connection to the same database (the async queue's writer has its own, so its
@@ -467,28 +496,30 @@ impl Metadata for Sqlite {
         Ok(None)
     }
 
-    fn update_sandbox(&self, sandbox: &Sandbox) -> Result<(), StorageError> {
-        self.conn().execute(
-            "UPDATE sandboxes SET state = ?2, error = ?3, last_active_ms = ?4, running_ms = ?5,
+    fn update_sandbox(&self, sandbox: &Sandbox, durability: Durability) -> Result<(), StorageError> {
+        with_durability(&mut self.conn(), durability, |conn| {
+            conn.execute(
+                "UPDATE sandboxes SET state = ?2, error = ?3, last_active_ms = ?4, running_ms = ?5,
                  running_since_ms = ?6, suspended_ms = ?7, suspended_since_ms = ?8, state_digest = ?9,
                  state_bytes = ?10, suspended_at = ?11, resumed_from = ?12
              WHERE id = ?1",
-            params![
-                sandbox.id,
-                sandbox.state.as_str(),
-                sandbox.error,
-                sandbox.last_active_ms as i64,
-                sandbox.running_ms as i64,
-                sandbox.running_since_ms.map(|v| v as i64),
-                sandbox.suspended_ms as i64,
-                sandbox.suspended_since_ms.map(|v| v as i64),
-                sandbox.state_digest.as_ref().map(|d| d.hex().to_owned()),
-                sandbox.state_bytes as i64,
-                sandbox.suspended_at,
-                sandbox.resumed_from,
-            ],
-        )?;
-        Ok(())
+                params![
+                    sandbox.id,
+                    sandbox.state.as_str(),
+                    sandbox.error,
+                    sandbox.last_active_ms as i64,
+                    sandbox.running_ms as i64,
+                    sandbox.running_since_ms.map(|v| v as i64),
+                    sandbox.suspended_ms as i64,
+                    sandbox.suspended_since_ms.map(|v| v as i64),
+                    sandbox.state_digest.as_ref().map(|d| d.hex().to_owned()),
+                    sandbox.state_bytes as i64,
+                    sandbox.suspended_at,
+                    sandbox.resumed_from,
+                ],
+            )?;
+            Ok(())
+        })
     }
 
     fn sandbox(&self, id: &str) -> Result<Option<Sandbox>, StorageError> {
@@ -509,11 +540,70 @@ impl Metadata for Sqlite {
         rows.map(|row| row?).collect()
     }
 
-    fn sandbox_state_in_use(&self, digest: &Digest) -> Result<bool, StorageError> {
-        Ok(self
-            .conn()
-            .prepare_cached("SELECT 1 FROM sandboxes WHERE state_digest = ?1 LIMIT 1")?
-            .exists(params![digest.hex()])?)
+    fn register_sandbox_state(&self, digest: &Digest, chunks: &[Digest]) -> Result<(), StorageError> {
+        // On disk with the write that points a sandbox at it, which comes next.
+        with_durability(&mut self.conn(), Durability::Process, |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let added = tx.execute(
+                "INSERT OR IGNORE INTO sandbox_states (digest) VALUES (?1)",
+                params![digest.hex()],
+            )?;
+            if added > 0 {
+                let mut insert =
+                    tx.prepare_cached("INSERT OR IGNORE INTO sandbox_state_chunks (state, chunk) VALUES (?1, ?2)")?;
+                for chunk in chunks {
+                    insert.execute(params![digest.hex(), chunk.hex()])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn release_sandbox_state(&self, digest: &Digest) -> Result<Released, StorageError> {
+        // A release a power loss undoes leaves a state nothing points at: released at start-up.
+        with_durability(&mut self.conn(), Durability::Process, |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let in_use = tx
+                .prepare_cached("SELECT 1 FROM sandboxes WHERE state_digest = ?1 LIMIT 1")?
+                .exists(params![digest.hex()])?;
+            if in_use {
+                return Ok(Released::InUse);
+            }
+            let chunks: Vec<String> = tx
+                .prepare_cached("SELECT chunk FROM sandbox_state_chunks WHERE state = ?1")?
+                .query_map(params![digest.hex()], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let removed = tx.execute("DELETE FROM sandbox_states WHERE digest = ?1", params![digest.hex()])?;
+            if removed == 0 {
+                return Ok(Released::Unregistered);
+            }
+            let mut orphans = Vec::new();
+            {
+                let mut used = tx.prepare_cached("SELECT 1 FROM sandbox_state_chunks WHERE chunk = ?1 LIMIT 1")?;
+                for chunk in chunks {
+                    if !used.exists(params![chunk])? {
+                        orphans.extend(Digest::parse(&chunk));
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(Released::Released { orphans })
+        })
+    }
+
+    fn unreferenced_sandbox_states(&self) -> Result<Vec<Digest>, StorageError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT digest FROM sandbox_states
+             WHERE NOT EXISTS (SELECT 1 FROM sandboxes WHERE sandboxes.state_digest = sandbox_states.digest)",
+        )?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut digests = Vec::new();
+        for row in rows {
+            digests.extend(Digest::parse(&row?));
+        }
+        Ok(digests)
     }
 
     fn insert_sandbox_token(&self, hash: &[u8], token: &SandboxToken) -> Result<(), StorageError> {

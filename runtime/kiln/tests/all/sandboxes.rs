@@ -171,14 +171,83 @@ fn a_sandbox_keeps_its_memory_across_requests_suspend_resume_and_a_restart() {
         409,
         "conflict",
     );
-    let states = std::fs::read_dir(kiln.data.join("sandboxes"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    assert_eq!(states, 0, "a terminated sandbox's state is deleted");
+    assert_eq!(
+        files_under(&kiln.data.join("sandboxes")),
+        0,
+        "a terminated sandbox's state and its chunks are deleted"
+    );
     expect_error(
         kiln.get("/v1/sandboxes/sbx_00000000000000000000000000"),
         404,
         "not_found",
+    );
+}
+
+#[test]
+fn a_suspend_writes_only_what_changed_and_shared_chunks_outlive_each_owner() {
+    let kiln = Kiln::start();
+    deploy_counter(&kiln, json!({}));
+    let id = must_create(&kiln, json!({"function": "counter"}))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    counter(&kiln, &id, "/grow?kib=1024&seed=5");
+    let chunks = kiln.data.join("sandboxes").join("chunks");
+    let names = || -> std::collections::BTreeSet<_> {
+        std::fs::read_dir(&chunks)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect()
+    };
+    must(&kiln, &id, "suspend");
+    let first = names();
+    assert!(
+        first.len() >= 16,
+        "1 MiB of state is at least 16 chunks of 64 KiB: {}",
+        first.len()
+    );
+
+    // The counter changes, the megabyte does not: a chunk or two more, not another sixteen.
+    must(&kiln, &id, "resume");
+    let answer = counter(&kiln, &id, "/");
+    let buffer = buffer_of(&answer);
+    must(&kiln, &id, "suspend");
+    // The first state is released after the suspend answers, with the chunks only it had; the
+    // shared ones stay: as many chunks as before, and one manifest.
+    let all = || files_under(&kiln.data.join("sandboxes"));
+    wait_until("the first state released", Duration::from_secs(10), || {
+        names().len() == first.len() && all() == first.len() + 1
+    });
+    let second = names();
+    let written = second.difference(&first).count();
+    assert!(
+        (1..=3).contains(&written),
+        "only the changed chunks are written: {written} of {}",
+        second.len()
+    );
+
+    // A fork shares the suspended state; it outlives its source, then goes with its last owner.
+    let response = client()
+        .post(kiln.url(&format!("/v1/sandboxes/{id}/fork")))
+        .bearer_auth(&kiln.token)
+        .json(&json!({"count": 1}))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let forked: Value = response.json().unwrap();
+    let fork = forked["sandboxes"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(names(), second, "a fork of a suspended sandbox writes nothing");
+    kiln.delete(&format!("/v1/sandboxes/{id}")).json::<Value>().unwrap();
+    let resumed = counter(&kiln, &fork, "/");
+    assert_eq!(
+        (count_of(&resumed), buffer_of(&resumed)),
+        (count_of(&answer) + 1, buffer)
+    );
+    kiln.delete(&format!("/v1/sandboxes/{fork}")).json::<Value>().unwrap();
+    assert_eq!(
+        files_under(&kiln.data.join("sandboxes")),
+        0,
+        "nothing left once no one holds it"
     );
 }
 
@@ -706,4 +775,20 @@ fn bad_sandbox_requests_get_clear_errors() {
         "not_found",
     );
     expect_error(kiln.get(&format!("/v1/sandboxes/{id}/exec")), 405, "method_not_allowed");
+}
+
+/// Regular files under `dir`, at any depth.
+fn files_under(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => files_under(&e.path()),
+                    Ok(t) if t.is_file() => 1,
+                    _ => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }

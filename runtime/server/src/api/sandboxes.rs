@@ -381,11 +381,11 @@ pub async fn ingress(
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Problem> {
     valid(id)?;
-    let sandbox = sandboxes.get(id).await?;
+    let gate = sandboxes.gate(id).await?;
     let principal = auth.authenticate(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()));
     let sandbox_token = sandbox_token(&req);
     // A bearer token that is not Kiln's may be the app's own: only a known one takes part.
-    sandboxes.may_enter(&sandbox, principal.as_ref(), sandbox_token.as_deref())?;
+    sandboxes.may_enter(&gate, principal.as_ref(), sandbox_token.as_deref())?;
     if req.uri().authority().is_none() && !req.headers().contains_key(header::HOST) {
         return Err(error::invalid_request("the request has no Host header"));
     }

@@ -25,7 +25,7 @@ use wasmtime::{Engine, Module};
 use super::footprint::Footprint;
 use crate::digest::Digest;
 use crate::function::ArtifactKind;
-use crate::storage::local::write_atomic;
+use crate::storage::local::write_atomic_all;
 use crate::storage::seal::Sealer;
 use crate::storage::{BlobKind, Blobs, Layout};
 
@@ -163,9 +163,11 @@ impl CompileCache {
             footprint: compiled.footprint,
             mac: self.sealer.seal(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>()),
         };
-        write_atomic(&self.layout.tmp(), &self.path(digest), &compiled.cwasm)?;
         let seal = serde_json::to_vec(&seal).expect("a seal serialises");
-        Ok(write_atomic(&self.layout.tmp(), &self.seal_path(digest), &seal)?)
+        Ok(write_atomic_all(
+            &self.layout.tmp(),
+            &[(&self.path(digest), &compiled.cwasm), (&self.seal_path(digest), &seal)],
+        )?)
     }
 
     /// Loads the compiled code of an artifact and its footprint, compiling it first if this

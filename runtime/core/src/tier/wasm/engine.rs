@@ -28,6 +28,11 @@
 //!
 //! Epoch interruption bounds guest code in time: a ticker thread advances the engine's epoch every
 //! `EPOCH_TICK`, and each store gets a deadline in ticks.
+//!
+//! Sandboxes run on a second engine with the same settings but instances allocated on demand
+//! ([`sandbox_engine`]): a pool slot keeps its first pages resident for the next instance, which
+//! is what a stream of short invocations wants and not what a thousand suspended sandboxes want —
+//! theirs must go back to the OS when they suspend.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -57,6 +62,20 @@ const MIB: usize = 1 << 20;
 /// Builds the one engine every function shares. Its settings are part of the compile cache key
 /// (see `compile`), so changing anything here recompiles cached code, never misloads it.
 pub fn engine(max_instances: u32) -> wasmtime::Result<Engine> {
+    let mut config = settings();
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool(max_instances)));
+    Engine::new(&config)
+}
+
+/// The engine for sandboxes' long-lived instances: the same settings (the same compiled code),
+/// each instance's memory and stack mapped for it and unmapped when it ends.
+pub fn sandbox_engine() -> wasmtime::Result<Engine> {
+    let mut config = settings();
+    config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
+    Engine::new(&config)
+}
+
+fn pool(max_instances: u32) -> PoolingAllocationConfig {
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(max_instances)
         .total_core_instances(CORE_INSTANCES_PER_PERMIT * max_instances)
@@ -79,7 +98,11 @@ pub fn engine(max_instances: u32) -> wasmtime::Result<Engine> {
         .table_keep_resident(MIB / 2)
         .async_stack_keep_resident(64 * 1024)
         .pagemap_scan(Enabled::Auto);
+    pool
+}
 
+/// Everything but the instance allocator.
+fn settings() -> Config {
     let mut config = Config::new();
     config
         .wasm_component_model(true)
@@ -93,10 +116,9 @@ pub fn engine(max_instances: u32) -> wasmtime::Result<Engine> {
         // slot before writing it cannot read another tenant's data.
         .async_stack_zeroing(true)
         .memory_init_cow(true)
-        .cranelift_opt_level(wasmtime::OptLevel::Speed)
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        .cranelift_opt_level(wasmtime::OptLevel::Speed);
     config.wasm_features(DISABLED, false);
-    Engine::new(&config)
+    config
 }
 
 /// The proposals turned off (see the module doc).
@@ -122,24 +144,26 @@ pub fn features() -> WasmFeatures {
     WasmFeatures::default().difference(DISABLED)
 }
 
-/// Advances the engine's epoch every `EPOCH_TICK` until dropped.
+/// Advances the engines' epochs every `EPOCH_TICK` until dropped.
 pub struct EpochTicker {
     stop: Arc<AtomicBool>,
 }
 
 impl EpochTicker {
-    pub fn start(engine: &Engine) -> EpochTicker {
+    pub fn start(engines: &[&Engine]) -> EpochTicker {
         let stop = Arc::new(AtomicBool::new(false));
-        let engine = engine.weak();
+        let engines: Vec<_> = engines.iter().map(|engine| engine.weak()).collect();
         let flag = stop.clone();
         std::thread::Builder::new()
             .name("kiln-epoch".into())
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
                     std::thread::sleep(EPOCH_TICK);
-                    match engine.upgrade() {
-                        Some(engine) => engine.increment_epoch(),
-                        None => break,
+                    for engine in &engines {
+                        match engine.upgrade() {
+                            Some(engine) => engine.increment_epoch(),
+                            None => return,
+                        }
                     }
                 }
             })

@@ -113,7 +113,16 @@ pub struct WasmTier {
     capacity: Arc<Limit>,
     connector: Arc<dyn Connector>,
     blobs: Arc<dyn Blobs>,
+    /// Where sandboxes' instances run (`sandbox`).
+    sandboxes: Arc<SandboxEngine>,
     _ticker: Arc<EpochTicker>,
+}
+
+/// The engine sandboxes run on (`engine::sandbox_engine`), with its own compiled code and linkers.
+struct SandboxEngine {
+    engine: wasmtime::Engine,
+    cache: CompileCache,
+    linkers: Linkers,
 }
 
 /// What a Wasm deploy stages: the compiled code and, when an init hook ran, its snapshot.
@@ -131,19 +140,29 @@ impl WasmTier {
         connector: Arc<dyn Connector>,
     ) -> Result<WasmTier, String> {
         let engine = engine::engine(config.max_instances).map_err(|e| format!("wasmtime engine: {e:#}"))?;
-        let ticker = EpochTicker::start(&engine);
+        let sandbox_engine = engine::sandbox_engine().map_err(|e| format!("wasmtime engine: {e:#}"))?;
+        let ticker = EpochTicker::start(&[&engine, &sandbox_engine]);
         let sealer =
             Sealer::open(&layout.seal_key()).map_err(|e| format!("seal key {}: {e}", layout.seal_key().display()))?;
-        let cache = CompileCache::open(engine.clone(), layout.clone(), blobs.clone(), sealer)
-            .map_err(|e| format!("compile cache {}: {e}", layout.compiled().display()))?;
-        let linkers = Linkers::new(&engine).map_err(|e| format!("wasmtime linkers: {e:#}"))?;
+        let cache_for = |engine: &wasmtime::Engine| {
+            CompileCache::open(engine.clone(), layout.clone(), blobs.clone(), sealer.clone())
+                .map_err(|e| format!("compile cache {}: {e}", layout.compiled().display()))
+        };
+        let linkers_for =
+            |engine: &wasmtime::Engine| Linkers::new(engine).map_err(|e| format!("wasmtime linkers: {e:#}"));
+        let sandboxes = SandboxEngine {
+            cache: cache_for(&sandbox_engine)?,
+            linkers: linkers_for(&sandbox_engine)?,
+            engine: sandbox_engine,
+        };
         Ok(WasmTier {
+            cache: Arc::new(cache_for(&engine)?),
+            linkers: Arc::new(linkers_for(&engine)?),
             engine,
-            cache: Arc::new(cache),
-            linkers: Arc::new(linkers),
             capacity: Arc::new(Limit::new(config.max_instances)),
             connector,
             blobs,
+            sandboxes: Arc::new(sandboxes),
             _ticker: Arc::new(ticker),
         })
     }

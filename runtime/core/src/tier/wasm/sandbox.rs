@@ -33,19 +33,18 @@ use crate::digest::Digest;
 use crate::function::{ArtifactKind, VersionRecord};
 use crate::functions::LoadError;
 use crate::outcome::{Failure, InvokeError, STDERR_TAIL};
-use crate::permits::Limit;
 use crate::storage::BlobKind;
 
 /// A request on its way into a sandbox: any body of bytes (the server's, adapted).
 pub type IngressBody = BoxBody<Bytes, ErrorCode>;
 
 /// A version made ready for sandboxes: its component instrumented for state access, compiled and
-/// linked once, and shared by every sandbox of the version.
+/// linked once (for the sandbox engine), and shared by every sandbox of the version.
 pub struct SandboxCode {
     pre: ProxyPre<ComponentState>,
     layout: Layout,
-    /// Pool permits one instance holds.
-    pub weight: u32,
+    /// The instances, memories and tables one instance may create (`limits::PoolShare`).
+    weight: u32,
 }
 
 impl WasmTier {
@@ -72,12 +71,15 @@ impl WasmTier {
             tier.blobs
                 .put(BlobKind::Artifact, &instrumented_digest, &instrumented.component)
                 .map_err(|e| LoadError::Link(e.to_string()))?;
-            let (compiled, footprint) = tier.cache.load(ArtifactKind::Component, &instrumented_digest)?;
+            let (compiled, footprint) = tier
+                .sandboxes
+                .cache
+                .load(ArtifactKind::Component, &instrumented_digest)?;
             Ok((compiled, footprint, instrumented.layout))
         })
         .await
         .expect("sandbox compile task panicked")?;
-        let pre = match self.linkers.link(&compiled).map_err(LoadError::Link)? {
+        let pre = match self.sandboxes.linkers.link(&compiled).map_err(LoadError::Link)? {
             Code::Http(pre) => pre,
             _ => {
                 return Err(LoadError::Link(format!(
@@ -91,11 +93,6 @@ impl WasmTier {
             layout,
             weight: Footprint::weight(&footprint),
         })
-    }
-
-    /// The pool's permits, for a sandbox's instance to hold while it lives.
-    pub fn capacity(&self) -> &Limit {
-        &self.capacity
     }
 }
 
@@ -158,7 +155,7 @@ impl LiveInstance {
             stdout,
             stderr,
             timeout_ms,
-        } = guest.store::<ComponentState>(&tier.engine, Bytes::new(), StdoutCap::Invocation);
+        } = guest.store::<ComponentState>(&tier.sandboxes.engine, Bytes::new(), StdoutCap::Invocation);
         let started = async {
             let instance = start.code.pre.instance_pre().instantiate_async(&mut store).await?;
             if let Some(bytes) = start.state {
