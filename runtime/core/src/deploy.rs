@@ -69,22 +69,30 @@ impl Functions {
         upload: Bytes,
         config: FunctionConfig,
     ) -> Result<Deployed, DeployError> {
-        // Stage 1: inspect, compare with the latest version, stage.
-        let artifact = tier.inspect(&upload, &config)?;
-        drop(upload);
-        if let Some(latest) = self.latest(name).await? {
-            if latest.digest == artifact.digest && latest.config == config {
-                return Ok(Deployed {
-                    record: latest,
-                    created: false,
-                });
+        // Stage 1: inspect, compare with the latest version, stage. One trip to the blocking
+        // pool for the first two: the upload checked (parsing a large module takes a while), the
+        // latest version read and, if this one differs, what this deploy will write checked
+        // against the disk budget before anything is built.
+        let (inspecting, storage, owned, inspect_config) =
+            (tier.clone(), self.storage.clone(), name.to_owned(), config.clone());
+        let (artifact, unchanged) = tokio::task::spawn_blocking(move || -> Result<_, DeployError> {
+            let artifact = inspecting.inspect(&upload, &inspect_config)?;
+            drop(upload);
+            let latest = storage.metadata.latest(&owned)?;
+            if let Some(latest) = latest.filter(|l| l.digest == artifact.digest && l.config == inspect_config) {
+                return Ok((artifact, Some(latest)));
             }
+            storage.budget.admit(artifact.bytes.len() as u64)?;
+            Ok((artifact, None))
+        })
+        .await
+        .expect("deploy task panicked")?;
+        if let Some(latest) = unchanged {
+            return Ok(Deployed {
+                record: latest,
+                created: false,
+            });
         }
-        // What this deploy will write must fit the disk budget: checked before anything is built.
-        let (budget, bytes) = (self.storage.budget.clone(), artifact.bytes.len() as u64);
-        tokio::task::spawn_blocking(move || budget.admit(bytes))
-            .await
-            .expect("budget task panicked")?;
         let staged = tier.stage(name, &artifact, &config).await?;
 
         // Stage 2: the commit.
@@ -111,14 +119,6 @@ impl Functions {
             self.registry.install(record.clone(), Some(loaded));
         }
         Ok(Deployed { record, created })
-    }
-
-    async fn latest(&self, name: &str) -> Result<Option<VersionRecord>, StorageError> {
-        let metadata = self.storage.metadata.clone();
-        let owned = name.to_owned();
-        tokio::task::spawn_blocking(move || metadata.latest(&owned))
-            .await
-            .expect("store task panicked")
     }
 
     /// Deletes a function and every version; artifacts other functions still use stay.
