@@ -69,21 +69,22 @@ impl Functions {
         upload: Bytes,
         config: FunctionConfig,
     ) -> Result<Deployed, DeployError> {
-        // Stage 1: inspect, compare with the latest version, stage. One trip to the blocking
-        // pool for the first two: the upload checked (parsing a large module takes a while), the
-        // latest version read and, if this one differs, what this deploy will write checked
-        // against the disk budget before anything is built.
-        let (inspecting, storage, owned, inspect_config) =
-            (tier.clone(), self.storage.clone(), name.to_owned(), config.clone());
-        let (artifact, unchanged) = tokio::task::spawn_blocking(move || -> Result<_, DeployError> {
-            let artifact = inspecting.inspect(&upload, &inspect_config)?;
-            drop(upload);
+        // Stage 1: inspect, compare with the latest version, stage. (Inspecting stays on this
+        // thread: moved to the blocking pool, its large transient buffers stayed resident in
+        // that pool's per-thread heaps — `hostile::hostile_guests_cannot_hurt_the_host` saw it.)
+        let artifact = tier.inspect(&upload, &config)?;
+        drop(upload);
+        // One trip to the blocking pool: the latest version and, if this one differs, whether
+        // what this deploy will write fits the disk budget, checked before anything is built.
+        let (storage, owned, latest_config) = (self.storage.clone(), name.to_owned(), config.clone());
+        let (digest, bytes) = (artifact.digest.clone(), artifact.bytes.len() as u64);
+        let unchanged = tokio::task::spawn_blocking(move || -> Result<_, DeployError> {
             let latest = storage.metadata.latest(&owned)?;
-            if let Some(latest) = latest.filter(|l| l.digest == artifact.digest && l.config == inspect_config) {
-                return Ok((artifact, Some(latest)));
+            if let Some(latest) = latest.filter(|l| l.digest == digest && l.config == latest_config) {
+                return Ok(Some(latest));
             }
-            storage.budget.admit(artifact.bytes.len() as u64)?;
-            Ok((artifact, None))
+            storage.budget.admit(bytes)?;
+            Ok(None)
         })
         .await
         .expect("deploy task panicked")?;

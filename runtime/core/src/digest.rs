@@ -11,6 +11,16 @@ impl Digest {
         Digest(hex::encode(Sha256::digest(bytes)))
     }
 
+    /// The digest of `bytes` within `scope`: equal bytes in two scopes get different names, so
+    /// what one scope stores tells nothing about what another holds.
+    pub fn scoped(scope: &str, bytes: &[u8]) -> Digest {
+        let mut hasher = Sha256::new();
+        hasher.update((scope.len() as u64).to_le_bytes());
+        hasher.update(scope.as_bytes());
+        hasher.update(bytes);
+        Digest(hex::encode(hasher.finalize()))
+    }
+
     /// Accepts only 64 lowercase hex characters, so a digest read back is safe to use in a path.
     pub fn parse(hex: &str) -> Option<Digest> {
         let valid = hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
@@ -34,6 +44,9 @@ mod tests {
     #[test]
     fn digest_parse_rejects_paths() {
         let d = Digest::of(b"hello");
+        assert_ne!(Digest::scoped("a", b"hello"), d);
+        assert_ne!(Digest::scoped("a", b"hello"), Digest::scoped("b", b"hello"));
+        assert_ne!(Digest::scoped("ab", b"c"), Digest::scoped("a", b"bc"));
         assert_eq!(Digest::parse(d.hex()), Some(d.clone()));
         assert!(d.prefixed().starts_with("sha256:"));
         assert_eq!(Digest::parse("../etc/passwd"), None);

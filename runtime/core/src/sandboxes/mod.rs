@@ -492,7 +492,7 @@ impl Sandboxes {
         // On disk before the instance goes: a state that cannot be written (the disk budget)
         // leaves the sandbox running as it was.
         let state_bytes = state.len() as u64;
-        let digest = match self.save_state(slot.saved(), state).await {
+        let digest = match self.save_state(&sandbox.function, slot.saved(), state).await {
             Ok((digest, manifest)) => {
                 slot.set_saved(Some(manifest));
                 digest
@@ -526,14 +526,16 @@ impl Sandboxes {
         Ok(())
     }
 
-    /// Writes a state, only the chunks that changed since `previous` (see `saved`).
+    /// Writes a state of a sandbox of `function`, only the chunks that changed since `previous`
+    /// (see `saved`).
     async fn save_state(
         &self,
+        function: &str,
         previous: Option<Arc<Manifest>>,
         state: Vec<u8>,
     ) -> Result<(Digest, Manifest), SandboxError> {
-        let saved = self.saved.clone();
-        tokio::task::spawn_blocking(move || saved.save(&state, previous.as_deref()))
+        let (saved, function) = (self.saved.clone(), function.to_owned());
+        tokio::task::spawn_blocking(move || saved.save(&function, &state, previous.as_deref()))
             .await
             .expect("state task panicked")
     }
@@ -667,7 +669,7 @@ impl Sandboxes {
                     })?;
                 // The fork's state: the source's own next save still builds on its own last one.
                 let bytes = state.len() as u64;
-                (self.save_state(slot.saved(), state).await?.0, bytes)
+                (self.save_state(&source.function, slot.saved(), state).await?.0, bytes)
             }
             (State::Suspended, _) => match &source.state_digest {
                 Some(digest) => (digest.clone(), source.state_bytes),

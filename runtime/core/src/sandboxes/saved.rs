@@ -17,6 +17,10 @@
 //!   A crash between the two leaves a registered state nothing points at: released at start-up.
 //! - Saves and releases of states take one lock, so a release never removes a chunk that a save
 //!   is about to list.
+//! - Chunks are named by their SHA-256 *within the function* (`Digest::scoped`): forks and
+//!   successive states of a sandbox share chunks, sandboxes of different functions never do —
+//!   otherwise how long a suspend takes (a chunk already on disk is not written) would tell one
+//!   tenant whether another's memory holds a page it guessed.
 //! - A state saved whole (before states had chunks) still resumes: it has no manifest magic.
 
 use std::sync::{Arc, Mutex};
@@ -128,9 +132,15 @@ impl SavedStates {
         }
     }
 
-    /// Writes `state`, reusing the chunks of `previous` that did not change; on disk and
-    /// registered when it returns. The new chunks' bytes must fit the disk budget.
-    pub fn save(&self, state: &[u8], previous: Option<&Manifest>) -> Result<(Digest, Manifest), SandboxError> {
+    /// Writes `state` of a sandbox of `function`, reusing the chunks of `previous` that did not
+    /// change; on disk and registered when it returns. The new chunks' bytes must fit the disk
+    /// budget.
+    pub fn save(
+        &self,
+        function: &str,
+        state: &[u8],
+        previous: Option<&Manifest>,
+    ) -> Result<(Digest, Manifest), SandboxError> {
         let blobs = &self.storage.blobs;
         let failed = |e: std::io::Error| SandboxError::State(format!("writing the state: {e}"));
         let pieces: Vec<&[u8]> = state.chunks(CHUNK).collect();
@@ -143,7 +153,7 @@ impl SavedStates {
                     .and_then(|p| p.chunks.get(n))
                     .filter(|c| c.quick == quick && c.len as usize == bytes.len());
                 Chunk {
-                    digest: kept.map_or_else(|| Digest::of(bytes), |c| c.digest.clone()),
+                    digest: kept.map_or_else(|| Digest::scoped(function, bytes), |c| c.digest.clone()),
                     quick,
                     len: bytes.len() as u32,
                 }
@@ -155,7 +165,7 @@ impl SavedStates {
         let mut missing = Vec::new();
         for (n, chunk) in chunks.iter_mut().enumerate() {
             if !blobs.exists(BlobKind::SandboxChunk, &chunk.digest) {
-                chunk.digest = Digest::of(pieces[n]);
+                chunk.digest = Digest::scoped(function, pieces[n]);
                 missing.push(n);
             }
         }

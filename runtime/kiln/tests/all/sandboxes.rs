@@ -249,6 +249,27 @@ fn a_suspend_writes_only_what_changed_and_shared_chunks_outlive_each_owner() {
         0,
         "nothing left once no one holds it"
     );
+
+    // The same bytes in sandboxes of two functions are stored twice: chunks are named within
+    // their function, so a suspend's cost says nothing about another function's memory.
+    let response = kiln.deploy_with("twin", component("http-counter"), json!({}));
+    assert!(response.status().is_success());
+    let mut chunk_sets = Vec::new();
+    for function in ["counter", "twin"] {
+        let id = must_create(&kiln, json!({"function": function}))["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        counter(&kiln, &id, "/grow?kib=256&seed=9");
+        let before = names();
+        must(&kiln, &id, "suspend");
+        chunk_sets.push(names().difference(&before).cloned().collect::<Vec<_>>());
+    }
+    assert!(chunk_sets[0].len() >= 4 && chunk_sets[1].len() >= 4, "{chunk_sets:?}");
+    assert!(
+        chunk_sets[0].iter().all(|c| !chunk_sets[1].contains(c)),
+        "no chunk shared across functions"
+    );
 }
 
 #[test]
