@@ -157,6 +157,9 @@ struct Live {
 pub struct Sandboxes {
     storage: Arc<Storage>,
     saved: Arc<SavedStates>,
+    /// Suspend points replaced by newer ones, released by the reaper in a batch rather than on
+    /// the way of the sandbox's next resume.
+    replaced: std::sync::Mutex<Vec<Digest>>,
     functions: Arc<Functions>,
     slots: DashMap<String, Arc<Slot>>,
     /// Sandbox tokens by the SHA-256 of their secret.
@@ -215,6 +218,7 @@ impl Sandboxes {
         }
         Ok(Sandboxes {
             saved: Arc::new(saved),
+            replaced: std::sync::Mutex::new(Vec::new()),
             storage,
             functions,
             slots: DashMap::new(),
@@ -513,14 +517,7 @@ impl Sandboxes {
         sandbox.enter(State::Suspended, self.clock.now_ms());
         self.commit(sandbox).await?;
         if let Some(previous) = previous {
-            // Not waited for: the suspend is done, and a save never takes a chunk a release
-            // is removing (`saved`).
-            let saved = self.saved.clone();
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = saved.release(&previous) {
-                    tracing::warn!(error = %e, "a sandbox state could not be released");
-                }
-            });
+            self.replaced.lock().unwrap_or_else(|e| e.into_inner()).push(previous);
         }
         self.metrics.sandbox_suspended(started.elapsed());
         Ok(())
@@ -870,7 +867,26 @@ impl Sandboxes {
         });
     }
 
+    /// Releases the suspend points replaced since the last call (a crash before leaves them to
+    /// the next start-up).
+    async fn release_replaced(&self) {
+        let replaced = std::mem::take(&mut *self.replaced.lock().unwrap_or_else(|e| e.into_inner()));
+        if replaced.is_empty() {
+            return;
+        }
+        let saved = self.saved.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for digest in replaced {
+                if let Err(e) = saved.release(&digest) {
+                    tracing::warn!(error = %e, "a sandbox state could not be released");
+                }
+            }
+        })
+        .await;
+    }
+
     async fn reap(&self) {
+        self.release_replaced().await;
         let Ok(running) = self.list(None, Some(State::Running)).await else {
             return;
         };
@@ -898,14 +914,14 @@ impl Sandboxes {
     /// Suspends every running sandbox (a graceful stop). Those that cannot be suspended are left
     /// for the restart to fail or send back to their last suspend point.
     pub async fn suspend_all(&self) {
-        let Ok(running) = self.list(None, Some(State::Running)).await else {
-            return;
-        };
-        for sandbox in running {
-            if let Err(e) = self.suspend(&sandbox.id).await {
-                tracing::warn!(sandbox = %sandbox.id, error = %e, "could not suspend a sandbox at shutdown");
+        if let Ok(running) = self.list(None, Some(State::Running)).await {
+            for sandbox in running {
+                if let Err(e) = self.suspend(&sandbox.id).await {
+                    tracing::warn!(sandbox = %sandbox.id, error = %e, "could not suspend a sandbox at shutdown");
+                }
             }
         }
+        self.release_replaced().await;
     }
 
     /// Sandboxes by state, for `/metrics`.

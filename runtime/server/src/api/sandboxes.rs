@@ -252,7 +252,7 @@ async fn transition(
     action: Action,
 ) -> Result<Response<Body>, Problem> {
     valid(id)?;
-    authorize(principal, &sandboxes.get(id).await?.function)?;
+    authorize(principal, &sandboxes.gate(id).await?.function)?;
     let sandbox = match action {
         Action::Suspend => sandboxes.suspend(id).await?,
         Action::Resume => sandboxes.resume(id).await?,
@@ -266,7 +266,7 @@ async fn transition(
         (status = 404, description = "No such sandbox", body = ErrorBody), (status = 409, description = "Already terminated or failed", body = ErrorBody)))]
 pub async fn terminate(sandboxes: &Sandboxes, principal: &Principal, id: &str) -> Result<Response<Body>, Problem> {
     valid(id)?;
-    authorize(principal, &sandboxes.get(id).await?.function)?;
+    authorize(principal, &sandboxes.gate(id).await?.function)?;
     let sandbox = sandboxes.terminate(id).await?;
     Ok(body::json(StatusCode::OK, &view(sandboxes, &sandbox)))
 }
@@ -295,7 +295,7 @@ pub async fn fork(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Problem> {
     valid(id)?;
-    authorize(principal, &sandboxes.get(id).await?.function)?;
+    authorize(principal, &sandboxes.gate(id).await?.function)?;
     let (parts, incoming) = req.into_parts();
     let (bytes, _held) = body::read(&parts.headers, incoming, 4096, Duration::from_secs(10), budget).await?;
     let request: Fork = if bytes.is_empty() {
@@ -338,7 +338,7 @@ pub async fn token(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Problem> {
     valid(id)?;
-    authorize(principal, &sandboxes.get(id).await?.function)?;
+    authorize(principal, &sandboxes.gate(id).await?.function)?;
     let (parts, incoming) = req.into_parts();
     let (bytes, _held) = body::read(&parts.headers, incoming, 4096, Duration::from_secs(10), budget).await?;
     let request: NewToken = if bytes.is_empty() {
