@@ -211,9 +211,9 @@ impl Sandboxes {
             storage.metadata.update_sandbox(&sandbox, Durability::Disk)?;
         }
         let saved = SavedStates::new(storage.clone());
-        match saved.release_unreferenced() {
+        match saved.collect_garbage() {
             Ok(0) => {}
-            Ok(n) => tracing::info!(states = n, "released sandbox states a crash left behind"),
+            Ok(n) => tracing::info!(blobs = n, "removed sandbox states and chunks a crash left behind"),
             Err(e) => tracing::warn!(error = %e, "could not release sandbox states a crash left behind"),
         }
         Ok(Sandboxes {

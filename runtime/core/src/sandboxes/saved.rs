@@ -232,13 +232,31 @@ impl SavedStates {
         Ok(())
     }
 
-    /// Releases what a crash left registered but unreferenced.
-    pub fn release_unreferenced(&self) -> Result<usize, SandboxError> {
+    /// Removes what a crash left behind: states registered that no sandbox points at, then
+    /// state and chunk files nothing needs (written, but the crash came before they were
+    /// registered). Call it before anything saves. Returns how many blobs went.
+    pub fn collect_garbage(&self) -> Result<usize, SandboxError> {
         let stale = self.storage.metadata.unreferenced_sandbox_states()?;
         for digest in &stale {
             self.release(digest)?;
         }
-        Ok(stale.len())
+        let (states, chunks) = self.storage.metadata.kept_sandbox_blobs()?;
+        let blobs = &self.storage.blobs;
+        let listed = |kind| {
+            blobs
+                .list(kind)
+                .map_err(|e| SandboxError::State(format!("listing saved states: {e}")))
+        };
+        let mut removed = stale.len();
+        for (kind, kept) in [(BlobKind::SandboxState, &states), (BlobKind::SandboxChunk, &chunks)] {
+            for digest in listed(kind)? {
+                if !kept.contains(&digest) {
+                    let _ = blobs.remove(kind, &digest);
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 }
 

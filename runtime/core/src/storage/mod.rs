@@ -122,6 +122,9 @@ pub trait Metadata: Send + Sync {
     fn release_sandbox_state(&self, digest: &Digest) -> Result<Released, StorageError>;
     /// Registered states no sandbox points at: what a crash between a save and its commit left.
     fn unreferenced_sandbox_states(&self) -> Result<Vec<Digest>, StorageError>;
+    /// Every state blob something needs (registered, or pointed at by a sandbox: a state saved
+    /// whole) and every chunk a registered state lists: what a sweep of the blobs keeps.
+    fn kept_sandbox_blobs(&self) -> Result<(HashSet<Digest>, HashSet<Digest>), StorageError>;
     fn insert_sandbox_token(&self, hash: &[u8], token: &SandboxToken) -> Result<(), StorageError>;
     /// Every sandbox token, by the SHA-256 of its secret.
     fn sandbox_tokens(&self) -> Result<Vec<(Vec<u8>, SandboxToken)>, StorageError>;

@@ -592,6 +592,25 @@ impl Metadata for Sqlite {
         })
     }
 
+    fn kept_sandbox_blobs(&self) -> Result<(HashSet<Digest>, HashSet<Digest>), StorageError> {
+        let conn = self.conn();
+        let column = |sql: &str| -> Result<HashSet<Digest>, StorageError> {
+            let mut stmt = conn.prepare(sql)?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            let mut digests = HashSet::new();
+            for row in rows {
+                digests.extend(Digest::parse(&row?));
+            }
+            Ok(digests)
+        };
+        let states = column(
+            "SELECT digest FROM sandbox_states
+             UNION SELECT state_digest FROM sandboxes WHERE state_digest IS NOT NULL",
+        )?;
+        let chunks = column("SELECT DISTINCT chunk FROM sandbox_state_chunks")?;
+        Ok((states, chunks))
+    }
+
     fn unreferenced_sandbox_states(&self) -> Result<Vec<Digest>, StorageError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(

@@ -147,7 +147,19 @@ fn a_sandbox_keeps_its_memory_across_requests_suspend_resume_and_a_restart() {
     // A graceful stop suspends it; after the restart it resumes on demand with its state.
     assert!(kiln.terminate().success());
     let data = kiln.data.clone();
+    // What a crash between writing a state and registering it would leave: swept at start-up,
+    // while the sandbox's own state stays.
+    let stray = [
+        data.join("sandboxes").join("ab".repeat(32)),
+        data.join("sandboxes").join("chunks").join("cd".repeat(32)),
+    ];
+    for path in &stray {
+        std::fs::write(path, b"half a save").unwrap();
+    }
     let kiln = Kiln::start_in(&data, &[]);
+    for path in &stray {
+        assert!(!path.exists(), "{} swept", path.display());
+    }
     let restarted = record(&kiln, &id);
     assert_eq!(restarted["state"], "suspended", "{restarted}");
     assert!(restarted["resumed_from"].is_null(), "{restarted}");
