@@ -69,9 +69,7 @@ impl Functions {
         upload: Bytes,
         config: FunctionConfig,
     ) -> Result<Deployed, DeployError> {
-        // Stage 1: inspect, compare with the latest version, stage. (Inspecting stays on this
-        // thread: moved to the blocking pool, its large transient buffers stayed resident in
-        // that pool's per-thread heaps — `hostile::hostile_guests_cannot_hurt_the_host` saw it.)
+        // Stage 1: inspect, compare with the latest version, stage.
         let artifact = tier.inspect(&upload, &config)?;
         drop(upload);
         // One trip to the blocking pool: the latest version and, if this one differs, whether

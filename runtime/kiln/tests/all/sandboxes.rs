@@ -31,6 +31,11 @@ fn must_create(kiln: &Kiln, body: Value) -> Value {
     response.json().unwrap()
 }
 
+/// Creates a sandbox, which must succeed; its id.
+fn created(kiln: &Kiln, body: Value) -> String {
+    must_create(kiln, body)["id"].as_str().unwrap().to_owned()
+}
+
 fn record(kiln: &Kiln, id: &str) -> Value {
     let response = kiln.get(&format!("/v1/sandboxes/{id}"));
     assert_eq!(response.status(), 200);
@@ -199,10 +204,7 @@ fn a_sandbox_keeps_its_memory_across_requests_suspend_resume_and_a_restart() {
 fn a_suspend_writes_only_what_changed_and_shared_chunks_outlive_each_owner() {
     let kiln = Kiln::start();
     deploy_counter(&kiln, json!({}));
-    let id = must_create(&kiln, json!({"function": "counter"}))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = created(&kiln, json!({"function": "counter"}));
     counter(&kiln, &id, "/grow?kib=1024&seed=5");
     let chunks = kiln.data.join("sandboxes").join("chunks");
     let names = || -> std::collections::BTreeSet<_> {
@@ -268,10 +270,7 @@ fn a_suspend_writes_only_what_changed_and_shared_chunks_outlive_each_owner() {
     assert!(response.status().is_success());
     let mut chunk_sets = Vec::new();
     for function in ["counter", "twin"] {
-        let id = must_create(&kiln, json!({"function": function}))["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let id = created(&kiln, json!({"function": function}));
         counter(&kiln, &id, "/grow?kib=256&seed=9");
         let before = names();
         must(&kiln, &id, "suspend");
@@ -288,19 +287,13 @@ fn a_suspend_writes_only_what_changed_and_shared_chunks_outlive_each_owner() {
 fn after_kill_9_a_sandbox_is_back_at_its_last_suspend_point_or_failed() {
     let mut kiln = Kiln::start();
     deploy_counter(&kiln, json!({}));
-    let saved = must_create(&kiln, json!({"function": "counter"}))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let saved = created(&kiln, json!({"function": "counter"}));
     counter(&kiln, &saved, "/");
     must(&kiln, &saved, "suspend");
     must(&kiln, &saved, "resume");
     // Served after the suspend point: lost with the crash.
     assert_eq!(count_of(&counter(&kiln, &saved, "/")), 2);
-    let never = must_create(&kiln, json!({"function": "counter"}))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let never = created(&kiln, json!({"function": "counter"}));
     counter(&kiln, &never, "/");
 
     kiln.kill();
@@ -390,10 +383,7 @@ fn idle_sandboxes_are_suspended_or_terminated_and_lifetime_counts_running_time_o
 fn forks_are_independent_copies_with_their_own_randomness_and_tokens() {
     let kiln = Kiln::start();
     deploy_counter(&kiln, json!({}));
-    let source = must_create(&kiln, json!({"function": "counter"}))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let source = created(&kiln, json!({"function": "counter"}));
     counter(&kiln, &source, "/grow?kib=256&seed=11");
     let buffer = buffer_of(&counter(&kiln, &source, "/"));
     let token = sandbox_token(&kiln, &source, &["ingress"]);
@@ -499,14 +489,8 @@ fn ingress_takes_the_admin_a_function_token_or_the_sandboxs_own_token() {
     let kiln = Kiln::start();
     kiln.must_deploy("hello", component("http-hello"));
     deploy_counter(&kiln, json!({}));
-    let id = must_create(&kiln, json!({"function": "hello"}))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let other = must_create(&kiln, json!({"function": "hello"}))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = created(&kiln, json!({"function": "hello"}));
+    let other = created(&kiln, json!({"function": "hello"}));
     let status = |request: RequestBuilder| request.send().unwrap().status().as_u16();
     let url = |id: &str| kiln.url(&format!("/sbx/{id}/x?y=1"));
 
@@ -565,19 +549,13 @@ fn ingress_takes_the_admin_a_function_token_or_the_sandboxs_own_token() {
         401
     );
 
-    let off = must_create(&kiln, json!({"function": "hello", "ingress": "off"}))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let off = created(&kiln, json!({"function": "hello", "ingress": "off"}));
     expect_error(
         client().get(url(&off)).bearer_auth(&kiln.token).send().unwrap(),
         403,
         "forbidden",
     );
-    let public = must_create(&kiln, json!({"function": "hello", "ingress": "public"}))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let public = created(&kiln, json!({"function": "hello", "ingress": "public"}));
     assert_eq!(status(client().get(url(&public))), 200);
     // Over HTTP/2 too.
     let h2 = reqwest::blocking::Client::builder()
@@ -593,10 +571,7 @@ fn ingress_takes_the_admin_a_function_token_or_the_sandboxs_own_token() {
 fn server_sent_events_stream_through_ingress() {
     let kiln = Kiln::start();
     deploy_counter(&kiln, json!({}));
-    let id = must_create(&kiln, json!({"function": "counter"}))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = created(&kiln, json!({"function": "counter"}));
     let started = Instant::now();
     let mut response = ingress(&kiln, &id, "/events?n=4&ms=400")
         .bearer_auth(&kiln.token)
@@ -633,10 +608,7 @@ fn server_sent_events_stream_through_ingress() {
 fn concurrent_transitions_of_one_sandbox_are_serialised() {
     let kiln = Kiln::start();
     deploy_counter(&kiln, json!({}));
-    let id = must_create(&kiln, json!({"function": "counter"}))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = created(&kiln, json!({"function": "counter"}));
     counter(&kiln, &id, "/grow?kib=2048&seed=1");
     for (what, to) in [
         ("suspend", "suspended"),
@@ -681,24 +653,15 @@ fn concurrent_transitions_of_one_sandbox_are_serialised() {
 fn limits_running_sandboxes_suspended_state_on_disk_memory_and_concurrency() {
     let kiln = Kiln::start_with(&["--max-sandboxes", "2", "--max-data-bytes", "41943040"]);
     deploy_counter(&kiln, json!({"memory_mb": 64, "max_concurrency": 1}));
-    let a = must_create(&kiln, json!({"function": "counter"}))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let b = must_create(&kiln, json!({"function": "counter"}))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let a = created(&kiln, json!({"function": "counter"}));
+    let b = created(&kiln, json!({"function": "counter"}));
     let refused = expect_error(create(&kiln, json!({"function": "counter"})), 429, "too_many_requests");
     assert!(refused["message"].as_str().unwrap().contains('2'), "{refused}");
     // Suspended sandboxes do not count; resuming past the cap is refused and loses nothing.
     counter(&kiln, &a, "/grow?kib=64&seed=2");
     let buffer = buffer_of(&counter(&kiln, &a, "/"));
     must(&kiln, &a, "suspend");
-    let c = must_create(&kiln, json!({"function": "counter"}))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let c = created(&kiln, json!({"function": "counter"}));
     expect_error(action(&kiln, &a, "resume"), 429, "too_many_requests");
     assert_eq!(record(&kiln, &a)["state"], "suspended");
     kiln.delete(&format!("/v1/sandboxes/{c}"));
@@ -745,10 +708,7 @@ fn limits_running_sandboxes_suspended_state_on_disk_memory_and_concurrency() {
 
     // The disk budget: a state that would pass --max-data-bytes (40 MiB) is 507, and the sandbox runs on
     // with its memory as it was.
-    let d = must_create(&kiln, json!({"function": "counter"}))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let d = created(&kiln, json!({"function": "counter"}));
     let huge = counter(&kiln, &d, "/grow?kib=49152&seed=9");
     expect_error(action(&kiln, &d, "suspend"), 507, "insufficient_storage");
     assert_eq!(record(&kiln, &d)["state"], "running");
@@ -780,10 +740,7 @@ fn bad_sandbox_requests_get_clear_errors() {
     );
     // exec, shell and files are the microVM tier's: a Wasm sandbox says so, naming its tier.
     kiln.must_deploy("hello", component("http-hello"));
-    let id = must_create(&kiln, json!({"function": "hello"}))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = created(&kiln, json!({"function": "hello"}));
     for (method, what) in [
         (reqwest::Method::POST, "exec"),
         (reqwest::Method::GET, "shell"),
