@@ -287,6 +287,19 @@ fn native_functions_deploy_and_invoke_on_kilns_vmm_where_hardware_virtualization
     expect_error(invoke(&kiln, "spin"), 504, "timeout");
     assert!(started.elapsed() < Duration::from_secs(30));
     assert_eq!(invoke(&kiln, "still alive").text().unwrap(), "STILL ALIVE");
+    // microVM sandboxes are not built yet: creating one says so (this host cannot deploy a
+    // microVM function at all, so only this run reaches that answer).
+    let response = client()
+        .post(kiln.url("/v1/sandboxes"))
+        .bearer_auth(&kiln.token)
+        .json(&json!({"function": "upper"}))
+        .send()
+        .unwrap();
+    let error = expect_error(response, 503, "unavailable");
+    assert!(
+        error["message"].as_str().unwrap().contains("microVM sandboxes"),
+        "{error}"
+    );
 
     // The snapshot is sealed, and outlives the process: a restarted Kiln serves from it without
     // booting.
