@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use crate::devices::channel::{Channel, ChannelError, Frame, FrameKind};
 use crate::vstate::memory::{GuestMemory, MemoryError};
-use crate::vstate::vcpu::{RunError, Vcpu};
+use crate::vstate::vcpu::{RunError, SessionHost, SessionStop, Vcpu};
 use crate::vstate::vm::{Hypervisor, Vm, VmError};
 
 /// Smallest guest: the boot structures below 1 MiB and a 1 MiB image.
@@ -211,6 +211,21 @@ impl MicroVm {
         let result = self
             .vcpu
             .run_until_frame(&mut self.channel, self.memory.size(), timeout);
+        if result.is_err() {
+            self.stopped = true;
+        }
+        result
+    }
+
+    /// Runs the VM as a session until `host` asks it to stop (see
+    /// [`crate::vstate::vcpu::Vcpu::run_session`]). Frames queued with [`MicroVm::send`] before
+    /// are the guest's first.
+    pub fn run_session(&mut self, tick: Duration, host: &mut dyn SessionHost) -> Result<SessionStop, RunError> {
+        if self.stopped {
+            return Err(RunError::Stopped);
+        }
+        let size = self.memory.size();
+        let result = self.vcpu.run_session(&mut self.channel, size, tick, host);
         if result.is_err() {
             self.stopped = true;
         }

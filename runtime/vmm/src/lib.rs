@@ -35,5 +35,5 @@ pub use devices::channel::{Frame, FrameKind};
 pub use invocation::{InvokeError, Reply};
 pub use linux::LinuxBootError;
 pub use persist::{CreateSnapshotError, LoadSnapshotError, RestoreError, Snapshot};
-pub use vstate::vcpu::RunError;
+pub use vstate::vcpu::{RunError, SessionHost, SessionStop};
 pub use vstate::vm::{Hypervisor, Quirks, VmError};

@@ -7,7 +7,9 @@
 //!    (i32 little-endian exit code, then stdout); a non-empty stderr goes first as a LOG frame;
 //! 3. a RESEED frame (sent by the host after each restore) is added to the kernel's entropy pool
 //!    and the CRNG reseeded from it at once, so VMs restored from one snapshot do not share random
-//!    state (a failure is reported as a LOG frame).
+//!    state (a failure is reported as a LOG frame);
+//! 4. a SESSION frame (a sandbox) switches to session mode for good: `/function` runs as a server
+//!    and the host's streams are relayed to it (see [`session`]).
 //!
 //! The channel is chosen on the kernel command line: `kiln.channel=port` uses Kiln's I/O port
 //! (0x510, through `ioperm`, on Kiln's own VMM); `kiln.channel=/dev/ttyS1` (or any serial device)
@@ -18,13 +20,22 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 
+mod session;
+
 const READY: u8 = 1;
 const REQUEST: u8 = 2;
 const RESPONSE: u8 = 3;
 const RESEED: u8 = 4;
 const LOG: u8 = 5;
+const SESSION: u8 = 6;
+const OPEN: u8 = 7;
+const DATA: u8 = 8;
+const CLOSE: u8 = 9;
+const WINDOW: u8 = 10;
 const MAX_PAYLOAD: u32 = 16 << 20;
 const PORT: u16 = 0x510;
+/// Reads how many bytes the host has queued for us (the channel has no interrupt).
+const STATUS_PORT: u16 = 0x511;
 
 /// The byte stream to the host.
 enum Channel {
@@ -36,7 +47,7 @@ impl Channel {
     fn open(spec: &str) -> io::Result<Self> {
         if spec == "port" {
             // SAFETY: ioperm only changes this process's I/O permission bitmap.
-            if unsafe { libc::ioperm(PORT.into(), 1, 1) } != 0 {
+            if unsafe { libc::ioperm(PORT.into(), 2, 1) } != 0 {
                 return Err(io::Error::last_os_error());
             }
             return Ok(Channel::Port);
@@ -74,6 +85,20 @@ impl Channel {
         }
     }
 
+    /// Bytes the host has queued for us; always 0 on a serial channel, which cannot say (sessions
+    /// need the port).
+    fn status(&mut self) -> u32 {
+        match self {
+            Channel::Serial(_) => 0,
+            Channel::Port => port_status(),
+        }
+    }
+
+    /// Reads bytes `status` said are queued.
+    fn read_queued(&mut self, buf: &mut [u8]) {
+        let _ = self.read_exact(buf);
+    }
+
     fn send(&mut self, kind: u8, payload: &[u8]) -> io::Result<()> {
         let mut frame = Vec::with_capacity(5 + payload.len());
         frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -105,6 +130,22 @@ fn port_read(buf: &mut [u8]) {
         std::arch::asm!("rep insb", in("dx") PORT, inout("rdi") buf.as_mut_ptr() => _,
             inout("rcx") buf.len() => _, options(nostack, preserves_flags))
     };
+}
+
+/// A 4-byte `in` from the status port.
+#[cfg(target_arch = "x86_64")]
+fn port_status() -> u32 {
+    let value: u32;
+    // SAFETY: ioperm granted the port; `in eax, dx` only reads it.
+    unsafe {
+        std::arch::asm!("in eax, dx", in("dx") STATUS_PORT, out("eax") value, options(nostack, preserves_flags))
+    };
+    value
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn port_status() -> u32 {
+    unreachable!("the port channel exists on x86_64 only")
 }
 
 /// Writes `buf` to the channel port with `rep outsb`.
@@ -236,6 +277,7 @@ fn serve(channel: &mut Channel) -> io::Result<()> {
                 response.extend_from_slice(&stdout);
                 channel.send(RESPONSE, &response)?;
             }
+            SESSION => session::run(channel, &payload, &env),
             RESEED => {
                 if let Err(e) = reseed(&payload) {
                     channel.send(
@@ -249,9 +291,29 @@ fn serve(channel: &mut Channel) -> io::Result<()> {
     }
 }
 
+/// Brings up the loopback interface: a sandbox's streams reach its server through it.
+fn loopback_up() {
+    // SAFETY: a plain datagram socket, closed below; `ifreq` is 16 bytes of name, then the flags.
+    unsafe {
+        let socket = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        if socket < 0 {
+            return;
+        }
+        let mut ifreq = [0u8; 40];
+        ifreq[..2].copy_from_slice(b"lo");
+        let flags = (libc::IFF_UP | libc::IFF_RUNNING) as i16;
+        ifreq[16..18].copy_from_slice(&flags.to_ne_bytes());
+        if libc::ioctl(socket, libc::SIOCSIFFLAGS as _, ifreq.as_mut_ptr()) != 0 {
+            eprintln!("kiln-agent: cannot bring up lo: {}", io::Error::last_os_error());
+        }
+        libc::close(socket);
+    }
+}
+
 fn main() {
     mount("devtmpfs", "/dev", "devtmpfs");
     mount("proc", "/proc", "proc");
+    loopback_up();
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let spec = cmdline
         .split_whitespace()

@@ -28,11 +28,26 @@
 //! (guest→host: the agent sends a little-endian i32 exit code followed by the program's stdout; the
 //! test guest sends what it computed), `4 RESEED` (host→guest, 32 bytes of fresh entropy sent after
 //! every restore so restored guests do not share their RNG state), `5 LOG` (guest→host: stderr).
+//!
+//! # Sessions (sandboxes)
+//! A sandbox's VM keeps running and carries many TCP streams at once. The host sends `6 SESSION`
+//! (the host's wall clock, unix ns u64 LE) after each restore: the agent sets its clock, forgets
+//! every stream of a previous life and from then on serves streams — `7 OPEN` (host→guest:
+//! stream u32, port u16: connect to `127.0.0.1:port`), `8 DATA` (either way: stream u32, bytes),
+//! `9 CLOSE` (either way: stream u32, how u8 — 0 the sender will send no more, 1 reset — and an
+//! optional reason), `10 WINDOW` (either way: stream u32, credit u32 — the receiver took that many
+//! bytes; a sender keeps at most [`STREAM_WINDOW`] bytes unacknowledged; the guest's first WINDOW
+//! on a stream says its connection is up). The guest learns that frames wait for it by reading
+//! [`STATUS_PORT`] (a 4-byte `in`: bytes queued for it), so it never reads an empty queue.
 
 use std::collections::VecDeque;
 
-/// The channel's only I/O port.
+/// The channel's data port.
 pub const CHANNEL_PORT: u16 = 0x510;
+/// The channel's status port: a guest `in` reads how many bytes are queued for it (u32 LE).
+pub const STATUS_PORT: u16 = 0x511;
+/// Bytes a stream's sender may have in flight before the receiver's WINDOW frames credit them.
+pub const STREAM_WINDOW: u32 = 256 << 10;
 
 /// Bytes of a frame header: the length and the kind.
 pub const HEADER_LEN: usize = 5;
@@ -50,16 +65,26 @@ pub enum FrameKind {
     Response = 3,
     Reseed = 4,
     Log = 5,
+    Session = 6,
+    Open = 7,
+    Data = 8,
+    Close = 9,
+    Window = 10,
 }
 
 impl FrameKind {
-    fn from_byte(byte: u8) -> Option<Self> {
+    pub fn from_byte(byte: u8) -> Option<Self> {
         Some(match byte {
             1 => Self::Ready,
             2 => Self::Request,
             3 => Self::Response,
             4 => Self::Reseed,
             5 => Self::Log,
+            6 => Self::Session,
+            7 => Self::Open,
+            8 => Self::Data,
+            9 => Self::Close,
+            10 => Self::Window,
             _ => return None,
         })
     }

@@ -23,14 +23,15 @@ use std::time::Instant;
 use super::cgroup;
 use super::protocol::{
     decode_frame, decode_header, BootFlat64Request, BootLinuxRequest, BootReport, Failure, ForbiddenSyscall,
-    HelperExit, Message, ProbeRequest, RestoreRequest, HEADER_LEN,
+    HelperExit, Message, ProbeRequest, RestoreRequest, SessionRequest, SuspendReport, HEADER_LEN,
 };
 use super::seccomp::{self, Role};
 use crate::builder::{BootError, MicroVm, RequestError, VmConfig, MIN_MEMORY_MIB};
+use crate::devices::channel::{Channel, Frame, FrameKind};
 use crate::invocation::InvokeError;
 use crate::linux::LinuxBootError;
 use crate::persist::{Snapshot, MEMORY_FILE, STATE_FILE, STATE_TMP_FILE};
-use crate::vstate::vcpu::install_kick_handler;
+use crate::vstate::vcpu::{install_kick_handler, SessionHost, SessionStop};
 use crate::vstate::vm::Hypervisor;
 
 /// The environment variable naming the helper's cgroup (see `cgroup`).
@@ -192,7 +193,13 @@ fn worker(hypervisor: Hypervisor) -> i32 {
         Message::BootFlat64(r) => boot_flat64(hypervisor, r),
         Message::BootLinux(r) => boot_linux(hypervisor, r),
         Message::Probe(r) => probe(hypervisor, r),
-        _ => unreachable!("read_request returns requests only"),
+        Message::Session(r) => match session(hypervisor, r) {
+            Ok(Some(message)) => Ok(message),
+            // The host ended the session: nobody waits for an answer.
+            Ok(None) => return 0,
+            Err(failure) => Err(failure),
+        },
+        other => Err(Failure::Setup(format!("a {other:?} frame outside a session"))),
     };
     let message = match answer {
         Ok(message) => message,
@@ -301,6 +308,17 @@ trait AsFds {
 impl AsFds for () {
     fn fds(&self) -> Vec<RawFd> {
         vec![]
+    }
+}
+
+impl AsFds for (File, File, File, File) {
+    fn fds(&self) -> Vec<RawFd> {
+        vec![
+            self.0.as_raw_fd(),
+            self.1.as_raw_fd(),
+            self.2.as_raw_fd(),
+            self.3.as_raw_fd(),
+        ]
     }
 }
 
@@ -525,6 +543,153 @@ fn restore(hypervisor: Hypervisor, request: RestoreRequest) -> Result<Message, F
     // The process's exit tears the VM down; the reply need not wait for that.
     std::mem::forget(vm);
     Ok(Message::Replied(reply))
+}
+
+/// The memory file a session's snapshot is written to; the host renames it to `memory` (with
+/// `state.tmp` to `state`) once the helper reported SUSPENDED.
+pub const NEXT_MEMORY_FILE: &str = "memory.next";
+
+/// How often a session's vCPU is kicked to look for the host's frames when the guest does not
+/// poll: a bound on how long a SUSPEND waits for a busy or broken guest.
+const SESSION_TICK: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Restores the snapshot in the request's directory and runs it as a session: frames flow between
+/// the host's pipe and the guest's channel until the host asks for a snapshot (written into the
+/// same directory as `memory.next` and `state.tmp`) or closes the pipe (`None`: nothing to say).
+fn session(hypervisor: Hypervisor, request: SessionRequest) -> Result<Option<Message>, Failure> {
+    let (mut state, memory, next_memory, mut next_state) =
+        enter_jail(&hypervisor, &request.dir, Access::Writable, Role::Boot, true, || {
+            let open = |name: &str| File::open(root_file(name)).map_err(|e| named(name, e));
+            let (state, memory) = (open(STATE_FILE)?, open(MEMORY_FILE)?);
+            let create = |name: &str| {
+                File::options()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(root_file(name))
+                    .map_err(|e| named(name, e))
+            };
+            let (next_memory, next_state) = (create(NEXT_MEMORY_FILE)?, create(STATE_TMP_FILE)?);
+            // The host's frames are read between guest exits, never waited for.
+            // SAFETY: fcntl on stdin, the host's pipe, with integer arguments.
+            unsafe {
+                let flags = libc::fcntl(0, libc::F_GETFL);
+                if flags < 0 || libc::fcntl(0, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok((state, memory, next_memory, next_state))
+        })?;
+    let hypervisor = hypervisor.with_quirks(request.flags.quirks);
+    let snapshot =
+        Snapshot::from_files(&mut state, memory).map_err(|e| Failure::Vm(format!("cannot load the snapshot: {e}")))?;
+    drop(state);
+    let mut vm = snapshot
+        .restore(&hypervisor)
+        .map_err(|e| Failure::Vm(format!("cannot restore the snapshot: {e}")))?;
+    drop(snapshot);
+    let mut host = SessionPipes::default();
+    if request.flags.report_jailed {
+        send(&Message::Jailed).map_err(|e| Failure::Setup(format!("cannot report: {e}")))?;
+        // The go-ahead is one byte ahead of the host's frames.
+        host.skip = 1;
+    }
+    let clock = (request.clock.as_nanos() as u64).to_le_bytes();
+    vm.send(&Frame::new(FrameKind::Reseed, request.seed.to_vec()))
+        .and_then(|()| vm.send(&Frame::new(FrameKind::Session, clock.to_vec())))
+        .map_err(|e| Failure::Guest(e.to_string()))?;
+    send(&Message::Started).map_err(|e| Failure::Setup(format!("cannot report: {e}")))?;
+    match vm.run_session(SESSION_TICK, &mut host).map_err(Failure::Run)? {
+        SessionStop::End => {
+            std::mem::forget(vm);
+            Ok(None)
+        }
+        SessionStop::Suspend => {
+            let started = Instant::now();
+            let snapshot = Snapshot::write_files(&hypervisor, &mut vm, next_memory, &mut next_state)
+                .map_err(|e| Failure::Vm(format!("cannot write the snapshot: {e}")))?;
+            let report = SuspendReport {
+                memory_size: vm.memory().size() as u64,
+                snapshot: started.elapsed(),
+            };
+            std::mem::forget((vm, snapshot));
+            Ok(Some(Message::Suspended(report)))
+        }
+    }
+}
+
+/// A session's host side in the worker: the host's pipe (stdin, non-blocking) read between guest
+/// exits, the guest's frames written to stdout.
+#[derive(Default)]
+struct SessionPipes {
+    /// Bytes read and not yet a whole frame.
+    pending: Vec<u8>,
+    /// Bytes to drop before the first frame (the JAILED go-ahead).
+    skip: usize,
+}
+
+impl SessionPipes {
+    /// Reads what the host has written so far; true at the end of the pipe.
+    fn fill(&mut self) -> bool {
+        let mut buf = [0u8; 64 << 10];
+        loop {
+            // SAFETY: reading into a buffer we own from stdin.
+            let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+            match n {
+                0 => return true,
+                n if n > 0 => {
+                    let mut bytes = &buf[..n as usize];
+                    let skipped = self.skip.min(bytes.len());
+                    self.skip -= skipped;
+                    bytes = &bytes[skipped..];
+                    self.pending.extend_from_slice(bytes);
+                }
+                _ => match io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) => return false,
+                    _ => return true,
+                },
+            }
+        }
+    }
+
+    /// The next whole frame read, if any; `Err` if the host broke the protocol.
+    fn next_message(&mut self) -> Result<Option<Message>, ()> {
+        let Some(header) = self.pending.first_chunk::<HEADER_LEN>() else {
+            return Ok(None);
+        };
+        let (_, len) = decode_header(header).map_err(|_| ())?;
+        if self.pending.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        let frame: Vec<u8> = self.pending.drain(..HEADER_LEN + len).collect();
+        decode_frame(&frame).map(Some).map_err(|_| ())
+    }
+}
+
+impl SessionHost for SessionPipes {
+    fn poll(&mut self, channel: &mut Channel) -> Option<SessionStop> {
+        let ended = self.fill();
+        loop {
+            match self.next_message() {
+                Ok(Some(Message::ToGuest(frame))) => {
+                    if channel.send(&frame).is_err() {
+                        return Some(SessionStop::End);
+                    }
+                }
+                Ok(Some(Message::Suspend)) => return Some(SessionStop::Suspend),
+                Ok(None) => break,
+                Ok(Some(_)) | Err(()) => return Some(SessionStop::End),
+            }
+        }
+        ended.then_some(SessionStop::End)
+    }
+
+    fn deliver(&mut self, frame: Frame) -> io::Result<()> {
+        send(&Message::FromGuest(frame))
+    }
 }
 
 /// `name` at the root of the jail (the VM's directory).

@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +18,8 @@ use super::cgroup::{CgroupError, CgroupSetting, Cgroups, HelperCgroup, OVERHEAD_
 use super::child::CGROUP_ENV;
 use super::protocol::{
     decode_frame, decode_header, BootFlat64Request, BootLinuxRequest, BootReport, Failure, ForbiddenSyscall,
-    HelperExit, Message, ProbeRequest, RequestFlags, RestoreRequest, HEADER_LEN, MAX_PATH, MAX_REQUEST_PAYLOAD,
+    HelperExit, Message, ProbeRequest, RequestFlags, RestoreRequest, SessionRequest, HEADER_LEN, MAX_PATH,
+    MAX_REQUEST_PAYLOAD,
 };
 use crate::builder::{ConfigError, VmConfig, MIN_MEMORY_MIB};
 use crate::invocation::{Reply, SEED_LEN};
@@ -289,6 +290,21 @@ impl Jail {
         dir: &Path,
     ) -> Result<BootReport, JailError> {
         self.run(|helper| helper.boot_linux_attempt(vmlinux, initramfs, cmdline, config, timeout, dir))
+    }
+
+    /// Restores the snapshot in `dir` in a jailed helper and keeps it running as a session (a
+    /// sandbox's VM): RESEED with `seed`, SESSION with `clock` (the host's wall clock, since the
+    /// Unix epoch), then frames both ways through the returned [`Session`] until the caller asks
+    /// for a snapshot (written into `dir` as `memory.next` and `state.tmp`) or drops it. `dir`
+    /// must be writable; the helper is killed if it has not started by `timeout` plus the margin.
+    pub fn start_session(
+        &self,
+        dir: &Path,
+        seed: &[u8; SEED_LEN],
+        clock: Duration,
+        timeout: Duration,
+    ) -> Result<Session, JailError> {
+        self.run(|helper| helper.start_session_attempt(dir, seed, clock, timeout))
     }
 
     /// Whether a helper can be jailed here and create a VM in its jail: the server's capability
@@ -610,7 +626,7 @@ impl Helper {
 
     /// Sends `request`, then reads until the answer, the helper's death or the deadline (`budget`
     /// plus the margin), and reaps the helper whatever happens.
-    fn exchange(mut self, request: Message, memory: u64, budget: Duration) -> Result<Message, Attempt> {
+    fn exchange(self, request: Message, memory: u64, budget: Duration) -> Result<Message, Attempt> {
         let waited = budget + self.margin;
         let deadline = Instant::now() + waited;
         if let Some(cgroup) = &self.cgroup {
@@ -628,48 +644,139 @@ impl Helper {
             }
             .into());
         }
-        match write_all_by(&mut self.to_helper, &frame, deadline) {
-            Ok(()) => {}
-            Err((0, WriteError::Closed)) => return Err(Attempt::Unsent(self.lost(ReadError::Closed, waited))),
-            Err((_, WriteError::Closed)) => return Err(self.lost(ReadError::Closed, waited).into()),
-            Err((_, WriteError::Deadline)) => return Err(self.lost(ReadError::Deadline, waited).into()),
-            Err((_, WriteError::Io(e))) => return Err(self.lost(ReadError::Io(e), waited).into()),
-        }
+        let mut helper = self.write_request(&frame, deadline, waited)?;
         loop {
-            match self.read_message(deadline) {
+            let mut this = helper;
+            match this.read_message(deadline) {
                 Ok(Message::Jailed) => {
-                    if let Some(hook) = self.on_jailed.take() {
-                        hook(self.worker_pid);
-                    }
-                    // The worker waits for this before it runs the guest (see `report_jailed`).
-                    if let Err((_, e)) = write_all_by(&mut self.to_helper, &[1], deadline) {
-                        let e = match e {
-                            WriteError::Closed => ReadError::Closed,
-                            WriteError::Deadline => ReadError::Deadline,
-                            WriteError::Io(e) => ReadError::Io(e),
-                        };
-                        return Err(self.lost(e, waited).into());
-                    }
+                    this = this.go_ahead(deadline, waited)?;
                 }
                 Ok(Message::Exited(exit)) => {
-                    self.reap(deadline);
+                    this.reap(deadline);
                     return Err(JailError::Died(exit).into());
                 }
                 // The worker answered and is exiting: the reaper waits for that, off this path.
                 Ok(Message::Failed(failure)) => {
-                    self.reaper.clone().hand_over(self);
+                    this.reaper.clone().hand_over(this);
                     return Err(JailError::from_failure(failure).into());
                 }
                 Ok(answer @ (Message::Replied(_) | Message::Booted(_) | Message::Probed)) => {
-                    self.reaper.clone().hand_over(self);
+                    this.reaper.clone().hand_over(this);
                     return Ok(answer);
                 }
-                Ok(other) => return Err(self.broken(format!("an unexpected {other:?} frame")).into()),
-                Err(e) => return Err(self.lost(e, waited).into()),
+                Ok(other) => return Err(this.broken(format!("an unexpected {other:?} frame")).into()),
+                Err(e) => return Err(this.lost(e, waited).into()),
             }
+            helper = this;
         }
     }
 
+    /// Writes a request's frame by `deadline`; a helper that cannot take it is lost.
+    fn write_request(mut self, frame: &[u8], deadline: Instant, waited: Duration) -> Result<Self, Attempt> {
+        match write_all_by(&mut self.to_helper, frame, deadline) {
+            Ok(()) => Ok(self),
+            Err((0, WriteError::Closed)) => Err(Attempt::Unsent(self.lost(ReadError::Closed, waited))),
+            Err((_, WriteError::Closed)) => Err(self.lost(ReadError::Closed, waited).into()),
+            Err((_, WriteError::Deadline)) => Err(self.lost(ReadError::Deadline, waited).into()),
+            Err((_, WriteError::Io(e))) => Err(self.lost(ReadError::Io(e), waited).into()),
+        }
+    }
+
+    /// After JAILED: runs the hook, then lets the worker go on.
+    fn go_ahead(mut self, deadline: Instant, waited: Duration) -> Result<Self, Attempt> {
+        if let Some(hook) = self.on_jailed.take() {
+            hook(self.worker_pid);
+        }
+        // The worker waits for this before it runs the guest (see `report_jailed`).
+        if let Err((_, e)) = write_all_by(&mut self.to_helper, &[1], deadline) {
+            let e = match e {
+                WriteError::Closed => ReadError::Closed,
+                WriteError::Deadline => ReadError::Deadline,
+                WriteError::Io(e) => ReadError::Io(e),
+            };
+            return Err(self.lost(e, waited).into());
+        }
+        Ok(self)
+    }
+
+    /// See [`Jail::start_session`].
+    fn start_session_attempt(
+        self,
+        dir: &Path,
+        seed: &[u8; SEED_LEN],
+        clock: Duration,
+        timeout: Duration,
+    ) -> Result<Session, Attempt> {
+        let dir = absolute(dir)?;
+        let memory_file = dir.join(MEMORY_FILE);
+        let memory = fs::metadata(&memory_file)
+            .map_err(|e| JailError::Files(format!("cannot read the snapshot's {}: {e}", memory_file.display())))?
+            .len();
+        if let Some(cgroup) = &self.cgroup {
+            cgroup
+                .set_memory_max(memory + OVERHEAD_BYTES)
+                .map_err(JailError::Cgroup)?;
+        }
+        let request = Message::Session(SessionRequest {
+            flags: self.flags(),
+            seed: *seed,
+            clock,
+            dir,
+        });
+        let waited = timeout + self.margin;
+        let deadline = Instant::now() + waited;
+        let mut helper = self.write_request(&request.encode(), deadline, waited)?;
+        loop {
+            let mut this = helper;
+            match this.read_message(deadline) {
+                Ok(Message::Jailed) => this = this.go_ahead(deadline, waited)?,
+                Ok(Message::Started) => return Ok(Session { helper: this }),
+                Ok(Message::Exited(exit)) => {
+                    this.reap(deadline);
+                    return Err(JailError::Died(exit).into());
+                }
+                Ok(Message::Failed(failure)) => {
+                    this.reaper.clone().hand_over(this);
+                    return Err(JailError::from_failure(failure).into());
+                }
+                Ok(other) => return Err(this.broken(format!("an unexpected {other:?} frame")).into()),
+                Err(e) => return Err(this.lost(e, waited).into()),
+            }
+            helper = this;
+        }
+    }
+}
+
+/// A running session (a sandbox's VM) in a jailed helper: frames flow through [`Session::pipes`]
+/// (the protocol's TO_GUEST and SUSPEND one way; FROM_GUEST, SUSPENDED, FAILED and EXITED the
+/// other), driven by the caller's own event loop. Dropping it kills the helper and reaps it.
+#[derive(Debug)]
+pub struct Session {
+    helper: Helper,
+}
+
+impl Session {
+    /// The worker's pid in the host's PID namespace.
+    pub fn worker_pid(&self) -> u32 {
+        self.helper.worker_pid
+    }
+
+    /// Non-blocking duplicates of the pipes: (to the helper, from the helper).
+    pub fn pipes(&self) -> io::Result<(OwnedFd, OwnedFd)> {
+        Ok((
+            self.helper.to_helper.as_fd().try_clone_to_owned()?,
+            self.helper.from_helper.as_fd().try_clone_to_owned()?,
+        ))
+    }
+
+    /// After SUSPENDED (the worker is exiting): reaped off the caller's path.
+    pub fn finish(self) {
+        let helper = self.helper;
+        helper.reaper.clone().hand_over(helper);
+    }
+}
+
+impl Helper {
     /// Reads one helper → host frame by `deadline`.
     fn read_message(&mut self, deadline: Instant) -> Result<Message, ReadError> {
         let mut header = [0u8; HEADER_LEN];

@@ -111,8 +111,8 @@ pub mod seccomp;
 
 pub use cgroup::CgroupSetting;
 pub use child::child_main;
-pub use host::{Helper, Jail, JailConfig, JailError};
-pub use protocol::{decode_frame, BootReport, DecodeError, ForbiddenSyscall, HelperExit};
+pub use host::{Helper, Jail, JailConfig, JailError, Session};
+pub use protocol::{decode_frame, BootReport, DecodeError, ForbiddenSyscall, HelperExit, SuspendReport};
 
 #[doc(no_inline)]
 pub use crate::invocation::Reply;

@@ -19,6 +19,9 @@
 //! | 2 BOOT_FLAT64 | host → helper | flags u8, memory MiB u32, max MiB u32, timeout ns u64, dir path, image bytes |
 //! | 3 BOOT_LINUX | host → helper | flags u8, memory MiB u32, max MiB u32, timeout ns u64, dir path, command line text, vmlinux bytes, initramfs bytes |
 //! | 4 PROBE | host → helper | flags u8, dir path, attempt u8 (0 none, 1 `socket`, 2 `openat("/etc/passwd")`) |
+//! | 5 SESSION | host → helper | flags u8, seed \[32\], clock (unix ns) u64, dir path: restore and keep running |
+//! | 6 TO_GUEST | host → helper | during a session: a channel frame's kind u8, then its payload |
+//! | 7 SUSPEND | host → helper | during a session: empty — snapshot the VM into the session's directory and end |
 //! | 16 HELLO | helper → host | the worker's pid u32 (in the host's PID namespace) |
 //! | 17 JAILED | helper → host | empty: the worker is jailed and about to run the guest (sent when flag 2 asks) |
 //! | 18 REPLIED | helper → host | exit code i32, log truncated u8 (0/1), stdout bytes, log bytes |
@@ -26,6 +29,9 @@
 //! | 20 PROBED | helper → host | empty |
 //! | 21 FAILED | helper → host | a failure: tag u8 and its fields (see `put_failure`; run errors keep their variant and fields) |
 //! | 22 EXITED | helper → host | how the worker ended: 0 exit code i32, or 1 signal i32 (sent by the supervisor) |
+//! | 23 STARTED | helper → host | empty: the session's VM is restored and running |
+//! | 24 FROM_GUEST | helper → host | during a session: a channel frame's kind u8, then its payload |
+//! | 25 SUSPENDED | helper → host | memory size u64, snapshot ns u64: the snapshot is written (state as `state.tmp`) |
 //!
 //! Request flags: bit 0 `Quirks::available_tss_on_restore`, bit 1 report JAILED; other bits are
 //! refused. The decoder is strict: an unknown version, kind, tag or flag, a length over its bound,
@@ -38,7 +44,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::builder::{ConfigError, VmConfig};
-use crate::devices::channel::{ChannelError, MAX_PAYLOAD};
+use crate::devices::channel::{ChannelError, Frame, FrameKind, MAX_PAYLOAD};
 use crate::invocation::{Reply, SEED_LEN};
 use crate::linux::LayoutError;
 use crate::vstate::vcpu::RunError;
@@ -67,6 +73,9 @@ mod kind {
     pub const BOOT_FLAT64: u8 = 2;
     pub const BOOT_LINUX: u8 = 3;
     pub const PROBE: u8 = 4;
+    pub const SESSION: u8 = 5;
+    pub const TO_GUEST: u8 = 6;
+    pub const SUSPEND: u8 = 7;
     pub const HELLO: u8 = 16;
     pub const JAILED: u8 = 17;
     pub const REPLIED: u8 = 18;
@@ -74,6 +83,9 @@ mod kind {
     pub const PROBED: u8 = 20;
     pub const FAILED: u8 = 21;
     pub const EXITED: u8 = 22;
+    pub const STARTED: u8 = 23;
+    pub const FROM_GUEST: u8 = 24;
+    pub const SUSPENDED: u8 = 25;
 }
 
 /// Options every request carries.
@@ -135,6 +147,27 @@ pub struct ProbeRequest {
     pub attempt: Option<ForbiddenSyscall>,
 }
 
+/// Restore a snapshot and keep the VM running as a session (a sandbox): frames flow both ways
+/// until the host asks for a snapshot (SUSPEND) or closes the pipe. `dir` holds the snapshot
+/// (`memory`, `state`) and receives the next one (`memory.next`, `state.tmp`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRequest {
+    pub flags: RequestFlags,
+    pub seed: [u8; SEED_LEN],
+    /// The host's wall clock when it asked (since the Unix epoch): the guest sets its own.
+    pub clock: Duration,
+    pub dir: PathBuf,
+}
+
+/// What a session's snapshot took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SuspendReport {
+    /// Guest memory in bytes.
+    pub memory_size: u64,
+    /// Writing the memory and state files.
+    pub snapshot: Duration,
+}
+
 /// What a boot in the helper produced: a snapshot in the request's directory (its state still
 /// named `state.tmp`: the host renames it) and how long it took.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,6 +216,9 @@ pub enum Message {
     BootFlat64(BootFlat64Request),
     BootLinux(BootLinuxRequest),
     Probe(ProbeRequest),
+    Session(SessionRequest),
+    ToGuest(Frame),
+    Suspend,
     Hello { worker_pid: u32 },
     Jailed,
     Replied(Reply),
@@ -190,6 +226,9 @@ pub enum Message {
     Probed,
     Failed(Failure),
     Exited(HelperExit),
+    Started,
+    FromGuest(Frame),
+    Suspended(SuspendReport),
 }
 
 /// A frame the decoder refuses.
@@ -218,6 +257,9 @@ impl Message {
             Message::BootFlat64(_) => kind::BOOT_FLAT64,
             Message::BootLinux(_) => kind::BOOT_LINUX,
             Message::Probe(_) => kind::PROBE,
+            Message::Session(_) => kind::SESSION,
+            Message::ToGuest(_) => kind::TO_GUEST,
+            Message::Suspend => kind::SUSPEND,
             Message::Hello { .. } => kind::HELLO,
             Message::Jailed => kind::JAILED,
             Message::Replied(_) => kind::REPLIED,
@@ -225,6 +267,9 @@ impl Message {
             Message::Probed => kind::PROBED,
             Message::Failed(_) => kind::FAILED,
             Message::Exited(_) => kind::EXITED,
+            Message::Started => kind::STARTED,
+            Message::FromGuest(_) => kind::FROM_GUEST,
+            Message::Suspended(_) => kind::SUSPENDED,
         }
     }
 
@@ -270,8 +315,22 @@ impl Message {
                     Some(ForbiddenSyscall::OpenEtcPasswd) => 2,
                 });
             }
+            Message::Session(r) => {
+                w.flags(r.flags);
+                w.put(&r.seed);
+                w.duration(r.clock);
+                w.path(&r.dir);
+            }
+            Message::ToGuest(frame) | Message::FromGuest(frame) => {
+                w.u8(frame.kind as u8);
+                w.put(&frame.payload);
+            }
+            Message::Suspended(report) => {
+                w.u64(report.memory_size);
+                w.duration(report.snapshot);
+            }
             Message::Hello { worker_pid } => w.u32(*worker_pid),
-            Message::Jailed | Message::Probed => {}
+            Message::Jailed | Message::Probed | Message::Suspend | Message::Started => {}
             Message::Replied(r) => {
                 w.u32(r.exit_code as u32);
                 w.u8(r.log_truncated as u8);
@@ -312,6 +371,10 @@ fn max_payload(kind: u8) -> Option<usize> {
     Some(match kind {
         kind::RESTORE | kind::BOOT_FLAT64 | kind::BOOT_LINUX => MAX_REQUEST_PAYLOAD,
         kind::PROBE => 1 + 2 + MAX_PATH + 1,
+        kind::SESSION => 1 + SEED_LEN + 8 + 2 + MAX_PATH,
+        kind::TO_GUEST | kind::FROM_GUEST => 1 + MAX_PAYLOAD as usize,
+        kind::SUSPEND | kind::STARTED => 0,
+        kind::SUSPENDED => 16,
         kind::HELLO => 4,
         kind::JAILED | kind::PROBED => 0,
         kind::REPLIED => MAX_REPORT_PAYLOAD,
@@ -393,6 +456,29 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Message, DecodeError> {
                 2 => Some(ForbiddenSyscall::OpenEtcPasswd),
                 _ => return Err(DecodeError::Invalid("probe attempt")),
             },
+        }),
+        kind::SESSION => Message::Session(SessionRequest {
+            flags: r.flags()?,
+            seed: r.array()?,
+            clock: r.duration()?,
+            dir: r.path()?,
+        }),
+        kind::TO_GUEST | kind::FROM_GUEST => {
+            let frame = Frame {
+                kind: FrameKind::from_byte(r.u8()?).ok_or(DecodeError::Invalid("channel frame kind"))?,
+                payload: std::mem::take(&mut r.0).to_vec(),
+            };
+            if kind == kind::TO_GUEST {
+                Message::ToGuest(frame)
+            } else {
+                Message::FromGuest(frame)
+            }
+        }
+        kind::SUSPEND => Message::Suspend,
+        kind::STARTED => Message::Started,
+        kind::SUSPENDED => Message::Suspended(SuspendReport {
+            memory_size: r.u64()?,
+            snapshot: r.duration()?,
         }),
         kind::HELLO => Message::Hello { worker_pid: r.u32()? },
         kind::JAILED => Message::Jailed,

@@ -20,7 +20,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::vm::{kvm_err, Hypervisor, Vm, VmError};
-use crate::devices::channel::{Channel, ChannelError, Frame, CHANNEL_PORT};
+use crate::devices::channel::{Channel, ChannelError, Frame, CHANNEL_PORT, STATUS_PORT};
 
 /// Why a run stopped without the frame the host waited for.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +43,23 @@ pub enum RunError {
     Stopped,
     #[error("KVM_RUN failed: {0}")]
     Kvm(kvm_ioctls::Error),
+}
+
+/// Why a session stopped (see [`Vcpu::run_session`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionStop {
+    /// The host asked for a snapshot: the VM is to be saved, then ended.
+    Suspend,
+    /// The host asked it to end, or went away.
+    End,
+}
+
+/// The host's side of a running session.
+pub trait SessionHost {
+    /// Moves what the host sent into `channel`; `Some` when the host asks the session to stop.
+    fn poll(&mut self, channel: &mut Channel) -> Option<SessionStop>;
+    /// Takes a frame the guest completed; an error means the host is gone.
+    fn deliver(&mut self, frame: Frame) -> std::io::Result<()>;
 }
 
 /// MSRs a snapshot keeps (those the host's KVM supports): the syscall entry points, the TSC, PAT,
@@ -345,6 +362,79 @@ impl Vcpu {
         }
     }
 
+    /// Runs a session (a sandbox's VM): the guest runs until `host` asks it to stop, while frames
+    /// flow both ways. `host.poll` moves what the host sent into the channel each time the guest
+    /// reads [`STATUS_PORT`] and at least every `tick` (a periodic kick, so a guest that stops
+    /// polling is still stopped on request); each frame the guest completes goes to
+    /// `host.deliver`. Returns why it stopped: the VM is then between instructions, ready for a
+    /// snapshot.
+    pub fn run_session(
+        &mut self,
+        channel: &mut Channel,
+        memory_size: usize,
+        tick: Duration,
+        host: &mut dyn SessionHost,
+    ) -> Result<SessionStop, RunError> {
+        let _ticker = Deadline::arm_periodic(&mut self.fd, tick).map_err(RunError::Timer)?;
+        loop {
+            let stop = match self.fd.run() {
+                Ok(VcpuExit::IoOut(CHANNEL_PORT, data)) => {
+                    let mut stop = None;
+                    if channel.write(data)? {
+                        while let Some(frame) = channel.take_frame() {
+                            if host.deliver(frame).is_err() {
+                                stop = Some(SessionStop::End);
+                            }
+                        }
+                    }
+                    stop
+                }
+                Ok(VcpuExit::IoIn(CHANNEL_PORT, data)) => {
+                    channel.read(data)?;
+                    None
+                }
+                Ok(VcpuExit::IoIn(STATUS_PORT, data)) => {
+                    let stop = host.poll(channel);
+                    let queued = (channel.queued().min(u32::MAX as usize) as u32).to_le_bytes();
+                    for (slot, byte) in data.iter_mut().zip(queued.iter().chain(std::iter::repeat(&0))) {
+                        *slot = *byte;
+                    }
+                    stop
+                }
+                Ok(VcpuExit::IoOut(COM1, data)) => {
+                    if let Some(console) = &mut self.console {
+                        console.bytes.extend(data);
+                        let excess = console.bytes.len().saturating_sub(console.cap);
+                        console.bytes.drain(..excess);
+                    }
+                    None
+                }
+                Ok(VcpuExit::IoOut(..)) => None,
+                Ok(VcpuExit::IoIn(_, data)) => {
+                    data.fill(0xff);
+                    None
+                }
+                Ok(VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _)) => {
+                    return Err(RunError::MemoryExceeded {
+                        addr,
+                        size: memory_size,
+                    });
+                }
+                Ok(VcpuExit::Shutdown) => return Err(RunError::Shutdown),
+                Ok(VcpuExit::InternalError) => return Err(RunError::Internal),
+                Ok(exit) => return Err(RunError::UnexpectedExit(format!("{exit:?}"))),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    host.poll(channel)
+                }
+                Err(e) => return Err(RunError::Kvm(e)),
+            };
+            if let Some(stop) = stop {
+                return Ok(stop);
+            }
+        }
+    }
+
     /// Finishes the I/O instruction the last exit stopped in, without running further guest code.
     ///
     /// After an `in`/`out` exit the instruction completes (RIP moves past it) only on the next
@@ -466,6 +556,16 @@ struct Deadline {
 
 impl Deadline {
     fn arm(fd: &mut VcpuFd, timeout: Duration) -> std::io::Result<Self> {
+        Self::arm_with(fd, timeout, Duration::ZERO)
+    }
+
+    /// A timer that kicks every `every` (the first time after `every`).
+    fn arm_periodic(fd: &mut VcpuFd, every: Duration) -> std::io::Result<Self> {
+        let every = every.max(Duration::from_micros(100));
+        Self::arm_with(fd, every, every)
+    }
+
+    fn arm_with(fd: &mut VcpuFd, timeout: Duration, interval: Duration) -> std::io::Result<Self> {
         install_kick_handler()?;
         fd.set_kvm_immediate_exit(0);
         RUNNING.with(|r| r.set(fd.get_kvm_run() as *mut kvm_run));
@@ -485,7 +585,10 @@ impl Deadline {
         // A zero it_value would disarm the timer: wait at least a nanosecond.
         let timeout = timeout.max(Duration::from_nanos(1));
         let spec = libc::itimerspec {
-            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_interval: libc::timespec {
+                tv_sec: interval.as_secs() as _,
+                tv_nsec: interval.subsec_nanos() as libc::c_long,
+            },
             it_value: libc::timespec {
                 tv_sec: timeout.as_secs() as _,
                 tv_nsec: timeout.subsec_nanos() as libc::c_long,
