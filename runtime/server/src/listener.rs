@@ -126,7 +126,10 @@ pub async fn run(server: Arc<Server>, listener: TcpListener, shutdown: impl Futu
                 Ok::<_, Infallible>(response.map(|body| Tracked::new(body, guard)))
             }
         });
-        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        // With upgrades: a websocket to a microVM sandbox switches protocols on this connection.
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
         tokio::spawn(drive(connection, slot, evicted, raced, closing.clone()));
         // The new connection's first poll (which parses a request head that came with the
         // handshake, making it busy) runs before the next accept, so that under a flood of

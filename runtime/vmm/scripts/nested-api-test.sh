@@ -34,7 +34,7 @@ objcopy --strip-debug "$root/target/debug/kiln" "$work/kiln"
 objcopy --strip-debug "$tests" "$work/all"
 entries=(
   "init=$musl/examples/linux"
-  "guest/kiln-agent=$musl/kiln-agent" "guest/kiln-upper=$musl/kiln-upper"
+  "guest/kiln-agent=$musl/kiln-agent" "guest/kiln-upper=$musl/kiln-upper" "guest/kiln-webapp=$musl/kiln-webapp"
   # The test finds kiln and the kernel by the absolute paths it was built with.
   "${root#/}/target/debug/kiln=$work/kiln"
   "${root#/}/target/kiln-guest/vmlinuz=$guest/vmlinuz"

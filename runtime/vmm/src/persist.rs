@@ -46,6 +46,9 @@ pub const MEMORY_FILE: &str = "memory";
 pub const STATE_FILE: &str = "state";
 /// The state file while it is written, renamed to [`STATE_FILE`] last.
 pub const STATE_TMP_FILE: &str = "state.tmp";
+/// The memory file a session's snapshot is written to (beside `state.tmp`), while `memory` is
+/// still mapped by the running VM; the host renames both once the helper reported SUSPENDED.
+pub const NEXT_MEMORY_FILE: &str = "memory.next";
 
 /// Failure to write a snapshot.
 #[derive(Debug, thiserror::Error)]

@@ -17,11 +17,13 @@
 //!   its last suspend point (`resumed_from` says when that was), or fails with "the host
 //!   restarted" if it never had one: never a blank instance claiming to be the old one.
 //!
-//! The Wasm tier runs sandboxes (`tier::wasm::sandbox`); the microVM tier's are not built yet and
-//! answer `unavailable` with the reason.
+//! The Wasm tier runs sandboxes as live instances (`tier::wasm::sandbox`), the microVM tier as
+//! running VMs in jailed helpers (`tier::microvm::sandbox`, driven from [`vm`]); on a host where
+//! the microVM tier cannot run, creating one of its sandboxes answers `unavailable` with why.
 
 pub mod record;
 pub mod saved;
+mod vm;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,7 +47,8 @@ use crate::registry::Entry;
 use crate::storage::budget::StorageFull;
 use crate::storage::{Durability, Storage, StorageError};
 use crate::telemetry::metrics::Metrics;
-use crate::tier::wasm::sandbox::{IngressBody, LiveInstance, SandboxCode, Start};
+use crate::tier::microvm::sandbox::{LiveVm, VmHandle, PORT_HEADER};
+use crate::tier::wasm::sandbox::{IngressBody, LiveHandle, LiveInstance, SandboxCode, Start};
 use crate::tier::wasm::trigger::GuestBody;
 
 /// Why a sandbox operation did not happen.
@@ -150,8 +153,51 @@ impl Gate {
 
 /// A live sandbox: its instance and its place among the running sandboxes.
 struct Live {
-    instance: LiveInstance,
+    instance: Instance,
     _running: OwnedSemaphorePermit,
+}
+
+/// What runs a live sandbox, per tier.
+enum Instance {
+    Wasm(LiveInstance),
+    Vm(LiveVm),
+}
+
+/// What ingress reaches a live sandbox through.
+enum Handle {
+    Wasm(LiveHandle),
+    Vm(VmHandle),
+}
+
+impl Instance {
+    fn handle(&self) -> Handle {
+        match self {
+            Instance::Wasm(instance) => Handle::Wasm(instance.handle()),
+            Instance::Vm(vm) => Handle::Vm(vm.handle()),
+        }
+    }
+
+    fn failure(&self) -> Option<String> {
+        match self {
+            Instance::Wasm(instance) => instance.failure(),
+            Instance::Vm(vm) => vm.failure(),
+        }
+    }
+
+    /// A Wasm instance's whole state (a VM's is written by its helper: see `vm`).
+    async fn capture(&self) -> Result<Vec<u8>, String> {
+        match self {
+            Instance::Wasm(instance) => instance.capture().await,
+            Instance::Vm(_) => Err("a microVM's state is snapshotted by its helper".into()),
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            Instance::Wasm(instance) => instance.stop().await,
+            Instance::Vm(vm) => vm.stop().await,
+        }
+    }
 }
 
 pub struct Sandboxes {
@@ -167,6 +213,8 @@ pub struct Sandboxes {
     /// Each version's sandbox code, instrumented and compiled once.
     code: DashMap<(String, u32), Arc<SandboxCode>>,
     running: Limit,
+    /// Set by a graceful stop: suspends reset open connections rather than refuse.
+    stopping: std::sync::atomic::AtomicBool,
     config: SandboxesConfig,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
@@ -210,6 +258,14 @@ impl Sandboxes {
             }
             storage.metadata.update_sandbox(&sandbox, Durability::Disk)?;
         }
+        let vm_points: HashMap<String, Option<Digest>> = storage
+            .metadata
+            .sandboxes(None, None)?
+            .into_iter()
+            .filter(|s| s.tier == Tier::Microvm && !s.state.is_final())
+            .map(|s| (s.id, s.state_digest))
+            .collect();
+        functions.tiers.microvm.sweep_sandboxes(&vm_points);
         let saved = SavedStates::new(storage.clone());
         match saved.collect_garbage() {
             Ok(0) => {}
@@ -225,6 +281,7 @@ impl Sandboxes {
             tokens,
             code: DashMap::new(),
             running: Limit::new(config.max_running),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             config,
             clock,
             metrics,
@@ -322,14 +379,14 @@ impl Sandboxes {
         request.settings.check().map_err(SandboxError::Invalid)?;
         let resolved = self.functions.resolve(&request.function, request.version).await?;
         let record = resolved.function.record.clone();
-        if record.config.tier == Tier::Microvm {
-            return Err(SandboxError::Unavailable(
-                "microVM sandboxes are not available on this server yet: the microvm tier runs \
-                 functions, not sandboxes"
-                    .into(),
-            ));
+        let microvm = &self.functions.tiers.microvm;
+        if record.config.tier == Tier::Microvm && !microvm.is_available() {
+            return Err(SandboxError::Unavailable(format!(
+                "microVM sandboxes need the microvm tier, which cannot run on this host: {}",
+                microvm.reason().unwrap_or("unavailable")
+            )));
         }
-        if !resolved.function.is_http() {
+        if record.config.tier == Tier::Wasm && !resolved.function.is_http() {
             return Err(SandboxError::Invalid(format!(
                 "function `{}` is not an HTTP-trigger function: a Wasm sandbox runs a wasi:http/proxy component",
                 record.name
@@ -365,7 +422,11 @@ impl Sandboxes {
         }
         self.metrics.sandbox_transition(State::Starting);
         let _ = slot.gate.set(Gate::of(&sandbox));
-        match self.start(&sandbox, &record, None).await {
+        let started = match record.config.tier {
+            Tier::Wasm => self.start(&sandbox, &record, None).await,
+            Tier::Microvm => self.start_vm(&sandbox, &record, None).await,
+        };
+        match started {
             Ok(started) => {
                 sandbox.enter(State::Running, self.clock.now_ms());
                 self.publish(&sandbox, started, &mut live).await?;
@@ -427,17 +488,19 @@ impl Sandboxes {
             Entry::Wasm(function) => function.egress.clone(),
             Entry::Microvm(_) => unreachable!("microvm sandboxes are refused before"),
         };
-        let instance = LiveInstance::start(
-            wasm,
-            Start {
-                code: &code,
-                record,
-                env,
-                egress: &egress,
-                state,
-            },
-        )
-        .await?;
+        let instance = Instance::Wasm(
+            LiveInstance::start(
+                wasm,
+                Start {
+                    code: &code,
+                    record,
+                    env,
+                    egress: &egress,
+                    state,
+                },
+            )
+            .await?,
+        );
         Ok(Live {
             instance,
             _running: running,
@@ -470,6 +533,9 @@ impl Sandboxes {
         sandbox: &mut Sandbox,
         live: &mut Option<Live>,
     ) -> Result<(), SandboxError> {
+        if sandbox.tier == Tier::Microvm {
+            return self.suspend_vm(sandbox, live, false).await;
+        }
         let started = std::time::Instant::now();
         let Some(current) = live.take() else {
             return self.lost(sandbox).await;
@@ -569,6 +635,9 @@ impl Sandboxes {
         sandbox: &mut Sandbox,
         live: &mut Option<Live>,
     ) -> Result<(), SandboxError> {
+        if sandbox.tier == Tier::Microvm {
+            return self.resume_vm(sandbox, live).await;
+        }
         let begun = std::time::Instant::now();
         let record = self.version(sandbox).await?;
         let Some(digest) = sandbox.state_digest.clone() else {
@@ -641,8 +710,10 @@ impl Sandboxes {
         let owned = id.to_owned();
         self.blocking(move |m| m.delete_sandbox_tokens(&owned)).await?;
         self.tokens.retain(|_, token| token.sandbox != id);
-        if let Some(state) = state {
-            self.forget_state(state).await;
+        match (sandbox.tier, state) {
+            (Tier::Microvm, _) => self.functions.tiers.microvm.remove_sandbox(id).await,
+            (Tier::Wasm, Some(state)) => self.forget_state(state).await,
+            (Tier::Wasm, None) => {}
         }
         drop(live);
         self.slots.remove(id);
@@ -656,8 +727,11 @@ impl Sandboxes {
             return Err(SandboxError::Invalid("count must be between 1 and 32".into()));
         }
         let slot = self.slot(id);
-        let live = slot.live.lock().await;
-        let source = self.load(id).await?;
+        let mut live = slot.live.lock().await;
+        let mut source = self.load(id).await?;
+        if source.tier == Tier::Microvm {
+            return self.fork_vm(&mut source, &mut live, count).await;
+        }
         let (digest, bytes) = match (source.state, live.as_ref()) {
             (State::Running, Some(current)) => {
                 let state =
@@ -680,33 +754,40 @@ impl Sandboxes {
             }
         };
         drop(live);
-        let now = self.clock.now_ms();
         let mut forks = Vec::new();
         for _ in 0..count {
-            let mut fork = Sandbox {
-                id: new_id(),
-                idempotency_key: None,
-                created_at: now_rfc3339(),
-                last_active_ms: now,
-                running_ms: 0,
-                running_since_ms: None,
-                suspended_ms: 0,
-                suspended_since_ms: None,
-                state: State::Suspended,
-                error: None,
-                state_digest: Some(digest.clone()),
-                state_bytes: bytes,
-                suspended_at: Some(now_rfc3339()),
-                resumed_from: None,
-                ..source.clone()
-            };
-            fork.enter(State::Suspended, now);
+            let fork = self.fork_record(&source, &digest, bytes);
             let inserted = fork.clone();
             self.blocking(move |m| m.insert_sandbox(&inserted)).await?;
             self.metrics.sandbox_transition(State::Suspended);
             forks.push(fork);
         }
         Ok(forks)
+    }
+
+    /// A new sandbox like `source`, suspended at `digest` (`bytes` on disk), resumed on its first
+    /// request.
+    fn fork_record(&self, source: &Sandbox, digest: &Digest, bytes: u64) -> Sandbox {
+        let now = self.clock.now_ms();
+        let mut fork = Sandbox {
+            id: new_id(),
+            idempotency_key: None,
+            created_at: now_rfc3339(),
+            last_active_ms: now,
+            running_ms: 0,
+            running_since_ms: None,
+            suspended_ms: 0,
+            suspended_since_ms: None,
+            state: State::Suspended,
+            error: None,
+            state_digest: Some(digest.clone()),
+            state_bytes: bytes,
+            suspended_at: Some(now_rfc3339()),
+            resumed_from: None,
+            ..source.clone()
+        };
+        fork.enter(State::Suspended, now);
+        fork
     }
 
     /// Makes a token for one sandbox, with `scopes`, valid for `ttl`. Returns the secret (shown
@@ -796,7 +877,7 @@ impl Sandboxes {
         request: http::Request<IngressBody>,
     ) -> Result<http::Response<GuestBody>, SandboxError> {
         let slot = self.slot(id);
-        let instance = {
+        let handle = {
             let mut live = slot.live.lock().await;
             if live.is_none() {
                 let mut sandbox = self.load(id).await?;
@@ -821,6 +902,18 @@ impl Sandboxes {
             .try_take(1)
             .ok_or_else(|| InvokeError::FunctionBusy(function.clone(), resolved.concurrency.limit()))?;
         slot.active_ms.fetch_max(self.clock.now_ms(), Ordering::Relaxed);
+        let instance = match handle {
+            Handle::Wasm(instance) => instance,
+            Handle::Vm(vm) => {
+                let timeout = resolved.function.record.config.timeout();
+                return self.enter_vm(id, &vm, request, permit, timeout).await;
+            }
+        };
+        // Hop-by-hop and microVM-only headers are not the component's business.
+        let mut request = request;
+        for name in [PORT_HEADER, "connection", "upgrade"] {
+            request.headers_mut().remove(name);
+        }
         match instance.request(request, Some(permit)).await {
             Ok(response) => Ok(response),
             Err(Some(error)) => {
@@ -914,6 +1007,7 @@ impl Sandboxes {
     /// Suspends every running sandbox (a graceful stop). Those that cannot be suspended are left
     /// for the restart to fail or send back to their last suspend point.
     pub async fn suspend_all(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
         if let Ok(running) = self.list(None, Some(State::Running)).await {
             for sandbox in running {
                 if let Err(e) = self.suspend(&sandbox.id).await {

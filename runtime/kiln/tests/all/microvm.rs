@@ -168,16 +168,15 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// The guest agent and the test function (`kiln-upper`), built as static musl executables, or
-/// prebuilt in `KILN_GUEST_BINARIES` (a directory; the nested run has no cargo).
-fn guest_binaries() -> Result<(PathBuf, PathBuf), String> {
+/// Where the guest agent and the test functions (`kiln-upper`, `kiln-webapp`) are, built as
+/// static musl executables, or prebuilt in `KILN_GUEST_BINARIES` (a directory; the nested run has
+/// no cargo).
+fn guest_binaries() -> Result<PathBuf, String> {
     if let Some(dir) = std::env::var_os("KILN_GUEST_BINARIES") {
-        let dir = PathBuf::from(dir);
-        return Ok((dir.join("kiln-agent"), dir.join("kiln-upper")));
+        return Ok(PathBuf::from(dir));
     }
     let target_dir = workspace().join("target/kiln-guest/cargo");
-    let bin = crate::musl::build(&workspace(), &target_dir, &[&["-p", "kiln-guest-agent"]])?;
-    Ok((bin.join("kiln-agent"), bin.join("kiln-upper")))
+    crate::musl::build(&workspace(), &target_dir, &[&["-p", "kiln-guest-agent"]])
 }
 
 /// A client with time for a boot nested in an emulated VM: there the jailed helper's boot,
@@ -224,8 +223,8 @@ fn native_functions_deploy_and_invoke_on_kilns_vmm_where_hardware_virtualization
             kernel.display()
         ));
     }
-    let (agent, upper) = match guest_binaries() {
-        Ok(paths) => paths,
+    let (agent, upper, webapp) = match guest_binaries() {
+        Ok(dir) => (dir.join("kiln-agent"), dir.join("kiln-upper"), dir.join("kiln-webapp")),
         Err(reason) => return skip(&reason),
     };
     let data = tempfile::tempdir().unwrap();
@@ -235,7 +234,7 @@ fn native_functions_deploy_and_invoke_on_kilns_vmm_where_hardware_virtualization
         "--microvm-agent",
         agent.to_str().unwrap(),
     ];
-    let mut kiln = Kiln::start_in(data.path(), &args);
+    let kiln = Kiln::start_in(data.path(), &args);
     let health = health(&kiln);
     if health["tiers"]["microvm"] != true {
         return skip(&format!(
@@ -262,6 +261,7 @@ fn native_functions_deploy_and_invoke_on_kilns_vmm_where_hardware_virtualization
         1,
         "one snapshot on disk"
     );
+    let snapshot = std::fs::read_dir(&snapshots).unwrap().next().unwrap().unwrap().path();
 
     let invoke = |kiln: &Kiln, input: &str| kiln.invoke("upper", input.as_bytes().to_vec());
     let started = Instant::now();
@@ -287,23 +287,10 @@ fn native_functions_deploy_and_invoke_on_kilns_vmm_where_hardware_virtualization
     expect_error(invoke(&kiln, "spin"), 504, "timeout");
     assert!(started.elapsed() < Duration::from_secs(30));
     assert_eq!(invoke(&kiln, "still alive").text().unwrap(), "STILL ALIVE");
-    // microVM sandboxes are not built yet: creating one says so (this host cannot deploy a
-    // microVM function at all, so only this run reaches that answer).
-    let response = client()
-        .post(kiln.url("/v1/sandboxes"))
-        .bearer_auth(&kiln.token)
-        .json(&json!({"function": "upper"}))
-        .send()
-        .unwrap();
-    let error = expect_error(response, 503, "unavailable");
-    assert!(
-        error["message"].as_str().unwrap().contains("microVM sandboxes"),
-        "{error}"
-    );
+    let mut kiln = microvm_sandboxes(kiln, data.path(), &args, &webapp);
 
     // The snapshot is sealed, and outlives the process: a restarted Kiln serves from it without
     // booting.
-    let snapshot = std::fs::read_dir(&snapshots).unwrap().next().unwrap().unwrap().path();
     assert!(snapshot.join("seal").exists(), "the snapshot is not sealed");
     kiln.kill();
     let mut kiln = Kiln::start_in(data.path(), &args);
@@ -329,12 +316,15 @@ fn native_functions_deploy_and_invoke_on_kilns_vmm_where_hardware_virtualization
     assert_eq!(response.text().unwrap(), "AFTER A REBUILD");
     eprintln!("set aside, booted again and invoked in {:?}", started.elapsed());
     assert!(kiln.log().contains("does not verify: set aside"), "{}", kiln.log());
-    let mut set_aside = snapshot.into_os_string();
+    let mut set_aside = snapshot.clone().into_os_string();
     set_aside.push(".rejected");
     assert!(Path::new(&set_aside).join("state").exists(), "nothing was set aside");
     // Deleting the function removes its snapshot (and what was set aside of it).
     assert_eq!(kiln.delete("/v1/functions/upper").status(), 204);
-    assert_eq!(std::fs::read_dir(&snapshots).unwrap().count(), 0);
+    assert!(
+        !snapshot.exists() && !Path::new(&set_aside).exists(),
+        "upper's snapshot outlived it"
+    );
 }
 
 /// The KVM descriptors (`/dev/kvm`, VMs, vCPUs) process `pid` holds.
@@ -455,4 +445,236 @@ fn kilns_own_binary_is_the_jailed_vm_helper() {
         matches!(err, JailError::Died(HelperExit::Signal(libc::SIGSYS))),
         "{err}"
     );
+}
+
+/// microVM sandboxes end to end, batched into the one nested boot: a guest HTTP server reached
+/// through ingress (state kept across requests, bodies past a stream's window both ways,
+/// server-sent events, a websocket, another port), suspend and resume (memory kept, the clock
+/// corrected), fork (independent copies with different randomness), auto-resume, terminate,
+/// a graceful restart and a crash. Returns the server it ends with.
+fn microvm_sandboxes(mut kiln: Kiln, data: &Path, args: &[&str], webapp: &Path) -> Kiln {
+    let http = booting_client();
+    let config = json!({"tier": "microvm", "memory_mb": 256, "timeout_ms": 20000, "env": {"GREETING": "hi"}});
+    let response = deploy_booting(&kiln, "web", std::fs::read(webapp).unwrap(), &config);
+    assert_eq!(response.status(), 201, "{}", response.text().unwrap());
+    let post = |kiln: &Kiln, path: &str, body: serde_json::Value| {
+        http.post(kiln.url(path))
+            .bearer_auth(&kiln.token)
+            .json(&body)
+            .send()
+            .unwrap()
+    };
+    let record = |kiln: &Kiln, id: &str| -> serde_json::Value {
+        let response = http
+            .get(kiln.url(&format!("/v1/sandboxes/{id}")))
+            .bearer_auth(&kiln.token)
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().unwrap()
+    };
+    let get = |kiln: &Kiln, id: &str, path: &str| -> String {
+        let response = http
+            .get(kiln.url(&format!("/sbx/{id}{path}")))
+            .bearer_auth(&kiln.token)
+            .send()
+            .unwrap();
+        let status = response.status();
+        let text = response.text().unwrap();
+        assert_eq!(status, 200, "GET /sbx/{id}{path}: {text}\n{}", tail(&kiln.log(), 6000));
+        text
+    };
+    let lifecycle = |kiln: &Kiln, id: &str, what: &str, state: &str| {
+        let started = Instant::now();
+        let response = post(kiln, &format!("/v1/sandboxes/{id}/{what}"), json!({}));
+        let status = response.status();
+        let body: serde_json::Value = response.json().unwrap();
+        assert_eq!(
+            (status.as_u16(), body["state"].as_str()),
+            (200, Some(state)),
+            "{what}: {body}"
+        );
+        eprintln!("microVM sandbox {what} took {:?}", started.elapsed());
+        body
+    };
+
+    let started = Instant::now();
+    let response = post(
+        &kiln,
+        "/v1/sandboxes",
+        json!({"function": "web", "env": {"ROLE": "primary"}}),
+    );
+    let status = response.status();
+    let sandbox: serde_json::Value = response.json().unwrap();
+    assert_eq!(status, 201, "{sandbox}");
+    assert_eq!(
+        (sandbox["tier"].as_str(), sandbox["state"].as_str()),
+        (Some("microvm"), Some("running"))
+    );
+    let id = sandbox["id"].as_str().unwrap().to_owned();
+    eprintln!("microVM sandbox created in {:?}", started.elapsed());
+    let started = Instant::now();
+    assert_eq!(get(&kiln, &id, "/count"), "1");
+    eprintln!("its first request took {:?}", started.elapsed());
+    assert_eq!(
+        get(&kiln, &id, "/count"),
+        "2",
+        "the server's memory is not kept between requests"
+    );
+    // The sandbox's environment adds to the function's.
+    assert_eq!(get(&kiln, &id, "/env/ROLE"), "primary");
+    assert_eq!(get(&kiln, &id, "/env/GREETING"), "hi");
+    // A body larger than a stream's window, both ways.
+    let body: Vec<u8> = (0..600_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let echoed = http
+        .post(kiln.url(&format!("/sbx/{id}/echo")))
+        .bearer_auth(&kiln.token)
+        .body(body.clone())
+        .send()
+        .unwrap();
+    let status = echoed.status();
+    let echoed = echoed.bytes().unwrap().to_vec();
+    assert_eq!(
+        status,
+        200,
+        "{}\n{}",
+        String::from_utf8_lossy(&echoed),
+        tail(&kiln.log(), 6000)
+    );
+    assert!(echoed == body, "the echoed body differs");
+    assert_eq!(get(&kiln, &id, "/events"), "data: 1\n\ndata: 2\n\ndata: 3\n\n");
+    websocket_echo(&kiln, &id, "hello through the channel");
+    // A port nothing listens on is refused; the sandbox lives on.
+    let refused = http
+        .get(kiln.url(&format!("/sbx/{id}/count")))
+        .bearer_auth(&kiln.token)
+        .header("X-Kiln-Port", "9")
+        .send()
+        .unwrap();
+    assert_eq!(refused.status(), 502, "{}", refused.text().unwrap());
+    assert_eq!(get(&kiln, &id, "/count"), "3");
+
+    // Suspended for a while, then resumed: the memory is kept and the clock is the host's.
+    let suspended = lifecycle(&kiln, &id, "suspend", "suspended");
+    assert!(suspended["state_bytes"].as_u64().unwrap() > 0, "{suspended}");
+    // The gap the clock must be corrected for (time passing is the point here, not a wait).
+    std::thread::sleep(Duration::from_secs(8));
+    lifecycle(&kiln, &id, "resume", "running");
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let guest_now: f64 = get(&kiln, &id, "/time").parse().unwrap();
+    assert!(
+        (guest_now - host_now).abs() < 4.0,
+        "the guest's clock is {:.1} s off after a resume",
+        guest_now - host_now
+    );
+    assert_eq!(
+        get(&kiln, &id, "/count"),
+        "4",
+        "the memory was not kept across suspend and resume"
+    );
+
+    // Forks: independent copies, each reseeded.
+    let response = post(&kiln, &format!("/v1/sandboxes/{id}/fork"), json!({"count": 2}));
+    let status = response.status();
+    let body: serde_json::Value = response.json().unwrap();
+    assert_eq!(status, 201, "{body}");
+    let forks: Vec<String> = body["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_owned())
+        .collect();
+    let (a, b) = (&forks[0], &forks[1]);
+    assert_ne!(
+        get(&kiln, a, "/random"),
+        get(&kiln, b, "/random"),
+        "forks of one suspend point share their RNG state"
+    );
+    assert_eq!(get(&kiln, a, "/count"), "5");
+    assert_eq!(get(&kiln, a, "/count"), "6");
+    assert_eq!(get(&kiln, b, "/count"), "5", "forks are not independent");
+    // The fork suspended the source; a request resumes it.
+    assert_eq!(record(&kiln, &id)["state"], "suspended");
+    assert_eq!(get(&kiln, &id, "/count"), "5");
+    // Terminated: its VM files are gone, the forks' are not.
+    let response = http
+        .delete(kiln.url(&format!("/v1/sandboxes/{id}")))
+        .bearer_auth(&kiln.token)
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let vms = data.join("sandboxes").join("vm");
+    assert!(!vms.join(&id).exists(), "a terminated sandbox's VM files remain");
+    assert!(vms.join(a).exists() && vms.join(b).exists());
+
+    // A graceful stop suspends the running sandboxes; they carry on after the restart.
+    let status = kiln.terminate();
+    assert!(status.success(), "{status:?}");
+    let kiln = Kiln::start_in(data, args);
+    assert_eq!(record(&kiln, a)["state"], "suspended");
+    assert_eq!(get(&kiln, a, "/count"), "7");
+    assert_eq!(get(&kiln, b, "/count"), "6");
+    // A crash: a running sandbox goes back to its last suspend point (the graceful stop's).
+    let mut kiln = kiln;
+    kiln.kill();
+    let kiln = Kiln::start_in(data, args);
+    let after = record(&kiln, a);
+    assert_eq!(after["state"], "suspended", "{after}");
+    assert!(after["resumed_from"].is_string(), "{after}");
+    assert_eq!(get(&kiln, a, "/count"), "7", "not back at the last suspend point");
+    kiln
+}
+
+/// The last `n` bytes of `text` (on a character boundary).
+fn tail(text: &str, n: usize) -> &str {
+    let mut start = text.len().saturating_sub(n);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+/// A websocket through ingress: the handshake answered by the guest's server, one message echoed,
+/// and the close.
+fn websocket_echo(kiln: &Kiln, id: &str, message: &str) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(&kiln.addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    write!(
+        stream,
+        "GET /sbx/{id}/ws HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        kiln.addr, kiln.token
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
+    let mask = [7u8, 1, 2, 3];
+    let send = |stream: &mut std::net::TcpStream, opcode: u8, payload: &[u8]| {
+        let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        stream.write_all(&frame).unwrap();
+    };
+    let receive = |stream: &mut std::net::TcpStream| -> (u8, Vec<u8>) {
+        let mut header = [0u8; 2];
+        stream.read_exact(&mut header).unwrap();
+        let mut payload = vec![0u8; (header[1] & 0x7f) as usize];
+        stream.read_exact(&mut payload).unwrap();
+        (header[0] & 0x0f, payload)
+    };
+    send(&mut stream, 1, message.as_bytes());
+    assert_eq!(receive(&mut stream), (1, message.as_bytes().to_vec()));
+    send(&mut stream, 8, &[]);
+    assert_eq!(receive(&mut stream).0, 8);
 }

@@ -411,8 +411,17 @@ fn sandbox_token(req: &Request<Incoming>) -> Option<String> {
 }
 
 /// Removes what was for Kiln, so the app sees its own request: the sandbox token header, the
-/// token subprotocol, and the bearer token when it was Kiln's.
+/// token subprotocol, and the bearer token when it was Kiln's; and the hop-by-hop headers, but
+/// those of a protocol upgrade (a websocket), which a microVM sandbox's server answers.
 fn strip(req: &mut Request<Incoming>, kiln_bearer: bool) {
+    let upgrading = req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
     let headers = req.headers_mut();
     headers.remove(HeaderName::from_static(SANDBOX_TOKEN));
     if kiln_bearer {
@@ -434,16 +443,20 @@ fn strip(req: &mut Request<Incoming>, kiln_bearer: bool) {
         }
     }
     for name in [
-        header::CONNECTION,
         HeaderName::from_static("keep-alive"),
         header::PROXY_AUTHENTICATE,
         header::PROXY_AUTHORIZATION,
         header::TE,
         header::TRAILER,
         header::TRANSFER_ENCODING,
-        header::UPGRADE,
     ] {
         headers.remove(name);
+    }
+    if upgrading {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
     }
 }
 

@@ -47,7 +47,9 @@ impl Channel {
     fn open(spec: &str) -> io::Result<Self> {
         if spec == "port" {
             // SAFETY: ioperm only changes this process's I/O permission bitmap.
-            if unsafe { libc::ioperm(PORT.into(), 2, 1) } != 0 {
+            // The data port and the status port, read 4 bytes wide: an `in eax, dx` needs the
+            // permission of all four ports it spans (0x511..=0x514).
+            if unsafe { libc::ioperm(PORT.into(), 5, 1) } != 0 {
                 return Err(io::Error::last_os_error());
             }
             return Ok(Channel::Port);
@@ -69,6 +71,7 @@ impl Channel {
         match self {
             Channel::Serial(f) => f.read_exact(buf),
             Channel::Port => {
+                prefault(buf);
                 port_read(buf);
                 Ok(())
             }
@@ -120,6 +123,25 @@ impl Channel {
     }
 }
 
+/// Writes to every page of `buf`, so that none faults while `rep insb` fills it: KVM reads the
+/// port ahead (up to 1 KiB per exit) and a page fault in the middle of the instruction restarts
+/// it after the guest handled the fault — with the bytes already taken from the host's queue
+/// lost.
+fn prefault(buf: &mut [u8]) {
+    const PAGE: usize = 4096;
+    let base = buf.as_mut_ptr() as usize;
+    let mut offset = 0;
+    while offset < buf.len() {
+        // SAFETY: `offset` is within `buf`; a volatile write of the byte already there.
+        unsafe {
+            let byte = buf.as_mut_ptr().add(offset);
+            byte.write_volatile(byte.read_volatile());
+        }
+        // The first byte of the next page.
+        offset = ((base + offset) / PAGE + 1) * PAGE - base;
+    }
+}
+
 /// Reads `buf.len()` bytes from the channel port with `rep insb`: on hardware KVM the VMM gets up
 /// to a page per exit instead of one exit per byte.
 #[cfg(target_arch = "x86_64")]
@@ -137,9 +159,7 @@ fn port_read(buf: &mut [u8]) {
 fn port_status() -> u32 {
     let value: u32;
     // SAFETY: ioperm granted the port; `in eax, dx` only reads it.
-    unsafe {
-        std::arch::asm!("in eax, dx", in("dx") STATUS_PORT, out("eax") value, options(nostack, preserves_flags))
-    };
+    unsafe { std::arch::asm!("in eax, dx", in("dx") STATUS_PORT, out("eax") value, options(nostack, preserves_flags)) };
     value
 }
 

@@ -66,7 +66,11 @@ pub fn run(channel: &mut Channel, first: &[u8], env: &[(String, String)]) -> ! {
     loop {
         let mut active = session.host_frames(channel);
         active |= session.poll_sockets(channel, timeout);
-        timeout = if active { POLL_FAST } else { (timeout * 2).min(POLL_IDLE) };
+        timeout = if active {
+            POLL_FAST
+        } else {
+            (timeout * 2).min(POLL_IDLE)
+        };
     }
 }
 
@@ -257,7 +261,9 @@ impl Session {
 
     /// Moves bytes between one stream's socket and the host.
     fn pump(&mut self, channel: &mut Channel, id: u32, revents: libc::c_short) {
-        let Some(stream) = self.streams.get_mut(&id) else { return };
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
         let Some(socket) = stream.socket.as_mut() else { return };
         let mut reset = false;
         if revents & libc::POLLOUT != 0 {
@@ -399,7 +405,7 @@ fn start_server(env: &[(String, String)]) -> io::Result<Server> {
 /// suspended).
 fn set_clock(unix_ns: u64) {
     let ts = libc::timespec {
-        tv_sec: (unix_ns / 1_000_000_000) as libc::time_t,
+        tv_sec: (unix_ns / 1_000_000_000) as _,
         tv_nsec: (unix_ns % 1_000_000_000) as libc::c_long,
     };
     // SAFETY: a valid timespec for the call.

@@ -30,7 +30,7 @@ use crate::builder::{BootError, MicroVm, RequestError, VmConfig, MIN_MEMORY_MIB}
 use crate::devices::channel::{Channel, Frame, FrameKind};
 use crate::invocation::InvokeError;
 use crate::linux::LinuxBootError;
-use crate::persist::{Snapshot, MEMORY_FILE, STATE_FILE, STATE_TMP_FILE};
+use crate::persist::{Snapshot, MEMORY_FILE, NEXT_MEMORY_FILE, STATE_FILE, STATE_TMP_FILE};
 use crate::vstate::vcpu::{install_kick_handler, SessionHost, SessionStop};
 use crate::vstate::vm::Hypervisor;
 
@@ -545,13 +545,11 @@ fn restore(hypervisor: Hypervisor, request: RestoreRequest) -> Result<Message, F
     Ok(Message::Replied(reply))
 }
 
-/// The memory file a session's snapshot is written to; the host renames it to `memory` (with
-/// `state.tmp` to `state`) once the helper reported SUSPENDED.
-pub const NEXT_MEMORY_FILE: &str = "memory.next";
-
 /// How often a session's vCPU is kicked to look for the host's frames when the guest does not
 /// poll: a bound on how long a SUSPEND waits for a busy or broken guest.
 const SESSION_TICK: std::time::Duration = std::time::Duration::from_millis(50);
+/// Bytes of a session's console kept to explain how its guest died.
+const CONSOLE_TAIL: usize = 4096;
 
 /// Restores the snapshot in the request's directory and runs it as a session: frames flow between
 /// the host's pipe and the guest's channel until the host asks for a snapshot (written into the
@@ -596,12 +594,23 @@ fn session(hypervisor: Hypervisor, request: SessionRequest) -> Result<Option<Mes
         // The go-ahead is one byte ahead of the host's frames.
         host.skip = 1;
     }
-    let clock = (request.clock.as_nanos() as u64).to_le_bytes();
+    let mut session = (request.clock.as_nanos() as u64).to_le_bytes().to_vec();
+    session.extend_from_slice(&request.env);
     vm.send(&Frame::new(FrameKind::Reseed, request.seed.to_vec()))
-        .and_then(|()| vm.send(&Frame::new(FrameKind::Session, clock.to_vec())))
+        .and_then(|()| vm.send(&Frame::new(FrameKind::Session, session)))
         .map_err(|e| Failure::Guest(e.to_string()))?;
     send(&Message::Started).map_err(|e| Failure::Setup(format!("cannot report: {e}")))?;
-    match vm.run_session(SESSION_TICK, &mut host).map_err(Failure::Run)? {
+    // A guest that dies (a panic, its init gone) says why on its console.
+    vm.keep_console(CONSOLE_TAIL);
+    let stop = vm.run_session(SESSION_TICK, &mut host).map_err(|e| {
+        let console = String::from_utf8_lossy(&vm.console()).trim().to_owned();
+        if console.is_empty() {
+            Failure::Run(e)
+        } else {
+            Failure::Guest(format!("{e}; the guest's console ends with:\n{console}"))
+        }
+    })?;
+    match stop {
         SessionStop::End => {
             std::mem::forget(vm);
             Ok(None)

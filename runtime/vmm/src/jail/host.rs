@@ -134,7 +134,7 @@ impl JailError {
         }
     }
 
-    fn from_failure(failure: Failure) -> Self {
+    pub fn from_failure(failure: Failure) -> Self {
         match failure {
             Failure::Setup(m) => JailError::Setup(m),
             Failure::Config(e) => JailError::Config(e),
@@ -296,15 +296,18 @@ impl Jail {
     /// sandbox's VM): RESEED with `seed`, SESSION with `clock` (the host's wall clock, since the
     /// Unix epoch), then frames both ways through the returned [`Session`] until the caller asks
     /// for a snapshot (written into `dir` as `memory.next` and `state.tmp`) or drops it. `dir`
-    /// must be writable; the helper is killed if it has not started by `timeout` plus the margin.
+    /// must be writable; `env` (`KEY=VALUE` entries, each ending in NUL) adds to the function's
+    /// environment when the guest starts its server. The helper is killed if it has not started
+    /// by `timeout` plus the margin.
     pub fn start_session(
         &self,
         dir: &Path,
         seed: &[u8; SEED_LEN],
         clock: Duration,
+        env: &[u8],
         timeout: Duration,
     ) -> Result<Session, JailError> {
-        self.run(|helper| helper.start_session_attempt(dir, seed, clock, timeout))
+        self.run(|helper| helper.start_session_attempt(dir, seed, clock, env, timeout))
     }
 
     /// Whether a helper can be jailed here and create a VM in its jail: the server's capability
@@ -705,6 +708,7 @@ impl Helper {
         dir: &Path,
         seed: &[u8; SEED_LEN],
         clock: Duration,
+        env: &[u8],
         timeout: Duration,
     ) -> Result<Session, Attempt> {
         let dir = absolute(dir)?;
@@ -722,6 +726,7 @@ impl Helper {
             seed: *seed,
             clock,
             dir,
+            env: env.to_vec(),
         });
         let waited = timeout + self.margin;
         let deadline = Instant::now() + waited;

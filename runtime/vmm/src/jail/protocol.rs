@@ -19,7 +19,7 @@
 //! | 2 BOOT_FLAT64 | host → helper | flags u8, memory MiB u32, max MiB u32, timeout ns u64, dir path, image bytes |
 //! | 3 BOOT_LINUX | host → helper | flags u8, memory MiB u32, max MiB u32, timeout ns u64, dir path, command line text, vmlinux bytes, initramfs bytes |
 //! | 4 PROBE | host → helper | flags u8, dir path, attempt u8 (0 none, 1 `socket`, 2 `openat("/etc/passwd")`) |
-//! | 5 SESSION | host → helper | flags u8, seed \[32\], clock (unix ns) u64, dir path: restore and keep running |
+//! | 5 SESSION | host → helper | flags u8, seed \[32\], clock (unix ns) u64, dir path, env bytes (`KEY=VALUE` NUL-ended): restore and keep running |
 //! | 6 TO_GUEST | host → helper | during a session: a channel frame's kind u8, then its payload |
 //! | 7 SUSPEND | host → helper | during a session: empty — snapshot the VM into the session's directory and end |
 //! | 16 HELLO | helper → host | the worker's pid u32 (in the host's PID namespace) |
@@ -157,6 +157,9 @@ pub struct SessionRequest {
     /// The host's wall clock when it asked (since the Unix epoch): the guest sets its own.
     pub clock: Duration,
     pub dir: PathBuf,
+    /// The sandbox's own environment, `KEY=VALUE` entries each ending in NUL (at most
+    /// `MAX_TEXT` bytes), added to the function's when its server starts.
+    pub env: Vec<u8>,
 }
 
 /// What a session's snapshot took.
@@ -320,6 +323,7 @@ impl Message {
                 w.put(&r.seed);
                 w.duration(r.clock);
                 w.path(&r.dir);
+                w.bytes(&r.env);
             }
             Message::ToGuest(frame) | Message::FromGuest(frame) => {
                 w.u8(frame.kind as u8);
@@ -371,7 +375,7 @@ fn max_payload(kind: u8) -> Option<usize> {
     Some(match kind {
         kind::RESTORE | kind::BOOT_FLAT64 | kind::BOOT_LINUX => MAX_REQUEST_PAYLOAD,
         kind::PROBE => 1 + 2 + MAX_PATH + 1,
-        kind::SESSION => 1 + SEED_LEN + 8 + 2 + MAX_PATH,
+        kind::SESSION => 1 + SEED_LEN + 8 + 2 + MAX_PATH + 4 + MAX_TEXT,
         kind::TO_GUEST | kind::FROM_GUEST => 1 + MAX_PAYLOAD as usize,
         kind::SUSPEND | kind::STARTED => 0,
         kind::SUSPENDED => 16,
@@ -462,6 +466,7 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Message, DecodeError> {
             seed: r.array()?,
             clock: r.duration()?,
             dir: r.path()?,
+            env: r.bytes("environment", MAX_TEXT)?.to_vec(),
         }),
         kind::TO_GUEST | kind::FROM_GUEST => {
             let frame = Frame {
@@ -893,6 +898,31 @@ mod tests {
             round_trip(Message::Hello { worker_pid: 4242 }),
             Message::Hello { worker_pid: 4242 }
         ));
+        let session = SessionRequest {
+            flags: flags(),
+            seed: [9; SEED_LEN],
+            clock: Duration::from_nanos(1_764_800_000_123_456_789),
+            dir: "/data/sandboxes/vm/sbx_1/run".into(),
+            env: b"ROLE=primary\0".to_vec(),
+        };
+        assert!(matches!(round_trip(Message::Session(session.clone())), Message::Session(s) if s == session));
+        let frame = Frame::new(FrameKind::Data, b"\x01\0\0\0GET / HTTP/1.1".to_vec());
+        assert!(matches!(round_trip(Message::ToGuest(frame.clone())), Message::ToGuest(f) if f == frame));
+        assert!(matches!(round_trip(Message::FromGuest(frame.clone())), Message::FromGuest(f) if f == frame));
+        assert!(matches!(round_trip(Message::Suspend), Message::Suspend));
+        assert!(matches!(round_trip(Message::Started), Message::Started));
+        let report = SuspendReport {
+            memory_size: 256 << 20,
+            snapshot: Duration::from_millis(850),
+        };
+        assert!(matches!(round_trip(Message::Suspended(report)), Message::Suspended(r) if r == report));
+        // A channel frame of a kind the channel does not know is refused, not relayed.
+        let mut wire = Message::ToGuest(Frame::new(FrameKind::Open, vec![])).encode();
+        wire[HEADER_LEN] = 99;
+        assert_eq!(
+            decode_frame(&wire).err(),
+            Some(DecodeError::Invalid("channel frame kind"))
+        );
         assert!(matches!(round_trip(Message::Jailed), Message::Jailed));
         assert!(matches!(round_trip(Message::Probed), Message::Probed));
         let reply = Reply {

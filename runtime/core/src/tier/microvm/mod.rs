@@ -32,6 +32,7 @@ mod capability;
 mod deploy;
 mod image;
 mod invoke;
+pub mod sandbox;
 mod snapshots;
 #[cfg(test)]
 mod test_helper;

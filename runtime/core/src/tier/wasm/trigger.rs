@@ -44,6 +44,11 @@ impl GuestBody {
             finished: Some(finished),
         }
     }
+
+    /// A body that ends when `inner` does (a microVM sandbox's response, relayed as it comes).
+    pub(crate) fn streamed(inner: HyperOutgoingBody) -> GuestBody {
+        GuestBody { inner, finished: None }
+    }
 }
 
 impl http_body::Body for GuestBody {

@@ -1,0 +1,637 @@
+//! microVM sandboxes: a VM restored from the function's snapshot and left running in a jailed
+//! helper (`kiln_vmm::jail::Session`), reached through streams over the host↔guest channel, and
+//! suspended to disk as a snapshot of its own.
+//!
+//! # Streams
+//! Each ingress request opens a stream (OPEN with the port): the guest agent connects it to
+//! `127.0.0.1:<port>` inside the guest and answers with its first WINDOW. Bytes go as DATA frames,
+//! at most [`STREAM_WINDOW`] unacknowledged each way; CLOSE 0 says a side sent all it will, CLOSE 1
+//! resets. On the host a stream is one end of an in-memory duplex pipe, so hyper's HTTP/1.1 client
+//! speaks to the guest's server over it as over a socket — websocket upgrades included.
+//!
+//! # Suspend points
+//! A sandbox's VM files live in `<data>/sandboxes/vm/<id>/`:
+//! - `run/` — where the running VM's helper works: `memory` and `state` are hard links to the
+//!   point it started from (the function's snapshot, or its last suspend point), and a suspend
+//!   writes `memory.next` and `state.tmp` beside them;
+//! - `p-<sha256 of state>/` — a complete suspend point. After SUSPENDED the host renames the new
+//!   files to `memory` and `state` inside `run/`, syncs, and renames `run/` to its point's name:
+//!   the record names a point only once the directory is complete, so a crash leaves either the
+//!   old point or the new one, never half of each. Points are immutable, so a fork is hard links.
+//!
+//! The point's name is checked against its `state` file before a resume (a changed state is
+//! refused, never run). The memory file is not hashed: what is in it is the guest's own doing.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use kiln_vmm::devices::channel::STREAM_WINDOW;
+use kiln_vmm::invocation::SEED_LEN;
+use kiln_vmm::jail::protocol::{decode_frame, decode_header, Message, HEADER_LEN};
+use kiln_vmm::jail::{Session, SuspendReport};
+use kiln_vmm::persist::{MEMORY_FILE, NEXT_MEMORY_FILE, STATE_FILE, STATE_TMP_FILE};
+use kiln_vmm::{Frame, FrameKind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::net::unix::pipe;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+
+use super::invoke::MicrovmFunction;
+use super::MicrovmTier;
+use crate::digest::Digest;
+use crate::outcome::InvokeError;
+use crate::tier::wasm::sandbox::IngressBody;
+use crate::tier::wasm::trigger::GuestBody;
+
+/// How long a VM may take to be restored and start (nested emulation is slow; hardware takes
+/// milliseconds).
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a suspend may take to write the VM's memory.
+const SUSPEND_TIMEOUT: Duration = Duration::from_secs(300);
+/// The header that picks another port of the guest than the sandbox's `ingress_port`.
+pub const PORT_HEADER: &str = "x-kiln-port";
+
+/// A running microVM sandbox: the helper's session and the task that reads from it.
+pub struct LiveVm {
+    handle: VmHandle,
+    session: Mutex<Option<Session>>,
+    pump: tokio::task::JoinHandle<()>,
+}
+
+/// What ingress uses to reach a live VM; cheap to clone.
+#[derive(Clone)]
+pub struct VmHandle {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    sandbox: String,
+    port: u16,
+    to_helper: tokio::sync::Mutex<pipe::Sender>,
+    streams: Mutex<HashMap<u32, mpsc::UnboundedSender<StreamEvent>>>,
+    next_stream: AtomicU32,
+    /// Set once a suspend began: no new stream opens.
+    closing: AtomicBool,
+    /// Told each time the last open stream closes.
+    idle: tokio::sync::Notify,
+    failure: OnceLock<String>,
+    suspended: Mutex<Option<oneshot::Sender<SuspendReport>>>,
+}
+
+enum StreamEvent {
+    Data(Bytes),
+    Window(u32),
+    /// The guest side sent all it will (`reset: false`), or the stream is gone.
+    Closed {
+        reset: bool,
+        reason: String,
+    },
+}
+
+/// Where a live VM starts from.
+pub enum Origin<'a> {
+    /// The function's deploy-time snapshot (a new sandbox).
+    Function(&'a MicrovmFunction),
+    /// A suspend point of this sandbox (a resume, or a fork's first start).
+    Point(&'a Digest),
+}
+
+impl MicrovmTier {
+    /// The VM files of sandbox `id`.
+    pub fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.layout.root.join("sandboxes").join("vm").join(id)
+    }
+
+    /// Restores a VM for sandbox `id` from `origin` and leaves it running, its server started (or,
+    /// from a suspend point, running as it was), its clock set and its randomness reseeded.
+    pub async fn start_sandbox(
+        &self,
+        id: &str,
+        origin: Origin<'_>,
+        port: u16,
+        env: &[(String, String)],
+    ) -> Result<LiveVm, String> {
+        let Some(jail) = self.jail.clone() else {
+            return Err(self.unavailable());
+        };
+        let root = self.sandbox_dir(id);
+        let source = match origin {
+            Origin::Function(function) => function.dir().to_path_buf(),
+            Origin::Point(digest) => point_dir(&root, digest),
+        };
+        let expected = match origin {
+            Origin::Point(digest) => Some(digest.clone()),
+            Origin::Function(_) => None,
+        };
+        let mut entries = Vec::new();
+        for (key, value) in env {
+            entries.extend_from_slice(format!("{key}={value}").as_bytes());
+            entries.push(0);
+        }
+        let seed: [u8; SEED_LEN] = rand::random();
+        let clock = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let session = tokio::task::spawn_blocking(move || {
+            let run = prepare_run(&root, &source, expected.as_ref()).map_err(|e| e.to_string())?;
+            jail.start_session(&run, &seed, clock, &entries, START_TIMEOUT)
+                .map_err(|e| format!("the sandbox's microVM did not start: {e}"))
+        })
+        .await
+        .expect("microVM start task panicked")?;
+        LiveVm::new(id, port, session).map_err(|e| format!("the microVM's pipes: {e}"))
+    }
+
+    /// Suspends `live`: the VM's memory and state written as a new suspend point, the helper gone.
+    /// Returns the point and its bytes on disk; on `Err` the VM runs on (a refusal) or is gone
+    /// (a failure: see [`LiveVm::failure`]).
+    pub async fn suspend_sandbox(&self, id: &str, live: &LiveVm) -> Result<(Digest, u64), String> {
+        live.suspend().await?;
+        let root = self.sandbox_dir(id);
+        tokio::task::spawn_blocking(move || publish_point(&root).map_err(|e| format!("the suspend point: {e}")))
+            .await
+            .expect("microVM point task panicked")
+    }
+
+    /// Removes a suspend point no record names any more.
+    pub async fn remove_point(&self, id: &str, digest: &Digest) {
+        let dir = point_dir(&self.sandbox_dir(id), digest);
+        let _ = tokio::task::spawn_blocking(move || fs::remove_dir_all(dir)).await;
+    }
+
+    /// Removes every VM file of sandbox `id` (terminated).
+    pub async fn remove_sandbox(&self, id: &str) {
+        let dir = self.sandbox_dir(id);
+        let _ = tokio::task::spawn_blocking(move || fs::remove_dir_all(dir)).await;
+    }
+
+    /// Gives sandbox `to` the suspend point `digest` of sandbox `from`: hard links, since points
+    /// never change.
+    pub async fn copy_point(&self, from: &str, to: &str, digest: &Digest) -> Result<(), String> {
+        let source = point_dir(&self.sandbox_dir(from), digest);
+        let target = point_dir(&self.sandbox_dir(to), digest);
+        tokio::task::spawn_blocking(move || link_point(&source, &target).map_err(|e| e.to_string()))
+            .await
+            .expect("microVM point task panicked")
+    }
+
+    /// Start-up: removes what is not a sandbox's current point (a crash's `run/`, replaced points)
+    /// and the directories of sandboxes that have none.
+    pub fn sweep_sandboxes(&self, current: &HashMap<String, Option<Digest>>) {
+        let root = self.layout.root.join("sandboxes").join("vm");
+        let Ok(entries) = fs::read_dir(&root) else { return };
+        for entry in entries.flatten() {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            let keep = current.get(&id).cloned().flatten().map(|d| point_name(&d));
+            if keep.is_none() {
+                let _ = fs::remove_dir_all(entry.path());
+                continue;
+            }
+            for inner in fs::read_dir(entry.path()).into_iter().flatten().flatten() {
+                if Some(inner.file_name().to_string_lossy().as_ref()) != keep.as_deref() {
+                    let _ = fs::remove_dir_all(inner.path());
+                }
+            }
+        }
+    }
+}
+
+fn point_name(digest: &Digest) -> String {
+    format!("p-{}", digest.hex())
+}
+
+fn point_dir(root: &Path, digest: &Digest) -> PathBuf {
+    root.join(point_name(digest))
+}
+
+/// A fresh `run/` with `source`'s memory and state linked in (checked against `expected` first).
+fn prepare_run(root: &Path, source: &Path, expected: Option<&Digest>) -> io::Result<PathBuf> {
+    if let Some(expected) = expected {
+        let state = fs::read(source.join(STATE_FILE))?;
+        if Digest::of(&state) != *expected {
+            return Err(io::Error::other(format!(
+                "the suspend point {} does not match its state file: refused",
+                source.display()
+            )));
+        }
+    }
+    let run = root.join("run");
+    let _ = fs::remove_dir_all(&run);
+    fs::create_dir_all(&run)?;
+    for name in [MEMORY_FILE, STATE_FILE] {
+        fs::hard_link(source.join(name), run.join(name))?;
+    }
+    Ok(run)
+}
+
+/// Makes `run/`'s new snapshot the sandbox's next point; returns its digest and bytes on disk.
+fn publish_point(root: &Path) -> io::Result<(Digest, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let run = root.join("run");
+    let state = fs::read(run.join(STATE_TMP_FILE))?;
+    let digest = Digest::of(&state);
+    fs::rename(run.join(NEXT_MEMORY_FILE), run.join(MEMORY_FILE))?;
+    fs::rename(run.join(STATE_TMP_FILE), run.join(STATE_FILE))?;
+    let memory = fs::metadata(run.join(MEMORY_FILE))?;
+    sync_dir(&run)?;
+    let point = point_dir(root, &digest);
+    let _ = fs::remove_dir_all(&point);
+    fs::rename(&run, &point)?;
+    sync_dir(root)?;
+    Ok((digest, memory.blocks() * 512 + state.len() as u64))
+}
+
+fn link_point(source: &Path, target: &Path) -> io::Result<()> {
+    let tmp = target.with_extension("tmp");
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp)?;
+    for name in [MEMORY_FILE, STATE_FILE] {
+        fs::hard_link(source.join(name), tmp.join(name))?;
+    }
+    sync_dir(&tmp)?;
+    fs::rename(&tmp, target)?;
+    sync_dir(target.parent().expect("a point has a parent"))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+impl LiveVm {
+    fn new(sandbox: &str, port: u16, session: Session) -> io::Result<LiveVm> {
+        let (to, from) = session.pipes()?;
+        let shared = Arc::new(Shared {
+            sandbox: sandbox.to_owned(),
+            port,
+            to_helper: tokio::sync::Mutex::new(pipe::Sender::from_owned_fd(to)?),
+            streams: Mutex::new(HashMap::new()),
+            next_stream: AtomicU32::new(1),
+            closing: AtomicBool::new(false),
+            idle: tokio::sync::Notify::new(),
+            failure: OnceLock::new(),
+            suspended: Mutex::new(None),
+        });
+        let from = pipe::Receiver::from_owned_fd(from)?;
+        let pump = tokio::spawn(pump(shared.clone(), from));
+        Ok(LiveVm {
+            handle: VmHandle { shared },
+            session: Mutex::new(Some(session)),
+            pump,
+        })
+    }
+
+    pub fn handle(&self) -> VmHandle {
+        self.handle.clone()
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        self.handle.shared.failure.get().cloned()
+    }
+
+    /// Resets every open connection (a graceful stop suspends regardless of them).
+    pub fn reset_streams(&self, reason: &str) {
+        self.handle.shared.close_all(reason);
+    }
+
+    /// Closes the VM to new connections and waits up to `grace` for the open ones to end: a
+    /// suspend must not cut one short. Still open after it, the VM opens again and says so.
+    pub async fn quiesce(&self, grace: Duration) -> Result<(), String> {
+        let shared = &self.handle.shared;
+        shared.closing.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let closed = shared.idle.notified();
+            let open = shared.streams.lock().expect("streams lock poisoned").len();
+            if open == 0 {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, closed).await.is_err() {
+                shared.closing.store(false, Ordering::SeqCst);
+                return Err(format!(
+                    "{open} connection(s) to it stayed open for {grace:?}; close them first"
+                ));
+            }
+        }
+    }
+
+    /// Asks the helper for a snapshot (after [`LiveVm::quiesce`]) and waits for it.
+    async fn suspend(&self) -> Result<SuspendReport, String> {
+        let shared = &self.handle.shared;
+        shared.closing.store(true, Ordering::SeqCst);
+        let (tell, told) = oneshot::channel();
+        *shared.suspended.lock().expect("suspend lock poisoned") = Some(tell);
+        if shared.send(Message::Suspend).await.is_err() {
+            return Err(self.failure().unwrap_or_else(|| "the microVM is gone".into()));
+        }
+        match tokio::time::timeout(SUSPEND_TIMEOUT, told).await {
+            Ok(Ok(report)) => {
+                tracing::info!(
+                    sandbox = %shared.sandbox,
+                    memory_mib = report.memory_size >> 20,
+                    snapshot_ms = report.snapshot.as_millis() as u64,
+                    "microVM sandbox snapshotted"
+                );
+                if let Some(session) = self.session.lock().expect("session lock poisoned").take() {
+                    session.finish();
+                }
+                Ok(report)
+            }
+            Ok(Err(_)) => Err(self.failure().unwrap_or_else(|| "the microVM is gone".into())),
+            Err(_) => {
+                let reason = format!("its snapshot took longer than {SUSPEND_TIMEOUT:?}");
+                let _ = shared.failure.set(reason.clone());
+                Err(reason)
+            }
+        }
+    }
+
+    /// Ends the VM: its helper is killed, every stream reset.
+    pub async fn stop(self) {
+        self.pump.abort();
+        let session = self.session.lock().expect("session lock poisoned").take();
+        if let Some(session) = session {
+            // Killing and reaping the helper blocks for a moment.
+            let _ = tokio::task::spawn_blocking(move || drop(session)).await;
+        }
+        self.handle.shared.close_all("the sandbox stopped");
+    }
+}
+
+impl Drop for LiveVm {
+    fn drop(&mut self) {
+        self.pump.abort();
+    }
+}
+
+impl Shared {
+    async fn send(&self, message: Message) -> io::Result<()> {
+        let bytes = message.encode();
+        self.to_helper.lock().await.write_all(&bytes).await
+    }
+
+    async fn send_frame(&self, kind: FrameKind, payload: Vec<u8>) -> io::Result<()> {
+        self.send(Message::ToGuest(Frame::new(kind, payload))).await
+    }
+
+    /// Forgets stream `id`; wakes a suspend waiting for the last one.
+    fn remove(&self, id: u32) {
+        let mut streams = self.streams.lock().expect("streams lock poisoned");
+        streams.remove(&id);
+        if streams.is_empty() {
+            self.idle.notify_waiters();
+        }
+    }
+
+    fn close_all(&self, reason: &str) {
+        let streams = std::mem::take(&mut *self.streams.lock().expect("streams lock poisoned"));
+        self.idle.notify_waiters();
+        for (_, events) in streams {
+            let _ = events.send(StreamEvent::Closed {
+                reset: true,
+                reason: reason.to_owned(),
+            });
+        }
+    }
+
+    fn fail(&self, reason: String) {
+        tracing::warn!(sandbox = %self.sandbox, %reason, "microVM sandbox failed");
+        let _ = self.failure.set(reason);
+        let reason = self.failure.get().cloned().unwrap_or_default();
+        self.close_all(&reason);
+        self.suspended.lock().expect("suspend lock poisoned").take();
+    }
+}
+
+/// Reads the helper's frames until its pipe ends, and hands each to its stream.
+async fn pump(shared: Arc<Shared>, mut from: pipe::Receiver) {
+    loop {
+        let mut header = [0u8; HEADER_LEN];
+        if from.read_exact(&mut header).await.is_err() {
+            return shared.fail("the microVM's helper exited".into());
+        }
+        let len = match decode_header(&header) {
+            Ok((_, len)) => len,
+            Err(e) => return shared.fail(format!("the microVM's helper broke the protocol: {e}")),
+        };
+        let mut frame = header.to_vec();
+        frame.resize(HEADER_LEN + len, 0);
+        if from.read_exact(&mut frame[HEADER_LEN..]).await.is_err() {
+            return shared.fail("the microVM's helper exited".into());
+        }
+        match decode_frame(&frame) {
+            Ok(Message::FromGuest(frame)) => guest_frame(&shared, frame),
+            Ok(Message::Suspended(report)) => {
+                if let Some(tell) = shared.suspended.lock().expect("suspend lock poisoned").take() {
+                    let _ = tell.send(report);
+                }
+                return;
+            }
+            Ok(Message::Failed(failure)) => {
+                return shared.fail(format!(
+                    "the microVM failed: {}",
+                    kiln_vmm::jail::JailError::from_failure(failure)
+                ));
+            }
+            Ok(Message::Exited(exit)) => return shared.fail(format!("the microVM's helper ended: {exit:?}")),
+            Ok(other) => return shared.fail(format!("the microVM's helper sent {other:?}")),
+            Err(e) => return shared.fail(format!("the microVM's helper broke the protocol: {e}")),
+        }
+    }
+}
+
+fn guest_frame(shared: &Shared, frame: Frame) {
+    if frame.kind == FrameKind::Log {
+        let text = String::from_utf8_lossy(&frame.payload);
+        for line in text.lines() {
+            tracing::info!(sandbox = %shared.sandbox, "{line}");
+        }
+        return;
+    }
+    let Some((id, body)) = frame.payload.split_first_chunk::<4>() else {
+        return;
+    };
+    let id = u32::from_le_bytes(*id);
+    let event = match frame.kind {
+        FrameKind::Data => StreamEvent::Data(Bytes::copy_from_slice(body)),
+        FrameKind::Window => match body.first_chunk::<4>() {
+            Some(credit) => StreamEvent::Window(u32::from_le_bytes(*credit)),
+            None => return,
+        },
+        FrameKind::Close => StreamEvent::Closed {
+            reset: body.first() != Some(&0),
+            reason: String::from_utf8_lossy(body.get(1..).unwrap_or_default()).into_owned(),
+        },
+        _ => return,
+    };
+    let reset = matches!(event, StreamEvent::Closed { reset: true, .. });
+    if let Some(events) = shared.streams.lock().expect("streams lock poisoned").get(&id) {
+        let _ = events.send(event);
+    }
+    if reset {
+        shared.remove(id);
+    }
+}
+
+impl VmHandle {
+    /// Why the VM cannot serve any more, once it cannot.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failure.get().cloned()
+    }
+
+    /// Serves one ingress request through a new stream to the guest's server on `port` (or the
+    /// sandbox's own). A websocket upgrade the guest accepts is relayed both ways; `hold` is kept
+    /// until the stream closes. A server that has not answered within `timeout` is a `Timeout`
+    /// for this request only: the VM runs on.
+    pub async fn request(
+        &self,
+        mut request: http::Request<IngressBody>,
+        port: Option<u16>,
+        hold: Option<OwnedSemaphorePermit>,
+        timeout: Duration,
+    ) -> Result<http::Response<GuestBody>, InvokeError> {
+        let port = port.unwrap_or(self.shared.port);
+        let upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+        let io = self.open(port, hold).await?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| InvokeError::failed(format!("the sandbox's server: {e}")))?;
+        tokio::spawn(connection.with_upgrades());
+        let mut response = match tokio::time::timeout(timeout, sender.send_request(request)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => return Err(InvokeError::failed(format!("the sandbox's server did not answer: {e}"))),
+            Err(_) => return Err(InvokeError::Timeout(timeout.as_millis() as u64)),
+        };
+        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client) = upgrade {
+                let guest = hyper::upgrade::on(&mut response);
+                tokio::spawn(async move {
+                    if let (Ok(client), Ok(guest)) = (client.await, guest.await) {
+                        let (mut client, mut guest) = (TokioIo::new(client), TokioIo::new(guest));
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut guest).await;
+                    }
+                });
+            }
+        }
+        Ok(response.map(|body| GuestBody::streamed(body.map_err(wasmtime_wasi_http::Error::from).boxed_unsync())))
+    }
+
+    /// Opens a stream to `port` in the guest; waits until the guest connected it.
+    async fn open(&self, port: u16, hold: Option<OwnedSemaphorePermit>) -> Result<DuplexStream, InvokeError> {
+        let shared = &self.shared;
+        if let Some(reason) = shared.failure.get() {
+            return Err(InvokeError::failed(reason.clone()));
+        }
+        if shared.closing.load(Ordering::SeqCst) {
+            return Err(InvokeError::failed("the sandbox is being suspended".into()));
+        }
+        let id = shared.next_stream.fetch_add(1, Ordering::Relaxed);
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        shared
+            .streams
+            .lock()
+            .expect("streams lock poisoned")
+            .insert(id, events_tx);
+        let mut open = id.to_le_bytes().to_vec();
+        open.extend_from_slice(&port.to_le_bytes());
+        if shared.send_frame(FrameKind::Open, open).await.is_err() {
+            return Err(InvokeError::failed(
+                self.failure().unwrap_or_else(|| "the microVM is gone".into()),
+            ));
+        }
+        let credit = match events.recv().await {
+            Some(StreamEvent::Window(credit)) => credit,
+            Some(StreamEvent::Closed { reason, .. }) => {
+                shared.remove(id);
+                return Err(InvokeError::failed(format!("the sandbox's server: {reason}")));
+            }
+            _ => {
+                shared.remove(id);
+                return Err(InvokeError::failed("the sandbox's stream broke".into()));
+            }
+        };
+        let (app, kiln) = tokio::io::duplex(STREAM_WINDOW as usize);
+        tokio::spawn(bridge(shared.clone(), id, kiln, events, credit, hold));
+        Ok(app)
+    }
+}
+
+/// Relays one stream between its duplex end and the guest, within the credit each side gives.
+async fn bridge(
+    shared: Arc<Shared>,
+    id: u32,
+    kiln: DuplexStream,
+    mut events: mpsc::UnboundedReceiver<StreamEvent>,
+    mut credit: u32,
+    _hold: Option<OwnedSemaphorePermit>,
+) {
+    let (mut from_app, mut to_app) = tokio::io::split(kiln);
+    let mut buf = vec![0u8; 64 << 10];
+    let (mut sent_all, mut received_all) = (false, false);
+    let reset = loop {
+        if sent_all && received_all {
+            break false;
+        }
+        let room = (credit as usize).min(buf.len());
+        tokio::select! {
+            read = from_app.read(&mut buf[..room]), if room > 0 && !sent_all => match read {
+                Ok(0) | Err(_) => {
+                    sent_all = true;
+                    let mut close = id.to_le_bytes().to_vec();
+                    close.push(0);
+                    if shared.send_frame(FrameKind::Close, close).await.is_err() {
+                        break true;
+                    }
+                }
+                Ok(n) => {
+                    credit -= n as u32;
+                    let mut data = id.to_le_bytes().to_vec();
+                    data.extend_from_slice(&buf[..n]);
+                    if shared.send_frame(FrameKind::Data, data).await.is_err() {
+                        break true;
+                    }
+                }
+            },
+            event = events.recv() => match event {
+                Some(StreamEvent::Data(bytes)) => {
+                    if to_app.write_all(&bytes).await.is_err() {
+                        break true;
+                    }
+                    let mut window = id.to_le_bytes().to_vec();
+                    window.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                    if shared.send_frame(FrameKind::Window, window).await.is_err() {
+                        break true;
+                    }
+                }
+                Some(StreamEvent::Window(more)) => credit = credit.saturating_add(more),
+                Some(StreamEvent::Closed { reset: false, .. }) => {
+                    received_all = true;
+                    let _ = to_app.shutdown().await;
+                }
+                Some(StreamEvent::Closed { reset: true, .. }) | None => break false,
+            },
+        }
+    };
+    if reset {
+        let mut close = id.to_le_bytes().to_vec();
+        close.push(1);
+        let _ = shared.send_frame(FrameKind::Close, close).await;
+    }
+    shared.remove(id);
+}
+
+/// Whether the client asks to switch protocols (a websocket).
+fn is_upgrade<B>(request: &http::Request<B>) -> bool {
+    request
+        .headers()
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+        && request.headers().contains_key(http::header::UPGRADE)
+}
