@@ -14,13 +14,16 @@
 //!   each RESEED payload at [`SEED_ADDRESS`] without answering, and answers each REQUEST with a LOG
 //!   frame ([`AGENT_LOG`]) and then a RESPONSE of exit code (requests served before this one: 0 for
 //!   the first request after a restore), the last seed and the input.
+//! - [`session`]: a session's guest (a sandbox's VM): polls the status port, reads every byte the
+//!   host queued with `rep insb` and sends them straight back with `rep outsb` — so each frame
+//!   the host sends comes back as the same frame — and counts the batches at [`COUNTER_ADDRESS`].
 //! - [`spin`]: reads the request header, then loops forever (a timeout test).
 //! - [`touch`]: reads the request header, then writes one byte at a given guest-physical address
 //!   (past the end of RAM: the memory-limit test).
 
 use std::collections::HashMap;
 
-use crate::devices::channel::{FrameKind, CHANNEL_PORT};
+use crate::devices::channel::{FrameKind, CHANNEL_PORT, STATUS_PORT};
 
 /// Where the echo guest keeps its request counter.
 pub const COUNTER_ADDRESS: u32 = 0x1f_0000;
@@ -174,6 +177,22 @@ pub fn agent() -> Vec<u8> {
     a.bytes(&[0xbe]).bytes(&BUFFER_ADDRESS.to_le_bytes()); // mov esi, BUFFER_ADDRESS
     a.bytes(&[0x89, 0xd9, 0xf3, 0x6e]); // mov ecx, ebx; rep outsb
     a.jmp("frame");
+    a.finish()
+}
+
+/// The session guest (see the module doc).
+pub fn session() -> Vec<u8> {
+    let [lo, hi] = STATUS_PORT.to_le_bytes();
+    let mut a = Asm::default();
+    a.ready().label("poll");
+    a.bytes(&[0x66, 0xba, lo, hi, 0xed]); // mov dx, STATUS_PORT; in eax, dx
+    a.bytes(&[0x85, 0xc0]).jz("poll"); // test eax, eax
+    a.bytes(&[0x89, 0xc3]).port(); // mov ebx, eax (the bytes queued); mov dx, CHANNEL_PORT
+    a.mov_edi(BULK_ADDRESS).bytes(&[0x89, 0xd9, 0xf3, 0x6c]); // mov ecx, ebx; rep insb
+    a.bytes(&[0xbe]).bytes(&BULK_ADDRESS.to_le_bytes()); // mov esi, BULK_ADDRESS
+    a.bytes(&[0x89, 0xd9, 0xf3, 0x6e]); // mov ecx, ebx; rep outsb
+    a.bytes(&[0xff, 0x04, 0x25]).bytes(&COUNTER_ADDRESS.to_le_bytes()); // inc dword [counter]
+    a.jmp("poll");
     a.finish()
 }
 

@@ -9,9 +9,10 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use kiln_vmm::jail::protocol::{decode_frame, decode_header, Message, HEADER_LEN};
 use kiln_vmm::jail::{ForbiddenSyscall, HelperExit, JailError};
 use kiln_vmm::test_guest::{self, AGENT_LOG};
-use kiln_vmm::{ConfigError, Reply, RunError, Snapshot, VmConfig};
+use kiln_vmm::{ConfigError, Frame, FrameKind, Reply, RunError, Snapshot, VmConfig};
 
 #[path = "support/jail.rs"]
 mod support;
@@ -522,4 +523,134 @@ fn helpers_join_their_cgroup_and_get_its_limits_before_their_request() {
         ((4u64 << 20) + 2 + kiln_vmm::jail::cgroup::OVERHEAD_BYTES).to_string()
     );
     assert_eq!(read("cpu.max"), "100000 100000");
+}
+
+/// Reads the next helper → host message of a session from its (non-blocking) pipe by `deadline`.
+fn next_message(from: &std::os::fd::OwnedFd, pending: &mut Vec<u8>, deadline: Instant) -> Message {
+    use std::os::fd::AsRawFd;
+    loop {
+        if let Some(header) = pending.first_chunk::<HEADER_LEN>() {
+            let (_, len) = decode_header(header).unwrap();
+            if pending.len() >= HEADER_LEN + len {
+                let frame: Vec<u8> = pending.drain(..HEADER_LEN + len).collect();
+                return decode_frame(&frame).unwrap();
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no message from the session in time");
+        let mut ready = libc::pollfd {
+            fd: from.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; a buffer we own for the read.
+        let n = unsafe {
+            libc::poll(&mut ready, 1, left.as_millis() as i32);
+            let mut buf = [0u8; 64 << 10];
+            let n = libc::read(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len());
+            if n > 0 {
+                pending.extend_from_slice(&buf[..n as usize]);
+            }
+            n
+        };
+        assert_ne!(n, 0, "the session's pipe closed");
+    }
+}
+
+/// Writes `message` whole to a session's (non-blocking) pipe.
+fn send_message(to: &std::os::fd::OwnedFd, message: &Message) {
+    use std::os::fd::AsRawFd;
+    let bytes = message.encode();
+    let mut written = 0;
+    while written < bytes.len() {
+        // SAFETY: writing from a buffer we own; one valid pollfd.
+        let n = unsafe { libc::write(to.as_raw_fd(), bytes[written..].as_ptr().cast(), bytes.len() - written) };
+        if n > 0 {
+            written += n as usize;
+        } else {
+            let mut ready = libc::pollfd {
+                fd: to.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: as above.
+            unsafe { libc::poll(&mut ready, 1, 1000) };
+        }
+    }
+}
+
+/// The next message must be this frame from the guest.
+fn expect_frame(from: &std::os::fd::OwnedFd, pending: &mut Vec<u8>, kind: FrameKind, payload: &[u8]) {
+    match next_message(from, pending, Instant::now() + REQUEST) {
+        Message::FromGuest(frame) => assert!(
+            frame.kind == kind && frame.payload == payload,
+            "a {:?} frame of {:?} instead of {kind:?} {payload:?}",
+            frame.kind,
+            &frame.payload[..frame.payload.len().min(64)]
+        ),
+        other => panic!("{other:?} instead of a {kind:?} frame"),
+    }
+}
+
+#[test]
+fn a_session_relays_frames_both_ways_and_its_snapshot_restores_into_a_session_that_carries_on() {
+    let Some((hv, jail)) = jail(
+        "a_session_relays_frames_both_ways_and_its_snapshot_restores_into_a_session_that_carries_on",
+        support::config(),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    snapshot(&hv, &test_guest::session(), 4, dir.path());
+    let clock = Duration::from_secs(1_800_000_000);
+    let mut session_frame = (clock.as_nanos() as u64).to_le_bytes().to_vec();
+    session_frame.extend_from_slice(b"ROLE=a\0");
+
+    let session = jail
+        .start_session(dir.path(), &[1; 32], clock, b"ROLE=a\0", BOOT)
+        .unwrap();
+    let (to, from) = session.pipes().unwrap();
+    let mut pending = Vec::new();
+    // The guest echoes what the helper queued first: RESEED with this seed, then SESSION with the
+    // clock and the environment.
+    expect_frame(&from, &mut pending, FrameKind::Reseed, &[1; 32]);
+    expect_frame(&from, &mut pending, FrameKind::Session, &session_frame);
+    for size in [0usize, 1, 5, 4096, 20_000] {
+        let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        send_message(&to, &Message::ToGuest(Frame::new(FrameKind::Data, payload.clone())));
+        match next_message(&from, &mut pending, Instant::now() + REQUEST) {
+            Message::FromGuest(frame) => assert!(
+                frame.kind == FrameKind::Data && frame.payload == payload,
+                "a {size}-byte frame came back changed"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+    // SUSPEND: the snapshot is written beside the one the VM runs from, and the helper ends.
+    send_message(&to, &Message::Suspend);
+    match next_message(&from, &mut pending, Instant::now() + REQUEST) {
+        Message::Suspended(report) => assert_eq!(report.memory_size, 4 << 20),
+        other => panic!("{other:?} instead of SUSPENDED"),
+    }
+    session.finish();
+    drop((to, from));
+    for (next, name) in [("memory.next", "memory"), ("state.tmp", "state")] {
+        std::fs::rename(dir.path().join(next), dir.path().join(name)).unwrap();
+    }
+
+    // The new snapshot restores into a session that carries on from where it was, reseeded.
+    let session = jail.start_session(dir.path(), &[2; 32], clock, b"", BOOT).unwrap();
+    let (to, from) = session.pipes().unwrap();
+    let mut pending = Vec::new();
+    expect_frame(&from, &mut pending, FrameKind::Reseed, &[2; 32]);
+    expect_frame(&from, &mut pending, FrameKind::Session, &session_frame[..8]);
+    send_message(&to, &Message::ToGuest(Frame::new(FrameKind::Data, b"after".to_vec())));
+    expect_frame(&from, &mut pending, FrameKind::Data, b"after");
+    // Dropped: the helper is killed and reaped.
+    let worker = session.worker_pid();
+    drop(session);
+    assert!(
+        !Path::new(&format!("/proc/{worker}")).exists(),
+        "the session's worker outlived it"
+    );
 }

@@ -379,13 +379,7 @@ impl Sandboxes {
         request.settings.check().map_err(SandboxError::Invalid)?;
         let resolved = self.functions.resolve(&request.function, request.version).await?;
         let record = resolved.function.record.clone();
-        let microvm = &self.functions.tiers.microvm;
-        if record.config.tier == Tier::Microvm && !microvm.is_available() {
-            return Err(SandboxError::Unavailable(format!(
-                "microVM sandboxes need the microvm tier, which cannot run on this host: {}",
-                microvm.reason().unwrap_or("unavailable")
-            )));
-        }
+        // (A microVM function where its tier cannot run does not resolve: `unavailable`, with why.)
         if record.config.tier == Tier::Wasm && !resolved.function.is_http() {
             return Err(SandboxError::Invalid(format!(
                 "function `{}` is not an HTTP-trigger function: a Wasm sandbox runs a wasi:http/proxy component",
@@ -1061,6 +1055,50 @@ pub fn is_valid_id(id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A microVM function's sandbox on a host where the tier cannot run (its version deployed on
+    /// another host, sharing the data): `unavailable`, with the host's reason.
+    #[tokio::test]
+    async fn a_microvm_sandbox_where_the_tier_cannot_run_is_unavailable_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = crate::testing::functions(dir.path()).storage.clone();
+        let config = crate::function::FunctionConfig {
+            tier: Tier::Microvm,
+            ..Default::default()
+        };
+        let digest = Digest::of(b"a static executable");
+        storage
+            .metadata
+            .commit_version("web", &digest, &digest, crate::function::ArtifactKind::Native, &config)
+            .unwrap();
+        // The registry is read at start-up, as after a restart.
+        let functions = Arc::new(crate::testing::functions(dir.path()));
+        let sandboxes = Sandboxes::open(
+            storage,
+            functions,
+            SandboxesConfig::default(),
+            Arc::new(crate::clock::SystemClock),
+            Arc::new(Metrics::default()),
+        )
+        .unwrap();
+        let request = NewSandbox {
+            function: "web".into(),
+            version: None,
+            settings: Settings::default(),
+            idempotency_key: None,
+        };
+        match sandboxes.create(request).await {
+            Err(SandboxError::Load(LoadError::Unavailable(reason))) => {
+                assert!(reason.contains("not in unit tests"), "{reason}")
+            }
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("a microVM sandbox started where the tier cannot run"),
+        }
+        assert!(
+            sandboxes.list(None, None).await.unwrap().is_empty(),
+            "a record was left"
+        );
+    }
 
     #[test]
     fn ids_are_sbx_and_26_base32_characters() {

@@ -197,8 +197,14 @@ impl Kiln {
 
     /// SIGTERM, then waits for the process to exit.
     pub fn terminate(&mut self) -> ExitStatus {
+        self.terminate_within(Duration::from_secs(40))
+    }
+
+    /// SIGTERM, then waits up to `limit` for the process to exit (a stop that suspends VMs in
+    /// a nested run takes minutes).
+    pub fn terminate_within(&mut self, limit: Duration) -> ExitStatus {
         signal(self.pid(), libc::SIGTERM);
-        wait_timeout(&mut self.child, Duration::from_secs(40)).expect("kiln did not exit after SIGTERM")
+        wait_timeout(&mut self.child, limit).expect("kiln did not exit after SIGTERM")
     }
 }
 

@@ -364,10 +364,12 @@ pub async fn token(
 }
 
 #[utoipa::path(method(get, post, put, delete, patch, head, options), path = "/sbx/{id}/{path}", tag = "sandboxes",
-    params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Path, description = "What the app sees as its path (with the query), from `/`")),
+    params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Path, description = "What the app sees as its path (with the query), from `/`"),
+        ("X-Kiln-Port" = Option<u16>, Header, description = "microVM sandboxes: the guest port to reach instead of the sandbox's `ingress_port` (stripped)")),
     request_body(content = String, content_type = "application/octet-stream", description = "Streamed to the sandbox"),
     responses(
         (status = 200, description = "Whatever the sandbox answers (any status, headers and body), streamed"),
+        (status = 101, description = "microVM sandboxes: the guest's server accepted a protocol upgrade (a websocket), relayed both ways"),
         (status = 401, description = "No valid token (unless the sandbox's ingress is public)", body = ErrorBody),
         (status = 403, description = "A token of another sandbox, without the ingress scope, or ingress off", body = ErrorBody),
         (status = 404, description = "No such sandbox", body = ErrorBody),

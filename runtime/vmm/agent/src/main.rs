@@ -199,15 +199,7 @@ fn mount(source: &str, target: &str, fstype: &str) {
 
 /// The function's environment: `/env`'s `KEY=VALUE` entries, each ending in NUL (none if absent).
 fn function_env() -> Vec<(String, String)> {
-    let bytes = std::fs::read("/env").unwrap_or_default();
-    bytes
-        .split(|&b| b == 0)
-        .filter_map(|entry| {
-            let entry = String::from_utf8_lossy(entry);
-            let (key, value) = entry.split_once('=')?;
-            Some((key.to_owned(), value.to_owned()))
-        })
-        .collect()
+    session::parse_env(&std::fs::read("/env").unwrap_or_default())
 }
 
 /// Runs `/function` with `input` as stdin and `env` as its whole environment:

@@ -370,7 +370,7 @@ fn close(id: u32, how: u8, reason: &[u8]) -> Vec<u8> {
 }
 
 /// `KEY=VALUE` entries, each ending in NUL.
-fn parse_env(bytes: &[u8]) -> Vec<(String, String)> {
+pub(crate) fn parse_env(bytes: &[u8]) -> Vec<(String, String)> {
     bytes
         .split(|&b| b == 0)
         .filter_map(|entry| {

@@ -135,6 +135,16 @@ pub struct FrameDecoder {
 }
 
 impl FrameDecoder {
+    /// Bytes of payload still missing before the frame is complete, once its header is in.
+    fn missing(&self) -> Option<usize> {
+        let header = self.buf.first_chunk::<HEADER_LEN>()?;
+        let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+        if len > MAX_PAYLOAD {
+            return None;
+        }
+        Some((HEADER_LEN + len as usize).saturating_sub(self.buf.len()))
+    }
+
     /// Feeds one byte; returns a frame when this byte completes one.
     fn push(&mut self, byte: u8) -> Result<Option<Frame>, ChannelError> {
         self.buf.push(byte);
@@ -200,11 +210,22 @@ impl Channel {
     }
 
     /// A guest `out`: feeds the decoder. Returns true when at least one frame is complete.
-    pub fn write(&mut self, data: &[u8]) -> Result<bool, ChannelError> {
-        for &byte in data {
-            if let Some(frame) = self.decoder.push(byte)? {
+    pub fn write(&mut self, mut data: &[u8]) -> Result<bool, ChannelError> {
+        while !data.is_empty() {
+            // A frame's payload is copied in bulk (a page per exit with `rep outsb`), its header
+            // byte by byte.
+            let taken = match self.decoder.missing() {
+                Some(missing) if missing > 0 => {
+                    let n = missing.min(data.len());
+                    self.decoder.buf.extend_from_slice(&data[..n - 1]);
+                    n - 1
+                }
+                _ => 0,
+            };
+            if let Some(frame) = self.decoder.push(data[taken])? {
                 self.frames.push_back(frame);
             }
+            data = &data[taken + 1..];
         }
         Ok(!self.frames.is_empty())
     }
@@ -271,6 +292,23 @@ mod tests {
             }
             assert!(done);
             assert_eq!(channel.take_frame(), Some(frame.clone()));
+            assert_eq!(channel.take_frame(), None);
+        }
+    }
+
+    #[test]
+    fn large_frames_back_to_back_decode_in_order_whatever_the_chunking() {
+        let first = Frame::new(FrameKind::Data, (0..70_000u32).map(|i| i as u8).collect::<Vec<_>>());
+        let second = Frame::new(FrameKind::Window, vec![1, 0, 0, 0, 0, 4, 0, 0]);
+        let mut wire = first.encode();
+        wire.extend(second.encode());
+        for width in [3, 4096, wire.len()] {
+            let mut channel = Channel::new();
+            for chunk in wire.chunks(width) {
+                channel.write(chunk).unwrap();
+            }
+            assert_eq!(channel.take_frame(), Some(first.clone()), "width {width}");
+            assert_eq!(channel.take_frame(), Some(second.clone()), "width {width}");
             assert_eq!(channel.take_frame(), None);
         }
     }

@@ -559,17 +559,7 @@ fn session(hypervisor: Hypervisor, request: SessionRequest) -> Result<Option<Mes
         enter_jail(&hypervisor, &request.dir, Access::Writable, Role::Boot, true, || {
             let open = |name: &str| File::open(root_file(name)).map_err(|e| named(name, e));
             let (state, memory) = (open(STATE_FILE)?, open(MEMORY_FILE)?);
-            let create = |name: &str| {
-                File::options()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(root_file(name))
-                    .map_err(|e| named(name, e))
-            };
-            let (next_memory, next_state) = (create(NEXT_MEMORY_FILE)?, create(STATE_TMP_FILE)?);
+            let (next_memory, next_state) = (create_private(NEXT_MEMORY_FILE)?, create_private(STATE_TMP_FILE)?);
             // The host's frames are read between guest exits, never waited for.
             // SAFETY: fcntl on stdin, the host's pipe, with integer arguments.
             unsafe {
@@ -713,17 +703,19 @@ fn named(name: &str, e: io::Error) -> io::Error {
 
 /// Opens the two files a snapshot is written through, created empty and private.
 fn create_snapshot_files() -> io::Result<(File, File)> {
-    let create = |name: &str| {
-        File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(root_file(name))
-            .map_err(|e| named(name, e))
-    };
-    Ok((create(MEMORY_FILE)?, create(STATE_TMP_FILE)?))
+    Ok((create_private(MEMORY_FILE)?, create_private(STATE_TMP_FILE)?))
+}
+
+/// `name` at the jail's root, created empty (or emptied), readable and writable by its owner only.
+fn create_private(name: &str) -> io::Result<File> {
+    File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(root_file(name))
+        .map_err(|e| named(name, e))
 }
 
 fn boot_failure(e: BootError) -> Failure {

@@ -647,30 +647,37 @@ impl Helper {
             }
             .into());
         }
-        let mut helper = self.write_request(&frame, deadline, waited)?;
+        let helper = self.write_request(&frame, deadline, waited)?;
+        match helper.answer(deadline, waited)? {
+            // The worker answered and is exiting: the reaper waits for that, off this path.
+            (helper, answer @ (Message::Replied(_) | Message::Booted(_) | Message::Probed)) => {
+                helper.reaper.clone().hand_over(helper);
+                Ok(answer)
+            }
+            (helper, other) => Err(helper.broken(format!("an unexpected {other:?} frame")).into()),
+        }
+    }
+
+    /// Reads up to the worker's answer to a request, by `deadline`: JAILED is acted on (the hook,
+    /// the go-ahead), a failure or the worker's end is the error; the helper and its answer
+    /// otherwise.
+    fn answer(self, deadline: Instant, waited: Duration) -> Result<(Helper, Message), Attempt> {
+        let mut helper = self;
         loop {
-            let mut this = helper;
-            match this.read_message(deadline) {
-                Ok(Message::Jailed) => {
-                    this = this.go_ahead(deadline, waited)?;
-                }
+            match helper.read_message(deadline) {
+                Ok(Message::Jailed) => helper = helper.go_ahead(deadline, waited)?,
                 Ok(Message::Exited(exit)) => {
-                    this.reap(deadline);
+                    helper.reap(deadline);
                     return Err(JailError::Died(exit).into());
                 }
-                // The worker answered and is exiting: the reaper waits for that, off this path.
+                // The worker reported and is exiting: the reaper waits for that, off this path.
                 Ok(Message::Failed(failure)) => {
-                    this.reaper.clone().hand_over(this);
+                    helper.reaper.clone().hand_over(helper);
                     return Err(JailError::from_failure(failure).into());
                 }
-                Ok(answer @ (Message::Replied(_) | Message::Booted(_) | Message::Probed)) => {
-                    this.reaper.clone().hand_over(this);
-                    return Ok(answer);
-                }
-                Ok(other) => return Err(this.broken(format!("an unexpected {other:?} frame")).into()),
-                Err(e) => return Err(this.lost(e, waited).into()),
+                Ok(answer) => return Ok((helper, answer)),
+                Err(e) => return Err(helper.lost(e, waited).into()),
             }
-            helper = this;
         }
     }
 
@@ -730,24 +737,10 @@ impl Helper {
         });
         let waited = timeout + self.margin;
         let deadline = Instant::now() + waited;
-        let mut helper = self.write_request(&request.encode(), deadline, waited)?;
-        loop {
-            let mut this = helper;
-            match this.read_message(deadline) {
-                Ok(Message::Jailed) => this = this.go_ahead(deadline, waited)?,
-                Ok(Message::Started) => return Ok(Session { helper: this }),
-                Ok(Message::Exited(exit)) => {
-                    this.reap(deadline);
-                    return Err(JailError::Died(exit).into());
-                }
-                Ok(Message::Failed(failure)) => {
-                    this.reaper.clone().hand_over(this);
-                    return Err(JailError::from_failure(failure).into());
-                }
-                Ok(other) => return Err(this.broken(format!("an unexpected {other:?} frame")).into()),
-                Err(e) => return Err(this.lost(e, waited).into()),
-            }
-            helper = this;
+        let helper = self.write_request(&request.encode(), deadline, waited)?;
+        match helper.answer(deadline, waited)? {
+            (helper, Message::Started) => Ok(Session { helper }),
+            (helper, other) => Err(helper.broken(format!("an unexpected {other:?} frame")).into()),
         }
     }
 }

@@ -45,6 +45,34 @@ pub enum RunError {
     Kvm(kvm_ioctls::Error),
 }
 
+/// An exit that is not the channel's: COM1's bytes kept for the console, other ports an empty
+/// bus (reads see `0xff`); an access past the end of RAM is the memory limit (nothing else is
+/// mapped there); anything else stops the guest.
+fn other_exit(exit: VcpuExit<'_>, console: &mut Option<Console>, memory_size: usize) -> Result<(), RunError> {
+    match exit {
+        VcpuExit::IoOut(COM1, data) => {
+            if let Some(console) = console {
+                console.bytes.extend(data);
+                let excess = console.bytes.len().saturating_sub(console.cap);
+                console.bytes.drain(..excess);
+            }
+            Ok(())
+        }
+        VcpuExit::IoOut(..) => Ok(()),
+        VcpuExit::IoIn(_, data) => {
+            data.fill(0xff);
+            Ok(())
+        }
+        VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _) => Err(RunError::MemoryExceeded {
+            addr,
+            size: memory_size,
+        }),
+        VcpuExit::Shutdown => Err(RunError::Shutdown),
+        VcpuExit::InternalError => Err(RunError::Internal),
+        exit => Err(RunError::UnexpectedExit(format!("{exit:?}"))),
+    }
+}
+
 /// Why a session stopped (see [`Vcpu::run_session`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionStop {
@@ -327,28 +355,10 @@ impl Vcpu {
                     channel.read(data)?;
                     false
                 }
-                Ok(VcpuExit::IoOut(COM1, data)) => {
-                    if let Some(console) = &mut self.console {
-                        console.bytes.extend(data);
-                        let excess = console.bytes.len().saturating_sub(console.cap);
-                        console.bytes.drain(..excess);
-                    }
+                Ok(exit) => {
+                    other_exit(exit, &mut self.console, memory_size)?;
                     false
                 }
-                Ok(VcpuExit::IoOut(..)) => false,
-                Ok(VcpuExit::IoIn(_, data)) => {
-                    data.fill(0xff);
-                    false
-                }
-                Ok(VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _)) => {
-                    return Err(RunError::MemoryExceeded {
-                        addr,
-                        size: memory_size,
-                    });
-                }
-                Ok(VcpuExit::Shutdown) => return Err(RunError::Shutdown),
-                Ok(VcpuExit::InternalError) => return Err(RunError::Internal),
-                Ok(exit) => return Err(RunError::UnexpectedExit(format!("{exit:?}"))),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => true,
                 Err(e) => return Err(RunError::Kvm(e)),
             };
@@ -401,28 +411,10 @@ impl Vcpu {
                     }
                     stop
                 }
-                Ok(VcpuExit::IoOut(COM1, data)) => {
-                    if let Some(console) = &mut self.console {
-                        console.bytes.extend(data);
-                        let excess = console.bytes.len().saturating_sub(console.cap);
-                        console.bytes.drain(..excess);
-                    }
+                Ok(exit) => {
+                    other_exit(exit, &mut self.console, memory_size)?;
                     None
                 }
-                Ok(VcpuExit::IoOut(..)) => None,
-                Ok(VcpuExit::IoIn(_, data)) => {
-                    data.fill(0xff);
-                    None
-                }
-                Ok(VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _)) => {
-                    return Err(RunError::MemoryExceeded {
-                        addr,
-                        size: memory_size,
-                    });
-                }
-                Ok(VcpuExit::Shutdown) => return Err(RunError::Shutdown),
-                Ok(VcpuExit::InternalError) => return Err(RunError::Internal),
-                Ok(exit) => return Err(RunError::UnexpectedExit(format!("{exit:?}"))),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
                     host.poll(channel)
