@@ -83,8 +83,22 @@ impl Sandboxes {
         let Instance::Vm(vm) = &current.instance else {
             unreachable!("a microVM sandbox runs a VM")
         };
-        if force || self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+        let stopping = force || self.stopping.load(std::sync::atomic::Ordering::Relaxed);
+        if stopping {
             vm.reset_streams("the server is stopping");
+        } else {
+            // A suspend point is at most the guest's memory: past the disk budget the sandbox runs
+            // on (at a stop it is written regardless: the alternative is losing it).
+            let record = self.version(sandbox).await;
+            let bytes = record.map(|r| u64::from(r.config.memory_mb) << 20).unwrap_or(0);
+            let budget = self.storage.budget.clone();
+            let admitted = tokio::task::spawn_blocking(move || budget.admit(bytes))
+                .await
+                .expect("budget task panicked");
+            if let Err(full) = admitted {
+                *live = Some(current);
+                return Err(SandboxError::InsufficientStorage(full));
+            }
         }
         if let Err(reason) = vm.quiesce(QUIESCE_GRACE).await {
             *live = Some(current);

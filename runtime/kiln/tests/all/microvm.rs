@@ -679,3 +679,166 @@ fn websocket_echo(kiln: &Kiln, id: &str, message: &str) {
     send(&mut stream, 8, &[]);
     assert_eq!(receive(&mut stream).0, 8);
 }
+
+/// Where this host has no hardware virtualization (PVM here, and CI): the test above run nested —
+/// QEMU with software emulation (`-cpu max`: AMD SVM, emulated) boots Debian's kernel with its KVM
+/// modules, and that VM's `/init` (the `linux` example, as PID 1) runs this very test binary on
+/// `native_functions_*`, which starts the real `kiln` binary inside the VM. Everything the
+/// microVM tier does through the API — deploy, invoke, sealing, and sandboxes end to end — is
+/// then checked on every run, not only on hardware. Slow: about ten minutes of emulation.
+/// (`runtime/vmm/scripts/nested-api-test.sh` does the same by hand, printing the console.)
+#[test]
+fn native_functions_and_sandboxes_nested_in_qemu_where_the_host_has_no_hardware_virtualization() {
+    let test = "microvm::native_functions_and_sandboxes_nested_in_qemu_where_the_host_has_no_hardware_virtualization";
+    let skip = |reason: &str| kiln_testkit::skip(test, reason);
+    if has_hardware_virtualization() {
+        return skip("this host has hardware virtualization: native_functions_* runs directly");
+    }
+    if std::env::var_os("KILN_NESTED").is_some() {
+        return skip("already nested");
+    }
+    let guest = workspace().join("target/kiln-guest");
+    let kernel = guest.join("vmlinuz");
+    let modules: Vec<PathBuf> = ["1-irqbypass.ko", "2-kvm.ko", "3-kvm-amd.ko"]
+        .iter()
+        .map(|m| guest.join("modules").join(m))
+        .collect();
+    let tools = ["qemu-system-x86_64", "objcopy", "ldd"].iter().all(|tool| {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !kernel.exists() || modules.iter().any(|m| !m.exists()) || !tools {
+        return skip("needs the guest kernel and its KVM modules (runtime/scripts/setup.sh), qemu-system-x86_64, objcopy and ldd");
+    }
+    let target_dir = guest.join("cargo");
+    let packages: [&[&str]; 2] = [&["-p", "kiln-guest-agent"], &["-p", "kiln-vmm", "--example", "linux"]];
+    let bin = match crate::musl::build(&workspace(), &target_dir, &packages) {
+        Ok(bin) => bin,
+        Err(reason) => return skip(&reason),
+    };
+    let work = tempfile::tempdir().unwrap();
+    let read = |path: &Path| std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // The debug binaries without their debug info, for the VM's RAM disk.
+    let kiln_bin = PathBuf::from(env!("CARGO_BIN_EXE_kiln"));
+    let tests_bin = std::env::current_exe().unwrap();
+    let stripped = |from: &Path, name: &str| {
+        let to = work.path().join(name);
+        let status = std::process::Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(from)
+            .arg(&to)
+            .status()
+            .unwrap();
+        assert!(status.success(), "objcopy {}", from.display());
+        read(&to)
+    };
+
+    let mut image = kiln_vmm::initramfs::Initramfs::new();
+    let mut dirs = std::collections::BTreeSet::new();
+    for dir in ["dev", "proc", "sys", "tmp"] {
+        dirs.insert(dir.to_owned());
+        image.dir(dir, 0o755);
+    }
+    let mut add = |image: &mut kiln_vmm::initramfs::Initramfs, path: &Path, data: &[u8], mode: u32| {
+        let path = path.to_str().unwrap().trim_start_matches('/').to_owned();
+        let mut prefix = String::new();
+        for part in path.split('/').collect::<Vec<_>>().split_last().unwrap().1 {
+            prefix = if prefix.is_empty() {
+                part.to_string()
+            } else {
+                format!("{prefix}/{part}")
+            };
+            if dirs.insert(prefix.clone()) {
+                image.dir(&prefix, 0o755);
+            }
+        }
+        image.file(&path, mode, data);
+    };
+    image
+        .char_device("dev/console", 0o600, 5, 1)
+        .char_device("dev/null", 0o666, 1, 3);
+    add(&mut image, Path::new("init"), &read(&bin.join("examples/linux")), 0o755);
+    for name in ["kiln-agent", "kiln-upper", "kiln-webapp"] {
+        add(
+            &mut image,
+            &Path::new("guest").join(name),
+            &read(&bin.join(name)),
+            0o755,
+        );
+    }
+    for module in &modules {
+        let name = module.file_name().unwrap();
+        add(&mut image, &Path::new("modules").join(name), &read(module), 0o644);
+    }
+    // The test finds kiln, the kernel and the workspace by the absolute paths it was built with.
+    add(&mut image, &kiln_bin, &stripped(&kiln_bin, "kiln"), 0o755);
+    add(
+        &mut image,
+        &guest.canonicalize().unwrap().join("vmlinuz"),
+        &read(&kernel),
+        0o644,
+    );
+    add(&mut image, Path::new("all"), &stripped(&tests_bin, "all"), 0o755);
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    add(
+        &mut image,
+        &manifest.join("Cargo.toml"),
+        &read(&manifest.join("Cargo.toml")),
+        0o644,
+    );
+    // The dynamic loader and the C libraries the two debug binaries link.
+    let ldd = std::process::Command::new("ldd")
+        .arg(&kiln_bin)
+        .arg(&tests_bin)
+        .output()
+        .unwrap();
+    let libs: std::collections::BTreeSet<String> = String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/') && w.contains(".so"))
+        .map(str::to_owned)
+        .collect();
+    for lib in libs {
+        let real = Path::new(&lib).canonicalize().unwrap();
+        add(&mut image, Path::new(&lib), &read(&real), 0o755);
+    }
+    let run = "/all\0microvm::native_functions_deploy\0--nocapture\0--test-threads\01";
+    add(&mut image, Path::new("run"), run.as_bytes(), 0o644);
+    let env = "KILN_MICROVM_QUIRKS=available-tss\0KILN_GUEST_BINARIES=/guest\0KILN_NESTED=1\0RUST_BACKTRACE=1\0HOME=/tmp\0TMPDIR=/tmp";
+    add(&mut image, Path::new("run-env"), env.as_bytes(), 0o644);
+    let initrd = work.path().join("outer.cpio");
+    std::fs::write(&initrd, image.finish()).unwrap();
+
+    let started = Instant::now();
+    let output = std::process::Command::new("timeout")
+        .arg("2700")
+        .args([
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-m",
+            "3072",
+            "-smp",
+            "1",
+        ])
+        .args(["-nodefaults", "-no-reboot", "-display", "none", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 panic=-1 rdinit=/init quiet"])
+        .output()
+        .expect("running qemu");
+    let console = String::from_utf8_lossy(&output.stdout);
+    eprintln!("nested run took {:?}; its console:\n{console}", started.elapsed());
+    if !console.contains("/dev/kvm exists: true") {
+        return skip("KVM did not load inside the emulated VM (see its console above)");
+    }
+    assert!(
+        console.contains("test result: ok. 1 passed"),
+        "the microVM tier's API test failed nested (its console is above)"
+    );
+}

@@ -365,6 +365,11 @@ impl LiveVm {
 impl Drop for LiveVm {
     fn drop(&mut self) {
         self.pump.abort();
+        // Killing and reaping a helper blocks for a moment: not on an async thread.
+        let session = self.session.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let (Some(session), Ok(runtime)) = (session, tokio::runtime::Handle::try_current()) {
+            runtime.spawn_blocking(move || drop(session));
+        }
     }
 }
 
