@@ -90,7 +90,7 @@ impl Sandboxes {
             // A suspend point is at most the guest's memory: past the disk budget the sandbox runs
             // on (at a stop it is written regardless: the alternative is losing it).
             let record = self.version(sandbox).await;
-            let bytes = record.map(|r| u64::from(r.config.memory_mb) << 20).unwrap_or(0);
+            let bytes = record.map(|r| r.config.memory_mb << 20).unwrap_or(0);
             let budget = self.storage.budget.clone();
             let admitted = tokio::task::spawn_blocking(move || budget.admit(bytes))
                 .await

@@ -803,7 +803,7 @@ fn native_functions_and_sandboxes_nested_in_qemu_where_the_host_has_no_hardware_
         let real = Path::new(&lib).canonicalize().unwrap();
         add(&mut image, Path::new(&lib), &read(&real), 0o755);
     }
-    let run = "/all\0microvm::native_functions_deploy\0--nocapture\0--test-threads\01";
+    let run = "/all\0microvm::native_functions_deploy\0--nocapture\0--test-threads\x001";
     add(&mut image, Path::new("run"), run.as_bytes(), 0o644);
     let env = "KILN_MICROVM_QUIRKS=available-tss\0KILN_GUEST_BINARIES=/guest\0KILN_NESTED=1\0RUST_BACKTRACE=1\0HOME=/tmp\0TMPDIR=/tmp";
     add(&mut image, Path::new("run-env"), env.as_bytes(), 0o644);
