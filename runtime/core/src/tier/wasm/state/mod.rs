@@ -69,6 +69,7 @@
 
 mod access;
 mod format;
+pub mod huge;
 mod instrument;
 #[cfg(test)]
 mod tests;
@@ -76,7 +77,7 @@ mod tests;
 use std::ops::Range;
 
 pub use self::access::{capture, restore};
-pub use self::format::{checksum, GlobalValue, InstanceState};
+pub use self::format::{checksum, Checksum, GlobalValue, InstanceState, SUMMED};
 pub use self::instrument::{instrument, Instrumented, ACCESS_INSTANCE};
 
 /// Why state could not be instrumented, captured, restored or read.
