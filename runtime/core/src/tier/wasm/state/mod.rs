@@ -62,9 +62,12 @@
 //! # Costs (4 MiB of non-zero state, release build; see benches/src/bin/sandbox_state.rs)
 //!
 //! `capture` is one pass over each memory to find non-zero pages and one copy of them into the
-//! encoded buffer, plus a checksum: about a millisecond per 4 MiB. `restore` checks the checksum
-//! when decoding, then copies the runs into the fresh instance's memory, which faults each page
-//! in: that page-fault cost dominates, and is the host's. Zero pages cost neither time nor disk.
+//! encoded buffer, each 64 KiB hashed while it is in the cache (the checksum is of those hashes,
+//! which `sandboxes::saved` reuses to find what changed): about a millisecond per 4 MiB.
+//! `restore` checks the checksum when decoding, then copies the runs into the fresh instance's
+//! memory, which faults each page in: that page-fault cost dominates, and is the host's, so the
+//! buffers and the memory are advised huge pages first ([`huge`]). Zero pages cost neither time
+//! nor disk.
 //! Each accessor call costs a few µs (a fiber switch); a restore makes `2 × runs` of them.
 
 mod access;
