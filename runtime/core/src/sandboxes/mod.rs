@@ -45,10 +45,11 @@ use crate::outcome::InvokeError;
 use crate::permits::Limit;
 use crate::registry::Entry;
 use crate::storage::budget::StorageFull;
-use crate::storage::{Durability, Storage, StorageError};
+use crate::storage::{Durability, StateRecord, Storage, StorageError};
 use crate::telemetry::metrics::Metrics;
 use crate::tier::microvm::sandbox::{LiveVm, VmHandle, PORT_HEADER};
 use crate::tier::wasm::sandbox::{IngressBody, LiveHandle, LiveInstance, SandboxCode, Start};
+use crate::tier::wasm::state::InstanceState;
 use crate::tier::wasm::trigger::GuestBody;
 
 /// Why a sandbox operation did not happen.
@@ -185,7 +186,7 @@ impl Instance {
     }
 
     /// A Wasm instance's whole state (a VM's is written by its helper: see `vm`).
-    async fn capture(&self) -> Result<Vec<u8>, String> {
+    async fn capture(&self) -> Result<InstanceState, String> {
         match self {
             Instance::Wasm(instance) => instance.capture().await,
             Instance::Vm(_) => Err("a microVM's state is snapshotted by its helper".into()),
@@ -349,9 +350,14 @@ impl Sandboxes {
             Durability::Disk
         };
         self.blocking(move |m| m.update_sandbox(&copy, durability)).await?;
+        self.committed(sandbox);
+        Ok(())
+    }
+
+    /// Logs and counts a transition once it is committed.
+    fn committed(&self, sandbox: &Sandbox) {
         tracing::info!(sandbox = %sandbox.id, function = %sandbox.function, state = sandbox.state.as_str(), "sandbox");
         self.metrics.sandbox_transition(sandbox.state);
-        Ok(())
     }
 
     /// A sandbox's record.
@@ -462,7 +468,7 @@ impl Sandboxes {
         &self,
         sandbox: &Sandbox,
         record: &VersionRecord,
-        state: Option<&[u8]>,
+        state: Option<Vec<u8>>,
     ) -> Result<Live, SandboxError> {
         let running = self
             .running
@@ -553,14 +559,19 @@ impl Sandboxes {
                 )));
             }
         };
-        // On disk before the instance goes: a state that cannot be written (the disk budget)
-        // leaves the sandbox running as it was.
-        let state_bytes = state.len() as u64;
-        let digest = match self.save_state(&sandbox.function, slot.saved(), state).await {
-            Ok((digest, manifest)) => {
-                slot.set_saved(Some(manifest));
-                digest
-            }
+        // On disk, registered and pointed at by the sandbox's record in one commit, all before
+        // the instance goes: a state that cannot be written (the disk budget) or committed leaves
+        // the sandbox running as it was.
+        let mut suspended = sandbox.clone();
+        suspended.state_bytes = state.as_bytes().len() as u64;
+        suspended.suspended_at = Some(now_rfc3339());
+        suspended.resumed_from = None;
+        suspended.enter(State::Suspended, self.clock.now_ms());
+        let saved = self
+            .save_state(&sandbox.function, slot.saved(), state, Some(suspended.clone()))
+            .await;
+        let (digest, manifest) = match saved {
+            Ok(saved) => saved,
             Err(e) => {
                 *live = Some(current);
                 sandbox.enter(State::Running, self.clock.now_ms());
@@ -568,14 +579,13 @@ impl Sandboxes {
                 return Err(e);
             }
         };
+        let previous = std::mem::replace(sandbox, suspended).state_digest;
+        sandbox.state_digest = Some(digest);
+        self.committed(sandbox);
+        // The next save builds on this state: the sandbox points at it now.
+        slot.set_saved(Some(manifest));
         let Live { instance, .. } = current;
         instance.stop().await;
-        let previous = sandbox.state_digest.replace(digest);
-        sandbox.state_bytes = state_bytes;
-        sandbox.suspended_at = Some(now_rfc3339());
-        sandbox.resumed_from = None;
-        sandbox.enter(State::Suspended, self.clock.now_ms());
-        self.commit(sandbox).await?;
         if let Some(previous) = previous {
             self.replaced.lock().unwrap_or_else(|e| e.into_inner()).push(previous);
         }
@@ -584,17 +594,39 @@ impl Sandboxes {
     }
 
     /// Writes a state of a sandbox of `function`, only the chunks that changed since `previous`
-    /// (see `saved`).
+    /// (see `saved`), and commits `pointing` — the sandbox's record, to point at the state — with
+    /// it; without one (a fork's state, which the forks' records point at next), registers it.
     async fn save_state(
         &self,
         function: &str,
         previous: Option<Arc<Manifest>>,
-        state: Vec<u8>,
+        state: InstanceState,
+        pointing: Option<Sandbox>,
     ) -> Result<(Digest, Manifest), SandboxError> {
         let (saved, function) = (self.saved.clone(), function.to_owned());
-        tokio::task::spawn_blocking(move || saved.save(&function, &state, previous.as_deref()))
-            .await
-            .expect("state task panicked")
+        let metadata = self.storage.metadata.clone();
+        tokio::task::spawn_blocking(move || {
+            let commit = |record: &StateRecord<'_>| {
+                match pointing {
+                    Some(mut sandbox) => {
+                        sandbox.state_digest = Some(record.digest.clone());
+                        metadata.update_sandbox_with_state(&sandbox, record)
+                    }
+                    None => metadata.register_sandbox_state(record),
+                }
+                .map_err(SandboxError::from)
+            };
+            saved.save(
+                &function,
+                state.as_bytes(),
+                state.data_range(),
+                state.data_sums(),
+                previous.as_deref(),
+                commit,
+            )
+        })
+        .await
+        .expect("state task panicked")
     }
 
     /// Removes a state no sandbox points at any more.
@@ -647,7 +679,7 @@ impl Sandboxes {
         slot.set_saved(manifest);
         sandbox.enter(State::Resuming, self.clock.now_ms());
         self.commit(sandbox).await?;
-        let started = match self.start(sandbox, &record, Some(&state)).await {
+        let started = match self.start(sandbox, &record, Some(state)).await {
             Ok(started) => started,
             Err(e @ SandboxError::TooMany(_)) => {
                 // No room now: it stays suspended, and the caller may retry.
@@ -733,8 +765,11 @@ impl Sandboxes {
                         SandboxError::Conflict(format!("sandbox {id} cannot be forked now: {reason}"))
                     })?;
                 // The fork's state: the source's own next save still builds on its own last one.
-                let bytes = state.len() as u64;
-                (self.save_state(&source.function, slot.saved(), state).await?.0, bytes)
+                let bytes = state.as_bytes().len() as u64;
+                (
+                    self.save_state(&source.function, slot.saved(), state, None).await?.0,
+                    bytes,
+                )
             }
             (State::Suspended, _) => match &source.state_digest {
                 Some(digest) => (digest.clone(), source.state_bytes),

@@ -19,29 +19,70 @@ pub fn write_atomic(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<()>
     write_atomic_all(tmp_dir, &[(path, bytes)])
 }
 
-/// Writes each file as [`write_atomic`] does, in order, syncing each directory once at the end
-/// rather than once per file. When it returns every file is durable; after a crash, any of them
-/// may be whole or missing, none half-written.
+/// Writes each file as [`write_atomic`] does, syncing the files together and each directory once
+/// at the end rather than once per file. When it returns every file is durable; after a crash,
+/// any of them may be whole or missing, none half-written.
 pub fn write_atomic_all(tmp_dir: &Path, files: &[(&Path, &[u8])]) -> io::Result<()> {
-    let mut dirs: Vec<&Path> = Vec::new();
-    for &(path, bytes) in files {
-        let tmp_path = tmp_dir.join(format!("{:016x}.tmp", rand::random::<u64>()));
-        let written = (|| {
-            let mut file = File::create_new(&tmp_path)?;
+    let tmp_paths: Vec<PathBuf> = files
+        .iter()
+        .map(|_| tmp_dir.join(format!("{:016x}.tmp", rand::random::<u64>())))
+        .collect();
+    let written = (|| {
+        let mut opened = Vec::with_capacity(files.len());
+        for ((_, bytes), tmp_path) in files.iter().zip(&tmp_paths) {
+            let mut file = File::create_new(tmp_path)?;
             file.write_all(bytes)?;
-            file.sync_all()?;
-            fs::rename(&tmp_path, path)
-        })();
-        if written.is_err() {
-            let _ = fs::remove_file(&tmp_path);
-            return written;
+            opened.push(file);
         }
+        sync_together(&opened)?;
+        for ((path, _), tmp_path) in files.iter().zip(&tmp_paths) {
+            fs::rename(tmp_path, path)?;
+        }
+        Ok(())
+    })();
+    if written.is_err() {
+        for tmp_path in &tmp_paths {
+            let _ = fs::remove_file(tmp_path);
+        }
+        return written;
+    }
+    let mut dirs: Vec<&Path> = Vec::new();
+    for &(path, _) in files {
         let dir = path.parent().unwrap_or(Path::new("."));
         if !dirs.contains(&dir) {
             dirs.push(dir);
         }
     }
     dirs.into_iter().try_for_each(sync_dir)
+}
+
+/// Syncs `files`, several at once: each fsync mostly waits for the device, and the waits of
+/// concurrent ones overlap (two files took ~1.5 fsyncs' time rather than two on the host the
+/// sandbox figures come from).
+fn sync_together(files: &[File]) -> io::Result<()> {
+    const THREADS: usize = 8;
+    let Some((first, rest)) = files.split_first() else {
+        return Ok(());
+    };
+    if rest.is_empty() {
+        return first.sync_all();
+    }
+    std::thread::scope(|scope| {
+        let others: Vec<_> = rest
+            .chunks(rest.len().div_ceil(THREADS - 1))
+            .map(|group| scope.spawn(move || group.iter().try_for_each(File::sync_all)))
+            .collect();
+        let mine = first.sync_all();
+        others
+            .into_iter()
+            .map(|other| {
+                other
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("an fsync thread panicked")))
+            })
+            .chain([mine])
+            .collect()
+    })
 }
 
 pub fn sync_dir(dir: &Path) -> io::Result<()> {

@@ -49,6 +49,14 @@ pub enum Released {
     Released { orphans: Vec<Digest> },
 }
 
+/// A sandbox state as the store keeps it (`sandboxes::saved`): its digest, its manifest, and the
+/// chunks the manifest lists (whose blobs must stay while it does).
+pub struct StateRecord<'a> {
+    pub digest: &'a Digest,
+    pub manifest: &'a [u8],
+    pub chunks: &'a [Digest],
+}
+
 /// How far a write has reached when it returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
@@ -113,10 +121,16 @@ pub trait Metadata: Send + Sync {
     fn sandbox(&self, id: &str) -> Result<Option<Sandbox>, StorageError>;
     /// Sandboxes, oldest first, optionally of one function and in one state.
     fn sandboxes(&self, function: Option<&str>, state: Option<SandboxState>) -> Result<Vec<Sandbox>, StorageError>;
-    /// Whether any sandbox's suspend point is this state blob.
-    /// Records that the state `digest` (a manifest) is made of `chunks`, so that their blobs are
-    /// kept while it is; registering a state again changes nothing. On disk when it returns.
-    fn register_sandbox_state(&self, digest: &Digest, chunks: &[Digest]) -> Result<(), StorageError>;
+    /// Records a state (its manifest) and the chunks it is made of, so that their blobs are kept
+    /// while it is; registering a state again changes nothing. On disk with the next `Disk`
+    /// write (the one that points a sandbox at it).
+    fn register_sandbox_state(&self, state: &StateRecord<'_>) -> Result<(), StorageError>;
+    /// Registers `state` and writes `sandbox` (which points at it), in one transaction, on disk
+    /// when it returns: a suspend's commit point.
+    fn update_sandbox_with_state(&self, sandbox: &Sandbox, state: &StateRecord<'_>) -> Result<(), StorageError>;
+    /// The manifest of a registered state, if it was registered with one (states saved before
+    /// manifests were kept in the store have theirs in a blob).
+    fn sandbox_state_manifest(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StorageError>;
     /// Forgets the state `digest` unless a sandbox points at it, and says which chunks no state
     /// lists any more (their blobs may go).
     fn release_sandbox_state(&self, digest: &Digest) -> Result<Released, StorageError>;

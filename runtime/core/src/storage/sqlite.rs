@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Durability, Metadata, Released, StorageError, StoredResult, TokenRow};
+use super::{Durability, Metadata, Released, StateRecord, StorageError, StoredResult, TokenRow};
 use crate::clock::now_rfc3339;
 use crate::digest::Digest;
 use crate::function::Tier;
@@ -141,6 +141,11 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX sandbox_state_chunks_by_chunk ON sandbox_state_chunks(chunk);
 "#,
+    r#"
+    -- A state's manifest is kept with its row, committed with the sandbox that points at it;
+    -- NULL for states saved before (their manifest is a blob).
+    ALTER TABLE sandbox_states ADD COLUMN manifest BLOB;
+"#,
 ];
 
 pub struct Sqlite {
@@ -202,6 +207,46 @@ impl Sqlite {
             .query_row("SELECT hash FROM tokens WHERE id = ?1", params![id], |r| r.get(0))
             .optional()?)
     }
+}
+
+/// Writes a sandbox's state, clocks and suspend point.
+fn write_sandbox(conn: &Connection, sandbox: &Sandbox) -> Result<(), StorageError> {
+    conn.prepare_cached(
+        "UPDATE sandboxes SET state = ?2, error = ?3, last_active_ms = ?4, running_ms = ?5,
+         running_since_ms = ?6, suspended_ms = ?7, suspended_since_ms = ?8, state_digest = ?9,
+         state_bytes = ?10, suspended_at = ?11, resumed_from = ?12
+         WHERE id = ?1",
+    )?
+    .execute(params![
+        sandbox.id,
+        sandbox.state.as_str(),
+        sandbox.error,
+        sandbox.last_active_ms as i64,
+        sandbox.running_ms as i64,
+        sandbox.running_since_ms.map(|v| v as i64),
+        sandbox.suspended_ms as i64,
+        sandbox.suspended_since_ms.map(|v| v as i64),
+        sandbox.state_digest.as_ref().map(|d| d.hex().to_owned()),
+        sandbox.state_bytes as i64,
+        sandbox.suspended_at,
+        sandbox.resumed_from,
+    ])?;
+    Ok(())
+}
+
+/// Registers a sandbox state and its chunks, unless it is registered already.
+fn insert_state(conn: &Connection, state: &StateRecord<'_>) -> Result<(), StorageError> {
+    let added = conn
+        .prepare_cached("INSERT OR IGNORE INTO sandbox_states (digest, manifest) VALUES (?1, ?2)")?
+        .execute(params![state.digest.hex(), state.manifest])?;
+    if added > 0 {
+        let mut insert =
+            conn.prepare_cached("INSERT OR IGNORE INTO sandbox_state_chunks (state, chunk) VALUES (?1, ?2)")?;
+        for chunk in state.chunks {
+            insert.execute(params![state.digest.hex(), chunk.hex()])?;
+        }
+    }
+    Ok(())
 }
 
 impl Metadata for Sqlite {
@@ -497,29 +542,16 @@ impl Metadata for Sqlite {
     }
 
     fn update_sandbox(&self, sandbox: &Sandbox, durability: Durability) -> Result<(), StorageError> {
-        with_durability(&mut self.conn(), durability, |conn| {
-            conn.execute(
-                "UPDATE sandboxes SET state = ?2, error = ?3, last_active_ms = ?4, running_ms = ?5,
-                 running_since_ms = ?6, suspended_ms = ?7, suspended_since_ms = ?8, state_digest = ?9,
-                 state_bytes = ?10, suspended_at = ?11, resumed_from = ?12
-             WHERE id = ?1",
-                params![
-                    sandbox.id,
-                    sandbox.state.as_str(),
-                    sandbox.error,
-                    sandbox.last_active_ms as i64,
-                    sandbox.running_ms as i64,
-                    sandbox.running_since_ms.map(|v| v as i64),
-                    sandbox.suspended_ms as i64,
-                    sandbox.suspended_since_ms.map(|v| v as i64),
-                    sandbox.state_digest.as_ref().map(|d| d.hex().to_owned()),
-                    sandbox.state_bytes as i64,
-                    sandbox.suspended_at,
-                    sandbox.resumed_from,
-                ],
-            )?;
-            Ok(())
-        })
+        with_durability(&mut self.conn(), durability, |conn| write_sandbox(conn, sandbox))
+    }
+
+    fn update_sandbox_with_state(&self, sandbox: &Sandbox, state: &StateRecord<'_>) -> Result<(), StorageError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        insert_state(&tx, state)?;
+        write_sandbox(&tx, sandbox)?;
+        tx.commit()?;
+        Ok(())
     }
 
     fn sandbox(&self, id: &str) -> Result<Option<Sandbox>, StorageError> {
@@ -540,24 +572,21 @@ impl Metadata for Sqlite {
         rows.map(|row| row?).collect()
     }
 
-    fn register_sandbox_state(&self, digest: &Digest, chunks: &[Digest]) -> Result<(), StorageError> {
+    fn register_sandbox_state(&self, state: &StateRecord<'_>) -> Result<(), StorageError> {
         // On disk with the write that points a sandbox at it, which comes next.
         with_durability(&mut self.conn(), Durability::Process, |conn| {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let added = tx.execute(
-                "INSERT OR IGNORE INTO sandbox_states (digest) VALUES (?1)",
-                params![digest.hex()],
-            )?;
-            if added > 0 {
-                let mut insert =
-                    tx.prepare_cached("INSERT OR IGNORE INTO sandbox_state_chunks (state, chunk) VALUES (?1, ?2)")?;
-                for chunk in chunks {
-                    insert.execute(params![digest.hex(), chunk.hex()])?;
-                }
-            }
+            insert_state(&tx, state)?;
             tx.commit()?;
             Ok(())
         })
+    }
+
+    fn sandbox_state_manifest(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StorageError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT manifest FROM sandbox_states WHERE digest = ?1")?;
+        let row: Option<Option<Vec<u8>>> = stmt.query_row(params![digest.hex()], |r| r.get(0)).optional()?;
+        Ok(row.flatten())
     }
 
     fn release_sandbox_state(&self, digest: &Digest) -> Result<Released, StorageError> {

@@ -106,7 +106,7 @@ enum Job {
         hold: Option<OwnedSemaphorePermit>,
     },
     Capture {
-        respond: oneshot::Sender<Result<Vec<u8>, String>>,
+        respond: oneshot::Sender<Result<InstanceState, String>>,
     },
 }
 
@@ -133,7 +133,7 @@ pub struct Start<'a> {
     pub env: Vec<(String, String)>,
     pub egress: &'a super::egress::Egress,
     /// The state to put back (resume, fork), or `None` for a fresh instance.
-    pub state: Option<&'a [u8]>,
+    pub state: Option<Vec<u8>>,
 }
 
 impl LiveInstance {
@@ -156,10 +156,11 @@ impl LiveInstance {
             stderr,
             timeout_ms,
         } = guest.store::<ComponentState>(&tier.sandboxes.engine, Bytes::new(), StdoutCap::Invocation);
+        let restore_from = start.state;
         let started = async {
             let instance = start.code.pre.instance_pre().instantiate_async(&mut store).await?;
-            if let Some(bytes) = start.state {
-                let saved = InstanceState::decode(bytes).map_err(|e| wasmtime::Error::msg(e.to_string()))?;
+            if let Some(bytes) = restore_from {
+                let saved = InstanceState::decode_vec(bytes).map_err(|e| wasmtime::Error::msg(e.to_string()))?;
                 state::restore(&mut store, &instance, &start.code.layout, &saved)
                     .await
                     .map_err(|e| wasmtime::Error::msg(e.to_string()))?;
@@ -203,7 +204,7 @@ impl LiveInstance {
         self.handle.failure()
     }
 
-    pub async fn capture(&self) -> Result<Vec<u8>, String> {
+    pub async fn capture(&self) -> Result<InstanceState, String> {
         self.handle.capture().await
     }
 
@@ -241,7 +242,7 @@ impl LiveHandle {
     }
 
     /// The instance's whole state, once every request queued before has been served.
-    pub async fn capture(&self) -> Result<Vec<u8>, String> {
+    pub async fn capture(&self) -> Result<InstanceState, String> {
         let (respond, answer) = oneshot::channel();
         let gone = || {
             self.failure()
@@ -282,7 +283,6 @@ impl Serving {
                     arm_deadline(&mut self.store, self.timeout);
                     let captured = state::capture(&mut self.store, &self.instance, &self.layout)
                         .await
-                        .map(|state| state.encode())
                         .map_err(|e| e.to_string());
                     let _ = respond.send(captured);
                 }

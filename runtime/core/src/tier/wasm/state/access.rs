@@ -11,7 +11,7 @@ use wasmtime::Store;
 use wasmtime_wasi::WasiView;
 
 use super::format::{self, GlobalValue, InstanceState, MemoryView, WASM_PAGE};
-use super::{FreshImage, GlobalKind, Layout, StateError, ACCESS_INSTANCE};
+use super::{huge, FreshImage, GlobalKind, Layout, StateError, ACCESS_INSTANCE};
 
 /// The most bytes one accessor call moves or clears: list lengths and the accessors' offsets are
 /// 32-bit, and a 4 GiB memory is one more than `u32::MAX`.
@@ -174,6 +174,17 @@ pub async fn restore<T: Send>(
                 access
                     .call::<(u32, u32), ()>(store, &format!("m{n}-zero"), (chunk.start as u32, len))
                     .await?;
+            }
+        }
+        // The runs go into fresh pages: let the long ones fault in huge pages (see `huge`). The
+        // read lends the memory without changing it; only its address is kept.
+        if image.runs.iter().any(|run| run.data.len() >= huge::HUGE) {
+            let (list,) = access
+                .call::<(), (WasmList<u8>,)>(store, &format!("m{n}-read"), ())
+                .await?;
+            let base = list.as_le_slice(&*store).as_ptr();
+            for run in &image.runs {
+                huge::advise(base.wrapping_add(run.offset as usize), run.data.len());
             }
         }
         let write = format!("m{n}-write");

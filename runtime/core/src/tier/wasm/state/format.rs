@@ -1,8 +1,8 @@
-//! The on-disk form of an [`InstanceState`], version 1. Everything little-endian:
+//! The on-disk form of an [`InstanceState`], version 2. Everything little-endian:
 //!
 //! ```text
 //! magic        8 bytes  "KILNWSS\0"
-//! version      u32      1
+//! version      u32      2 (1 is still read: its checksum is of every byte before it)
 //! fingerprint  32 bytes the instrumented component's (Layout::fingerprint)
 //! counts       u32 × 3  memories, globals, tables
 //! memories     per memory: byte_len u64 (a multiple of 64 KiB, at most 4 GiB), run count u32,
@@ -12,8 +12,13 @@
 //!              bits above the kind's width are zero)
 //! tables       per table: its size in elements, u32
 //! data         every run's bytes, in the order of the runs above
-//! checksum     u64: xxHash64 (seed 0) of every byte before it
+//! checksum     u64: xxHash64 (seed 0) of the bytes before the data, then of the xxHash64 of
+//!              each 64 KiB of the data (SUMMED; the last piece may be shorter), as u64s
 //! ```
+//!
+//! The checksum is of the pieces' hashes, not of the data itself, because those hashes are what
+//! a suspend compares with the previous save's to find the pieces that changed (`sandboxes::saved`):
+//! a capture hashes its data once, not twice.
 //!
 //! A run is a stretch of non-zero 4 KiB pages; the pages between runs are zero and take no space,
 //! so a 4 MiB memory that is mostly zeros costs a few KiB. The encoded bytes *are* the state: a
@@ -29,11 +34,14 @@ use std::ops::Range;
 use super::{GlobalKind, StateError};
 
 const MAGIC: &[u8; 8] = b"KILNWSS\0";
-pub(super) const VERSION: u32 = 1;
+pub(super) const VERSION: u32 = 2;
 /// Zero-page granularity: the host's page size, so skipped pages are pages never faulted in.
 pub const PAGE: usize = 4096;
 /// A Wasm page; memory sizes are multiples of it.
 pub const WASM_PAGE: u64 = 65536;
+/// The pieces of a captured state's data that [`InstanceState::data_sums`] sums (what
+/// `sandboxes::saved` cuts states into).
+pub const SUMMED: usize = 64 * 1024;
 /// The largest 32-bit memory.
 pub const MAX_MEMORY_BYTES: u64 = 1 << 32;
 const FIXED_HEADER: usize = 8 + 4 + 32 + 12;
@@ -52,6 +60,9 @@ pub struct InstanceState {
     memories: Vec<MemoryImage>,
     globals: Vec<GlobalValue>,
     tables: Vec<u32>,
+    /// A capture's xxHash64 of each [`SUMMED`] bytes of [`data_range`](InstanceState::data_range)
+    /// (the last piece may be shorter); empty for a decoded state.
+    sums: Vec<u64>,
 }
 
 /// One memory's contents: its size, and where its non-zero pages are in the encoded bytes.
@@ -124,6 +135,19 @@ impl InstanceState {
         self.bytes
     }
 
+    /// Where the memories' bytes are in [`as_bytes`](InstanceState::as_bytes): before them is
+    /// the directory (sizes, runs, globals, tables), after them the checksum.
+    pub fn data_range(&self) -> Range<usize> {
+        let end = self.bytes.len() - CHECKSUM;
+        end - self.stored_bytes() as usize..end
+    }
+
+    /// [`checksum`] of each [`SUMMED`] bytes of the data, the last piece maybe shorter, as the
+    /// capture found them; empty if it was decoded, not captured.
+    pub fn data_sums(&self) -> &[u64] {
+        &self.sums
+    }
+
     /// The fingerprint of the instrumented component it was captured from.
     pub fn fingerprint(&self) -> &[u8; 32] {
         &self.fingerprint
@@ -192,6 +216,7 @@ impl Parts {
             memories: self.memories,
             globals: self.globals,
             tables: self.tables,
+            sums: Vec::new(),
         }
     }
 
@@ -208,18 +233,24 @@ impl Parts {
             return Err(corrupt("not a Kiln Wasm instance state (bad magic)".into()));
         }
         let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        if version != VERSION {
+        if version != 1 && version != VERSION {
             return Err(corrupt(format!(
-                "format version {version}, and this Kiln reads version {VERSION}"
+                "format version {version}, and this Kiln reads versions 1 and {VERSION}"
             )));
         }
         let body_len = bytes.len() - CHECKSUM;
         let stored = u64::from_le_bytes(bytes[body_len..].try_into().expect("8 bytes"));
-        let computed = checksum(&bytes[..body_len]);
-        if stored != computed {
-            return Err(corrupt(format!(
-                "checksum mismatch (stored {stored:016x}, computed {computed:016x}): the file is torn or damaged"
-            )));
+        let verify = |computed: u64| {
+            if stored == computed {
+                Ok(())
+            } else {
+                Err(corrupt(format!(
+                    "checksum mismatch (stored {stored:016x}, computed {computed:016x}): the file is torn or damaged"
+                )))
+            }
+        };
+        if version == 1 {
+            verify(checksum(&bytes[..body_len]))?;
         }
 
         let mut r = Reader {
@@ -282,6 +313,10 @@ impl Parts {
         let mut tables = Vec::with_capacity(table_count.min(r.left() / TABLE_ENTRY));
         for _ in 0..table_count {
             tables.push(r.u32("table size")?);
+        }
+        if version == VERSION {
+            // Of the directory just read (bounds-checked, not yet trusted) and the data after it.
+            verify(summed_checksum(&bytes[..r.at], &bytes[r.at..body_len]))?;
         }
 
         // The data is exactly the runs' bytes, in order.
@@ -423,7 +458,7 @@ pub(super) fn encode(
     }
     directory_len += globals.len() * GLOBAL_ENTRY + tables.len() * TABLE_ENTRY;
 
-    let mut out = Vec::with_capacity(directory_len + data_len + CHECKSUM);
+    let mut out = super::huge::buffer(directory_len + data_len + CHECKSUM);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(fingerprint);
@@ -447,6 +482,15 @@ pub(super) fn encode(
     }
     debug_assert_eq!(out.len(), directory_len);
 
+    // The pages are copied a piece at a time, and each piece of the data is summed as soon as it
+    // is whole, while it is still in the cache.
+    let mut sum = Checksum::new();
+    sum.update(&out);
+    let mut summed = Summed {
+        data_start: out.len(),
+        sums: Vec::with_capacity(data_len.div_ceil(SUMMED)),
+        sum,
+    };
     let mut memories_out = Vec::with_capacity(memories.len());
     for (((memory, runs), last), byte_len) in memories.iter().zip(&page_runs).zip(&lasts).zip(&images) {
         let mut image = MemoryImage {
@@ -455,7 +499,10 @@ pub(super) fn encode(
         };
         for run in runs {
             let start = out.len();
-            memory.copy_pages(run.clone(), last, &mut out);
+            for at in run.clone().step_by(SUMMED / PAGE) {
+                memory.copy_pages(at..(at + SUMMED / PAGE).min(run.end), last, &mut out);
+                summed.whole(&out);
+            }
             image.runs.push(Run {
                 offset: (run.start * PAGE) as u64,
                 data: start..out.len(),
@@ -463,7 +510,7 @@ pub(super) fn encode(
         }
         memories_out.push(image);
     }
-    let sum = checksum(&out);
+    let (sum, sums) = summed.finish(&out);
     out.extend_from_slice(&sum.to_le_bytes());
     InstanceState {
         bytes: out,
@@ -471,6 +518,43 @@ pub(super) fn encode(
         memories: memories_out,
         globals: globals.to_vec(),
         tables: tables.to_vec(),
+        sums,
+    }
+}
+
+/// The checksum of an encoding state, and the [`SUMMED`]-byte pieces of its data summed so far.
+struct Summed {
+    data_start: usize,
+    sums: Vec<u64>,
+    sum: Checksum,
+}
+
+impl Summed {
+    /// Sums the pieces of `out`'s data that are whole.
+    fn whole(&mut self, out: &[u8]) {
+        loop {
+            let at = self.data_start + self.sums.len() * SUMMED;
+            if out.len() < at + SUMMED {
+                return;
+            }
+            self.piece(&out[at..at + SUMMED]);
+        }
+    }
+
+    fn piece(&mut self, bytes: &[u8]) {
+        let piece = checksum(bytes);
+        self.sums.push(piece);
+        self.sum.update(&piece.to_le_bytes());
+    }
+
+    /// The checksum of all of `out`, and the sums of its data's pieces.
+    fn finish(mut self, out: &[u8]) -> (u64, Vec<u64>) {
+        self.whole(out);
+        let at = self.data_start + self.sums.len() * SUMMED;
+        if at < out.len() {
+            self.piece(&out[at..]);
+        }
+        (self.sum.finish(), self.sums)
     }
 }
 
@@ -530,60 +614,130 @@ const P5: u64 = 0x27D4_EB2F_1656_67C5;
 /// xxHash64 with seed 0: fast (several GB/s) and well distributed, for catching damage. Public so
 /// that a fuzzer can give mutated inputs a valid checksum and reach the decoder's other checks.
 pub fn checksum(bytes: &[u8]) -> u64 {
-    fn round(acc: u64, lane: u64) -> u64 {
-        acc.wrapping_add(lane.wrapping_mul(P2)).rotate_left(31).wrapping_mul(P1)
+    let mut sum = Checksum::new();
+    sum.update(bytes);
+    sum.finish()
+}
+
+/// A version 2 state's checksum (module doc) of its `directory` and its `data`.
+fn summed_checksum(directory: &[u8], data: &[u8]) -> u64 {
+    let mut sum = Checksum::new();
+    sum.update(directory);
+    for piece in data.chunks(SUMMED) {
+        sum.update(&checksum(piece).to_le_bytes());
     }
-    fn merge(acc: u64, v: u64) -> u64 {
-        (acc ^ round(0, v)).wrapping_mul(P1).wrapping_add(P4)
+    sum.finish()
+}
+
+/// [`checksum`] of bytes that come in pieces: the same value as of the pieces put together.
+#[derive(Clone)]
+pub struct Checksum {
+    lanes: [u64; 4],
+    /// A stripe begun by one piece and not yet ended by the next.
+    pending: [u8; 32],
+    pending_len: usize,
+    len: u64,
+}
+
+impl Default for Checksum {
+    fn default() -> Self {
+        Checksum::new()
     }
-    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
-    let len = bytes.len() as u64;
-    let mut stripes = bytes.chunks_exact(32);
-    let mut h = if bytes.len() >= 32 {
-        let mut v = [P1.wrapping_add(P2), P2, 0, 0u64.wrapping_sub(P1)];
-        for stripe in &mut stripes {
-            for (lane, acc) in v.iter_mut().enumerate() {
-                *acc = round(*acc, word(&stripe[lane * 8..lane * 8 + 8]));
+}
+
+impl Checksum {
+    pub fn new() -> Checksum {
+        Checksum {
+            lanes: [P1.wrapping_add(P2), P2, 0, 0u64.wrapping_sub(P1)],
+            pending: [0; 32],
+            pending_len: 0,
+            len: 0,
+        }
+    }
+
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        self.len += bytes.len() as u64;
+        if self.pending_len > 0 {
+            let take = (32 - self.pending_len).min(bytes.len());
+            self.pending[self.pending_len..self.pending_len + take].copy_from_slice(&bytes[..take]);
+            self.pending_len += take;
+            bytes = &bytes[take..];
+            if self.pending_len < 32 {
+                return;
             }
+            let stripe = self.pending;
+            stripes(&mut self.lanes, &stripe);
+            self.pending_len = 0;
         }
-        let mut h = v[0]
-            .rotate_left(1)
-            .wrapping_add(v[1].rotate_left(7))
-            .wrapping_add(v[2].rotate_left(12))
-            .wrapping_add(v[3].rotate_left(18));
-        for lane in v {
-            h = merge(h, lane);
+        let whole = bytes.len() / 32 * 32;
+        stripes(&mut self.lanes, &bytes[..whole]);
+        let rest = &bytes[whole..];
+        self.pending[..rest.len()].copy_from_slice(rest);
+        self.pending_len = rest.len();
+    }
+
+    pub fn finish(&self) -> u64 {
+        fn merge(acc: u64, v: u64) -> u64 {
+            (acc ^ round(0, v)).wrapping_mul(P1).wrapping_add(P4)
         }
-        h
-    } else {
-        P5
-    };
-    h = h.wrapping_add(len);
-    let rest = stripes.remainder();
-    let mut words = rest.chunks_exact(8);
-    for w in &mut words {
-        h = (h ^ round(0, word(w)))
-            .rotate_left(27)
-            .wrapping_mul(P1)
-            .wrapping_add(P4);
+        let v = self.lanes;
+        let mut h = if self.len >= 32 {
+            let mut h = v[0]
+                .rotate_left(1)
+                .wrapping_add(v[1].rotate_left(7))
+                .wrapping_add(v[2].rotate_left(12))
+                .wrapping_add(v[3].rotate_left(18));
+            for lane in v {
+                h = merge(h, lane);
+            }
+            h
+        } else {
+            P5
+        };
+        h = h.wrapping_add(self.len);
+        let rest = &self.pending[..self.pending_len];
+        let mut words = rest.chunks_exact(8);
+        for w in &mut words {
+            h = (h ^ round(0, word(w)))
+                .rotate_left(27)
+                .wrapping_mul(P1)
+                .wrapping_add(P4);
+        }
+        let mut rest = words.remainder();
+        if rest.len() >= 4 {
+            let w = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as u64;
+            h = (h ^ w.wrapping_mul(P1))
+                .rotate_left(23)
+                .wrapping_mul(P2)
+                .wrapping_add(P3);
+            rest = &rest[4..];
+        }
+        for &b in rest {
+            h = (h ^ (b as u64).wrapping_mul(P5)).rotate_left(11).wrapping_mul(P1);
+        }
+        h ^= h >> 33;
+        h = h.wrapping_mul(P2);
+        h ^= h >> 29;
+        h = h.wrapping_mul(P3);
+        h ^ (h >> 32)
     }
-    let mut rest = words.remainder();
-    if rest.len() >= 4 {
-        let w = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as u64;
-        h = (h ^ w.wrapping_mul(P1))
-            .rotate_left(23)
-            .wrapping_mul(P2)
-            .wrapping_add(P3);
-        rest = &rest[4..];
+}
+
+fn round(acc: u64, lane: u64) -> u64 {
+    acc.wrapping_add(lane.wrapping_mul(P2)).rotate_left(31).wrapping_mul(P1)
+}
+
+fn word(bytes: &[u8]) -> u64 {
+    u64::from_le_bytes(bytes.try_into().expect("8 bytes"))
+}
+
+/// Folds whole 32-byte stripes into the four lanes.
+fn stripes(lanes: &mut [u64; 4], bytes: &[u8]) {
+    for stripe in bytes.chunks_exact(32) {
+        for (lane, acc) in lanes.iter_mut().enumerate() {
+            *acc = round(*acc, word(&stripe[lane * 8..lane * 8 + 8]));
+        }
     }
-    for &b in rest {
-        h = (h ^ (b as u64).wrapping_mul(P5)).rotate_left(11).wrapping_mul(P1);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(P2);
-    h ^= h >> 29;
-    h = h.wrapping_mul(P3);
-    h ^ (h >> 32)
 }
 
 #[cfg(test)]
@@ -601,6 +755,44 @@ mod tests {
         let mut long: Vec<u8> = (0..=255u8).cycle().take(256 * 5).collect();
         long.extend_from_slice(b"kiln");
         assert_eq!(checksum(&long), 0xbd2b_7762_4212_1f99);
+    }
+
+    #[test]
+    fn a_checksum_in_pieces_is_the_checksum_of_the_whole() {
+        let bytes: Vec<u8> = (0..1000u32).map(|i| (i * 31 % 251) as u8).collect();
+        for cuts in [
+            &[0usize][..],
+            &[1, 2, 3],
+            &[31, 32, 33],
+            &[5, 100, 101, 999],
+            &[64, 128],
+        ] {
+            let mut sum = Checksum::new();
+            let mut at = 0;
+            for &cut in cuts {
+                sum.update(&bytes[at..cut]);
+                at = cut;
+            }
+            sum.update(&bytes[at..]);
+            assert_eq!(sum.finish(), checksum(&bytes), "{cuts:?}");
+        }
+        assert_eq!(Checksum::new().finish(), checksum(b""));
+    }
+
+    #[test]
+    fn a_capture_sums_its_data_in_pieces() {
+        // 40 pages of data (a piece of 16 and one of 8 left over), with zero pages between runs.
+        let memory = memory(48, |p| if p % 6 == 5 { 0 } else { p as u8 + 1 });
+        let state = encode(&[1; 32], &[view(&memory)], &[], &[]);
+        let bytes = state.as_bytes();
+        let data = state.data_range();
+        assert_eq!(data.len(), 40 * PAGE);
+        assert_eq!(data.end, bytes.len() - CHECKSUM);
+        let expected: Vec<u64> = bytes[data.clone()].chunks(SUMMED).map(checksum).collect();
+        assert_eq!(state.data_sums(), expected);
+        let stored = u64::from_le_bytes(bytes[bytes.len() - 8..].try_into().unwrap());
+        assert_eq!(stored, summed_checksum(&bytes[..data.start], &bytes[data.clone()]));
+        assert!(InstanceState::decode(bytes).unwrap().data_sums().is_empty());
     }
 
     /// A memory of `pages` 4 KiB pages, with `fill` deciding each page's byte.
@@ -728,7 +920,8 @@ mod tests {
     fn forged(memories: &[(u64, &[(u64, u64)])], data: usize, globals: &[(u8, u128)]) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
+        // Version 1 (its checksum is of every byte): what older Kilns wrote still reads.
+        out.extend_from_slice(&1u32.to_le_bytes());
         out.extend_from_slice(&[0; 32]);
         for n in [memories.len(), globals.len(), 0] {
             out.extend_from_slice(&(n as u32).to_le_bytes());
@@ -791,9 +984,9 @@ mod tests {
             assert!(matches!(error, StateError::Corrupt(_)), "{what}: {error}");
         }
         let mut other_version = forged(&[], 0, &[]);
-        other_version[8] = 2;
+        other_version[8] = 3;
         let error = InstanceState::decode(&other_version).unwrap_err().to_string();
-        assert!(error.contains("version 2"), "{error}");
+        assert!(error.contains("version 3"), "{error}");
     }
 
     #[test]

@@ -62,13 +62,17 @@
 //! # Costs (4 MiB of non-zero state, release build; see benches/src/bin/sandbox_state.rs)
 //!
 //! `capture` is one pass over each memory to find non-zero pages and one copy of them into the
-//! encoded buffer, plus a checksum: about a millisecond per 4 MiB. `restore` checks the checksum
-//! when decoding, then copies the runs into the fresh instance's memory, which faults each page
-//! in: that page-fault cost dominates, and is the host's. Zero pages cost neither time nor disk.
+//! encoded buffer, each 64 KiB hashed while it is in the cache (the checksum is of those hashes,
+//! which `sandboxes::saved` reuses to find what changed): about a millisecond per 4 MiB.
+//! `restore` checks the checksum when decoding, then copies the runs into the fresh instance's
+//! memory, which faults each page in: that page-fault cost dominates, and is the host's, so the
+//! buffers and the memory are advised huge pages first ([`huge`]). Zero pages cost neither time
+//! nor disk.
 //! Each accessor call costs a few µs (a fiber switch); a restore makes `2 × runs` of them.
 
 mod access;
 mod format;
+pub mod huge;
 mod instrument;
 #[cfg(test)]
 mod tests;
@@ -76,7 +80,7 @@ mod tests;
 use std::ops::Range;
 
 pub use self::access::{capture, restore};
-pub use self::format::{checksum, GlobalValue, InstanceState};
+pub use self::format::{checksum, Checksum, GlobalValue, InstanceState, SUMMED};
 pub use self::instrument::{instrument, Instrumented, ACCESS_INSTANCE};
 
 /// Why state could not be instrumented, captured, restored or read.
