@@ -584,8 +584,16 @@ impl Sandboxes {
         self.committed(sandbox);
         // The next save builds on this state: the sandbox points at it now.
         slot.set_saved(Some(manifest));
-        let Live { instance, .. } = current;
-        instance.stop().await;
+        // The state is durable and the record points at it: the instance's teardown need not
+        // hold up the answer. It keeps its place among the running sandboxes until it is gone.
+        let Live {
+            instance,
+            _running: running,
+        } = current;
+        tokio::spawn(async move {
+            instance.stop().await;
+            drop(running);
+        });
         if let Some(previous) = previous {
             self.replaced.lock().unwrap_or_else(|e| e.into_inner()).push(previous);
         }
@@ -679,10 +687,22 @@ impl Sandboxes {
         slot.set_saved(manifest);
         sandbox.enter(State::Resuming, self.clock.now_ms());
         self.commit(sandbox).await?;
-        let started = match self.start(sandbox, &record, Some(state)).await {
+        let started = self.start(sandbox, &record, Some(state)).await;
+        self.finish_resume(sandbox, started, live, begun).await
+    }
+
+    /// The end of a resume, on either tier: the instance `started` published as running; without
+    /// room for it, the sandbox stays suspended (the caller may retry); any other failure fails it.
+    async fn finish_resume(
+        &self,
+        sandbox: &mut Sandbox,
+        started: Result<Live, SandboxError>,
+        live: &mut Option<Live>,
+        begun: std::time::Instant,
+    ) -> Result<(), SandboxError> {
+        let started = match started {
             Ok(started) => started,
             Err(e @ SandboxError::TooMany(_)) => {
-                // No room now: it stays suspended, and the caller may retry.
                 sandbox.enter(State::Suspended, self.clock.now_ms());
                 self.commit(sandbox).await?;
                 return Err(e);

@@ -152,23 +152,8 @@ impl Sandboxes {
         };
         sandbox.enter(State::Resuming, self.clock.now_ms());
         self.commit(sandbox).await?;
-        let started = match self.start_vm(sandbox, &record, Some(&point)).await {
-            Ok(started) => started,
-            Err(e @ SandboxError::TooMany(_)) => {
-                sandbox.enter(State::Suspended, self.clock.now_ms());
-                self.commit(sandbox).await?;
-                return Err(e);
-            }
-            Err(e) => {
-                self.fail(sandbox, format!("resuming failed: {e}")).await?;
-                return Err(e);
-            }
-        };
-        sandbox.last_active_ms = self.clock.now_ms();
-        sandbox.enter(State::Running, self.clock.now_ms());
-        self.publish(sandbox, started, live).await?;
-        self.metrics.sandbox_resumed(begun.elapsed());
-        Ok(())
+        let started = self.start_vm(sandbox, &record, Some(&point)).await;
+        self.finish_resume(sandbox, started, live, begun).await
     }
 
     /// Forks a microVM sandbox (its lock held): suspended first if it runs, then each copy gets
