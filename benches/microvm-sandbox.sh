@@ -45,7 +45,7 @@ for lib in $(ldd "$kiln" "$bench" | grep -o '/[^ ]*\.so[^ ]*' | sort -u); do
   entries+=("${lib#/}=$(readlink -f "$lib")")
 done
 cargo run -q -p kiln-vmm --example initramfs -- "$work/outer.cpio" "${entries[@]}"
-echo "microvm-sandbox: running nested in a QEMU TCG VM with KVM inside"
+echo "microvm-sandbox: running nested in a QEMU TCG VM with KVM inside, on$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2) ($(nproc) CPUs)"
 timeout 3600 qemu-system-x86_64 -accel tcg -cpu max -m 3072 -smp 1 -nodefaults -no-reboot \
   -display none -serial stdio -kernel "$guest/vmlinuz" -initrd "$work/outer.cpio" \
   -append "console=ttyS0 panic=-1 rdinit=/init quiet" | tee "$work/console.log"
