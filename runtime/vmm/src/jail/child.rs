@@ -512,7 +512,7 @@ fn drop_capabilities() -> Result<(), String> {
 }
 
 fn restore(hypervisor: Hypervisor, request: RestoreRequest) -> Result<Message, Failure> {
-    let (mut state, memory) = enter_jail(
+    let (state, memory) = enter_jail(
         &hypervisor,
         &request.dir,
         Access::ReadOnly,
@@ -524,13 +524,7 @@ fn restore(hypervisor: Hypervisor, request: RestoreRequest) -> Result<Message, F
         },
     )?;
     let hypervisor = hypervisor.with_quirks(request.flags.quirks);
-    let snapshot =
-        Snapshot::from_files(&mut state, memory).map_err(|e| Failure::Vm(format!("cannot load the snapshot: {e}")))?;
-    drop(state);
-    let mut vm = snapshot
-        .restore(&hypervisor)
-        .map_err(|e| Failure::Vm(format!("cannot restore the snapshot: {e}")))?;
-    drop(snapshot);
+    let mut vm = restore_from(&hypervisor, state, memory)?;
     if request.flags.report_jailed {
         say_jailed()?;
     }
@@ -555,7 +549,7 @@ const CONSOLE_TAIL: usize = 4096;
 /// the host's pipe and the guest's channel until the host asks for a snapshot (written into the
 /// same directory as `memory.next` and `state.tmp`) or closes the pipe (`None`: nothing to say).
 fn session(hypervisor: Hypervisor, request: SessionRequest) -> Result<Option<Message>, Failure> {
-    let (mut state, memory, next_memory, mut next_state) =
+    let (state, memory, next_memory, mut next_state) =
         enter_jail(&hypervisor, &request.dir, Access::Writable, Role::Boot, true, || {
             let open = |name: &str| File::open(root_file(name)).map_err(|e| named(name, e));
             let (state, memory) = (open(STATE_FILE)?, open(MEMORY_FILE)?);
@@ -571,13 +565,7 @@ fn session(hypervisor: Hypervisor, request: SessionRequest) -> Result<Option<Mes
             Ok((state, memory, next_memory, next_state))
         })?;
     let hypervisor = hypervisor.with_quirks(request.flags.quirks);
-    let snapshot =
-        Snapshot::from_files(&mut state, memory).map_err(|e| Failure::Vm(format!("cannot load the snapshot: {e}")))?;
-    drop(state);
-    let mut vm = snapshot
-        .restore(&hypervisor)
-        .map_err(|e| Failure::Vm(format!("cannot restore the snapshot: {e}")))?;
-    drop(snapshot);
+    let mut vm = restore_from(&hypervisor, state, memory)?;
     let mut host = SessionPipes::default();
     if request.flags.report_jailed {
         send(&Message::Jailed).map_err(|e| Failure::Setup(format!("cannot report: {e}")))?;
@@ -689,6 +677,17 @@ impl SessionHost for SessionPipes {
     fn deliver(&mut self, frame: Frame) -> io::Result<()> {
         send(&Message::FromGuest(frame))
     }
+}
+
+/// A VM restored from the snapshot in `state` and `memory`, opened before the jail closed; both
+/// files are closed once read (the guest runs with only the mapping of the memory).
+fn restore_from(hypervisor: &Hypervisor, mut state: File, memory: File) -> Result<MicroVm, Failure> {
+    let snapshot =
+        Snapshot::from_files(&mut state, memory).map_err(|e| Failure::Vm(format!("cannot load the snapshot: {e}")))?;
+    drop(state);
+    snapshot
+        .restore(hypervisor)
+        .map_err(|e| Failure::Vm(format!("cannot restore the snapshot: {e}")))
 }
 
 /// `name` at the root of the jail (the VM's directory).
