@@ -765,6 +765,14 @@ fn within(base: Usage, now: Usage) -> bool {
 /// Asserts that running `what` again did not grow the server (giving connections that just
 /// closed a moment to go).
 fn no_growth(what: &str, before: Usage, pid: i32) {
+    if let Err(after) = grew_not(what, before, pid) {
+        panic!("{what} grew the server: {before:?} before, {after:?} after");
+    }
+}
+
+/// Whether the server stayed within the repeat slack of `before`, giving connections that just
+/// closed a moment to go; `Err` carries what it grew to.
+fn grew_not(what: &str, before: Usage, pid: i32) -> Result<(), Usage> {
     let grown = |after: Usage| {
         after.rss_kib > before.rss_kib + REPEAT_RSS_SLACK_KIB
             || after.fds > before.fds + 2
@@ -777,10 +785,11 @@ fn no_growth(what: &str, before: Usage, pid: i32) {
         after = usage(pid);
     }
     eprintln!("hostile: {what}: {before:?} -> {after:?}");
-    assert!(
-        !grown(after),
-        "{what} grew the server: {before:?} before, {after:?} after"
-    );
+    if grown(after) {
+        Err(after)
+    } else {
+        Ok(())
+    }
 }
 
 #[test]
@@ -810,10 +819,21 @@ fn hostile_guests_cannot_hurt_the_host() {
     // them all; under load a guest may land on a slot it never used, which then keeps its pages
     // resident by design, and that settles); the two rounds after must not grow the server. A
     // leak grows with every round; slots settle.
+    // A leak grows the server in every round; slots settling (or the allocator keeping a
+    // buffer) grow it once. So a pair of rounds that grew is repeated, up to three pairs, and
+    // only growth in every pair fails (CI saw a single pair grow 20 MiB once on a loaded host).
     run_table(&kiln, &mut functions, false, 2);
-    let before = usage(pid);
-    run_table(&kiln, &mut functions, false, 2);
-    no_growth("the table twice more", before, pid);
+    for pair in 1..=3 {
+        let before = usage(pid);
+        run_table(&kiln, &mut functions, false, 2);
+        match grew_not("the table twice more", before, pid) {
+            Ok(()) => break,
+            Err(after) if pair == 3 => panic!(
+                "the table grew the server in three pairs of rounds running, the last {before:?} before, {after:?} after"
+            ),
+            Err(_) => {}
+        }
+    }
     let loaded = usage(pid);
 
     // Healthy after all that, and back near the baseline once the suite's functions are gone.
