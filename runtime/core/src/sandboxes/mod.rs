@@ -199,6 +199,14 @@ impl Instance {
             Instance::Vm(vm) => vm.stop().await,
         }
     }
+
+    /// Ends the instance for good: a VM runs its image's terminate hook first.
+    async fn terminate(self) {
+        match self {
+            Instance::Wasm(instance) => instance.stop().await,
+            Instance::Vm(vm) => vm.terminate().await,
+        }
+    }
 }
 
 pub struct Sandboxes {
@@ -747,7 +755,7 @@ impl Sandboxes {
             )));
         }
         if let Some(current) = live.take() {
-            current.instance.stop().await;
+            current.instance.terminate().await;
         }
         let state = sandbox.state_digest.take();
         sandbox.state_bytes = 0;

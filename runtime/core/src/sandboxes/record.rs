@@ -217,6 +217,18 @@ pub enum Scope {
     Files,
 }
 
+impl Scope {
+    /// What the scope lets a token do, as a phrase ("may not …").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Ingress => "reach ingress",
+            Scope::Exec => "exec",
+            Scope::Shell => "open a shell",
+            Scope::Files => "read or write files",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

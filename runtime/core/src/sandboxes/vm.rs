@@ -12,8 +12,11 @@
 
 use std::time::Duration;
 
-use super::record::{Sandbox, State};
-use super::{Instance, Live, SandboxError, Sandboxes, PORT_HEADER};
+use sha2::{Digest as _, Sha256};
+
+use super::record::{Sandbox, Scope, State};
+use super::{Gate, Handle, Instance, Live, SandboxError, Sandboxes, PORT_HEADER};
+use crate::auth::Principal;
 use crate::digest::Digest;
 use crate::function::VersionRecord;
 use crate::outcome::InvokeError;
@@ -24,6 +27,15 @@ use crate::tier::wasm::trigger::GuestBody;
 
 /// How long a suspend waits for the sandbox's open connections to end.
 const QUIESCE_GRACE: Duration = Duration::from_secs(10);
+
+fn not_a_vm(sandbox: &Sandbox) -> SandboxError {
+    SandboxError::Invalid(format!(
+        "sandbox {} runs on the {} tier: exec, the shell and files are for microVM sandboxes, which have \
+         processes and files",
+        sandbox.id,
+        sandbox.tier.as_str()
+    ))
+}
 
 impl Sandboxes {
     /// Starts the VM of `sandbox`: from the function's snapshot, or from its suspend point.
@@ -195,6 +207,73 @@ impl Sandboxes {
             forks.push(fork);
         }
         Ok(forks)
+    }
+
+    /// Whether `principal` (Kiln's token) or `sandbox_token` may act inside sandbox `gate` with
+    /// `scope` (exec, shell, files): the admin token, a token scoped to its function, or a token
+    /// of this sandbox with that scope. Unlike ingress, `"ingress": "off"` or `"public"` do not
+    /// change who may.
+    pub fn may_act(
+        &self,
+        gate: &Gate,
+        principal: Option<&Principal>,
+        sandbox_token: Option<&str>,
+        scope: Scope,
+    ) -> Result<(), SandboxError> {
+        if let Some(principal) = principal {
+            return if principal.may_invoke(&gate.function) {
+                Ok(())
+            } else {
+                Err(SandboxError::Forbidden(format!(
+                    "this token may not manage sandboxes of `{}`",
+                    gate.function
+                )))
+            };
+        }
+        let Some(secret) = sandbox_token else {
+            return Err(SandboxError::Unauthorized);
+        };
+        let hash: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        let Some(token) = self.tokens.get(&hash).map(|t| t.clone()) else {
+            return Err(SandboxError::Unauthorized);
+        };
+        if token.expires_ms.is_some_and(|at| self.clock.now_ms() >= at) {
+            return Err(SandboxError::Unauthorized);
+        }
+        if token.sandbox != gate.id || !token.scopes.contains(&scope) {
+            return Err(SandboxError::Forbidden(format!(
+                "this sandbox token may not {} in sandbox {}",
+                scope.as_str(),
+                gate.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// The running VM of microVM sandbox `id`, resumed first if it is suspended: what exec,
+    /// the shell and files act on. A Wasm sandbox is `Invalid`, naming its tier.
+    pub async fn vm(&self, id: &str) -> Result<VmHandle, SandboxError> {
+        let slot = self.slot(id);
+        let mut live = slot.live.lock().await;
+        if live.is_none() {
+            let mut sandbox = self.load(id).await?;
+            if sandbox.tier != crate::function::Tier::Microvm {
+                return Err(not_a_vm(&sandbox));
+            }
+            match sandbox.state {
+                State::Running => self.lost(&mut sandbox).await?,
+                State::Suspended => self.resume_locked(&slot, &mut sandbox, &mut live).await?,
+                state => {
+                    return Err(SandboxError::Conflict(format!("sandbox {id} is {}", state.as_str())));
+                }
+            }
+        }
+        slot.active_ms
+            .fetch_max(self.clock.now_ms(), std::sync::atomic::Ordering::Relaxed);
+        match live.as_ref().expect("running with an instance").instance.handle() {
+            Handle::Vm(vm) => Ok(vm),
+            Handle::Wasm(_) => Err(not_a_vm(&self.load(id).await?)),
+        }
     }
 
     /// Serves one ingress request on a running VM.

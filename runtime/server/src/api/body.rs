@@ -24,6 +24,9 @@ pub enum Body {
     Stream(GuestBody),
     /// A stored result, read from its file as the client takes it.
     File(FileBody),
+    /// Chunks a task sends as they come (exec's events, a file read from a sandbox); ends when
+    /// the task drops its sender.
+    Channel(tokio::sync::mpsc::Receiver<Bytes>),
 }
 
 impl Body {
@@ -53,6 +56,7 @@ impl http_body::Body for Body {
             Body::Full(full) => Pin::new(full).poll_frame(cx).map_err(|never| match never {}),
             Body::Stream(stream) => Pin::new(stream).poll_frame(cx).map_err(Into::into),
             Body::File(file) => Pin::new(file).poll_frame(cx),
+            Body::Channel(chunks) => chunks.poll_recv(cx).map(|chunk| chunk.map(|c| Ok(Frame::data(c)))),
         }
     }
 
@@ -61,6 +65,7 @@ impl http_body::Body for Body {
             Body::Full(full) => full.is_end_stream(),
             Body::Stream(stream) => stream.is_end_stream(),
             Body::File(file) => file.remaining == 0,
+            Body::Channel(_) => false,
         }
     }
 
@@ -69,6 +74,7 @@ impl http_body::Body for Body {
             Body::Full(full) => full.size_hint(),
             Body::Stream(stream) => stream.size_hint(),
             Body::File(file) => SizeHint::with_exact(file.remaining),
+            Body::Channel(_) => SizeHint::default(),
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod body;
 pub mod error;
 mod functions;
 mod http_trigger;
+mod inside;
 mod invocations;
 mod invoke;
 mod keys;
@@ -60,6 +61,13 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
         Route::Ingress(id) => return sandboxes::ingress(&kiln.auth, &kiln.sandboxes, id, req).await,
         // Result URLs carry their own authority (a signature), not a token.
         Route::Result(id) => return invocations::result(&kiln.signer, &kiln.storage, id, req.uri().query()).await,
+        // Inside a sandbox, a sandbox token with the right scope may stand in for Kiln's.
+        Route::Api(Api::SandboxExec(id)) => {
+            return inside::exec(&kiln.auth, &kiln.sandboxes, &server.bodies, id, req).await
+        }
+        Route::Api(Api::SandboxShell(id)) => return inside::shell(&kiln.auth, &kiln.sandboxes, id, req).await,
+        Route::Api(Api::SandboxReadFile(id)) => return inside::read_file(&kiln.auth, &kiln.sandboxes, id, req).await,
+        Route::Api(Api::SandboxWriteFile(id)) => return inside::write_file(&kiln.auth, &kiln.sandboxes, id, req).await,
         Route::Api(api) => api,
     };
     let principal = kiln
@@ -90,10 +98,9 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
         Api::ResumeSandbox(id) => sandboxes::resume(&kiln.sandboxes, &principal, id).await,
         Api::ForkSandbox(id) => sandboxes::fork(&kiln.sandboxes, &principal, bodies, id, req).await,
         Api::SandboxToken(id) => sandboxes::token(&kiln.sandboxes, &principal, bodies, id, req).await,
-        Api::SandboxExec(id) => sandboxes::exec(&kiln.sandboxes, &principal, id).await,
-        Api::SandboxShell(id) => sandboxes::shell(&kiln.sandboxes, &principal, id).await,
-        Api::SandboxReadFile(id) => sandboxes::read_file(&kiln.sandboxes, &principal, id).await,
-        Api::SandboxWriteFile(id) => sandboxes::write_file(&kiln.sandboxes, &principal, id).await,
+        Api::SandboxExec(_) | Api::SandboxShell(_) | Api::SandboxReadFile(_) | Api::SandboxWriteFile(_) => {
+            unreachable!("routed above")
+        }
         Api::Refused(refusal) => Err(refusal.problem(&path)),
     }
 }

@@ -145,6 +145,20 @@ pub struct SandboxList {
     sandboxes: Vec<SandboxView>,
 }
 
+/// What a buffered exec answers.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ExecResult {
+    exit_code: i32,
+    /// At most 1 MiB; `truncated` says whether more was dropped.
+    stdout: String,
+    stderr: String,
+    duration_ms: u64,
+    truncated: bool,
+    /// The process ran past `timeout_ms` and was killed (its exit code then says SIGKILL, 137).
+    timed_out: bool,
+}
+
 /// A sandbox token; its secret is shown only here.
 #[derive(ToSchema)]
 #[allow(dead_code)]
@@ -211,14 +225,14 @@ impl Modify for BearerAuth {
         super::sandboxes::fork,
         super::sandboxes::terminate,
         super::sandboxes::token,
-        super::sandboxes::exec,
-        super::sandboxes::shell,
-        super::sandboxes::read_file,
-        super::sandboxes::write_file,
+        super::inside::exec,
+        super::inside::shell,
+        super::inside::read_file,
+        super::inside::write_file,
         super::sandboxes::ingress,
         document,
     ),
-    components(schemas(ErrorBody, ErrorObject, DeployForm, FunctionList, Submitted, Invocation, NewTokenRequest, TokenView, TokenList, Rotated, SandboxView, SandboxList, TokenForSandbox)),
+    components(schemas(ErrorBody, ErrorObject, DeployForm, FunctionList, Submitted, Invocation, NewTokenRequest, TokenView, TokenList, Rotated, SandboxView, SandboxList, TokenForSandbox, ExecResult)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
 )]

@@ -176,50 +176,6 @@ pub async fn get(sandboxes: &Sandboxes, principal: &Principal, id: &str) -> Resu
     Ok(body::json(StatusCode::OK, &view(sandboxes, &sandbox)))
 }
 
-/// `exec`, `shell` and `files` act inside a microVM sandbox's guest; a Wasm sandbox has no
-/// processes or files to reach, so the request is refused naming the tier.
-async fn inside(sandboxes: &Sandboxes, principal: &Principal, id: &str, what: &str) -> Result<Response<Body>, Problem> {
-    valid(id)?;
-    let sandbox = sandboxes.get(id).await?;
-    authorize(principal, &sandbox.function)?;
-    Err(error::invalid_request(format!(
-        "sandbox {id} runs on the {} tier: `{what}` is for microVM sandboxes, which have processes and files",
-        sandbox.tier.as_str()
-    )))
-}
-
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")),
-    responses((status = 400, description = "A Wasm sandbox (named in the message): exec is the microVM tier's", body = ErrorBody),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody),
-        (status = 404, description = "No such sandbox", body = ErrorBody)))]
-pub async fn exec(sandboxes: &Sandboxes, principal: &Principal, id: &str) -> Result<Response<Body>, Problem> {
-    inside(sandboxes, principal, id, "exec").await
-}
-
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/shell", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")),
-    responses((status = 400, description = "A Wasm sandbox (named in the message): the shell is the microVM tier's", body = ErrorBody),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody),
-        (status = 404, description = "No such sandbox", body = ErrorBody)))]
-pub async fn shell(sandboxes: &Sandboxes, principal: &Principal, id: &str) -> Result<Response<Body>, Problem> {
-    inside(sandboxes, principal, id, "shell").await
-}
-
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/files", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")),
-    responses((status = 400, description = "A Wasm sandbox (named in the message): files are the microVM tier's", body = ErrorBody),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody),
-        (status = 404, description = "No such sandbox", body = ErrorBody)))]
-pub async fn read_file(sandboxes: &Sandboxes, principal: &Principal, id: &str) -> Result<Response<Body>, Problem> {
-    inside(sandboxes, principal, id, "files").await
-}
-
-#[utoipa::path(put, path = "/v1/sandboxes/{id}/files", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")),
-    responses((status = 400, description = "A Wasm sandbox (named in the message): files are the microVM tier's", body = ErrorBody),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody),
-        (status = 404, description = "No such sandbox", body = ErrorBody)))]
-pub async fn write_file(sandboxes: &Sandboxes, principal: &Principal, id: &str) -> Result<Response<Body>, Problem> {
-    inside(sandboxes, principal, id, "files").await
-}
-
 /// What `POST /v1/sandboxes/{id}/{action}` does.
 pub enum Action {
     Suspend,

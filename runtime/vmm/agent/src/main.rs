@@ -8,8 +8,14 @@
 //! 3. a RESEED frame (sent by the host after each restore) is added to the kernel's entropy pool
 //!    and the CRNG reseeded from it at once, so VMs restored from one snapshot do not share random
 //!    state (a failure is reported as a LOG frame);
-//! 4. a SESSION frame (a sandbox) switches to session mode for good: `/function` runs as a server
-//!    and the host's streams are relayed to it (see [`session`]).
+//! 4. a SESSION frame (a sandbox) switches to session mode for good: the function runs as a server
+//!    and the host's streams — connections, processes, files — are served (see [`session`]).
+//!
+//! The function is `/function` (a static executable), or the command an image names in
+//! `/kiln/command` (a root filesystem or an OCI image; see [`process::Image`]). An image with a
+//! command starts it at boot and runs its ready hook (`/kiln/hooks/ready`) before READY, so the
+//! snapshot holds the server already started; a failing ready hook is told on the console and
+//! with a LOG frame in place of READY, which fails the build.
 //!
 //! The channel is chosen on the kernel command line: `kiln.channel=port` uses Kiln's I/O port
 //! (0x510, through `ioperm`, on Kiln's own VMM); `kiln.channel=/dev/ttyS1` (or any serial device)
@@ -18,9 +24,12 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
+mod process;
 mod session;
+
+use process::{Hook, Image};
 
 const READY: u8 = 1;
 const REQUEST: u8 = 2;
@@ -32,6 +41,10 @@ const OPEN: u8 = 7;
 const DATA: u8 = 8;
 const CLOSE: u8 = 9;
 const WINDOW: u8 = 10;
+const EXIT: u8 = 11;
+const STDERR: u8 = 12;
+const RESIZE: u8 = 13;
+const HOOK: u8 = 14;
 const MAX_PAYLOAD: u32 = 16 << 20;
 const PORT: u16 = 0x510;
 /// Reads how many bytes the host has queued for us (the channel has no interrupt).
@@ -197,20 +210,14 @@ fn mount(source: &str, target: &str, fstype: &str) {
     unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
 }
 
-/// The function's environment: `/env`'s `KEY=VALUE` entries, each ending in NUL (none if absent).
-fn function_env() -> Vec<(String, String)> {
-    session::parse_env(&std::fs::read("/env").unwrap_or_default())
-}
-
-/// Runs `/function` with `input` as stdin and `env` as its whole environment:
+/// Runs the function once with `input` as stdin and the image's environment:
 /// (exit code, stdout, stderr).
-fn run_function(input: &[u8], env: &[(String, String)]) -> (i32, Vec<u8>, Vec<u8>) {
-    let child = Command::new("/function")
+fn run_function(input: &[u8], image: &Image) -> (i32, Vec<u8>, Vec<u8>) {
+    let child = image
+        .command(&image.command, None, &image.env)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .env_clear()
-        .envs(env.iter().map(|(k, v)| (k, v)))
         .spawn();
     let mut child = match child {
         Ok(child) => child,
@@ -218,7 +225,7 @@ fn run_function(input: &[u8], env: &[(String, String)]) -> (i32, Vec<u8>, Vec<u8
             return (
                 127,
                 Vec::new(),
-                format!("kiln-agent: cannot start /function: {e}").into_bytes(),
+                format!("kiln-agent: cannot start {}: {e}", image.command[0]).into_bytes(),
             )
         }
     };
@@ -242,7 +249,7 @@ fn run_function(input: &[u8], env: &[(String, String)]) -> (i32, Vec<u8>, Vec<u8
         Err(e) => (
             127,
             Vec::new(),
-            format!("kiln-agent: waiting for /function: {e}").into_bytes(),
+            format!("kiln-agent: waiting for the function: {e}").into_bytes(),
         ),
     }
 }
@@ -275,13 +282,19 @@ fn reseed(seed: &[u8]) -> io::Result<()> {
 }
 
 fn serve(channel: &mut Channel) -> io::Result<()> {
-    let env = function_env();
+    let image = Image::load();
+    let server = if image.has_command {
+        Some(start_at_boot(channel, &image)?)
+    } else {
+        None
+    };
     channel.send(READY, &[])?;
+    let mut server = server;
     loop {
         let (kind, payload) = channel.receive()?;
         match kind {
             REQUEST => {
-                let (code, stdout, stderr) = run_function(&payload, &env);
+                let (code, stdout, stderr) = run_function(&payload, &image);
                 if !stderr.is_empty() {
                     channel.send(LOG, &stderr)?;
                 }
@@ -289,7 +302,7 @@ fn serve(channel: &mut Channel) -> io::Result<()> {
                 response.extend_from_slice(&stdout);
                 channel.send(RESPONSE, &response)?;
             }
-            SESSION => session::run(channel, &payload, &env),
+            SESSION => session::run(channel, &payload, &image, server.take()),
             RESEED => {
                 if let Err(e) = reseed(&payload) {
                     channel.send(
@@ -301,6 +314,29 @@ fn serve(channel: &mut Channel) -> io::Result<()> {
             other => eprintln!("kiln-agent: ignoring a frame of kind {other}"),
         }
     }
+}
+
+/// An image's server, started before the snapshot, and its ready hook run: a hook that fails
+/// (or a command that cannot start) is told on the console and in a LOG frame in place of READY.
+fn start_at_boot(channel: &mut Channel, image: &Image) -> io::Result<session::Server> {
+    let fail = |channel: &mut Channel, message: String| -> io::Result<session::Server> {
+        eprintln!("{message}");
+        channel.send(LOG, message.as_bytes())?;
+        Err(io::Error::other(message))
+    };
+    let server = match session::start_server(image) {
+        Ok(server) => server,
+        Err(e) => return fail(channel, format!("kiln-agent: cannot start {}: {e}", image.command[0])),
+    };
+    let (status, output) = process::run_hook(image, Hook::Ready);
+    if status != 0 {
+        let output = String::from_utf8_lossy(&output);
+        return fail(
+            channel,
+            format!("kiln-agent: the ready hook failed (status {status}):\n{output}"),
+        );
+    }
+    Ok(server)
 }
 
 /// Brings up the loopback interface: a sandbox's streams reach its server through it.
@@ -325,6 +361,8 @@ fn loopback_up() {
 fn main() {
     mount("devtmpfs", "/dev", "devtmpfs");
     mount("proc", "/proc", "proc");
+    // Ptys for shells: openpty uses /dev/ptmx and devpts.
+    mount("devpts", "/dev/pts", "devpts");
     loopback_up();
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let spec = cmdline

@@ -39,6 +39,20 @@
 //! bytes; a sender keeps at most [`STREAM_WINDOW`] bytes unacknowledged; the guest's first WINDOW
 //! on a stream says its connection is up). The guest learns that frames wait for it by reading
 //! [`STATUS_PORT`] (a 4-byte `in`: bytes queued for it), so it never reads an empty queue.
+//!
+//! OPEN's target (after the stream id) is a tag byte and its parameters: `0` a TCP port (u16);
+//! `1` a process — exec or a shell (timeout ms u32, pty u8, cols u16, rows u16, the working
+//! directory NUL-terminated, argc u16, each argument NUL-terminated, then `KEY=VALUE` entries each
+//! NUL-terminated); `2` a file to write (mode u32, path NUL-terminated; the stream's DATA is its
+//! content, CLOSE 0 commits it); `3` a file to read (path NUL-terminated; its content comes as
+//! DATA, then CLOSE 0). For a process, DATA to the guest is its stdin (or the pty's input) and
+//! DATA from it its stdout; `12 STDERR` (guest→host: stream u32, bytes) is its stderr, counted
+//! in the same window; `13 RESIZE` (host→guest: stream u32, cols u16, rows u16) resizes its pty;
+//! `11 EXIT` (guest→host: stream u32, status i32, timed out u8, then a message) ends a process or
+//! file stream after its output: the exit code, or for a file 0 or the errno of the failure.
+//! `14 HOOK` runs a lifecycle hook of the image (`/kiln/hooks/<name>`): host→guest a hook u8
+//! (2 suspend, 3 terminate); guest→host the hook u8, status i32 (0 also when the image has no such
+//! hook) and its output — the guest also answers each SESSION with HOOK 1 (restore).
 
 use std::collections::VecDeque;
 
@@ -70,6 +84,10 @@ pub enum FrameKind {
     Data = 8,
     Close = 9,
     Window = 10,
+    Exit = 11,
+    Stderr = 12,
+    Resize = 13,
+    Hook = 14,
 }
 
 impl FrameKind {
@@ -85,6 +103,10 @@ impl FrameKind {
             8 => Self::Data,
             9 => Self::Close,
             10 => Self::Window,
+            11 => Self::Exit,
+            12 => Self::Stderr,
+            13 => Self::Resize,
+            14 => Self::Hook,
             _ => return None,
         })
     }

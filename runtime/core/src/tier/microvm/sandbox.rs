@@ -83,16 +83,155 @@ struct Shared {
     idle: tokio::sync::Notify,
     failure: OnceLock<String>,
     suspended: Mutex<Option<oneshot::Sender<SuspendReport>>>,
+    /// Told the next HOOK report of the guest (one hook runs at a time).
+    hook: Mutex<Option<oneshot::Sender<HookReport>>>,
 }
+
+/// What a lifecycle hook of the image did.
+#[derive(Debug)]
+struct HookReport {
+    status: i32,
+    output: String,
+}
+
+/// The image's lifecycle hooks, numbered as the channel's HOOK frames number them.
+#[derive(Clone, Copy, Debug)]
+enum Hook {
+    Restore = 1,
+    Suspend = 2,
+    Terminate = 3,
+}
+
+/// How long the host waits for a hook: the guest bounds each at 60 s at most.
+const HOOK_PATIENCE: Duration = Duration::from_secs(70);
 
 enum StreamEvent {
     Data(Bytes),
+    /// A process's stderr.
+    Stderr(Bytes),
+    /// A process ended (its exit code), or a file stream finished (0 or an errno).
+    Exit(ExitReport),
     Window(u32),
     /// The guest side sent all it will (`reset: false`), or the stream is gone.
     Closed {
         reset: bool,
         reason: String,
     },
+}
+
+/// How a process or file stream ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExitReport {
+    /// A process's exit code (128 + the signal); for a file, 0 or the errno of the failure.
+    pub status: i32,
+    pub timed_out: bool,
+    pub message: String,
+}
+
+/// What a stream carries besides its main byte stream, in order.
+#[derive(Debug)]
+pub enum Side {
+    Stderr(Bytes),
+    Exit(ExitReport),
+}
+
+/// What a stream reaches in the guest (OPEN's target, see `kiln_vmm::devices::channel`).
+pub enum Target<'a> {
+    Port(u16),
+    Process(&'a ExecSpec),
+    WriteFile { path: &'a str, mode: u32 },
+    ReadFile { path: &'a str },
+}
+
+/// A command to run in the guest.
+#[derive(Debug, Clone, Default)]
+pub struct ExecSpec {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    pub timeout: Option<Duration>,
+    /// A pty of (cols, rows); pipes when `None`.
+    pub pty: Option<(u16, u16)>,
+}
+
+impl Target<'_> {
+    fn encode(&self) -> Result<Vec<u8>, String> {
+        let text = |s: &str, what: &str| -> Result<Vec<u8>, String> {
+            if s.contains('\0') {
+                return Err(format!("{what} contains a NUL byte"));
+            }
+            Ok([s.as_bytes(), b"\0"].concat())
+        };
+        let mut out = Vec::new();
+        match self {
+            Target::Port(port) => {
+                out.push(0);
+                out.extend_from_slice(&port.to_le_bytes());
+            }
+            Target::Process(spec) => {
+                out.push(1);
+                let timeout_ms = spec
+                    .timeout
+                    .map_or(0, |t| t.as_millis().clamp(1, u32::MAX as u128) as u32);
+                out.extend_from_slice(&timeout_ms.to_le_bytes());
+                let (cols, rows) = spec.pty.unwrap_or((0, 0));
+                out.push(spec.pty.is_some() as u8);
+                out.extend_from_slice(&cols.to_le_bytes());
+                out.extend_from_slice(&rows.to_le_bytes());
+                out.extend(text(spec.cwd.as_deref().unwrap_or(""), "cwd")?);
+                let argc = u16::try_from(spec.argv.len()).map_err(|_| "too many arguments".to_owned())?;
+                out.extend_from_slice(&argc.to_le_bytes());
+                for arg in &spec.argv {
+                    out.extend(text(arg, "an argument")?);
+                }
+                for (key, value) in &spec.env {
+                    if key.is_empty() || key.contains('=') {
+                        return Err(format!("{key:?} is not an environment variable name"));
+                    }
+                    out.extend(text(&format!("{key}={value}"), "an environment variable")?);
+                }
+            }
+            Target::WriteFile { path, mode } => {
+                out.push(2);
+                out.extend_from_slice(&mode.to_le_bytes());
+                out.extend(text(path, "the path")?);
+            }
+            Target::ReadFile { path } => {
+                out.push(3);
+                out.extend(text(path, "the path")?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Why a stream did not open.
+#[derive(Debug)]
+pub enum OpenError {
+    /// The VM cannot take it (gone, suspending): the invocation error says why.
+    Vm(InvokeError),
+    /// The guest refused the target: a file that cannot be opened (its errno and why), a
+    /// connection refused.
+    Refused(ExitReport),
+}
+
+/// An open stream to a process or a file in the guest: its main bytes through `io` (stdin and
+/// stdout, or the file's content), the rest through `side`.
+pub struct GuestStream {
+    pub io: DuplexStream,
+    pub side: mpsc::Receiver<Side>,
+    id: u32,
+    shared: Arc<Shared>,
+}
+
+impl GuestStream {
+    /// Resizes the stream's pty.
+    pub async fn resize(&self, cols: u16, rows: u16) {
+        let mut frame = self.id.to_le_bytes().to_vec();
+        frame.extend_from_slice(&cols.to_le_bytes());
+        frame.extend_from_slice(&rows.to_le_bytes());
+        let _ = self.shared.send_frame(FrameKind::Resize, frame).await;
+    }
 }
 
 /// Where a live VM starts from.
@@ -144,7 +283,22 @@ impl MicrovmTier {
         })
         .await
         .expect("microVM start task panicked")?;
-        LiveVm::new(id, port, session).map_err(|e| format!("the microVM's pipes: {e}"))
+        let live = LiveVm::new(id, port, session).map_err(|e| format!("the microVM's pipes: {e}"))?;
+        // The guest answers its SESSION with the restore hook's report (status 0 without one).
+        match live.hook_report(None).await {
+            Ok(report) if report.status == 0 => Ok(live),
+            Ok(report) => {
+                live.stop().await;
+                Err(format!(
+                    "the image's restore hook failed (status {}): {}",
+                    report.status, report.output
+                ))
+            }
+            Err(reason) => {
+                live.stop().await;
+                Err(reason)
+            }
+        }
     }
 
     /// Suspends `live`: the VM's memory and state written as a new suspend point, the helper gone.
@@ -275,6 +429,7 @@ impl LiveVm {
             idle: tokio::sync::Notify::new(),
             failure: OnceLock::new(),
             suspended: Mutex::new(None),
+            hook: Mutex::new(None),
         });
         let from = pipe::Receiver::from_owned_fd(from)?;
         let pump = tokio::spawn(pump(shared.clone(), from));
@@ -319,10 +474,54 @@ impl LiveVm {
         }
     }
 
-    /// Asks the helper for a snapshot (after [`LiveVm::quiesce`]) and waits for it.
+    /// Runs `hook` in the guest (or, with `None`, waits for the report the guest sends on its
+    /// own: the restore hook's, after a SESSION).
+    async fn hook_report(&self, hook: Option<Hook>) -> Result<HookReport, String> {
+        let shared = &self.handle.shared;
+        let (tell, told) = oneshot::channel();
+        *shared.hook.lock().expect("hook lock poisoned") = Some(tell);
+        if let Some(hook) = hook {
+            if shared.send_frame(FrameKind::Hook, vec![hook as u8]).await.is_err() {
+                return Err(self.failure().unwrap_or_else(|| "the microVM is gone".into()));
+            }
+        }
+        match tokio::time::timeout(HOOK_PATIENCE, told).await {
+            Ok(Ok(report)) => Ok(report),
+            Ok(Err(_)) => Err(self.failure().unwrap_or_else(|| "the microVM is gone".into())),
+            Err(_) => Err(format!(
+                "the guest did not report its {:?} hook within {HOOK_PATIENCE:?}",
+                hook.unwrap_or(Hook::Restore)
+            )),
+        }
+    }
+
+    /// Runs the image's terminate hook (its failure is logged: the VM ends regardless), then
+    /// ends the VM.
+    pub async fn terminate(self) {
+        match self.hook_report(Some(Hook::Terminate)).await {
+            Ok(report) if report.status == 0 => {}
+            Ok(report) => tracing::warn!(
+                sandbox = %self.handle.shared.sandbox, status = report.status, output = %report.output,
+                "the image's terminate hook failed"
+            ),
+            Err(reason) => tracing::warn!(sandbox = %self.handle.shared.sandbox, %reason, "no terminate hook report"),
+        }
+        self.stop().await;
+    }
+
+    /// Asks the helper for a snapshot (after [`LiveVm::quiesce`]) and waits for it; the image's
+    /// suspend hook runs first (its failure is logged: the suspend goes on).
     async fn suspend(&self) -> Result<SuspendReport, String> {
         let shared = &self.handle.shared;
         shared.closing.store(true, Ordering::SeqCst);
+        match self.hook_report(Some(Hook::Suspend)).await {
+            Ok(report) if report.status == 0 => {}
+            Ok(report) => tracing::warn!(
+                sandbox = %shared.sandbox, status = report.status, output = %report.output,
+                "the image's suspend hook failed; suspending regardless"
+            ),
+            Err(reason) => return Err(reason),
+        }
         let (tell, told) = oneshot::channel();
         *shared.suspended.lock().expect("suspend lock poisoned") = Some(tell);
         if shared.send(Message::Suspend).await.is_err() {
@@ -409,6 +608,7 @@ impl Shared {
         let reason = self.failure.get().cloned().unwrap_or_default();
         self.close_all(&reason);
         self.suspended.lock().expect("suspend lock poisoned").take();
+        self.hook.lock().expect("hook lock poisoned").take();
     }
 }
 
@@ -457,12 +657,32 @@ fn guest_frame(shared: &Shared, frame: Frame) {
         }
         return;
     }
+    if frame.kind == FrameKind::Hook {
+        let status = frame
+            .payload
+            .get(1..5)
+            .map_or(-1, |s| i32::from_le_bytes(s.try_into().expect("4 bytes")));
+        let output = String::from_utf8_lossy(frame.payload.get(5..).unwrap_or_default()).into_owned();
+        for line in output.lines() {
+            tracing::info!(sandbox = %shared.sandbox, hook = frame.payload.first().copied().unwrap_or(0), "{line}");
+        }
+        if let Some(tell) = shared.hook.lock().expect("hook lock poisoned").take() {
+            let _ = tell.send(HookReport { status, output });
+        }
+        return;
+    }
     let Some((id, body)) = frame.payload.split_first_chunk::<4>() else {
         return;
     };
     let id = u32::from_le_bytes(*id);
     let event = match frame.kind {
         FrameKind::Data => StreamEvent::Data(Bytes::copy_from_slice(body)),
+        FrameKind::Stderr => StreamEvent::Stderr(Bytes::copy_from_slice(body)),
+        FrameKind::Exit => StreamEvent::Exit(ExitReport {
+            status: body.first_chunk::<4>().map_or(-1, |s| i32::from_le_bytes(*s)),
+            timed_out: body.get(4) == Some(&1),
+            message: String::from_utf8_lossy(body.get(5..).unwrap_or_default()).into_owned(),
+        }),
         FrameKind::Window => match body.first_chunk::<4>() {
             Some(credit) => StreamEvent::Window(u32::from_le_bytes(*credit)),
             None => return,
@@ -473,7 +693,7 @@ fn guest_frame(shared: &Shared, frame: Frame) {
         },
         _ => return,
     };
-    let reset = matches!(event, StreamEvent::Closed { reset: true, .. });
+    let reset = matches!(event, StreamEvent::Closed { reset: true, .. } | StreamEvent::Exit(_));
     if let Some(events) = shared.streams.lock().expect("streams lock poisoned").get(&id) {
         let _ = events.send(event);
     }
@@ -527,13 +747,54 @@ impl VmHandle {
 
     /// Opens a stream to `port` in the guest; waits until the guest connected it.
     async fn open(&self, port: u16, hold: Option<OwnedSemaphorePermit>) -> Result<DuplexStream, InvokeError> {
+        match self.open_stream(&Target::Port(port), hold, DropWith::Reset).await {
+            Ok(stream) => Ok(stream.io),
+            Err(OpenError::Vm(e)) => Err(e),
+            Err(OpenError::Refused(exit)) => {
+                Err(InvokeError::failed(format!("the sandbox's server: {}", exit.message)))
+            }
+        }
+    }
+
+    /// Starts a process in the guest: an exec on pipes, or a shell on a pty. Dropping the stream
+    /// before the process ended kills it, unless `detach` says it runs on.
+    pub async fn exec(&self, spec: &ExecSpec, detach: bool) -> Result<GuestStream, OpenError> {
+        let drop_with = if detach { DropWith::Detach } else { DropWith::Reset };
+        self.open_stream(&Target::Process(spec), None, drop_with).await
+    }
+
+    /// Opens a file in the guest to write (`mode`) or read: its content goes through the
+    /// stream's `io`; the end (0, or the errno of the failure) comes as the side's `Exit`.
+    pub async fn file(&self, path: &str, write: Option<u32>) -> Result<GuestStream, OpenError> {
+        let target = match write {
+            Some(mode) => Target::WriteFile { path, mode },
+            None => Target::ReadFile { path },
+        };
+        self.open_stream(&target, None, DropWith::Reset).await
+    }
+
+    /// Opens a stream to `target`; waits until the guest took it.
+    async fn open_stream(
+        &self,
+        target: &Target<'_>,
+        hold: Option<OwnedSemaphorePermit>,
+        drop_with: DropWith,
+    ) -> Result<GuestStream, OpenError> {
         let shared = &self.shared;
+        let gone = || {
+            OpenError::Vm(InvokeError::failed(
+                self.failure().unwrap_or_else(|| "the microVM is gone".into()),
+            ))
+        };
         if let Some(reason) = shared.failure.get() {
-            return Err(InvokeError::failed(reason.clone()));
+            return Err(OpenError::Vm(InvokeError::failed(reason.clone())));
         }
         if shared.closing.load(Ordering::SeqCst) {
-            return Err(InvokeError::failed("the sandbox is being suspended".into()));
+            return Err(OpenError::Vm(InvokeError::failed(
+                "the sandbox is being suspended".into(),
+            )));
         }
+        let encoded = target.encode().map_err(|e| OpenError::Vm(InvokeError::failed(e)))?;
         let id = shared.next_stream.fetch_add(1, Ordering::Relaxed);
         let (events_tx, mut events) = mpsc::unbounded_channel();
         shared
@@ -542,43 +803,91 @@ impl VmHandle {
             .expect("streams lock poisoned")
             .insert(id, events_tx);
         let mut open = id.to_le_bytes().to_vec();
-        open.extend_from_slice(&port.to_le_bytes());
+        open.extend_from_slice(&encoded);
         if shared.send_frame(FrameKind::Open, open).await.is_err() {
-            return Err(InvokeError::failed(
-                self.failure().unwrap_or_else(|| "the microVM is gone".into()),
-            ));
+            shared.remove(id);
+            return Err(gone());
         }
         let credit = match events.recv().await {
             Some(StreamEvent::Window(credit)) => credit,
             Some(StreamEvent::Closed { reason, .. }) => {
                 shared.remove(id);
-                return Err(InvokeError::failed(format!("the sandbox's server: {reason}")));
+                return Err(OpenError::Refused(ExitReport {
+                    status: -1,
+                    timed_out: false,
+                    message: reason,
+                }));
+            }
+            Some(StreamEvent::Exit(exit)) => {
+                shared.remove(id);
+                return Err(OpenError::Refused(exit));
             }
             _ => {
                 shared.remove(id);
-                return Err(InvokeError::failed("the sandbox's stream broke".into()));
+                return Err(OpenError::Vm(InvokeError::failed("the sandbox's stream broke".into())));
             }
         };
         let (app, kiln) = tokio::io::duplex(STREAM_WINDOW as usize);
-        tokio::spawn(bridge(shared.clone(), id, kiln, events, credit, hold));
-        Ok(app)
+        let (side_tx, side) = mpsc::channel(16);
+        let link = Link {
+            shared: shared.clone(),
+            id,
+            side: side_tx,
+            drop_with,
+            ends_with_exit: !matches!(target, Target::Port(_)),
+            _hold: hold,
+        };
+        tokio::spawn(bridge(link, kiln, events, credit));
+        Ok(GuestStream {
+            io: app,
+            side,
+            id,
+            shared: shared.clone(),
+        })
     }
 }
 
-/// Relays one stream between its duplex end and the guest, within the credit each side gives.
-async fn bridge(
+/// What the guest is told when the host's end of a stream goes away first.
+#[derive(Clone, Copy)]
+enum DropWith {
+    /// CLOSE 1: the connection is reset, a process killed.
+    Reset,
+    /// CLOSE 2: a process runs on, its output dropped.
+    Detach,
+}
+
+/// One stream's ties to its VM, held by its bridge.
+struct Link {
     shared: Arc<Shared>,
     id: u32,
-    kiln: DuplexStream,
-    mut events: mpsc::UnboundedReceiver<StreamEvent>,
-    mut credit: u32,
+    side: mpsc::Sender<Side>,
+    drop_with: DropWith,
+    /// A process or a file: the stream ends with the guest's EXIT, not when both sides closed.
+    ends_with_exit: bool,
     _hold: Option<OwnedSemaphorePermit>,
-) {
+}
+
+/// Relays one stream between its duplex end and the guest, within the credit each side gives.
+async fn bridge(link: Link, kiln: DuplexStream, mut events: mpsc::UnboundedReceiver<StreamEvent>, mut credit: u32) {
+    let Link {
+        shared,
+        id,
+        side,
+        drop_with,
+        ends_with_exit,
+        ..
+    } = &link;
+    let id = *id;
     let (mut from_app, mut to_app) = tokio::io::split(kiln);
     let mut buf = vec![0u8; 64 << 10];
     let (mut sent_all, mut received_all) = (false, false);
+    let window = |n: usize| {
+        let mut window = id.to_le_bytes().to_vec();
+        window.extend_from_slice(&(n as u32).to_le_bytes());
+        window
+    };
     let reset = loop {
-        if sent_all && received_all {
+        if sent_all && received_all && !ends_with_exit {
             break false;
         }
         let room = (credit as usize).min(buf.len());
@@ -606,11 +915,24 @@ async fn bridge(
                     if to_app.write_all(&bytes).await.is_err() {
                         break true;
                     }
-                    let mut window = id.to_le_bytes().to_vec();
-                    window.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-                    if shared.send_frame(FrameKind::Window, window).await.is_err() {
+                    if shared.send_frame(FrameKind::Window, window(bytes.len())).await.is_err() {
                         break true;
                     }
+                }
+                Some(StreamEvent::Stderr(bytes)) => {
+                    let n = bytes.len();
+                    if side.send(Side::Stderr(bytes)).await.is_err() {
+                        break true;
+                    }
+                    if shared.send_frame(FrameKind::Window, window(n)).await.is_err() {
+                        break true;
+                    }
+                }
+                Some(StreamEvent::Exit(exit)) => {
+                    // The guest is done with the stream: what the app reads ends here.
+                    let _ = to_app.shutdown().await;
+                    let _ = side.send(Side::Exit(exit)).await;
+                    break false;
                 }
                 Some(StreamEvent::Window(more)) => credit = credit.saturating_add(more),
                 Some(StreamEvent::Closed { reset: false, .. }) => {
@@ -619,11 +941,16 @@ async fn bridge(
                 }
                 Some(StreamEvent::Closed { reset: true, .. }) | None => break false,
             },
+            // The host's user of a process or file stream went away before its end.
+            () = side.closed(), if *ends_with_exit => break true,
         }
     };
     if reset {
         let mut close = id.to_le_bytes().to_vec();
-        close.push(1);
+        close.push(match drop_with {
+            DropWith::Reset => 1,
+            DropWith::Detach => 2,
+        });
         let _ = shared.send_frame(FrameKind::Close, close).await;
     }
     shared.remove(id);
