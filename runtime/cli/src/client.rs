@@ -33,6 +33,9 @@ pub enum CliError {
     File { path: String, source: std::io::Error },
     #[error("the server's answer was not understood: {0}")]
     Protocol(String),
+    /// A command run in a sandbox (exec, shell) ended with this exit code, which the CLI exits with.
+    #[error("the command in the sandbox exited with code {0}")]
+    Exited(u8),
 }
 
 impl CliError {
@@ -40,6 +43,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::FunctionFailed(_) => 1,
+            CliError::Exited(code) => *code,
             CliError::Server { code, .. } if code == "function_failed" || code == "timeout" => 1,
             _ => 3,
         }
@@ -87,6 +91,12 @@ impl Client {
             .build()
             .map_err(|e| CliError::Protocol(e.to_string()))?;
         Ok(Client { http, base, token })
+    }
+
+    /// The server's base URL and the token: for connections the HTTP client does not make (the
+    /// shell's websocket).
+    pub fn base_and_token(&self) -> (&str, Option<&str>) {
+        (&self.base, self.token.as_deref())
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -139,6 +149,12 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 pub fn server_error(response: Response) -> CliError {
     let status = response.status().as_u16();
     let text = response.text().unwrap_or_default();
+    server_error_from(status, text.as_bytes())
+}
+
+/// An error answer's status and body as `Server`.
+pub fn server_error_from(status: u16, body: &[u8]) -> CliError {
+    let text = String::from_utf8_lossy(body);
     let parsed: Option<Value> = serde_json::from_str(&text).ok();
     match parsed.as_ref().and_then(|v| v.get("error")) {
         Some(error) if error.get("message").is_some() => CliError::Server {

@@ -11,6 +11,7 @@ mod functions;
 mod invocations;
 mod progress;
 mod sandboxes;
+mod shell;
 mod tokens;
 
 use std::path::PathBuf;

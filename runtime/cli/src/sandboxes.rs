@@ -1,4 +1,5 @@
-//! `kiln sandbox run|ls|get|suspend|resume|fork|rm|token|curl`: sandboxes, one request each.
+//! `kiln sandbox run|ls|get|suspend|resume|fork|rm|token|curl|exec|upload|download|shell`:
+//! sandboxes, one request each (the shell: one websocket, see [`crate::shell`]).
 
 use std::io::Write;
 
@@ -68,6 +69,42 @@ pub enum SandboxCommand {
         #[arg(short, long)]
         data: Option<String>,
     },
+    /// Run a command in a microVM sandbox: its stdout and stderr are printed, and the CLI exits
+    /// with its exit code. `kiln sandbox exec ID -- ls -la /`
+    Exec {
+        id: String,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+        /// Environment variables (repeatable).
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Working directory in the guest.
+        #[arg(long)]
+        cwd: Option<String>,
+        #[arg(long = "timeout-ms")]
+        timeout_ms: Option<u64>,
+        /// Send this process's stdin to the command.
+        #[arg(long)]
+        stdin: bool,
+    },
+    /// Copy a local file into a microVM sandbox.
+    Upload {
+        id: String,
+        local: std::path::PathBuf,
+        /// Absolute path in the guest.
+        remote: String,
+        /// Octal permissions (0644).
+        #[arg(long)]
+        mode: Option<String>,
+    },
+    /// Copy a file out of a microVM sandbox (to stdout without LOCAL).
+    Download {
+        id: String,
+        remote: String,
+        local: Option<std::path::PathBuf>,
+    },
+    /// Open a login shell in a microVM sandbox on this terminal (exits with the shell's code).
+    Shell { id: String },
 }
 
 pub fn run(client: &Client, command: SandboxCommand, json: bool) -> Result<(), CliError> {
@@ -212,8 +249,109 @@ pub fn run(client: &Client, command: SandboxCommand, json: bool) -> Result<(), C
                 });
             }
         }
+        SandboxCommand::Exec {
+            id,
+            argv,
+            env,
+            cwd,
+            timeout_ms,
+            stdin,
+        } => {
+            let mut body = Map::new();
+            body.insert("argv".into(), json!(argv));
+            let mut vars = Map::new();
+            for pair in env {
+                let (key, value) = pair
+                    .split_once('=')
+                    .ok_or_else(|| CliError::Usage(format!("--env {pair:?}: expected KEY=VALUE")))?;
+                vars.insert(key.into(), value.into());
+            }
+            body.insert("env".into(), Value::Object(vars));
+            if let Some(cwd) = cwd {
+                body.insert("cwd".into(), cwd.into());
+            }
+            if let Some(ms) = timeout_ms {
+                body.insert("timeout_ms".into(), ms.into());
+            }
+            if stdin {
+                let mut input = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut input)
+                    .map_err(|e| CliError::Usage(format!("reading stdin (it must be UTF-8 text): {e}")))?;
+                body.insert("stdin".into(), input.into());
+            }
+            let result = client.json(
+                client
+                    .request(Method::POST, &format!("/v1/sandboxes/{id}/exec"))
+                    .json(&Value::Object(body)),
+            )?;
+            if json {
+                print_json(&result);
+            } else {
+                let _ = std::io::stdout().write_all(result["stdout"].as_str().unwrap_or("").as_bytes());
+                let _ = std::io::stderr().write_all(result["stderr"].as_str().unwrap_or("").as_bytes());
+                if result["truncated"] == true {
+                    eprintln!("kiln: the output was truncated at 1 MiB per stream");
+                }
+            }
+            let code = result["exit_code"].as_i64().unwrap_or(1);
+            if code != 0 {
+                return Err(CliError::Exited(code.clamp(1, 255) as u8));
+            }
+        }
+        SandboxCommand::Upload {
+            id,
+            local,
+            remote,
+            mode,
+        } => {
+            let bytes = std::fs::read(&local).map_err(|source| CliError::File {
+                path: local.display().to_string(),
+                source,
+            })?;
+            let mut path = format!("/v1/sandboxes/{id}/files?path={}", encode(&remote));
+            if let Some(mode) = mode {
+                path.push_str(&format!("&mode={}", encode(&mode)));
+            }
+            let written = client.json(client.request(Method::PUT, &path).body(bytes))?;
+            if json {
+                print_json(&written);
+            } else {
+                println!("{} bytes to {}", written["bytes"], remote);
+            }
+        }
+        SandboxCommand::Download { id, remote, local } => {
+            let path = format!("/v1/sandboxes/{id}/files?path={}", encode(&remote));
+            let response = client.send(client.request(Method::GET, &path))?;
+            let bytes = response.bytes().map_err(|e| CliError::Protocol(e.to_string()))?;
+            match local {
+                Some(local) => std::fs::write(&local, &bytes).map_err(|source| CliError::File {
+                    path: local.display().to_string(),
+                    source,
+                })?,
+                None => std::io::stdout()
+                    .write_all(&bytes)
+                    .map_err(|e| CliError::Protocol(e.to_string()))?,
+            }
+        }
+        SandboxCommand::Shell { id } => {
+            let code = crate::shell::run(client, &id)?;
+            if code != 0 {
+                return Err(CliError::Exited(code));
+            }
+        }
     }
     Ok(())
+}
+
+/// Percent-encodes a query value.
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn print_id_or_json(record: &Value, json: bool) {

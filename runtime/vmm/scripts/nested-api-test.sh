@@ -40,6 +40,7 @@ entries=(
   "${root#/}/target/kiln-guest/vmlinuz=$guest/vmlinuz"
   "${root#/}/runtime/kiln/"
   "all=$work/all"
+  "bin/busybox=/bin/busybox"
   "proc/" "sys/" "tmp/"
   "run:=/all\0microvm::native_functions\0--nocapture\0--test-threads\01"
   "run-env:=KILN_MICROVM_QUIRKS=available-tss\0KILN_GUEST_BINARIES=/guest\0RUST_BACKTRACE=1\0HOME=/tmp\0TMPDIR=/tmp"

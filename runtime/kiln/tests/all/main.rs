@@ -12,6 +12,7 @@ mod http_trigger;
 mod lifecycle;
 mod limits;
 mod microvm;
+mod microvm_inside;
 #[path = "../../../vmm/tests/support/musl.rs"]
 mod musl;
 mod openapi;

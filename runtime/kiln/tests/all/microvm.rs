@@ -189,7 +189,12 @@ fn booting_client() -> reqwest::blocking::Client {
 }
 
 /// Deploys as `Kiln::deploy_with` does, with time for the boot.
-fn deploy_booting(kiln: &Kiln, name: &str, code: Vec<u8>, config: &serde_json::Value) -> reqwest::blocking::Response {
+pub(crate) fn deploy_booting(
+    kiln: &Kiln,
+    name: &str,
+    code: Vec<u8>,
+    config: &serde_json::Value,
+) -> reqwest::blocking::Response {
     use reqwest::blocking::multipart;
     let form = multipart::Form::new()
         .part("code", multipart::Part::bytes(code))
@@ -287,7 +292,8 @@ fn native_functions_deploy_and_invoke_on_kilns_vmm_where_hardware_virtualization
     expect_error(invoke(&kiln, "spin"), 504, "timeout");
     assert!(started.elapsed() < Duration::from_secs(30));
     assert_eq!(invoke(&kiln, "still alive").text().unwrap(), "STILL ALIVE");
-    let mut kiln = microvm_sandboxes(kiln, data.path(), &args, &webapp);
+    let kiln = microvm_sandboxes(kiln, data.path(), &args, &webapp);
+    let mut kiln = crate::microvm_inside::images_exec_shell_files_and_hooks(kiln, data.path(), &args);
 
     // The snapshot is sealed, and outlives the process: a restarted Kiln serves from it without
     // booting.
@@ -630,7 +636,7 @@ fn microvm_sandboxes(mut kiln: Kiln, data: &Path, args: &[&str], webapp: &Path) 
 }
 
 /// The last `n` bytes of `text` (on a character boundary).
-fn tail(text: &str, n: usize) -> &str {
+pub(crate) fn tail(text: &str, n: usize) -> &str {
     let mut start = text.len().saturating_sub(n);
     while !text.is_char_boundary(start) {
         start += 1;
@@ -709,8 +715,12 @@ fn native_functions_and_sandboxes_nested_in_qemu_where_the_host_has_no_hardware_
             .output()
             .is_ok_and(|o| o.status.success())
     });
-    if !kernel.exists() || modules.iter().any(|m| !m.exists()) || !tools {
-        return skip("needs the guest kernel and its KVM modules (runtime/scripts/setup.sh), qemu-system-x86_64, objcopy and ldd");
+    let busybox = Path::new("/bin/busybox");
+    if !kernel.exists() || modules.iter().any(|m| !m.exists()) || !tools || !busybox.exists() {
+        return skip(
+            "needs the guest kernel and its KVM modules, /bin/busybox (busybox-static) (runtime/scripts/setup.sh), \
+             qemu-system-x86_64, objcopy and ldd",
+        );
     }
     let target_dir = guest.join("cargo");
     let packages: [&[&str]; 2] = [&["-p", "kiln-guest-agent"], &["-p", "kiln-vmm", "--example", "linux"]];
@@ -768,6 +778,8 @@ fn native_functions_and_sandboxes_nested_in_qemu_where_the_host_has_no_hardware_
             0o755,
         );
     }
+    // The busybox image's tests build it from the host's static busybox.
+    add(&mut image, busybox, &read(busybox), 0o755);
     for module in &modules {
         let name = module.file_name().unwrap();
         add(&mut image, &Path::new("modules").join(name), &read(module), 0o644);

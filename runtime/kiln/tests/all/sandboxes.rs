@@ -767,6 +767,24 @@ fn bad_sandbox_requests_get_clear_errors() {
         "not_found",
     );
     expect_error(kiln.get(&format!("/v1/sandboxes/{id}/exec")), 405, "method_not_allowed");
+    // A sandbox token with the exec scope stands in for Kiln's token there (and reaches the
+    // tier's answer); one with only the ingress scope, or none, does not.
+    let exec_token = sandbox_token(&kiln, &id, &["exec"]);
+    let ingress_token = sandbox_token(&kiln, &id, &["ingress"]);
+    let exec = |token: Option<&str>| {
+        let request = client()
+            .post(kiln.url(&format!("/v1/sandboxes/{id}/exec")))
+            .json(&json!({"argv": ["ls"]}));
+        match token {
+            Some(token) => request.header("x-kiln-sandbox-token", token),
+            None => request,
+        }
+        .send()
+        .unwrap()
+    };
+    expect_error(exec(Some(&exec_token)), 400, "invalid_request");
+    expect_error(exec(Some(&ingress_token)), 403, "forbidden");
+    expect_error(exec(None), 401, "unauthorized");
 }
 
 /// Regular files under `dir`, at any depth.

@@ -306,7 +306,7 @@ fn query_flag(query: Option<&str>, name: &str) -> bool {
         .any(|(key, value)| key == name && matches!(value, "true" | "1" | ""))
 }
 
-fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<String> {
+fn query_value(query: Option<&str>, name: &str) -> Option<String> {
     query
         .unwrap_or("")
         .split('&')
@@ -493,6 +493,7 @@ pub async fn shell(
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Problem> {
     authorize(auth, sandboxes, id, &req, Scope::Shell).await?;
+    let vm = sandboxes.vm(id).await?;
     let key = req
         .headers()
         .get(header::SEC_WEBSOCKET_KEY)
@@ -524,7 +525,6 @@ pub async fn shell(
             .or(offered.first())
             .map(|p| p.to_string())
     };
-    let vm = sandboxes.vm(id).await?;
     let spec = ExecSpec {
         pty: Some((cols, rows)),
         ..ExecSpec::default()

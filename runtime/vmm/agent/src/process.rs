@@ -250,9 +250,17 @@ impl Process {
         if self.status.is_some() {
             return;
         }
-        if let Ok(Some(status)) = self.child.try_wait() {
-            use std::os::unix::process::ExitStatusExt;
-            self.status = Some(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)));
+        let ended = match self.child.try_wait() {
+            Ok(Some(status)) => {
+                use std::os::unix::process::ExitStatusExt;
+                Some(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+            }
+            Ok(None) => None,
+            // Reaped by [`reap_orphans`] first.
+            Err(_) => reaped(self.child.id()),
+        };
+        if let Some(status) = ended {
+            self.status = Some(status);
             self.ended_at = Some(Instant::now());
             return;
         }
@@ -289,6 +297,40 @@ impl Drop for Process {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Exit statuses [`reap_orphans`] collected, by pid, for the owners that ask after them.
+static REAPED: std::sync::Mutex<Vec<(u32, i32)>> = std::sync::Mutex::new(Vec::new());
+
+/// As PID 1 the agent inherits every orphan (a daemon's children, a shell's background jobs):
+/// each is reaped here, so none stays a zombie. A child of the agent's own reaped here keeps its
+/// status for [`Process::check`].
+pub fn reap_orphans() {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into a valid int.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return;
+        }
+        let code = if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            128 + libc::WTERMSIG(status)
+        };
+        let mut reaped = REAPED.lock().unwrap_or_else(|e| e.into_inner());
+        reaped.push((pid as u32, code));
+        // Orphans nobody asks after: keep the list bounded.
+        if reaped.len() > 4096 {
+            reaped.drain(..2048);
+        }
+    }
+}
+
+fn reaped(pid: u32) -> Option<i32> {
+    let mut reaped = REAPED.lock().unwrap_or_else(|e| e.into_inner());
+    let at = reaped.iter().position(|(p, _)| *p == pid)?;
+    Some(reaped.remove(at).1)
 }
 
 fn winsize(cols: u16, rows: u16) -> libc::winsize {

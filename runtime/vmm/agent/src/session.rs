@@ -107,6 +107,7 @@ pub fn run(channel: &mut Channel, first: &[u8], image: &Image, server: Option<Se
     session.begin(channel, first);
     let mut timeout = POLL_FAST;
     loop {
+        process::reap_orphans();
         let mut active = session.host_frames(channel);
         active |= session.poll_streams(channel, timeout);
         timeout = if active {

@@ -1,0 +1,340 @@
+//! Inside a microVM sandbox, end to end on Kiln's VMM (run within the nested boot of
+//! `microvm::native_functions_deploy_and_invoke_on_kilns_vmm_where_hardware_virtualization_exists`):
+//! a busybox image deployed, its server started and its ready hook run before the snapshot; exec
+//! buffered and streamed, a shell on a pty over a websocket, files both ways, `busybox httpd`
+//! through ingress, the restore, suspend and terminate hooks, and a snapshot rebuilt where the CPU
+//! key differs.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::json;
+
+use crate::support::{busybox_rootfs, Kiln};
+
+/// The busybox image of these tests: `httpd` serving `/www` on 8080, every hook marking `/marks`.
+fn image() -> Vec<u8> {
+    let hook = |name: &str| format!("#!/bin/sh\necho {name} >> /marks\necho hook {name} ran\n").into_bytes();
+    let (ready, restore, suspend, terminate) = (hook("ready"), hook("restore"), hook("suspend"), hook("terminate"));
+    busybox_rootfs(&[
+        ("www/index.html", 0o644, b"served by busybox httpd\n"),
+        ("kiln/hooks/ready", 0o755, &ready[..]),
+        ("kiln/hooks/restore", 0o755, &restore[..]),
+        ("kiln/hooks/suspend", 0o755, &suspend[..]),
+        ("kiln/hooks/terminate", 0o755, &terminate[..]),
+    ])
+}
+
+pub fn images_exec_shell_files_and_hooks(kiln: Kiln, data: &Path, args: &[&str]) -> Kiln {
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    let config = json!({
+        "tier": "microvm", "memory_mb": 256, "timeout_ms": 120000,
+        "entrypoint": ["/bin/httpd", "-f", "-p", "8080", "-h", "/www"],
+    });
+    let started = Instant::now();
+    let response = crate::microvm::deploy_booting(&kiln, "busybox", image(), &config);
+    let status = response.status();
+    let body: serde_json::Value = response.json().unwrap();
+    assert_eq!(status, 201, "{body}\n{}", crate::microvm::tail(&kiln.log(), 6000));
+    assert_eq!(body["kind"], "image", "{body}");
+    eprintln!(
+        "busybox image deployed (boot, ready hook, snapshot) in {:?}",
+        started.elapsed()
+    );
+
+    let post = |kiln: &Kiln, path: &str, body: serde_json::Value| {
+        http.post(kiln.url(path))
+            .bearer_auth(&kiln.token)
+            .json(&body)
+            .send()
+            .unwrap()
+    };
+    let response = post(&kiln, "/v1/sandboxes", json!({"function": "busybox"}));
+    let status = response.status();
+    let sandbox: serde_json::Value = response.json().unwrap();
+    assert_eq!(status, 201, "{sandbox}");
+    let id = sandbox["id"].as_str().unwrap().to_owned();
+    let exec = |argv: &[&str]| -> serde_json::Value {
+        let response = post(&kiln, &format!("/v1/sandboxes/{id}/exec"), json!({ "argv": argv }));
+        let status = response.status();
+        let body: serde_json::Value = response.json().unwrap();
+        assert_eq!(status, 200, "exec {argv:?}: {body}");
+        body
+    };
+
+    // Buffered exec: both streams and the exit code.
+    let result = exec(&["sh", "-c", "echo out; echo err >&2; exit 3"]);
+    assert_eq!(
+        (
+            result["stdout"].as_str(),
+            result["stderr"].as_str(),
+            result["exit_code"].as_i64()
+        ),
+        (Some("out\n"), Some("err\n"), Some(3)),
+        "{result}"
+    );
+    // stdin, env and cwd reach the process; a missing program is 127, as a shell says.
+    let response = post(
+        &kiln,
+        &format!("/v1/sandboxes/{id}/exec"),
+        json!({"argv": ["sh", "-c", "cat; echo \" $NAME $(pwd)\""], "stdin": "piped", "env": {"NAME": "kiln"}, "cwd": "/www"}),
+    );
+    let body: serde_json::Value = response.json().unwrap();
+    assert_eq!(body["stdout"], "piped kiln /www\n", "{body}");
+    assert_eq!(exec(&["/no/such/program"])["exit_code"], 127);
+    // A timeout kills it and says so.
+    let response = post(
+        &kiln,
+        &format!("/v1/sandboxes/{id}/exec"),
+        json!({"argv": ["sleep", "60"], "timeout_ms": 1000}),
+    );
+    let body: serde_json::Value = response.json().unwrap();
+    assert_eq!(
+        (body["timed_out"].as_bool(), body["exit_code"].as_i64()),
+        (Some(true), Some(137)),
+        "{body}"
+    );
+
+    // The ready hook ran once at the build; the restore hook once when the sandbox started.
+    assert_eq!(exec(&["cat", "/marks"])["stdout"], "ready\nrestore\n");
+
+    // A streamed exec of more than 10 MiB arrives whole and in order.
+    let count = 1_500_000;
+    let started = Instant::now();
+    let response = http
+        .post(kiln.url(&format!("/v1/sandboxes/{id}/exec")))
+        .bearer_auth(&kiln.token)
+        .header("accept", "text/event-stream")
+        .json(&json!({"argv": ["busybox", "seq", "1", count.to_string()], "timeout_ms": 600000}))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (stdout, stderr, exit) = read_events(response);
+    let expected: String = (1..=count).map(|n| format!("{n}\n")).collect();
+    assert!(expected.len() > 10 << 20);
+    assert_eq!(stdout.len(), expected.len(), "streamed stdout length");
+    assert!(stdout == expected.as_bytes(), "streamed stdout differs from seq's");
+    assert!(stderr.is_empty());
+    assert_eq!(exit["exit_code"], 0, "{exit}");
+    eprintln!(
+        "streamed {} MiB through exec in {:?}",
+        expected.len() >> 20,
+        started.elapsed()
+    );
+
+    // A shell on a pty: its size, its terminal, arithmetic, a resize, and its exit code.
+    shell_session(&kiln, &id);
+
+    // A file round-trips byte for byte, with its mode; a missing one is 404.
+    let blob: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let response = http
+        .put(kiln.url(&format!("/v1/sandboxes/{id}/files?path=/data/blob.bin&mode=0600")))
+        .bearer_auth(&kiln.token)
+        .body(blob.clone())
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().unwrap());
+    let response = http
+        .get(kiln.url(&format!("/v1/sandboxes/{id}/files?path=/data/blob.bin")))
+        .bearer_auth(&kiln.token)
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.bytes().unwrap().to_vec() == blob,
+        "the file did not round-trip"
+    );
+    assert_eq!(
+        exec(&["busybox", "stat", "-c", "%a", "/data/blob.bin"])["stdout"],
+        "600\n"
+    );
+    let response = http
+        .get(kiln.url(&format!("/v1/sandboxes/{id}/files?path=/no/such/file")))
+        .bearer_auth(&kiln.token)
+        .send()
+        .unwrap();
+    crate::support::expect_error(response, 404, "not_found");
+
+    // busybox httpd, the image's entrypoint, serves through ingress.
+    let response = http
+        .get(kiln.url(&format!("/sbx/{id}/index.html")))
+        .bearer_auth(&kiln.token)
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().unwrap(), "served by busybox httpd\n");
+
+    // Suspend runs the suspend hook; resume the restore hook again.
+    let response = post(&kiln, &format!("/v1/sandboxes/{id}/suspend"), json!({}));
+    assert_eq!(response.status(), 200, "{}", response.text().unwrap());
+    let response = post(&kiln, &format!("/v1/sandboxes/{id}/resume"), json!({}));
+    assert_eq!(response.status(), 200, "{}", response.text().unwrap());
+    assert_eq!(exec(&["cat", "/marks"])["stdout"], "ready\nrestore\nsuspend\nrestore\n");
+    // Terminate runs the terminate hook (its output is in the server's log).
+    let response = http
+        .delete(kiln.url(&format!("/v1/sandboxes/{id}")))
+        .bearer_auth(&kiln.token)
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        kiln.log().contains("hook terminate ran"),
+        "{}",
+        crate::microvm::tail(&kiln.log(), 4000)
+    );
+
+    // A node whose CPU key differs rebuilds the snapshot from the stored image, and says so.
+    let mut kiln = kiln;
+    kiln.kill();
+    let kiln = Kiln::start_in_with_env(data, args, &[("KILN_MICROVM_CPU_KEY_SALT", "another-cpu")]);
+    let response = post(&kiln, "/v1/sandboxes", json!({"function": "busybox"}));
+    let status = response.status();
+    let sandbox: serde_json::Value = response.json().unwrap();
+    assert_eq!(status, 201, "{sandbox}");
+    assert!(
+        kiln.log().contains("snapshot was taken on another CPU"),
+        "{}",
+        crate::microvm::tail(&kiln.log(), 4000)
+    );
+    let id = sandbox["id"].as_str().unwrap();
+    let response = post(&kiln, &format!("/v1/sandboxes/{id}/exec"), json!({"argv": ["cat", "/marks"]}));
+    let body: serde_json::Value = response.json().unwrap();
+    assert_eq!(
+        body["stdout"], "ready\nrestore\n",
+        "the rebuilt snapshot did not run the ready hook"
+    );
+    // Back on this node's own CPU key for the rest of the nested run.
+    let mut kiln = kiln;
+    kiln.kill();
+    Kiln::start_in(data, args)
+}
+
+/// Reads an exec's server-sent events to the end: (stdout, stderr, the exit event's data).
+fn read_events(response: reqwest::blocking::Response) -> (Vec<u8>, Vec<u8>, serde_json::Value) {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let text = response.text().unwrap();
+    let (mut stdout, mut stderr, mut exit) = (Vec::new(), Vec::new(), serde_json::Value::Null);
+    for event in text.split("\n\n").filter(|e| !e.is_empty()) {
+        let mut name = "";
+        let mut data = "";
+        for line in event.lines() {
+            if let Some(n) = line.strip_prefix("event: ") {
+                name = n;
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                data = d;
+            }
+        }
+        match name {
+            "stdout" => stdout.extend(b64.decode(data).unwrap()),
+            "stderr" => stderr.extend(b64.decode(data).unwrap()),
+            "exit" => exit = serde_json::from_str(data).unwrap(),
+            other => panic!("unexpected event {other:?}: {data}"),
+        }
+    }
+    (stdout, stderr, exit)
+}
+
+/// A websocket client just big enough for the shell: masked frames out, any length in.
+struct Socket(TcpStream);
+
+impl Socket {
+    fn connect(kiln: &Kiln, path: &str) -> Socket {
+        let mut stream = TcpStream::connect(&kiln.addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            kiln.addr, kiln.token
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        assert!(head.contains("s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
+        Socket(stream)
+    }
+
+    fn send(&mut self, opcode: u8, payload: &[u8]) {
+        let mask = [7u8, 1, 2, 3];
+        assert!(payload.len() < 126);
+        let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.0.write_all(&frame).unwrap();
+    }
+
+    fn receive(&mut self) -> (u8, Vec<u8>) {
+        let mut header = [0u8; 2];
+        self.0.read_exact(&mut header).unwrap();
+        let len = match header[1] & 0x7f {
+            126 => {
+                let mut n = [0u8; 2];
+                self.0.read_exact(&mut n).unwrap();
+                u16::from_be_bytes(n) as usize
+            }
+            127 => {
+                let mut n = [0u8; 8];
+                self.0.read_exact(&mut n).unwrap();
+                u64::from_be_bytes(n) as usize
+            }
+            n => n as usize,
+        };
+        let mut payload = vec![0u8; len];
+        self.0.read_exact(&mut payload).unwrap();
+        (header[0] & 0x0f, payload)
+    }
+
+    /// Reads terminal output until it contains `needle`; returns all of it.
+    fn until(&mut self, needle: &str) -> String {
+        let mut seen = String::new();
+        while !seen.contains(needle) {
+            let (opcode, payload) = self.receive();
+            assert_eq!(
+                opcode, 2,
+                "expected terminal bytes, got opcode {opcode}; so far: {seen:?}"
+            );
+            seen.push_str(&String::from_utf8_lossy(&payload));
+        }
+        seen
+    }
+}
+
+fn shell_session(kiln: &Kiln, id: &str) {
+    let mut shell = Socket::connect(kiln, &format!("/v1/sandboxes/{id}/shell?cols=80&rows=24"));
+    shell.send(2, b"stty size; tty; echo $((6*7))\n");
+    let seen = shell.until("\n42");
+    assert!(seen.contains("24 80"), "stty size: {seen:?}");
+    assert!(seen.contains("/dev/pts/"), "tty: {seen:?}");
+    shell.send(1, br#"{"resize": {"cols": 120, "rows": 40}}"#);
+    shell.send(2, b"stty size\n");
+    let seen = shell.until("40 120");
+    assert!(seen.contains("40 120"), "{seen:?}");
+    shell.send(2, b"exit 5\n");
+    loop {
+        let (opcode, payload) = shell.receive();
+        if opcode == 8 {
+            assert!(payload.len() >= 2, "a close frame without a code");
+            assert_eq!(
+                String::from_utf8_lossy(&payload[2..]),
+                "5",
+                "the close reason is the exit code"
+            );
+            break;
+        }
+        assert_eq!(opcode, 2);
+    }
+}
