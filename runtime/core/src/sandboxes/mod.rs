@@ -1161,6 +1161,49 @@ mod tests {
             sandboxes.list(None, None).await.unwrap().is_empty(),
             "a record was left"
         );
+
+        // A suspended microVM sandbox (its data moved here from a node with a hypervisor): every
+        // way in — exec, the shell and files (`vm`), ingress, resume — answers with the reason.
+        let id = "sbx_0123456789abcdefghjkmnpqrs";
+        let suspended = Sandbox {
+            id: id.into(),
+            function: "web".into(),
+            version: 1,
+            tier: Tier::Microvm,
+            state: State::Suspended,
+            error: None,
+            settings: Settings::default(),
+            idempotency_key: None,
+            created_at: crate::clock::now_rfc3339(),
+            last_active_ms: 0,
+            running_ms: 0,
+            running_since_ms: None,
+            suspended_ms: 0,
+            suspended_since_ms: Some(0),
+            state_digest: Some(Digest::of(b"a suspend point")),
+            state_bytes: 1,
+            suspended_at: None,
+            resumed_from: None,
+        };
+        sandboxes.storage.metadata.insert_sandbox(&suspended).unwrap();
+        let unavailable = |result: Result<(), SandboxError>, what: &str| match result {
+            Err(SandboxError::Load(LoadError::Unavailable(reason))) => {
+                assert!(reason.contains("not in unit tests"), "{what}: {reason}")
+            }
+            Err(other) => panic!("{what}: {other}"),
+            Ok(()) => panic!("{what}: reached a microVM where the tier cannot run"),
+        };
+        unavailable(sandboxes.vm(id).await.map(drop), "exec, shell, files");
+        use http_body_util::BodyExt as _;
+        let empty = http_body_util::Empty::new().map_err(|never| match never {}).boxed();
+        let request = http::Request::new(empty);
+        unavailable(sandboxes.enter(id, request).await.map(drop), "ingress");
+        unavailable(sandboxes.resume(id).await.map(drop), "resume");
+        assert_eq!(
+            sandboxes.get(id).await.unwrap().state,
+            State::Suspended,
+            "the sandbox was changed"
+        );
     }
 
     #[test]

@@ -205,7 +205,11 @@ pub fn images_exec_shell_files_and_hooks(kiln: Kiln, data: &Path, args: &[&str])
         crate::microvm::tail(&kiln.log(), 4000)
     );
     let id = sandbox["id"].as_str().unwrap();
-    let response = post(&kiln, &format!("/v1/sandboxes/{id}/exec"), json!({"argv": ["cat", "/marks"]}));
+    let response = post(
+        &kiln,
+        &format!("/v1/sandboxes/{id}/exec"),
+        json!({"argv": ["cat", "/marks"]}),
+    );
     let body: serde_json::Value = response.json().unwrap();
     assert_eq!(
         body["stdout"], "ready\nrestore\n",

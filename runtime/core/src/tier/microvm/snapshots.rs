@@ -46,9 +46,53 @@ fn root(layout: &Layout) -> PathBuf {
     layout.snapshots()
 }
 
-/// Where the snapshot named `digest` lives.
+/// Where the snapshot named `digest` lives on this node: beside the digest, this node's CPU key
+/// ([`cpu_key`]), so a snapshot is only ever restored on the kind of CPU it was taken on.
 pub fn dir(layout: &Layout, digest: &Digest) -> PathBuf {
-    root(layout).join(digest.hex())
+    root(layout).join(format!("{}-{}", digest.hex(), cpu_key()))
+}
+
+/// The environment variable whose value is mixed into the CPU key: operators set it to make
+/// every node boot its snapshots again (after a hypervisor or microcode change, say), and the
+/// tests use it to stand for another CPU.
+pub const CPU_KEY_SALT_ENV: &str = "KILN_MICROVM_CPU_KEY_SALT";
+
+/// This node's CPU as snapshots depend on it: the CPU's model name and the features code may
+/// use (a guest restored on a CPU lacking one it started with would fault), and the operator's
+/// salt; 12 hex digits of their SHA-256. A VM's state — CPUID, XSAVE layout, MSRs — is only
+/// sound on the CPU it was taken on, as Wasm code is only sound on the CPU it was compiled for.
+pub fn cpu_key() -> &'static str {
+    static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let model = fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find(|line| line.starts_with("model name"))
+                    .and_then(|line| line.split_once(':'))
+                    .map(|(_, name)| name.trim().to_owned())
+            })
+            .unwrap_or_default();
+        let salt = std::env::var(CPU_KEY_SALT_ENV).unwrap_or_default();
+        let text = format!("{model}\n{}\n{salt}", crate::tier::wasm::compile::cpu_features());
+        Digest::of(text.as_bytes()).hex()[..12].to_owned()
+    })
+}
+
+/// Snapshot directories of `digest` taken on other CPUs than this node's.
+fn taken_elsewhere(layout: &Layout, digest: &Digest) -> Vec<String> {
+    let prefix = format!("{}-", digest.hex());
+    let Ok(entries) = fs::read_dir(root(layout)) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let key = name.strip_prefix(&prefix)?.to_owned();
+            (key != cpu_key() && !key.ends_with(REJECTED_SUFFIX)).then_some(key)
+        })
+        .collect()
 }
 
 /// Where a snapshot directory goes when it does not verify.
@@ -60,10 +104,12 @@ fn rejected(dir: &Path) -> PathBuf {
 
 /// What the seal of a snapshot covers: its name, its vCPU/device state, its guest memory (as
 /// [`memory_digest`]).
-fn sealed_parts<'a>(digest: &'a Digest, state: &'a [u8], memory_sha256: &'a [u8]) -> [&'a [u8]; 4] {
+fn sealed_parts<'a>(digest: &'a Digest, state: &'a [u8], memory_sha256: &'a [u8]) -> [&'a [u8]; 5] {
     [
-        b"kiln microvm snapshot v1",
+        b"kiln microvm snapshot v2",
         digest.hex().as_bytes(),
+        // A snapshot moved into another CPU's place does not verify.
+        cpu_key().as_bytes(),
         state,
         memory_sha256,
     ]
@@ -314,12 +360,26 @@ pub async fn load(tier: &MicrovmTier, record: &VersionRecord) -> Result<Arc<Micr
     };
     match verdict.map_err(|e| link_error(e.to_string()))? {
         Verdict::Sealed(verified) => return Ok(Arc::new(MicrovmFunction::new(path, verified))),
-        Verdict::Missing => tracing::warn!(
-            function = %record.name,
-            version = record.version,
-            snapshot = digest.hex(),
-            "the microVM snapshot is missing; booting it again from the stored upload"
-        ),
+        Verdict::Missing => {
+            let elsewhere = taken_elsewhere(&tier.layout, &digest);
+            if elsewhere.is_empty() {
+                tracing::warn!(
+                    function = %record.name,
+                    version = record.version,
+                    snapshot = digest.hex(),
+                    "the microVM snapshot is missing; booting it again from the stored upload"
+                )
+            } else {
+                tracing::warn!(
+                    function = %record.name,
+                    version = record.version,
+                    snapshot = digest.hex(),
+                    cpu_key = cpu_key(),
+                    taken_on = elsewhere.join(","),
+                    "the microVM snapshot was taken on another CPU; this node boots it again from the stored upload"
+                )
+            }
+        }
         Verdict::Rejected { reason, set_aside } => tracing::warn!(
             function = %record.name,
             version = record.version,
@@ -359,7 +419,9 @@ pub fn sweep(layout: &Layout, referenced: &HashSet<String>) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        let digest = name.strip_suffix(REJECTED_SUFFIX).unwrap_or(&name);
+        let name_without = name.strip_suffix(REJECTED_SUFFIX).unwrap_or(&name);
+        // `<digest>-<cpu key>`: every CPU's snapshot of a referenced digest stays.
+        let digest = name_without.split_once('-').map_or(name_without, |(digest, _)| digest);
         if Digest::parse(digest).is_some() && !referenced.contains(digest) {
             tracing::info!(digest = %name, "removing a microVM snapshot no version references");
             let _ = fs::remove_dir_all(entry.path());
