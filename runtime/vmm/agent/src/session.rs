@@ -137,9 +137,9 @@ impl Session {
         // Every stream belonged to the host of a previous life.
         self.streams.clear();
         let extra = parse_env(payload.get(8..).unwrap_or_default());
-        if !extra.is_empty() {
-            self.image.env = self.image.env_with(&extra);
-        }
+        // The sandbox's environment adds to the image's (exactly these reach the server).
+        self.image.env.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
+        self.image.env.extend(extra);
         if self.server.is_none() && !self.started {
             self.started = true;
             match start_server(&self.image) {

@@ -63,6 +63,9 @@ pub struct LiveVm {
     handle: VmHandle,
     session: Mutex<Option<Session>>,
     pump: tokio::task::JoinHandle<()>,
+    /// The restore hook's report, which the guest sends on its own after SESSION (the waiter is
+    /// in place before the first frame is read).
+    restored: Mutex<Option<oneshot::Receiver<HookReport>>>,
 }
 
 /// What ingress uses to reach a live VM; cheap to clone.
@@ -419,6 +422,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 impl LiveVm {
     fn new(sandbox: &str, port: u16, session: Session) -> io::Result<LiveVm> {
         let (to, from) = session.pipes()?;
+        let (restored_tx, restored) = oneshot::channel();
         let shared = Arc::new(Shared {
             sandbox: sandbox.to_owned(),
             port,
@@ -429,7 +433,7 @@ impl LiveVm {
             idle: tokio::sync::Notify::new(),
             failure: OnceLock::new(),
             suspended: Mutex::new(None),
-            hook: Mutex::new(None),
+            hook: Mutex::new(Some(restored_tx)),
         });
         let from = pipe::Receiver::from_owned_fd(from)?;
         let pump = tokio::spawn(pump(shared.clone(), from));
@@ -437,6 +441,7 @@ impl LiveVm {
             handle: VmHandle { shared },
             session: Mutex::new(Some(session)),
             pump,
+            restored: Mutex::new(Some(restored)),
         })
     }
 
@@ -478,13 +483,22 @@ impl LiveVm {
     /// own: the restore hook's, after a SESSION).
     async fn hook_report(&self, hook: Option<Hook>) -> Result<HookReport, String> {
         let shared = &self.handle.shared;
-        let (tell, told) = oneshot::channel();
-        *shared.hook.lock().expect("hook lock poisoned") = Some(tell);
-        if let Some(hook) = hook {
-            if shared.send_frame(FrameKind::Hook, vec![hook as u8]).await.is_err() {
-                return Err(self.failure().unwrap_or_else(|| "the microVM is gone".into()));
+        let told = match hook {
+            None => self
+                .restored
+                .lock()
+                .expect("restored lock poisoned")
+                .take()
+                .ok_or("the restore hook's report was awaited twice")?,
+            Some(hook) => {
+                let (tell, told) = oneshot::channel();
+                *shared.hook.lock().expect("hook lock poisoned") = Some(tell);
+                if shared.send_frame(FrameKind::Hook, vec![hook as u8]).await.is_err() {
+                    return Err(self.failure().unwrap_or_else(|| "the microVM is gone".into()));
+                }
+                told
             }
-        }
+        };
         match tokio::time::timeout(HOOK_PATIENCE, told).await {
             Ok(Ok(report)) => Ok(report),
             Ok(Err(_)) => Err(self.failure().unwrap_or_else(|| "the microVM is gone".into())),
@@ -520,7 +534,11 @@ impl LiveVm {
                 sandbox = %shared.sandbox, status = report.status, output = %report.output,
                 "the image's suspend hook failed; suspending regardless"
             ),
-            Err(reason) => return Err(reason),
+            Err(reason) => {
+                // The VM runs on (if it still can): it takes connections again.
+                shared.closing.store(false, Ordering::SeqCst);
+                return Err(reason);
+            }
         }
         let (tell, told) = oneshot::channel();
         *shared.suspended.lock().expect("suspend lock poisoned") = Some(tell);
