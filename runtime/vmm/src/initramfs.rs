@@ -167,4 +167,19 @@ mod tests {
         assert_eq!(entries[3].1, 0o020666);
         assert_eq!((entries[3].3, entries[4].3), ((1, 3), (5, 1)), "device numbers");
     }
+
+    /// FNV-1a, 64-bit: a stable fingerprint of bytes for a golden test (no hashing crate here).
+    fn fnv1a(bytes: &[u8]) -> u64 {
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
+            (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+
+    /// The static-executable image is byte-identical to what earlier versions built: snapshot
+    /// digests depend on it, so a change here would re-boot every deployed microvm function.
+    #[test]
+    fn the_function_image_is_byte_identical_to_earlier_versions() {
+        let image = function_image(b"agent", b"\x7fELF function", &[("A", "1"), ("B", "two")]);
+        assert_eq!((image.len(), fnv1a(&image)), (1104, 0x3017_dca6_5fa9_a678));
+    }
 }
