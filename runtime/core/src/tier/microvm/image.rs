@@ -425,4 +425,109 @@ mod tests {
         assert_ne!(a.snapshot_digest(&initramfs, 128), b.snapshot_digest(&initramfs, 128));
         assert_eq!(a.snapshot_digest(&initramfs, 128), a.snapshot_digest(&initramfs, 128));
     }
+
+    fn config(json: serde_json::Value) -> FunctionConfig {
+        let mut json = json;
+        json["tier"] = "microvm".into();
+        FunctionConfig::from_json(json.to_string().as_bytes()).unwrap()
+    }
+
+    /// A docker-save-like upload: a root filesystem tar is enough to exercise the rules when the
+    /// image config is given by hand, so these go through `merge` by way of a tiny OCI layout.
+    fn oci_upload(image_config: serde_json::Value, files: &[super::super::rootfs::tests::T]) -> Vec<u8> {
+        use super::super::rootfs::tests::{tar, T};
+        let layer = tar(files);
+        let sha = |d: &[u8]| Digest::of(d).hex().to_owned();
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []},
+            "config": image_config,
+        }))
+        .unwrap();
+        let desc = |d: &[u8]| serde_json::json!({"mediaType": "application/octet-stream", "digest": format!("sha256:{}", sha(d)), "size": d.len()});
+        let manifest = serde_json::to_vec(
+            &serde_json::json!({"schemaVersion": 2, "config": desc(&config), "layers": [desc(&layer)]}),
+        )
+        .unwrap();
+        let index =
+            serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [desc(&manifest)]})).unwrap();
+        let names: Vec<String> = [&config, &manifest, &layer]
+            .iter()
+            .map(|b| format!("blobs/sha256/{}", sha(b)))
+            .collect();
+        tar(&[
+            T::File("oci-layout", br#"{"imageLayoutVersion": "1.0.0"}"#),
+            T::File("index.json", &index),
+            T::File(&names[0], &config),
+            T::File(&names[1], &manifest),
+            T::File(&names[2], &layer),
+        ])
+    }
+
+    #[test]
+    fn image_config_and_function_config_merge_as_docker_does() {
+        use super::super::rootfs::tests::{tar, T};
+        let passwd: &[u8] = b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n";
+        let group: &[u8] = b"root:x:0:\nstaff:x:50:\n";
+        let files = [
+            T::File("bin/app", b"app"),
+            T::File("etc/passwd", passwd),
+            T::File("etc/group", group),
+        ];
+        let upload = oci_upload(
+            serde_json::json!({"Entrypoint": ["/bin/app"], "Cmd": ["--default"], "Env": ["PATH=/bin", "A=image"], "WorkingDir": "/srv/app", "User": "app:staff"}),
+            &files,
+        );
+        let run = |json: serde_json::Value| prepare(&upload, &config(json)).unwrap();
+
+        let image = run(serde_json::json!({"env": {"A": "config"}}));
+        assert_eq!(image.process.command.as_deref().unwrap(), ["/bin/app", "--default"]);
+        assert_eq!(image.process.workdir.as_deref(), Some("/srv/app"));
+        assert!(
+            matches!(image.tree.get("srv/app"), Some(Node::Dir(_))),
+            "the workdir is created"
+        );
+        assert_eq!(image.process.user, Some((1000, 50)), "names resolved in the image");
+        assert_eq!(image.env["A"], "config", "the config's env wins");
+        assert_eq!(image.env["PATH"], "/bin");
+
+        // cmd replaces the image's Cmd; entrypoint drops it unless cmd is given.
+        let image = run(serde_json::json!({"cmd": ["--other"]}));
+        assert_eq!(image.process.command.as_deref().unwrap(), ["/bin/app", "--other"]);
+        let image = run(serde_json::json!({"entrypoint": ["/bin/sh", "-c"]}));
+        assert_eq!(image.process.command.as_deref().unwrap(), ["/bin/sh", "-c"]);
+        let image = run(serde_json::json!({"entrypoint": ["/bin/sh"], "cmd": ["x"], "workdir": "/", "user": "1000"}));
+        assert_eq!(image.process.command.as_deref().unwrap(), ["/bin/sh", "x"]);
+        assert_eq!(image.process.workdir.as_deref(), Some("/"));
+        assert_eq!(
+            image.process.user,
+            Some((1000, 1001)),
+            "a lone uid takes its group from /etc/passwd"
+        );
+
+        // A root filesystem tar: nothing to run is refused unless it has an executable /function.
+        let bare = tar(&[T::File("etc/hostname", b"x")]);
+        let err = prepare(&bare, &config(serde_json::json!({}))).unwrap_err();
+        assert!(err.contains("nothing to run"), "{err}");
+        let with_function = tar(&[T::File("function", b"\x7fELF")]);
+        let image = prepare(&with_function, &config(serde_json::json!({}))).unwrap();
+        assert_eq!(image.process, Process::default(), "the agent runs /function");
+        let image = prepare(&bare, &config(serde_json::json!({"cmd": ["/bin/true"]}))).unwrap();
+        assert_eq!(image.process.command.as_deref().unwrap(), ["/bin/true"]);
+
+        // An image user the image does not know is refused.
+        let unknown = oci_upload(serde_json::json!({"Cmd": ["/bin/app"], "User": "ghost"}), &files);
+        let err = prepare(&unknown, &config(serde_json::json!({}))).unwrap_err();
+        assert!(err.contains("ghost"), "{err}");
+
+        // Same upload and config, same initramfs bytes.
+        let guest = GuestImage {
+            vmlinux: Vec::new(),
+            agent: b"agent".to_vec(),
+            cmdline: String::new(),
+            identity: Digest::of(b"agent"),
+        };
+        let a = guest.image_initramfs(&run(serde_json::json!({})));
+        assert_eq!(a, guest.image_initramfs(&run(serde_json::json!({}))));
+        assert_ne!(a, guest.image_initramfs(&run(serde_json::json!({"cmd": ["y"]}))));
+    }
 }

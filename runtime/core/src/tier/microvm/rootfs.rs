@@ -268,7 +268,12 @@ impl<'a> Unpacker<'a> {
             tar::EntryType::Directory => Node::Dir(meta),
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let size = entry.size();
-                if self.bytes + size > self.budget.limits.max_bytes {
+                // What this entry replaces is freed (its last name going).
+                let freed = match self.tree.get(&path) {
+                    Some(Node::File(old)) if Arc::strong_count(old) == 1 => old.data.len() as u64,
+                    _ => 0,
+                };
+                if self.bytes - freed + size > self.budget.limits.max_bytes {
                     return Err(Refused::Input(self.budget.limits.too_large()));
                 }
                 let mut data = Vec::with_capacity(size as usize);
@@ -449,6 +454,8 @@ pub(super) mod tests {
             let mut header = tar::Header::new_gnu();
             header.set_mode(0o755);
             header.set_mtime(0);
+            header.set_uid(0);
+            header.set_gid(0);
             let (path, kind, data, link): (&str, _, &[u8], Option<&str>) = match entry {
                 T::Dir(p) => (p, tar::EntryType::Directory, b"", None),
                 T::File(p, data) => (p, tar::EntryType::Regular, data, None),
