@@ -394,12 +394,12 @@ mod tests {
         let layer = tar(&[T::File("f", b"content")]);
         let config = image_config(json!({"Cmd": ["/f"]}));
         let layer_path = format!("blobs/sha256/{}", sha(&layer));
-        let missing = layout(&[layer.clone()], config.clone(), |blobs| {
+        let missing = layout(std::slice::from_ref(&layer), config.clone(), |blobs| {
             blobs.retain(|(p, _)| *p != layer_path)
         });
         let err = unpack(&missing, limits()).unwrap_err();
         assert!(err.contains("layer 1 blob") && err.contains("missing"), "{err}");
-        let altered = layout(&[layer.clone()], config, |blobs| {
+        let altered = layout(std::slice::from_ref(&layer), config, |blobs| {
             for (p, data) in blobs.iter_mut() {
                 if *p == layer_path {
                     let at = data.iter().position(|b| *b == b'c').unwrap();

@@ -634,7 +634,7 @@ pub(super) mod tests {
         let zst = zstd::stream::encode_all(&layer[..], 1).unwrap();
         for compressed in [&gz, &zst] {
             assert_eq!(
-                data(&unpack(&[compressed.clone()]).unwrap(), "hello").unwrap(),
+                data(&unpack(std::slice::from_ref(compressed)).unwrap(), "hello").unwrap(),
                 b"world"
             );
         }
