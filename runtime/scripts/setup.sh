@@ -37,4 +37,10 @@ if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
   echo "setup: installing qemu-system-x86"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86
 fi
+# A static busybox: the root filesystem of the microvm image tests (`busybox_rootfs` in
+# runtime/kiln/tests/all/support.rs), no network needed.
+if ! command -v busybox >/dev/null 2>&1; then
+  echo "setup: installing busybox-static"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends busybox-static
+fi
 "$(dirname "$0")/../vmm/scripts/guest-kernel.sh"

@@ -27,6 +27,9 @@ use crate::tier::Tier;
 pub enum DeployError {
     #[error("{0}")]
     InvalidCode(String),
+    /// The config does not fit the upload (found by the tier, after the config's own checks).
+    #[error("{0}")]
+    InvalidConfig(String),
     #[error("{0}")]
     TierUnavailable(String),
     #[error("no function named `{0}`")]

@@ -19,6 +19,9 @@ pub enum ArtifactKind {
     Component,
     /// A static x86_64 Linux executable, run by the microvm tier (see `crate::tier::microvm`).
     Native,
+    /// A root filesystem tar or an OCI image (layout or `docker save` archive), run by the
+    /// microvm tier from its unpacked root filesystem.
+    Image,
 }
 
 impl ArtifactKind {
@@ -27,6 +30,7 @@ impl ArtifactKind {
             ArtifactKind::Module => "module",
             ArtifactKind::Component => "component",
             ArtifactKind::Native => "native",
+            ArtifactKind::Image => "image",
         }
     }
 
@@ -35,6 +39,7 @@ impl ArtifactKind {
             "module" => Some(ArtifactKind::Module),
             "component" => Some(ArtifactKind::Component),
             "native" => Some(ArtifactKind::Native),
+            "image" => Some(ArtifactKind::Image),
             _ => None,
         }
     }
@@ -47,6 +52,9 @@ pub const MAX_ENV_VARS: usize = 256;
 pub const MAX_RETRIES: u32 = 10;
 pub const MAX_ALLOWED_HOSTS: usize = 256;
 pub const MAX_ENV_BYTES: usize = 64 * 1024;
+/// Entries of `entrypoint` and `cmd` together, and their bytes.
+pub const MAX_ARGS: usize = 1024;
+pub const MAX_ARGS_BYTES: usize = 64 * 1024;
 
 /// Which isolation tier runs the function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
@@ -94,6 +102,22 @@ pub struct FunctionConfig {
     pub public: bool,
     /// Times a failed asynchronous invocation is run again (with exponential backoff).
     pub retries: u32,
+    /// Image deploys on the microvm tier only: the executable and its first arguments, replacing
+    /// the image's `Entrypoint` (and dropping its `Cmd` unless `cmd` is given, as Docker does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// Image deploys on the microvm tier only: the arguments after the entrypoint, replacing the
+    /// image's `Cmd`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    /// Image deploys on the microvm tier only: the absolute working directory, replacing the
+    /// image's `WorkingDir` (default `/`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// Image deploys on the microvm tier only: `"uid"` or `"uid:gid"`, numeric, replacing the
+    /// image's `User` (default `0:0`; a lone uid takes its group from the image's `/etc/passwd`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 impl Default for FunctionConfig {
@@ -107,6 +131,10 @@ impl Default for FunctionConfig {
             allowed_hosts: Vec::new(),
             public: false,
             retries: 2,
+            entrypoint: None,
+            cmd: None,
+            workdir: None,
+            user: None,
         }
     }
 }
@@ -155,6 +183,53 @@ impl FunctionConfig {
             return Err(format!("at most {MAX_ALLOWED_HOSTS} allowed_hosts entries"));
         }
         crate::tier::wasm::egress::check_allowed_hosts(&self.allowed_hosts)?;
+        self.check_image_fields()
+    }
+
+    /// Names the image-only fields this config sets (`entrypoint`, `cmd`, `workdir`, `user`).
+    pub fn image_fields(&self) -> Vec<&'static str> {
+        [
+            ("entrypoint", self.entrypoint.is_some()),
+            ("cmd", self.cmd.is_some()),
+            ("workdir", self.workdir.is_some()),
+            ("user", self.user.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect()
+    }
+
+    fn check_image_fields(&self) -> Result<(), String> {
+        let set = self.image_fields();
+        if set.is_empty() {
+            return Ok(());
+        }
+        if self.tier != Tier::Microvm {
+            return Err(format!(
+                "{} apply only to image deploys on the microvm tier (a root filesystem tar or an OCI \
+                 image, with \"tier\": \"microvm\")",
+                set.join(", ")
+            ));
+        }
+        let args: Vec<&String> = self.entrypoint.iter().chain(&self.cmd).flatten().collect();
+        if args.len() > MAX_ARGS || args.iter().map(|a| a.len()).sum::<usize>() > MAX_ARGS_BYTES {
+            return Err(format!(
+                "entrypoint and cmd together have more than {MAX_ARGS} entries or {MAX_ARGS_BYTES} bytes"
+            ));
+        }
+        if args.iter().any(|a| a.contains('\0')) {
+            return Err("entrypoint and cmd entries must not contain NUL bytes".into());
+        }
+        if let Some(workdir) = &self.workdir {
+            if !workdir.starts_with('/') || workdir.contains('\0') || workdir.len() > 4096 {
+                return Err(format!("workdir must be an absolute path (got {workdir:?})"));
+            }
+        }
+        if let Some(user) = &self.user {
+            parse_user(user).ok_or_else(|| {
+                format!("user must be numeric, \"uid\" or \"uid:gid\" (names are not looked up), got {user:?}")
+            })?;
+        }
         Ok(())
     }
 
@@ -164,6 +239,15 @@ impl FunctionConfig {
 
     pub fn memory_bytes(&self) -> usize {
         (self.memory_mb * MIB) as usize
+    }
+}
+
+/// `"uid"` or `"uid:gid"`, decimal: the uid and the gid if given.
+pub fn parse_user(user: &str) -> Option<(u32, Option<u32>)> {
+    let number = |s: &str| (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok())?;
+    match user.split_once(':') {
+        Some((uid, gid)) => Some((number(uid)?, Some(number(gid)?))),
+        None => Some((number(user)?, None)),
     }
 }
 
@@ -218,5 +302,39 @@ mod tests {
         assert!(FunctionConfig::from_json(br#"{"env": {"A=B": "1"}}"#).is_err());
         assert!(FunctionConfig::from_json(br#"{"allowed_hosts": ["ftp://x"]}"#).is_err());
         assert!(FunctionConfig::from_json(b"not json").is_err());
+    }
+
+    #[test]
+    fn image_fields_are_microvm_only_and_checked() {
+        let c = FunctionConfig::from_json(
+            br#"{"tier": "microvm", "entrypoint": ["/bin/sh", "-c"], "cmd": ["echo hi"], "workdir": "/srv", "user": "1000:100"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.entrypoint.as_deref(),
+            Some(&["/bin/sh".to_owned(), "-c".to_owned()][..])
+        );
+        assert_eq!(c.image_fields(), ["entrypoint", "cmd", "workdir", "user"]);
+        // Unset fields stay out of the stored JSON, so older versions' configs compare equal.
+        let json = serde_json::to_value(FunctionConfig::default()).unwrap();
+        assert!(json.get("entrypoint").is_none() && json.get("user").is_none(), "{json}");
+        let err = FunctionConfig::from_json(br#"{"cmd": ["x"]}"#).unwrap_err();
+        assert!(
+            err.contains("cmd apply only to image deploys on the microvm tier"),
+            "{err}"
+        );
+        for (bad, needle) in [
+            (&br#"{"tier": "microvm", "workdir": "srv"}"#[..], "absolute"),
+            (br#"{"tier": "microvm", "user": "nobody"}"#, "numeric"),
+            (br#"{"tier": "microvm", "user": "1:"}"#, "numeric"),
+            (br#"{"tier": "microvm", "cmd": ["a\u0000b"]}"#, "NUL"),
+        ] {
+            let err = FunctionConfig::from_json(bad).unwrap_err();
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        }
+        assert_eq!(parse_user("0"), Some((0, None)));
+        assert_eq!(parse_user("65534:65534"), Some((65534, Some(65534))));
+        assert_eq!(parse_user("-1"), None);
+        assert_eq!(parse_user("99999999999"), None);
     }
 }

@@ -92,6 +92,7 @@ impl From<DeployError> for Problem {
     fn from(e: DeployError) -> Problem {
         match e {
             DeployError::InvalidCode(msg) => Problem::new(ErrorCode::InvalidCode, msg),
+            DeployError::InvalidConfig(msg) => Problem::new(ErrorCode::InvalidRequest, msg),
             DeployError::TierUnavailable(msg) => Problem::new(ErrorCode::Unavailable, msg),
             e @ DeployError::NotFound(_) => Problem::new(ErrorCode::NotFound, e.to_string()),
             e @ DeployError::InsufficientStorage(_) => Problem::new(ErrorCode::InsufficientStorage, e.to_string()),

@@ -105,7 +105,7 @@ impl Tiers {
     /// Loads a committed version on its tier.
     pub async fn load(&self, record: &VersionRecord) -> Result<Entry, LoadError> {
         match record.kind {
-            ArtifactKind::Native => self.microvm.load(record).await,
+            ArtifactKind::Native | ArtifactKind::Image => self.microvm.load(record).await,
             ArtifactKind::Module | ArtifactKind::Component => self.wasm.load(record).await,
         }
     }

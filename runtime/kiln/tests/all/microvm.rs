@@ -854,3 +854,132 @@ fn native_functions_and_sandboxes_nested_in_qemu_where_the_host_has_no_hardware_
         "the microVM tier's API test failed nested (its console is above)"
     );
 }
+
+/// Deploys an image upload on the microvm tier with `config` (its `tier` set here).
+fn deploy_image(kiln: &Kiln, code: Vec<u8>, mut config: serde_json::Value) -> reqwest::blocking::Response {
+    config["tier"] = "microvm".into();
+    kiln.deploy_with("image", code, config)
+}
+
+/// Image uploads the tier refuses are 422 `invalid_code` on every host (checked before the host's
+/// capability), each with a message naming the problem, and nothing is stored.
+#[test]
+fn image_validation_is_422_on_every_host() {
+    use crate::support::{busybox_rootfs, gzip, oci_layout_files, tar_of, tar_of_files, TarEntry};
+    let kiln = Kiln::start();
+    let run = json!({"cmd": ["/bin/sh", "-c", "echo hi"]});
+    let refused = |code: Vec<u8>, config: serde_json::Value, needle: &str| {
+        let error = expect_error(deploy_image(&kiln, code, config), 422, "invalid_code");
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{needle:?} not in {message:?}");
+        expect_error(kiln.get("/v1/functions/image"), 404, "not_found");
+    };
+
+    let rootfs = busybox_rootfs(&[]);
+    let mut malformed = rootfs.clone();
+    malformed[0] ^= 0x55; // the first header's checksum no longer matches (its ustar magic stays)
+    refused(malformed, run.clone(), "malformed or truncated");
+    let gz = gzip(&rootfs);
+    refused(gz[..gz.len() / 2].to_vec(), run.clone(), "truncated");
+    refused(rootfs[..rootfs.len() / 2].to_vec(), run.clone(), "truncated");
+
+    let layer = busybox_rootfs(&[]);
+    let layer_blob = format!("blobs/sha256/{}", {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(&layer))
+    });
+    let oci = json!({"Entrypoint": ["/bin/sh"]});
+    let mut files = oci_layout_files(std::slice::from_ref(&layer), oci.clone());
+    files.retain(|(path, _)| *path != layer_blob);
+    refused(tar_of_files(&files), json!({}), "missing");
+    let mut files = oci_layout_files(std::slice::from_ref(&layer), oci.clone());
+    for (path, data) in &mut files {
+        if *path == layer_blob {
+            *data.last_mut().unwrap() ^= 1; // end-of-archive padding: still a valid tar
+        }
+    }
+    refused(tar_of_files(&files), json!({}), "does not match its digest");
+
+    for path in ["../etc/passwd", "a/../../x"] {
+        refused(
+            tar_of(&[TarEntry::File(path, 0o755, b"x")]),
+            run.clone(),
+            "escapes the root",
+        );
+    }
+    refused(
+        tar_of(&[TarEntry::Dir("dev"), TarEntry::CharDevice("dev/mem")]),
+        run.clone(),
+        "device node",
+    );
+    refused(tar_of(&[TarEntry::Dir("etc")]), run.clone(), "empty");
+    // The root filesystem lives in the guest's RAM: at most half of memory_mb (64 → 32 MiB). The
+    // gzip-compressed upload is tiny.
+    let big = vec![0u8; 33 << 20];
+    refused(
+        gzip(&busybox_rootfs(&[("big", 0o644, &big)])),
+        json!({"memory_mb": 64, "cmd": ["/bin/sh"]}),
+        "half the function's memory_mb",
+    );
+    // Nothing to run: no entrypoint, no cmd, no /function.
+    refused(busybox_rootfs(&[]), json!({}), "nothing to run");
+    // A bad upload is 422 before any 503: a valid image with a bad config field is 400.
+    let error = expect_error(
+        deploy_image(&kiln, rootfs.clone(), json!({"user": "root"})),
+        400,
+        "invalid_request",
+    );
+    assert!(error["message"].as_str().unwrap().contains("numeric"), "{error}");
+    // Image fields on a Wasm function or a plain executable are 400 too.
+    let error = expect_error(
+        kiln.deploy_with("image", wat("hello"), json!({"cmd": ["x"]})),
+        400,
+        "invalid_request",
+    );
+    assert!(error["message"].as_str().unwrap().contains("microvm"), "{error}");
+    let error = expect_error(
+        deploy_image(&kiln, elf64(EM_X86_64, false), json!({"entrypoint": ["/function"]})),
+        400,
+        "invalid_request",
+    );
+    assert!(
+        error["message"].as_str().unwrap().contains("static executable"),
+        "{error}"
+    );
+    expect_error(kiln.get("/v1/functions/image"), 404, "not_found");
+}
+
+/// Valid images pass validation and meet the host's capability check: 503 here (no guest image,
+/// and on this kind of host no hardware virtualization); with a guest kernel and agent on a host
+/// with hardware virtualization they deploy.
+#[test]
+fn image_uploads_that_are_valid_meet_the_hosts_capability_check() {
+    use crate::support::{busybox_rootfs, docker_save, gzip, oci_layout};
+    let kiln = Kiln::start();
+    let rootfs = busybox_rootfs(&[("www/index.html", 0o644, b"hello\n")]);
+    let oci = json!({"Entrypoint": ["/bin/httpd", "-f"], "Cmd": ["-h", "/www"], "Env": ["PATH=/bin"]});
+    let uploads = [
+        (rootfs.clone(), json!({"cmd": ["/bin/sh", "-c", "cat /www/index.html"]})),
+        (
+            gzip(&rootfs),
+            json!({"entrypoint": ["/bin/echo"], "workdir": "/www", "user": "0:0"}),
+        ),
+        (
+            busybox_rootfs(&[("function", 0o755, b"#!/bin/sh\necho hi\n")]),
+            json!({}),
+        ),
+        (oci_layout(std::slice::from_ref(&rootfs), oci.clone()), json!({})),
+        (
+            gzip(&oci_layout(std::slice::from_ref(&rootfs), oci.clone())),
+            json!({"cmd": ["-p", "8080"]}),
+        ),
+        (
+            docker_save(std::slice::from_ref(&rootfs), oci),
+            json!({"env": {"A": "1"}}),
+        ),
+    ];
+    for (upload, config) in uploads {
+        expect_error(deploy_image(&kiln, upload, config), 503, "unavailable");
+        expect_error(kiln.get("/v1/functions/image"), 404, "not_found");
+    }
+}

@@ -347,3 +347,155 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// One entry of a test image archive.
+pub enum TarEntry<'a> {
+    Dir(&'a str),
+    /// Path, mode, content.
+    File(&'a str, u32, &'a [u8]),
+    /// Path, target.
+    Symlink(&'a str, &'a str),
+    /// A character device (path): images may not bring them.
+    CharDevice(&'a str),
+}
+
+/// A tar archive of `entries`, every timestamp 0 and owner root. Paths are written as given,
+/// byte for byte, even the ones a careful archiver would refuse (`../x`).
+pub fn tar_of(entries: &[TarEntry]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for entry in entries {
+        let mut header = tar::Header::new_ustar();
+        let (path, kind, mode, data, link): (&str, _, u32, &[u8], Option<&str>) = match entry {
+            TarEntry::Dir(p) => (p, tar::EntryType::Directory, 0o755, b"", None),
+            TarEntry::File(p, mode, data) => (p, tar::EntryType::Regular, *mode, data, None),
+            TarEntry::Symlink(p, to) => (p, tar::EntryType::Symlink, 0o777, b"", Some(to)),
+            TarEntry::CharDevice(p) => (p, tar::EntryType::Char, 0o666, b"", None),
+        };
+        header.set_entry_type(kind);
+        header.set_mode(mode);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        header.set_size(data.len() as u64);
+        assert!(path.len() <= 100, "test paths fit the ustar name field");
+        header.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+        if let Some(link) = link {
+            header.set_link_name(link).unwrap();
+        }
+        header.set_cksum();
+        builder.append(&header, data).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+/// The applets `busybox_rootfs` links to `/bin/busybox`.
+pub const BUSYBOX_APPLETS: &[&str] = &[
+    "sh", "cat", "echo", "stty", "tty", "httpd", "ls", "head", "sleep", "env", "touch", "dd",
+];
+
+/// A root filesystem tar: the host's static `/bin/busybox` (Debian's `busybox-static`, installed
+/// by `runtime/scripts/setup.sh`) with `/bin/<applet>` symlinks to it, `/etc`, `/www`, `/root`, an
+/// `/etc/passwd` with root, and `extra` files (path without a leading slash, mode, content).
+pub fn busybox_rootfs(extra: &[(&str, u32, &[u8])]) -> Vec<u8> {
+    let busybox =
+        std::fs::read("/bin/busybox").expect("/bin/busybox (Debian's busybox-static: run runtime/scripts/setup.sh)");
+    let mut entries = vec![
+        TarEntry::Dir("bin"),
+        TarEntry::File("bin/busybox", 0o755, &busybox),
+        TarEntry::Dir("etc"),
+        TarEntry::File("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n"),
+        TarEntry::Dir("www"),
+        TarEntry::Dir("root"),
+    ];
+    let links: Vec<String> = BUSYBOX_APPLETS.iter().map(|applet| format!("bin/{applet}")).collect();
+    entries.extend(links.iter().map(|link| TarEntry::Symlink(link, "busybox")));
+    entries.extend(extra.iter().map(|(path, mode, data)| TarEntry::File(path, *mode, data)));
+    tar_of(&entries)
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// An image config for `layers` (uncompressed tars): linux/amd64, their diff_ids, and `config`
+/// (the run settings: `Entrypoint`, `Cmd`, `Env`, `WorkingDir`, `User`).
+fn image_config(layers: &[Vec<u8>], config: serde_json::Value) -> Vec<u8> {
+    let diff_ids: Vec<String> = layers.iter().map(|l| format!("sha256:{}", sha256_hex(l))).collect();
+    serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "config": config,
+    }))
+    .unwrap()
+}
+
+/// The files of an OCI image layout of `layers` with the run settings `config` (see
+/// `image_config`): `oci-layout`, `index.json`, then each blob as `blobs/sha256/<hex>` — config,
+/// manifest, layers, in that order — for a test to alter before `tar_of_files`.
+pub fn oci_layout_files(layers: &[Vec<u8>], config: serde_json::Value) -> Vec<(String, Vec<u8>)> {
+    let config = image_config(layers, config);
+    let descriptor = |media: &str, data: &[u8]| serde_json::json!({"mediaType": media, "digest": format!("sha256:{}", sha256_hex(data)), "size": data.len()});
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": descriptor("application/vnd.oci.image.config.v1+json", &config),
+        "layers": layers
+            .iter()
+            .map(|l| descriptor("application/vnd.oci.image.layer.v1.tar", l))
+            .collect::<Vec<_>>(),
+    }))
+    .unwrap();
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [descriptor("application/vnd.oci.image.manifest.v1+json", &manifest)],
+    }))
+    .unwrap();
+    let mut files = vec![
+        ("oci-layout".to_owned(), br#"{"imageLayoutVersion": "1.0.0"}"#.to_vec()),
+        ("index.json".to_owned(), index),
+        ("blobs/sha256/".to_owned() + &sha256_hex(&config), config),
+        ("blobs/sha256/".to_owned() + &sha256_hex(&manifest), manifest),
+    ];
+    files.extend(
+        layers
+            .iter()
+            .map(|l| (format!("blobs/sha256/{}", sha256_hex(l)), l.clone())),
+    );
+    files
+}
+
+/// A tar of (path, content) files.
+pub fn tar_of_files(files: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let entries: Vec<TarEntry> = files.iter().map(|(p, d)| TarEntry::File(p, 0o644, d)).collect();
+    tar_of(&entries)
+}
+
+/// A tarred OCI image layout of `layers` with the run settings `config` (see `oci_layout_files`).
+pub fn oci_layout(layers: &[Vec<u8>], config: serde_json::Value) -> Vec<u8> {
+    tar_of_files(&oci_layout_files(layers, config))
+}
+
+/// A `docker save` archive (the format before Docker 25): `manifest.json`, `<hex>.json` (the
+/// config), `<n>/layer.tar`.
+pub fn docker_save(layers: &[Vec<u8>], config: serde_json::Value) -> Vec<u8> {
+    let config = image_config(layers, config);
+    let config_name = format!("{}.json", sha256_hex(&config));
+    let layer_names: Vec<String> = (0..layers.len()).map(|i| format!("{i}/layer.tar")).collect();
+    let manifest = serde_json::to_vec(&serde_json::json!([
+        {"Config": config_name, "RepoTags": ["test:latest"], "Layers": layer_names}
+    ]))
+    .unwrap();
+    let mut files = vec![("manifest.json".to_owned(), manifest), (config_name, config)];
+    files.extend(layer_names.into_iter().zip(layers.iter().cloned()));
+    tar_of_files(&files)
+}
+
+/// `data` gzip-compressed.
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
+}

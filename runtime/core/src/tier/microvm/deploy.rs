@@ -1,7 +1,8 @@
 //! Deploying a microvm function: the microvm side of the stages of `crate::deploy`:
 //!
-//! 1. validate the upload (`invalid_code` on every host), then — where the tier is available — build the
-//!    initramfs, boot the Linux guest until the agent's READY and snapshot it into a staging
+//! 1. validate the upload (`invalid_code` on every host: a static executable here, an image —
+//!    read, digests checked, unpacked on the blocking pool — at the start of stage 1's boot), then
+//!    — where the tier is available — build the initramfs, boot the Linux guest until the agent's READY and snapshot it into a staging
 //!    directory, in a jailed helper process (`kiln_vmm::jail`), and seal the snapshot with this
 //!    node's key (`snapshots::seal`): all before anything is visible, so a failure leaves nothing
 //!    behind;
@@ -18,7 +19,8 @@ use bytes::Bytes;
 use kiln_vmm::jail::{Jail, JailError};
 use kiln_vmm::VmConfig;
 
-use super::image::validate_executable;
+use super::image::{prepare, validate_executable, Prepared};
+use super::oci;
 use super::snapshots::{self, Staged, Verdict, Verified};
 use super::{GuestImage, MicrovmTier};
 use crate::deploy::DeployError;
@@ -36,20 +38,30 @@ pub const MIN_MEMORY_MB: u64 = 64;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
 impl MicrovmTier {
-    /// Bad input is `invalid_code` on every host; only a valid executable learns that the host cannot run it.
+    /// Bad input is `invalid_code` on every host; only a valid executable learns that the host
+    /// cannot run it. An image (an archive, by its first bytes) is only recognised here: reading
+    /// it is blocking work, done at the start of [`Self::boot`], still before the host's 503.
     pub(super) fn check(&self, upload: &[u8], config: &FunctionConfig) -> Result<Artifact, DeployError> {
-        validate_executable(upload).map_err(DeployError::InvalidCode)?;
-        if self.runtime().is_none() {
-            return Err(DeployError::TierUnavailable(self.unavailable()));
-        }
-        if config.memory_mb < MIN_MEMORY_MB {
-            return Err(DeployError::InvalidCode(format!(
-                "the microvm tier needs memory_mb of at least {MIN_MEMORY_MB}: the guest's kernel and \
-                 agent run in it"
-            )));
-        }
+        let kind = if !upload.starts_with(b"\x7fELF") && oci::is_archive(upload) {
+            ArtifactKind::Image
+        } else {
+            validate_executable(upload).map_err(DeployError::InvalidCode)?;
+            let fields = config.image_fields();
+            if !fields.is_empty() {
+                return Err(DeployError::InvalidConfig(format!(
+                    "{} apply only to image deploys (a root filesystem tar or an OCI image); this \
+                     upload is a static executable, which runs as /function",
+                    fields.join(", ")
+                )));
+            }
+            if self.runtime().is_none() {
+                return Err(DeployError::TierUnavailable(self.unavailable()));
+            }
+            check_memory(config)?;
+            ArtifactKind::Native
+        };
         Ok(Artifact {
-            kind: ArtifactKind::Native,
+            kind,
             digest: Digest::of(upload),
             bytes: Bytes::copy_from_slice(upload),
             init_hook: None,
@@ -63,9 +75,21 @@ impl MicrovmTier {
         artifact: &Artifact,
         config: &FunctionConfig,
     ) -> Result<Staged, DeployError> {
+        let prepared = match artifact.kind {
+            ArtifactKind::Image => {
+                let (upload, owned) = (artifact.bytes.clone(), config.clone());
+                let prepared = tokio::task::spawn_blocking(move || prepare(&upload, &owned))
+                    .await
+                    .expect("image task panicked")
+                    .map_err(DeployError::InvalidCode)?;
+                Some(prepared)
+            }
+            _ => None,
+        };
         let Some((jail, image, sealer)) = self.runtime() else {
             return Err(DeployError::TierUnavailable(self.unavailable()));
         };
+        check_memory(config)?;
         let permit = self.vms.take(1).await;
         let (layout, upload, name) = (self.layout.clone(), artifact.bytes.clone(), name.to_owned());
         let (memory_mib, env) = (config.memory_mb as u32, config.env.clone());
@@ -78,7 +102,10 @@ impl MicrovmTier {
                 sealer: &sealer,
                 name: &name,
             };
-            let initramfs = image.initramfs(&upload, &env);
+            let initramfs = match prepared {
+                Some(prepared) => image.image_initramfs(&prepared),
+                None => image.initramfs(&upload, &env),
+            };
             let digest = image.snapshot_digest(&initramfs, memory_mib);
             if snapshots::dir(&layout, &digest).join(snapshots::SEAL_FILE).exists() {
                 // The same image was booted before: loading verifies that snapshot.
@@ -109,7 +136,7 @@ impl MicrovmTier {
         }
         let permit = self.vms.take(1).await;
         let (layout, expected, name) = (self.layout.clone(), record.code_digest.clone(), record.name.clone());
-        let (memory_mib, env) = (record.config.memory_mb as u32, record.config.env.clone());
+        let (memory_mib, kind, config) = (record.config.memory_mb as u32, record.kind, record.config.clone());
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let boot = Boot {
@@ -119,7 +146,7 @@ impl MicrovmTier {
                 sealer: &sealer,
                 name: &name,
             };
-            let initramfs = image.initramfs(&upload, &env);
+            let initramfs = initramfs_of(&image, kind, &upload, &config)?;
             if image.snapshot_digest(&initramfs, memory_mib) != expected {
                 // Booted with the image this node has now, under the name the version row knows
                 // (so it is the one that stays): a version must stay runnable, and redeploying the
@@ -144,6 +171,35 @@ impl MicrovmTier {
         .await
         .expect("rebuild task panicked")
     }
+}
+
+/// The guest needs room for its kernel and agent.
+fn check_memory(config: &FunctionConfig) -> Result<(), DeployError> {
+    if config.memory_mb < MIN_MEMORY_MB {
+        return Err(DeployError::InvalidCode(format!(
+            "the microvm tier needs memory_mb of at least {MIN_MEMORY_MB}: the guest's kernel and \
+             agent run in it"
+        )));
+    }
+    Ok(())
+}
+
+/// The initramfs of a stored version, from its upload and config. Blocking.
+fn initramfs_of(
+    image: &GuestImage,
+    kind: ArtifactKind,
+    upload: &[u8],
+    config: &FunctionConfig,
+) -> Result<Vec<u8>, DeployError> {
+    if kind != ArtifactKind::Image {
+        return Ok(image.initramfs(upload, &config.env));
+    }
+    let prepared: Prepared = prepare(upload, config).map_err(|e| {
+        DeployError::Io(std::io::Error::other(format!(
+            "the stored image no longer unpacks: {e}"
+        )))
+    })?;
+    Ok(image.image_initramfs(&prepared))
 }
 
 /// What a boot needs. Blocking: runs on the blocking pool.

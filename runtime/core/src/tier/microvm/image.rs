@@ -1,6 +1,8 @@
-//! What the microvm tier runs: the user's upload (a static x86_64 Linux ELF executable, checked
-//! here) inside Kiln's Linux guest image — the kernel and the guest agent given at start-up — as
-//! `/function` of an initramfs built per function.
+//! What the microvm tier runs: the user's upload inside Kiln's Linux guest image — the kernel and
+//! the guest agent given at start-up — in an initramfs built per function. The upload is either a
+//! static x86_64 Linux ELF executable (checked here), put as `/function`, or an image (a root
+//! filesystem tar or an OCI image, `super::oci`), unpacked ([`prepare`]) as the whole root
+//! filesystem, with what to run from the function's config over the image's own config.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,7 +12,11 @@ use object::elf;
 use object::read::elf::{Dyn as _, ElfFile64, FileHeader as _, ProgramHeader as _};
 use object::{Endian as _, Endianness, FileKind};
 
+use super::oci;
+use super::rootfs::Limits;
 use crate::digest::Digest;
+use crate::function::{parse_user, FunctionConfig};
+use kiln_vmm::initramfs::{self, Meta, Node, Process, Tree};
 
 /// The Linux guest every microvm function boots: kernel, agent and command line.
 pub struct GuestImage {
@@ -65,6 +71,13 @@ impl GuestImage {
         kiln_vmm::initramfs::function_image(&self.agent, function, &env)
     }
 
+    /// The initramfs of a function deployed as an image: its root filesystem with the agent, the
+    /// merged environment and the contract files (`kiln_vmm::initramfs::rootfs_image`).
+    pub fn image_initramfs(&self, image: &Prepared) -> Vec<u8> {
+        let env: Vec<(&str, &str)> = image.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        initramfs::rootfs_image(&self.agent, &image.tree, &env, &image.process)
+    }
+
     /// The digest a function's snapshot is stored under: what booted (image and initramfs) and the
     /// memory size it booted with, the two things a snapshot depends on.
     pub fn snapshot_digest(&self, initramfs: &[u8], memory_mib: u32) -> Digest {
@@ -101,7 +114,13 @@ pub fn validate_executable(upload: &[u8]) -> Result<(), String> {
                 machine_name(machine)
             ));
         }
-        _ => return Err("not an ELF executable; the microvm tier runs a static x86_64 Linux executable".into()),
+        _ => {
+            return Err(
+                "not an ELF executable nor an image archive; the microvm tier runs a static x86_64 \
+                        Linux executable, a root filesystem tar or an OCI image (tar, gzip or zstd)"
+                    .into(),
+            )
+        }
     }
     let file = ElfFile64::<Endianness>::parse(upload).map_err(|e| format!("malformed ELF: {e}"))?;
     let (header, endian) = (file.elf_header(), file.endian());
@@ -152,6 +171,147 @@ pub fn validate_executable(upload: &[u8]) -> Result<(), String> {
         return Err("this ELF has no entry point; is it a shared library?".into());
     }
     Ok(())
+}
+
+/// An image upload unpacked, and what the guest runs in it.
+#[derive(Debug)]
+pub struct Prepared {
+    pub tree: Tree,
+    /// The image config's `Env`, then the function config's `env` over it.
+    pub env: BTreeMap<String, String>,
+    pub process: Process,
+}
+
+/// Unpacks an image upload (`oci::is_archive`) and decides what runs in it, the function's config
+/// over the image's config as Docker does: a config `entrypoint` replaces the image's and drops
+/// its `Cmd` unless the config gives `cmd`; `cmd`, `workdir`, `user` replace the image's. With
+/// nothing to run, an executable `/function` runs, as for a static executable upload. Blocking
+/// (decompression, digests): run it on the blocking pool. The error is the reason, for an
+/// `invalid_code`.
+pub fn prepare(upload: &[u8], config: &FunctionConfig) -> Result<Prepared, String> {
+    let unpacked = oci::unpack(upload, Limits::for_memory_mb(config.memory_mb))?;
+    let mut tree = unpacked.tree;
+    let image = unpacked.defaults.unwrap_or_default();
+    let (entrypoint, cmd) = match &config.entrypoint {
+        Some(entrypoint) => (entrypoint.clone(), config.cmd.clone().unwrap_or_default()),
+        None => (
+            image.entrypoint.clone().unwrap_or_default(),
+            config.cmd.clone().or(image.cmd.clone()).unwrap_or_default(),
+        ),
+    };
+    let argv = [entrypoint, cmd].concat();
+    if argv.iter().any(|a| a.contains('\0')) {
+        return Err("the image config's Entrypoint or Cmd contains a NUL byte".into());
+    }
+    let command = if !argv.is_empty() {
+        Some(argv)
+    } else if matches!(tree.get("function"), Some(Node::File(f)) if f.meta.mode & 0o111 != 0) {
+        None
+    } else {
+        return Err(
+            "the image says nothing to run: give \"entrypoint\" or \"cmd\" in the config, set \
+             Entrypoint or Cmd in the image's config, or put an executable /function in it"
+                .into(),
+        );
+    };
+
+    let mut env = BTreeMap::new();
+    for entry in &image.env {
+        match entry.split_once('=') {
+            Some((key, value)) if !key.is_empty() && !entry.contains('\0') => {
+                env.insert(key.to_owned(), value.to_owned());
+            }
+            _ => return Err(format!("the image config's Env entry {entry:?} is not KEY=VALUE")),
+        }
+    }
+    env.extend(config.env.clone());
+
+    let workdir = match config.workdir.clone().or(image.workdir.clone()) {
+        Some(dir) => Some(workdir(&mut tree, &dir)?),
+        None => None,
+    };
+    let user = match (&config.user, &image.user) {
+        (Some(user), _) => {
+            let (uid, gid) = parse_user(user).ok_or_else(|| format!("user {user:?} is not numeric"))?;
+            Some((uid, gid.unwrap_or_else(|| primary_gid(&tree, uid))))
+        }
+        (None, Some(user)) => Some(image_user(&tree, user)?),
+        (None, None) => None,
+    };
+    Ok(Prepared {
+        tree,
+        env,
+        process: Process { command, workdir, user },
+    })
+}
+
+/// The working directory as an absolute, normalised path, created (as Docker does) if the image
+/// lacks it.
+fn workdir(tree: &mut Tree, dir: &str) -> Result<String, String> {
+    let Some(path) = super::rootfs::normalize(dir.as_bytes())? else {
+        return Ok("/".into());
+    };
+    let mut at = 0;
+    loop {
+        let end = path[at..].find('/').map_or(path.len(), |i| at + i);
+        match tree.get(&path[..end]) {
+            Some(Node::Dir(_)) => {}
+            None => {
+                tree.insert(path[..end].to_owned(), Node::Dir(Meta::root(0o755)));
+            }
+            Some(_) => return Err(format!("the workdir /{path} is not a directory in the image")),
+        }
+        if end == path.len() {
+            return Ok(format!("/{path}"));
+        }
+        at = end + 1;
+    }
+}
+
+/// The lines of a text file of the image (`etc/passwd`), split at `:`.
+fn table(tree: &Tree, path: &str) -> Vec<Vec<String>> {
+    let Some(Node::File(file)) = tree.get(path) else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&file.data)
+        .lines()
+        .map(|line| line.split(':').map(str::to_owned).collect())
+        .collect()
+}
+
+/// The group of `uid` in the image's `/etc/passwd`, else 0 (Docker's rule).
+fn primary_gid(tree: &Tree, uid: u32) -> u32 {
+    table(tree, "etc/passwd")
+        .iter()
+        .find(|fields| fields.get(2).and_then(|f| f.parse().ok()) == Some(uid))
+        .and_then(|fields| fields.get(3)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The image config's `User`: numeric, or names the image's `/etc/passwd` and `/etc/group` have.
+fn image_user(tree: &Tree, user: &str) -> Result<(u32, u32), String> {
+    let (user_part, group_part) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let lookup = |file: &str, name: &str| -> Result<u32, String> {
+        if let Ok(id) = name.parse() {
+            return Ok(id);
+        }
+        table(tree, file)
+            .iter()
+            .find(|fields| fields.first().map(String::as_str) == Some(name))
+            .and_then(|fields| fields.get(2)?.parse().ok())
+            .ok_or_else(|| {
+                format!("the image config's User {user:?} names {name:?}, which the image's /{file} does not have")
+            })
+    };
+    let uid = lookup("etc/passwd", user_part)?;
+    let gid = match group_part {
+        Some(group) => lookup("etc/group", group)?,
+        None => primary_gid(tree, uid),
+    };
+    Ok((uid, gid))
 }
 
 /// Binary Wasm, or WAT text (which Kiln's wasm tier also accepts).
@@ -264,5 +424,110 @@ mod tests {
         assert_ne!(a.snapshot_digest(&initramfs, 128), a.snapshot_digest(&initramfs, 256));
         assert_ne!(a.snapshot_digest(&initramfs, 128), b.snapshot_digest(&initramfs, 128));
         assert_eq!(a.snapshot_digest(&initramfs, 128), a.snapshot_digest(&initramfs, 128));
+    }
+
+    fn config(json: serde_json::Value) -> FunctionConfig {
+        let mut json = json;
+        json["tier"] = "microvm".into();
+        FunctionConfig::from_json(json.to_string().as_bytes()).unwrap()
+    }
+
+    /// A docker-save-like upload: a root filesystem tar is enough to exercise the rules when the
+    /// image config is given by hand, so these go through `merge` by way of a tiny OCI layout.
+    fn oci_upload(image_config: serde_json::Value, files: &[super::super::rootfs::tests::T]) -> Vec<u8> {
+        use super::super::rootfs::tests::{tar, T};
+        let layer = tar(files);
+        let sha = |d: &[u8]| Digest::of(d).hex().to_owned();
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []},
+            "config": image_config,
+        }))
+        .unwrap();
+        let desc = |d: &[u8]| serde_json::json!({"mediaType": "application/octet-stream", "digest": format!("sha256:{}", sha(d)), "size": d.len()});
+        let manifest = serde_json::to_vec(
+            &serde_json::json!({"schemaVersion": 2, "config": desc(&config), "layers": [desc(&layer)]}),
+        )
+        .unwrap();
+        let index =
+            serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [desc(&manifest)]})).unwrap();
+        let names: Vec<String> = [&config, &manifest, &layer]
+            .iter()
+            .map(|b| format!("blobs/sha256/{}", sha(b)))
+            .collect();
+        tar(&[
+            T::File("oci-layout", br#"{"imageLayoutVersion": "1.0.0"}"#),
+            T::File("index.json", &index),
+            T::File(&names[0], &config),
+            T::File(&names[1], &manifest),
+            T::File(&names[2], &layer),
+        ])
+    }
+
+    #[test]
+    fn image_config_and_function_config_merge_as_docker_does() {
+        use super::super::rootfs::tests::{tar, T};
+        let passwd: &[u8] = b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n";
+        let group: &[u8] = b"root:x:0:\nstaff:x:50:\n";
+        let files = [
+            T::File("bin/app", b"app"),
+            T::File("etc/passwd", passwd),
+            T::File("etc/group", group),
+        ];
+        let upload = oci_upload(
+            serde_json::json!({"Entrypoint": ["/bin/app"], "Cmd": ["--default"], "Env": ["PATH=/bin", "A=image"], "WorkingDir": "/srv/app", "User": "app:staff"}),
+            &files,
+        );
+        let run = |json: serde_json::Value| prepare(&upload, &config(json)).unwrap();
+
+        let image = run(serde_json::json!({"env": {"A": "config"}}));
+        assert_eq!(image.process.command.as_deref().unwrap(), ["/bin/app", "--default"]);
+        assert_eq!(image.process.workdir.as_deref(), Some("/srv/app"));
+        assert!(
+            matches!(image.tree.get("srv/app"), Some(Node::Dir(_))),
+            "the workdir is created"
+        );
+        assert_eq!(image.process.user, Some((1000, 50)), "names resolved in the image");
+        assert_eq!(image.env["A"], "config", "the config's env wins");
+        assert_eq!(image.env["PATH"], "/bin");
+
+        // cmd replaces the image's Cmd; entrypoint drops it unless cmd is given.
+        let image = run(serde_json::json!({"cmd": ["--other"]}));
+        assert_eq!(image.process.command.as_deref().unwrap(), ["/bin/app", "--other"]);
+        let image = run(serde_json::json!({"entrypoint": ["/bin/sh", "-c"]}));
+        assert_eq!(image.process.command.as_deref().unwrap(), ["/bin/sh", "-c"]);
+        let image = run(serde_json::json!({"entrypoint": ["/bin/sh"], "cmd": ["x"], "workdir": "/", "user": "1000"}));
+        assert_eq!(image.process.command.as_deref().unwrap(), ["/bin/sh", "x"]);
+        assert_eq!(image.process.workdir.as_deref(), Some("/"));
+        assert_eq!(
+            image.process.user,
+            Some((1000, 1001)),
+            "a lone uid takes its group from /etc/passwd"
+        );
+
+        // A root filesystem tar: nothing to run is refused unless it has an executable /function.
+        let bare = tar(&[T::File("etc/hostname", b"x")]);
+        let err = prepare(&bare, &config(serde_json::json!({}))).unwrap_err();
+        assert!(err.contains("nothing to run"), "{err}");
+        let with_function = tar(&[T::File("function", b"\x7fELF")]);
+        let image = prepare(&with_function, &config(serde_json::json!({}))).unwrap();
+        assert_eq!(image.process, Process::default(), "the agent runs /function");
+        let image = prepare(&bare, &config(serde_json::json!({"cmd": ["/bin/true"]}))).unwrap();
+        assert_eq!(image.process.command.as_deref().unwrap(), ["/bin/true"]);
+
+        // An image user the image does not know is refused.
+        let unknown = oci_upload(serde_json::json!({"Cmd": ["/bin/app"], "User": "ghost"}), &files);
+        let err = prepare(&unknown, &config(serde_json::json!({}))).unwrap_err();
+        assert!(err.contains("ghost"), "{err}");
+
+        // Same upload and config, same initramfs bytes.
+        let guest = GuestImage {
+            vmlinux: Vec::new(),
+            agent: b"agent".to_vec(),
+            cmdline: String::new(),
+            identity: Digest::of(b"agent"),
+        };
+        let a = guest.image_initramfs(&run(serde_json::json!({})));
+        assert_eq!(a, guest.image_initramfs(&run(serde_json::json!({}))));
+        assert_ne!(a, guest.image_initramfs(&run(serde_json::json!({"cmd": ["y"]}))));
     }
 }

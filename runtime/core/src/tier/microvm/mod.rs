@@ -5,8 +5,10 @@
 //! The VMM is the `kiln-vmm` crate (KVM, the Linux boot, snapshots, the framed host↔guest
 //! channel). This module owns what Kiln adds around it:
 //! - [`capability`]: whether this host can run the tier at all, decided once at start-up;
-//! - [`image`]: the upload's validation (a static x86_64 ELF) and the guest image (kernel, agent,
-//!   the per-function initramfs);
+//! - [`image`]: the upload's validation (a static x86_64 ELF, or an image) and the guest image
+//!   (kernel, agent, the per-function initramfs);
+//! - [`oci`] and [`rootfs`]: image uploads (root filesystem tars, OCI image layouts, `docker save`
+//!   archives) read, checked and unpacked in memory into the root filesystem of the initramfs;
 //! - [`snapshots`]: where snapshots live in the data directory, staged and published like
 //!   artifacts, loaded, swept;
 //! - [`deploy`]: validate, build the image, boot to READY, snapshot (the tier's side of
@@ -32,6 +34,8 @@ mod capability;
 mod deploy;
 mod image;
 mod invoke;
+mod oci;
+mod rootfs;
 pub mod sandbox;
 mod snapshots;
 #[cfg(test)]

@@ -122,7 +122,7 @@ impl CompileCache {
         let result = match kind {
             ArtifactKind::Module => self.engine.precompile_module(bytes),
             ArtifactKind::Component => self.engine.precompile_component(bytes),
-            ArtifactKind::Native => return Err(not_wasm()),
+            ArtifactKind::Native | ArtifactKind::Image => return Err(not_wasm()),
         };
         let cwasm = result.map_err(|e| CompileError::Compile(format!("{e:#}")))?;
         Ok(Precompiled {
@@ -138,7 +138,7 @@ impl CompileCache {
             match kind {
                 ArtifactKind::Module => Module::deserialize(&self.engine, cwasm).map(Compiled::Module),
                 ArtifactKind::Component => Component::deserialize(&self.engine, cwasm).map(Compiled::Component),
-                ArtifactKind::Native => return Err(not_wasm()),
+                ArtifactKind::Native | ArtifactKind::Image => return Err(not_wasm()),
             }
         };
         loaded.map_err(|e| CompileError::Compile(format!("{e:#}")))
@@ -188,7 +188,7 @@ impl CompileCache {
                         ArtifactKind::Component => {
                             Component::deserialize_file(&self.engine, self.path(digest)).map(Compiled::Component)
                         }
-                        ArtifactKind::Native => return Err(not_wasm()),
+                        ArtifactKind::Native | ArtifactKind::Image => return Err(not_wasm()),
                     }
                 };
                 match loaded {

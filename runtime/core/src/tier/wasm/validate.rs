@@ -68,7 +68,7 @@ pub fn inspect(upload: &[u8], limits: &CodeLimits) -> Result<Artifact, InvalidCo
             check_component(&bytes)?;
             None
         }
-        ArtifactKind::Native => unreachable!("Wasm validation never yields a native kind"),
+        ArtifactKind::Native | ArtifactKind::Image => unreachable!("Wasm validation never yields a native kind"),
     };
     Ok(Artifact { kind, bytes, init_hook })
 }
