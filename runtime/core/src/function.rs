@@ -118,6 +118,10 @@ pub struct FunctionConfig {
     /// image's `User` (default `0:0`; a lone uid takes its group from the image's `/etc/passwd`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Image deploys on the microvm tier only: seconds each lifecycle hook of the image
+    /// (`/kiln/hooks/{ready,restore,suspend,terminate}`) may run, 1–60 (default 10).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook_timeout_s: Option<u32>,
 }
 
 impl Default for FunctionConfig {
@@ -135,6 +139,7 @@ impl Default for FunctionConfig {
             cmd: None,
             workdir: None,
             user: None,
+            hook_timeout_s: None,
         }
     }
 }
@@ -193,6 +198,7 @@ impl FunctionConfig {
             ("cmd", self.cmd.is_some()),
             ("workdir", self.workdir.is_some()),
             ("user", self.user.is_some()),
+            ("hook_timeout_s", self.hook_timeout_s.is_some()),
         ]
         .into_iter()
         .filter_map(|(name, set)| set.then_some(name))
@@ -224,6 +230,9 @@ impl FunctionConfig {
             if !workdir.starts_with('/') || workdir.contains('\0') || workdir.len() > 4096 {
                 return Err(format!("workdir must be an absolute path (got {workdir:?})"));
             }
+        }
+        if self.hook_timeout_s.is_some_and(|s| !(1..=60).contains(&s)) {
+            return Err("hook_timeout_s must be between 1 and 60".into());
         }
         if let Some(user) = &self.user {
             parse_user(user).ok_or_else(|| {

@@ -80,6 +80,8 @@ pub struct Process {
     pub workdir: Option<String>,
     /// `uid:gid` in decimal: `/kiln/user` (absent: `0:0`).
     pub user: Option<(u32, u32)>,
+    /// Seconds each lifecycle hook may run, in decimal: `/kiln/hook_timeout_s` (absent: 10).
+    pub hook_timeout_s: Option<u32>,
 }
 
 impl Initramfs {
@@ -221,6 +223,7 @@ fn env_file(env: &[(&str, &str)]) -> Vec<u8> {
 pub const COMMAND_FILE: &str = "kiln/command";
 pub const WORKDIR_FILE: &str = "kiln/workdir";
 pub const USER_FILE: &str = "kiln/user";
+pub const HOOK_TIMEOUT_FILE: &str = "kiln/hook_timeout_s";
 
 /// The initramfs of a microvm function deployed as an image: the image's root file system
 /// `tree`, and on top of it what [`function_image`] gives a static executable — the agent as
@@ -246,7 +249,7 @@ pub fn rootfs_image(agent: &[u8], tree: &Tree, env: &[(&str, &str)], process: &P
     if !matches!(tree.get("kiln"), Some(Node::Dir(_))) {
         put(&mut tree, "kiln", Node::Dir(Meta::root(0o755)));
     }
-    for path in [COMMAND_FILE, WORKDIR_FILE, USER_FILE] {
+    for path in [COMMAND_FILE, WORKDIR_FILE, USER_FILE, HOOK_TIMEOUT_FILE] {
         remove(&mut tree, path);
     }
     if let Some(command) = &process.command {
@@ -261,6 +264,13 @@ pub fn rootfs_image(agent: &[u8], tree: &Tree, env: &[(&str, &str)], process: &P
     }
     if let Some((uid, gid)) = process.user {
         put(&mut tree, USER_FILE, file(0o444, format!("{uid}:{gid}").into_bytes()));
+    }
+    if let Some(seconds) = process.hook_timeout_s {
+        put(
+            &mut tree,
+            HOOK_TIMEOUT_FILE,
+            file(0o444, seconds.to_string().into_bytes()),
+        );
     }
 
     // The names of each file, in path order: a hard-linked file is written where its last name
@@ -490,6 +500,7 @@ mod tests {
             command: Some(vec!["/bin/sh".into(), "-c".into(), "echo hi".into()]),
             workdir: Some("/home".into()),
             user: Some((1000, 100)),
+            hook_timeout_s: Some(30),
         };
         let env = [("PATH", "/bin")];
         let image = rootfs_image(b"agent", &tree, &env, &process);
@@ -523,6 +534,7 @@ mod tests {
             "init",
             "kiln",
             "kiln/command",
+            "kiln/hook_timeout_s",
             "kiln/hooks",
             "kiln/hooks/ready",
             "kiln/user",
@@ -545,6 +557,7 @@ mod tests {
             (1000, 100, 0o100600)
         );
         assert_eq!(get("home").mode, 0o040700);
+        assert_eq!(get("kiln/hook_timeout_s").data, b"30");
         // Kiln's entries win over the image's.
         assert_eq!(get("init").data, b"agent");
         assert_eq!(

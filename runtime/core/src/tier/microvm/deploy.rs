@@ -255,6 +255,11 @@ fn boot_error(e: JailError, memory_mib: u32) -> DeployError {
         JailError::Layout(e) => {
             DeployError::InvalidCode(format!("memory_mb {memory_mib} is too small for this function: {e}"))
         }
+        // The agent sends a LOG in place of READY when the image's command cannot start or its
+        // ready hook fails: the image's fault, told with the console (which has the hook's output).
+        JailError::LinuxBoot { message, .. } if message.contains("Log frame before its ready signal") => {
+            DeployError::InvalidCode(format!("the image did not become ready: {message}"))
+        }
         e @ JailError::LinuxBoot { .. } => DeployError::TierUnavailable(e.to_string()),
         e => DeployError::TierUnavailable(format!("the microVM's Linux guest did not boot: {e}")),
     }

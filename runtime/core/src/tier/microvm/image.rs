@@ -241,7 +241,12 @@ pub fn prepare(upload: &[u8], config: &FunctionConfig) -> Result<Prepared, Strin
     Ok(Prepared {
         tree,
         env,
-        process: Process { command, workdir, user },
+        process: Process {
+            command,
+            workdir,
+            user,
+            hook_timeout_s: config.hook_timeout_s,
+        },
     })
 }
 
