@@ -31,6 +31,20 @@ fn must_create(kiln: &Kiln, body: Value) -> Value {
     response.json().unwrap()
 }
 
+/// Creates a sandbox of `counter` once the running cap has room again (waiting for a teardown
+/// that frees a place); its id.
+fn created_when_room(kiln: &Kiln) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        let response = create(kiln, json!({"function": "counter"}));
+        if response.status() == 201 || started.elapsed() > 10 * SEC {
+            assert_eq!(response.status(), 201, "{}", response.text().unwrap());
+            return response.json::<Value>().unwrap()["id"].as_str().unwrap().to_owned();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Creates a sandbox, which must succeed; its id.
 fn created(kiln: &Kiln, body: Value) -> String {
     must_create(kiln, body)["id"].as_str().unwrap().to_owned()
@@ -663,7 +677,9 @@ fn limits_running_sandboxes_suspended_state_on_disk_memory_and_concurrency() {
     counter(&kiln, &a, "/grow?kib=64&seed=2");
     let buffer = buffer_of(&counter(&kiln, &a, "/"));
     must(&kiln, &a, "suspend");
-    let c = created(&kiln, json!({"function": "counter"}));
+    // A suspend answers once the state is durable; the instance's place among the running is
+    // given back when its teardown ends, a moment later.
+    let c = created_when_room(&kiln);
     expect_error(action(&kiln, &a, "resume"), 429, "too_many_requests");
     assert_eq!(record(&kiln, &a)["state"], "suspended");
     kiln.delete(&format!("/v1/sandboxes/{c}"));
@@ -710,7 +726,7 @@ fn limits_running_sandboxes_suspended_state_on_disk_memory_and_concurrency() {
 
     // The disk budget: a state that would pass --max-data-bytes (40 MiB) is 507, and the sandbox runs on
     // with its memory as it was.
-    let d = created(&kiln, json!({"function": "counter"}));
+    let d = created_when_room(&kiln);
     let huge = counter(&kiln, &d, "/grow?kib=49152&seed=9");
     expect_error(action(&kiln, &d, "suspend"), 507, "insufficient_storage");
     assert_eq!(record(&kiln, &d)["state"], "running");
