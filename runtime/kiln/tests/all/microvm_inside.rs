@@ -37,6 +37,16 @@ pub fn images_exec_shell_files_and_hooks(kiln: Kiln, data: &Path, args: &[&str])
         "tier": "microvm", "memory_mb": 256, "timeout_ms": 120000,
         "entrypoint": ["/bin/httpd", "-f", "-p", "8080", "-h", "/www"],
     });
+    // An image whose ready hook fails is refused with the hook's output; nothing is stored.
+    let failing = busybox_rootfs(&[("kiln/hooks/ready", 0o755, b"#!/bin/sh\necho not ready today\nexit 4\n")]);
+    let response = crate::microvm::deploy_booting(&kiln, "notready", failing, &config);
+    let error = crate::support::expect_error(response, 422, "invalid_code");
+    assert!(
+        error["message"].as_str().unwrap().contains("not ready today"),
+        "{error}"
+    );
+    crate::support::expect_error(kiln.get("/v1/functions/notready"), 404, "not_found");
+
     let started = Instant::now();
     let response = crate::microvm::deploy_booting(&kiln, "busybox", image(), &config);
     let status = response.status();

@@ -83,6 +83,7 @@ fn offered_protocols(req: &Request<Incoming>) -> impl Iterator<Item = &str> {
 fn open_problem(e: OpenError, path: Option<&str>) -> Problem {
     match e {
         OpenError::Vm(e) => e.into(),
+        OpenError::Busy(message) => Problem::new(ErrorCode::TooManyRequests, message),
         OpenError::Refused(exit) => match path {
             Some(path) => file_problem(&exit, path),
             None => Problem::new(ErrorCode::FunctionFailed, exit.message),

@@ -216,7 +216,13 @@ pub enum OpenError {
     /// The guest refused the target: a file that cannot be opened (its errno and why), a
     /// connection refused.
     Refused(ExitReport),
+    /// The VM has [`MAX_STREAMS`] open already.
+    Busy(String),
 }
+
+/// Streams one VM carries at once (connections, execs, shells, files): each costs the guest a
+/// socket, a process or a file and the host a task; past it a new one is refused (`429`).
+pub const MAX_STREAMS: usize = 256;
 
 /// An open stream to a process or a file in the guest: its main bytes through `io` (stdin and
 /// stdout, or the file's content), the rest through `side`.
@@ -771,6 +777,10 @@ impl VmHandle {
             Err(OpenError::Refused(exit)) => {
                 Err(InvokeError::failed(format!("the sandbox's server: {}", exit.message)))
             }
+            Err(OpenError::Busy(_)) => Err(InvokeError::FunctionBusy(
+                self.shared.sandbox.clone(),
+                MAX_STREAMS as u32,
+            )),
         }
     }
 
@@ -815,11 +825,16 @@ impl VmHandle {
         let encoded = target.encode().map_err(|e| OpenError::Vm(InvokeError::failed(e)))?;
         let id = shared.next_stream.fetch_add(1, Ordering::Relaxed);
         let (events_tx, mut events) = mpsc::unbounded_channel();
-        shared
-            .streams
-            .lock()
-            .expect("streams lock poisoned")
-            .insert(id, events_tx);
+        {
+            let mut streams = shared.streams.lock().expect("streams lock poisoned");
+            if streams.len() >= MAX_STREAMS {
+                return Err(OpenError::Busy(format!(
+                    "sandbox {} has its maximum of {MAX_STREAMS} connections, execs, shells and file transfers open",
+                    shared.sandbox
+                )));
+            }
+            streams.insert(id, events_tx);
+        }
         let mut open = id.to_le_bytes().to_vec();
         open.extend_from_slice(&encoded);
         if shared.send_frame(FrameKind::Open, open).await.is_err() {
