@@ -229,9 +229,14 @@ impl MicroVm {
             Ok(Frame {
                 kind: FrameKind::Ready, ..
             }) => Ok(vm),
+            // A LOG in place of READY is the agent saying why it is not ready (the image's
+            // command or ready hook): it goes first in what the console said.
             Ok(frame) => Err(LinuxBootError::Boot {
                 source: BootError::NotReady(frame.kind),
-                boot_log,
+                boot_log: match frame.kind {
+                    FrameKind::Log => format!("{}\n{boot_log}", String::from_utf8_lossy(&frame.payload).trim_end()),
+                    _ => boot_log,
+                },
             }),
             Err(e) => Err(LinuxBootError::Boot {
                 source: e.into(),
