@@ -396,11 +396,18 @@ pub async fn load(tier: &MicrovmTier, record: &VersionRecord) -> Result<Arc<Micr
     Ok(Arc::new(MicrovmFunction::new(path, verified)))
 }
 
-/// Removes a snapshot no version references any more (after a delete), and any set-aside copy.
+/// Removes a snapshot no version references any more (after a delete): this node's, any
+/// set-aside copy, and those taken on other CPUs.
 pub fn remove_snapshot(layout: &Layout, digest: &Digest) {
     let path = dir(layout, digest);
     let _ = fs::remove_dir_all(&path);
     let _ = fs::remove_dir_all(rejected(&path));
+    let prefix = format!("{}-", digest.hex());
+    for entry in fs::read_dir(root(layout)).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Removes what a crash may have left: staging directories, and snapshots (or set-aside ones)
