@@ -907,6 +907,16 @@ impl Sandboxes {
                 )))
             };
         }
+        self.check_sandbox_token(gate, sandbox_token, Scope::Ingress)
+    }
+
+    /// Whether `sandbox_token` is a live token of sandbox `gate` with `scope`.
+    pub(super) fn check_sandbox_token(
+        &self,
+        gate: &Gate,
+        sandbox_token: Option<&str>,
+        scope: Scope,
+    ) -> Result<(), SandboxError> {
         let Some(secret) = sandbox_token else {
             return Err(SandboxError::Unauthorized);
         };
@@ -917,9 +927,10 @@ impl Sandboxes {
         if token.expires_ms.is_some_and(|at| self.clock.now_ms() >= at) {
             return Err(SandboxError::Unauthorized);
         }
-        if token.sandbox != gate.id || !token.scopes.contains(&Scope::Ingress) {
+        if token.sandbox != gate.id || !token.scopes.contains(&scope) {
             return Err(SandboxError::Forbidden(format!(
-                "this sandbox token may not reach sandbox {}",
+                "this sandbox token may not {} in sandbox {}",
+                scope.as_str(),
                 gate.id
             )));
         }

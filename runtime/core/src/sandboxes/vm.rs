@@ -12,8 +12,6 @@
 
 use std::time::Duration;
 
-use sha2::{Digest as _, Sha256};
-
 use super::record::{Sandbox, Scope, State};
 use super::{Gate, Handle, Instance, Live, SandboxError, Sandboxes, PORT_HEADER};
 use crate::auth::Principal;
@@ -230,24 +228,7 @@ impl Sandboxes {
                 )))
             };
         }
-        let Some(secret) = sandbox_token else {
-            return Err(SandboxError::Unauthorized);
-        };
-        let hash: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
-        let Some(token) = self.tokens.get(&hash).map(|t| t.clone()) else {
-            return Err(SandboxError::Unauthorized);
-        };
-        if token.expires_ms.is_some_and(|at| self.clock.now_ms() >= at) {
-            return Err(SandboxError::Unauthorized);
-        }
-        if token.sandbox != gate.id || !token.scopes.contains(&scope) {
-            return Err(SandboxError::Forbidden(format!(
-                "this sandbox token may not {} in sandbox {}",
-                scope.as_str(),
-                gate.id
-            )));
-        }
-        Ok(())
+        self.check_sandbox_token(gate, sandbox_token, scope)
     }
 
     /// The running VM of microVM sandbox `id`, resumed first if it is suspended: what exec,

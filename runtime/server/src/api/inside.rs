@@ -33,9 +33,8 @@ use tokio_tungstenite::WebSocketStream;
 use super::body::{self, Body, BodyBudget};
 use super::error;
 use super::openapi::{ErrorBody, ExecResult};
+use super::sandboxes::{offered_protocols, sandbox_token, TOKEN_PROTOCOL};
 
-const SANDBOX_TOKEN: &str = "x-kiln-sandbox-token";
-const TOKEN_PROTOCOL: &str = "kiln.token.";
 /// The most of each of stdout and stderr a buffered exec answers with; the rest is counted and
 /// dropped (`truncated`). Streaming (SSE) has no cap.
 const BUFFERED_OUTPUT: usize = 1 << 20;
@@ -61,22 +60,6 @@ async fn authorize(
     let token = sandbox_token(req);
     sandboxes.may_act(&gate, principal.as_ref(), token.as_deref(), scope)?;
     Ok(())
-}
-
-fn sandbox_token(req: &Request<Incoming>) -> Option<String> {
-    if let Some(value) = req.headers().get(SANDBOX_TOKEN).and_then(|v| v.to_str().ok()) {
-        return Some(value.trim().to_owned());
-    }
-    offered_protocols(req).find_map(|p| p.strip_prefix(TOKEN_PROTOCOL).map(str::to_owned))
-}
-
-fn offered_protocols(req: &Request<Incoming>) -> impl Iterator<Item = &str> {
-    req.headers()
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
 }
 
 /// Why a stream did not open, as the API says it.

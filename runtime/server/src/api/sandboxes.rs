@@ -25,7 +25,7 @@ use super::openapi::{ErrorBody, SandboxList, SandboxView, TokenForSandbox};
 /// The sandbox token header: the app's own `Authorization` passes through untouched beside it.
 const SANDBOX_TOKEN: &str = "x-kiln-sandbox-token";
 /// Browsers' websockets cannot send headers: the token may come as this subprotocol prefix.
-const TOKEN_PROTOCOL: &str = "kiln.token.";
+pub(super) const TOKEN_PROTOCOL: &str = "kiln.token.";
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// A sandbox as the API shows it.
@@ -356,16 +356,21 @@ pub async fn ingress(
 }
 
 /// The sandbox token, from its header or a websocket subprotocol.
-fn sandbox_token(req: &Request<Incoming>) -> Option<String> {
+pub(super) fn sandbox_token(req: &Request<Incoming>) -> Option<String> {
     if let Some(value) = req.headers().get(SANDBOX_TOKEN).and_then(|v| v.to_str().ok()) {
         return Some(value.trim().to_owned());
     }
+    offered_protocols(req).find_map(|p| p.strip_prefix(TOKEN_PROTOCOL).map(str::to_owned))
+}
+
+/// The websocket subprotocols a request offers.
+pub(super) fn offered_protocols(req: &Request<Incoming>) -> impl Iterator<Item = &str> {
     req.headers()
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .find_map(|p| p.trim().strip_prefix(TOKEN_PROTOCOL).map(str::to_owned))
+        .map(str::trim)
 }
 
 /// Removes what was for Kiln, so the app sees its own request: the sandbox token header, the
