@@ -37,9 +37,10 @@ if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
   echo "setup: installing qemu-system-x86"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86
 fi
-# A static busybox: the root filesystem of the microvm image tests (`busybox_rootfs` in
-# runtime/kiln/tests/all/support.rs), no network needed.
-if ! command -v busybox >/dev/null 2>&1; then
+# A static busybox at /bin/busybox: the root filesystem of the microvm image tests
+# (`busybox_rootfs` in runtime/kiln/tests/all/support.rs), no network needed. Debian's dynamic
+# `busybox` would not run in a guest without its C library: the static package replaces it.
+if ! dpkg -s busybox-static >/dev/null 2>&1; then
   echo "setup: installing busybox-static"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends busybox-static
 fi
