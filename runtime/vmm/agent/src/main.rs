@@ -328,6 +328,14 @@ fn start_at_boot(channel: &mut Channel, image: &Image) -> io::Result<session::Se
         Ok(server) => server,
         Err(e) => return fail(channel, format!("kiln-agent: cannot start {}: {e}", image.command[0])),
     };
+    if !std::path::Path::new(process::READY_HOOK).exists() {
+        // No ready hook: ready is the server listening (the snapshot then holds a server that is
+        // up), or its end, or a few seconds — a command that serves nothing is not waited for long.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !listening() && !server.has_exited() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
     let (status, output) = process::run_hook(image, Hook::Ready);
     if status != 0 {
         let output = String::from_utf8_lossy(&output);
@@ -337,6 +345,17 @@ fn start_at_boot(channel: &mut Channel, image: &Image) -> io::Result<session::Se
         );
     }
     Ok(server)
+}
+
+/// Whether any TCP socket in the guest is listening (state 0A in `/proc/net/tcp` or `tcp6`).
+fn listening() -> bool {
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|line| line.split_whitespace().nth(3) == Some("0A"))
+    })
 }
 
 /// Brings up the loopback interface: a sandbox's streams reach its server through it.

@@ -369,6 +369,8 @@ pub fn set_nonblocking(fd: RawFd) {
     }
 }
 
+pub const READY_HOOK: &str = "/kiln/hooks/ready";
+
 /// The lifecycle hooks an image may provide, by the number the channel's HOOK frames use.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Hook {
@@ -391,7 +393,7 @@ impl Hook {
 
     fn path(self) -> &'static str {
         match self {
-            Hook::Ready => "/kiln/hooks/ready",
+            Hook::Ready => READY_HOOK,
             Hook::Restore => "/kiln/hooks/restore",
             Hook::Suspend => "/kiln/hooks/suspend",
             Hook::Terminate => "/kiln/hooks/terminate",

@@ -96,6 +96,24 @@ pub struct Server {
     output: OwnedFd,
 }
 
+impl Server {
+    /// Whether the server has ended (without reaping it: its end is told in session mode).
+    pub fn has_exited(&self) -> bool {
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes into a valid siginfo; WNOWAIT leaves the child to be reaped later.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                self.child.id(),
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: si_pid is valid to read after a successful waitid.
+        rc == 0 && unsafe { info.si_pid() } != 0
+    }
+}
+
 pub fn run(channel: &mut Channel, first: &[u8], image: &Image, server: Option<Server>) -> ! {
     let mut session = Session {
         streams: HashMap::new(),
