@@ -292,8 +292,8 @@ fn native_functions_deploy_and_invoke_on_kilns_vmm_where_hardware_virtualization
     expect_error(invoke(&kiln, "spin"), 504, "timeout");
     assert!(started.elapsed() < Duration::from_secs(30));
     assert_eq!(invoke(&kiln, "still alive").text().unwrap(), "STILL ALIVE");
-    let kiln = microvm_sandboxes(kiln, data.path(), &args, &webapp);
-    let mut kiln = crate::microvm_inside::images_exec_shell_files_and_hooks(kiln, data.path(), &args);
+    let kiln = crate::microvm_inside::images_exec_shell_files_and_hooks(kiln, data.path(), &args);
+    let mut kiln = microvm_sandboxes(kiln, data.path(), &args, &webapp);
 
     // The snapshot is sealed, and outlives the process: a restarted Kiln serves from it without
     // booting.
