@@ -224,8 +224,7 @@ impl MicroVm {
         if self.stopped {
             return Err(RunError::Stopped);
         }
-        let size = self.memory.size();
-        let result = self.vcpu.run_session(&mut self.channel, size, tick, host);
+        let result = self.vcpu.run_session(&mut self.channel, &self.memory, tick, host);
         if result.is_err() {
             self.stopped = true;
         }

@@ -115,6 +115,7 @@ impl Server {
 }
 
 pub fn run(channel: &mut Channel, first: &[u8], image: &Image, server: Option<Server>) -> ! {
+    channel.use_bulk();
     let mut session = Session {
         streams: HashMap::new(),
         server,

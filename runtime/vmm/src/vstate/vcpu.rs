@@ -19,8 +19,11 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use super::memory::GuestMemory;
 use super::vm::{kvm_err, Hypervisor, Vm, VmError};
-use crate::devices::channel::{Channel, ChannelError, Frame, CHANNEL_PORT, STATUS_PORT};
+use crate::devices::channel::{
+    Channel, ChannelError, Frame, BULK_PORT, CHANNEL_PORT, HEADER_LEN, MAX_PAYLOAD, STATUS_PORT,
+};
 
 /// Why a run stopped without the frame the host waited for.
 #[derive(Debug, thiserror::Error)]
@@ -381,23 +384,31 @@ impl Vcpu {
     pub fn run_session(
         &mut self,
         channel: &mut Channel,
-        memory_size: usize,
+        memory: &GuestMemory,
         tick: Duration,
         host: &mut dyn SessionHost,
     ) -> Result<SessionStop, RunError> {
+        let memory_size = memory.size();
         let _ticker = Deadline::arm_periodic(&mut self.fd, tick).map_err(RunError::Timer)?;
+        let mut bulk = Vec::new();
         loop {
-            let stop = match self.fd.run() {
-                Ok(VcpuExit::IoOut(CHANNEL_PORT, data)) => {
-                    let mut stop = None;
-                    if channel.write(data)? {
-                        while let Some(frame) = channel.take_frame() {
-                            if host.deliver(frame).is_err() {
-                                stop = Some(SessionStop::End);
-                            }
-                        }
+            let written = match self.fd.run() {
+                Ok(VcpuExit::IoOut(CHANNEL_PORT, data)) => Some(channel.write(data)?),
+                Ok(VcpuExit::IoOut(BULK_PORT, data)) => {
+                    let len = data.first_chunk::<4>().map_or(0, |l| u32::from_le_bytes(*l));
+                    if len as usize > HEADER_LEN + MAX_PAYLOAD as usize {
+                        return Err(ChannelError::Oversized { len }.into());
                     }
-                    stop
+                    let regs = self.fd.get_regs().map_err(RunError::Kvm)?;
+                    let sregs = self.fd.get_sregs().map_err(RunError::Kvm)?;
+                    bulk.resize(len as usize, 0);
+                    read_virtual(memory, &sregs, regs.rsi, &mut bulk).ok_or_else(|| {
+                        RunError::UnexpectedExit(format!(
+                            "the guest's bulk write at {:#x} ({len} bytes) is not mapped",
+                            regs.rsi
+                        ))
+                    })?;
+                    Some(channel.write(&bulk)?)
                 }
                 Ok(VcpuExit::IoIn(CHANNEL_PORT, data)) => {
                     channel.read(data)?;
@@ -409,7 +420,10 @@ impl Vcpu {
                     for (slot, byte) in data.iter_mut().zip(queued.iter().chain(std::iter::repeat(&0))) {
                         *slot = *byte;
                     }
-                    stop
+                    if let Some(stop) = stop {
+                        return Ok(stop);
+                    }
+                    None
                 }
                 Ok(exit) => {
                     other_exit(exit, &mut self.console, memory_size)?;
@@ -417,12 +431,23 @@ impl Vcpu {
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
-                    host.poll(channel)
+                    if let Some(stop) = host.poll(channel) {
+                        return Ok(stop);
+                    }
+                    None
                 }
                 Err(e) => return Err(RunError::Kvm(e)),
             };
-            if let Some(stop) = stop {
-                return Ok(stop);
+            if written == Some(true) {
+                let mut stop = None;
+                while let Some(frame) = channel.take_frame() {
+                    if host.deliver(frame).is_err() {
+                        stop = Some(SessionStop::End);
+                    }
+                }
+                if let Some(stop) = stop {
+                    return Ok(stop);
+                }
             }
         }
     }
@@ -600,4 +625,87 @@ impl Drop for Deadline {
         unsafe { libc::timer_delete(self.timer) };
         RUNNING.with(|r| r.set(std::ptr::null_mut()));
     }
+}
+
+/// Copies `buf.len()` bytes at guest-virtual `address` through the guest's current page tables
+/// (4-level, or 5-level with CR4.LA57; 4 KiB, 2 MiB and 1 GiB pages); `None` if any page is not
+/// mapped. The vCPU is stopped in an exit meanwhile, so the tables cannot change under the walk.
+pub fn read_virtual(memory: &GuestMemory, sregs: &kvm_sregs, address: u64, buf: &mut [u8]) -> Option<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let virtual_address = address.checked_add(done as u64)?;
+        let (physical, page_size) = translate(memory, sregs, virtual_address)?;
+        let in_page = (page_size - (virtual_address & (page_size - 1))) as usize;
+        let n = in_page.min(buf.len() - done);
+        memory.read(physical, &mut buf[done..done + n]).ok()?;
+        done += n;
+    }
+    Some(())
+}
+
+/// The guest-physical address of `virtual_address` and the size of the page it is in.
+fn translate(memory: &GuestMemory, sregs: &kvm_sregs, virtual_address: u64) -> Option<(u64, u64)> {
+    const ADDRESS: u64 = 0x000f_ffff_ffff_f000;
+    const PRESENT: u64 = 1;
+    const HUGE: u64 = 1 << 7;
+    const CR4_LA57: u64 = 1 << 12;
+    let levels = if sregs.cr4 & CR4_LA57 != 0 { 5 } else { 4 };
+    // CR3's low 12 bits are a PCID (or flags), not address.
+    let mut table = sregs.cr3 & ADDRESS;
+    for level in (0..levels).rev() {
+        let shift = 12 + 9 * level;
+        let index = (virtual_address >> shift) & 0x1ff;
+        let mut entry = [0u8; 8];
+        memory.read(table + index * 8, &mut entry).ok()?;
+        let entry = u64::from_le_bytes(entry);
+        if entry & PRESENT == 0 {
+            return None;
+        }
+        let page_size = 1u64 << shift;
+        if level == 0 || ((level == 1 || level == 2) && entry & HUGE != 0) {
+            let base = entry & ADDRESS & !(page_size - 1);
+            return Some((base + (virtual_address & (page_size - 1)), page_size));
+        }
+        table = entry & ADDRESS;
+    }
+    None
+}
+
+#[cfg(test)]
+mod page_walk_tests {
+    use super::*;
+
+    /// Page tables built by hand in guest memory: a 4 KiB page, a 2 MiB page, and a read that
+    /// spans from one into the other; an unmapped address is `None`.
+    #[test]
+    fn guest_virtual_addresses_are_read_through_the_guests_page_tables() {
+        let memory = GuestMemory::anonymous(8 << 20).unwrap();
+        let entry = |at: u64, value: u64| memory.write(at, &value.to_le_bytes()).unwrap();
+        let (pml4, pdpt, pd, pt) = (0x1000u64, 0x2000u64, 0x3000u64, 0x4000u64);
+        // Virtual 0x0040_0000_0000 (PML4 index 0, PDPT index 1): a PD whose entry 0 is a page
+        // table and entry 1 a 2 MiB page at physical 4 MiB.
+        let base = 1u64 << 30;
+        entry(pml4, pdpt | 3);
+        entry(pdpt + 8, pd | 3 | 0x60); // accessed and dirty: flags the walk ignores
+        entry(pd, pt | 3);
+        entry(pd + 8, (4 << 20) | 3 | HUGE_FLAG);
+        // The last 4 KiB page of the 2 MiB of the page table: physical 0x10_0000.
+        entry(pt + 511 * 8, 0x10_0000 | 3);
+        memory.write(0x10_0000 + 4090, b"abcdef").unwrap();
+        memory.write(4 << 20, b"ghij").unwrap();
+        let sregs = kvm_sregs {
+            cr3: pml4 | 0x5, // a PCID in the low bits
+            ..Default::default()
+        };
+        let mut buf = [0u8; 10];
+        read_virtual(&memory, &sregs, base + (2 << 20) - 6, &mut buf).unwrap();
+        assert_eq!(&buf, b"abcdefghij");
+        assert_eq!(
+            read_virtual(&memory, &sregs, base + (8 << 20), &mut buf),
+            None,
+            "unmapped"
+        );
+    }
+
+    const HUGE_FLAG: u64 = 1 << 7;
 }
