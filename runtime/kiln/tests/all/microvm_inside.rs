@@ -164,9 +164,22 @@ pub fn images_exec_shell_files_and_hooks(kiln: Kiln, data: &Path, args: &[&str])
         .send()
         .unwrap();
     assert_eq!(response.status(), 200);
+    let back = response.bytes().unwrap().to_vec();
+    let sha = |bytes: &[u8]| {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(bytes))
+    };
+    let written = exec(&["busybox", "sha256sum", "/data/blob.bin"]);
     assert!(
-        response.bytes().unwrap().to_vec() == blob,
-        "the file did not round-trip"
+        written["stdout"].as_str().unwrap().starts_with(&sha(&blob)),
+        "the file written differs from what was sent: {written}"
+    );
+    assert!(
+        back == blob,
+        "the file read back differs: {} bytes, {} sent; first difference at {:?}",
+        back.len(),
+        blob.len(),
+        back.iter().zip(&blob).position(|(a, b)| a != b)
     );
     assert_eq!(
         exec(&["busybox", "stat", "-c", "%a", "/data/blob.bin"])["stdout"],
