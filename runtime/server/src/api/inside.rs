@@ -424,9 +424,12 @@ pub async fn read_file(
     authorize(auth, sandboxes, id, &req, Scope::Files).await?;
     let path = guest_path(req.uri().query())?;
     let vm = sandboxes.vm(id).await?;
-    let mut stream = vm.file(&path, None).await.map_err(|e| open_problem(e, Some(&path)))?;
+    let stream = vm.file(&path, None).await.map_err(|e| open_problem(e, Some(&path)))?;
     let (tx, rx) = mpsc::channel::<Bytes>(4);
     tokio::spawn(async move {
+        // The whole stream lives in the task: its `side` dropped early would read as the client
+        // gone, and the transfer would be cut (a block using only `stream.io` captures only that).
+        let mut stream = stream;
         let mut buf = BytesMut::zeroed(64 << 10);
         loop {
             tokio::select! {
