@@ -157,7 +157,14 @@ pub fn images_exec_shell_files_and_hooks(kiln: Kiln, data: &Path, args: &[&str])
         .body(blob.clone())
         .send()
         .unwrap();
-    assert_eq!(response.status(), 200, "{}", response.text().unwrap());
+    let status = response.status();
+    assert_eq!(
+        status,
+        200,
+        "{}\n{}",
+        response.text().unwrap(),
+        crate::microvm::tail(&kiln.log(), 8000)
+    );
     let response = http
         .get(kiln.url(&format!("/v1/sandboxes/{id}/files?path=/data/blob.bin")))
         .bearer_auth(&kiln.token)
