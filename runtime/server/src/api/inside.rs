@@ -20,7 +20,7 @@ use kiln_core::auth::Auth;
 use kiln_core::problem::{ErrorCode, Problem};
 use kiln_core::sandboxes::record::Scope;
 use kiln_core::sandboxes::{is_valid_id, Sandboxes};
-use kiln_core::tier::microvm::sandbox::{ExecSpec, ExitReport, GuestStream, OpenError, Side};
+use kiln_core::tier::microvm::sandbox::{ExecSpec, ExitReport, GuestStream, OpenError, Side, VmHandle};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -194,7 +194,7 @@ pub async fn exec(
             side = stream.side.recv() => match side {
                 Some(Side::Stderr(bytes)) => stderr.push(&bytes),
                 Some(Side::Exit(report)) => exit = Some(report),
-                None => return Err(error::unavailable("the sandbox's VM ended during the exec")),
+                None => return Err(stream_lost(&vm, "exec")),
             },
         }
     }
@@ -217,6 +217,17 @@ pub async fn exec(
             "timed_out": exit.timed_out,
         }),
     ))
+}
+
+/// A stream that ended without its EXIT: the VM failed (its reason), or the stream was reset.
+fn stream_lost(vm: &VmHandle, during: &str) -> Problem {
+    match vm.failure() {
+        Some(reason) => error::unavailable(format!("the sandbox's VM ended during the {during}: {reason}")),
+        None => Problem::new(
+            ErrorCode::FunctionFailed,
+            format!("the guest reset the stream during the {during}"),
+        ),
+    }
 }
 
 /// Output kept up to [`BUFFERED_OUTPUT`]; the rest counted.
@@ -399,7 +410,7 @@ pub async fn write_file(
             Some(Side::Exit(exit)) if exit.status == 0 => break,
             Some(Side::Exit(exit)) => return Err(file_problem(&exit, &path)),
             Some(Side::Stderr(_)) => {}
-            None => return Err(error::unavailable("the sandbox's VM ended during the write")),
+            None => return Err(stream_lost(&vm, "write")),
         }
     }
     Ok(body::json(
