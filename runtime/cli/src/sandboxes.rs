@@ -128,14 +128,7 @@ pub fn run(client: &Client, command: SandboxCommand, json: bool) -> Result<(), C
                 body.insert("ingress".into(), v.into());
             }
             if !env.is_empty() {
-                let mut vars = Map::new();
-                for pair in env {
-                    let (key, value) = pair
-                        .split_once('=')
-                        .ok_or_else(|| CliError::Usage(format!("--env {pair:?}: expected KEY=VALUE")))?;
-                    vars.insert(key.into(), value.into());
-                }
-                body.insert("env".into(), Value::Object(vars));
+                body.insert("env".into(), env_map(&env)?);
             }
             let created = client.json(client.request(Method::POST, "/v1/sandboxes").json(&Value::Object(body)))?;
             print_id_or_json(&created, json);
@@ -259,14 +252,7 @@ pub fn run(client: &Client, command: SandboxCommand, json: bool) -> Result<(), C
         } => {
             let mut body = Map::new();
             body.insert("argv".into(), json!(argv));
-            let mut vars = Map::new();
-            for pair in env {
-                let (key, value) = pair
-                    .split_once('=')
-                    .ok_or_else(|| CliError::Usage(format!("--env {pair:?}: expected KEY=VALUE")))?;
-                vars.insert(key.into(), value.into());
-            }
-            body.insert("env".into(), Value::Object(vars));
+            body.insert("env".into(), env_map(&env)?);
             if let Some(cwd) = cwd {
                 body.insert("cwd".into(), cwd.into());
             }
@@ -341,6 +327,18 @@ pub fn run(client: &Client, command: SandboxCommand, json: bool) -> Result<(), C
         }
     }
     Ok(())
+}
+
+/// `--env KEY=VALUE` flags as a JSON object.
+fn env_map(pairs: &[String]) -> Result<Value, CliError> {
+    let mut vars = Map::new();
+    for pair in pairs {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| CliError::Usage(format!("--env {pair:?}: expected KEY=VALUE")))?;
+        vars.insert(key.into(), value.into());
+    }
+    Ok(Value::Object(vars))
 }
 
 /// Percent-encodes a query value.

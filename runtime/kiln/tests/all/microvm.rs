@@ -647,43 +647,11 @@ pub(crate) fn tail(text: &str, n: usize) -> &str {
 /// A websocket through ingress: the handshake answered by the guest's server, one message echoed,
 /// and the close.
 fn websocket_echo(kiln: &Kiln, id: &str, message: &str) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(&kiln.addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
-    write!(
-        stream,
-        "GET /sbx/{id}/ws HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nUpgrade: websocket\r\n\
-         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        kiln.addr, kiln.token
-    )
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        stream.read_exact(&mut byte).unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
-    assert!(head.contains("s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
-    let mask = [7u8, 1, 2, 3];
-    let send = |stream: &mut std::net::TcpStream, opcode: u8, payload: &[u8]| {
-        let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8];
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        stream.write_all(&frame).unwrap();
-    };
-    let receive = |stream: &mut std::net::TcpStream| -> (u8, Vec<u8>) {
-        let mut header = [0u8; 2];
-        stream.read_exact(&mut header).unwrap();
-        let mut payload = vec![0u8; (header[1] & 0x7f) as usize];
-        stream.read_exact(&mut payload).unwrap();
-        (header[0] & 0x0f, payload)
-    };
-    send(&mut stream, 1, message.as_bytes());
-    assert_eq!(receive(&mut stream), (1, message.as_bytes().to_vec()));
-    send(&mut stream, 8, &[]);
-    assert_eq!(receive(&mut stream).0, 8);
+    let mut socket = crate::microvm_inside::Socket::connect(kiln, &format!("/sbx/{id}/ws"));
+    socket.send(1, message.as_bytes());
+    assert_eq!(socket.receive(), (1, message.as_bytes().to_vec()));
+    socket.send(8, &[]);
+    assert_eq!(socket.receive().0, 8);
 }
 
 /// Where this host has no hardware virtualization (PVM here, and CI): the test above run nested —

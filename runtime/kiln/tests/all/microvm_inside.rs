@@ -303,11 +303,12 @@ fn read_events(kiln: &Kiln, mut response: reqwest::blocking::Response) -> (Vec<u
     (stdout, stderr, exit)
 }
 
-/// A websocket client just big enough for the shell: masked frames out, any length in.
-struct Socket(TcpStream);
+/// A websocket client just big enough for the shell and ingress: masked frames out, any length in.
+pub struct Socket(TcpStream);
 
 impl Socket {
-    fn connect(kiln: &Kiln, path: &str) -> Socket {
+    /// Connects to `path` with Kiln's token and checks the handshake's answer.
+    pub fn connect(kiln: &Kiln, path: &str) -> Socket {
         let mut stream = TcpStream::connect(&kiln.addr).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
         write!(
@@ -329,7 +330,7 @@ impl Socket {
         Socket(stream)
     }
 
-    fn send(&mut self, opcode: u8, payload: &[u8]) {
+    pub fn send(&mut self, opcode: u8, payload: &[u8]) {
         let mask = [7u8, 1, 2, 3];
         assert!(payload.len() < 126);
         let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8];
@@ -338,7 +339,7 @@ impl Socket {
         self.0.write_all(&frame).unwrap();
     }
 
-    fn receive(&mut self) -> (u8, Vec<u8>) {
+    pub fn receive(&mut self) -> (u8, Vec<u8>) {
         let mut header = [0u8; 2];
         self.0.read_exact(&mut header).unwrap();
         let len = match header[1] & 0x7f {
