@@ -897,17 +897,7 @@ impl Sandboxes {
             Ingress::Public => return Ok(()),
             Ingress::Token => {}
         }
-        if let Some(principal) = principal {
-            return if principal.may_invoke(&gate.function) {
-                Ok(())
-            } else {
-                Err(SandboxError::Forbidden(format!(
-                    "this token may not reach sandboxes of `{}`",
-                    gate.function
-                )))
-            };
-        }
-        self.check_sandbox_token(gate, sandbox_token, Scope::Ingress)
+        self.may_act(gate, principal, sandbox_token, Scope::Ingress)
     }
 
     /// Whether `sandbox_token` is a live token of sandbox `gate` with `scope`.

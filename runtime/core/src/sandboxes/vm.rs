@@ -207,10 +207,10 @@ impl Sandboxes {
         Ok(forks)
     }
 
-    /// Whether `principal` (Kiln's token) or `sandbox_token` may act inside sandbox `gate` with
-    /// `scope` (exec, shell, files): the admin token, a token scoped to its function, or a token
-    /// of this sandbox with that scope. Unlike ingress, `"ingress": "off"` or `"public"` do not
-    /// change who may.
+    /// Whether `principal` (Kiln's token) or `sandbox_token` may use sandbox `gate` with `scope`:
+    /// the admin token, a token scoped to its function, or a token of this sandbox with that
+    /// scope. For exec, shell and files this is the whole rule (`"ingress": "off"` or `"public"`
+    /// change nothing); ingress checks its mode first (`may_enter`).
     pub fn may_act(
         &self,
         gate: &Gate,
@@ -223,7 +223,8 @@ impl Sandboxes {
                 Ok(())
             } else {
                 Err(SandboxError::Forbidden(format!(
-                    "this token may not manage sandboxes of `{}`",
+                    "this token may not {} in sandboxes of `{}`",
+                    scope.as_str(),
                     gate.function
                 )))
             };
