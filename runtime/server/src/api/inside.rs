@@ -194,7 +194,8 @@ pub async fn exec(
             side = stream.side.recv() => match side {
                 Some(Side::Stderr(bytes)) => stderr.push(&bytes),
                 Some(Side::Exit(report)) => exit = Some(report),
-                None => return Err(stream_lost(&vm, "exec")),
+                Some(Side::Lost(reason)) => return Err(stream_lost(&vm, "exec", Some(reason))),
+                None => return Err(stream_lost(&vm, "exec", None)),
             },
         }
     }
@@ -219,13 +220,17 @@ pub async fn exec(
     ))
 }
 
-/// A stream that ended without its EXIT: the VM failed (its reason), or the stream was reset.
-fn stream_lost(vm: &VmHandle, during: &str) -> Problem {
+/// A stream that ended without its EXIT: the VM failed (its reason), or the guest reset the
+/// stream (its reason, when the stream told it).
+fn stream_lost(vm: &VmHandle, during: &str, reason: Option<String>) -> Problem {
     match vm.failure() {
-        Some(reason) => error::unavailable(format!("the sandbox's VM ended during the {during}: {reason}")),
+        Some(failure) => error::unavailable(format!("the sandbox's VM ended during the {during}: {failure}")),
         None => Problem::new(
             ErrorCode::FunctionFailed,
-            format!("the guest reset the stream during the {during}"),
+            match reason {
+                Some(reason) => format!("the stream broke during the {during}: {reason}"),
+                None => format!("the guest reset the stream during the {during}"),
+            },
         ),
     }
 }
@@ -270,6 +275,11 @@ fn events(mut stream: GuestStream, mut output: tokio::io::ReadHalf<tokio::io::Du
                         }
                         let data = json!({"exit_code": exit.status, "timed_out": exit.timed_out}).to_string();
                         let _ = tx.send(event("exit", &data)).await;
+                        return;
+                    }
+                    Some(Side::Lost(reason)) => {
+                        let data = json!({"error": format!("the stream broke during the exec: {reason}")}).to_string();
+                        let _ = tx.send(event("error", &data)).await;
                         return;
                     }
                     None => {
@@ -410,7 +420,8 @@ pub async fn write_file(
             Some(Side::Exit(exit)) if exit.status == 0 => break,
             Some(Side::Exit(exit)) => return Err(file_problem(&exit, &path)),
             Some(Side::Stderr(_)) => {}
-            None => return Err(stream_lost(&vm, "write")),
+            Some(Side::Lost(reason)) => return Err(stream_lost(&vm, "write", Some(reason))),
+            None => return Err(stream_lost(&vm, "write", None)),
         }
     }
     Ok(body::json(
@@ -590,12 +601,18 @@ async fn relay_shell(socket: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
                 let reason = match side {
                     Some(Side::Exit(exit)) => exit.status.to_string(),
                     Some(Side::Stderr(_)) => continue,
+                    Some(Side::Lost(reason)) => reason,
                     None => "the sandbox's VM ended".to_owned(),
                 };
                 while let Ok(n) = output.read(&mut buf).await {
                     if n == 0 || sink.send(Message::Binary(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
                         break;
                     }
+                }
+                // A close frame's reason has room for 123 bytes.
+                let mut reason = reason;
+                while reason.len() > 123 {
+                    reason.pop();
                 }
                 let close = CloseFrame { code: CloseCode::Normal, reason: reason.into() };
                 let _ = sink.send(Message::Close(Some(close))).await;

@@ -51,6 +51,8 @@ const PORT: u16 = 0x510;
 const STATUS_PORT: u16 = 0x511;
 /// `out` a length here with the bytes' address in `rsi`: the host copies them in one exit.
 const BULK_PORT: u16 = 0x515;
+/// The channel's bulk read: the host copies queued bytes straight into our buffer.
+const BULK_READ_PORT: u16 = 0x519;
 
 /// The byte stream to the host.
 enum Channel {
@@ -68,8 +70,9 @@ impl Channel {
             // SAFETY: ioperm only changes this process's I/O permission bitmap.
             // The data port, the status port read 4 bytes wide (an `in eax, dx` needs the
             // permission of all four ports it spans, 0x511..=0x514) and the bulk doorbell
-            // written 4 bytes wide (0x515..=0x518).
-            if unsafe { libc::ioperm(PORT.into(), 9, 1) } != 0 {
+            // written 4 bytes wide (0x515..=0x518) and the bulk read read 4 bytes wide
+            // (0x519..=0x51c).
+            if unsafe { libc::ioperm(PORT.into(), 13, 1) } != 0 {
                 return Err(io::Error::last_os_error());
             }
             return Ok(Channel::Port { bulk: false });
@@ -90,9 +93,29 @@ impl Channel {
     fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
         match self {
             Channel::Serial(f) => f.read_exact(buf),
-            Channel::Port { .. } => {
+            Channel::Port { bulk: false } => {
                 prefault(buf);
                 port_read(buf);
+                Ok(())
+            }
+            Channel::Port { bulk: true } => {
+                let mut got = 0;
+                let mut refused = 0;
+                while got < buf.len() {
+                    // The host writes only into pages a user write would find present, writable
+                    // and dirty: writing each page first makes them so.
+                    prefault(&mut buf[got..]);
+                    match bulk_read(&mut buf[got..]) {
+                        u32::MAX if refused < 3 => refused += 1,
+                        // Pages the host keeps refusing, or nothing queued where the status said
+                        // there was: the byte-wise path (which the host fails loudly if wrong).
+                        u32::MAX | 0 => {
+                            port_read(&mut buf[got..]);
+                            got = buf.len();
+                        }
+                        n => got += n as usize,
+                    }
+                }
                 Ok(())
             }
         }
@@ -194,6 +217,26 @@ fn port_read(buf: &mut [u8]) {
         std::arch::asm!("rep insb", in("dx") PORT, inout("rdi") buf.as_mut_ptr() => _,
             inout("rcx") buf.len() => _, options(nostack, preserves_flags))
     };
+}
+
+/// Asks the host for up to `buf.len()` queued bytes, copied into `buf`: how many it copied, or
+/// `u32::MAX` if it refused `buf`'s pages (nothing taken then).
+#[cfg(target_arch = "x86_64")]
+fn bulk_read(buf: &mut [u8]) -> u32 {
+    let taken: u32;
+    // SAFETY: ioperm granted the port; the host writes at most `rcx` bytes at `rdi`, both `buf`'s,
+    // and only into pages mapped writable for us.
+    unsafe {
+        std::arch::asm!("in eax, dx", in("dx") BULK_READ_PORT, out("eax") taken,
+            in("rdi") buf.as_mut_ptr(), in("rcx") buf.len().min(u32::MAX as usize - 1),
+            options(nostack, preserves_flags))
+    };
+    taken
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn bulk_read(_: &mut [u8]) -> u32 {
+    unreachable!("the port channel exists on x86_64 only")
 }
 
 /// A 4-byte `in` from the status port.

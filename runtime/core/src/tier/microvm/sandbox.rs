@@ -136,6 +136,8 @@ pub struct ExitReport {
 pub enum Side {
     Stderr(Bytes),
     Exit(ExitReport),
+    /// The stream ended without its exit: why (the VM's failure, or the guest's reset reason).
+    Lost(String),
 }
 
 /// What a stream reaches in the guest (OPEN's target, see `kiln_vmm::devices::channel`).
@@ -919,6 +921,8 @@ async fn bridge(link: Link, kiln: DuplexStream, mut events: mpsc::UnboundedRecei
         window.extend_from_slice(&(n as u32).to_le_bytes());
         window
     };
+    // Why the stream ended without the guest's EXIT, for a process or file stream's user.
+    let mut lost = None;
     let reset = loop {
         if sent_all && received_all && !ends_with_exit {
             break false;
@@ -931,6 +935,7 @@ async fn bridge(link: Link, kiln: DuplexStream, mut events: mpsc::UnboundedRecei
                     let mut close = id.to_le_bytes().to_vec();
                     close.push(0);
                     if shared.send_frame(FrameKind::Close, close).await.is_err() {
+                        lost = Some(helper_gone(shared));
                         break true;
                     }
                 }
@@ -939,6 +944,7 @@ async fn bridge(link: Link, kiln: DuplexStream, mut events: mpsc::UnboundedRecei
                     let mut data = id.to_le_bytes().to_vec();
                     data.extend_from_slice(&buf[..n]);
                     if shared.send_frame(FrameKind::Data, data).await.is_err() {
+                        lost = Some(helper_gone(shared));
                         break true;
                     }
                 }
@@ -949,6 +955,7 @@ async fn bridge(link: Link, kiln: DuplexStream, mut events: mpsc::UnboundedRecei
                         break true;
                     }
                     if shared.send_frame(FrameKind::Window, window(bytes.len())).await.is_err() {
+                        lost = Some(helper_gone(shared));
                         break true;
                     }
                 }
@@ -958,6 +965,7 @@ async fn bridge(link: Link, kiln: DuplexStream, mut events: mpsc::UnboundedRecei
                         break true;
                     }
                     if shared.send_frame(FrameKind::Window, window(n)).await.is_err() {
+                        lost = Some(helper_gone(shared));
                         break true;
                     }
                 }
@@ -972,12 +980,24 @@ async fn bridge(link: Link, kiln: DuplexStream, mut events: mpsc::UnboundedRecei
                     received_all = true;
                     let _ = to_app.shutdown().await;
                 }
-                Some(StreamEvent::Closed { reset: true, .. }) | None => break false,
+                Some(StreamEvent::Closed { reset: true, reason }) => {
+                    lost = Some(if reason.is_empty() { "the guest reset the stream".into() } else { reason });
+                    break false;
+                }
+                None => {
+                    lost = Some(shared.failure.get().cloned().unwrap_or_else(|| "the stream was dropped".into()));
+                    break false;
+                }
             },
             // The host's user of a process or file stream went away before its end.
             () = side.closed(), if *ends_with_exit => break true,
         }
     };
+    if let (Some(reason), true) = (lost, *ends_with_exit) {
+        // What the app reads ends here; the side says why (a full side loses the reason only).
+        let _ = to_app.shutdown().await;
+        let _ = side.try_send(Side::Lost(reason));
+    }
     if reset {
         let mut close = id.to_le_bytes().to_vec();
         close.push(match drop_with {
@@ -987,6 +1007,15 @@ async fn bridge(link: Link, kiln: DuplexStream, mut events: mpsc::UnboundedRecei
         let _ = shared.send_frame(FrameKind::Close, close).await;
     }
     shared.remove(id);
+}
+
+/// Why a frame could not be sent: the helper's recorded failure, or its pipe closing.
+fn helper_gone(shared: &Shared) -> String {
+    shared
+        .failure
+        .get()
+        .cloned()
+        .unwrap_or_else(|| "the microVM's helper stopped taking frames".into())
 }
 
 /// Whether the client asks to switch protocols (a websocket).
