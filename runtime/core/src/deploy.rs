@@ -72,7 +72,11 @@ impl Functions {
         upload: Bytes,
         config: FunctionConfig,
     ) -> Result<Deployed, DeployError> {
-        // Stage 1: inspect, compare with the latest version, stage.
+        // Stage 1: inspect, compare with the latest version, stage. A connector that does not
+        // exist is refused before anything is built (the commit checks again, atomically).
+        self.connectors
+            .check_names(&config.connectors)
+            .map_err(DeployError::InvalidConfig)?;
         let artifact = tier.inspect(&upload, &config)?;
         drop(upload);
         // One trip to the blocking pool: the latest version and, if this one differs, whether

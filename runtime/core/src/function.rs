@@ -98,6 +98,9 @@ pub struct FunctionConfig {
     pub env: BTreeMap<String, String>,
     /// Outbound HTTP destinations a component may call (HTTP-trigger functions).
     pub allowed_hosts: Vec<String>,
+    /// Egress connectors (`crate::connectors`) whose policies add to `allowed_hosts`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub connectors: Vec<String>,
     /// Serve the HTTP trigger without a bearer token.
     pub public: bool,
     /// Times a failed asynchronous invocation is run again (with exponential backoff).
@@ -133,6 +136,7 @@ impl Default for FunctionConfig {
             max_concurrency: 64,
             env: BTreeMap::new(),
             allowed_hosts: Vec::new(),
+            connectors: Vec::new(),
             public: false,
             retries: 2,
             entrypoint: None,
@@ -188,6 +192,7 @@ impl FunctionConfig {
             return Err(format!("at most {MAX_ALLOWED_HOSTS} allowed_hosts entries"));
         }
         crate::tier::wasm::egress::check_allowed_hosts(&self.allowed_hosts)?;
+        crate::connectors::check_references(&self.connectors)?;
         self.check_image_fields()
     }
 

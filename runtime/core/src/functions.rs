@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::connectors::Connectors;
 use crate::function::VersionRecord;
 use crate::outcome::{InvokeError, Success};
 use crate::permits::Permits;
@@ -44,10 +45,17 @@ pub struct Functions {
     /// Serialises the commit step of deploys and deletes (not their compilation).
     pub(crate) commit_lock: tokio::sync::Mutex<()>,
     pub(crate) metrics: Arc<Metrics>,
+    /// The egress connectors configs may name.
+    pub connectors: Arc<Connectors>,
 }
 
 impl Functions {
-    pub(crate) fn new(storage: Arc<Storage>, tiers: Tiers, metrics: Arc<Metrics>) -> Result<Functions, StorageError> {
+    pub(crate) fn new(
+        storage: Arc<Storage>,
+        tiers: Tiers,
+        connectors: Arc<Connectors>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Functions, StorageError> {
         let registry = Registry::default();
         for record in storage.metadata.all_latest()? {
             registry.install(record, None);
@@ -58,6 +66,7 @@ impl Functions {
             registry,
             commit_lock: tokio::sync::Mutex::new(()),
             metrics,
+            connectors,
         })
     }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::auth::{AdminTokenSource, Auth, AuthSetupError};
 use crate::clock::{Clock, SystemClock};
 use crate::config::CoreConfig;
+use crate::connectors::Connectors;
 use crate::functions::Functions;
 use crate::invocations::{Queue, QueueConfig};
 use crate::sandboxes::{Sandboxes, SandboxesConfig};
@@ -114,7 +115,9 @@ impl Kiln {
         };
         let signer = Signer::open(&layout.keys(), clock.clone()).map_err(data_err)?;
 
-        let wasm = WasmTier::open(&config, &layout, storage.blobs.clone(), connector).map_err(StartError::Engine)?;
+        let connectors = Arc::new(Connectors::open(storage.metadata.clone())?);
+        let wasm = WasmTier::open(&config, &layout, storage.blobs.clone(), connector, connectors.clone())
+            .map_err(StartError::Engine)?;
         let microvm = MicrovmTier::open(&config, &layout);
         match microvm.reason() {
             None => tracing::info!("tiers available: wasm, microvm"),
@@ -124,7 +127,7 @@ impl Kiln {
             wasm: Arc::new(wasm),
             microvm: Arc::new(microvm),
         };
-        let functions = Arc::new(Functions::new(storage.clone(), tiers, metrics.clone())?);
+        let functions = Arc::new(Functions::new(storage.clone(), tiers, connectors, metrics.clone())?);
         sweep_unreferenced(&functions)?;
         let sandboxes = Arc::new(Sandboxes::open(
             storage.clone(),

@@ -14,6 +14,7 @@
 //! - [`outcome`] and [`problem`]: how an invocation ends, and how errors are told;
 //! - [`invocations`]: asynchronous invocations (the durable queue);
 //! - [`sandboxes`]: long-lived instances — create, ingress, suspend, resume, fork, terminate;
+//! - [`connectors`]: named egress policies functions and sandboxes reference;
 //! - [`auth`] (tokens) and [`signing`] (result URLs), on an injectable [`clock`];
 //! - [`telemetry`]: metrics, the one log line per invocation, kept invocation logs;
 //! - [`storage`]: metadata and blobs behind small interfaces (SQLite and the local disk today);
@@ -22,6 +23,7 @@
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod connectors;
 pub mod deploy;
 pub mod digest;
 pub mod function;

@@ -6,11 +6,13 @@
 
 use serde_json::{Map, Value};
 
+use crate::connectors::ConnectorError;
 use crate::deploy::DeployError;
 use crate::functions::LoadError;
 use crate::invocations::SubmitError;
 use crate::outcome::InvokeError;
 use crate::sandboxes::SandboxError;
+use crate::storage::StorageError;
 
 /// The `code` of an error body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +95,9 @@ impl From<DeployError> for Problem {
         match e {
             DeployError::InvalidCode(msg) => Problem::new(ErrorCode::InvalidCode, msg),
             DeployError::InvalidConfig(msg) => Problem::new(ErrorCode::InvalidRequest, msg),
+            DeployError::Store(e @ StorageError::UnknownConnector(_)) => {
+                Problem::new(ErrorCode::InvalidRequest, e.to_string())
+            }
             DeployError::TierUnavailable(msg) => Problem::new(ErrorCode::Unavailable, msg),
             e @ DeployError::NotFound(_) => Problem::new(ErrorCode::NotFound, e.to_string()),
             e @ DeployError::InsufficientStorage(_) => Problem::new(ErrorCode::InsufficientStorage, e.to_string()),
@@ -154,6 +159,9 @@ impl From<SandboxError> for Problem {
         match e {
             e @ SandboxError::NotFound(_) => Problem::new(ErrorCode::NotFound, e.to_string()),
             SandboxError::Invalid(message) => Problem::new(ErrorCode::InvalidRequest, message),
+            SandboxError::Storage(e @ StorageError::UnknownConnector(_)) => {
+                Problem::new(ErrorCode::InvalidRequest, e.to_string())
+            }
             SandboxError::Conflict(message) => Problem::new(ErrorCode::Conflict, message),
             e @ SandboxError::Unauthorized => Problem::new(ErrorCode::Unauthorized, e.to_string()),
             SandboxError::Forbidden(message) => Problem::new(ErrorCode::Forbidden, message),
@@ -163,6 +171,31 @@ impl From<SandboxError> for Problem {
             SandboxError::Invoke(e) => e.into(),
             e @ SandboxError::InsufficientStorage(_) => Problem::new(ErrorCode::InsufficientStorage, e.to_string()),
             e @ (SandboxError::Storage(_) | SandboxError::State(_)) => Problem::internal(e),
+        }
+    }
+}
+
+impl From<ConnectorError> for Problem {
+    fn from(e: ConnectorError) -> Problem {
+        match e {
+            ConnectorError::Invalid(message) => Problem::new(ErrorCode::InvalidRequest, message),
+            e @ ConnectorError::NotFound(_) => Problem::new(ErrorCode::NotFound, e.to_string()),
+            e @ ConnectorError::Exists(_) => Problem::new(ErrorCode::Conflict, e.to_string()),
+            ConnectorError::InUse { name, uses } => {
+                let mut problem = Problem::new(
+                    ErrorCode::Conflict,
+                    ConnectorError::InUse {
+                        name,
+                        uses: uses.clone(),
+                    }
+                    .to_string(),
+                );
+                problem
+                    .details
+                    .insert("used_by".into(), serde_json::to_value(uses).expect("uses serialise"));
+                problem
+            }
+            e @ ConnectorError::Store(_) => Problem::internal(e),
         }
     }
 }

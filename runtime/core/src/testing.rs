@@ -4,6 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::config::CoreConfig;
+use crate::connectors::Connectors;
 use crate::functions::Functions;
 use crate::storage::budget::DiskBudget;
 use crate::storage::{Layout, LocalBlobs, Sqlite, Storage};
@@ -27,11 +28,12 @@ pub fn functions(dir: &Path) -> Functions {
         budget: Arc::new(DiskBudget::new(layout.root.clone(), 0, None)),
         layout: layout.clone(),
     });
-    let wasm = WasmTier::open(&config, &layout, blobs, Arc::new(NoConnector)).unwrap();
+    let connectors = Arc::new(Connectors::open(storage.metadata.clone()).unwrap());
+    let wasm = WasmTier::open(&config, &layout, blobs, Arc::new(NoConnector), connectors.clone()).unwrap();
     let unavailable = Capability::Unavailable("not in unit tests".into());
     let tiers = Tiers {
         wasm: Arc::new(wasm),
         microvm: Arc::new(MicrovmTier::with_parts(unavailable, None, None, 1, layout)),
     };
-    Functions::new(storage, tiers, Arc::new(Metrics::default())).unwrap()
+    Functions::new(storage, tiers, connectors, Arc::new(Metrics::default())).unwrap()
 }

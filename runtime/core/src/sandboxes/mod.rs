@@ -391,6 +391,10 @@ impl Sandboxes {
     /// `Idempotency-Key` used before returns the first one).
     pub async fn create(&self, request: NewSandbox) -> Result<(Sandbox, bool), SandboxError> {
         request.settings.check().map_err(SandboxError::Invalid)?;
+        self.functions
+            .connectors
+            .check_names(&request.settings.connectors)
+            .map_err(SandboxError::Invalid)?;
         let resolved = self.functions.resolve(&request.function, request.version).await?;
         let record = resolved.function.record.clone();
         // (A microVM function where its tier cannot run does not resolve: `unavailable`, with why.)
@@ -493,7 +497,9 @@ impl Sandboxes {
             .function
             .entry
         {
-            Entry::Wasm(function) => function.egress.clone(),
+            Entry::Wasm(function) => function
+                .egress
+                .with_rules(self.functions.connectors.rules(&sandbox.settings.connectors)),
             Entry::Microvm(_) => unreachable!("microvm sandboxes are refused before"),
         };
         let instance = Instance::Wasm(

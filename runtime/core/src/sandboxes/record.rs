@@ -96,6 +96,9 @@ pub struct Settings {
     /// Added to the function's environment.
     pub env: BTreeMap<String, String>,
     pub metadata: BTreeMap<String, String>,
+    /// Egress connectors added to the function's policy.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub connectors: Vec<String>,
 }
 
 impl Default for Settings {
@@ -108,6 +111,7 @@ impl Default for Settings {
             ingress_port: 8080,
             env: BTreeMap::new(),
             metadata: BTreeMap::new(),
+            connectors: Vec::new(),
         }
     }
 }
@@ -136,9 +140,11 @@ impl Settings {
                 "metadata may hold at most {MAX_METADATA_ENTRIES} entries and {MAX_METADATA_BYTES} bytes"
             ));
         }
-        // The function's own checks apply to what the sandbox adds to its environment.
+        // The function's own checks apply to what the sandbox adds to its environment and
+        // policy.
         let env_check = crate::function::FunctionConfig {
             env: self.env.clone(),
+            connectors: self.connectors.clone(),
             ..crate::function::FunctionConfig::default()
         };
         env_check.check()

@@ -25,6 +25,7 @@ pub use local::{Layout, LocalBlobs};
 pub use sqlite::Sqlite;
 pub use tokens::TokenRow;
 
+use crate::connectors::{Connector, ConnectorSpec, ConnectorUse, Deleted};
 use crate::digest::Digest;
 use crate::function::{ArtifactKind, FunctionConfig, VersionRecord};
 use crate::invocations::Record;
@@ -36,6 +37,9 @@ pub enum StorageError {
     Sqlite(#[from] rusqlite::Error),
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
+    /// A version or sandbox names a connector that does not exist.
+    #[error("no connector named `{0}`")]
+    UnknownConnector(String),
 }
 
 /// What releasing a sandbox state did.
@@ -143,6 +147,15 @@ pub trait Metadata: Send + Sync {
     /// Every sandbox token, by the SHA-256 of its secret.
     fn sandbox_tokens(&self) -> Result<Vec<(Vec<u8>, SandboxToken)>, StorageError>;
     fn delete_sandbox_tokens(&self, sandbox: &str) -> Result<(), StorageError>;
+
+    /// Stores a new egress connector: its creation time, or `None` if the name is taken.
+    fn insert_connector(&self, spec: &ConnectorSpec) -> Result<Option<String>, StorageError>;
+    /// Every connector.
+    fn connectors(&self) -> Result<Vec<Connector>, StorageError>;
+    /// The function versions and live sandboxes that reference a connector.
+    fn connector_uses(&self, name: &str) -> Result<Vec<ConnectorUse>, StorageError>;
+    /// Deletes a connector nothing live references, in one transaction with the check.
+    fn delete_connector(&self, name: &str) -> Result<Deleted, StorageError>;
 }
 
 /// What a blob is, which is also its namespace.

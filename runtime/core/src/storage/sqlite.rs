@@ -11,6 +11,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{Durability, Metadata, Released, StateRecord, StorageError, StoredResult, TokenRow};
 use crate::clock::now_rfc3339;
+use crate::connectors::{Connector, ConnectorSpec, ConnectorUse, Deleted};
 use crate::digest::Digest;
 use crate::function::Tier;
 use crate::function::{ArtifactKind, FunctionConfig, VersionRecord};
@@ -145,6 +146,27 @@ const MIGRATIONS: &[&str] = &[
     -- A state's manifest is kept with its row, committed with the sandbox that points at it;
     -- NULL for states saved before (their manifest is a blob).
     ALTER TABLE sandbox_states ADD COLUMN manifest BLOB;
+"#,
+    r#"
+    -- Egress connectors (crate::connectors) and what references them: a version's references go
+    -- with the version; a sandbox's count while the sandbox is not terminated or failed.
+    CREATE TABLE connectors (
+        name        TEXT PRIMARY KEY,
+        spec        TEXT NOT NULL,
+        created_at  TEXT NOT NULL
+    );
+    CREATE TABLE version_connectors (
+        connector   TEXT NOT NULL REFERENCES connectors(name),
+        name        TEXT NOT NULL,
+        version     INTEGER NOT NULL,
+        PRIMARY KEY (connector, name, version),
+        FOREIGN KEY (name, version) REFERENCES versions(name, version) ON DELETE CASCADE
+    );
+    CREATE TABLE sandbox_connectors (
+        connector   TEXT NOT NULL REFERENCES connectors(name),
+        sandbox     TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
+        PRIMARY KEY (connector, sandbox)
+    );
 "#,
 ];
 
@@ -294,6 +316,14 @@ impl Metadata for Sqlite {
                 now
             ],
         )?;
+        for connector in &config.connectors {
+            reference_connector(
+                &tx,
+                connector,
+                "INSERT INTO version_connectors (connector, name, version) VALUES (?1, ?2, ?3)",
+                params![connector, name, version],
+            )?;
+        }
         tx.commit()?;
         let record = VersionRecord {
             name: name.to_owned(),
@@ -537,6 +567,14 @@ impl Metadata for Sqlite {
                 sandbox.resumed_from,
             ],
         )?;
+        for connector in &sandbox.settings.connectors {
+            reference_connector(
+                &tx,
+                connector,
+                "INSERT INTO sandbox_connectors (connector, sandbox) VALUES (?1, ?2)",
+                params![connector, sandbox.id],
+            )?;
+        }
         tx.commit()?;
         Ok(None)
     }
@@ -652,6 +690,52 @@ impl Metadata for Sqlite {
             digests.extend(Digest::parse(&row?));
         }
         Ok(digests)
+    }
+
+    fn insert_connector(&self, spec: &ConnectorSpec) -> Result<Option<String>, StorageError> {
+        let now = now_rfc3339();
+        let inserted = self.conn().execute(
+            "INSERT OR IGNORE INTO connectors (name, spec, created_at) VALUES (?1, ?2, ?3)",
+            params![spec.name, serde_json::to_string(spec).expect("spec serialises"), now],
+        )?;
+        Ok((inserted == 1).then_some(now))
+    }
+
+    fn connectors(&self) -> Result<Vec<Connector>, StorageError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT spec, created_at FROM connectors ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        rows.map(|row| {
+            let (spec, created_at) = row?;
+            let spec = serde_json::from_str(&spec).map_err(|e| StorageError::Corrupt(format!("connector: {e}")))?;
+            Ok(Connector { spec, created_at })
+        })
+        .collect()
+    }
+
+    fn connector_uses(&self, name: &str) -> Result<Vec<ConnectorUse>, StorageError> {
+        connector_uses_in(&self.conn(), name)
+    }
+
+    fn delete_connector(&self, name: &str) -> Result<Deleted, StorageError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let exists = tx
+            .query_row("SELECT 1 FROM connectors WHERE name = ?1", params![name], |_| Ok(()))
+            .optional()?
+            .is_some();
+        if !exists {
+            return Ok(Deleted::NotFound);
+        }
+        let uses = connector_uses_in(&tx, name)?;
+        if !uses.is_empty() {
+            return Ok(Deleted::InUse(uses));
+        }
+        // References of sandboxes that ended keep nothing.
+        tx.execute("DELETE FROM sandbox_connectors WHERE connector = ?1", params![name])?;
+        tx.execute("DELETE FROM connectors WHERE name = ?1", params![name])?;
+        tx.commit()?;
+        Ok(Deleted::Deleted)
     }
 
     fn insert_sandbox_token(&self, hash: &[u8], token: &SandboxToken) -> Result<(), StorageError> {
@@ -790,6 +874,45 @@ fn latest_in(conn: &Connection, name: &str) -> Result<Option<VersionRecord>, Sto
     )?;
     let row = stmt.query_row(params![name], raw_row).optional()?;
     row.map(decode).transpose()
+}
+
+/// Writes one reference to `connector` with `insert`, or says the connector does not exist.
+fn reference_connector(
+    tx: &rusqlite::Transaction<'_>,
+    connector: &str,
+    insert: &str,
+    params: impl rusqlite::Params,
+) -> Result<(), StorageError> {
+    let exists = tx
+        .query_row("SELECT 1 FROM connectors WHERE name = ?1", params![connector], |_| {
+            Ok(())
+        })
+        .optional()?
+        .is_some();
+    if !exists {
+        return Err(StorageError::UnknownConnector(connector.to_owned()));
+    }
+    tx.execute(insert, params)?;
+    Ok(())
+}
+
+/// The versions and live sandboxes that reference `name`.
+fn connector_uses_in(conn: &Connection, name: &str) -> Result<Vec<ConnectorUse>, StorageError> {
+    let mut uses = Vec::new();
+    let mut stmt = conn
+        .prepare_cached("SELECT name, version FROM version_connectors WHERE connector = ?1 ORDER BY name, version")?;
+    for row in stmt.query_map(params![name], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?)))? {
+        let (function, version) = row?;
+        uses.push(ConnectorUse::Version { function, version });
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT s.id FROM sandbox_connectors c JOIN sandboxes s ON s.id = c.sandbox
+         WHERE c.connector = ?1 AND s.state NOT IN ('terminated', 'failed') ORDER BY s.id",
+    )?;
+    for row in stmt.query_map(params![name], |r| r.get::<_, String>(0))? {
+        uses.push(ConnectorUse::Sandbox { sandbox: row? });
+    }
+    Ok(uses)
 }
 
 #[cfg(test)]

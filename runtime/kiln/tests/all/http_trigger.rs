@@ -2,12 +2,11 @@
 //! auth and `public`, limits mapped to 504/502, streamed bodies, and deny-by-default egress.
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{client, component, expect_error, Kiln};
+use crate::support::{client, component, expect_error, upstream, Kiln};
 
 fn fn_url(kiln: &Kiln, path: &str) -> String {
     kiln.url(&format!("/fn/{path}"))
@@ -303,32 +302,6 @@ fn ten_mib_streams_in_and_out_without_the_server_holding_it() {
         grown < 6 * 1024,
         "the server's peak memory grew by {grown} KiB over a 10 MiB echo: the body was buffered"
     );
-}
-
-/// A one-shot HTTP server on loopback answering every request with `body`.
-fn upstream(body: &'static str) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut request = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                match stream.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => request.extend_from_slice(&buf[..n]),
-                }
-            }
-            let answer = format!(
-                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(answer.as_bytes());
-        }
-    });
-    port
 }
 
 #[test]

@@ -5,6 +5,7 @@ mod api;
 mod asynchronous;
 mod cli;
 mod connections;
+mod connectors;
 mod errors;
 mod hardening;
 mod hostile;

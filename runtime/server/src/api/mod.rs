@@ -4,6 +4,7 @@
 //! status and JSON body.
 
 pub mod body;
+mod connectors;
 pub mod error;
 mod functions;
 mod http_trigger;
@@ -82,6 +83,10 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
         Api::ListTokens => tokens::list(&kiln.auth, &kiln.storage).await,
         Api::DeleteToken(id) => tokens::delete(&kiln.auth, &kiln.storage, id).await,
         Api::RotateKeys => keys::rotate(&kiln.signer).await,
+        Api::CreateConnector => connectors::create(&kiln.functions.connectors, bodies, req).await,
+        Api::ListConnectors => connectors::list(&kiln.functions.connectors).await,
+        Api::GetConnector(name) => connectors::get(&kiln.functions.connectors, name).await,
+        Api::DeleteConnector(name) => connectors::delete(&kiln.functions.connectors, name).await,
         Api::ListFunctions => functions::list(&kiln.functions).await,
         Api::Deploy(name) => functions::deploy(&kiln.functions, &kiln.telemetry, limits, bodies, name, req).await,
         Api::GetFunction(name) => functions::get(&kiln.functions, name).await,
@@ -136,6 +141,10 @@ pub enum Api<'a> {
     ListTokens,
     DeleteToken(&'a str),
     RotateKeys,
+    CreateConnector,
+    ListConnectors,
+    GetConnector(&'a str),
+    DeleteConnector(&'a str),
     ListFunctions,
     Deploy(&'a str),
     GetFunction(&'a str),
@@ -205,6 +214,12 @@ fn classify_api<'a>(method: &Method, segments: &[&'a str]) -> Api<'a> {
         (["v1", "tokens", _], _) => refused(Refusal::MethodNotAllowed),
         (["v1", "keys", "rotate"], &Method::POST) => Api::RotateKeys,
         (["v1", "keys", "rotate"], _) => refused(Refusal::MethodNotAllowed),
+        (["v1", "connectors"], &Method::POST) => Api::CreateConnector,
+        (["v1", "connectors"], &Method::GET) => Api::ListConnectors,
+        (["v1", "connectors"], _) => refused(Refusal::MethodNotAllowed),
+        (["v1", "connectors", name], &Method::GET) => Api::GetConnector(name),
+        (["v1", "connectors", name], &Method::DELETE) => Api::DeleteConnector(name),
+        (["v1", "connectors", _], _) => refused(Refusal::MethodNotAllowed),
         (["v1", "functions"], &Method::GET) => Api::ListFunctions,
         (["v1", "functions"], _) => refused(Refusal::MethodNotAllowed),
         (["v1", "sandboxes"], &Method::POST) => Api::CreateSandbox,

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::Scheme;
+use ipnet::IpNet;
 use tokio::sync::Semaphore;
 use wasmtime_wasi_http::{Error, ForbiddenHeaderFilter, RequestOptions, WasiBody, WasiHttpHooks};
 
@@ -27,12 +28,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// bounds the whole invocation anyway.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// One `allowed_hosts` entry.
+/// One `allowed_hosts` entry (a function's own, or an egress connector's).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     https: bool,
     host: HostPattern,
     port: u16,
+    /// Internal ranges the host may resolve into and still be reached (a connector's
+    /// `allow_private`); empty for a function's own entries.
+    private: Arc<[IpNet]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,7 +80,23 @@ impl Rule {
             }
             pattern
         };
-        Ok(Rule { https, host, port })
+        Ok(Rule {
+            https,
+            host,
+            port,
+            private: Arc::new([]),
+        })
+    }
+
+    /// The same entry, also reaching the internal addresses in `private`.
+    pub fn reaching(self, private: Arc<[IpNet]>) -> Rule {
+        Rule { private, ..self }
+    }
+
+    /// Whether a request this rule matched may go to `ip`: a public address, one the entry names
+    /// literally, or one in the ranges it was given.
+    pub fn may_reach(&self, ip: IpAddr) -> bool {
+        matches!(self.host, HostPattern::Ip(_)) || !is_internal(ip) || crate::connectors::in_ranges(&self.private, ip)
     }
 
     /// Whether a request to `https`, `host` (as a URI gives it) and `port` matches, as the policy
@@ -265,11 +285,13 @@ impl std::fmt::Debug for Egress {
 }
 
 impl Egress {
-    pub fn new(allowed_hosts: &[String], connector: Arc<dyn Connector>) -> Result<Egress, String> {
-        let rules = allowed_hosts
+    /// The policy of `allowed_hosts` and the `extra` rules of the connectors a config names.
+    pub fn new(allowed_hosts: &[String], extra: Vec<Rule>, connector: Arc<dyn Connector>) -> Result<Egress, String> {
+        let mut rules = allowed_hosts
             .iter()
             .map(|entry| Rule::parse(entry))
             .collect::<Result<Vec<_>, _>>()?;
+        rules.extend(extra);
         Ok(Egress {
             rules: rules.into(),
             outbound: Arc::new(Semaphore::new(MAX_OUTBOUND_PER_INSTANCE)),
@@ -280,7 +302,20 @@ impl Egress {
 
     /// A policy that allows nothing.
     pub fn deny_all(connector: Arc<dyn Connector>) -> Egress {
-        Egress::new(&[], connector).expect("no entries parse")
+        Egress::new(&[], Vec::new(), connector).expect("no entries parse")
+    }
+
+    /// These rules and `extra` (a sandbox's own connectors).
+    pub fn with_rules(&self, extra: Vec<Rule>) -> Egress {
+        if extra.is_empty() {
+            return self.clone();
+        }
+        let mut rules = self.rules.to_vec();
+        rules.extend(extra);
+        Egress {
+            rules: rules.into(),
+            ..self.for_instance()
+        }
     }
 
     /// The same rules with this instance's own cap on open requests.
@@ -307,9 +342,14 @@ impl Egress {
         }
         let host = Host::of(authority.host());
         let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let Some(rule) = self.rules.iter().find(|rule| rule.matches(https, &host, port)) else {
+        let matching: Vec<&Rule> = self
+            .rules
+            .iter()
+            .filter(|rule| rule.matches(https, &host, port))
+            .collect();
+        if matching.is_empty() {
             return Err(Error::HttpRequestDenied);
-        };
+        }
         let (addresses, name) = match &host {
             Host::Ip(ip) => (vec![SocketAddr::new(*ip, port)], ip.to_string()),
             Host::Name(name) => {
@@ -332,11 +372,11 @@ impl Egress {
                 (found.collect(), name.clone())
             }
         };
-        // An internal address is reachable only through an entry that names it literally.
-        let literal = matches!(rule.host, HostPattern::Ip(_));
+        // An internal address is reachable only through an entry that names it literally, or a
+        // connector's entry that allows its range.
         let allowed: Vec<SocketAddr> = addresses
             .into_iter()
-            .filter(|addr| literal || !is_internal(addr.ip()))
+            .filter(|addr| matching.iter().any(|rule| rule.may_reach(addr.ip())))
             .collect();
         if allowed.is_empty() {
             return Err(Error::DestinationIpProhibited);
@@ -400,7 +440,7 @@ mod tests {
     /// the slots is taken (its own slow names) gets `DnsTimeout`, and never resolves anything.
     #[tokio::test(start_paused = true)]
     async fn a_lookup_waits_for_its_slot_no_longer_than_the_deadline() {
-        let egress = Egress::new(&["http://slow.example".to_owned()], Arc::new(NoConnector))
+        let egress = Egress::new(&["http://slow.example".to_owned()], Vec::new(), Arc::new(NoConnector))
             .unwrap()
             .for_instance();
         let _taken = egress

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use self::compile::{CompileCache, CompileError, Precompiled};
-use self::egress::{Connector, Egress};
+use self::egress::{Connector, Egress, Rule};
 use self::engine::{EpochTicker, MAX_WEIGHT};
 use self::footprint::Footprint;
 use self::instance::Guest;
@@ -44,6 +44,7 @@ use self::link::{Code, Linkers};
 use self::validate::CodeLimits;
 use super::{Artifact, Tier};
 use crate::config::CoreConfig;
+use crate::connectors::Connectors;
 use crate::deploy::DeployError;
 use crate::digest::Digest;
 use crate::function::{FunctionConfig, VersionRecord};
@@ -66,10 +67,12 @@ pub struct WasmFunction {
 }
 
 impl WasmFunction {
+    /// `connectors`: the rules of the egress connectors the version's config names.
     pub fn new(
         record: &VersionRecord,
         code: Code,
         footprint: Footprint,
+        connectors: Vec<Rule>,
         connector: Arc<dyn Connector>,
     ) -> WasmFunction {
         WasmFunction {
@@ -78,7 +81,7 @@ impl WasmFunction {
             args: [record.name.clone()],
             env: record.config.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             // The config was validated at deploy; a stored entry that no longer parses allows nothing.
-            egress: Egress::new(&record.config.allowed_hosts, connector.clone())
+            egress: Egress::new(&record.config.allowed_hosts, connectors, connector.clone())
                 .unwrap_or_else(|_| Egress::deny_all(connector)),
         }
     }
@@ -112,6 +115,8 @@ pub struct WasmTier {
     /// dry mid-instantiation.
     capacity: Arc<Limit>,
     connector: Arc<dyn Connector>,
+    /// The egress connectors versions may name.
+    connectors: Arc<Connectors>,
     blobs: Arc<dyn Blobs>,
     /// Where sandboxes' instances run (`sandbox`).
     sandboxes: Arc<SandboxEngine>,
@@ -138,6 +143,7 @@ impl WasmTier {
         layout: &Layout,
         blobs: Arc<dyn Blobs>,
         connector: Arc<dyn Connector>,
+        connectors: Arc<Connectors>,
     ) -> Result<WasmTier, String> {
         let engine = engine::engine(config.max_instances).map_err(|e| format!("wasmtime engine: {e:#}"))?;
         let sandbox_engine = engine::sandbox_engine().map_err(|e| format!("wasmtime engine: {e:#}"))?;
@@ -161,6 +167,7 @@ impl WasmTier {
             engine,
             capacity: Arc::new(Limit::new(config.max_instances)),
             connector,
+            connectors,
             blobs,
             sandboxes: Arc::new(sandboxes),
             _ticker: Arc::new(ticker),
@@ -307,6 +314,7 @@ impl Tier for WasmTier {
             record,
             code,
             footprint,
+            self.connectors.rules(&record.config.connectors),
             self.connector.clone(),
         )))
     }
