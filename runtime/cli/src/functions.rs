@@ -31,6 +31,9 @@ pub struct DeployArgs {
     /// Outbound HTTP destination the function may call (repeatable).
     #[arg(long = "allow-host", value_name = "URL")]
     pub allow_host: Vec<String>,
+    /// Egress connector whose policy the function gets (repeatable).
+    #[arg(long = "connector", value_name = "NAME")]
+    pub connector: Vec<String>,
     /// Serve the function's HTTP trigger without a token.
     #[arg(long)]
     pub public: bool,
@@ -69,6 +72,9 @@ impl DeployArgs {
         }
         if !self.allow_host.is_empty() {
             config.insert("allowed_hosts".into(), self.allow_host.clone().into());
+        }
+        if !self.connector.is_empty() {
+            config.insert("connectors".into(), self.connector.clone().into());
         }
         if self.public {
             config.insert("public".into(), true.into());

@@ -1,5 +1,5 @@
 //! The client half of the `kiln` binary: `kiln deploy`, `invoke`, `ls`, `get`, `rm`, `logs`,
-//! `status`, `token`. Each command is one or two requests to the HTTP API of `../shared/API.md`; the server
+//! `status`, `token`, `connector`, `sandbox`. Each command is one or two requests to the HTTP API of `../shared/API.md`; the server
 //! is the only source of truth, so the CLI holds no state of its own.
 //!
 //! Output is for people by default and the server's JSON with `--json`, for scripts. Errors print
@@ -7,6 +7,7 @@
 //! (`client::CliError::exit_code`).
 
 mod client;
+mod connectors;
 mod functions;
 mod invocations;
 mod progress;
@@ -54,6 +55,9 @@ pub enum Command {
     /// Manage scoped (invoke-only) tokens.
     #[command(subcommand)]
     Token(tokens::TokenCommand),
+    /// Manage egress connectors (named network policies).
+    #[command(subcommand)]
+    Connector(connectors::ConnectorCommand),
     /// Manage the keys that sign result URLs.
     #[command(subcommand)]
     Keys(tokens::KeysCommand),
@@ -77,6 +81,7 @@ pub fn run(connection: &Connection, command: Command) -> Result<(), CliError> {
         Command::Status { invocation_id } => invocations::status(&client, &invocation_id, json),
         Command::Token(command) => tokens::run(&client, command, json),
         Command::Keys(command) => tokens::keys(&client, command, json),
+        Command::Connector(command) => connectors::run(&client, command, json),
         Command::Sandbox(command) => sandboxes::run(&client, command, json),
     }
 }

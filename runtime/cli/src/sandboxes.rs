@@ -26,6 +26,9 @@ pub enum SandboxCommand {
         /// Environment variables added to the function's (repeatable).
         #[arg(long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
+        /// Egress connector added to the function's policy (repeatable).
+        #[arg(long = "connector", value_name = "NAME")]
+        connector: Vec<String>,
     },
     /// List sandboxes.
     Ls {
@@ -115,6 +118,7 @@ pub fn run(client: &Client, command: SandboxCommand, json: bool) -> Result<(), C
             on_idle,
             ingress,
             env,
+            connector,
         } => {
             let mut body = Map::new();
             body.insert("function".into(), function.into());
@@ -129,6 +133,9 @@ pub fn run(client: &Client, command: SandboxCommand, json: bool) -> Result<(), C
             }
             if !env.is_empty() {
                 body.insert("env".into(), env_map(&env)?);
+            }
+            if !connector.is_empty() {
+                body.insert("connectors".into(), connector.into());
             }
             let created = client.json(client.request(Method::POST, "/v1/sandboxes").json(&Value::Object(body)))?;
             print_id_or_json(&created, json);

@@ -202,3 +202,45 @@ fn scoped_token_from_the_cli_invokes_only_its_function() {
         "kiln: missing or invalid bearer token\n"
     );
 }
+
+#[test]
+fn connectors_from_the_cli() {
+    let kiln = Kiln::start();
+    let made = ok(&cli(
+        &kiln,
+        &[
+            "connector",
+            "create",
+            "db",
+            "--allow-host",
+            "http://db.internal:5432",
+            "--allow-private",
+            "10.1.0.0/16",
+        ],
+        b"",
+    ));
+    assert_eq!(made, "db  http://db.internal:5432  10.1.0.0/16  used by 0\n");
+    ok(&cli(
+        &kiln,
+        &["deploy", "hello", &wat_path("hello"), "--connector", "db"],
+        b"",
+    ));
+    let shown = ok(&cli(&kiln, &["connector", "get", "db"], b""));
+    assert!(shown.ends_with("  used by hello@1\n"), "{shown}");
+    let refused = cli(&kiln, &["connector", "rm", "db"], b"");
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("connector `db` is in use by function `hello` version 1"),
+        "{said}"
+    );
+    let unknown = cli(
+        &kiln,
+        &["deploy", "other", &wat_path("hello"), "--connector", "nope"],
+        b"",
+    );
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no connector named `nope`"));
+    ok(&cli(&kiln, &["rm", "hello"], b""));
+    assert_eq!(ok(&cli(&kiln, &["connector", "rm", "db"], b"")), "deleted db\n");
+    assert_eq!(ok(&cli(&kiln, &["connector", "ls"], b"")), "");
+}
