@@ -38,7 +38,9 @@
 //! optional reason), `10 WINDOW` (either way: stream u32, credit u32 — the receiver took that many
 //! bytes; a sender keeps at most [`STREAM_WINDOW`] bytes unacknowledged; the guest's first WINDOW
 //! on a stream says its connection is up). The guest learns that frames wait for it by reading
-//! [`STATUS_PORT`] (a 4-byte `in`: bytes queued for it), so it never reads an empty queue.
+//! [`STATUS_PORT`] (a 4-byte `in`: bytes queued for it), so it never reads an empty queue; in a
+//! session it takes them through [`BULK_READ_PORT`] and sends through [`BULK_PORT`], one exit per
+//! read or frame.
 //!
 //! OPEN's target (after the stream id) is a tag byte and its parameters: `0` a TCP port (u16);
 //! `1` a process — exec or a shell (timeout ms u32, pty u8, cols u16, rows u16, the working
