@@ -1,0 +1,8 @@
+//! TODO
+mod config;
+mod device;
+mod packet;
+mod stack;
+
+pub use config::{Config, ConfigError};
+pub use stack::{ConnId, Connection, ConnectionError, Decision, DnsQuery, Event, Policy, Stack, Stats};
