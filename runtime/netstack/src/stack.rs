@@ -36,7 +36,7 @@ pub enum Decision {
 
 /// Decides each new connection by its guest-visible destination. It runs on the packet path with the
 /// stack locked, so it must be quick: a lookup, never I/O.
-pub type Policy = Box<dyn Fn(SocketAddrV4) -> Decision + Send>;
+type Policy = Box<dyn Fn(SocketAddrV4) -> Decision + Send>;
 
 /// Identifies one guest connection for its whole life; never reused within a stack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -306,7 +306,7 @@ fn random_and_mangled_packets_never_panic() {
             ..Config::default()
         },
         |dest: SocketAddrV4| {
-            if dest.port() % 2 == 0 {
+            if dest.port().is_multiple_of(2) {
                 Decision::Allow(UPSTREAM)
             } else {
                 Decision::Deny
@@ -375,4 +375,38 @@ fn random_and_mangled_packets_never_panic() {
     let stats = lab.stack.stats();
     assert!(stats.malformed > 1000, "{stats:?}");
     assert!(lab.stack.connections() <= 8);
+}
+
+#[test]
+fn neither_side_can_push_more_than_the_windows_hold() {
+    let config = Config {
+        buffer_size: 16 * 1024,
+        ..Config::default()
+    };
+    let mut lab = Lab::new(config, |_| Decision::Allow(UPSTREAM));
+    let (handle, id) = lab.established();
+    lab.until(5, |lab| send(&mut lab.stack, id, b"").is_ready());
+
+    // Upstream → guest, the guest not reading: its 64 KiB buffer plus this connection's 16 KiB.
+    let mut accepted = 0;
+    for _ in 0..200 {
+        while let Poll::Ready(Ok(n @ 1..)) = send(&mut lab.stack, id, &[7; 1024]) {
+            accepted += n;
+        }
+        lab.step();
+    }
+    assert_eq!(accepted, 80 * 1024);
+    assert_eq!(send(&mut lab.stack, id, &[7; 1024]), Poll::Pending);
+
+    // Guest → upstream, the caller not reading: the guest fills this connection's 16 KiB, then waits.
+    let data = vec![9; 1024 * 1024];
+    let mut pushed = 0;
+    for _ in 0..200 {
+        pushed += lab.guest.tcp(handle).send_slice(&data[pushed..]).unwrap();
+        lab.step();
+    }
+    assert_eq!(pushed - lab.guest.tcp(handle).send_queue(), 16 * 1024);
+    let mut buf = vec![0; 64 * 1024];
+    let mut cx = Context::from_waker(Waker::noop());
+    assert_eq!(lab.stack.poll_recv(id, &mut cx, &mut buf), Poll::Ready(Ok(16 * 1024)));
 }
