@@ -3,8 +3,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::clock::SystemClock;
 use crate::config::CoreConfig;
 use crate::functions::Functions;
+use crate::identity::Issuer;
 use crate::storage::budget::DiskBudget;
 use crate::storage::{Layout, LocalBlobs, Sqlite, Storage};
 use crate::telemetry::metrics::Metrics;
@@ -27,7 +29,8 @@ pub fn functions(dir: &Path) -> Functions {
         budget: Arc::new(DiskBudget::new(layout.root.clone(), 0, None)),
         layout: layout.clone(),
     });
-    let wasm = WasmTier::open(&config, &layout, blobs, Arc::new(NoConnector)).unwrap();
+    let issuer = Issuer::open("http://kiln.test", &layout.identity_keys(), Arc::new(SystemClock)).unwrap();
+    let wasm = WasmTier::open(&config, &layout, blobs, Arc::new(NoConnector), Arc::new(issuer)).unwrap();
     let unavailable = Capability::Unavailable("not in unit tests".into());
     let tiers = Tiers {
         wasm: Arc::new(wasm),

@@ -175,7 +175,10 @@ impl KeyStore {
         let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
         // Always newer than the key it replaces (by a second, if two rotations share one), so the
         // order of the names is the order of the rotations.
-        let created = keys.last().map_or(0, |last| last.created + 1).max(self.clock.now_secs());
+        let created = keys
+            .last()
+            .map_or(0, |last| last.created + 1)
+            .max(self.clock.now_secs());
         let path = self.dir.join(file_name(created, &kid));
         let mut file = OpenOptions::new()
             .write(true)
@@ -310,10 +313,10 @@ mod tests {
 
         // Then it goes, from the JWKS and from the disk.
         clock.advance(Duration::from_secs(1));
-        assert_eq!(kids(&store), [new.clone()]);
+        assert_eq!(kids(&store), vec![new.clone()]);
         assert_eq!(store.rotate_if_due().unwrap(), None, "the current key is not due yet");
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
-        assert_eq!(kids(&KeyStore::open(&dir, clock.clone()).unwrap()), [new.clone()]);
+        assert_eq!(kids(&KeyStore::open(&dir, clock).unwrap()), vec![new]);
     }
 
     #[test]
