@@ -54,7 +54,7 @@ pub enum Command {
     /// Manage scoped (invoke-only) tokens.
     #[command(subcommand)]
     Token(tokens::TokenCommand),
-    /// Manage the keys that sign result URLs.
+    /// Manage the keys that sign result URLs and guests' identity tokens.
     #[command(subcommand)]
     Keys(tokens::KeysCommand),
     /// Sandboxes: long-lived instances of a function.
