@@ -57,7 +57,7 @@ impl KilnHarness {
         let out = self
             .kiln
             .functions
-            .invoke(&self.resolved, Bytes::from_static(INPUT))
+            .invoke(&self.resolved, "bench", Bytes::from_static(INPUT))
             .await;
         std::hint::black_box(out.expect("the guest runs").stdout);
     }

@@ -52,7 +52,7 @@ fuzz_target!(|data: &[u8]| {
             Api::GetInvocation(id) | Api::InvocationLogs(id) => check_id(id),
             _ => {}
         },
-        Route::Healthz | Route::Metrics | Route::Ingress(_) | Route::Refused(_) => {}
+        Route::Healthz | Route::Metrics | Route::Jwks | Route::Discovery | Route::Ingress(_) | Route::Refused(_) => {}
     }
 
     if let Ok(Some(version)) = version_param(query) {

@@ -86,6 +86,7 @@ impl Bench {
             args: &[],
             env: &[],
             egress: &self.egress,
+            identity: None,
             memory_bytes: 256 * MIB,
             share: PoolShare::of_weight(self.weight),
             timeout: Duration::from_secs(600),

@@ -203,10 +203,14 @@ mod tests {
             max_concurrency: None,
             env: vec![("A".into(), "1=2".into())],
             allow_host: vec![],
+            connector: vec!["db".into()],
             public: false,
             tier: None,
         };
-        assert_eq!(args.config(), json!({"memory_mb": 64, "env": {"A": "1=2"}}));
+        assert_eq!(
+            args.config(),
+            json!({"memory_mb": 64, "env": {"A": "1=2"}, "connectors": ["db"]})
+        );
         assert_eq!(parse_env("A=1=2").unwrap(), ("A".into(), "1=2".into()));
         assert!(parse_env("=1").is_err());
         assert!(parse_env("A").is_err());

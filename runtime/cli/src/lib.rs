@@ -58,7 +58,7 @@ pub enum Command {
     /// Manage egress connectors (named network policies).
     #[command(subcommand)]
     Connector(connectors::ConnectorCommand),
-    /// Manage the keys that sign result URLs.
+    /// Manage the keys that sign result URLs and guests' identity tokens.
     #[command(subcommand)]
     Keys(tokens::KeysCommand),
     /// Sandboxes: long-lived instances of a function.

@@ -1,5 +1,6 @@
 //! `kiln token create|ls|rm`: scoped, invoke-only tokens; `kiln keys rotate`: retire every
-//! result-URL signing key (every URL handed out so far stops working).
+//! result-URL signing key (every URL handed out so far stops working) and start signing identity
+//! tokens with a new key (those signed before still verify until they expire).
 
 use reqwest::Method;
 use serde_json::json;
@@ -79,21 +80,46 @@ pub fn run(client: &Client, command: TokenCommand, json: bool) -> Result<(), Cli
 #[derive(clap::Subcommand, Debug)]
 pub enum KeysCommand {
     /// Sign result URLs with a new key and retire every older one: every result URL handed out
-    /// so far is refused from now on.
-    Rotate,
+    /// so far is refused from now on. Also sign guests' identity tokens with a new key: the old
+    /// one stays in /.well-known/jwks.json until the tokens it signed have expired.
+    Rotate {
+        /// Rotate only these keys.
+        #[arg(long, value_enum)]
+        only: Option<KeySet>,
+    },
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum KeySet {
+    /// The keys that sign result URLs.
+    Results,
+    /// The keys that sign guests' identity tokens.
+    Identity,
 }
 
 pub fn keys(client: &Client, command: KeysCommand, json: bool) -> Result<(), CliError> {
     match command {
-        KeysCommand::Rotate => {
-            let rotated = client.json(client.request(Method::POST, "/v1/keys/rotate"))?;
+        KeysCommand::Rotate { only } => {
+            let path = match only {
+                None => "/v1/keys/rotate",
+                Some(KeySet::Results) => "/v1/keys/rotate?keys=results",
+                Some(KeySet::Identity) => "/v1/keys/rotate?keys=identity",
+            };
+            let rotated = client.json(client.request(Method::POST, path))?;
             if json {
                 print_json(&rotated);
-            } else {
+                return Ok(());
+            }
+            if let Some(kid) = rotated["kid"].as_str() {
                 println!(
-                    "signing key {} ({} retired: result URLs signed before are refused)",
-                    rotated["kid"].as_str().unwrap_or(""),
+                    "signing key {kid} ({} retired: result URLs signed before are refused)",
                     rotated["retired"]
+                );
+            }
+            if let Some(kid) = rotated["identity"]["kid"].as_str() {
+                let published = rotated["identity"]["published"].as_array().map_or(0, Vec::len);
+                println!(
+                    "identity signing key {kid} ({published} published: tokens signed before verify until they expire)"
                 );
             }
         }

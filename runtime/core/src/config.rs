@@ -8,6 +8,9 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
     pub data_dir: PathBuf,
+    /// The URL this server is reached at, the `iss` of the identity tokens it signs
+    /// (`--public-url`; the server's default is `http://<listen address>`).
+    pub public_url: String,
     /// The one sizing number of the instance pool: how many guest instances may be alive at once,
     /// across all functions. Every pool dimension (memories, tables, stacks) derives from it, and it
     /// is also the global concurrency cap (past it invocations are refused).
@@ -48,6 +51,7 @@ impl CoreConfig {
     pub fn new(data_dir: PathBuf) -> Self {
         CoreConfig {
             data_dir,
+            public_url: "http://127.0.0.1:7878".to_owned(),
             max_instances: 1000,
             max_queued: 10_000,
             async_workers: 64,

@@ -220,7 +220,7 @@ mod tests {
             unreachable!("deploy never invokes")
         }
 
-        async fn run(&self, _: Permits, _: &LoadedFunction, _: Bytes) -> Result<Success, InvokeError> {
+        async fn run(&self, _: Permits, _: &LoadedFunction, _: &str, _: Bytes) -> Result<Success, InvokeError> {
             unreachable!("deploy never invokes")
         }
     }

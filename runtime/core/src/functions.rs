@@ -112,15 +112,21 @@ impl Functions {
         self.tiers.admit(&resolved.function, &resolved.concurrency)
     }
 
-    /// Runs one admitted invocation of a resolved function on its tier.
-    pub async fn run(&self, resolved: &Resolved, permits: Permits, input: Bytes) -> Result<Success, InvokeError> {
-        self.tiers.run(permits, &resolved.function, input).await
+    /// Runs one admitted invocation of a resolved function on its tier; `invocation` is its id.
+    pub async fn run(
+        &self,
+        resolved: &Resolved,
+        permits: Permits,
+        invocation: &str,
+        input: Bytes,
+    ) -> Result<Success, InvokeError> {
+        self.tiers.run(permits, &resolved.function, invocation, input).await
     }
 
     /// Admits and runs one invocation.
-    pub async fn invoke(&self, resolved: &Resolved, input: Bytes) -> Result<Success, InvokeError> {
+    pub async fn invoke(&self, resolved: &Resolved, invocation: &str, input: Bytes) -> Result<Success, InvokeError> {
         let permits = self.admit(resolved)?;
-        self.run(resolved, permits, input).await
+        self.run(resolved, permits, invocation, input).await
     }
 
     /// Whether `name` exists and may be served without a token, known without loading it.

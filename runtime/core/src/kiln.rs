@@ -12,6 +12,8 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::CoreConfig;
 use crate::connectors::Connectors;
 use crate::functions::Functions;
+use crate::identity::keys::KeyStoreError;
+use crate::identity::Issuer;
 use crate::invocations::{Queue, QueueConfig};
 use crate::sandboxes::{Sandboxes, SandboxesConfig};
 use crate::signing::Signer;
@@ -33,6 +35,8 @@ pub enum StartError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Auth(#[from] AuthSetupError),
+    #[error(transparent)]
+    IdentityKeys(#[from] KeyStoreError),
     #[error("{0}")]
     Engine(String),
 }
@@ -46,6 +50,8 @@ pub struct Kiln {
     /// Asynchronous invocations.
     pub queue: Queue,
     pub signer: Arc<Signer>,
+    /// Signs guests' identity tokens and publishes the keys that verify them.
+    pub identity: Arc<Issuer>,
     pub telemetry: Telemetry,
     shutting_down: AtomicBool,
 }
@@ -114,10 +120,22 @@ impl Kiln {
             )?,
         };
         let signer = Signer::open(&layout.keys(), clock.clone()).map_err(data_err)?;
+        let identity = Arc::new(Issuer::open(
+            &config.public_url,
+            &layout.identity_keys(),
+            clock.clone(),
+        )?);
 
         let connectors = Arc::new(Connectors::open(storage.metadata.clone())?);
-        let wasm = WasmTier::open(&config, &layout, storage.blobs.clone(), connector, connectors.clone())
-            .map_err(StartError::Engine)?;
+        let wasm = WasmTier::open(
+            &config,
+            &layout,
+            storage.blobs.clone(),
+            connector,
+            connectors.clone(),
+            identity.clone(),
+        )
+        .map_err(StartError::Engine)?;
         let microvm = MicrovmTier::open(&config, &layout);
         match microvm.reason() {
             None => tracing::info!("tiers available: wasm, microvm"),
@@ -148,6 +166,7 @@ impl Kiln {
             auth: Arc::new(auth),
             queue,
             signer: Arc::new(signer),
+            identity,
             telemetry,
             shutting_down: AtomicBool::new(false),
         }))
@@ -172,10 +191,12 @@ impl Kiln {
         });
     }
 
-    /// Starts running asynchronous invocations and reaping idle sandboxes (needs a tokio runtime).
+    /// Starts running asynchronous invocations, reaping idle sandboxes and rotating the identity
+    /// signing key when due (needs a tokio runtime).
     pub fn start_queue(self: &Arc<Kiln>) {
         Queue::start(self);
         self.sandboxes.start_reaper();
+        self.identity.start_rotation();
     }
 
     pub fn begin_shutdown(&self) {

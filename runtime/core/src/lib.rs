@@ -16,6 +16,7 @@
 //! - [`sandboxes`]: long-lived instances — create, ingress, suspend, resume, fork, terminate;
 //! - [`connectors`]: named egress policies functions and sandboxes reference;
 //! - [`auth`] (tokens) and [`signing`] (result URLs), on an injectable [`clock`];
+//! - [`identity`]: signed tokens that tell other services which sandbox or invocation calls them;
 //! - [`telemetry`]: metrics, the one log line per invocation, kept invocation logs;
 //! - [`storage`]: metadata and blobs behind small interfaces (SQLite and the local disk today);
 //! - [`kiln`]: all of it, built once at start-up.
@@ -28,6 +29,7 @@ pub mod deploy;
 pub mod digest;
 pub mod function;
 pub mod functions;
+pub mod identity;
 pub mod invocations;
 pub mod kiln;
 pub mod outcome;

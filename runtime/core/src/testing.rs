@@ -3,9 +3,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::clock::SystemClock;
 use crate::config::CoreConfig;
 use crate::connectors::Connectors;
 use crate::functions::Functions;
+use crate::identity::Issuer;
 use crate::storage::budget::DiskBudget;
 use crate::storage::{Layout, LocalBlobs, Sqlite, Storage};
 use crate::telemetry::metrics::Metrics;
@@ -29,7 +31,16 @@ pub fn functions(dir: &Path) -> Functions {
         layout: layout.clone(),
     });
     let connectors = Arc::new(Connectors::open(storage.metadata.clone()).unwrap());
-    let wasm = WasmTier::open(&config, &layout, blobs, Arc::new(NoConnector), connectors.clone()).unwrap();
+    let issuer = Issuer::open("http://kiln.test", &layout.identity_keys(), Arc::new(SystemClock)).unwrap();
+    let wasm = WasmTier::open(
+        &config,
+        &layout,
+        blobs,
+        Arc::new(NoConnector),
+        connectors.clone(),
+        Arc::new(issuer),
+    )
+    .unwrap();
     let unavailable = Capability::Unavailable("not in unit tests".into());
     let tiers = Tiers {
         wasm: Arc::new(wasm),

@@ -13,6 +13,8 @@ const MIB: u64 = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// The URL clients reach the server at (`--public-url`); `None`: `http://<bound address>`.
+    pub public_url: Option<String>,
     /// Largest artifact a deploy accepts (code and config together).
     pub max_code_bytes: u64,
     /// Largest body a synchronous invoke accepts.
@@ -46,6 +48,7 @@ impl ServerConfig {
     pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
         ServerConfig {
             listen,
+            public_url: None,
             max_code_bytes: 64 * MIB,
             max_sync_input_bytes: 6 * MIB,
             max_async_input_bytes: MIB,
@@ -63,6 +66,22 @@ impl ServerConfig {
     }
 }
 
+/// Checks a `--public-url`: an absolute `http` or `https` URL with a host, without a query or a
+/// fragment; returns it without a trailing slash.
+pub fn check_public_url(url: &str) -> Result<String, String> {
+    let bad = |why: &str| format!("--public-url {url:?} {why}");
+    let uri: http::Uri = url.parse().map_err(|_| bad("is not a URL"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(bad("must start with http:// or https://"));
+    }
+    if uri.host().is_none_or(str::is_empty) || url.contains(['?', '#', '@']) {
+        return Err(bad(
+            "must be scheme://host[:port][/path], without a user, query or fragment",
+        ));
+    }
+    Ok(url.trim_end_matches('/').to_owned())
+}
+
 impl ServerConfig {
     /// The per-address cap in force. A quarter by default: one address (NAT, a proxy, or one
     /// attacker) can then hold at most a quarter of the slots with requests in progress, which
@@ -71,5 +90,32 @@ impl ServerConfig {
         self.max_connections_per_ip
             .unwrap_or(self.max_connections.div_ceil(4))
             .clamp(1, self.max_connections.max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_public_url;
+
+    #[test]
+    fn public_urls_are_absolute_http_urls() {
+        assert_eq!(
+            check_public_url("https://kiln.example.com/").unwrap(),
+            "https://kiln.example.com"
+        );
+        assert_eq!(
+            check_public_url("http://10.0.0.5:7878/kiln").unwrap(),
+            "http://10.0.0.5:7878/kiln"
+        );
+        for bad in [
+            "kiln.example.com",
+            "ftp://x",
+            "https://",
+            "https://a/?x=1",
+            "https://u@a",
+            "http://a/#f",
+        ] {
+            assert!(check_public_url(bad).is_err(), "{bad}");
+        }
     }
 }

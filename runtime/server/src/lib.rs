@@ -48,16 +48,20 @@ pub async fn serve(mut config: ServerConfig) -> Result<(), String> {
     // SAFETY: umask only sets the process's file-mode creation mask; it cannot fail.
     unsafe { libc::umask(0o077) };
     open_files::fit(&mut config)?;
+    let public_url = config.public_url.as_deref().map(config::check_public_url).transpose()?;
     let listen = config.listen;
+    // Bound before the core opens, so the default public URL (the issuer of identity tokens) has
+    // the real port even when the address asked for port 0. Nothing is accepted until `run`.
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    config.core.public_url = public_url.unwrap_or_else(|| format!("http://{local}"));
     let core = config.core.clone();
     let kiln = tokio::task::spawn_blocking(move || Kiln::open(core, Arc::new(outbound::HyperConnector)))
         .await
         .expect("start-up task panicked")
         .map_err(|e| e.to_string())?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(address = %local, data = %kiln.storage.layout.root.display(), "kiln listening on http://{local}");
     kiln.warm_up();
     kiln.start_queue();

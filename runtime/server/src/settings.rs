@@ -48,6 +48,11 @@ pub struct ServeSettings {
     /// Address to listen on (HTTP/1.1 and h2c) [default: 127.0.0.1:7878].
     #[arg(long, env = "KILN_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// The URL clients reach this server at (scheme, host, port, optional path): the `iss` of
+    /// guests' identity tokens, whose keys are at `<URL>/.well-known/jwks.json`
+    /// [default: http://<listen address>].
+    #[arg(long, env = "KILN_PUBLIC_URL")]
+    pub public_url: Option<String>,
     /// Data directory: database, artifacts, compiled code, admin token [default: ./kiln-data].
     #[arg(long, env = "KILN_DATA")]
     pub data: Option<PathBuf>,
@@ -159,6 +164,7 @@ impl ServeSettings {
             .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address"));
         let data = self.data.or(file.data).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA));
         let mut c = ServerConfig::new(listen, data);
+        c.public_url = self.public_url.or(file.public_url);
         macro_rules! pick {
             ($field:ident => $target:expr, $convert:expr) => {
                 if let Some(value) = self.$field.or(file.$field) {

@@ -42,7 +42,7 @@ entries=(
   "all=$work/all"
   "bin/busybox=/bin/busybox"
   "proc/" "sys/" "tmp/"
-  "run:=/all\0microvm::native_functions\0--nocapture\0--test-threads\01"
+  "run:=/all\0microvm::native_functions_deploy\0--nocapture\0--test-threads\01"
   "run-env:=KILN_MICROVM_QUIRKS=available-tss\0KILN_GUEST_BINARIES=/guest\0RUST_BACKTRACE=1\0HOME=/tmp\0TMPDIR=/tmp"
 )
 for module in "$guest"/modules/*.ko; do entries+=("modules/$(basename "$module")=$module"); done

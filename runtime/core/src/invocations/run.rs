@@ -74,7 +74,11 @@ async fn outcome(kiln: &Kiln, claimed: &Claimed) -> Outcome {
             };
         }
     };
-    match kiln.functions.invoke(&resolved, claimed.input.clone()).await {
+    match kiln
+        .functions
+        .invoke(&resolved, &claimed.id, claimed.input.clone())
+        .await
+    {
         Ok(success) => match store_result(kiln, success.stdout).await {
             Ok(result) => Outcome::Succeeded {
                 result,

@@ -41,6 +41,7 @@ use crate::clock::{now_rfc3339, Clock};
 use crate::digest::Digest;
 use crate::function::{Tier, VersionRecord};
 use crate::functions::{Functions, LoadError};
+use crate::identity::Subject;
 use crate::outcome::InvokeError;
 use crate::permits::Limit;
 use crate::registry::Entry;
@@ -510,6 +511,7 @@ impl Sandboxes {
                     record,
                     env,
                     egress: &egress,
+                    identity: wasm.identity(Subject::Sandbox(sandbox.id.clone()), record),
                     state,
                 },
             )

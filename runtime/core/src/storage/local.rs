@@ -141,6 +141,10 @@ impl Layout {
     pub fn keys(&self) -> PathBuf {
         self.root.join("keys")
     }
+    /// Keys that sign identity tokens (`identity::keys`).
+    pub fn identity_keys(&self) -> PathBuf {
+        self.root.join("identity")
+    }
     /// The microvm tier's snapshots, `<digest>/{memory,state}`.
     pub fn snapshots(&self) -> PathBuf {
         self.root.join("microvm")

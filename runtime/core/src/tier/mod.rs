@@ -70,11 +70,13 @@ pub trait Tier: Send + Sync {
     fn admit(&self, f: &LoadedFunction, concurrency: &Concurrency) -> Result<Permits, InvokeError>;
 
     /// Runs one admitted invocation: the guest with `input` under the function's deadline, its
-    /// outcome classified. The permits are given back when the guest is gone.
+    /// outcome classified. The permits are given back when the guest is gone. `invocation` is the
+    /// id Kiln reports for it, which the guest's identity tokens name.
     fn run(
         &self,
         permits: Permits,
         f: &LoadedFunction,
+        invocation: &str,
         input: Bytes,
     ) -> impl Future<Output = Result<Success, InvokeError>> + Send;
 }
@@ -95,10 +97,16 @@ impl Tiers {
     }
 
     /// Runs one admitted invocation on the tier that loaded `f`.
-    pub async fn run(&self, permits: Permits, f: &LoadedFunction, input: Bytes) -> Result<Success, InvokeError> {
+    pub async fn run(
+        &self,
+        permits: Permits,
+        f: &LoadedFunction,
+        invocation: &str,
+        input: Bytes,
+    ) -> Result<Success, InvokeError> {
         match &f.entry {
-            Entry::Wasm(_) => self.wasm.run(permits, f, input).await,
-            Entry::Microvm(_) => self.microvm.run(permits, f, input).await,
+            Entry::Wasm(_) => self.wasm.run(permits, f, invocation, input).await,
+            Entry::Microvm(_) => self.microvm.run(permits, f, invocation, input).await,
         }
     }
 

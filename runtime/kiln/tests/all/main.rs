@@ -10,6 +10,7 @@ mod errors;
 mod hardening;
 mod hostile;
 mod http_trigger;
+mod identity;
 mod lifecycle;
 mod limits;
 mod microvm;

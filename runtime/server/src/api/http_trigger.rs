@@ -35,7 +35,8 @@ static HOP_BY_HOP: [HeaderName; 8] = [
         ("path" = String, Path, description = "What the guest sees as its path (with the query), from `/`")),
     request_body(content = String, content_type = "application/octet-stream", description = "Streamed to the guest"),
     responses(
-        (status = 200, description = "Whatever the guest answers (any status, headers and body), streamed"),
+        (status = 200, description = "Whatever the guest answers (any status, headers and body), streamed, with `X-Kiln-Version` and `X-Kiln-Invocation-Id` (what the guest's identity tokens name) added",
+            headers(("X-Kiln-Invocation-Id" = String), ("X-Kiln-Version" = u32))),
         (status = 400, description = "Not an HTTP-trigger function, or a bad name", body = ErrorBody),
         (status = 401, description = "Missing or wrong token (unless the function is public)", body = ErrorBody),
         (status = 403, description = "The token may not invoke this function", body = ErrorBody),
@@ -76,16 +77,20 @@ pub async fn handle(
     *req.uri_mut() = guest_uri(req.uri(), name)?;
     strip_headers(req.headers_mut());
     let started = Instant::now();
+    let id = uuid::Uuid::now_v7().to_string();
     let outcome = functions
         .tiers
         .wasm
-        .serve_http(resolved.function.clone(), &resolved.concurrency, req)
+        .serve_http(resolved.function.clone(), &resolved.concurrency, &id, req)
         .await;
     telemetry.http_request(record, outcome.as_ref().map(|_| ()), started.elapsed());
     let mut response = outcome?.map(Body::Stream);
-    response
-        .headers_mut()
-        .insert(super::invoke::VERSION, HeaderValue::from(record.version));
+    let headers = response.headers_mut();
+    headers.insert(super::invoke::VERSION, HeaderValue::from(record.version));
+    headers.insert(
+        super::invoke::INVOCATION_ID,
+        HeaderValue::from_str(&id).expect("uuid is ASCII"),
+    );
     Ok(response)
 }
 

@@ -12,7 +12,7 @@ use super::body::{self, Body, BodyBudget};
 use super::openapi::ErrorBody;
 use crate::ServerConfig;
 
-const INVOCATION_ID: &str = "x-kiln-invocation-id";
+pub(super) const INVOCATION_ID: &str = "x-kiln-invocation-id";
 pub(super) const VERSION: &str = "x-kiln-version";
 const DURATION_US: &str = "x-kiln-duration-us";
 
@@ -52,7 +52,7 @@ pub async fn sync(
             )
             .await?;
             let started = Instant::now();
-            let outcome = functions.run(&resolved, permits, input).await;
+            let outcome = functions.run(&resolved, permits, &id.to_string(), input).await;
             (outcome, started.elapsed())
         }
     };

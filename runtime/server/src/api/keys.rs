@@ -1,26 +1,87 @@
-//! `POST /v1/keys/rotate`: a new key signs result URLs and every older key is retired, so every
-//! result URL handed out before stops working at once (admin only). What to do when a URL leaked,
-//! or when a token that fetched URLs was revoked: URLs outlive the token that asked for them.
+//! `POST /v1/keys/rotate[?keys=results|identity]` (admin only): new signing keys.
+//!
+//! - Result URLs: a new key signs and every older key is retired, so every result URL handed out
+//!   before stops working at once. What to do when a URL leaked, or when a token that fetched
+//!   URLs was revoked: URLs outlive the token that asked for them.
+//! - Identity tokens: a new key signs guests' tokens from now on; the keys it replaces stay in the
+//!   JWKS until every token they signed has expired (`kiln_core::identity::keys`), so no valid
+//!   token stops verifying. Kiln also rotates this key by itself every day.
+//!
+//! Without `keys`, both rotate.
 
 use std::sync::Arc;
 
 use http::{Response, StatusCode};
+use kiln_core::identity::Issuer;
 use kiln_core::problem::Problem;
 use kiln_core::signing::Signer;
 use serde_json::json;
 
 use super::body::{self, Body};
+use super::error;
 use super::openapi::{ErrorBody, Rotated};
 
+/// Which keys a rotation replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    Both,
+    Results,
+    Identity,
+}
+
+pub fn which(query: Option<&str>) -> Result<Which, Problem> {
+    match query.unwrap_or("") {
+        "" => Ok(Which::Both),
+        "keys=results" => Ok(Which::Results),
+        "keys=identity" => Ok(Which::Identity),
+        other => Err(error::invalid_request(format!(
+            "unknown query {other:?}: keys=results or keys=identity, or nothing for both"
+        ))),
+    }
+}
+
 #[utoipa::path(post, path = "/v1/keys/rotate", tag = "operations",
-    responses((status = 200, description = "A new signing key; URLs signed before are refused from now on", body = Rotated),
+    params(("keys" = Option<String>, Query, description = "`results` or `identity`: rotate only those keys [default: both]")),
+    responses((status = 200, description = "New signing keys: result URLs signed before are refused from now on; identity tokens signed before still verify until they expire", body = Rotated),
+        (status = 400, description = "An unknown `keys`", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
-pub async fn rotate(signer: &Arc<Signer>) -> Result<Response<Body>, Problem> {
-    let signer = signer.clone();
-    let (kid, retired) = tokio::task::spawn_blocking(move || signer.rotate())
-        .await
-        .expect("key task panicked")
-        .map_err(Problem::internal)?;
-    tracing::info!(kid = %kid, retired, "result-URL signing key rotated; earlier URLs are refused");
-    Ok(body::json(StatusCode::OK, &json!({ "kid": kid, "retired": retired })))
+pub async fn rotate(
+    signer: &Arc<Signer>,
+    issuer: &Arc<Issuer>,
+    query: Option<&str>,
+) -> Result<Response<Body>, Problem> {
+    let which = which(query)?;
+    let (signer, issuer) = (signer.clone(), issuer.clone());
+    let answer = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, Problem> {
+        let mut answer = json!({});
+        if which != Which::Identity {
+            let (kid, retired) = signer.rotate().map_err(Problem::internal)?;
+            tracing::info!(kid = %kid, retired, "result-URL signing key rotated; earlier URLs are refused");
+            answer["kid"] = kid.into();
+            answer["retired"] = retired.into();
+        }
+        if which != Which::Results {
+            let kid = issuer.keys().rotate().map_err(Problem::internal)?;
+            let published: Vec<String> = issuer.keys().published().iter().map(|k| k.kid.clone()).collect();
+            tracing::info!(kid = %kid, published = published.len(), "identity signing key rotated");
+            answer["identity"] = json!({ "kid": kid, "published": published });
+        }
+        Ok(answer)
+    })
+    .await
+    .expect("key task panicked")?;
+    Ok(body::json(StatusCode::OK, &answer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_keys() {
+        assert_eq!(which(None).unwrap(), Which::Both);
+        assert_eq!(which(Some("keys=identity")).unwrap(), Which::Identity);
+        assert_eq!(which(Some("keys=results")).unwrap(), Which::Results);
+        assert!(which(Some("keys=all")).is_err());
+    }
 }

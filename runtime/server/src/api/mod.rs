@@ -8,6 +8,7 @@ mod connectors;
 pub mod error;
 mod functions;
 mod http_trigger;
+mod identity;
 mod inside;
 mod invocations;
 mod invoke;
@@ -54,6 +55,8 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
             }
             return Ok(metrics(server).await);
         }
+        Route::Jwks => return Ok(identity::jwks(&kiln.identity)),
+        Route::Discovery => return Ok(identity::discovery(&kiln.identity)),
         Route::Refused(refusal) => return Err(refusal.problem(&path)),
         _ if kiln.is_shutting_down() => return Err(error::shutting_down()),
         Route::Trigger(name) => {
@@ -82,7 +85,7 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
         Api::CreateToken => tokens::create(&kiln.auth, &kiln.storage, bodies, req).await,
         Api::ListTokens => tokens::list(&kiln.auth, &kiln.storage).await,
         Api::DeleteToken(id) => tokens::delete(&kiln.auth, &kiln.storage, id).await,
-        Api::RotateKeys => keys::rotate(&kiln.signer).await,
+        Api::RotateKeys => keys::rotate(&kiln.signer, &kiln.identity, req.uri().query()).await,
         Api::CreateConnector => connectors::create(&kiln.functions.connectors, bodies, req).await,
         Api::ListConnectors => connectors::list(&kiln.functions.connectors).await,
         Api::GetConnector(name) => connectors::get(&kiln.functions.connectors, name).await,
@@ -121,6 +124,10 @@ fn segments(path: &str) -> Vec<&str> {
 pub enum Route<'a> {
     Healthz,
     Metrics,
+    /// `GET /.well-known/jwks.json`: the keys that verify guests' identity tokens (no token).
+    Jwks,
+    /// `GET /.well-known/openid-configuration`: where those keys are (no token).
+    Discovery,
     /// `/fn/<name>/...`, any method; the trigger checks the name and the caller.
     Trigger(&'a str),
     /// `GET /v1/results/<id>`: authorised by its signature, not by a token.
@@ -193,6 +200,9 @@ pub fn classify<'a>(method: &Method, segments: &[&'a str]) -> Route<'a> {
         ["healthz"] if get || method == Method::HEAD => Route::Healthz,
         ["metrics"] if get => Route::Metrics,
         ["healthz"] | ["metrics"] => Route::Refused(Refusal::MethodNotAllowed),
+        [".well-known", "jwks.json"] if get => Route::Jwks,
+        [".well-known", "openid-configuration"] if get => Route::Discovery,
+        [".well-known", "jwks.json" | "openid-configuration"] => Route::Refused(Refusal::MethodNotAllowed),
         ["fn", name, ..] => Route::Trigger(name),
         ["v1", "results", id] if get => Route::Result(id),
         ["v1", "results", _] => Route::Refused(Refusal::MethodNotAllowed),
@@ -411,6 +421,10 @@ mod tests {
             (Method::GET, "//metrics", Route::Metrics),
             (Method::POST, "/metrics", Route::Refused(MethodNotAllowed)),
             (Method::GET, "/nope", Route::Refused(NotFound)),
+            (Method::GET, "/.well-known/jwks.json", Route::Jwks),
+            (Method::POST, "/.well-known/jwks.json", Route::Refused(MethodNotAllowed)),
+            (Method::GET, "/.well-known/openid-configuration", Route::Discovery),
+            (Method::GET, "/.well-known/other", Route::Refused(NotFound)),
             (Method::PATCH, "/fn/Bad/x", Route::Trigger("Bad")),
             (Method::GET, "/v1/results/abc", Route::Result("abc")),
             (Method::PUT, "/v1/results/abc", Route::Refused(MethodNotAllowed)),

@@ -173,10 +173,61 @@ pub struct TokenForSandbox {
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct Rotated {
-    /// The id of the key that signs from now on.
+    /// Result URLs (unless `keys=identity`): the id of the key that signs from now on.
+    kid: Option<String>,
+    /// Result URLs: how many keys were retired.
+    retired: Option<u32>,
+    /// Identity tokens (unless `keys=results`).
+    identity: Option<RotatedIdentity>,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct RotatedIdentity {
+    /// The key that signs identity tokens from now on.
     kid: String,
-    /// How many keys were retired.
-    retired: u32,
+    /// Every key in the JWKS now, newest first: the ones replaced stay until their tokens expired.
+    published: Vec<String>,
+}
+
+/// A JWK set (RFC 7517).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct Jwks {
+    keys: Vec<Jwk>,
+}
+
+/// An Ed25519 public key (RFC 8037).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct Jwk {
+    /// `OKP`.
+    kty: String,
+    /// `Ed25519`.
+    crv: String,
+    /// The public key, base64url.
+    x: String,
+    /// The key's RFC 7638 thumbprint: the `kid` in the header of the tokens it signs.
+    kid: String,
+    /// `EdDSA`.
+    alg: String,
+    /// `sig`.
+    #[schema(rename = "use")]
+    r#use: String,
+}
+
+/// The OpenID Connect discovery document of the identity tokens' issuer.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct Discovery {
+    /// The `iss` of every token: the server's public URL (`--public-url`).
+    issuer: String,
+    /// `<issuer>/.well-known/jwks.json`.
+    jwks_uri: String,
+    id_token_signing_alg_values_supported: Vec<String>,
+    response_types_supported: Vec<String>,
+    subject_types_supported: Vec<String>,
+    claims_supported: Vec<String>,
 }
 
 #[derive(ToSchema)]
@@ -234,9 +285,11 @@ impl Modify for BearerAuth {
         super::inside::read_file,
         super::inside::write_file,
         super::sandboxes::ingress,
+        super::identity::jwks,
+        super::identity::discovery,
         document,
     ),
-    components(schemas(ErrorBody, ErrorObject, DeployForm, FunctionList, Submitted, Invocation, NewTokenRequest, TokenView, TokenList, Rotated, SandboxView, SandboxList, TokenForSandbox, ExecResult)),
+    components(schemas(ErrorBody, ErrorObject, DeployForm, FunctionList, Submitted, Invocation, NewTokenRequest, TokenView, TokenList, Rotated, SandboxView, SandboxList, TokenForSandbox, ExecResult, Jwks, Jwk, Discovery, RotatedIdentity)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
 )]

@@ -239,7 +239,7 @@ mod tests {
         input: Bytes,
     ) -> Result<Success, InvokeError> {
         let permits = tier.admit(f, concurrency)?;
-        tier.run(permits, f, input).await
+        tier.run(permits, f, "test", input).await
     }
 
     /// The tier with a jail whose helpers are this test binary, on a fresh data directory, and

@@ -255,7 +255,13 @@ impl Tier for MicrovmTier {
         Permits::take(&f.record.name, concurrency, &self.vms, 1)
     }
 
-    async fn run(&self, permits: Permits, f: &LoadedFunction, input: Bytes) -> Result<Success, InvokeError> {
+    async fn run(
+        &self,
+        permits: Permits,
+        f: &LoadedFunction,
+        _invocation: &str,
+        input: Bytes,
+    ) -> Result<Success, InvokeError> {
         let Entry::Microvm(function) = &f.entry else {
             unreachable!("Tiers sends only microvm functions to the microvm tier")
         };

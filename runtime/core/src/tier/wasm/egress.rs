@@ -1,5 +1,6 @@
 //! Outbound HTTP for guests (`wasi:http/outgoing-handler`): denied unless the destination matches
-//! the function's `allowed_hosts`.
+//! the function's `allowed_hosts`. Requests to `kiln.internal` never leave the host: they are
+//! answered in-process by [`super::internal`], whatever the policy.
 //!
 //! The check is made on the request's own scheme, host and port — never on a `Host` header the
 //! guest may have set — and then again on the addresses the host name resolves to: private,
@@ -21,6 +22,8 @@ use http::uri::Scheme;
 use ipnet::IpNet;
 use tokio::sync::Semaphore;
 use wasmtime_wasi_http::{Error, ForbiddenHeaderFilter, RequestOptions, WasiBody, WasiHttpHooks};
+
+use crate::identity::Identity;
 
 /// Time to resolve and connect, unless the guest's request options ask for less.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -274,6 +277,8 @@ pub struct Egress {
     /// This instance's share of the server's name-lookup slots.
     lookups: Arc<Semaphore>,
     connector: Arc<dyn Connector>,
+    /// Who the instance is, for `http://kiln.internal/identity` (`super::internal`).
+    identity: Option<Identity>,
 }
 
 impl std::fmt::Debug for Egress {
@@ -297,6 +302,7 @@ impl Egress {
             outbound: Arc::new(Semaphore::new(MAX_OUTBOUND_PER_INSTANCE)),
             lookups: Arc::new(Semaphore::new(MAX_LOOKUPS_PER_INSTANCE)),
             connector,
+            identity: None,
         })
     }
 
@@ -325,7 +331,14 @@ impl Egress {
             outbound: Arc::new(Semaphore::new(MAX_OUTBOUND_PER_INSTANCE)),
             lookups: Arc::new(Semaphore::new(MAX_LOOKUPS_PER_INSTANCE)),
             connector: self.connector.clone(),
+            identity: None,
         }
+    }
+
+    /// The same policy for an instance that is `identity`.
+    pub fn with_identity(mut self, identity: Option<Identity>) -> Egress {
+        self.identity = identity;
+        self
     }
 
     /// Decides where a request may go: the addresses to connect to, or why not.
@@ -427,6 +440,11 @@ impl WasiHttpHooks for Egress {
         fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> Box<dyn Future<Output = Sent> + Send> {
         drop(fut);
+        // Kiln's own host is answered here, before any policy, name lookup or connection.
+        if super::internal::is_internal(request.uri()) {
+            let answer = super::internal::answer(self.identity.as_ref(), request.method(), request.uri());
+            return Box::new(async move { answer });
+        }
         let egress = self.clone();
         Box::new(async move { send(egress, request, options).await })
     }

@@ -16,6 +16,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use super::egress::Egress;
 use super::engine::ticks_for;
 use super::limits::{CappedOutput, MemoryLimiter, PoolShare, MAX_HOST_OBJECTS, MAX_RANDOM_BYTES};
+use crate::identity::Identity;
 use crate::outcome::{Failure, InvokeError, Success, STDERR_CAP, STDERR_TAIL, STDOUT_CAP};
 
 /// Longest stretch guest code runs before it yields to the other tasks on its thread.
@@ -33,18 +34,19 @@ pub struct ComponentState {
     pub table: ResourceTable,
     pub limiter: MemoryLimiter,
     pub http: WasiHttpCtx,
-    /// Where `wasi:http/outgoing-handler` may go: the function's `allowed_hosts`.
+    /// Where `wasi:http/outgoing-handler` may go: the function's `allowed_hosts`, and
+    /// `kiln.internal` always.
     pub egress: Egress,
 }
 
 /// What a store's data is made from.
 pub trait GuestState: Send + Sized + 'static {
-    fn new(wasi: WasiCtxBuilder, limiter: MemoryLimiter, egress: &Egress) -> Self;
+    fn new(wasi: WasiCtxBuilder, limiter: MemoryLimiter, egress: &Egress, identity: Option<&Identity>) -> Self;
     fn limiter(&mut self) -> &mut MemoryLimiter;
 }
 
 impl GuestState for ModuleState {
-    fn new(mut wasi: WasiCtxBuilder, limiter: MemoryLimiter, _egress: &Egress) -> ModuleState {
+    fn new(mut wasi: WasiCtxBuilder, limiter: MemoryLimiter, _: &Egress, _: Option<&Identity>) -> ModuleState {
         let mut wasi = wasi.build_p1();
         wasi.ctx().table.set_max_capacity(MAX_HOST_OBJECTS);
         ModuleState { wasi, limiter }
@@ -56,7 +58,12 @@ impl GuestState for ModuleState {
 }
 
 impl GuestState for ComponentState {
-    fn new(mut wasi: WasiCtxBuilder, limiter: MemoryLimiter, egress: &Egress) -> ComponentState {
+    fn new(
+        mut wasi: WasiCtxBuilder,
+        limiter: MemoryLimiter,
+        egress: &Egress,
+        identity: Option<&Identity>,
+    ) -> ComponentState {
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_HOST_OBJECTS);
         ComponentState {
@@ -64,7 +71,7 @@ impl GuestState for ComponentState {
             table,
             limiter,
             http: WasiHttpCtx::new(),
-            egress: egress.for_instance(),
+            egress: egress.for_instance().with_identity(identity.cloned()),
         }
     }
 
@@ -98,6 +105,8 @@ pub struct Guest<'a> {
     pub args: &'a [String],
     pub env: &'a [(String, String)],
     pub egress: &'a Egress,
+    /// What `http://kiln.internal/identity` vouches for: the sandbox or invocation this is.
+    pub identity: Option<Identity>,
     pub memory_bytes: usize,
     /// What of the pool the store may take: what its permits stand for.
     pub share: PoolShare,
@@ -132,7 +141,8 @@ impl Guest<'_> {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .max_random_size(MAX_RANDOM_BYTES);
-        let state = T::new(wasi, MemoryLimiter::new(self.memory_bytes, self.share), self.egress);
+        let limiter = MemoryLimiter::new(self.memory_bytes, self.share);
+        let state = T::new(wasi, limiter, self.egress, self.identity.as_ref());
         let mut store = Store::new(engine, state);
         store.limiter(|s| s.limiter());
         arm_deadline(&mut store, self.timeout);

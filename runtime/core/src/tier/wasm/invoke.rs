@@ -12,6 +12,7 @@ use super::instance::{ComponentState, ModuleState, StdoutCap};
 use super::link::Code;
 use super::{WasmFunction, WasmTier};
 use crate::function::VersionRecord;
+use crate::identity::Subject;
 use crate::outcome::{InvokeError, Success};
 
 impl WasmTier {
@@ -20,9 +21,11 @@ impl WasmTier {
         &self,
         f: &WasmFunction,
         record: &VersionRecord,
+        invocation: &str,
         input: Bytes,
     ) -> Result<Success, InvokeError> {
-        let guest = f.guest(&record.config);
+        let identity = self.identity(Subject::Invocation(invocation.to_owned()), record);
+        let guest = f.guest(&record.config, Some(identity));
         // Guest code runs in epoch slices and is interrupted once the deadline has passed; time
         // parked in a host call (a sleep, say) is bounded by the host-side timeout, which drops
         // the future.
@@ -113,9 +116,12 @@ mod tests {
             }
         };
         let echo = deploy("echo", ECHO_EXIT, FunctionConfig::default()).await;
-        let ok = functions.invoke(&echo, Bytes::from_static(b"0 in")).await.unwrap();
+        let ok = functions
+            .invoke(&echo, "test", Bytes::from_static(b"0 in"))
+            .await
+            .unwrap();
         assert_eq!(ok.stdout, Bytes::from_static(b"0 in"));
-        let Err(InvokeError::Failed(failed)) = functions.invoke(&echo, Bytes::from_static(b"3")).await else {
+        let Err(InvokeError::Failed(failed)) = functions.invoke(&echo, "test", Bytes::from_static(b"3")).await else {
             panic!("exit code 3 is a failure")
         };
         assert_eq!(
@@ -128,7 +134,7 @@ mod tests {
             ..FunctionConfig::default()
         };
         let grow = deploy("grow", GROW, small).await;
-        let Err(InvokeError::Failed(failed)) = functions.invoke(&grow, Bytes::new()).await else {
+        let Err(InvokeError::Failed(failed)) = functions.invoke(&grow, "test", Bytes::new()).await else {
             panic!("growing past memory_mb fails")
         };
         assert!(
@@ -142,7 +148,7 @@ mod tests {
             ..FunctionConfig::default()
         };
         let spin = deploy("spin", SPIN, quick).await;
-        let timeout = functions.invoke(&spin, Bytes::new()).await.unwrap_err();
+        let timeout = functions.invoke(&spin, "test", Bytes::new()).await.unwrap_err();
         assert!(matches!(timeout, InvokeError::Timeout(50)), "{timeout}");
 
         assert_eq!(functions.tiers.wasm.instances_in_use(), 0, "every permit came back");
@@ -181,7 +187,7 @@ mod hostile {
             .await
             .unwrap();
         let two = functions.resolve("two", None).await.unwrap();
-        let Err(InvokeError::Failed(failed)) = functions.invoke(&two, Bytes::new()).await else {
+        let Err(InvokeError::Failed(failed)) = functions.invoke(&two, "test", Bytes::new()).await else {
             panic!("200 MiB across two memories under a 128 MiB limit must fail")
         };
         assert!(

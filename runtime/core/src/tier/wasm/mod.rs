@@ -12,7 +12,8 @@
 //!   one place for every caller, and how a guest's error is classified;
 //! - [`limits`]: the memory limiter and capped output streams;
 //! - [`invoke`]: a sync or async invocation; [`trigger`]: an HTTP-trigger request;
-//! - [`egress`]: where a component's outbound HTTP may go;
+//! - [`egress`]: where a component's outbound HTTP may go; [`internal`]: `http://kiln.internal`,
+//!   answered in-process (the guest's identity token);
 //! - [`state`]: a live component instance's state captured and restored (sandbox suspend, resume
 //!   and fork); [`sandbox`]: a live instance held between requests.
 
@@ -21,6 +22,7 @@ pub mod egress;
 pub mod engine;
 pub mod footprint;
 pub mod instance;
+pub mod internal;
 mod invoke;
 pub mod limits;
 pub mod link;
@@ -49,6 +51,7 @@ use crate::deploy::DeployError;
 use crate::digest::Digest;
 use crate::function::{FunctionConfig, VersionRecord};
 use crate::functions::LoadError;
+use crate::identity::{Identity, Issuer, Subject, Workload};
 use crate::outcome::{InvokeError, Success};
 use crate::permits::{Limit, Permits};
 use crate::registry::{Concurrency, Entry, LoadedFunction};
@@ -90,12 +93,13 @@ impl WasmFunction {
         matches!(self.code, Code::Http(_))
     }
 
-    /// What each of its instances is built with.
-    pub fn guest<'a>(&'a self, config: &FunctionConfig) -> Guest<'a> {
+    /// What each of its instances is built with; `identity` is who the instance is.
+    pub fn guest<'a>(&'a self, config: &FunctionConfig, identity: Option<Identity>) -> Guest<'a> {
         Guest {
             args: &self.args,
             env: &self.env,
             egress: &self.egress,
+            identity,
             memory_bytes: config.memory_bytes(),
             share: PoolShare::of_weight(self.weight),
             timeout: config.timeout(),
@@ -117,6 +121,8 @@ pub struct WasmTier {
     connector: Arc<dyn Connector>,
     /// The egress connectors versions may name.
     connectors: Arc<Connectors>,
+    /// Signs the tokens of `http://kiln.internal/identity`.
+    issuer: Arc<Issuer>,
     blobs: Arc<dyn Blobs>,
     /// Where sandboxes' instances run (`sandbox`).
     sandboxes: Arc<SandboxEngine>,
@@ -144,6 +150,7 @@ impl WasmTier {
         blobs: Arc<dyn Blobs>,
         connector: Arc<dyn Connector>,
         connectors: Arc<Connectors>,
+        issuer: Arc<Issuer>,
     ) -> Result<WasmTier, String> {
         let engine = engine::engine(config.max_instances).map_err(|e| format!("wasmtime engine: {e:#}"))?;
         let sandbox_engine = engine::sandbox_engine().map_err(|e| format!("wasmtime engine: {e:#}"))?;
@@ -168,10 +175,16 @@ impl WasmTier {
             capacity: Arc::new(Limit::new(config.max_instances)),
             connector,
             connectors,
+            issuer,
             blobs,
             sandboxes: Arc::new(sandboxes),
             _ticker: Arc::new(ticker),
         })
+    }
+
+    /// Who an instance of `record` serving `subject` is, for its identity tokens.
+    pub fn identity(&self, subject: Subject, record: &VersionRecord) -> Identity {
+        Identity::new(self.issuer.clone(), Workload::of(subject, record))
     }
 
     /// Guest instances alive now.
@@ -327,9 +340,15 @@ impl Tier for WasmTier {
         self.permits(f, wasm, concurrency)
     }
 
-    async fn run(&self, permits: Permits, f: &LoadedFunction, input: Bytes) -> Result<Success, InvokeError> {
+    async fn run(
+        &self,
+        permits: Permits,
+        f: &LoadedFunction,
+        invocation: &str,
+        input: Bytes,
+    ) -> Result<Success, InvokeError> {
         let _permits = permits;
-        self.run_guest(wasm_of(f), &f.record, input).await
+        self.run_guest(wasm_of(f), &f.record, invocation, input).await
     }
 }
 

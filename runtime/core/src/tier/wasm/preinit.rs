@@ -36,6 +36,8 @@ pub fn preinitialize(
         args: &args,
         env: &env,
         egress: &no_egress,
+        // Deploy time: no sandbox or invocation to vouch for.
+        identity: None,
         memory_bytes: config.memory_bytes(),
         share: PoolShare::of_weight(Footprint::of(ArtifactKind::Module, wasm).weight()),
         timeout: config.timeout(),

@@ -132,6 +132,8 @@ pub struct Start<'a> {
     /// The function's environment and the sandbox's own.
     pub env: Vec<(String, String)>,
     pub egress: &'a super::egress::Egress,
+    /// Who it is: the sandbox, which its identity tokens name.
+    pub identity: crate::identity::Identity,
     /// The state to put back (resume, fork), or `None` for a fresh instance.
     pub state: Option<Vec<u8>>,
 }
@@ -145,6 +147,7 @@ impl LiveInstance {
             args: &args,
             env: &start.env,
             egress: start.egress,
+            identity: Some(start.identity),
             memory_bytes: config.memory_bytes(),
             share: PoolShare::of_weight(start.code.weight),
             timeout: config.timeout(),

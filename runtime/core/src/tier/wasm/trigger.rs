@@ -24,6 +24,7 @@ use super::instance::{classify, ComponentState, Instance, StdoutCap};
 use super::limits::CappedOutput;
 use super::link::Code;
 use super::{WasmFunction, WasmTier};
+use crate::identity::Subject;
 use crate::outcome::{Failure, InvokeError, STDERR_TAIL};
 use crate::registry::{Concurrency, Entry, LoadedFunction};
 
@@ -83,11 +84,13 @@ impl http_body::Body for GuestBody {
 
 impl WasmTier {
     /// Runs the guest on `request` (whose URI is already the guest's view: path and query after
-    /// `/fn/{name}`). Answers as soon as the guest has set its response.
+    /// `/fn/{name}`), as invocation `invocation`. Answers as soon as the guest has set its
+    /// response.
     pub async fn serve_http<B>(
         &self,
         f: Arc<LoadedFunction>,
         concurrency: &Concurrency,
+        invocation: &str,
         request: Request<B>,
     ) -> Result<http::Response<GuestBody>, InvokeError>
     where
@@ -102,14 +105,17 @@ impl WasmTier {
         }
         let permits = self.permits(&f, wasm, concurrency)?;
         let config = &f.record.config;
+        let identity = self.identity(Subject::Invocation(invocation.to_owned()), &f.record);
         let Instance {
             mut store,
             stdout,
             stderr,
             timeout_ms,
-        } = wasm
-            .guest(config)
-            .store::<ComponentState>(&self.engine, Bytes::new(), StdoutCap::Invocation);
+        } = wasm.guest(config, Some(identity)).store::<ComponentState>(
+            &self.engine,
+            Bytes::new(),
+            StdoutCap::Invocation,
+        );
         let deadline = config.timeout();
 
         let (sender, response) = oneshot::channel();

@@ -87,6 +87,7 @@ fn store(bytes: &[u8], memory_bytes: usize) -> Store<ComponentState> {
         args: &["sandbox".to_owned()],
         env: &[],
         egress: &egress,
+        identity: None,
         memory_bytes,
         share: PoolShare::of_weight(Footprint::of(ArtifactKind::Component, bytes).weight()),
         timeout: Duration::from_secs(60),
