@@ -51,8 +51,6 @@ const PORT: u16 = 0x510;
 const STATUS_PORT: u16 = 0x511;
 /// `out` a length here with the bytes' address in `rsi`: the host copies them in one exit.
 const BULK_PORT: u16 = 0x515;
-/// The channel's bulk read: the host copies queued bytes straight into our buffer.
-const BULK_READ_PORT: u16 = 0x519;
 
 /// The byte stream to the host.
 enum Channel {
@@ -70,9 +68,8 @@ impl Channel {
             // SAFETY: ioperm only changes this process's I/O permission bitmap.
             // The data port, the status port read 4 bytes wide (an `in eax, dx` needs the
             // permission of all four ports it spans, 0x511..=0x514) and the bulk doorbell
-            // written 4 bytes wide (0x515..=0x518) and the bulk read read 4 bytes wide
-            // (0x519..=0x51c).
-            if unsafe { libc::ioperm(PORT.into(), 13, 1) } != 0 {
+            // written 4 bytes wide (0x515..=0x518).
+            if unsafe { libc::ioperm(PORT.into(), 9, 1) } != 0 {
                 return Err(io::Error::last_os_error());
             }
             return Ok(Channel::Port { bulk: false });
@@ -93,28 +90,14 @@ impl Channel {
     fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
         match self {
             Channel::Serial(f) => f.read_exact(buf),
-            Channel::Port { bulk: false } => {
-                prefault(buf);
-                port_read(buf);
-                Ok(())
-            }
-            Channel::Port { bulk: true } => {
-                let mut got = 0;
-                let mut refused = 0;
-                while got < buf.len() {
-                    // The host writes only into pages a user write would find present, writable
-                    // and dirty: writing each page first makes them so.
-                    prefault(&mut buf[got..]);
-                    match bulk_read(&mut buf[got..]) {
-                        u32::MAX if refused < 3 => refused += 1,
-                        // Pages the host keeps refusing, or nothing queued where the status said
-                        // there was: the byte-wise path (which the host fails loudly if wrong).
-                        u32::MAX | 0 => {
-                            port_read(&mut buf[got..]);
-                            got = buf.len();
-                        }
-                        n => got += n as usize,
-                    }
+            Channel::Port { .. } => {
+                // Through a landing buffer whose pages cannot move or fault (see `Landing`).
+                let landing = LANDING.get_or_init(Landing::new);
+                for chunk in buf.chunks_mut(LANDING_BYTES) {
+                    let bytes = &mut landing.bytes()[..chunk.len()];
+                    prefault(bytes);
+                    port_read(bytes);
+                    chunk.copy_from_slice(bytes);
                 }
                 Ok(())
             }
@@ -180,6 +163,55 @@ impl Channel {
     }
 }
 
+/// Bytes `rep insb` lands in at once.
+const LANDING_BYTES: usize = 256 << 10;
+
+/// Where `rep insb` writes: pages of their own mapping, locked in memory and never part of a huge
+/// page. KVM reads up to 1 KiB from the port ahead of writing it into the guest, and a fault in
+/// between loses those bytes for good (the instruction restarts with the next ones); touching the
+/// pages first is not enough where the kernel may move them meanwhile — compaction migrating them,
+/// or khugepaged collapsing them into a huge page (THP is `always` in Debian's cloud kernel).
+/// Locked, unmigratable (`compact_unevictable_allowed = 0`) and `MADV_NOHUGEPAGE`, these stay put.
+struct Landing(*mut u8);
+
+// SAFETY: the mapping is used by one thread at a time (the agent's channel has one owner).
+unsafe impl Send for Landing {}
+// SAFETY: as above.
+unsafe impl Sync for Landing {}
+
+static LANDING: std::sync::OnceLock<Landing> = std::sync::OnceLock::new();
+
+impl Landing {
+    fn new() -> Landing {
+        let _ = std::fs::write("/proc/sys/vm/compact_unevictable_allowed", "0");
+        // SAFETY: a fresh private anonymous mapping, owned by this value for the process's life.
+        unsafe {
+            let at = libc::mmap(
+                std::ptr::null_mut(),
+                LANDING_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            );
+            assert!(
+                at != libc::MAP_FAILED,
+                "kiln-agent: cannot map the channel's landing buffer"
+            );
+            libc::madvise(at, LANDING_BYTES, libc::MADV_NOHUGEPAGE);
+            libc::mlock(at, LANDING_BYTES);
+            Landing(at.cast())
+        }
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    fn bytes(&self) -> &mut [u8] {
+        // SAFETY: the mapping is LANDING_BYTES long and lives as long as the process; only the
+        // channel's single owner calls this, one borrow at a time.
+        unsafe { std::slice::from_raw_parts_mut(self.0, LANDING_BYTES) }
+    }
+}
+
 /// Writes to every page of `buf`, so that none faults while `rep insb` fills it: KVM reads the
 /// port ahead (up to 1 KiB per exit) and a page fault in the middle of the instruction restarts
 /// it after the guest handled the fault — with the bytes already taken from the host's queue
@@ -217,26 +249,6 @@ fn port_read(buf: &mut [u8]) {
         std::arch::asm!("rep insb", in("dx") PORT, inout("rdi") buf.as_mut_ptr() => _,
             inout("rcx") buf.len() => _, options(nostack, preserves_flags))
     };
-}
-
-/// Asks the host for up to `buf.len()` queued bytes, copied into `buf`: how many it copied, or
-/// `u32::MAX` if it refused `buf`'s pages (nothing taken then).
-#[cfg(target_arch = "x86_64")]
-fn bulk_read(buf: &mut [u8]) -> u32 {
-    let taken: u32;
-    // SAFETY: ioperm granted the port; the host writes at most `rcx` bytes at `rdi`, both `buf`'s,
-    // and only into pages mapped writable for us.
-    unsafe {
-        std::arch::asm!("in eax, dx", in("dx") BULK_READ_PORT, out("eax") taken,
-            in("rdi") buf.as_mut_ptr(), in("rcx") buf.len().min(u32::MAX as usize - 1),
-            options(nostack, preserves_flags))
-    };
-    taken
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn bulk_read(_: &mut [u8]) -> u32 {
-    unreachable!("the port channel exists on x86_64 only")
 }
 
 /// A 4-byte `in` from the status port.

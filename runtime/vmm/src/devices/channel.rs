@@ -38,9 +38,7 @@
 //! optional reason), `10 WINDOW` (either way: stream u32, credit u32 — the receiver took that many
 //! bytes; a sender keeps at most [`STREAM_WINDOW`] bytes unacknowledged; the guest's first WINDOW
 //! on a stream says its connection is up). The guest learns that frames wait for it by reading
-//! [`STATUS_PORT`] (a 4-byte `in`: bytes queued for it), so it never reads an empty queue; in a
-//! session it takes them through [`BULK_READ_PORT`] and sends through [`BULK_PORT`], one exit per
-//! read or frame.
+//! [`STATUS_PORT`] (a 4-byte `in`: bytes queued for it), so it never reads an empty queue.
 //!
 //! OPEN's target (after the stream id) is a tag byte and its parameters: `0` a TCP port (u16);
 //! `1` a process — exec or a shell (timeout ms u32, pty u8, cols u16, rows u16, the working
@@ -68,14 +66,6 @@ pub const STATUS_PORT: u16 = 0x511;
 /// I/O (`rep outsb`) exits once per byte wherever KVM emulates it, as it does nested (measured:
 /// about 8 KiB/s guest→host under nested emulation); this path costs one exit per frame.
 pub const BULK_PORT: u16 = 0x515;
-/// The channel's bulk read (sessions): a guest `in eax, dx` here with `rdi` = a guest-virtual
-/// buffer and `ecx` = its size takes up to that many queued bytes into the buffer and answers
-/// how many (u32::MAX, taking nothing, unless every page of them is mapped present, user-writable
-/// and already dirty — what a user write would have found, so the write is one the guest could
-/// have made itself). String I/O (`rep insb`) goes through KVM's emulator, which reads up to
-/// 1 KiB from the port ahead of each write into the buffer: a fault in between loses those bytes
-/// and desynchronises the stream. Here a byte leaves the queue only once it is in the buffer.
-pub const BULK_READ_PORT: u16 = 0x519;
 /// Bytes a stream's sender may have in flight before the receiver's WINDOW frames credit them.
 pub const STREAM_WINDOW: u32 = 256 << 10;
 
@@ -230,22 +220,6 @@ impl Channel {
     /// Bytes queued for the guest and not read yet.
     pub fn queued(&self) -> usize {
         self.input.len()
-    }
-
-    /// Copies the next `data.len()` queued bytes without taking them (at most what is queued:
-    /// returns how many).
-    pub fn peek(&self, data: &mut [u8]) -> usize {
-        let n = data.len().min(self.input.len());
-        let (front, back) = self.input.as_slices();
-        let first = n.min(front.len());
-        data[..first].copy_from_slice(&front[..first]);
-        data[first..n].copy_from_slice(&back[..n - first]);
-        n
-    }
-
-    /// Drops the next `n` queued bytes (a [`Channel::peek`] the guest took).
-    pub fn consume(&mut self, n: usize) {
-        self.input.drain(..n.min(self.input.len()));
     }
 
     /// A guest `in`: fills `data` from the queue.

@@ -22,7 +22,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use super::memory::GuestMemory;
 use super::vm::{kvm_err, Hypervisor, Vm, VmError};
 use crate::devices::channel::{
-    Channel, ChannelError, Frame, BULK_PORT, BULK_READ_PORT, CHANNEL_PORT, HEADER_LEN, MAX_PAYLOAD, STATUS_PORT,
+    Channel, ChannelError, Frame, BULK_PORT, CHANNEL_PORT, HEADER_LEN, MAX_PAYLOAD, STATUS_PORT,
 };
 
 /// Why a run stopped without the frame the host waited for.
@@ -414,31 +414,6 @@ impl Vcpu {
                     channel.read(data)?;
                     None
                 }
-                Ok(VcpuExit::IoIn(BULK_READ_PORT, data)) => {
-                    // The answer goes into the exit's data, which lives in the vCPU's kvm_run
-                    // page; reading the registers needs the vCPU again meanwhile.
-                    let (answer_at, answer_len) = (data.as_mut_ptr(), data.len());
-                    let regs = self.fd.get_regs().map_err(RunError::Kvm)?;
-                    let sregs = self.fd.get_sregs().map_err(RunError::Kvm)?;
-                    let wanted = (regs.rcx & 0xffff_ffff) as usize;
-                    bulk.resize(wanted.min(channel.queued()).min(u32::MAX as usize - 1), 0);
-                    let n = channel.peek(&mut bulk);
-                    let answer = match write_virtual(memory, &sregs, regs.rdi, &bulk[..n]) {
-                        Some(()) => {
-                            channel.consume(n);
-                            n as u32
-                        }
-                        None => u32::MAX,
-                    };
-                    // SAFETY: the kvm_run page is mapped for as long as the vCPU's fd is open, and
-                    // KVM_GET_REGS/KVM_GET_SREGS do not touch its I/O data; nothing else refers
-                    // to it until the next KVM_RUN.
-                    let data = unsafe { std::slice::from_raw_parts_mut(answer_at, answer_len) };
-                    for (slot, byte) in data.iter_mut().zip(answer.to_le_bytes()) {
-                        *slot = byte;
-                    }
-                    None
-                }
                 Ok(VcpuExit::IoIn(STATUS_PORT, data)) => {
                     let stop = host.poll(channel);
                     let queued = (channel.queued().min(u32::MAX as usize) as u32).to_le_bytes();
@@ -668,54 +643,13 @@ pub fn read_virtual(memory: &GuestMemory, sregs: &kvm_sregs, address: u64, buf: 
     Some(())
 }
 
-/// Writes `bytes` at guest-virtual `address`, as the guest's user mode could: `None`, writing
-/// nothing, unless every page is mapped present, writable and user-accessible at every level and
-/// its leaf entry is already dirty (so no accessed or dirty bit needs setting for the guest to
-/// see the write it would have made itself). A page shared copy-on-write is read-only to the
-/// guest and so refused, never written under another process's feet.
-pub fn write_virtual(memory: &GuestMemory, sregs: &kvm_sregs, address: u64, bytes: &[u8]) -> Option<()> {
-    let mut pieces = Vec::new();
-    let mut done = 0;
-    while done < bytes.len() {
-        let virtual_address = address.checked_add(done as u64)?;
-        let (physical, page_size) = translate_with(memory, sregs, virtual_address, Access::UserWrite)?;
-        let in_page = (page_size - (virtual_address & (page_size - 1))) as usize;
-        let n = in_page.min(bytes.len() - done);
-        pieces.push((physical, done..done + n));
-        done += n;
-    }
-    for (physical, range) in pieces {
-        memory.write(physical, &bytes[range]).ok()?;
-    }
-    Some(())
-}
-
-/// What a translation must allow.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Access {
-    Read,
-    /// A user-mode write to a page the guest already dirtied.
-    UserWrite,
-}
-
 /// The guest-physical address of `virtual_address` and the size of the page it is in.
 fn translate(memory: &GuestMemory, sregs: &kvm_sregs, virtual_address: u64) -> Option<(u64, u64)> {
-    translate_with(memory, sregs, virtual_address, Access::Read)
-}
-
-fn translate_with(memory: &GuestMemory, sregs: &kvm_sregs, virtual_address: u64, access: Access) -> Option<(u64, u64)> {
     const ADDRESS: u64 = 0x000f_ffff_ffff_f000;
     const PRESENT: u64 = 1;
-    const WRITABLE: u64 = 1 << 1;
-    const USER: u64 = 1 << 2;
-    const DIRTY: u64 = 1 << 6;
     const HUGE: u64 = 1 << 7;
     const CR4_LA57: u64 = 1 << 12;
     let levels = if sregs.cr4 & CR4_LA57 != 0 { 5 } else { 4 };
-    let required = match access {
-        Access::Read => PRESENT,
-        Access::UserWrite => PRESENT | WRITABLE | USER,
-    };
     // CR3's low 12 bits are a PCID (or flags), not address.
     let mut table = sregs.cr3 & ADDRESS;
     for level in (0..levels).rev() {
@@ -724,14 +658,11 @@ fn translate_with(memory: &GuestMemory, sregs: &kvm_sregs, virtual_address: u64,
         let mut entry = [0u8; 8];
         memory.read(table + index * 8, &mut entry).ok()?;
         let entry = u64::from_le_bytes(entry);
-        if entry & required != required {
+        if entry & PRESENT == 0 {
             return None;
         }
         let page_size = 1u64 << shift;
         if level == 0 || ((level == 1 || level == 2) && entry & HUGE != 0) {
-            if access == Access::UserWrite && entry & DIRTY == 0 {
-                return None;
-            }
             let base = entry & ADDRESS & !(page_size - 1);
             return Some((base + (virtual_address & (page_size - 1)), page_size));
         }
@@ -774,53 +705,6 @@ mod page_walk_tests {
             None,
             "unmapped"
         );
-    }
-
-    /// A write goes through only where a user-mode write would have found its pages present,
-    /// writable, user-accessible and dirty; otherwise nothing at all is written.
-    #[test]
-    fn guest_virtual_writes_need_user_writable_dirty_pages() {
-        let memory = GuestMemory::anonymous(8 << 20).unwrap();
-        let entry = |at: u64, value: u64| memory.write(at, &value.to_le_bytes()).unwrap();
-        let (pml4, pdpt, pd, pt) = (0x1000u64, 0x2000u64, 0x3000u64, 0x4000u64);
-        const USER_RW: u64 = 0b111;
-        const DIRTY: u64 = 1 << 6;
-        entry(pml4, pdpt | USER_RW);
-        entry(pdpt, pd | USER_RW);
-        entry(pd, pt | USER_RW);
-        // Virtual page 1 → physical 0x10_0000 (dirty), page 2 → 0x10_1000 (dirty), page 3 →
-        // 0x10_2000 (clean), page 4 → 0x10_3000 (read-only, dirty), page 5 → 0x10_4000
-        // (dirty, kernel only).
-        entry(pt + 8, 0x10_0000 | USER_RW | DIRTY);
-        entry(pt + 16, 0x10_1000 | USER_RW | DIRTY);
-        entry(pt + 24, 0x10_2000 | USER_RW);
-        entry(pt + 32, 0x10_3000 | 0b101 | DIRTY);
-        entry(pt + 40, 0x10_4000 | 0b011 | DIRTY);
-        let sregs = kvm_sregs {
-            cr3: pml4,
-            ..Default::default()
-        };
-        let read = |at: u64, n: usize| {
-            let mut buf = vec![0u8; n];
-            memory.read(at, &mut buf).unwrap();
-            buf
-        };
-        // Across the boundary of two dirty pages.
-        write_virtual(&memory, &sregs, 0x2000 - 3, b"abcdef").unwrap();
-        assert_eq!(read(0x10_0000 + 4093, 3), b"abc");
-        assert_eq!(read(0x10_1000, 3), b"def");
-        // Into a clean page, a read-only one, a kernel one, or past the mapping: refused, and
-        // the dirty page before the clean one is left untouched too.
-        for (at, why) in [
-            (0x3000 - 2, "a write spilling into a clean page"),
-            (0x4000, "a read-only page"),
-            (0x5000, "a kernel page"),
-            (0x9000, "an unmapped page"),
-        ] {
-            assert_eq!(write_virtual(&memory, &sregs, at, b"zzzz"), None, "{why}");
-        }
-        assert_eq!(read(0x10_1000 + 4094, 2), [0, 0]);
-        assert_eq!(read(0x10_3000, 4), [0; 4]);
     }
 
     const HUGE_FLAG: u64 = 1 << 7;
