@@ -2,7 +2,8 @@
 # Fetches the microVM tier's guest kernel: Debian's cloud kernel, a pinned package version checked
 # against a pinned SHA-256, and puts its bzImage at target/kiln-guest/vmlinuz (QEMU boots it
 # directly; Kiln's own VMM loads the ELF vmlinux inside it) and the kernel's KVM modules at
-# target/kiln-guest/modules/ (the nested test loads them in a QEMU VM to run Kiln's VMM there).
+# target/kiln-guest/modules/ (the nested test loads them in a QEMU VM to run Kiln's VMM there),
+# and the `tun` module microVM guests load for their network at target/kiln-guest/guest-modules/.
 # Idempotent: does nothing when both are there. Never fails the caller: without them the
 # Linux-guest tests print why and skip.
 set -uo pipefail
@@ -13,8 +14,8 @@ SHA256=e7d02b943971edcb8790e256c02cfab3bca6c3d37c1bf25392a57c71300615ee
 
 root=$(cd "$(dirname "$0")/../../.." && pwd)
 out="$root/target/kiln-guest"
-[ -s "$out/vmlinuz" ] && [ -s "$out/modules/3-kvm-amd.ko" ] && exit 0
-mkdir -p "$out/modules"
+[ -s "$out/vmlinuz" ] && [ -s "$out/modules/3-kvm-amd.ko" ] && [ -s "$out/guest-modules/tun.ko" ] && exit 0
+mkdir -p "$out/modules" "$out/guest-modules"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work" || exit 0
@@ -44,3 +45,5 @@ for module in virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko;
   n=$((n + 1))
 done
 echo "setup: KVM modules at $out/modules"
+dpkg-deb --fsys-tarfile "$deb" | tar -xO "./lib/modules/$release/kernel/drivers/net/tun.ko" > "$out/guest-modules/tun.ko.tmp" \
+  && mv "$out/guest-modules/tun.ko.tmp" "$out/guest-modules/tun.ko" && echo "setup: guest network module at $out/guest-modules"

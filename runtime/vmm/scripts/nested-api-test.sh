@@ -38,6 +38,7 @@ entries=(
   # The test finds kiln and the kernel by the absolute paths it was built with.
   "${root#/}/target/debug/kiln=$work/kiln"
   "${root#/}/target/kiln-guest/vmlinuz=$guest/vmlinuz"
+  "${root#/}/target/kiln-guest/guest-modules/tun.ko=$guest/guest-modules/tun.ko"
   "${root#/}/runtime/kiln/"
   "all=$work/all"
   "bin/busybox=/bin/busybox"

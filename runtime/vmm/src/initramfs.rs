@@ -211,6 +211,20 @@ pub fn function_image(agent: &[u8], function: &[u8], env: &[(&str, &str)]) -> Ve
     image.finish()
 }
 
+/// Where the agent finds the kernel modules it loads (`tun.ko`: the guest's network).
+pub const MODULES_DIR: &str = "kiln/modules";
+
+/// An initramfs of kernel modules only, under [`MODULES_DIR`], to append to a function's: the
+/// kernel unpacks concatenated archives in order, so one built module set serves every image.
+pub fn modules_image(modules: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut image = Initramfs::new();
+    image.dir("kiln", 0o755).dir(MODULES_DIR, 0o755);
+    for (name, data) in modules {
+        image.file(&format!("{MODULES_DIR}/{name}"), 0o444, data);
+    }
+    image.finish()
+}
+
 /// `/env`: `KEY=VALUE` entries, each ending in NUL.
 fn env_file(env: &[(&str, &str)]) -> Vec<u8> {
     env.iter()

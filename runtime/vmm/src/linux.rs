@@ -61,9 +61,11 @@ pub const BOOT_LOG_CAP: usize = 16 * 1024;
 
 /// The command line Kiln boots its guest with: the agent on the channel port, no hardware to
 /// probe, panics end the VM at once (`panic=-1` reboots, which a VM without firmware turns into a
-/// triple fault: a [`crate::RunError::Shutdown`]).
+/// triple fault: a [`crate::RunError::Shutdown`]). Modules may load only until the agent, PID 1,
+/// has loaded its own (`tun`, the guest's network) and set `modules_disabled`: nothing the guest
+/// runs afterwards can load one.
 pub const DEFAULT_CMDLINE: &str = "earlyprintk=serial,ttyS0,115200 keep_bootcon quiet panic=-1 reboot=t \
-     pci=off acpi=off nomodule 8250.nr_uarts=0 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd \
+     pci=off acpi=off 8250.nr_uarts=0 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd \
      tsc=reliable no_timer_check random.trust_cpu=on kiln.channel=port";
 
 /// e820 entry types.

@@ -20,6 +20,7 @@ use crate::function::VersionRecord;
 use crate::outcome::InvokeError;
 use crate::registry::Entry;
 use crate::tier::microvm::sandbox::{Origin, VmHandle};
+use crate::tier::wasm::egress::Rule;
 use crate::tier::wasm::sandbox::IngressBody;
 use crate::tier::wasm::trigger::GuestBody;
 
@@ -65,11 +66,21 @@ impl Sandboxes {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        // Where its network may go: the function's hosts and connectors, and the sandbox's own.
+        let mut egress: Vec<Rule> = record
+            .config
+            .allowed_hosts
+            .iter()
+            .filter_map(|entry| Rule::parse(entry).ok())
+            .collect();
+        let connectors = &self.functions.connectors;
+        egress.extend(connectors.rules(&record.config.connectors));
+        egress.extend(connectors.rules(&sandbox.settings.connectors));
         let vm = self
             .functions
             .tiers
             .microvm
-            .start_sandbox(&sandbox.id, origin, sandbox.settings.ingress_port, &env)
+            .start_sandbox(&sandbox.id, origin, sandbox.settings.ingress_port, &env, egress)
             .await
             .map_err(|reason| SandboxError::Invoke(InvokeError::failed(reason)))?;
         Ok(Live {

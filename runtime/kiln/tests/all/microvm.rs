@@ -760,6 +760,16 @@ fn native_functions_and_sandboxes_nested_in_qemu_where_the_host_has_no_hardware_
         &read(&kernel),
         0o644,
     );
+    // The guests' network module, found beside the kernel.
+    let tun = guest.join("guest-modules/tun.ko");
+    if tun.exists() {
+        add(
+            &mut image,
+            &guest.canonicalize().unwrap().join("guest-modules/tun.ko"),
+            &read(&tun),
+            0o644,
+        );
+    }
     add(&mut image, Path::new("all"), &stripped(&tests_bin, "all"), 0o755);
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     add(

@@ -15,6 +15,74 @@ use serde_json::json;
 
 use crate::support::{busybox_rootfs, Kiln};
 
+/// The guest's network, as a program that knows nothing of Kiln uses it: plain `busybox wget`
+/// reaches the one host server its connector allows and is refused at once elsewhere; UDP does
+/// not leave; names resolve only through Kiln (10.0.2.3), under the same policy.
+fn network(
+    kiln: &Kiln,
+    exec: &dyn Fn(&[&str]) -> serde_json::Value,
+    allowed: u16,
+    denied: u16,
+    udp: &std::net::UdpSocket,
+) {
+    let fetched = exec(&[
+        "busybox",
+        "wget",
+        "-q",
+        "-O",
+        "-",
+        &format!("http://10.0.2.2:{allowed}/"),
+    ]);
+    if fetched["exit_code"] != 0 {
+        let state = exec(&[
+            "sh",
+            "-c",
+            "busybox ip addr; busybox ip route; ls -la /kiln/modules /dev/net; cat /proc/modules; busybox dmesg | busybox tail -8",
+        ]);
+        panic!(
+            "wget to the allowed server failed: {fetched}\nthe guest's network: {}{}\nkiln's log: {}",
+            state["stdout"],
+            state["stderr"],
+            crate::microvm::tail(&kiln.log(), 4000)
+        );
+    }
+    assert_eq!(fetched["stdout"], "from the host", "{fetched}");
+    let started = Instant::now();
+    let refused = exec(&[
+        "busybox",
+        "wget",
+        "-q",
+        "-O",
+        "-",
+        &format!("http://10.0.2.2:{denied}/"),
+    ]);
+    assert_ne!(refused["exit_code"], 0, "{refused}");
+    assert!(refused["stderr"].as_str().unwrap().contains("refused"), "{refused}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "a denied connect must fail fast"
+    );
+    let port = udp.local_addr().unwrap().port();
+    let sent = exec(&[
+        "sh",
+        "-c",
+        &format!("echo leak | busybox nc -u -w 1 10.0.2.2 {port}; echo sent"),
+    ]);
+    assert!(sent["stdout"].as_str().unwrap().contains("sent"), "{sent}");
+    udp.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(udp.recv_from(&mut buf).is_err(), "a datagram left the guest");
+    // The agent loaded the network's module and then closed module loading for good.
+    let disabled = exec(&["cat", "/proc/sys/kernel/modules_disabled"]);
+    assert_eq!(disabled["stdout"], "1\n", "{disabled}");
+    let resolv = exec(&["cat", "/etc/resolv.conf"]);
+    assert_eq!(resolv["stdout"], "nameserver 10.0.2.3\n", "{resolv}");
+    let lookup = exec(&["busybox", "nslookup", "blocked.example"]);
+    assert_ne!(lookup["exit_code"], 0, "{lookup}");
+    let said = format!("{}{}", lookup["stdout"], lookup["stderr"]);
+    assert!(said.contains("10.0.2.3"), "the answer is Kiln's: {said}");
+}
+
 /// The busybox image of these tests: `httpd` serving `/www` on 8080, every hook marking `/marks`.
 fn image() -> Vec<u8> {
     let hook = |name: &str| format!("#!/bin/sh\necho {name} >> /marks\necho hook {name} ran\n").into_bytes();
@@ -65,7 +133,20 @@ pub fn images_exec_shell_files_and_hooks(kiln: Kiln, data: &Path, args: &[&str])
             .send()
             .unwrap()
     };
-    let response = post(&kiln, "/v1/sandboxes", json!({"function": "busybox"}));
+    // Its network may reach one server of the host: the test's own, on loopback, named literally
+    // by a connector (the guest reaches the host's loopback through its gateway, 10.0.2.2).
+    let upstream = crate::support::upstream("from the host");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let denied_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let connector = json!({"name": "host-web", "allowed_hosts": [format!("http://127.0.0.1:{upstream}")]});
+    assert_eq!(post(&kiln, "/v1/connectors", connector).status(), 201);
+    let response = post(
+        &kiln,
+        "/v1/sandboxes",
+        json!({"function": "busybox", "connectors": ["host-web"]}),
+    );
     let status = response.status();
     let sandbox: serde_json::Value = response.json().unwrap();
     assert_eq!(status, 201, "{sandbox}");
@@ -113,6 +194,8 @@ pub fn images_exec_shell_files_and_hooks(kiln: Kiln, data: &Path, args: &[&str])
 
     // The ready hook ran once at the build; the restore hook once when the sandbox started.
     assert_eq!(exec(&["cat", "/marks"])["stdout"], "ready\nrestore\n");
+
+    network(&kiln, &exec, upstream, denied_port, &udp);
 
     // A streamed exec of 10 MiB arrives whole and in order: random bytes made in the guest
     // (cheap to make there, unlike 10 MiB of text under nested emulation), streamed as SSE, and

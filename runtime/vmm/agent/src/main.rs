@@ -26,6 +26,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::process::Stdio;
 
+mod network;
 mod process;
 mod session;
 
@@ -45,6 +46,7 @@ const EXIT: u8 = 11;
 const STDERR: u8 = 12;
 const RESIZE: u8 = 13;
 const HOOK: u8 = 14;
+const PACKET: u8 = 15;
 const MAX_PAYLOAD: u32 = 16 << 20;
 const PORT: u16 = 0x510;
 /// Reads how many bytes the host has queued for us (the channel has no interrupt).
@@ -383,6 +385,17 @@ fn reseed(seed: &[u8]) -> io::Result<()> {
 
 fn serve(channel: &mut Channel) -> io::Result<()> {
     let image = Image::load();
+    // Before the server starts, so that it starts with its network (and the snapshot holds it).
+    // Its failure is told on the console now and to the host with the first session.
+    let mut network = network::up().map_err(|e| {
+        let message = format!("kiln-agent: no network: {e}\n");
+        eprint!("{message}");
+        message
+    });
+    // The only module the guest loads is loaded: from here on nothing can load one (one way).
+    if let Err(e) = std::fs::write("/proc/sys/kernel/modules_disabled", "1") {
+        eprintln!("kiln-agent: cannot disable module loading: {e}");
+    }
     let server = if image.has_command {
         Some(start_at_boot(channel, &image)?)
     } else {
@@ -402,7 +415,10 @@ fn serve(channel: &mut Channel) -> io::Result<()> {
                 response.extend_from_slice(&stdout);
                 channel.send(RESPONSE, &response)?;
             }
-            SESSION => session::run(channel, &payload, &image, server.take()),
+            SESSION => {
+                let tun = std::mem::replace(&mut network, Err(String::new()));
+                session::run(channel, &payload, &image, server.take(), tun)
+            }
             RESEED => {
                 if let Err(e) = reseed(&payload) {
                     channel.send(

@@ -30,7 +30,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::process::{self, ExecRequest, Hook, Image, Process};
-use crate::{reseed, Channel, CLOSE, DATA, EXIT, HOOK, LOG, OPEN, RESEED, RESIZE, SESSION, STDERR, WINDOW};
+use crate::{reseed, Channel, CLOSE, DATA, EXIT, HOOK, LOG, OPEN, PACKET, RESEED, RESIZE, SESSION, STDERR, WINDOW};
 
 /// Bytes a sender may have unacknowledged on one stream (the host's `STREAM_WINDOW`).
 const STREAM_WINDOW: u32 = 256 << 10;
@@ -114,14 +114,30 @@ impl Server {
     }
 }
 
-pub fn run(channel: &mut Channel, first: &[u8], image: &Image, server: Option<Server>) -> ! {
+pub fn run(
+    channel: &mut Channel,
+    first: &[u8],
+    image: &Image,
+    server: Option<Server>,
+    network: Result<File, String>,
+) -> ! {
     channel.use_bulk();
+    let tun = match network {
+        Ok(tun) => Some(tun),
+        Err(message) => {
+            if !message.is_empty() {
+                let _ = channel.send(LOG, message.as_bytes());
+            }
+            None
+        }
+    };
     let mut session = Session {
         streams: HashMap::new(),
         server,
         exited: None,
         image: image.clone(),
         started: false,
+        tun,
     };
     session.begin(channel, first);
     let mut timeout = POLL_FAST;
@@ -145,6 +161,9 @@ struct Session {
     image: Image,
     /// The server was started (at boot or by a SESSION): it is not started again.
     started: bool,
+    /// The network interface's TUN (`crate::network`), whose packets go to the host as PACKET
+    /// frames and come back the same way.
+    tun: Option<File>,
 }
 
 impl Session {
@@ -212,6 +231,12 @@ impl Session {
                 }
             }
             OPEN => self.open(channel, id, body),
+            PACKET => {
+                // IP: a packet the interface cannot take now is dropped, and TCP sends it again.
+                if let Some(tun) = &mut self.tun {
+                    let _ = tun.write(payload);
+                }
+            }
             DATA => {
                 if let Some(stream) = self.streams.get_mut(&id) {
                     if let Endpoint::WriteFile { file, error, .. } = &mut stream.endpoint {
@@ -354,6 +379,10 @@ impl Session {
             fds.push(pollfd(server.output.as_raw_fd(), libc::POLLIN));
             roles.push((0, Role::Server));
         }
+        if let Some(tun) = &self.tun {
+            fds.push(pollfd(tun.as_raw_fd(), libc::POLLIN));
+            roles.push((0, Role::Tun));
+        }
         for (&id, stream) in &self.streams {
             let wants_output = (stream.credit > 0 || stream.detached) && !stream.app_done;
             let wants_input = !stream.to_app.is_empty();
@@ -400,6 +429,7 @@ impl Session {
                 active = true;
                 match role {
                     Role::Server => self.server_output(channel),
+                    Role::Tun => self.packets_out(channel),
                     Role::Socket => self.pump_socket(channel, id, fd.revents),
                     Role::Input => self.write_input(channel, id),
                     Role::Output => self.read_output(channel, id, false),
@@ -645,6 +675,21 @@ impl Session {
         moved
     }
 
+    /// Sends what the guest's network stack queued on the TUN to the host, a frame per packet (a
+    /// bounded batch per wake, so streams get their turn).
+    fn packets_out(&mut self, channel: &mut Channel) {
+        let Some(tun) = &mut self.tun else { return };
+        let mut buf = vec![0u8; crate::network::MTU];
+        for _ in 0..64 {
+            match tun.read(&mut buf) {
+                Ok(n) if n > 0 => {
+                    let _ = channel.send(PACKET, &buf[..n]);
+                }
+                _ => return,
+            }
+        }
+    }
+
     /// Forwards the server's output as LOG frames; notes its end.
     fn server_output(&mut self, channel: &mut Channel) {
         let Some(server) = &mut self.server else { return };
@@ -671,6 +716,7 @@ impl Session {
 #[derive(Clone, Copy)]
 enum Role {
     Server,
+    Tun,
     Socket,
     Input,
     Output,

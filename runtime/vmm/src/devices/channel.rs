@@ -53,6 +53,8 @@
 //! `14 HOOK` runs a lifecycle hook of the image (`/kiln/hooks/<name>`): host→guest a hook u8
 //! (2 suspend, 3 terminate); guest→host the hook u8, status i32 (0 also when the image has no such
 //! hook) and its output — the guest also answers each SESSION with HOOK 1 (restore).
+//! `15 PACKET` (either way: one IPv4 packet of the guest's network interface, `kiln0`) carries
+//! the guest's network to the host's user-space stack and back.
 
 use std::collections::VecDeque;
 
@@ -94,6 +96,7 @@ pub enum FrameKind {
     Stderr = 12,
     Resize = 13,
     Hook = 14,
+    Packet = 15,
 }
 
 impl FrameKind {
@@ -113,6 +116,7 @@ impl FrameKind {
             12 => Self::Stderr,
             13 => Self::Resize,
             14 => Self::Hook,
+            15 => Self::Packet,
             _ => return None,
         })
     }

@@ -24,6 +24,10 @@ pub struct GuestImage {
     pub vmlinux: Vec<u8>,
     /// The static guest agent, `/init` of every initramfs.
     pub agent: Vec<u8>,
+    /// The kernel modules every guest gets (an initramfs appended to each function's): `tun.ko`,
+    /// the guest's network, from `guest-modules/` beside the kernel. Empty without it: guests then
+    /// have no network.
+    pub modules: Vec<u8>,
     pub cmdline: String,
     /// Identifies kernel, agent and command line together: part of every snapshot's digest, so a
     /// new image never reuses a snapshot of the old one.
@@ -48,17 +52,20 @@ impl GuestImage {
         let agent = read(agent_path, "agent")?;
         validate_executable(&agent).map_err(|e| format!("the guest agent {}: {e}", agent_path.display()))?;
         let cmdline = kiln_vmm::linux::DEFAULT_CMDLINE.to_owned();
+        let modules = guest_modules(kernel_path)?;
         let identity = Digest::of(
             &[
                 Digest::of(&vmlinux).hex().as_bytes(),
                 Digest::of(&agent).hex().as_bytes(),
                 cmdline.as_bytes(),
+                Digest::of(&modules).hex().as_bytes(),
             ]
             .concat(),
         );
         Ok(Self {
             vmlinux,
             agent,
+            modules,
             cmdline,
             identity,
         })
@@ -68,14 +75,22 @@ impl GuestImage {
     /// function's environment (its config's `env`; nothing of the host's).
     pub fn initramfs(&self, function: &[u8], env: &BTreeMap<String, String>) -> Vec<u8> {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        kiln_vmm::initramfs::function_image(&self.agent, function, &env)
+        [
+            kiln_vmm::initramfs::function_image(&self.agent, function, &env),
+            self.modules.clone(),
+        ]
+        .concat()
     }
 
     /// The initramfs of a function deployed as an image: its root filesystem with the agent, the
     /// merged environment and the contract files (`kiln_vmm::initramfs::rootfs_image`).
     pub fn image_initramfs(&self, image: &Prepared) -> Vec<u8> {
         let env: Vec<(&str, &str)> = image.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        initramfs::rootfs_image(&self.agent, &image.tree, &env, &image.process)
+        [
+            initramfs::rootfs_image(&self.agent, &image.tree, &env, &image.process),
+            self.modules.clone(),
+        ]
+        .concat()
     }
 
     /// The digest a function's snapshot is stored under: what booted (image and initramfs) and the
@@ -89,6 +104,23 @@ impl GuestImage {
             &memory_mib.to_le_bytes(),
         ];
         Digest::of(&parts.concat())
+    }
+}
+
+/// The modules guests load, from `guest-modules/` beside the kernel, as an initramfs to append
+/// (empty when there are none: the tier runs, its guests without a network).
+fn guest_modules(kernel_path: &Path) -> Result<Vec<u8>, String> {
+    let Some(dir) = kernel_path.parent().map(|dir| dir.join("guest-modules")) else {
+        return Ok(Vec::new());
+    };
+    let tun = dir.join("tun.ko");
+    match std::fs::read(&tun) {
+        Ok(module) => Ok(kiln_vmm::initramfs::modules_image(&[("tun.ko", &module)])),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(module = %tun.display(), "no tun module for microVM guests: they get no network");
+            Ok(Vec::new())
+        }
+        Err(e) => Err(format!("cannot read {}: {e}", tun.display())),
     }
 }
 
@@ -414,6 +446,7 @@ mod tests {
         let image = |agent: &[u8]| GuestImage {
             vmlinux: b"kernel".to_vec(),
             agent: agent.to_vec(),
+            modules: Vec::new(),
             cmdline: String::new(),
             identity: Digest::of(agent),
         };
@@ -528,6 +561,7 @@ mod tests {
         let guest = GuestImage {
             vmlinux: Vec::new(),
             agent: b"agent".to_vec(),
+            modules: Vec::new(),
             cmdline: String::new(),
             identity: Digest::of(b"agent"),
         };

@@ -34,6 +34,7 @@ mod capability;
 mod deploy;
 mod image;
 mod invoke;
+mod network;
 mod oci;
 mod rootfs;
 pub mod sandbox;

@@ -44,9 +44,11 @@ use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use super::invoke::MicrovmFunction;
+use super::network;
 use super::MicrovmTier;
 use crate::digest::Digest;
 use crate::outcome::InvokeError;
+use crate::tier::wasm::egress::Rule;
 use crate::tier::wasm::sandbox::IngressBody;
 use crate::tier::wasm::trigger::GuestBody;
 
@@ -66,6 +68,8 @@ pub struct LiveVm {
     /// The restore hook's report, which the guest sends on its own after SESSION (the waiter is
     /// in place before the first frame is read).
     restored: Mutex<Option<oneshot::Receiver<HookReport>>>,
+    /// The guest's network and the task that sends the stack's packets to the guest.
+    network: Option<(kiln_netstack::Network, tokio::task::JoinHandle<()>)>,
 }
 
 /// What ingress uses to reach a live VM; cheap to clone.
@@ -88,6 +92,8 @@ struct Shared {
     suspended: Mutex<Option<oneshot::Sender<SuspendReport>>>,
     /// Told the next HOOK report of the guest (one hook runs at a time).
     hook: Mutex<Option<oneshot::Sender<HookReport>>>,
+    /// The guest's packets go here, to its network's stack (`network`).
+    packets: Option<mpsc::Sender<Vec<u8>>>,
 }
 
 /// What a lifecycle hook of the image did.
@@ -267,6 +273,7 @@ impl MicrovmTier {
         origin: Origin<'_>,
         port: u16,
         env: &[(String, String)],
+        egress: Vec<Rule>,
     ) -> Result<LiveVm, String> {
         let Some(jail) = self.jail.clone() else {
             return Err(self.unavailable());
@@ -294,7 +301,7 @@ impl MicrovmTier {
         })
         .await
         .expect("microVM start task panicked")?;
-        let live = LiveVm::new(id, port, session).map_err(|e| format!("the microVM's pipes: {e}"))?;
+        let live = LiveVm::new(id, port, session, egress).map_err(|e| format!("the microVM's pipes: {e}"))?;
         // The guest answers its SESSION with the restore hook's report (status 0 without one).
         match live.hook_report(None).await {
             Ok(report) if report.status == 0 => Ok(live),
@@ -428,9 +435,18 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 impl LiveVm {
-    fn new(sandbox: &str, port: u16, session: Session) -> io::Result<LiveVm> {
+    fn new(sandbox: &str, port: u16, session: Session, egress: Vec<Rule>) -> io::Result<LiveVm> {
         let (to, from) = session.pipes()?;
         let (restored_tx, restored) = oneshot::channel();
+        // A network the guest had before (a suspend point's) is not resumed: its connections
+        // end, reset, the next time it uses them.
+        let network = match network::start(egress, sandbox) {
+            Ok(network) => Some(network),
+            Err(e) => {
+                tracing::warn!(sandbox, error = %e, "the sandbox's microVM runs without a network");
+                None
+            }
+        };
         let shared = Arc::new(Shared {
             sandbox: sandbox.to_owned(),
             port,
@@ -442,14 +458,30 @@ impl LiveVm {
             failure: OnceLock::new(),
             suspended: Mutex::new(None),
             hook: Mutex::new(Some(restored_tx)),
+            packets: network.as_ref().map(|n| n.from_guest.clone()),
         });
         let from = pipe::Receiver::from_owned_fd(from)?;
         let pump = tokio::spawn(pump(shared.clone(), from));
+        let network = network.map(|network| {
+            let network::GuestNetwork {
+                network, mut to_guest, ..
+            } = network;
+            let shared = shared.clone();
+            let forward = tokio::spawn(async move {
+                while let Some(packet) = to_guest.recv().await {
+                    if shared.send_frame(FrameKind::Packet, packet).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            (network, forward)
+        });
         Ok(LiveVm {
             handle: VmHandle { shared },
             session: Mutex::new(Some(session)),
             pump,
             restored: Mutex::new(Some(restored)),
+            network,
         })
     }
 
@@ -590,6 +622,9 @@ impl LiveVm {
 impl Drop for LiveVm {
     fn drop(&mut self) {
         self.pump.abort();
+        if let Some((_, forward)) = &self.network {
+            forward.abort();
+        }
         // Killing and reaping a helper blocks for a moment: not on an async thread.
         let session = self.session.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let (Some(session), Ok(runtime)) = (session, tokio::runtime::Handle::try_current()) {
@@ -680,6 +715,13 @@ fn guest_frame(shared: &Shared, frame: Frame) {
         let text = String::from_utf8_lossy(&frame.payload);
         for line in text.lines() {
             tracing::info!(sandbox = %shared.sandbox, "{line}");
+        }
+        return;
+    }
+    if frame.kind == FrameKind::Packet {
+        // IP: a packet the stack has no room for is dropped, and TCP sends it again.
+        if let Some(packets) = &shared.packets {
+            let _ = packets.try_send(frame.payload);
         }
         return;
     }

@@ -110,9 +110,21 @@ impl Rule {
     }
 
     fn matches(&self, https: bool, host: &Host, port: u16) -> bool {
-        if self.https != https || self.port != port {
-            return false;
-        }
+        self.https == https && self.port == port && self.names(host)
+    }
+
+    /// Whether a raw TCP connection (a microVM's: no scheme) to `host` — an address, or a name
+    /// the guest resolved through Kiln — on `port` matches this entry.
+    pub fn allows_tcp(&self, host: &str, port: u16) -> bool {
+        self.port == port && self.names(&Host::of(host))
+    }
+
+    /// Whether this entry names `name` (on any port): a name the guest may resolve.
+    pub fn names_host(&self, name: &str) -> bool {
+        self.names(&Host::of(name))
+    }
+
+    fn names(&self, host: &Host) -> bool {
         match (&self.host, host) {
             (HostPattern::Exact(rule), Host::Name(name)) => rule == name,
             (HostPattern::Subdomains(suffix), Host::Name(name)) => name
