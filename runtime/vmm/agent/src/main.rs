@@ -61,6 +61,7 @@ enum Channel {
     /// one exit each, instead of `rep outsb`.
     Port {
         bulk: bool,
+        landing: Landing,
     },
 }
 
@@ -74,7 +75,10 @@ impl Channel {
             if unsafe { libc::ioperm(PORT.into(), 9, 1) } != 0 {
                 return Err(io::Error::last_os_error());
             }
-            return Ok(Channel::Port { bulk: false });
+            return Ok(Channel::Port {
+                bulk: false,
+                landing: Landing::new(),
+            });
         }
         let file = File::options().read(true).write(true).open(spec)?;
         // SAFETY: `termios` is plain data; tcgetattr fills it for a valid fd.
@@ -92,9 +96,8 @@ impl Channel {
     fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
         match self {
             Channel::Serial(f) => f.read_exact(buf),
-            Channel::Port { .. } => {
+            Channel::Port { landing, .. } => {
                 // Through a landing buffer whose pages cannot move or fault (see `Landing`).
-                let landing = LANDING.get_or_init(Landing::new);
                 for chunk in buf.chunks_mut(LANDING_BYTES) {
                     let bytes = &mut landing.bytes()[..chunk.len()];
                     prefault(bytes);
@@ -109,11 +112,11 @@ impl Channel {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         match self {
             Channel::Serial(f) => f.write_all(buf).and_then(|()| f.flush()),
-            Channel::Port { bulk: false } => {
+            Channel::Port { bulk: false, .. } => {
                 port_write(buf);
                 Ok(())
             }
-            Channel::Port { bulk: true } => {
+            Channel::Port { bulk: true, .. } => {
                 // The host reads the bytes through our page tables: every page must be mapped.
                 // A frame's buffer was just written whole; touching each page makes sure.
                 touch(buf);
@@ -125,7 +128,7 @@ impl Channel {
 
     /// From now on frames go out through the bulk doorbell (the host's session loop serves it).
     fn use_bulk(&mut self) {
-        if let Channel::Port { bulk } = self {
+        if let Channel::Port { bulk, .. } = self {
             *bulk = true;
         }
     }
@@ -174,14 +177,9 @@ const LANDING_BYTES: usize = 256 << 10;
 /// pages first is not enough where the kernel may move them meanwhile — compaction migrating them,
 /// or khugepaged collapsing them into a huge page (THP is `always` in Debian's cloud kernel).
 /// Locked, unmigratable (`compact_unevictable_allowed = 0`) and `MADV_NOHUGEPAGE`, these stay put.
+/// Owned by the channel, so only its `&mut` borrow reaches the bytes; never unmapped (the agent is
+/// PID 1 and keeps its channel for life).
 struct Landing(*mut u8);
-
-// SAFETY: the mapping is used by one thread at a time (the agent's channel has one owner).
-unsafe impl Send for Landing {}
-// SAFETY: as above.
-unsafe impl Sync for Landing {}
-
-static LANDING: std::sync::OnceLock<Landing> = std::sync::OnceLock::new();
 
 impl Landing {
     fn new() -> Landing {
@@ -206,10 +204,9 @@ impl Landing {
         }
     }
 
-    #[allow(clippy::mut_from_ref)]
-    fn bytes(&self) -> &mut [u8] {
-        // SAFETY: the mapping is LANDING_BYTES long and lives as long as the process; only the
-        // channel's single owner calls this, one borrow at a time.
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is LANDING_BYTES long, private to this value and never unmapped;
+        // `&mut self` makes this the only borrow of it.
         unsafe { std::slice::from_raw_parts_mut(self.0, LANDING_BYTES) }
     }
 }
