@@ -181,18 +181,10 @@ impl From<ConnectorError> for Problem {
             ConnectorError::Invalid(message) => Problem::new(ErrorCode::InvalidRequest, message),
             e @ ConnectorError::NotFound(_) => Problem::new(ErrorCode::NotFound, e.to_string()),
             e @ ConnectorError::Exists(_) => Problem::new(ErrorCode::Conflict, e.to_string()),
-            ConnectorError::InUse { name, uses } => {
-                let mut problem = Problem::new(
-                    ErrorCode::Conflict,
-                    ConnectorError::InUse {
-                        name,
-                        uses: uses.clone(),
-                    }
-                    .to_string(),
-                );
-                problem
-                    .details
-                    .insert("used_by".into(), serde_json::to_value(uses).expect("uses serialise"));
+            ConnectorError::InUse { ref uses, .. } => {
+                let used_by = serde_json::to_value(uses).expect("uses serialise");
+                let mut problem = Problem::new(ErrorCode::Conflict, e.to_string());
+                problem.details.insert("used_by".into(), used_by);
                 problem
             }
             e @ ConnectorError::Store(_) => Problem::internal(e),
