@@ -38,7 +38,8 @@ pub struct ConnectorSpec {
     #[serde(default)]
     #[schema(value_type = Vec<String>)]
     pub allow_private: Vec<IpNet>,
-    /// Whether UDP may leave a microVM through this connector (DNS is Kiln's own either way).
+    /// Whether a microVM's datagrams may go to the same hosts and ports too (DNS is Kiln's own
+    /// either way; Wasm guests have no UDP).
     #[serde(default)]
     pub udp: bool,
 }
@@ -118,13 +119,14 @@ impl ConnectorSpec {
         Ok(())
     }
 
-    /// The connector's egress rules: its hosts, each reachable on its private ranges.
+    /// The connector's egress rules: its hosts, each reachable on its private ranges (and over
+    /// UDP too when it says so).
     pub fn rules(&self) -> Vec<Rule> {
         let private: Arc<[IpNet]> = self.allow_private.clone().into();
         self.allowed_hosts
             .iter()
             .filter_map(|entry| Rule::parse(entry).ok())
-            .map(|rule| rule.reaching(private.clone()))
+            .map(|rule| rule.reaching(private.clone()).with_udp(self.udp))
             .collect()
     }
 }

@@ -16,7 +16,7 @@ pub struct Config {
     /// The guest's default route. The stack answers for every address, so the gateway is just the
     /// address the guest sends everything to.
     pub gateway: Ipv4Addr,
-    /// The only address UDP may reach (port 53); the guest's resolv.conf names it.
+    /// Kiln's resolver (port 53); the guest's resolv.conf names it.
     pub dns: Ipv4Addr,
     /// The largest IP packet either way, as configured on the guest's interface. It sets the MSS the
     /// stack announces, so TCP never needs fragments.

@@ -6,10 +6,13 @@
 //!     │ IPv4 packets, relayed by the agent over its frame channel
 //!     ▼
 //!  Stack ── SYN to (ip, port) ──► policy ──► Deny: RST at once
-//!     │                                  └─► Allow(addr): socket on exactly (ip, port), SYN|ACK held
-//!     │ TCP bytes ◄──► relay task ◄──► tokio TcpStream to addr (SYN|ACK sent once it connects)
+//!     │                                  ├─► Allow(addr): socket on exactly (ip, port), SYN|ACK held
+//!     │                                  └─► Serve(service): the same, answered in-process
+//!     │ TCP bytes ◄──► relay task ◄──► tokio TcpStream to addr (SYN|ACK sent once it connects),
+//!     │                               or an in-memory pipe to the service
 //!     │ UDP to 10.0.2.3:53 ──► DNS callback ──► answer from 10.0.2.3:53
-//!     └ any other UDP, ICMP, other protocols, fragments, spoofed sources: counted and dropped
+//!     │ other UDP ──► policy ──► Allow(addr): sent from a host socket of its flow, answers back
+//!     └ denied UDP, ICMP, other protocols, fragments, spoofed sources: counted and dropped
 //! ```
 //!
 //! Why each choice:
@@ -24,8 +27,10 @@
 //!   SYN|ACK waits until the upstream connect succeeds, so an unreachable upstream is also a refused
 //!   connect, never a connection that opens and then drops.
 //! - **DNS only through Kiln.** UDP to the DNS address, port 53, goes to a callback (Kiln's resolver,
-//!   under the same policy); every other datagram is dropped and counted: no UDP egress, no DNS to
-//!   outside servers, no tunnelling over UDP. ICMP is not forwarded (no ping, no traceroute).
+//!   under the same policy). Every other datagram asks the policy too, and is dropped and counted
+//!   unless allowed: then it leaves from a host socket connected to the target, one per flow
+//!   (guest port → destination; at most 64, closed after 60 s of silence), so only the target's
+//!   answers come back. ICMP is not forwarded (no ping, no traceroute).
 //! - **Restore resets.** A restored VM's TCP state is a copy from the past; resuming it against fresh
 //!   upstream sockets would corrupt both streams. [`Network::reset_all`] (or a new [`Network`]) resets
 //!   every old connection towards the guest and closes its upstream; a connection the RSTs miss is reset
@@ -46,4 +51,6 @@ mod stack;
 
 pub use config::{Config, ConfigError};
 pub use network::Network;
-pub use stack::{ConnId, Connection, ConnectionError, Decision, DnsQuery, Event, Stack, Stats};
+pub use stack::{
+    ConnId, Connection, ConnectionError, Datagram, Decision, DnsQuery, Event, Protocol, Service, Stack, Stats, Target,
+};

@@ -11,7 +11,7 @@ use smoltcp::wire::{
     UdpRepr,
 };
 
-/// The well-known DNS port, the only UDP port the guest can reach.
+/// The well-known DNS port: UDP to it at the DNS address is Kiln's resolver's.
 pub(crate) const DNS_PORT: u16 = 53;
 
 /// A guest packet's fate.
@@ -27,6 +27,12 @@ pub(crate) enum Class {
     Tcp,
     /// A datagram to the DNS address, port 53.
     Dns,
+    /// Any other datagram: the policy decides whether it is forwarded.
+    Udp {
+        guest: SocketAddrV4,
+        dest: SocketAddrV4,
+        payload: Vec<u8>,
+    },
     Drop(Dropped),
 }
 
@@ -36,8 +42,6 @@ pub(crate) enum Dropped {
     Malformed,
     /// A source address other than the guest's: the guest has exactly one address.
     Spoofed,
-    /// UDP anywhere but the DNS address.
-    Udp,
     Icmp,
     /// Any other IP protocol.
     Protocol,
@@ -88,8 +92,14 @@ pub(crate) fn classify(packet: &[u8], guest_ip: Ipv4Address, dns_ip: Ipv4Address
             };
             if dst == dns_ip && udp.dst_port == DNS_PORT {
                 Class::Dns
+            } else if udp.dst_port == 0 {
+                Class::Drop(Dropped::Malformed)
             } else {
-                Class::Drop(Dropped::Udp)
+                Class::Udp {
+                    guest: SocketAddrV4::new(ip.src_addr, udp.src_port),
+                    dest: SocketAddrV4::new(dst, udp.dst_port),
+                    payload: datagram.payload().to_vec(),
+                }
             }
         }
         IpProtocol::Icmp => Class::Drop(Dropped::Icmp),
@@ -134,6 +144,34 @@ pub(crate) fn reset(guest: SocketAddrV4, dest: SocketAddrV4, ack: TcpSeqNumber) 
     buffer
 }
 
+/// A datagram from `from` to the guest at `to`.
+pub(crate) fn datagram(from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let udp = UdpRepr {
+        src_port: from.port(),
+        dst_port: to.port(),
+    };
+    let ip = Ipv4Repr {
+        src_addr: *from.ip(),
+        dst_addr: *to.ip(),
+        next_header: IpProtocol::Udp,
+        payload_len: udp.header_len() + payload.len(),
+        hop_limit: 64,
+    };
+    let checksums = ChecksumCapabilities::default();
+    let mut buffer = vec![0; ip.buffer_len() + ip.payload_len];
+    let mut ip_packet = Ipv4Packet::new_unchecked(&mut buffer);
+    ip.emit(&mut ip_packet, &checksums);
+    udp.emit(
+        &mut UdpPacket::new_unchecked(ip_packet.payload_mut()),
+        &IpAddress::Ipv4(ip.src_addr),
+        &IpAddress::Ipv4(ip.dst_addr),
+        payload.len(),
+        |buf| buf.copy_from_slice(payload),
+        &checksums,
+    );
+    buffer
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,6 +190,33 @@ mod tests {
         assert_eq!(tcp.control, TcpControl::Rst);
         assert_eq!(tcp.ack_number, Some(TcpSeqNumber(1001)));
         assert_eq!((tcp.src_port, tcp.dst_port), (80, 40000));
+    }
+
+    #[test]
+    fn a_datagram_for_the_guest_parses_back_with_its_payload() {
+        let guest = SocketAddrV4::new(Ipv4Address::new(10, 0, 2, 15), 5000);
+        let from = SocketAddrV4::new(Ipv4Address::new(192, 0, 2, 1), 443);
+        let bytes = datagram(from, guest, b"quic?");
+        let ip_packet = Ipv4Packet::new_checked(&bytes[..]).unwrap();
+        let checksums = ChecksumCapabilities::default();
+        let ip = Ipv4Repr::parse(&ip_packet, &checksums).unwrap();
+        assert_eq!((ip.src_addr, ip.dst_addr), (*from.ip(), *guest.ip()));
+        let udp = UdpPacket::new_checked(ip_packet.payload()).unwrap();
+        UdpRepr::parse(&udp, &ip.src_addr.into(), &ip.dst_addr.into(), &checksums).unwrap();
+        assert_eq!(
+            (udp.src_port(), udp.dst_port(), udp.payload()),
+            (443, 5000, &b"quic?"[..])
+        );
+        // The same shape from the guest is classified as a datagram to forward, payload intact.
+        let out = datagram(guest, from, b"hello");
+        assert_eq!(
+            classify(&out, *guest.ip(), Ipv4Address::new(10, 0, 2, 3)),
+            Class::Udp {
+                guest,
+                dest: from,
+                payload: b"hello".to_vec()
+            }
+        );
     }
 
     #[test]

@@ -11,47 +11,118 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::hash::BuildHasher;
 use std::net::{SocketAddr, SocketAddrV4};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use smoltcp::iface::{self, Interface, PollIngressSingleResult, SocketHandle, SocketSet};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint, TcpSeqNumber};
+use tokio::io::DuplexStream;
 
 use crate::config::{Config, ConfigError};
 use crate::device::QueueDevice;
 use crate::packet::{self, Class, Dropped};
 
 /// The policy's answer for a destination the guest wants to connect to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
     /// Connect, on the host, to this address. Usually the destination itself; a test (or a future
     /// redirect) may name another.
     Allow(SocketAddr),
+    /// Serve it on the host, in-process: nothing is dialled, the service gets the connection's bytes.
+    Serve(Service),
     /// Refuse: the guest's connect fails at once with "connection refused".
     Deny,
 }
 
-/// Decides each new connection by its guest-visible destination. It runs on the packet path with the
-/// stack locked, so it must be quick: a lookup, never I/O.
-type Policy = Box<dyn Fn(SocketAddrV4) -> Decision + Send>;
+/// What an allowed connection reaches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A socket the host connects to.
+    Connect(SocketAddr),
+    /// An in-process service.
+    Serve(Service),
+}
+
+/// An in-process endpoint a guest can connect to (say, Kiln's own `kiln.internal`): called once
+/// per connection with the host's end of it; the connection lasts until both the future ends and
+/// the guest closes (dropping the stream closes the service's side).
+#[derive(Clone)]
+pub struct Service(Arc<ServeFn>);
+
+type ServeFn = dyn Fn(DuplexStream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync;
+
+impl Service {
+    pub fn new<F, Fut>(serve: F) -> Service
+    where
+        F: Fn(DuplexStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        Service(Arc::new(move |stream| Box::pin(serve(stream))))
+    }
+
+    pub fn serve(&self, stream: DuplexStream) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        (self.0)(stream)
+    }
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Service")
+    }
+}
+
+/// The same service, not one that behaves alike.
+impl PartialEq for Service {
+    fn eq(&self, other: &Service) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Service {}
+
+/// What the guest is sending to a destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// A new TCP connection (its SYN).
+    Tcp,
+    /// A UDP datagram (not to the DNS address's port 53, which is Kiln's resolver's).
+    Udp,
+}
+
+/// Decides each new connection and each datagram by its guest-visible destination. It runs on the
+/// packet path with the stack locked, so it must be quick: a lookup, never I/O.
+type Policy = Box<dyn Fn(Protocol, SocketAddrV4) -> Decision + Send>;
 
 /// Identifies one guest connection for its whole life; never reused within a stack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(u64);
 
 /// A connection the policy allowed, waiting for the caller to reach `target`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Connection {
     pub id: ConnId,
     /// The guest's end (its address and ephemeral port).
     pub guest: SocketAddrV4,
     /// The destination as the guest sees it.
     pub dest: SocketAddrV4,
-    /// Where the policy said to connect.
+    /// What the policy said it reaches.
+    pub target: Target,
+}
+
+/// A datagram the policy allowed, to be sent from the host to `target`; answers come back to the
+/// guest with [`Stack::datagram_to_guest`], from `dest`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Datagram {
+    pub guest: SocketAddrV4,
+    pub dest: SocketAddrV4,
     pub target: SocketAddr,
+    pub payload: Vec<u8>,
 }
 
 /// A DNS query from the guest, to be answered with [`Stack::dns_reply`] to `guest`.
@@ -68,6 +139,8 @@ pub enum Event {
     Connect(Connection),
     /// Answer it (or not: the guest's resolver retries).
     Dns(DnsQuery),
+    /// Send it (or drop it, with [`Stack::datagram_dropped`]: UDP promises nothing).
+    Datagram(Datagram),
     /// The connection is gone (closed, reset, timed out or aborted): drop whatever serves it.
     Closed(ConnId),
 }
@@ -91,8 +164,10 @@ pub struct Stats {
     pub malformed: u64,
     /// From a source address other than the guest's.
     pub spoofed: u64,
-    /// UDP to anywhere but the DNS address.
+    /// Datagrams the policy did not allow, that did not fit, or that found no room.
     pub udp_dropped: u64,
+    /// Datagrams the policy allowed, handed to the caller.
+    pub udp_forwarded: u64,
     pub icmp_dropped: u64,
     /// Other IP protocols.
     pub other_dropped: u64,
@@ -117,6 +192,9 @@ const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// DNS datagrams queued each way in the DNS socket (and their bytes): a burst of lookups, not a stream.
 const DNS_QUEUE: usize = 16;
 const DNS_QUEUE_BYTES: usize = 16 * 1024;
+/// Packets waiting for the guest above which forwarded datagrams for it are dropped: a flood from an
+/// allowed peer costs the host this queue, not memory without end.
+const GUEST_QUEUE: usize = 1024;
 
 struct Conn {
     handle: SocketHandle,
@@ -149,7 +227,7 @@ impl Stack {
     /// A stack for `config`, deciding each new connection with `policy`. `now` starts its clock.
     pub fn new(
         config: Config,
-        policy: impl Fn(SocketAddrV4) -> Decision + Send + 'static,
+        policy: impl Fn(Protocol, SocketAddrV4) -> Decision + Send + 'static,
         now: Instant,
     ) -> Result<Stack, ConfigError> {
         config.validate()?;
@@ -203,7 +281,6 @@ impl Stack {
                 let counter = match why {
                     Dropped::Malformed => &mut self.stats.malformed,
                     Dropped::Spoofed => &mut self.stats.spoofed,
-                    Dropped::Udp => &mut self.stats.udp_dropped,
                     Dropped::Icmp => &mut self.stats.icmp_dropped,
                     Dropped::Protocol => &mut self.stats.other_dropped,
                 };
@@ -212,7 +289,42 @@ impl Stack {
             }
             Class::Tcp | Class::Dns => self.ingest(now, packet),
             Class::Syn { guest, dest, seq } => self.syn(now, packet, guest, dest, seq),
+            Class::Udp { guest, dest, payload } => self.udp(guest, dest, payload),
         }
+    }
+
+    fn udp(&mut self, guest: SocketAddrV4, dest: SocketAddrV4, payload: Vec<u8>) {
+        match (self.policy)(Protocol::Udp, dest) {
+            Decision::Allow(target) => {
+                self.stats.udp_forwarded += 1;
+                self.events.push_back(Event::Datagram(Datagram {
+                    guest,
+                    dest,
+                    target,
+                    payload,
+                }));
+            }
+            // No in-process UDP services: a `Serve` is a TCP endpoint.
+            Decision::Serve(_) | Decision::Deny => {
+                self.stats.udp_dropped += 1;
+                tracing::trace!(%guest, %dest, "datagram dropped by policy");
+            }
+        }
+    }
+
+    /// Sends the guest a datagram from `from` (the destination it wrote to). Dropped, and counted,
+    /// when it does not fit in one packet or too many packets already wait for the guest.
+    pub fn datagram_to_guest(&mut self, from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]) {
+        if payload.len() > self.config.mtu - 28 || self.device.tx.len() >= GUEST_QUEUE {
+            self.stats.udp_dropped += 1;
+            return;
+        }
+        self.device.tx.push_back(packet::datagram(from, to, payload));
+    }
+
+    /// Counts a datagram the caller took but could not send.
+    pub fn datagram_dropped(&mut self) {
+        self.stats.udp_dropped += 1;
     }
 
     fn syn(&mut self, now: Instant, packet: &[u8], guest: SocketAddrV4, dest: SocketAddrV4, seq: TcpSeqNumber) {
@@ -230,13 +342,14 @@ impl Stack {
             tracing::debug!(%guest, %dest, limit = self.config.max_connections, "connection over the limit reset");
             return self.device.tx.push_back(packet::reset(guest, dest, seq));
         }
-        let target = match (self.policy)(dest) {
+        let target = match (self.policy)(Protocol::Tcp, dest) {
             Decision::Deny => {
                 self.stats.tcp_denied += 1;
                 tracing::debug!(%guest, %dest, "connection denied by policy");
                 return self.device.tx.push_back(packet::reset(guest, dest, seq));
             }
-            Decision::Allow(target) => target,
+            Decision::Allow(address) => Target::Connect(address),
+            Decision::Serve(service) => Target::Serve(service),
         };
 
         let size = self.config.buffer_size;

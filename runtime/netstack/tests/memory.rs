@@ -125,7 +125,7 @@ impl Lab {
 #[test]
 fn a_thousand_connections_leave_the_heap_where_it_was() {
     let now = Instant::now();
-    let stack = Stack::new(Config::default(), |_| Decision::Allow(UPSTREAM), now).unwrap();
+    let stack = Stack::new(Config::default(), |_, _| Decision::Allow(UPSTREAM), now).unwrap();
     let mut lab = Lab {
         guest: Guest::new(now),
         stack,

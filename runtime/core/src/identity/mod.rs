@@ -16,6 +16,7 @@
 //! the key ([`keys`] on rotation). Written here rather than with a JWT crate: the encoding is a
 //! few lines, and verification — the part a library gets wrong — is the verifier's.
 
+pub mod endpoint;
 pub mod keys;
 
 use std::sync::Arc;

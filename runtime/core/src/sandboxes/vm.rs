@@ -17,6 +17,7 @@ use super::{Gate, Handle, Instance, Live, SandboxError, Sandboxes, PORT_HEADER};
 use crate::auth::Principal;
 use crate::digest::Digest;
 use crate::function::VersionRecord;
+use crate::identity::Subject;
 use crate::outcome::InvokeError;
 use crate::registry::Entry;
 use crate::tier::microvm::sandbox::{Origin, VmHandle};
@@ -76,11 +77,24 @@ impl Sandboxes {
         let connectors = &self.functions.connectors;
         egress.extend(connectors.rules(&record.config.connectors));
         egress.extend(connectors.rules(&sandbox.settings.connectors));
+        // Its tokens from `kiln.internal` name this sandbox (a fork's, the fork).
+        let identity = self
+            .functions
+            .tiers
+            .wasm
+            .identity(Subject::Sandbox(sandbox.id.clone()), record);
         let vm = self
             .functions
             .tiers
             .microvm
-            .start_sandbox(&sandbox.id, origin, sandbox.settings.ingress_port, &env, egress)
+            .start_sandbox(
+                &sandbox.id,
+                origin,
+                sandbox.settings.ingress_port,
+                &env,
+                egress,
+                identity,
+            )
             .await
             .map_err(|reason| SandboxError::Invoke(InvokeError::failed(reason)))?;
         Ok(Live {

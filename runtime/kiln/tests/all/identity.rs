@@ -14,9 +14,9 @@ use serde_json::{json, Value};
 
 use crate::support::{client, component, Kiln};
 
-const AUDIENCE: &str = "https://api.example.com";
+pub const AUDIENCE: &str = "https://api.example.com";
 
-fn identity_url(audience: &str, extra: &str) -> String {
+pub fn identity_url(audience: &str, extra: &str) -> String {
     let aud: String = audience
         .bytes()
         .map(|b| match b {
@@ -71,7 +71,7 @@ fn jwks(kiln: &Kiln) -> JwkSet {
 
 /// Verifies `token` as a service expecting `audience` from `issuer` would: the signature with the
 /// JWKS key its `kid` names, then `alg`, `iss`, `aud`, `exp` (no leeway) and the required claims.
-fn verify(kiln: &Kiln, issuer: &str, token: &str, audience: &str) -> Result<Value, ErrorKind> {
+pub fn verify(kiln: &Kiln, issuer: &str, token: &str, audience: &str) -> Result<Value, ErrorKind> {
     let header = decode_header(token).map_err(|e| e.into_kind())?;
     assert_eq!(header.alg, Algorithm::EdDSA);
     assert_eq!(header.typ.as_deref(), Some("JWT"));

@@ -2,8 +2,8 @@
 //! `microvm::native_functions_deploy_and_invoke_on_kilns_vmm_where_hardware_virtualization_exists`):
 //! a busybox image deployed, its server started and its ready hook run before the snapshot; exec
 //! buffered and streamed, a shell on a pty over a websocket, files both ways, `busybox httpd`
-//! through ingress, the restore, suspend and terminate hooks, and a snapshot rebuilt where the CPU
-//! key differs.
+//! through ingress, the restore, suspend and terminate hooks, the guest's network and identity
+//! (and both after a resume and in a fork), and a snapshot rebuilt where the CPU key differs.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -16,14 +16,16 @@ use serde_json::json;
 use crate::support::{busybox_rootfs, Kiln};
 
 /// The guest's network, as a program that knows nothing of Kiln uses it: plain `busybox wget`
-/// reaches the one host server its connector allows and is refused at once elsewhere; UDP does
-/// not leave; names resolve only through Kiln (10.0.2.3), under the same policy.
+/// reaches the one host server its connector allows and is refused at once elsewhere; UDP leaves
+/// only for the connector's (`"udp": true`) host and port, and its answers come back; names
+/// resolve only through Kiln (10.0.2.3), under the same policy.
 fn network(
     kiln: &Kiln,
     exec: &dyn Fn(&[&str]) -> serde_json::Value,
     allowed: u16,
     denied: u16,
     udp: &std::net::UdpSocket,
+    udp_echo: u16,
 ) {
     let fetched = exec(&[
         "busybox",
@@ -62,16 +64,31 @@ fn network(
         started.elapsed() < Duration::from_secs(20),
         "a denied connect must fail fast"
     );
+    // busybox's `nc` has no UDP; its `nslookup` sends datagrams to any server and port.
     let port = udp.local_addr().unwrap().port();
     let sent = exec(&[
         "sh",
         "-c",
-        &format!("echo leak | busybox nc -u -w 1 10.0.2.2 {port}; echo sent"),
+        &format!("busybox timeout 10 busybox nslookup leak.example 10.0.2.2:{port}; echo sent"),
     ]);
     assert!(sent["stdout"].as_str().unwrap().contains("sent"), "{sent}");
+    assert!(
+        !sent["stdout"].as_str().unwrap().contains("NXDOMAIN"),
+        "an answer came back: {sent}"
+    );
     udp.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     let mut buf = [0u8; 64];
     assert!(udp.recv_from(&mut buf).is_err(), "a datagram left the guest");
+    // To the connector's UDP entry it goes, and the answer (the test server's NXDOMAIN) returns.
+    let answered = exec(&[
+        "sh",
+        "-c",
+        &format!("busybox timeout 20 busybox nslookup through.example 10.0.2.2:{udp_echo}; true"),
+    ]);
+    assert!(
+        answered["stdout"].as_str().unwrap().contains("NXDOMAIN"),
+        "UDP through the connector: {answered}"
+    );
     // The agent loaded the network's module and then closed module loading for good.
     let disabled = exec(&["cat", "/proc/sys/kernel/modules_disabled"]);
     assert_eq!(disabled["stdout"], "1\n", "{disabled}");
@@ -81,6 +98,101 @@ fn network(
     assert_ne!(lookup["exit_code"], 0, "{lookup}");
     let said = format!("{}{}", lookup["stdout"], lookup["stderr"]);
     assert!(said.contains("10.0.2.3"), "the answer is Kiln's: {said}");
+}
+
+/// The claims of a token the guest fetched from `http://kiln.internal/identity` (by name, through
+/// Kiln's DNS) with plain `busybox wget`, verified against the JWKS with `jsonwebtoken`, with every
+/// claim checked against what the sandbox is.
+fn identity(kiln: &Kiln, exec: &dyn Fn(&[&str]) -> serde_json::Value, sandbox: &str, digest: &str) {
+    let url = crate::identity::identity_url(crate::identity::AUDIENCE, "&ttl=600");
+    let fetched = exec(&["busybox", "wget", "-q", "-O", "-", &url]);
+    assert_eq!(fetched["exit_code"], 0, "{fetched}");
+    let answer: serde_json::Value = serde_json::from_str(fetched["stdout"].as_str().unwrap()).unwrap();
+    let token = answer["token"].as_str().unwrap();
+    let claims = crate::identity::verify(kiln, &kiln.url(""), token, crate::identity::AUDIENCE)
+        .unwrap_or_else(|e| panic!("the guest's token does not verify: {e:?}"));
+    assert_eq!(claims["sub"], format!("sandbox:{sandbox}"), "{claims}");
+    assert_eq!(
+        (
+            claims["function"].as_str(),
+            claims["version"].as_u64(),
+            claims["digest"].as_str()
+        ),
+        (Some("busybox"), Some(1), Some(digest)),
+        "{claims}"
+    );
+    let (issued, expires) = (claims["iat"].as_u64().unwrap(), claims["exp"].as_u64().unwrap());
+    assert_eq!(expires - issued, 600, "{claims}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(issued.abs_diff(now) < 120, "iat {issued}, now {now}");
+    // Only port 80 of kiln.internal is Kiln's; a bad request is the API's error.
+    let other = exec(&["busybox", "wget", "-q", "-O", "-", "http://kiln.internal:8080/identity"]);
+    assert!(other["stderr"].as_str().unwrap().contains("refused"), "{other}");
+    let bad = exec(&["sh", "-c", "busybox wget -O - http://kiln.internal/identity 2>&1; true"]);
+    assert!(bad["stdout"].as_str().unwrap().contains("400"), "{bad}");
+}
+
+/// A connection the guest opened before a suspend does not survive it: the host's end closes
+/// when the VM stops, a resume opens no connection again, and the guest's next send on the old
+/// one is reset. `held` is a host listener its connector allows; the guest holds a `busybox nc`
+/// to it, fed from a FIFO.
+fn hold_connection(exec: &dyn Fn(&[&str]) -> serde_json::Value, held: &std::net::TcpListener) -> TcpStream {
+    let port = held.local_addr().unwrap().port();
+    let script = format!(
+        "mkfifo /tmp/in\n\
+         busybox sleep 600 > /tmp/in 2>/dev/null < /dev/null &\n\
+         (busybox nc 10.0.2.2 {port} < /tmp/in > /dev/null 2>&1; echo ended $? > /tmp/held) > /dev/null 2>&1 < /dev/null &\n\
+         echo started"
+    );
+    let started = exec(&["sh", "-c", &script]);
+    assert_eq!(started["stdout"], "started\n", "{started}");
+    held.set_nonblocking(false).unwrap();
+    let (mut stream, _) = held.accept().unwrap();
+    // Both ends live: a byte from the host reaches the guest's nc, and it has not ended.
+    stream.write_all(b"x").unwrap();
+    let alive = exec(&[
+        "sh",
+        "-c",
+        "busybox sleep 1; test -e /tmp/held && cat /tmp/held || echo alive",
+    ]);
+    assert_eq!(alive["stdout"], "alive\n", "{alive}");
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    held.set_nonblocking(true).unwrap();
+    stream
+}
+
+fn connection_was_reset(
+    exec: &dyn Fn(&[&str]) -> serde_json::Value,
+    held: &std::net::TcpListener,
+    mut host_end: TcpStream,
+) {
+    match host_end.read(&mut [0u8; 16]) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the host's end of a suspended guest's connection is still open: {other:?}"),
+    }
+    // Read-write, so the open never waits for a reader: `nc` may have ended already.
+    let wrote = exec(&["sh", "-c", "echo hello 1<>/tmp/in; echo wrote"]);
+    assert_eq!(wrote["stdout"], "wrote\n", "{wrote}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ended = exec(&["sh", "-c", "cat /tmp/held 2>/dev/null; true"]);
+        if ended["stdout"].as_str().unwrap().starts_with("ended") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest's old connection was not reset after the resume"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    match held.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("a resume opened a connection again: {other:?}"),
+    }
 }
 
 /// The busybox image of these tests: `httpd` serving `/www` on 8080, every hook marking `/marks`.
@@ -121,6 +233,7 @@ pub fn images_exec_shell_files_and_hooks(kiln: Kiln, data: &Path, args: &[&str])
     let body: serde_json::Value = response.json().unwrap();
     assert_eq!(status, 201, "{body}\n{}", crate::microvm::tail(&kiln.log(), 6000));
     assert_eq!(body["kind"], "image", "{body}");
+    let digest = body["digest"].as_str().unwrap().to_owned();
     eprintln!(
         "busybox image deployed (boot, ready hook, snapshot) in {:?}",
         started.elapsed()
@@ -140,7 +253,27 @@ pub fn images_exec_shell_files_and_hooks(kiln: Kiln, data: &Path, args: &[&str])
     let denied_port = closed.local_addr().unwrap().port();
     drop(closed);
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let connector = json!({"name": "host-web", "allowed_hosts": [format!("http://127.0.0.1:{upstream}")]});
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let held_port = held.local_addr().unwrap().port();
+    let udp_echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp_echo_port = udp_echo.local_addr().unwrap().port();
+    // Answers every DNS query NXDOMAIN: something busybox in the guest can send and understand.
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = udp_echo.recv_from(&mut buf) {
+            if n < 12 {
+                continue;
+            }
+            buf[2] |= 0x80;
+            buf[3] = (buf[3] & 0xf0) | 3;
+            let _ = udp_echo.send_to(&buf[..n], from);
+        }
+    });
+    let connector = json!({"name": "host-web", "udp": true, "allowed_hosts": [
+        format!("http://127.0.0.1:{upstream}"),
+        format!("http://127.0.0.1:{held_port}"),
+        format!("http://127.0.0.1:{udp_echo_port}"),
+    ]});
     assert_eq!(post(&kiln, "/v1/connectors", connector).status(), 201);
     let response = post(
         &kiln,
@@ -195,7 +328,8 @@ pub fn images_exec_shell_files_and_hooks(kiln: Kiln, data: &Path, args: &[&str])
     // The ready hook ran once at the build; the restore hook once when the sandbox started.
     assert_eq!(exec(&["cat", "/marks"])["stdout"], "ready\nrestore\n");
 
-    network(&kiln, &exec, upstream, denied_port, &udp);
+    network(&kiln, &exec, upstream, denied_port, &udp, udp_echo_port);
+    identity(&kiln, &exec, &id, &digest);
 
     // A streamed exec of 10 MiB arrives whole and in order: random bytes made in the guest
     // (cheap to make there, unlike 10 MiB of text under nested emulation), streamed as SSE, and
@@ -291,12 +425,40 @@ pub fn images_exec_shell_files_and_hooks(kiln: Kiln, data: &Path, args: &[&str])
     assert_eq!(response.status(), 200);
     assert_eq!(response.text().unwrap(), "served by busybox httpd\n");
 
-    // Suspend runs the suspend hook; resume the restore hook again.
+    // Suspend runs the suspend hook; resume the restore hook again. A connection open across
+    // them is reset, and the resumed guest's tokens still name it.
+    let host_end = hold_connection(&exec, &held);
     let response = post(&kiln, &format!("/v1/sandboxes/{id}/suspend"), json!({}));
     assert_eq!(response.status(), 200, "{}", response.text().unwrap());
     let response = post(&kiln, &format!("/v1/sandboxes/{id}/resume"), json!({}));
     assert_eq!(response.status(), 200, "{}", response.text().unwrap());
     assert_eq!(exec(&["cat", "/marks"])["stdout"], "ready\nrestore\nsuspend\nrestore\n");
+    connection_was_reset(&exec, &held, host_end);
+    identity(&kiln, &exec, &id, &digest);
+
+    // A fork is a sandbox of its own: its tokens name it, not its source.
+    let response = post(&kiln, &format!("/v1/sandboxes/{id}/fork"), json!({"count": 1}));
+    let status = response.status();
+    let forked: serde_json::Value = response.json().unwrap();
+    assert_eq!(status, 201, "{forked}");
+    let fork = forked["sandboxes"][0]["id"].as_str().unwrap().to_owned();
+    let exec_in_fork = |argv: &[&str]| -> serde_json::Value {
+        let response = post(&kiln, &format!("/v1/sandboxes/{fork}/exec"), json!({ "argv": argv }));
+        let status = response.status();
+        let body: serde_json::Value = response.json().unwrap();
+        assert_eq!(status, 200, "exec {argv:?} in the fork: {body}");
+        body
+    };
+    identity(&kiln, &exec_in_fork, &fork, &digest);
+    let response = http
+        .delete(kiln.url(&format!("/v1/sandboxes/{fork}")))
+        .bearer_auth(&kiln.token)
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // Forking suspended the source; it runs again for its terminate hook below.
+    let response = post(&kiln, &format!("/v1/sandboxes/{id}/resume"), json!({}));
+    assert_eq!(response.status(), 200, "{}", response.text().unwrap());
     // Terminate runs the terminate hook (its output is in the server's log).
     let response = http
         .delete(kiln.url(&format!("/v1/sandboxes/{id}")))

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_netstack::{Config, Decision, Network};
+use kiln_netstack::{Config, Decision, Network, Protocol, Service};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp::State;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,11 +27,11 @@ struct Vm {
 }
 
 impl Vm {
-    fn start(policy: impl Fn(SocketAddrV4) -> Decision + Send + 'static) -> Vm {
+    fn start(policy: impl Fn(Protocol, SocketAddrV4) -> Decision + Send + 'static) -> Vm {
         Vm::with_dns(policy, |_| async { None })
     }
 
-    fn with_dns<D, F>(policy: impl Fn(SocketAddrV4) -> Decision + Send + 'static, dns: D) -> Vm
+    fn with_dns<D, F>(policy: impl Fn(Protocol, SocketAddrV4) -> Decision + Send + 'static, dns: D) -> Vm
     where
         D: Fn(Vec<u8>) -> F + Send + Sync + 'static,
         F: std::future::Future<Output = Option<Vec<u8>>> + Send + 'static,
@@ -146,8 +146,8 @@ async fn echo_server() -> Echo {
 }
 
 /// SITE:80 is the echo server; everything else is denied.
-fn web(server: SocketAddr) -> impl Fn(SocketAddrV4) -> Decision + Send + 'static {
-    move |dest| {
+fn web(server: SocketAddr) -> impl Fn(Protocol, SocketAddrV4) -> Decision + Send + 'static {
+    move |_, dest| {
         if dest == SocketAddrV4::new(SITE, 80) {
             Decision::Allow(server)
         } else {
@@ -173,6 +173,43 @@ async fn a_mebibyte_goes_to_an_allowed_server_and_comes_back_intact() {
     assert!(matches!(vm.guest.tcp(handle).state(), State::TimeWait | State::Closed));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_destination_is_answered_in_process_and_nothing_is_dialled() {
+    // The service echoes, then ends when the guest closes; `served` counts connections it saw
+    // and `ended` the ones whose stream it saw closed.
+    let (served, ended) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let service = {
+        let (served, ended) = (served.clone(), ended.clone());
+        Service::new(move |stream: tokio::io::DuplexStream| {
+            served.fetch_add(1, Ordering::SeqCst);
+            let ended = ended.clone();
+            async move {
+                let (mut reader, mut writer) = tokio::io::split(stream);
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                let _ = writer.shutdown().await;
+                ended.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let mut vm = Vm::start(move |_, dest| {
+        if dest == SocketAddrV4::new(SITE, 80) {
+            Decision::Serve(service.clone())
+        } else {
+            Decision::Deny
+        }
+    });
+    let handle = vm.establish(SocketAddrV4::new(SITE, 80)).await;
+    let data: Vec<u8> = (0..256 * 1024).map(|i| (i * 13 % 251) as u8).collect();
+    let got = vm.echo(handle, &data).await;
+    assert!(got == data, "the service's echo differs from what was sent");
+    vm.guest.tcp(handle).close();
+    vm.until(|_, network| network.unwrap().connections() == 0 && ended.load(Ordering::SeqCst) == 1)
+        .await;
+    assert_eq!(served.load(Ordering::SeqCst), 1);
+    assert_eq!(vm.network().stats().tcp_allowed, 1);
+    assert!(matches!(vm.guest.tcp(handle).state(), State::TimeWait | State::Closed));
+}
+
 #[tokio::test]
 async fn a_denied_port_is_refused_at_once_and_never_reaches_the_host() {
     let server = echo_server().await;
@@ -193,7 +230,7 @@ async fn a_denied_port_is_refused_at_once_and_never_reaches_the_host() {
 #[tokio::test]
 async fn an_allowed_destination_that_refuses_resets_the_guest() {
     let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-    let mut vm = Vm::start(move |_| Decision::Allow(closed));
+    let mut vm = Vm::start(move |_, _| Decision::Allow(closed));
     let handle = vm.guest.connect(SocketAddrV4::new(SITE, 80));
     vm.until(|guest, _| guest.tcp(handle).state() == State::Closed).await;
     vm.until(|_, network| network.unwrap().connections() == 0).await;
@@ -204,9 +241,12 @@ async fn an_allowed_destination_that_refuses_resets_the_guest() {
 async fn udp_to_anywhere_but_dns_goes_nowhere() {
     let listener = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    // Even a policy that allows everything has no UDP to allow.
+    // A policy that allows every TCP connection there, and no datagram.
     let target = listener.local_addr().unwrap();
-    let mut vm = Vm::start(move |_| Decision::Allow(target));
+    let mut vm = Vm::start(move |protocol, _| match protocol {
+        Protocol::Tcp => Decision::Allow(target),
+        Protocol::Udp => Decision::Deny,
+    });
     let socket = vm.guest.udp_bind(5000);
     for dest in [SITE, GATEWAY, DNS] {
         vm.guest
@@ -221,9 +261,52 @@ async fn udp_to_anywhere_but_dns_goes_nowhere() {
 }
 
 #[tokio::test]
+async fn udp_the_policy_allows_goes_out_and_its_answers_come_back_from_where_the_guest_wrote() {
+    // An echo server on the host, reached as SITE:7 over UDP; SITE:8 is denied.
+    let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let target = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0; 2048];
+        loop {
+            let (n, from) = echo.recv_from(&mut buf).await.unwrap();
+            let mut answer = b"echo ".to_vec();
+            answer.extend_from_slice(&buf[..n]);
+            echo.send_to(&answer, from).await.unwrap();
+        }
+    });
+    let mut vm = Vm::start(move |protocol, dest| match (protocol, dest.port()) {
+        (Protocol::Udp, 7) => Decision::Allow(target),
+        _ => Decision::Deny,
+    });
+    let socket = vm.guest.udp_bind(5000);
+    for (port, payload) in [(7, &b"one"[..]), (8, b"denied"), (7, b"two")] {
+        vm.guest
+            .udp(socket)
+            .send_slice(payload, endpoint(SocketAddrV4::new(SITE, port)))
+            .unwrap();
+    }
+    let mut answers = Vec::new();
+    vm.until(|guest, _| {
+        while let Ok((answer, meta)) = guest.udp(socket).recv() {
+            answers.push((answer.to_vec(), meta.endpoint));
+        }
+        answers.len() == 2
+    })
+    .await;
+    answers.sort();
+    let from = endpoint(SocketAddrV4::new(SITE, 7));
+    assert_eq!(
+        answers,
+        vec![(b"echo one".to_vec(), from), (b"echo two".to_vec(), from)]
+    );
+    let stats = vm.network().stats();
+    assert_eq!((stats.udp_forwarded, stats.udp_dropped), (2, 1), "{stats:?}");
+}
+
+#[tokio::test]
 async fn a_dns_query_gets_the_callbacks_answer_from_the_dns_address() {
     let mut vm = Vm::with_dns(
-        |_| Decision::Deny,
+        |_, _| Decision::Deny,
         |query: Vec<u8>| async move {
             let mut answer = b"answer to ".to_vec();
             answer.extend_from_slice(&query);

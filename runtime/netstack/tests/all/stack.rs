@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use kiln_netstack::{Config, ConnId, ConnectionError, Decision, Event, Stack};
+use kiln_netstack::{Config, ConnId, ConnectionError, Decision, Event, Protocol, Stack, Target};
 use smoltcp::socket::tcp::State;
 
 use crate::guest::{endpoint, Guest, DNS, GUEST};
@@ -23,7 +23,7 @@ struct Lab {
 }
 
 impl Lab {
-    fn new(config: Config, policy: impl Fn(SocketAddrV4) -> Decision + Send + 'static) -> Lab {
+    fn new(config: Config, policy: impl Fn(Protocol, SocketAddrV4) -> Decision + Send + 'static) -> Lab {
         let now = Instant::now();
         Lab {
             guest: Guest::new(now),
@@ -35,7 +35,7 @@ impl Lab {
 
     /// Only port 80 of SITE is allowed.
     fn web() -> Lab {
-        Lab::new(Config::default(), |dest: SocketAddrV4| {
+        Lab::new(Config::default(), |_, dest: SocketAddrV4| {
             if dest == SocketAddrV4::new(SITE, 80) {
                 Decision::Allow(UPSTREAM)
             } else {
@@ -119,12 +119,12 @@ fn an_allowed_connection_waits_for_its_upstream_then_carries_bytes_both_ways() {
     let handle = lab.guest.connect(SocketAddrV4::new(SITE, 80));
     lab.step();
     let conn = match lab.events().as_slice() {
-        [Event::Connect(conn)] => *conn,
+        [Event::Connect(conn)] => conn.clone(),
         other => panic!("expected one Connect, got {other:?}"),
     };
     assert_eq!(conn.dest, SocketAddrV4::new(SITE, 80));
     assert_eq!(*conn.guest.ip(), GUEST);
-    assert_eq!(conn.target, UPSTREAM);
+    assert_eq!(conn.target, Target::Connect(UPSTREAM));
 
     // The SYN|ACK is held while the upstream connects.
     for _ in 0..50 {
@@ -201,7 +201,7 @@ fn connections_over_the_limit_are_reset() {
         max_connections: 2,
         ..Config::default()
     };
-    let mut lab = Lab::new(config, |_| Decision::Allow(UPSTREAM));
+    let mut lab = Lab::new(config, |_, _| Decision::Allow(UPSTREAM));
     let handles: Vec<_> = (0..3).map(|_| lab.guest.connect(SocketAddrV4::new(SITE, 80))).collect();
     lab.until(3, |lab| lab.guest.tcp(handles[2]).state() == State::Closed);
     assert_eq!(lab.stack.stats().tcp_over_limit, 1);
@@ -305,7 +305,7 @@ fn random_and_mangled_packets_never_panic() {
             max_connections: 8,
             ..Config::default()
         },
-        |dest: SocketAddrV4| {
+        |_, dest: SocketAddrV4| {
             if dest.port().is_multiple_of(2) {
                 Decision::Allow(UPSTREAM)
             } else {
@@ -367,6 +367,10 @@ fn random_and_mangled_packets_never_panic() {
                         _ => drop(lab.stack.abort(conn.id)),
                     },
                     Event::Dns(query) => lab.stack.dns_reply(query.guest, &query.query),
+                    Event::Datagram(datagram) => {
+                        lab.stack
+                            .datagram_to_guest(datagram.dest, datagram.guest, &datagram.payload)
+                    }
                     Event::Closed(_) => {}
                 }
             }
@@ -383,7 +387,7 @@ fn neither_side_can_push_more_than_the_windows_hold() {
         buffer_size: 16 * 1024,
         ..Config::default()
     };
-    let mut lab = Lab::new(config, |_| Decision::Allow(UPSTREAM));
+    let mut lab = Lab::new(config, |_, _| Decision::Allow(UPSTREAM));
     let (handle, id) = lab.established();
     lab.until(5, |lab| send(&mut lab.stack, id, b"").is_ready());
 

@@ -6,26 +6,39 @@
 //! Raw TCP carries no host name, so a destination is judged by its address and port:
 //! - an address an entry names literally (`http://203.0.113.7:8080`), on the entry's port;
 //! - an address Kiln's resolver gave this guest for a name an entry names, on that entry's port
-//!   (the guest resolves only through Kiln: DNS to 10.0.2.3, answered here; other UDP is
-//!   dropped), and internal addresses only as the wasm tier allows them (literal, or a
-//!   connector's `allow_private` range);
+//!   (the guest resolves only through Kiln: DNS to 10.0.2.3, answered here), and internal
+//!   addresses only as the wasm tier allows them (literal, or a connector's `allow_private` range);
+//! - a datagram goes by the same rules, to an entry of a connector with `"udp": true` only;
 //! - the gateway, 10.0.2.2, stands for the host's own loopback (as in QEMU's user networking):
-//!   `10.0.2.2:P` reaches `127.0.0.1:P` only when an entry names `127.0.0.1:P` literally.
+//!   `10.0.2.2:P` reaches `127.0.0.1:P` only when an entry names `127.0.0.1:P` literally;
+//! - `kiln.internal` always resolves, to 10.0.2.4, whose port 80 Kiln serves in-process — HTTP/1.1,
+//!   `GET /identity?aud=…` as on the Wasm tier (`crate::identity::endpoint`), tokens naming this
+//!   VM's sandbox. Nothing is dialled; other ports there are refused.
 //!
 //! The scheme of an entry does not matter here (an `https://` entry's port is 443): the policy
 //! is about where bytes may go, and the guest speaks what it likes over an allowed connection.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kiln_netstack::{Config, Decision, Network};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use kiln_netstack::{Config, Decision, Network, Protocol, Service};
 use simple_dns::rdata::{RData, A};
 use simple_dns::{Packet, PacketFlag, ResourceRecord, CLASS, QCLASS, QTYPE, RCODE, TYPE};
 use tokio::sync::mpsc;
 
+use crate::identity::{endpoint, Identity};
 use crate::tier::wasm::egress::Rule;
+
+/// Where `kiln.internal` is in every guest's network.
+pub const KILN_INTERNAL: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 4);
+/// The port Kiln serves there.
+const KILN_INTERNAL_PORT: u16 = 80;
 
 /// Time Kiln's resolver gets for one name.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -43,12 +56,14 @@ pub struct GuestNetwork {
     pub to_guest: mpsc::Receiver<Vec<u8>>,
 }
 
-/// Starts the network of a VM whose egress is `rules`.
-pub fn start(rules: Vec<Rule>, sandbox: &str) -> Result<GuestNetwork, String> {
+/// Starts the network of a VM whose egress is `rules`, and whose tokens from `kiln.internal` say
+/// it is `identity`.
+pub fn start(rules: Vec<Rule>, sandbox: &str, identity: Option<Identity>) -> Result<GuestNetwork, String> {
     let policy = Arc::new(Policy {
         rules,
         resolved: Mutex::new(HashMap::new()),
         sandbox: sandbox.to_owned(),
+        internal: kiln_internal(identity),
     });
     let (from_guest, stack_in) = mpsc::channel(QUEUE);
     let (stack_out, to_guest) = mpsc::channel(QUEUE);
@@ -56,7 +71,7 @@ pub fn start(rules: Vec<Rule>, sandbox: &str) -> Result<GuestNetwork, String> {
     let gateway = config.gateway;
     let decide = {
         let policy = policy.clone();
-        move |destination: SocketAddrV4| policy.decide(destination, gateway)
+        move |protocol, destination: SocketAddrV4| policy.decide(protocol, destination, gateway)
     };
     let dns = move |query: Vec<u8>| {
         let policy = policy.clone();
@@ -70,32 +85,72 @@ pub fn start(rules: Vec<Rule>, sandbox: &str) -> Result<GuestNetwork, String> {
     })
 }
 
+/// `kiln.internal` for one VM: an HTTP/1.1 server on each connection, answering as
+/// [`endpoint::respond`] does.
+fn kiln_internal(identity: Option<Identity>) -> Service {
+    let identity = Arc::new(identity);
+    Service::new(move |stream| {
+        let identity = identity.clone();
+        async move {
+            let answer = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let (status, body) = endpoint::respond(identity.as_ref().as_ref(), request.method(), request.uri());
+                let response = hyper::Response::builder()
+                    .status(status)
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .header(http::header::CACHE_CONTROL, "no-store")
+                    .body(Full::new(Bytes::from(body.to_string())))
+                    .expect("static headers are valid");
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), answer)
+                .await;
+            if let Err(error) = served {
+                tracing::debug!(%error, "a kiln.internal connection ended badly");
+            }
+        }
+    })
+}
+
 struct Policy {
     rules: Vec<Rule>,
     /// The names each address was given out for by this VM's resolver.
     resolved: Mutex<HashMap<Ipv4Addr, Vec<String>>>,
     sandbox: String,
+    /// Serves `kiln.internal`.
+    internal: Service,
 }
 
 impl Policy {
-    fn decide(&self, destination: SocketAddrV4, gateway: Ipv4Addr) -> Decision {
+    fn decide(&self, protocol: Protocol, destination: SocketAddrV4, gateway: Ipv4Addr) -> Decision {
         let (ip, port) = (*destination.ip(), destination.port());
+        let allows = |rule: &Rule, host: &str| match protocol {
+            Protocol::Tcp => rule.allows_tcp(host, port),
+            Protocol::Udp => rule.allows_udp(host, port),
+        };
+        if ip == KILN_INTERNAL {
+            return if protocol == Protocol::Tcp && port == KILN_INTERNAL_PORT {
+                Decision::Serve(self.internal.clone())
+            } else {
+                self.denied(destination)
+            };
+        }
         if ip == gateway {
             let loopback = Ipv4Addr::LOCALHOST.to_string();
-            return if self.rules.iter().any(|rule| rule.allows_tcp(&loopback, port)) {
+            return if self.rules.iter().any(|rule| allows(rule, &loopback)) {
                 Decision::Allow(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
             } else {
                 self.denied(destination)
             };
         }
-        let literal = self.rules.iter().any(|rule| rule.allows_tcp(&ip.to_string(), port));
+        let literal = self.rules.iter().any(|rule| allows(rule, &ip.to_string()));
         let by_name = || {
             let resolved = self.resolved.lock().expect("resolved lock poisoned");
             resolved.get(&ip).is_some_and(|names| {
                 names.iter().any(|name| {
                     self.rules
                         .iter()
-                        .any(|rule| rule.allows_tcp(name, port) && rule.may_reach(IpAddr::V4(ip)))
+                        .any(|rule| allows(rule, name) && rule.may_reach(IpAddr::V4(ip)))
                 })
             })
         };
@@ -127,11 +182,17 @@ impl Policy {
             reply.set_flags(PacketFlag::RECURSION_DESIRED);
         }
         reply.questions.push(question.clone());
-        let allowed = !name.is_empty() && self.rules.iter().any(|rule| rule.names_host(&name));
+        let internal = name == endpoint::HOST;
+        let allowed = internal || (!name.is_empty() && self.rules.iter().any(|rule| rule.names_host(&name)));
         if !allowed {
             *reply.rcode_mut() = RCODE::NameError;
         } else if question.qtype == QTYPE::TYPE(TYPE::A) && question.qclass == QCLASS::CLASS(CLASS::IN) {
-            match self.lookup(&name).await {
+            let found = if internal {
+                Some(vec![KILN_INTERNAL])
+            } else {
+                self.lookup(&name).await
+            };
+            match found {
                 Some(addresses) => {
                     for address in addresses {
                         reply.answers.push(ResourceRecord::new(
@@ -181,6 +242,7 @@ mod tests {
             rules: entries.iter().map(|e| Rule::parse(e).unwrap()).collect(),
             resolved: Mutex::new(HashMap::new()),
             sandbox: "sbx_test".into(),
+            internal: kiln_internal(None),
         }
     }
 
@@ -203,7 +265,7 @@ mod tests {
     #[test]
     fn the_gateway_is_the_hosts_loopback_only_where_an_entry_names_it() {
         let policy = policy(&["http://127.0.0.1:8080"]);
-        let to = |ip: Ipv4Addr, port| policy.decide(SocketAddrV4::new(ip, port), gateway());
+        let to = |ip: Ipv4Addr, port| policy.decide(Protocol::Tcp, SocketAddrV4::new(ip, port), gateway());
         assert_eq!(
             to(gateway(), 8080),
             Decision::Allow(SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)))
@@ -234,7 +296,7 @@ mod tests {
         assert!(addresses.contains(&Ipv4Addr::LOCALHOST), "{addresses:?}");
         // Resolved through Kiln: reachable on the entry's port only, and (loopback being
         // internal, named by name not literally) refused all the same.
-        let to = |port| policy.decide(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port), gateway());
+        let to = |port| policy.decide(Protocol::Tcp, SocketAddrV4::new(Ipv4Addr::LOCALHOST, port), gateway());
         assert_eq!(
             to(9000),
             Decision::Deny,
@@ -257,11 +319,106 @@ mod tests {
             rules: vec![Rule::parse("http://localhost:9000").unwrap().reaching(private)],
             resolved: Mutex::new(HashMap::new()),
             sandbox: "sbx_test".into(),
+            internal: kiln_internal(None),
         };
-        let to = |port| policy.decide(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port), gateway());
+        let to = |port| policy.decide(Protocol::Tcp, SocketAddrV4::new(Ipv4Addr::LOCALHOST, port), gateway());
         assert_eq!(to(9000), Decision::Deny, "not resolved through Kiln yet");
         policy.answer(&query("localhost", TYPE::A)).await.unwrap();
         assert_eq!(to(9000), Decision::Allow("127.0.0.1:9000".parse().unwrap()));
         assert_eq!(to(9001), Decision::Deny);
+    }
+
+    #[test]
+    fn datagrams_go_only_where_a_udp_entry_allows_them() {
+        let udp = Rule::parse("http://127.0.0.1:5353").unwrap().with_udp(true);
+        let tcp_only = Rule::parse("http://198.51.100.7:443").unwrap();
+        let policy = Policy {
+            rules: vec![udp, tcp_only],
+            resolved: Mutex::new(HashMap::new()),
+            sandbox: "sbx_test".into(),
+            internal: kiln_internal(None),
+        };
+        let to = |protocol, ip, port| policy.decide(protocol, SocketAddrV4::new(ip, port), gateway());
+        let loopback = Decision::Allow(SocketAddr::from((Ipv4Addr::LOCALHOST, 5353)));
+        assert_eq!(to(Protocol::Udp, gateway(), 5353), loopback);
+        assert_eq!(
+            to(Protocol::Tcp, gateway(), 5353),
+            loopback,
+            "a UDP entry is a TCP one too"
+        );
+        assert_eq!(to(Protocol::Udp, gateway(), 5354), Decision::Deny);
+        let public = Ipv4Addr::new(198, 51, 100, 7);
+        assert_eq!(to(Protocol::Udp, public, 443), Decision::Deny, "no udp on that entry");
+        assert_eq!(
+            to(Protocol::Tcp, public, 443),
+            Decision::Allow(SocketAddr::from((public, 443)))
+        );
+        assert_eq!(to(Protocol::Udp, KILN_INTERNAL, 80), Decision::Deny);
+    }
+
+    #[tokio::test]
+    async fn kiln_internal_resolves_and_is_served_whatever_the_rules() {
+        let policy = policy(&[]);
+        let answer = Packet::parse(&policy.answer(&query("KILN.internal.", TYPE::A)).await.unwrap())
+            .unwrap()
+            .answers
+            .iter()
+            .map(|record| record.rdata.clone().into_owned())
+            .collect::<Vec<_>>();
+        assert_eq!(answer, vec![RData::A(A::from(KILN_INTERNAL))]);
+        let to = |port| policy.decide(Protocol::Tcp, SocketAddrV4::new(KILN_INTERNAL, port), gateway());
+        assert_eq!(to(80), Decision::Serve(policy.internal.clone()));
+        assert_eq!(to(443), Decision::Deny);
+        assert_eq!(to(8080), Decision::Deny);
+    }
+
+    /// One HTTP/1.1 exchange with a `kiln.internal` service, as a guest's `wget` makes it.
+    async fn get(service: &Service, target: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut guest, host) = tokio::io::duplex(64 * 1024);
+        let served = tokio::spawn(service.serve(host));
+        let request = format!("GET {target} HTTP/1.1\r\nHost: kiln.internal\r\nConnection: close\r\n\r\n");
+        guest.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        guest.read_to_string(&mut response).await.unwrap();
+        served.await.unwrap();
+        response
+    }
+
+    #[tokio::test]
+    async fn kiln_internal_issues_tokens_naming_the_vms_sandbox() {
+        use crate::clock::ManualClock;
+        use crate::identity::{Issuer, Subject, Workload};
+        let dir = tempfile::tempdir().unwrap();
+        let issuer = Issuer::open("http://kiln.test", dir.path(), ManualClock::at(1_800_000_000_000)).unwrap();
+        let workload = Workload {
+            subject: Subject::Sandbox("sbx_42".to_owned()),
+            function: "vm".to_owned(),
+            version: 3,
+            digest: "sha256:00".to_owned(),
+        };
+        let service = kiln_internal(Some(Identity::new(Arc::new(issuer), workload)));
+
+        let response = get(&service, "/identity?aud=payments").await;
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        assert!(response.contains("content-type: application/json"), "{response}");
+        let body: serde_json::Value = serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        let claims = body["token"].as_str().unwrap().split('.').nth(1).unwrap().to_owned();
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, claims).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                claims["sub"].as_str(),
+                claims["aud"].as_str(),
+                claims["version"].as_u64()
+            ),
+            (Some("sandbox:sbx_42"), Some("payments"), Some(3))
+        );
+        assert!(get(&service, "/identity").await.starts_with("HTTP/1.1 400 "));
+        assert!(get(&service, "/metadata").await.starts_with("HTTP/1.1 404 "));
+        let nobody = kiln_internal(None);
+        assert!(get(&nobody, "/identity?aud=a").await.starts_with("HTTP/1.1 503 "));
     }
 }

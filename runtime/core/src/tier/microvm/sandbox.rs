@@ -47,6 +47,7 @@ use super::invoke::MicrovmFunction;
 use super::network;
 use super::MicrovmTier;
 use crate::digest::Digest;
+use crate::identity::Identity;
 use crate::outcome::InvokeError;
 use crate::tier::wasm::egress::Rule;
 use crate::tier::wasm::sandbox::IngressBody;
@@ -274,6 +275,7 @@ impl MicrovmTier {
         port: u16,
         env: &[(String, String)],
         egress: Vec<Rule>,
+        identity: Identity,
     ) -> Result<LiveVm, String> {
         let Some(jail) = self.jail.clone() else {
             return Err(self.unavailable());
@@ -301,7 +303,7 @@ impl MicrovmTier {
         })
         .await
         .expect("microVM start task panicked")?;
-        let live = LiveVm::new(id, port, session, egress).map_err(|e| format!("the microVM's pipes: {e}"))?;
+        let live = LiveVm::new(id, port, session, egress, identity).map_err(|e| format!("the microVM's pipes: {e}"))?;
         // The guest answers its SESSION with the restore hook's report (status 0 without one).
         match live.hook_report(None).await {
             Ok(report) if report.status == 0 => Ok(live),
@@ -435,12 +437,12 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 impl LiveVm {
-    fn new(sandbox: &str, port: u16, session: Session, egress: Vec<Rule>) -> io::Result<LiveVm> {
+    fn new(sandbox: &str, port: u16, session: Session, egress: Vec<Rule>, identity: Identity) -> io::Result<LiveVm> {
         let (to, from) = session.pipes()?;
         let (restored_tx, restored) = oneshot::channel();
         // A network the guest had before (a suspend point's) is not resumed: its connections
         // end, reset, the next time it uses them.
-        let network = match network::start(egress, sandbox) {
+        let network = match network::start(egress, sandbox, Some(identity)) {
             Ok(network) => Some(network),
             Err(e) => {
                 tracing::warn!(sandbox, error = %e, "the sandbox's microVM runs without a network");

@@ -1,6 +1,6 @@
 //! Outbound HTTP for guests (`wasi:http/outgoing-handler`): denied unless the destination matches
 //! the function's `allowed_hosts`. Requests to `kiln.internal` never leave the host: they are
-//! answered in-process by [`super::internal`], whatever the policy.
+//! answered in-process by [`crate::identity::endpoint`], whatever the policy.
 //!
 //! The check is made on the request's own scheme, host and port — never on a `Host` header the
 //! guest may have set — and then again on the addresses the host name resolves to: private,
@@ -18,12 +18,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::uri::Scheme;
+use http_body_util::{BodyExt, Full};
 use ipnet::IpNet;
 use tokio::sync::Semaphore;
 use wasmtime_wasi_http::{Error, ForbiddenHeaderFilter, RequestOptions, WasiBody, WasiHttpHooks};
 
-use crate::identity::Identity;
+use crate::identity::{endpoint, Identity};
 
 /// Time to resolve and connect, unless the guest's request options ask for less.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,6 +42,8 @@ pub struct Rule {
     /// Internal ranges the host may resolve into and still be reached (a connector's
     /// `allow_private`); empty for a function's own entries.
     private: Arc<[IpNet]>,
+    /// Datagrams to the same host and port may go too (a connector's `udp`; microVMs only).
+    udp: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,12 +92,18 @@ impl Rule {
             host,
             port,
             private: Arc::new([]),
+            udp: false,
         })
     }
 
     /// The same entry, also reaching the internal addresses in `private`.
     pub fn reaching(self, private: Arc<[IpNet]>) -> Rule {
         Rule { private, ..self }
+    }
+
+    /// The same entry, for UDP as well as TCP.
+    pub fn with_udp(self, udp: bool) -> Rule {
+        Rule { udp, ..self }
     }
 
     /// Whether a request this rule matched may go to `ip`: a public address, one the entry names
@@ -117,6 +127,12 @@ impl Rule {
     /// the guest resolved through Kiln — on `port` matches this entry.
     pub fn allows_tcp(&self, host: &str, port: u16) -> bool {
         self.port == port && self.names(&Host::of(host))
+    }
+
+    /// Whether a datagram (a microVM's) to `host` on `port` matches: as [`Rule::allows_tcp`], for
+    /// an entry that allows UDP.
+    pub fn allows_udp(&self, host: &str, port: u16) -> bool {
+        self.udp && self.allows_tcp(host, port)
     }
 
     /// Whether this entry names `name` (on any port): a name the guest may resolve.
@@ -289,7 +305,7 @@ pub struct Egress {
     /// This instance's share of the server's name-lookup slots.
     lookups: Arc<Semaphore>,
     connector: Arc<dyn Connector>,
-    /// Who the instance is, for `http://kiln.internal/identity` (`super::internal`).
+    /// Who the instance is, for `http://kiln.internal/identity` (`crate::identity::endpoint`).
     identity: Option<Identity>,
 }
 
@@ -440,6 +456,23 @@ async fn send(egress: Egress, request: http::Request<WasiBody>, options: Option<
     Ok((response, io))
 }
 
+/// Kiln's answer to a request for `kiln.internal`, as `wasi:http` takes a response.
+fn internal(identity: Option<&Identity>, method: &http::Method, uri: &http::Uri) -> Sent {
+    let (status, body) = endpoint::respond(identity, method, uri);
+    let response = http::Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::CACHE_CONTROL, "no-store")
+        .body(
+            Full::new(Bytes::from(body.to_string()))
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
+        .expect("static headers are valid");
+    let done: IoFuture = Box::new(async { Ok(()) });
+    Ok((response, done))
+}
+
 impl WasiHttpHooks for Egress {
     fn forbidden_header_filter(&mut self) -> ForbiddenHeaderFilter {
         Arc::new(|name| wasmtime_wasi_http::DEFAULT_FORBIDDEN_HEADERS.contains(name))
@@ -453,8 +486,8 @@ impl WasiHttpHooks for Egress {
     ) -> Box<dyn Future<Output = Sent> + Send> {
         drop(fut);
         // Kiln's own host is answered here, before any policy, name lookup or connection.
-        if super::internal::is_internal(request.uri()) {
-            let answer = super::internal::answer(self.identity.as_ref(), request.method(), request.uri());
+        if endpoint::is_internal(request.uri()) {
+            let answer = internal(self.identity.as_ref(), request.method(), request.uri());
             return Box::new(async move { answer });
         }
         let egress = self.clone();

@@ -12,8 +12,8 @@
 //!   one place for every caller, and how a guest's error is classified;
 //! - [`limits`]: the memory limiter and capped output streams;
 //! - [`invoke`]: a sync or async invocation; [`trigger`]: an HTTP-trigger request;
-//! - [`egress`]: where a component's outbound HTTP may go; [`internal`]: `http://kiln.internal`,
-//!   answered in-process (the guest's identity token);
+//! - [`egress`]: where a component's outbound HTTP may go (`http://kiln.internal` is answered
+//!   in-process, by [`crate::identity::endpoint`]);
 //! - [`state`]: a live component instance's state captured and restored (sandbox suspend, resume
 //!   and fork); [`sandbox`]: a live instance held between requests.
 
@@ -22,7 +22,6 @@ pub mod egress;
 pub mod engine;
 pub mod footprint;
 pub mod instance;
-pub mod internal;
 mod invoke;
 pub mod limits;
 pub mod link;

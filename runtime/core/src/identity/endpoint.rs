@@ -1,6 +1,8 @@
-//! `http://kiln.internal`: the host a guest reaches Kiln itself at through `wasi:http`, answered
-//! in-process — no name is resolved and no connection opened, so it is always allowed, whatever
-//! the function's `allowed_hosts` say (`egress` hands these requests here before its policy).
+//! `http://kiln.internal`: the host a guest reaches Kiln itself at, always allowed whatever its
+//! egress policy, and answered in-process by this one function on both tiers: a Wasm guest's
+//! `wasi:http` requests to it never leave the host (`tier::wasm::egress` answers them before its
+//! policy); a microVM guest's name resolves to an address its network serves in-process
+//! (`tier::microvm::network`).
 //!
 //! - `GET /identity?aud=<audience>[&ttl=<seconds>]` → `200 {"token", "expires_at"}`: a token
 //!   naming this instance's sandbox or invocation (`crate::identity`), for `aud`, valid for `ttl`
@@ -10,12 +12,9 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{header, Method, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::{Method, StatusCode};
 
-use super::egress::{IoFuture, Sent};
-use crate::identity::{Identity, IssueError, DEFAULT_TOKEN_LIFETIME};
+use super::{Identity, IssueError, DEFAULT_TOKEN_LIFETIME};
 use crate::problem::ErrorCode;
 
 /// The host name, compared without case and without a trailing dot. Any scheme and port: the
@@ -28,25 +27,9 @@ pub fn is_internal(uri: &http::Uri) -> bool {
         .is_some_and(|host| host.trim_end_matches('.').eq_ignore_ascii_case(HOST))
 }
 
-/// Answers a request to `kiln.internal` for an instance that is `identity` (`None`: one that
-/// has none, such as a deploy's init hook).
-pub fn answer(identity: Option<&Identity>, method: &Method, uri: &http::Uri) -> Sent {
-    let (status, body) = respond(identity, method, uri);
-    let response = http::Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(
-            Full::new(Bytes::from(body.to_string()))
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-        )
-        .expect("static headers are valid");
-    let done: IoFuture = Box::new(async { Ok(()) });
-    Ok((response, done))
-}
-
-fn respond(identity: Option<&Identity>, method: &Method, uri: &http::Uri) -> (StatusCode, serde_json::Value) {
+/// The status and JSON body of a request to `kiln.internal` from an instance that is `identity`
+/// (`None`: one that has none, such as a deploy's init hook).
+pub fn respond(identity: Option<&Identity>, method: &Method, uri: &http::Uri) -> (StatusCode, serde_json::Value) {
     if uri.path() != "/identity" {
         let message = format!("kiln.internal has no {}: it serves /identity", uri.path());
         return error(StatusCode::NOT_FOUND, ErrorCode::NotFound, message);
