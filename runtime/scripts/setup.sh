@@ -45,3 +45,19 @@ if ! dpkg -s busybox-static >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends busybox-static
 fi
 "$(dirname "$0")/../vmm/scripts/guest-kernel.sh"
+# Schemathesis checks the served OpenAPI document against the server (`openapi::schemathesis_*`):
+# a Python virtual environment under target/tools, every package version pinned. serve.sh does
+# not need it and sets KILN_SETUP_SCHEMATHESIS=0.
+root=$(cd "$(dirname "$0")/../.." && pwd)
+schemathesis_env=$root/target/tools/schemathesis
+schemathesis_requirements=$root/runtime/kiln/tests/schemathesis/requirements.txt
+if [[ ${KILN_SETUP_SCHEMATHESIS:-1} == 1 ]] \
+  && ! cmp -s "$schemathesis_requirements" "$schemathesis_env/installed.txt" 2>/dev/null; then
+  echo "setup: installing schemathesis into $schemathesis_env"
+  if python3 -m venv "$schemathesis_env" \
+    && "$schemathesis_env/bin/pip" install -q --disable-pip-version-check -r "$schemathesis_requirements"; then
+    cp "$schemathesis_requirements" "$schemathesis_env/installed.txt"
+  else
+    echo "setup: schemathesis could not be installed; its test will be skipped"
+  fi
+fi

@@ -6,7 +6,11 @@
 //! the simple shape, and with default features off it brings no TLS stack into the binary.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 
 use reqwest::blocking::{Client as Http, RequestBuilder, Response};
 use serde_json::Value;
@@ -54,6 +58,8 @@ pub struct Client {
     http: Http,
     base: String,
     token: Option<String>,
+    /// The extra CA certificates of `--ca`, for connections the HTTP client does not make.
+    ca: Vec<Vec<u8>>,
 }
 
 /// Hosts for which the CLI looks for `<data>/admin.token` when no token is given.
@@ -80,17 +86,51 @@ pub fn resolve_token(explicit: Option<String>, url: &str, data_dir: &Path) -> Op
 }
 
 impl Client {
-    pub fn new(url: &str, token: Option<String>) -> Result<Client, CliError> {
+    /// A client of the server at `url`; an `https://` one is verified against the system's roots
+    /// and the CA certificates in the PEM file `ca`.
+    pub fn new(url: &str, token: Option<String>, ca: Option<&Path>) -> Result<Client, CliError> {
         let base = url.trim_end_matches('/').to_owned();
         reqwest::Url::parse(&base).map_err(|e| CliError::Usage(format!("--url {url:?}: {e}")))?;
         // No overall timeout: a deploy compiles and an invoke runs for as long as the function's
         // own limit allows; the server bounds both.
-        let http = Http::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(None)
-            .build()
-            .map_err(|e| CliError::Protocol(e.to_string()))?;
-        Ok(Client { http, base, token })
+        let mut http = Http::builder().connect_timeout(Duration::from_secs(10)).timeout(None);
+        let mut extra = Vec::new();
+        if let Some(ca) = ca {
+            let bad = |e: &dyn std::fmt::Display| CliError::Usage(format!("--ca {}: {e}", ca.display()));
+            let pem = std::fs::read(ca).map_err(|e| bad(&e))?;
+            for certificate in CertificateDer::pem_slice_iter(&pem) {
+                let der = certificate.map_err(|e| bad(&e))?;
+                let certificate = reqwest::Certificate::from_der(&der).map_err(|e| bad(&e))?;
+                http = http.add_root_certificate(certificate);
+                extra.push(der.to_vec());
+            }
+            if extra.is_empty() {
+                return Err(bad(&"no PEM certificate in it"));
+            }
+        }
+        let http = http.build().map_err(|e| CliError::Protocol(e.to_string()))?;
+        Ok(Client {
+            http,
+            base,
+            token,
+            ca: extra,
+        })
+    }
+
+    /// The TLS settings of an `https://` server's connections the HTTP client does not make (the
+    /// shell's websocket): the system's roots and `--ca`'s, as the HTTP client trusts.
+    pub fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, CliError> {
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        roots.add_parsable_certificates(native.certs);
+        roots.add_parsable_certificates(self.ca.iter().map(|der| CertificateDer::from(der.clone())));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| CliError::Protocol(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Arc::new(config))
     }
 
     /// The server's base URL and the token: for connections the HTTP client does not make (the

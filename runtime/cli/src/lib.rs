@@ -28,6 +28,9 @@ pub struct Connection {
     /// Bearer token; default: the admin token file of `--data-dir` when the URL is local.
     #[arg(long, global = true, env = "KILN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A PEM file of CA certificates to trust for an https:// URL, besides the system's roots.
+    #[arg(long, global = true, env = "KILN_CA")]
+    pub ca: Option<PathBuf>,
     /// The local server's data directory, where its admin token file is.
     #[arg(long = "data-dir", global = true, env = "KILN_DATA", default_value = "./kiln-data")]
     pub data_dir: PathBuf,
@@ -69,7 +72,7 @@ pub enum Command {
 /// Runs one client command against the server.
 pub fn run(connection: &Connection, command: Command) -> Result<(), CliError> {
     let token = resolve_token(connection.token.clone(), &connection.url, &connection.data_dir);
-    let client = Client::new(&connection.url, token)?;
+    let client = Client::new(&connection.url, token, connection.ca.as_deref())?;
     let json = connection.json;
     match command {
         Command::Deploy(args) => functions::deploy(&client, args, json),

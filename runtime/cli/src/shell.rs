@@ -11,22 +11,24 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use tungstenite::client::IntoClientRequest;
-use tungstenite::Message;
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::{Connector, Message};
 
 use crate::client::{CliError, Client};
 
 pub fn run(client: &Client, id: &str) -> Result<u8, CliError> {
     let (base, token) = client.base_and_token();
     let url = reqwest::Url::parse(base).map_err(|e| CliError::Usage(e.to_string()))?;
-    if url.scheme() != "http" {
-        return Err(CliError::Usage(
-            "the shell speaks plain HTTP (ws://) only; use an http:// URL".into(),
-        ));
-    }
+    let (scheme, connector) = match url.scheme() {
+        "http" => ("ws", None),
+        "https" => ("wss", Some(Connector::Rustls(client.tls_config()?))),
+        other => return Err(CliError::Usage(format!("--url: {other}:// is neither http nor https"))),
+    };
     let host = url.host_str().unwrap_or("127.0.0.1").to_owned();
     let port = url.port_or_known_default().unwrap_or(80);
     let (cols, rows) = terminal_size().unwrap_or((80, 24));
-    let mut request = format!("ws://{host}:{port}/v1/sandboxes/{id}/shell?cols={cols}&rows={rows}")
+    let path = url.path().trim_end_matches('/');
+    let mut request = format!("{scheme}://{host}:{port}{path}/v1/sandboxes/{id}/shell?cols={cols}&rows={rows}")
         .into_client_request()
         .map_err(|e| CliError::Usage(e.to_string()))?;
     if let Some(token) = token {
@@ -39,16 +41,20 @@ pub fn run(client: &Client, id: &str) -> Result<u8, CliError> {
         url: base.to_owned(),
         reason: e.to_string(),
     })?;
-    let (mut socket, _) = tungstenite::client::client(request, stream).map_err(|e| match e {
-        tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response)) => {
-            let body = response.body().as_deref().unwrap_or_default();
-            crate::client::server_error_from(response.status().as_u16(), body)
-        }
-        other => CliError::Protocol(other.to_string()),
-    })?;
-    socket
-        .get_mut()
-        .set_read_timeout(Some(Duration::from_millis(20)))
+    let (mut socket, _) =
+        tungstenite::client_tls_with_config(request, stream, None, connector).map_err(|e| match e {
+            tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response)) => {
+                let body = response.body().as_deref().unwrap_or_default();
+                crate::client::server_error_from(response.status().as_u16(), body)
+            }
+            other => CliError::Protocol(other.to_string()),
+        })?;
+    let tcp = match socket.get_mut() {
+        MaybeTlsStream::Plain(stream) => &*stream,
+        MaybeTlsStream::Rustls(stream) => stream.get_ref(),
+        _ => unreachable!("only plain and rustls streams are made here"),
+    };
+    tcp.set_read_timeout(Some(Duration::from_millis(20)))
         .map_err(|e| CliError::Protocol(e.to_string()))?;
 
     let _raw = RawMode::enter();

@@ -29,9 +29,11 @@ pub const MAX_PER_CONFIG: usize = 16;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectorSpec {
+    #[schema(pattern = "^[a-z0-9][a-z0-9_-]{0,63}$", max_length = 64)]
     pub name: String,
     /// `scheme://host[:port]` entries, as a function's `allowed_hosts`.
     #[serde(default)]
+    #[schema(value_type = Vec<crate::function::HostEntry>)]
     pub allowed_hosts: Vec<String>,
     /// Private, loopback or link-local ranges (CIDR, or a lone address) the hosts above may
     /// resolve to and still be reached; every other internal address stays refused.

@@ -52,6 +52,8 @@ pub const MAX_ENV_VARS: usize = 256;
 pub const MAX_RETRIES: u32 = 10;
 pub const MAX_ALLOWED_HOSTS: usize = 256;
 pub const MAX_ENV_BYTES: usize = 64 * 1024;
+// The OpenAPI document states these bounds literally (`FunctionConfig`'s schema attributes).
+const _: () = assert!(MAX_TIMEOUT_MS == 900_000 && MAX_MEMORY_MB == 4096 && MAX_RETRIES == 10);
 /// Entries of `entrypoint` and `cmd` together, and their bytes.
 pub const MAX_ARGS: usize = 1024;
 pub const MAX_ARGS_BYTES: usize = 64 * 1024;
@@ -82,6 +84,16 @@ impl Tier {
     }
 }
 
+/// An egress entry, `http[s]://host[:port]`: a host name (or `*.` and a domain: its
+/// subdomains) or an IPv4 address (IPv6 literals in brackets are accepted too; the pattern leaves
+/// them out).
+#[derive(utoipa::ToSchema)]
+#[schema(
+    pattern = r"^https?://(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?/?$"
+)]
+#[allow(dead_code)]
+pub struct HostEntry(String);
+
 /// A function's config as the deploy request gives it. Every field is optional on the wire; the
 /// stored form has every default filled in, so a version's record says exactly what it runs with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -89,14 +101,18 @@ impl Tier {
 pub struct FunctionConfig {
     pub tier: Tier,
     /// Wall-clock limit of one invocation, guest code and host calls together.
+    #[schema(minimum = 1, maximum = 900_000)]
     pub timeout_ms: u64,
     /// Linear-memory limit of one instance (all its memories together).
+    #[schema(minimum = 1, maximum = 4096)]
     pub memory_mb: u64,
     /// Invocations of this function running at once; the next one is refused (`too_many_requests`).
+    #[schema(minimum = 1)]
     pub max_concurrency: u32,
     /// Environment variables the guest sees; nothing of the host's environment leaks in.
     pub env: BTreeMap<String, String>,
     /// Outbound HTTP destinations a component may call (HTTP-trigger functions).
+    #[schema(value_type = Vec<HostEntry>)]
     pub allowed_hosts: Vec<String>,
     /// Egress connectors (`crate::connectors`) whose policies add to `allowed_hosts`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -104,6 +120,7 @@ pub struct FunctionConfig {
     /// Serve the HTTP trigger without a bearer token.
     pub public: bool,
     /// Times a failed asynchronous invocation is run again (with exponential backoff).
+    #[schema(maximum = 10)]
     pub retries: u32,
     /// Image deploys on the microvm tier only: the executable and its first arguments, replacing
     /// the image's `Entrypoint` (and dropping its `Cmd` unless `cmd` is given, as Docker does).
@@ -124,6 +141,7 @@ pub struct FunctionConfig {
     /// Image deploys on the microvm tier only: seconds each lifecycle hook of the image
     /// (`/kiln/hooks/{ready,restore,suspend,terminate}`) may run, 1–60 (default 10).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 60)]
     pub hook_timeout_s: Option<u32>,
 }
 
@@ -151,7 +169,7 @@ impl Default for FunctionConfig {
 impl FunctionConfig {
     /// Parses and checks a config document; the error text is shown to the user as is.
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
-        let config: FunctionConfig = serde_json::from_slice(bytes).map_err(|e| format!("config is not valid: {e}"))?;
+        let config: FunctionConfig = crate::json::from_slice(bytes).map_err(|e| format!("config is not valid: {e}"))?;
         config.check()?;
         Ok(config)
     }

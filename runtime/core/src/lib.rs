@@ -31,6 +31,7 @@ pub mod function;
 pub mod functions;
 pub mod identity;
 pub mod invocations;
+pub mod json;
 pub mod kiln;
 pub mod outcome;
 pub mod permits;

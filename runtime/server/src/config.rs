@@ -13,8 +13,11 @@ const MIB: u64 = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
-    /// The URL clients reach the server at (`--public-url`); `None`: `http://<bound address>`.
+    /// The URL clients reach the server at (`--public-url`); `None`: `http(s)://<bound address>`.
     pub public_url: Option<String>,
+    /// HTTPS with this PEM certificate chain and key (`tls.rs`); both or neither.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     /// Largest artifact a deploy accepts (code and config together).
     pub max_code_bytes: u64,
     /// Largest body a synchronous invoke accepts.
@@ -49,6 +52,8 @@ impl ServerConfig {
         ServerConfig {
             listen,
             public_url: None,
+            tls_cert: None,
+            tls_key: None,
             max_code_bytes: 64 * MIB,
             max_sync_input_bytes: 6 * MIB,
             max_async_input_bytes: MIB,

@@ -1,6 +1,6 @@
 //! `kiln serve`: Kiln's network edge over `kiln-core`. The listener accepts HTTP/1.1 and h2c on
-//! one port and guards it against hostile clients ([`listener`], with the connection table of
-//! [`connections`] and the open-file check of [`open_files`]); the HTTP API of
+//! one port, or HTTPS ([`tls`]), and guards it against hostile clients ([`listener`], with the
+//! connection table of [`connections`] and the open-file check of [`open_files`]); the HTTP API of
 //! `../shared/API.md` routes, authenticates and shapes answers ([`api`]) — the only place where
 //! errors become HTTP statuses ([`api::error`]); [`outbound`] is the HTTP client behind
 //! functions' egress. [`settings`] reads flags, environment and `kiln.toml` into a
@@ -15,6 +15,7 @@ pub mod open_files;
 pub mod outbound;
 pub mod settings;
 pub mod shutdown;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -28,6 +29,8 @@ pub struct Server {
     pub config: ServerConfig,
     /// Request-body bytes held in memory at once.
     pub bodies: api::body::BodyBudget,
+    /// The certificate, when the port speaks HTTPS.
+    pub tls: Option<Arc<tls::Tls>>,
 }
 
 impl Server {
@@ -36,12 +39,14 @@ impl Server {
             bodies: api::body::BodyBudget::new(config.max_body_buffer_bytes),
             kiln,
             config,
+            tls: None,
         }
     }
 }
 
 /// Opens the data directory, binds `config.listen` and serves until SIGINT or SIGTERM, then
-/// drains. Logs where it listens (`kiln listening on http://ADDR`) once it accepts connections.
+/// drains. Logs where it listens (`kiln listening on http://ADDR`, or `https://`) once it accepts
+/// connections.
 pub async fn serve(mut config: ServerConfig) -> Result<(), String> {
     // Everything Kiln writes — the database with functions' secrets, inputs, results, keys — is
     // its own: no permission for group or others on what this process creates.
@@ -49,6 +54,12 @@ pub async fn serve(mut config: ServerConfig) -> Result<(), String> {
     unsafe { libc::umask(0o077) };
     open_files::fit(&mut config)?;
     let public_url = config.public_url.as_deref().map(config::check_public_url).transpose()?;
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(tls::Tls::load(cert, key)?)),
+        (None, None) => None,
+        _ => return Err("--tls-cert and --tls-key go together".into()),
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let listen = config.listen;
     // Bound before the core opens, so the default public URL (the issuer of identity tokens) has
     // the real port even when the address asked for port 0. Nothing is accepted until `run`.
@@ -56,16 +67,23 @@ pub async fn serve(mut config: ServerConfig) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    config.core.public_url = public_url.unwrap_or_else(|| format!("http://{local}"));
+    config.core.public_url = public_url.unwrap_or_else(|| format!("{scheme}://{local}"));
     let core = config.core.clone();
     let kiln = tokio::task::spawn_blocking(move || Kiln::open(core, Arc::new(outbound::HyperConnector)))
         .await
         .expect("start-up task panicked")
         .map_err(|e| e.to_string())?;
-    tracing::info!(address = %local, data = %kiln.storage.layout.root.display(), "kiln listening on http://{local}");
+    if let Some(tls) = &tls {
+        tls.clone()
+            .reload_on_hangup()
+            .map_err(|e| format!("installing a SIGHUP handler: {e}"))?;
+    }
+    tracing::info!(address = %local, data = %kiln.storage.layout.root.display(), "kiln listening on {scheme}://{local}");
     kiln.warm_up();
     kiln.start_queue();
-    let server = Arc::new(Server::new(kiln.clone(), config));
+    let mut server = Server::new(kiln.clone(), config);
+    server.tls = tls;
+    let server = Arc::new(server);
     listener::run(server, listener, shutdown::signal_received()).await;
     // Invocation logs still queued for the disk are written before the process ends.
     let _ = tokio::task::spawn_blocking(move || kiln.telemetry.logs.flush()).await;

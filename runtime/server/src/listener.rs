@@ -12,6 +12,8 @@
 //!   most unless a request races in.
 //! - Sizes and rates: 64 KiB of headers, 256 concurrent h2 streams, and h2's reset limits against
 //!   rapid reset (CVE-2023-44487); bodies have their own limits in `api::body`.
+//! - TLS ([`crate::tls`]): the handshake runs in the connection's own task, holding its slot, and
+//!   must finish within `header_read_timeout`; then the same HTTP/1.1-or-h2 service runs over it.
 //!
 //! Shutdown: stop accepting, tell every connection to close gracefully (the API answers requests
 //! that still arrive with 503), let in-flight ones finish (bounded by `shutdown_grace`), return.
@@ -75,7 +77,7 @@ fn http_builder(server: &Server) -> auto::Builder<TokioExecutor> {
 
 /// Serves on `listener` until `shutdown` resolves, then drains.
 pub async fn run(server: Arc<Server>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    let builder = http_builder(&server);
+    let builder = Arc::new(http_builder(&server));
     let config = &server.config;
     let connections = Connections::new(Limits {
         max_connections: config.max_connections,
@@ -84,6 +86,7 @@ pub async fn run(server: Arc<Server>, listener: TcpListener, shutdown: impl Futu
         idle_timeout: config.idle_timeout,
     });
     let (closing_tx, closing) = watch::channel(false);
+    let server_tls = server.tls.clone();
     let summary = tokio::spawn(summarize(connections.clone()));
     tokio::pin!(shutdown);
 
@@ -126,11 +129,31 @@ pub async fn run(server: Arc<Server>, listener: TcpListener, shutdown: impl Futu
                 Ok::<_, Infallible>(response.map(|body| Tracked::new(body, guard)))
             }
         });
-        // With upgrades: a websocket to a microVM sandbox switches protocols on this connection.
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        tokio::spawn(drive(connection, slot, evicted, raced, closing.clone()));
+        let closing = closing.clone();
+        match &server_tls {
+            None => {
+                // With upgrades: a websocket to a microVM sandbox switches protocols on this connection.
+                let connection = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                tokio::spawn(drive(connection, slot, evicted, raced, closing));
+            }
+            Some(tls) => {
+                let (acceptor, builder) = (tls.acceptor(), builder.clone());
+                let deadline = config.header_read_timeout;
+                tokio::spawn(async move {
+                    let stream = match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(error)) => return tracing::debug!(%peer, %error, "TLS handshake failed"),
+                        Err(_) => return tracing::debug!(%peer, "TLS handshake not done in time"),
+                    };
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    drive(connection, slot, evicted, raced, closing).await
+                });
+            }
+        }
         // The new connection's first poll (which parses a request head that came with the
         // handshake, making it busy) runs before the next accept, so that under a flood of
         // newcomers a real client is not evicted before its request was even read.

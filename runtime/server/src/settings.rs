@@ -45,9 +45,16 @@ pub struct ServeSettings {
     #[arg(long, env = "KILN_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Address to listen on (HTTP/1.1 and h2c) [default: 127.0.0.1:7878].
+    /// Address to listen on (HTTP/1.1 and h2c; HTTPS with --tls-cert) [default: 127.0.0.1:7878].
     #[arg(long, env = "KILN_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) with this PEM certificate chain, leaf first;
+    /// needs --tls-key. Both files are read again on SIGHUP [default: plain HTTP].
+    #[arg(long, env = "KILN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, env = "KILN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// The URL clients reach this server at (scheme, host, port, optional path): the `iss` of
     /// guests' identity tokens, whose keys are at `<URL>/.well-known/jwks.json`
     /// [default: http://<listen address>].
@@ -165,6 +172,8 @@ impl ServeSettings {
         let data = self.data.or(file.data).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA));
         let mut c = ServerConfig::new(listen, data);
         c.public_url = self.public_url.or(file.public_url);
+        c.tls_cert = self.tls_cert.or(file.tls_cert);
+        c.tls_key = self.tls_key.or(file.tls_key);
         macro_rules! pick {
             ($field:ident => $target:expr, $convert:expr) => {
                 if let Some(value) = self.$field.or(file.$field) {

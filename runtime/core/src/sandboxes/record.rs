@@ -88,10 +88,13 @@ pub enum Ingress {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
+    #[schema(minimum = 1, maximum = 604_800)]
     pub idle_timeout_s: u64,
     pub on_idle: OnIdle,
+    #[schema(minimum = 1, maximum = 31_536_000)]
     pub max_lifetime_s: u64,
     pub ingress: Ingress,
+    #[schema(minimum = 1, maximum = 65535)]
     pub ingress_port: u16,
     /// Added to the function's environment.
     pub env: BTreeMap<String, String>,
@@ -119,6 +122,8 @@ impl Default for Settings {
 /// Upper bounds a creation request may ask for.
 pub const MAX_IDLE_TIMEOUT_S: u64 = 7 * 24 * 3600;
 pub const MAX_LIFETIME_S: u64 = 365 * 24 * 3600;
+// The OpenAPI document states these bounds literally (`Settings`' schema attributes).
+const _: () = assert!(MAX_IDLE_TIMEOUT_S == 604_800 && MAX_LIFETIME_S == 31_536_000 && MAX_METADATA_ENTRIES == 64);
 pub const MAX_METADATA_ENTRIES: usize = 64;
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
 

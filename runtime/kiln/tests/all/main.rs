@@ -24,4 +24,5 @@ mod sandboxes;
 mod sdk;
 mod snapshot;
 mod support;
+mod tls;
 mod tokens;

@@ -288,7 +288,12 @@ pub fn images_exec_shell_files_and_hooks(kiln: Kiln, data: &Path, args: &[&str])
         let response = post(&kiln, &format!("/v1/sandboxes/{id}/exec"), json!({ "argv": argv }));
         let status = response.status();
         let body: serde_json::Value = response.json().unwrap();
-        assert_eq!(status, 200, "exec {argv:?}: {body}");
+        assert_eq!(
+            status,
+            200,
+            "exec {argv:?}: {body}\n{}",
+            crate::microvm::tail(&kiln.log(), 4000)
+        );
         body
     };
 
@@ -446,7 +451,12 @@ pub fn images_exec_shell_files_and_hooks(kiln: Kiln, data: &Path, args: &[&str])
         let response = post(&kiln, &format!("/v1/sandboxes/{fork}/exec"), json!({ "argv": argv }));
         let status = response.status();
         let body: serde_json::Value = response.json().unwrap();
-        assert_eq!(status, 200, "exec {argv:?} in the fork: {body}");
+        assert_eq!(
+            status,
+            200,
+            "exec {argv:?} in the fork: {body}\n{}",
+            crate::microvm::tail(&kiln.log(), 4000)
+        );
         body
     };
     identity(&kiln, &exec_in_fork, &fork, &digest);

@@ -12,6 +12,8 @@ use reqwest::blocking::{multipart, Client, Response};
 
 pub struct Kiln {
     child: Child,
+    /// `http`, or `https` for a server started with a certificate.
+    pub scheme: &'static str,
     pub addr: String,
     pub token: String,
     pub data: PathBuf,
@@ -63,22 +65,24 @@ impl Kiln {
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("kiln listening on http://").nth(1) {
-                    // The address ends at the first character an address cannot have (a space
-                    // in text logs, a quote in JSON logs).
-                    let addr: String = rest
-                        .chars()
-                        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']'))
-                        .collect();
-                    let _ = addr_tx.send(addr);
+                for scheme in ["http", "https"] {
+                    if let Some(rest) = line.split(&format!("kiln listening on {scheme}://")).nth(1) {
+                        // The address ends at the first character an address cannot have (a
+                        // space in text logs, a quote in JSON logs).
+                        let addr: String = rest
+                            .chars()
+                            .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']'))
+                            .collect();
+                        let _ = addr_tx.send((scheme, addr));
+                    }
                 }
                 let mut log = sink.lock().unwrap();
                 log.push_str(&line);
                 log.push('\n');
             }
         });
-        let addr = match addr_rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => addr,
+        let (scheme, addr) = match addr_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(found) => found,
             Err(_) => {
                 let _ = child.kill();
                 panic!("kiln did not start; its log:\n{}", log.lock().unwrap());
@@ -90,6 +94,7 @@ impl Kiln {
             .to_owned();
         Kiln {
             child,
+            scheme,
             addr,
             token,
             data: data.to_path_buf(),
@@ -99,7 +104,7 @@ impl Kiln {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("{}://{}{}", self.scheme, self.addr, path)
     }
 
     pub fn log(&self) -> String {

@@ -19,8 +19,11 @@ use super::openapi::ErrorBody;
 /// A connector as the API shows it: its spec, when it was made, and what uses it now.
 #[derive(Serialize, utoipa::ToSchema)]
 pub(super) struct ConnectorView<'a> {
-    #[serde(flatten)]
-    spec: &'a ConnectorSpec,
+    name: &'a str,
+    #[schema(value_type = Vec<String>)]
+    allowed_hosts: &'a [String],
+    allow_private: Vec<String>,
+    udp: bool,
     created_at: &'a str,
     used_by: Vec<ConnectorUse>,
 }
@@ -31,8 +34,12 @@ pub(super) struct ConnectorList<'a> {
 }
 
 fn view(connector: &Connector, used_by: Vec<ConnectorUse>) -> ConnectorView<'_> {
+    let spec = &connector.spec;
     ConnectorView {
-        spec: &connector.spec,
+        name: &spec.name,
+        allowed_hosts: &spec.allowed_hosts,
+        allow_private: spec.allow_private.iter().map(ToString::to_string).collect(),
+        udp: spec.udp,
         created_at: &connector.created_at,
         used_by,
     }
@@ -57,7 +64,7 @@ pub async fn create(
 ) -> Result<Response<Body>, Problem> {
     let (parts, incoming) = req.into_parts();
     let (bytes, _held) = body::read(&parts.headers, incoming, 256 * 1024, Duration::from_secs(10), budget).await?;
-    let spec: ConnectorSpec = serde_json::from_slice(&bytes).map_err(|e| {
+    let spec: ConnectorSpec = kiln_core::json::from_slice(&bytes).map_err(|e| {
         error::invalid_request(format!(
             "expected {{\"name\", \"allowed_hosts\": [\"https://host\"], \"allow_private\": [\"10.0.0.7/32\"], \"udp\": false}}: {e}"
         ))

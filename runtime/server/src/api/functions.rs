@@ -47,8 +47,8 @@ impl<'a> From<&'a VersionRecord> for VersionView<'a> {
     }
 }
 
-#[utoipa::path(put, path = "/v1/functions/{name}", tag = "functions", params(("name" = String, Path, description = "Function name, ^[a-z0-9][a-z0-9_-]{0,63}$")),
-    request_body(content((DeployForm = "multipart/form-data"), (String = "application/wasm")),
+#[utoipa::path(put, path = "/v1/functions/{name}", tag = "functions", params(("name" = String, Path, description = "Function name", pattern = r"^[a-z0-9][a-z0-9_-]{0,63}$", max_length = 64, example = "hello")),
+    request_body(content((DeployForm = "multipart/form-data"), (Vec<u8> = "application/octet-stream")),
         description = "multipart with parts `code` and optional `config`, or the raw artifact"),
     responses(
         (status = 201, description = "A new version", body = VersionView),
@@ -145,8 +145,9 @@ pub async fn list(functions: &Functions) -> Result<Response<Body>, Problem> {
     Ok(body::json(StatusCode::OK, &List { functions }))
 }
 
-#[utoipa::path(get, path = "/v1/functions/{name}", tag = "functions", params(("name" = String, Path, description = "Function name, ^[a-z0-9][a-z0-9_-]{0,63}$")),
+#[utoipa::path(get, path = "/v1/functions/{name}", tag = "functions", params(("name" = String, Path, description = "Function name", pattern = r"^[a-z0-9][a-z0-9_-]{0,63}$", max_length = 64)),
     responses((status = 200, description = "The latest version and a `versions` list", body = VersionView),
+        (status = 400, description = "Not a function name", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody), (status = 404, description = "No such function", body = ErrorBody)))]
 pub async fn get(functions: &Functions, name: &str) -> Result<Response<Body>, Problem> {
     let versions = functions.versions(name).await.map_err(Problem::internal)?;
@@ -169,8 +170,9 @@ pub async fn get(functions: &Functions, name: &str) -> Result<Response<Body>, Pr
     Ok(body::json(StatusCode::OK, &view))
 }
 
-#[utoipa::path(delete, path = "/v1/functions/{name}", tag = "functions", params(("name" = String, Path, description = "Function name, ^[a-z0-9][a-z0-9_-]{0,63}$")),
+#[utoipa::path(delete, path = "/v1/functions/{name}", tag = "functions", params(("name" = String, Path, description = "Function name", pattern = r"^[a-z0-9][a-z0-9_-]{0,63}$", max_length = 64)),
     responses((status = 204, description = "Removed with all its versions"),
+        (status = 400, description = "Not a function name", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody), (status = 404, description = "No such function", body = ErrorBody)))]
 pub async fn delete(functions: &Functions, name: &str) -> Result<Response<Body>, Problem> {
     functions.delete(name).await?;

@@ -31,7 +31,7 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 #[utoipa::path(method(get, post, put, delete, patch, head, options), path = "/fn/{name}/{path}", tag = "invoke",
-    params(("name" = String, Path, description = "Function name, ^[a-z0-9][a-z0-9_-]{0,63}$"),
+    params(("name" = String, Path, description = "Function name", pattern = r"^[a-z0-9][a-z0-9_-]{0,63}$", max_length = 64),
         ("path" = String, Path, description = "What the guest sees as its path (with the query), from `/`")),
     request_body(content = String, content_type = "application/octet-stream", description = "Streamed to the guest"),
     responses(

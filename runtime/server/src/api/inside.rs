@@ -135,7 +135,7 @@ pub async fn exec(
         budget,
     )
     .await?;
-    let request: Exec = serde_json::from_slice(&bytes).map_err(|e| {
+    let request: Exec = kiln_core::json::from_slice(&bytes).map_err(|e| {
         error::invalid_request(format!(
             "expected {{\"argv\": [...], \"stdin\", \"env\", \"cwd\", \"timeout_ms\"}}: {e}"
         ))

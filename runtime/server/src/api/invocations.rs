@@ -20,10 +20,11 @@ use crate::ServerConfig;
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
-#[utoipa::path(post, path = "/v1/functions/{name}/invoke-async", tag = "invoke", params(("name" = String, Path, description = "Function name, ^[a-z0-9][a-z0-9_-]{0,63}$"), ("version" = Option<u32>, Query, description = "Run this version instead of the latest"),
-        ("Idempotency-Key" = Option<String>, Header, description = "A retried submit with the same key returns the same id")),
+#[utoipa::path(post, path = "/v1/functions/{name}/invoke-async", tag = "invoke", params(("name" = String, Path, description = "Function name", pattern = r"^[a-z0-9][a-z0-9_-]{0,63}$", max_length = 64), ("version" = Option<u32>, Query, minimum = 1, description = "Run this version instead of the latest"),
+        ("Idempotency-Key" = Option<String>, Header, pattern = r"^[!-~]{1,255}$", description = "A retried submit with the same key returns the same id")),
     request_body(content = String, content_type = "application/octet-stream", description = "The guest's stdin"),
     responses((status = 202, description = "Committed to disk", body = Submitted),
+        (status = 400, description = "Not a function name, or a bad `version`", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody),
         (status = 404, description = "No such function or version", body = ErrorBody),
         (status = 413, description = "Input over the limit", body = ErrorBody),

@@ -16,11 +16,12 @@ pub(super) const INVOCATION_ID: &str = "x-kiln-invocation-id";
 pub(super) const VERSION: &str = "x-kiln-version";
 const DURATION_US: &str = "x-kiln-duration-us";
 
-#[utoipa::path(post, path = "/v1/functions/{name}/invoke", tag = "invoke", params(("name" = String, Path, description = "Function name, ^[a-z0-9][a-z0-9_-]{0,63}$"), ("version" = Option<u32>, Query, description = "Run this version instead of the latest")),
+#[utoipa::path(post, path = "/v1/functions/{name}/invoke", tag = "invoke", params(("name" = String, Path, description = "Function name", pattern = r"^[a-z0-9][a-z0-9_-]{0,63}$", max_length = 64), ("version" = Option<u32>, Query, minimum = 1, description = "Run this version instead of the latest")),
     request_body(content = String, content_type = "application/octet-stream", description = "The guest's stdin"),
     responses(
         (status = 200, description = "The guest's stdout", content_type = "application/octet-stream",
             headers(("X-Kiln-Invocation-Id" = String), ("X-Kiln-Version" = u32), ("X-Kiln-Duration-Us" = u64))),
+        (status = 400, description = "Not a function name, or a bad `version`", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody),
         (status = 404, description = "No such function or version", body = ErrorBody),
         (status = 413, description = "Input over the limit", body = ErrorBody),

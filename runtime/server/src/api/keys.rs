@@ -41,7 +41,7 @@ pub fn which(query: Option<&str>) -> Result<Which, Problem> {
 }
 
 #[utoipa::path(post, path = "/v1/keys/rotate", tag = "operations",
-    params(("keys" = Option<String>, Query, description = "`results` or `identity`: rotate only those keys [default: both]")),
+    params(("keys" = Option<super::openapi::KeyKind>, Query, description = "Rotate only these keys [default: both]")),
     responses((status = 200, description = "New signing keys: result URLs signed before are refused from now on; identity tokens signed before still verify until they expire", body = Rotated),
         (status = 400, description = "An unknown `keys`", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]

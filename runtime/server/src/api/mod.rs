@@ -57,7 +57,7 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
         }
         Route::Jwks => return Ok(identity::jwks(&kiln.identity)),
         Route::Discovery => return Ok(identity::discovery(&kiln.identity)),
-        Route::Refused(refusal) => return Err(refusal.problem(&path)),
+        Route::Refused(refusal) => return refusal.answer(&path, &segments),
         _ if kiln.is_shutting_down() => return Err(error::shutting_down()),
         Route::Trigger(name) => {
             return http_trigger::handle(&kiln.auth, &kiln.functions, &kiln.telemetry, name, req).await;
@@ -109,7 +109,7 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
         Api::SandboxExec(_) | Api::SandboxShell(_) | Api::SandboxReadFile(_) | Api::SandboxWriteFile(_) => {
             unreachable!("routed above")
         }
-        Api::Refused(refusal) => Err(refusal.problem(&path)),
+        Api::Refused(refusal) => refusal.answer(&path, &segments),
     }
 }
 
@@ -184,13 +184,42 @@ pub enum Refusal<'a> {
 }
 
 impl Refusal<'_> {
-    fn problem(self, path: &str) -> Problem {
+    /// The refusal's answer: a 405 names the methods the path takes in `Allow` (RFC 9110).
+    fn answer(self, path: &str, segments: &[&str]) -> Result<Response<Body>, Problem> {
         match self {
-            Refusal::NotFound => error::not_found(format!("no route for {path}")),
-            Refusal::MethodNotAllowed => error::method_not_allowed(),
-            Refusal::InvalidName(name) => error::invalid_function_name(name),
+            Refusal::NotFound => Err(error::not_found(format!("no route for {path}"))),
+            Refusal::InvalidName(name) => Err(error::invalid_function_name(name)),
+            Refusal::MethodNotAllowed => {
+                let mut response = body::error(&error::method_not_allowed());
+                if let Ok(allow) = http::HeaderValue::from_str(&allowed_methods(segments)) {
+                    response.headers_mut().insert(header::ALLOW, allow);
+                }
+                Ok(response)
+            }
         }
     }
+}
+
+/// The methods the routing table takes for a path, as an `Allow` header lists them.
+fn allowed_methods(segments: &[&str]) -> String {
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+    ]
+    .into_iter()
+    .filter(|method| {
+        !matches!(
+            classify(method, segments),
+            Route::Refused(_) | Route::Api(Api::Refused(_))
+        )
+    })
+    .map(|method| method.as_str().to_owned())
+    .collect::<Vec<_>>()
+    .join(", ")
 }
 
 /// The routing table of `../shared/API.md`.
@@ -449,6 +478,22 @@ mod tests {
             (Method::GET, "/v1/functions/../x", after_auth(InvalidName(".."))),
         ] {
             assert_eq!(classify(&method, &segments(path)), expected, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn a_405_lists_what_the_path_takes() {
+        for (path, allow) in [
+            ("/healthz", "GET, HEAD"),
+            ("/metrics", "GET"),
+            ("/v1/functions/f", "GET, PUT, DELETE"),
+            ("/v1/functions/f/invoke", "POST"),
+            ("/v1/sandboxes", "GET, POST"),
+            ("/v1/sandboxes/sbx_x/files", "GET, PUT"),
+            ("/v1/tokens/t", "DELETE"),
+            ("/v1/openapi.json", "GET"),
+        ] {
+            assert_eq!(allowed_methods(&segments(path)), allow, "{path}");
         }
     }
 

@@ -15,6 +15,70 @@ use utoipa::{Modify, OpenApi, ToSchema};
 
 use super::body::Body;
 
+/// A function's name.
+#[derive(ToSchema)]
+#[schema(pattern = "^[a-z0-9][a-z0-9_-]{0,63}$")]
+#[allow(dead_code)]
+#[derive(serde::Deserialize)]
+pub struct FunctionName(String);
+
+/// A sandbox creation request: the function, and settings over the defaults (`Settings`).
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct NewSandbox {
+    #[schema(pattern = "^[a-z0-9][a-z0-9_-]{0,63}$", max_length = 64)]
+    function: String,
+    /// That version instead of the latest.
+    #[schema(minimum = 1)]
+    version: Option<u32>,
+    /// Seconds without a request before `on_idle` [300].
+    #[schema(nullable = false, minimum = 1, maximum = 604_800)]
+    idle_timeout_s: Option<u64>,
+    #[schema(nullable = false)]
+    on_idle: Option<kiln_core::sandboxes::record::OnIdle>,
+    /// Running seconds before it is terminated [86400].
+    #[schema(nullable = false, minimum = 1, maximum = 31_536_000)]
+    max_lifetime_s: Option<u64>,
+    #[schema(nullable = false)]
+    ingress: Option<kiln_core::sandboxes::record::Ingress>,
+    /// microVM tier: the guest port ingress goes to [8080].
+    #[schema(nullable = false, minimum = 1, maximum = 65535)]
+    ingress_port: Option<u16>,
+    /// Added to the function's environment.
+    #[schema(nullable = false)]
+    env: Option<std::collections::BTreeMap<String, String>>,
+    /// Yours: kept and shown, at most 64 entries.
+    #[schema(nullable = false)]
+    metadata: Option<std::collections::BTreeMap<String, String>>,
+    /// Egress connectors added to the function's policy.
+    #[schema(nullable = false)]
+    connectors: Option<Vec<FunctionName>>,
+}
+
+/// A sandbox's state.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum SandboxState {
+    Starting,
+    Running,
+    Suspending,
+    Suspended,
+    Resuming,
+    Terminated,
+    Failed,
+}
+
+/// Which signing keys.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum KeyKind {
+    Results,
+    Identity,
+}
+
 /// The error body of every failure.
 #[derive(ToSchema)]
 #[allow(dead_code)]
@@ -82,12 +146,15 @@ pub struct Invocation {
     result_url: Option<String>,
 }
 
-#[derive(ToSchema)]
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct NewTokenRequest {
     /// Functions the token may invoke.
-    functions: Vec<String>,
+    #[schema(min_items = 1, max_items = 1000, inline)]
+    functions: Vec<FunctionName>,
     /// Seconds the token is valid for (1 to a year); without it, until revoked.
+    #[schema(minimum = 1, maximum = 31_536_000)]
     ttl_s: Option<u64>,
 }
 
@@ -248,6 +315,131 @@ impl Modify for BearerAuth {
     }
 }
 
+/// A response whose value feeds other operations: (path, method, statuses, the targets as (link
+/// name, path, method), and the target's parameter with the runtime expression giving it).
+type Source<'a> = (
+    &'a str,
+    utoipa::openapi::HttpMethod,
+    &'a [&'a str],
+    &'a [(&'a str, &'a str, utoipa::openapi::HttpMethod)],
+    (&'a str, &'a str),
+);
+
+/// OpenAPI links: how an answer's values feed the next operations (a deployed function's name,
+/// a created sandbox's id, a submitted invocation's id), so a client generator or a stateful
+/// tester can follow them. And the deploy's example: the smallest function there is, as WAT.
+struct Links;
+
+impl Modify for Links {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::link::LinkBuilder;
+        use utoipa::openapi::{HttpMethod, RefOr};
+        let name = ("name", "$request.path.name");
+        let sandbox = ("id", "$response.body#/id");
+        let function_ops = [
+            ("GetFunction", "/v1/functions/{name}", HttpMethod::Get),
+            ("InvokeFunction", "/v1/functions/{name}/invoke", HttpMethod::Post),
+            (
+                "InvokeFunctionAsync",
+                "/v1/functions/{name}/invoke-async",
+                HttpMethod::Post,
+            ),
+            ("DeleteFunction", "/v1/functions/{name}", HttpMethod::Delete),
+        ];
+        let sandbox_ops = [
+            ("GetSandbox", "/v1/sandboxes/{id}", HttpMethod::Get),
+            ("SuspendSandbox", "/v1/sandboxes/{id}/suspend", HttpMethod::Post),
+            ("ResumeSandbox", "/v1/sandboxes/{id}/resume", HttpMethod::Post),
+            ("ForkSandbox", "/v1/sandboxes/{id}/fork", HttpMethod::Post),
+            ("SandboxToken", "/v1/sandboxes/{id}/tokens", HttpMethod::Post),
+            ("TerminateSandbox", "/v1/sandboxes/{id}", HttpMethod::Delete),
+        ];
+        let invocation_ops = [
+            ("GetInvocation", "/v1/invocations/{id}", HttpMethod::Get),
+            ("InvocationLogs", "/v1/invocations/{id}/logs", HttpMethod::Get),
+        ];
+        let sources: [Source; 3] = [
+            (
+                "/v1/functions/{name}",
+                HttpMethod::Put,
+                &["200", "201"],
+                &function_ops,
+                name,
+            ),
+            (
+                "/v1/sandboxes",
+                HttpMethod::Post,
+                &["200", "201"],
+                &sandbox_ops,
+                sandbox,
+            ),
+            (
+                "/v1/functions/{name}/invoke-async",
+                HttpMethod::Post,
+                &["202"],
+                &invocation_ops,
+                ("id", "$response.body#/id"),
+            ),
+        ];
+        for (path, method, statuses, targets, (parameter, expression)) in sources {
+            let Some(operation) = operation_mut(openapi, path, &method) else {
+                continue;
+            };
+            for status in statuses {
+                let Some(RefOr::T(response)) = operation.responses.responses.get_mut(*status) else {
+                    continue;
+                };
+                for (link, target, target_method) in targets {
+                    let pointer = format!("#/paths/{}/{}", target.replace('/', "~1"), method_name(target_method));
+                    let built = LinkBuilder::new()
+                        .operation_ref(pointer)
+                        .parameter(parameter, expression)
+                        .build();
+                    response.links.insert((*link).to_owned(), RefOr::T(built));
+                }
+            }
+        }
+        // The deploy's raw body: a function that does nothing, in WAT, which Kiln compiles.
+        if let Some(operation) = operation_mut(openapi, "/v1/functions/{name}", &HttpMethod::Put) {
+            if let Some(body) = operation.request_body.as_mut() {
+                if let Some(content) = body.content.get_mut("application/octet-stream") {
+                    content.example = Some(serde_json::json!("(module (func (export \"_start\")))"));
+                }
+            }
+        }
+    }
+}
+
+fn operation_mut<'a>(
+    openapi: &'a mut utoipa::openapi::OpenApi,
+    path: &str,
+    method: &utoipa::openapi::HttpMethod,
+) -> Option<&'a mut utoipa::openapi::path::Operation> {
+    use utoipa::openapi::HttpMethod;
+    let item = openapi.paths.paths.get_mut(path)?;
+    match method {
+        HttpMethod::Get => item.get.as_mut(),
+        HttpMethod::Put => item.put.as_mut(),
+        HttpMethod::Post => item.post.as_mut(),
+        HttpMethod::Delete => item.delete.as_mut(),
+        _ => None,
+    }
+}
+
+fn method_name(method: &utoipa::openapi::HttpMethod) -> &'static str {
+    use utoipa::openapi::HttpMethod;
+    match method {
+        HttpMethod::Get => "get",
+        HttpMethod::Put => "put",
+        HttpMethod::Post => "post",
+        HttpMethod::Delete => "delete",
+        HttpMethod::Patch => "patch",
+        HttpMethod::Head => "head",
+        HttpMethod::Options => "options",
+        HttpMethod::Trace => "trace",
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Kiln", description = "Deploy WebAssembly functions and invoke them over HTTP."),
@@ -289,8 +481,8 @@ impl Modify for BearerAuth {
         super::identity::discovery,
         document,
     ),
-    components(schemas(ErrorBody, ErrorObject, DeployForm, FunctionList, Submitted, Invocation, NewTokenRequest, TokenView, TokenList, Rotated, SandboxView, SandboxList, TokenForSandbox, ExecResult, Jwks, Jwk, Discovery, RotatedIdentity)),
-    modifiers(&BearerAuth),
+    components(schemas(ErrorBody, ErrorObject, DeployForm, FunctionList, Submitted, Invocation, NewTokenRequest, TokenView, TokenList, Rotated, SandboxView, SandboxList, TokenForSandbox, ExecResult, Jwks, Jwk, Discovery, RotatedIdentity, SandboxState, KeyKind, NewSandbox, FunctionName)),
+    modifiers(&BearerAuth, &Links),
     security(("bearer" = [])),
 )]
 pub struct ApiDoc;
@@ -299,13 +491,63 @@ pub struct ApiDoc;
 pub fn json() -> Bytes {
     static DOCUMENT: OnceLock<Bytes> = OnceLock::new();
     DOCUMENT
-        .get_or_init(|| Bytes::from(ApiDoc::openapi().to_pretty_json().expect("the document serialises")))
+        .get_or_init(|| {
+            let mut document = serde_json::to_value(ApiDoc::openapi()).expect("the document serialises");
+            finish(&mut document);
+            Bytes::from(serde_json::to_vec_pretty(&document).expect("a JSON value serialises"))
+        })
         .clone()
+}
+
+/// What `utoipa` cannot say, said on the rendered document:
+/// - its links name their target `operation_ref` where OpenAPI says `operationRef`;
+/// - environment variables' names (`env`'s keys): not empty, no `=` or NUL, not starting with a
+///   digit; their values without NUL; at most 256;
+/// - a sandbox's `metadata`: at most 64 entries.
+fn finish(document: &mut serde_json::Value) {
+    use serde_json::{json, Value};
+    if let Some(paths) = document["paths"].as_object_mut() {
+        for operation in paths
+            .values_mut()
+            .filter_map(Value::as_object_mut)
+            .flat_map(|item| item.values_mut())
+        {
+            let Some(responses) = operation["responses"].as_object_mut() else {
+                continue;
+            };
+            for response in responses.values_mut() {
+                let Some(links) = response.get_mut("links").and_then(Value::as_object_mut) else {
+                    continue;
+                };
+                for link in links.values_mut().filter_map(Value::as_object_mut) {
+                    if let Some(target) = link.remove("operation_ref") {
+                        link.insert("operationRef".into(), target);
+                    }
+                }
+            }
+        }
+    }
+    let schemas = &mut document["components"]["schemas"];
+    for schema in ["FunctionConfig", "NewSandbox", "Settings"] {
+        let env = &mut schemas[schema]["properties"]["env"];
+        if env.is_object() {
+            env["propertyNames"] = json!({"pattern": "^[^0-9=\\u0000][^=\\u0000]*$"});
+            env["additionalProperties"] = json!({"type": "string", "pattern": "^[^\\u0000]*$"});
+            env["maxProperties"] = json!(kiln_core::function::MAX_ENV_VARS);
+        }
+    }
+    for schema in ["NewSandbox", "Settings"] {
+        let metadata = &mut schemas[schema]["properties"]["metadata"];
+        if metadata.is_object() {
+            metadata["maxProperties"] = json!(kiln_core::sandboxes::record::MAX_METADATA_ENTRIES);
+        }
+    }
 }
 
 /// This document.
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "operations",
-    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")))]
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json"),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody)))]
 pub fn document() -> Response<Body> {
     Response::builder()
         .status(StatusCode::OK)

@@ -87,8 +87,8 @@ struct Create {
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes",
-    params(("Idempotency-Key" = Option<String>, Header, description = "A retried create with the same key returns the same sandbox")),
-    request_body(content = kiln_core::sandboxes::record::Settings, description = "`function` (required), `version`, and the settings"),
+    params(("Idempotency-Key" = Option<String>, Header, pattern = r"^[!-~]{1,255}$", description = "A retried create with the same key returns the same sandbox")),
+    request_body(content = super::openapi::NewSandbox, description = "`function` (required), `version`, and the settings"),
     responses((status = 201, description = "Created and running", body = SandboxView),
         (status = 200, description = "The sandbox this Idempotency-Key created before", body = SandboxView),
         (status = 400, description = "Bad request, or not an HTTP-trigger function", body = ErrorBody),
@@ -115,7 +115,7 @@ pub async fn create(
     };
     let (parts, incoming) = req.into_parts();
     let (bytes, _held) = body::read(&parts.headers, incoming, 64 * 1024, Duration::from_secs(10), budget).await?;
-    let request: Create = serde_json::from_slice(&bytes)
+    let request: Create = kiln_core::json::from_slice(&bytes)
         .map_err(|e| error::invalid_request(format!("expected {{\"function\": name, ...settings}}: {e}")))?;
     if !is_valid_function_name(&request.function) {
         return Err(error::invalid_function_name(&request.function));
@@ -136,7 +136,7 @@ pub async fn create(
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
-    params(("function" = Option<String>, Query, description = "Only this function's"), ("state" = Option<String>, Query, description = "Only those in this state")),
+    params(("function" = Option<String>, Query, pattern = r"^[a-z0-9][a-z0-9_-]{0,63}$", max_length = 64, description = "Only this function's"), ("state" = Option<super::openapi::SandboxState>, Query, description = "Only those in this state")),
     responses((status = 200, description = "Sandboxes, oldest first", body = SandboxList),
         (status = 400, description = "Bad query", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
@@ -257,7 +257,8 @@ pub async fn fork(
     let request: Fork = if bytes.is_empty() {
         Fork { count: 1 }
     } else {
-        serde_json::from_slice(&bytes).map_err(|e| error::invalid_request(format!("expected {{\"count\": n}}: {e}")))?
+        kiln_core::json::from_slice(&bytes)
+            .map_err(|e| error::invalid_request(format!("expected {{\"count\": n}}: {e}")))?
     };
     let forks = sandboxes.fork(id, request.count).await?;
     let views: Vec<Value> = forks.iter().map(|s| view(sandboxes, s)).collect();
@@ -303,7 +304,7 @@ pub async fn token(
             ttl_s: an_hour(),
         }
     } else {
-        serde_json::from_slice(&bytes)
+        kiln_core::json::from_slice(&bytes)
             .map_err(|e| error::invalid_request(format!("expected {{\"scopes\": [...], \"ttl_s\": seconds}}: {e}")))?
     };
     let (secret, token) = sandboxes

@@ -78,7 +78,8 @@ pub async fn authorize(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NewToken {
-    functions: BTreeSet<String>,
+    /// As sent: the limit counts what was sent, repeats included (the document's `maxItems`).
+    functions: Vec<String>,
     /// Seconds the token is valid for; without it, until revoked.
     #[serde(default)]
     ttl_s: Option<u64>,
@@ -103,7 +104,7 @@ pub async fn create(
 ) -> Result<Response<Body>, Problem> {
     let (parts, incoming) = req.into_parts();
     let (bytes, _held) = body::read(&parts.headers, incoming, 64 * 1024, Duration::from_secs(10), budget).await?;
-    let request: NewToken = serde_json::from_slice(&bytes)
+    let request: NewToken = kiln_core::json::from_slice(&bytes)
         .map_err(|e| error::invalid_request(format!("expected {{\"functions\": [names], \"ttl_s\": seconds}}: {e}")))?;
     let ttl = match request.ttl_s {
         None => None,
@@ -124,9 +125,10 @@ pub async fn create(
             "invalid function name {bad:?}: names match ^[a-z0-9][a-z0-9_-]{{0,63}}$"
         )));
     }
+    let functions: BTreeSet<String> = request.functions.into_iter().collect();
     let (auth, metadata) = (auth.clone(), storage.metadata.clone());
     let (token, secret, created_at) =
-        tokio::task::spawn_blocking(move || auth.create_scoped(metadata.as_ref(), request.functions, ttl))
+        tokio::task::spawn_blocking(move || auth.create_scoped(metadata.as_ref(), functions, ttl))
             .await
             .expect("token task panicked")
             .map_err(Problem::internal)?;

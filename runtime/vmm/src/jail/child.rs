@@ -102,6 +102,7 @@ fn supervisor() -> Result<i32, String> {
     let hypervisor = Hypervisor::open().map_err(|e| format!("cannot use KVM: {e}"))?;
     // The vCPU's deadline signal: installed now, as the filter refuses `rt_sigaction` later.
     install_kick_handler().map_err(|e| format!("cannot install the vCPU kick handler: {e}"))?;
+    seccomp::report_violations().map_err(|e| format!("cannot install the SIGSYS reporter: {e}"))?;
 
     // SAFETY: geteuid and getegid have no preconditions.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };

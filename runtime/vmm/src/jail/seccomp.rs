@@ -1,6 +1,8 @@
 //! The helper's seccomp allow-lists, one per role, after Firecracker's per-thread filters: every
-//! syscall not listed kills the whole process (`SECCOMP_RET_KILL_PROCESS`), and `ioctl` is allowed
-//! only with the KVM request numbers the run loop, restore and snapshot use.
+//! syscall not listed kills the whole process with SIGSYS, and `ioctl` is allowed only with the KVM
+//! request numbers the run loop, restore and snapshot use. The filter traps (`SECCOMP_RET_TRAP`)
+//! rather than kills outright so that [`report_violations`]'s handler can first name the syscall
+//! on stderr (which the server logs): the process then dies of SIGSYS all the same.
 //!
 //! - [`Role::Restore`]: restore a snapshot and run an invocation (also the PROBE: create a VM).
 //! - [`Role::Boot`]: boot a guest and write its snapshot through two files opened before the
@@ -11,8 +13,7 @@
 //! and `mprotect` are refused `PROT_EXEC`. The lists were taken from `strace -f` of the jail tests
 //! and are exercised by them, built for glibc and for musl (whose wrappers differ: `fstat` is
 //! `newfstatat(fd, "", AT_EMPTY_PATH)` there, `F_DUPFD_CLOEXEC` is followed by `F_SETFD`): a
-//! missing entry kills a test with SIGSYS, and the kernel's log names the syscall (audit type
-//! 1326, `syscall=N`).
+//! missing entry kills a test with SIGSYS, and the helper's stderr names the syscall.
 
 use std::collections::BTreeMap;
 
@@ -232,12 +233,63 @@ fn rules(role: Role) -> BTreeMap<i64, Vec<SeccompRule>> {
 pub fn program(role: Role) -> Result<BpfProgram, SeccompError> {
     let filter = SeccompFilter::new(
         rules(role),
-        SeccompAction::KillProcess,
+        SeccompAction::Trap,
         SeccompAction::Allow,
         TargetArch::x86_64,
     )
     .map_err(SeccompError::Build)?;
     filter.try_into().map_err(SeccompError::Build)
+}
+
+/// Installs the SIGSYS handler of [`SeccompAction::Trap`]: it writes "the seccomp filter refused
+/// syscall N" to stderr, then makes a call no role allows — with SIGSYS blocked in its own
+/// handler, the kernel kills the process with SIGSYS, as `SECCOMP_RET_KILL_PROCESS` would have.
+/// Installed before the jail closes (the filter refuses `rt_sigaction`).
+pub fn report_violations() -> std::io::Result<()> {
+    // SAFETY: a zeroed sigaction is valid; the handler is async-signal-safe (write, syscall, _exit).
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_violation as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+extern "C" fn on_violation(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SIGSYS's siginfo (`_sigsys`): the call's address at offset 16, the syscall number at 24.
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    let nr = unsafe { std::ptr::read_unaligned(info.cast::<u8>().add(24).cast::<i32>()) };
+    let mut line = [0u8; 80];
+    let prefix = b"kiln-vmm: the seccomp filter refused syscall ";
+    line[..prefix.len()].copy_from_slice(prefix);
+    let mut len = prefix.len();
+    let mut digits = [0u8; 12];
+    let (mut n, mut count) = (nr.unsigned_abs(), 0);
+    loop {
+        digits[count] = b'0' + (n % 10) as u8;
+        count += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &digit in digits[..count].iter().rev() {
+        line[len] = digit;
+        len += 1;
+    }
+    line[len] = b'\n';
+    len += 1;
+    // SAFETY: writing our own buffer to stderr; then a call every role refuses (see above), and
+    // `_exit` should the kernel ever let it through.
+    unsafe {
+        libc::write(2, line.as_ptr().cast(), len);
+        libc::syscall(libc::SYS_getppid);
+        libc::_exit(128 + libc::SIGSYS);
+    }
 }
 
 /// Installs `program` on the calling thread (the helper has no other). Sets `no_new_privs`,
@@ -283,6 +335,8 @@ mod tests {
             libc::SYS_ptrace,
             libc::SYS_setuid,
             libc::SYS_rt_sigaction,
+            // The violation reporter's way to die of SIGSYS.
+            libc::SYS_getppid,
         ] {
             for rules in [&restore, &boot, &supervisor] {
                 assert!(!rules.contains_key(&forbidden), "syscall {forbidden} allowed");
