@@ -13,7 +13,11 @@ use kiln_server::settings::{LogFormat, ServeSettings};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "A self-hosted serverless function runtime")]
+#[command(
+    name = "kiln",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("KILN_COMMIT"), ")"),
+    about = "A self-hosted serverless function runtime"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

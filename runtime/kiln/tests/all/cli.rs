@@ -244,3 +244,29 @@ fn connectors_from_the_cli() {
     assert_eq!(ok(&cli(&kiln, &["connector", "rm", "db"], b"")), "deleted db\n");
     assert_eq!(ok(&cli(&kiln, &["connector", "ls"], b"")), "");
 }
+
+#[test]
+fn the_version_names_the_commit_it_was_built_from() {
+    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let said = String::from_utf8(output.stdout).unwrap();
+    let commit = said
+        .trim()
+        .strip_prefix(concat!("kiln ", env!("CARGO_PKG_VERSION"), " ("))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{said}"));
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8(o.stdout).unwrap().trim().to_owned());
+    match head {
+        // Built from this checkout: its commit (the test binary and `kiln` were built together).
+        Some(head) => assert_eq!(commit, head),
+        None => assert_eq!(commit, "unknown"),
+    }
+}

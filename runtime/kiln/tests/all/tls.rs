@@ -102,6 +102,29 @@ fn https_by_alpn_the_cli_with_its_ca_and_a_certificate_renewed_on_sighup() {
     std::fs::write(&ca_path, &ca).unwrap();
     let listed = cli(&kiln, &["--ca", ca_path.to_str().unwrap(), "ls"]);
     assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    // Deploy and invoke through the CLI over TLS.
+    let wat = crate::support::guests_dir().join("wat/hello.wat");
+    let deployed = cli(
+        &kiln,
+        &[
+            "--ca",
+            ca_path.to_str().unwrap(),
+            "deploy",
+            "greeter",
+            wat.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        deployed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&deployed.stderr)
+    );
+    let invoked = cli(
+        &kiln,
+        &["--ca", ca_path.to_str().unwrap(), "invoke", "greeter", "-d", "tls"],
+    );
+    assert!(invoked.status.success(), "{}", String::from_utf8_lossy(&invoked.stderr));
+    assert_eq!(String::from_utf8_lossy(&invoked.stdout), "Hello from Kiln!\n");
     let refused = cli(&kiln, &["ls"]);
     assert!(!refused.status.success());
     let said = String::from_utf8_lossy(&refused.stderr).to_lowercase();
