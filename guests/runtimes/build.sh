@@ -43,7 +43,7 @@ zig_pkg=ziglang==0.17.1
 declare -A output_sha=(
   [ruby]=2164784f5acf4baac1275655d0410922a80365f997c4472c885b7fada804804d
   [python]=dfde0dbe601ad4285431943944bf55cc6e66663285159a176af30e557436e8fa
-  [javascript]=be36a5a875ab71d38cd545d776a342efae3ebca5b7a6a92b85da2693cd6a0609
+  [javascript]=72d82539ef3b257b764047500d3fb7217d6898d21b91e7aea8d7dafa1841ab8b
 )
 
 log() { echo "runtimes: $*" >&2; }

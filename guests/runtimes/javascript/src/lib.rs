@@ -2,7 +2,7 @@
 //!
 //! `wizer.initialize` (deploy): boots QuickJS, loads `$KILN_HANDLER` (default `/app/main.js`) as an ES module (its imports
 //! resolved under `/app`), runs its top level, keeps the handler. Snapshotted by wizer.
-//! `kiln.restore` (every fresh instance): calls the module's `onRestore` export if any.
+//! `kiln.restore` (every fresh instance): reseeds `Math.random`, calls the module's `onRestore` export if any.
 //! `_start` (every invocation): JSON on stdin -> handler(event) (awaited) -> JSON on stdout.
 use rquickjs::function::Rest;
 use rquickjs::loader::{ImportAttributes, Resolver, ScriptLoader};
@@ -205,6 +205,9 @@ extern "C" {
 #[export_name = "kiln.restore"]
 pub extern "C" fn restore() {
     unsafe { __wasilibc_reset_preopens() };
+    // Math.random's state, if the top level drew from it, is in the snapshot and would be the same
+    // in every instance: forget it, so the next draw seeds from this instance's WASI random.
+    RNG.with(|s| *s.borrow_mut() = 0);
     STATE.with(|s| {
         let s = s.borrow();
         let s = s.as_ref().expect("initialised");
