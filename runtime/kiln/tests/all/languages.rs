@@ -332,3 +332,58 @@ export default async function handler(event) {
         exception: ["TypeError", "asked to fail", "main.mjs"],
     });
 }
+
+/// A raw body is source by its Content-Type; a top level that allocates without end fails its
+/// deploy with the memory limit's message; source and config must agree.
+#[test]
+fn content_type_memory_limit_and_config_checks() {
+    let test = "languages::content_type_memory_limit_and_config_checks";
+    let Some(runtimes) = runtime("javascript", test) else {
+        return;
+    };
+    let kiln = Kiln::start_with(&["--runtimes-dir", runtimes.to_str().unwrap()]);
+    let response = slow()
+        .put(kiln.url("/v1/functions/raw"))
+        .bearer_auth(&kiln.token)
+        .header("content-type", "text/javascript")
+        .body("export default (event) => ({ raw: event });\n")
+        .send()
+        .unwrap();
+    let deployed = must(response);
+    assert_eq!(deployed["config"]["runtime"], "javascript", "{deployed}");
+    assert_eq!(invoke_json(&kiln, "raw", json!([1])), json!({"raw": [1]}));
+
+    let hog = "const a = [];\nfor (;;) a.push(new Uint8Array(1 << 20).fill(1));\n";
+    let error = expect_error(
+        deploy(&kiln, "hog", hog.into(), Some("hog.js"), json!({"memory_mb": 64})),
+        422,
+        "invalid_code",
+    );
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("memory limit of 64 MiB"), "{message}");
+
+    for (file, config, needle) in [
+        ("a.js", json!({"runtime": "python"}), "is not a python file"),
+        ("a.js", json!({"tier": "microvm"}), "wasm tier only"),
+        (
+            "a.txt",
+            json!({"runtime": "ruby", "handler": "../a.rb"}),
+            "relative path",
+        ),
+    ] {
+        let error = expect_error(
+            deploy(&kiln, "bad", b"1".to_vec(), Some(file), config),
+            400,
+            "invalid_request",
+        );
+        assert!(error["message"].as_str().unwrap().contains(needle), "{needle}: {error}");
+    }
+    // An archive without the entry it names.
+    let tar = tar_of_files(&[("lib/x.js".to_owned(), b"export const x = 1;\n".to_vec())]);
+    let error = expect_error(
+        deploy(&kiln, "bad", tar, None, json!({"runtime": "javascript"})),
+        422,
+        "invalid_code",
+    );
+    assert!(error["message"].as_str().unwrap().contains("main.js"), "{error}");
+}
