@@ -13,4 +13,6 @@ if [[ -e /dev/kvm && -s target/kiln-guest/vmlinuz ]] && grep -qwE 'vmx|svm' /pro
   export KILN_MICROVM_KERNEL=${KILN_MICROVM_KERNEL:-$PWD/target/kiln-guest/vmlinuz}
   export KILN_MICROVM_AGENT=${KILN_MICROVM_AGENT:-$PWD/target/kiln-guest/cargo/x86_64-unknown-linux-musl/release/kiln-agent}
 fi
+# The language runtimes of functions from source, which setup.sh built.
+export KILN_RUNTIMES_DIR=${KILN_RUNTIMES_DIR:-$PWD/target/kiln-runtimes}
 exec cargo run --release -p kiln -- serve "$@"

@@ -27,6 +27,19 @@ if [[ ${KILN_SETUP_POLYGLOT:-1} == 1 ]]; then
     echo "setup: some polyglot toolchains could not be installed; their tests will be skipped"
   fi
 fi
+# The language runtimes of functions from source (Ruby, Python, JavaScript), built from pinned
+# registry inputs into target/kiln-runtimes (git-ignored; a few minutes the first time, a no-op
+# after). The Ruby one needs wabt. A runtime that cannot be built has its tests skipped, saying why,
+# and its deploys refused. KILN_SETUP_RUNTIMES=0 skips this.
+if [[ ${KILN_SETUP_RUNTIMES:-1} == 1 ]]; then
+  if ! command -v wat2wasm >/dev/null 2>&1; then
+    echo "setup: installing wabt"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wabt || true
+  fi
+  if ! "$(dirname "$0")/../../guests/runtimes/build.sh" install; then
+    echo "setup: some language runtimes could not be built; their tests will be skipped"
+  fi
+fi
 # The microVM tier's Linux guest: the agent is a static musl executable, the image is tested under
 # QEMU (software emulation), and the kernel is Debian's cloud kernel, version- and checksum-pinned.
 if ! grep -qx x86_64-unknown-linux-musl <<<"$installed"; then

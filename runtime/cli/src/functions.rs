@@ -14,8 +14,15 @@ use super::progress::Upload;
 pub struct DeployArgs {
     /// Function name (`^[a-z0-9][a-z0-9_-]{0,63}$`).
     pub name: String,
-    /// The artifact: a Wasm module or component (binary or WAT text).
+    /// The artifact: a Wasm module or component (binary or WAT text), or source: a `.rb`, `.py`,
+    /// `.js` or `.mjs` handler, or a zip or tar of a directory (with `--runtime`).
     pub file: PathBuf,
+    /// Source: its language, when the file's name does not say it (an archive).
+    #[arg(long, value_parser = ["ruby", "python", "javascript"])]
+    pub runtime: Option<String>,
+    /// Source: the entry file inside an archive (e.g. `src/handler.py`).
+    #[arg(long)]
+    pub handler: Option<String>,
     /// Memory limit of one instance, in MiB.
     #[arg(long)]
     pub memory_mb: Option<u64>,
@@ -56,6 +63,12 @@ impl DeployArgs {
         let mut config = Map::new();
         if let Some(tier) = &self.tier {
             config.insert("tier".into(), tier.clone().into());
+        }
+        if let Some(runtime) = &self.runtime {
+            config.insert("runtime".into(), runtime.clone().into());
+        }
+        if let Some(handler) = &self.handler {
+            config.insert("handler".into(), handler.clone().into());
         }
         if let Some(v) = self.memory_mb {
             config.insert("memory_mb".into(), v.into());
@@ -206,6 +219,8 @@ mod tests {
             connector: vec!["db".into()],
             public: false,
             tier: None,
+            runtime: None,
+            handler: None,
         };
         assert_eq!(
             args.config(),

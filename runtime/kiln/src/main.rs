@@ -30,7 +30,7 @@ enum Command {
     /// Serve the HTTP API.
     Serve(Box<ServeSettings>),
     #[command(flatten)]
-    Client(kiln_cli::Command),
+    Client(Box<kiln_cli::Command>),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
 }
@@ -50,7 +50,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Client(command) => {
-            return match kiln_cli::run(&cli.connection, command) {
+            return match kiln_cli::run(&cli.connection, *command) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("kiln: {e}");

@@ -141,6 +141,12 @@ pub struct ServeSettings {
     /// Jailed microVM helpers kept started, ready for the next VM; 0 starts one per VM [default: 2].
     #[arg(long, env = "KILN_MICROVM_PRESTART")]
     pub microvm_prestart: Option<usize>,
+    /// Where the language runtimes of functions from source are (`{ruby,python,javascript}.wasm`,
+    /// built by `guests/runtimes/build.sh install`) [default: `../kiln-runtimes` beside the `kiln`
+    /// executable when it exists — `target/kiln-runtimes` in a checkout; otherwise none, and
+    /// deploys from source answer 503].
+    #[arg(long, env = "KILN_RUNTIMES_DIR")]
+    pub runtimes_dir: Option<PathBuf>,
     /// Log line format [default: text].
     #[arg(long, env = "KILN_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -203,6 +209,7 @@ impl ServeSettings {
         pick!(microvm_agent => c.core.microvm_agent, Some);
         pick!(microvm_max_vms => c.core.microvm_max_vms, |v: u32| v.max(1));
         pick!(microvm_prestart => c.core.microvm_prestart, |v| v);
+        pick!(runtimes_dir => c.core.runtimes_dir, Some);
         let log_format = self.log_format.or(file.log_format).unwrap_or_default();
         (c, log_format)
     }

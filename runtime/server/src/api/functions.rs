@@ -5,7 +5,7 @@ use http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::Serialize;
 
-use kiln_core::function::{FunctionConfig, VersionRecord};
+use kiln_core::function::{FunctionConfig, Runtime, VersionRecord};
 use kiln_core::functions::Functions;
 use kiln_core::problem::Problem;
 use kiln_core::telemetry::Telemetry;
@@ -29,6 +29,29 @@ pub(super) struct VersionView<'a> {
     handle: String,
     config: &'a FunctionConfig,
     created_at: &'a str,
+    /// A function from source: its language, interpreter and the interpreter's version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    runtime: Option<RuntimeView>,
+}
+
+/// The language runtime of a function from source.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct RuntimeView {
+    /// `ruby`, `python` or `javascript`.
+    language: &'static str,
+    interpreter: &'static str,
+    version: &'static str,
+}
+
+impl From<Runtime> for RuntimeView {
+    fn from(runtime: Runtime) -> Self {
+        let (interpreter, version) = runtime.interpreter();
+        RuntimeView {
+            language: runtime.as_str(),
+            interpreter,
+            version,
+        }
+    }
 }
 
 impl<'a> From<&'a VersionRecord> for VersionView<'a> {
@@ -43,13 +66,14 @@ impl<'a> From<&'a VersionRecord> for VersionView<'a> {
             handle: format!("{}@{}", r.name, r.version),
             config: &r.config,
             created_at: &r.created_at,
+            runtime: r.config.runtime.map(RuntimeView::from),
         }
     }
 }
 
 #[utoipa::path(put, path = "/v1/functions/{name}", tag = "functions", params(("name" = String, Path, description = "Function name", pattern = r"^[a-z0-9][a-z0-9_-]{0,63}$", max_length = 64, example = "hello")),
     request_body(content((DeployForm = "multipart/form-data"), (Vec<u8> = "application/octet-stream")),
-        description = "multipart with parts `code` and optional `config`, or the raw artifact"),
+        description = "multipart with parts `code` and optional `config`, or the raw artifact; source (Ruby, Python, JavaScript) by the config's `runtime`, the `code` part's file name or the Content-Type"),
     responses(
         (status = 201, description = "A new version", body = VersionView),
         (status = 200, description = "Same artifact and config as the latest version: no new version", body = VersionView),
@@ -95,7 +119,12 @@ async fn read_upload(
     let (code, config) = if content_type.starts_with("multipart/form-data") {
         parse_multipart(content_type, bytes).await?
     } else {
-        (bytes, FunctionConfig::default())
+        // A raw body is source when its Content-Type says so (`text/x-ruby`...).
+        let config = FunctionConfig {
+            runtime: Runtime::of_content_type(content_type),
+            ..FunctionConfig::default()
+        };
+        (bytes, config)
     };
     if code.len() as u64 > limits.max_code_bytes {
         return Err(error::payload_too_large(limits.max_code_bytes));
@@ -109,8 +138,13 @@ pub(super) async fn parse_multipart(content_type: &str, bytes: Bytes) -> Result<
     let stream = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(bytes) });
     let mut multipart = multer::Multipart::new(stream, boundary);
     let (mut code, mut config) = (None, None);
+    let (mut file_name, mut code_type) = (None, None);
     while let Some(field) = multipart.next_field().await.map_err(|e| bad(e.to_string()))? {
         let name = field.name().unwrap_or("").to_owned();
+        if name == "code" {
+            file_name = field.file_name().map(str::to_owned);
+            code_type = field.content_type().map(|m| m.essence_str().to_owned());
+        }
         let data = field.bytes().await.map_err(|e| bad(e.to_string()))?;
         let slot = match name.as_str() {
             "code" => &mut code,
@@ -126,11 +160,34 @@ pub(super) async fn parse_multipart(content_type: &str, bytes: Bytes) -> Result<
         }
     }
     let code = code.ok_or_else(|| bad("no `code` part".into()))?;
-    let config = match config {
+    let mut config = match config {
         Some(json) => FunctionConfig::from_json(&json).map_err(error::invalid_request)?,
         None => FunctionConfig::default(),
     };
+    if source_by_name(&mut config, file_name.as_deref(), code_type.as_deref()) {
+        config.check().map_err(error::invalid_request)?;
+    }
     Ok((code, config))
+}
+
+/// A `code` part named `handler.rb` (or typed `text/x-ruby`) is Ruby source, and a single source
+/// file's name is its handler's. True when the config was changed.
+fn source_by_name(config: &mut FunctionConfig, file_name: Option<&str>, content_type: Option<&str>) -> bool {
+    let base = file_name
+        .map(|n| n.rsplit(['/', '\\']).next().unwrap_or(n))
+        .filter(|n| kiln_core::tier::wasm::source::check_path(n).is_ok());
+    let by_name = base.and_then(Runtime::of_file_name);
+    let runtime = config
+        .runtime
+        .or(by_name)
+        .or_else(|| content_type.and_then(Runtime::of_content_type));
+    let Some(runtime) = runtime else { return false };
+    let mut changed = config.runtime.replace(runtime).is_none();
+    if config.handler.is_none() && by_name.is_some() {
+        config.handler = base.map(str::to_owned);
+        changed = true;
+    }
+    changed
 }
 
 #[utoipa::path(get, path = "/v1/functions", tag = "functions",

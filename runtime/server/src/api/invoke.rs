@@ -59,10 +59,15 @@ pub async fn sync(
     };
     let record = &resolved.function.record;
     telemetry.sync_invocation(id, record, &outcome, duration);
+    // A function from source answers the JSON its handler returned.
+    let content_type = match record.config.runtime {
+        Some(_) => "application/json",
+        None => "application/octet-stream",
+    };
     let mut response = match outcome {
         Ok(success) => Response::builder()
             .status(StatusCode::OK)
-            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .header(header::CONTENT_TYPE, content_type)
             .body(Body::new(success.stdout))
             .expect("static headers are valid"),
         Err(e) => body::error(&Problem::from(e)),

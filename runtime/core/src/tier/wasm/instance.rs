@@ -10,7 +10,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
-use wasmtime_wasi::{I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::egress::Egress;
@@ -126,6 +126,19 @@ impl Guest<'_> {
     /// A store for one instance: `stdin` as its input, its limits armed, its deadline running
     /// from now. The init hook's stdout is capped like stderr (nobody reads it).
     pub fn store<T: GuestState>(&self, engine: &Engine, stdin: Bytes, stdout_cap: StdoutCap) -> Instance<T> {
+        self.store_with(engine, stdin, stdout_cap, &[])
+            .expect("no directory to open")
+    }
+
+    /// [`Guest::store`] with directories preopened read-only, `(host directory, guest path)`:
+    /// only a source function's deploy-time init has any (its files at `/app`).
+    pub fn store_with<T: GuestState>(
+        &self,
+        engine: &Engine,
+        stdin: Bytes,
+        stdout_cap: StdoutCap,
+        preopens: &[(std::path::PathBuf, &str)],
+    ) -> Result<Instance<T>, String> {
         let stdout = CappedOutput::new("stdout", stdout_cap.bytes());
         let stderr = CappedOutput::new("stderr", STDERR_CAP);
         let mut wasi = WasiCtxBuilder::new();
@@ -141,17 +154,21 @@ impl Guest<'_> {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .max_random_size(MAX_RANDOM_BYTES);
+        for (host, guest) in preopens {
+            wasi.preopened_dir(host, guest, FsPerms::ReadOnly)
+                .map_err(|e| format!("opening {}: {e}", host.display()))?;
+        }
         let limiter = MemoryLimiter::new(self.memory_bytes, self.share);
         let state = T::new(wasi, limiter, self.egress, self.identity.as_ref());
         let mut store = Store::new(engine, state);
         store.limiter(|s| s.limiter());
         arm_deadline(&mut store, self.timeout);
-        Instance {
+        Ok(Instance {
             store,
             stdout,
             stderr,
             timeout_ms: self.timeout_ms,
-        }
+        })
     }
 }
 

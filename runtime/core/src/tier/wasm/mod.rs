@@ -5,6 +5,7 @@
 //! One module per concept:
 //! - [`validate`]: what an upload is, and whether Kiln can run it (deploy, `invalid_code` otherwise);
 //! - [`preinit`]: a module's init hook run once at deploy and snapshotted (Wizer);
+//! - [`source`]: functions from source — a language runtime pre-initialised with the user's files;
 //! - [`compile`]: AOT compilation and its cache, keyed by engine and CPU;
 //! - [`link`]: the WASI linkers, and compiled code linked into ready-to-instantiate [`link::Code`];
 //! - [`engine`]: the one engine and its pool, sized from `max_instances`;
@@ -27,6 +28,7 @@ pub mod limits;
 pub mod link;
 pub mod preinit;
 pub mod sandbox;
+pub mod source;
 pub mod state;
 pub mod trigger;
 pub mod validate;
@@ -48,7 +50,7 @@ use crate::config::CoreConfig;
 use crate::connectors::Connectors;
 use crate::deploy::DeployError;
 use crate::digest::Digest;
-use crate::function::{FunctionConfig, VersionRecord};
+use crate::function::{ArtifactKind, FunctionConfig, VersionRecord};
 use crate::functions::LoadError;
 use crate::identity::{Identity, Issuer, Subject, Workload};
 use crate::outcome::{InvokeError, Success};
@@ -125,6 +127,8 @@ pub struct WasmTier {
     blobs: Arc<dyn Blobs>,
     /// Where sandboxes' instances run (`sandbox`).
     sandboxes: Arc<SandboxEngine>,
+    /// The language runtimes of functions from source.
+    runtimes: Arc<source::Runtimes>,
     _ticker: Arc<EpochTicker>,
 }
 
@@ -177,6 +181,9 @@ impl WasmTier {
             issuer,
             blobs,
             sandboxes: Arc::new(sandboxes),
+            runtimes: Arc::new(source::Runtimes {
+                dir: config.runtimes_dir.clone(),
+            }),
             _ticker: Arc::new(ticker),
         })
     }
@@ -226,21 +233,43 @@ impl WasmTier {
     }
 
     /// Stage 1, blocking and CPU-heavy: the init hook's snapshot, compilation, a link check.
-    fn prepare(&self, name: &str, artifact: &Artifact, config: &FunctionConfig) -> Result<WasmStaged, DeployError> {
-        self.check_weight(&Footprint::of(artifact.kind, &artifact.bytes))?;
-        let snapshot = match artifact.init_hook {
-            Some(hook) => {
+    /// `source`: a function from source, its runtime and files (the artifact is the upload).
+    fn prepare(
+        &self,
+        name: &str,
+        artifact: &Artifact,
+        source: Option<&source::Prepared>,
+        config: &FunctionConfig,
+    ) -> Result<WasmStaged, DeployError> {
+        let init_code = source.map_or(&artifact.bytes[..], |s| &s.module[..]);
+        self.check_weight(&Footprint::of(artifact.kind, init_code))?;
+        let snapshot = match (source, artifact.init_hook) {
+            (Some(source), _) => {
+                tracing::info!(function = name, handler = %source.handler, "loading the function from source");
+                let env = [("KILN_HANDLER".to_owned(), source.handler.clone())];
+                let init = preinit::Init {
+                    hook: validate::INIT_HOOKS[0],
+                    what: format!("loading {}", source.handler),
+                    preopens: &source.preopens,
+                    env: &env,
+                    keep_compiled: true,
+                };
+                let snapshot = preinit::preinitialize(self, name, &source.module, &init, config)
+                    .map_err(DeployError::InvalidCode)?;
+                Some(snapshot)
+            }
+            (None, Some(hook)) => {
                 tracing::info!(
                     function = name,
                     digest = artifact.digest.hex(),
                     hook,
                     "running the init hook"
                 );
-                let snapshot = preinit::preinitialize(self, name, &artifact.bytes, hook, config)
+                let snapshot = preinit::preinitialize(self, name, &artifact.bytes, &preinit::Init::hook(hook), config)
                     .map_err(DeployError::InvalidCode)?;
                 Some(snapshot)
             }
-            None => None,
+            (None, None) => None,
         };
         let code = snapshot.as_deref().unwrap_or(&artifact.bytes);
         let code_digest = Digest::of(code);
@@ -269,6 +298,16 @@ impl Tier for WasmTier {
     type Staged = WasmStaged;
 
     fn inspect(&self, upload: &[u8], config: &FunctionConfig) -> Result<Artifact, DeployError> {
+        if let Some(runtime) = config.runtime {
+            // Source: stored as uploaded; unpacked and built by `stage`.
+            self.runtimes.check(runtime).map_err(DeployError::TierUnavailable)?;
+            return Ok(Artifact {
+                kind: ArtifactKind::Module,
+                digest: Digest::of(upload),
+                bytes: Bytes::copy_from_slice(upload),
+                init_hook: None,
+            });
+        }
         let limits = CodeLimits {
             memory_bytes: config.memory_bytes() as u64,
             table_elements: engine::TABLE_ELEMENTS as u64,
@@ -287,10 +326,24 @@ impl Tier for WasmTier {
     async fn stage(&self, name: &str, artifact: &Artifact, config: &FunctionConfig) -> Result<WasmStaged, DeployError> {
         // The init hook is an instance from the pool like any other: it waits for its share of
         // the pool's permits (not refused: a deploy is not an invocation that can be retried).
-        let weight = Footprint::of(artifact.kind, &artifact.bytes).weight();
-        let _pool_share = match artifact.init_hook {
-            Some(_) => Some(self.capacity.take(weight.min(self.capacity.limit())).await),
+        let source = match config.runtime {
+            Some(_) => {
+                let (runtimes, upload, config) = (self.runtimes.clone(), artifact.bytes.clone(), config.clone());
+                let prepared = tokio::task::spawn_blocking(move || runtimes.prepare(&upload, &config))
+                    .await
+                    .expect("deploy task panicked");
+                Some(prepared.map_err(|e| match e {
+                    source::PrepareError::Invalid(message) => DeployError::InvalidCode(message),
+                    source::PrepareError::Unavailable(message) => DeployError::TierUnavailable(message),
+                })?)
+            }
             None => None,
+        };
+        let init_code = source.as_ref().map_or(&artifact.bytes[..], |s| &s.module[..]);
+        let weight = Footprint::of(artifact.kind, init_code).weight();
+        let _pool_share = match (&source, artifact.init_hook) {
+            (None, None) => None,
+            _ => Some(self.capacity.take(weight.min(self.capacity.limit())).await),
         };
         let (tier, name, config) = (self.clone(), name.to_owned(), config.clone());
         let artifact = Artifact {
@@ -299,7 +352,7 @@ impl Tier for WasmTier {
             digest: artifact.digest.clone(),
             init_hook: artifact.init_hook,
         };
-        tokio::task::spawn_blocking(move || tier.prepare(&name, &artifact, &config))
+        tokio::task::spawn_blocking(move || tier.prepare(&name, &artifact, source.as_ref(), &config))
             .await
             .expect("deploy task panicked")
     }
