@@ -56,20 +56,6 @@ pub struct NewSandbox {
     connectors: Option<Vec<FunctionName>>,
 }
 
-/// A sandbox's state.
-#[derive(ToSchema)]
-#[schema(rename_all = "lowercase")]
-#[allow(dead_code)]
-pub enum SandboxState {
-    Starting,
-    Running,
-    Suspending,
-    Suspended,
-    Resuming,
-    Terminated,
-    Failed,
-}
-
 /// Which signing keys.
 #[derive(ToSchema)]
 #[schema(rename_all = "lowercase")]
@@ -481,7 +467,7 @@ fn method_name(method: &utoipa::openapi::HttpMethod) -> &'static str {
         super::identity::discovery,
         document,
     ),
-    components(schemas(ErrorBody, ErrorObject, DeployForm, FunctionList, Submitted, Invocation, NewTokenRequest, TokenView, TokenList, Rotated, SandboxView, SandboxList, TokenForSandbox, ExecResult, Jwks, Jwk, Discovery, RotatedIdentity, SandboxState, KeyKind, NewSandbox, FunctionName)),
+    components(schemas(ErrorBody, ErrorObject, DeployForm, FunctionList, Submitted, Invocation, NewTokenRequest, TokenView, TokenList, Rotated, SandboxView, SandboxList, TokenForSandbox, ExecResult, Jwks, Jwk, Discovery, RotatedIdentity, kiln_core::sandboxes::record::State, KeyKind, NewSandbox, FunctionName)),
     modifiers(&BearerAuth, &Links),
     security(("bearer" = [])),
 )]

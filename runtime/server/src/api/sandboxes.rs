@@ -136,7 +136,7 @@ pub async fn create(
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
-    params(("function" = Option<String>, Query, pattern = r"^[a-z0-9][a-z0-9_-]{0,63}$", max_length = 64, description = "Only this function's"), ("state" = Option<super::openapi::SandboxState>, Query, description = "Only those in this state")),
+    params(("function" = Option<String>, Query, pattern = r"^[a-z0-9][a-z0-9_-]{0,63}$", max_length = 64, description = "Only this function's"), ("state" = Option<State>, Query, description = "Only those in this state")),
     responses((status = 200, description = "Sandboxes, oldest first", body = SandboxList),
         (status = 400, description = "Bad query", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
