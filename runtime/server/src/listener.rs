@@ -12,8 +12,9 @@
 //!   most unless a request races in.
 //! - Sizes and rates: 64 KiB of headers, 256 concurrent h2 streams, and h2's reset limits against
 //!   rapid reset (CVE-2023-44487); bodies have their own limits in `api::body`.
-//! - TLS ([`crate::tls`]): the handshake runs in the connection's own task, holding its slot, and
-//!   must finish within `header_read_timeout`; then the same HTTP/1.1-or-h2 service runs over it.
+//! - TLS ([`crate::tls`]): the handshake runs in the connection's own task, holding its slot (an
+//!   idle one: an eviction ends it), and must finish within `header_read_timeout`; then the same
+//!   HTTP/1.1-or-h2 service runs over it.
 //!
 //! Shutdown: stop accepting, tell every connection to close gracefully (the API answers requests
 //! that still arrive with 503), let in-flight ones finish (bounded by `shutdown_grace`), return.
@@ -142,10 +143,16 @@ pub async fn run(server: Arc<Server>, listener: TcpListener, shutdown: impl Futu
                 let (acceptor, builder) = (tls.acceptor(), builder.clone());
                 let deadline = config.header_read_timeout;
                 tokio::spawn(async move {
-                    let stream = match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(error)) => return tracing::debug!(%peer, %error, "TLS handshake failed"),
-                        Err(_) => return tracing::debug!(%peer, "TLS handshake not done in time"),
+                    let mut evicted = evicted;
+                    // A connection still shaking hands is idle: an eviction for a newcomer ends it.
+                    let handshake = tokio::time::timeout(deadline, acceptor.accept(stream));
+                    let stream = tokio::select! {
+                        done = handshake => match done {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(error)) => return tracing::debug!(%peer, %error, "TLS handshake failed"),
+                            Err(_) => return tracing::debug!(%peer, "TLS handshake not done in time"),
+                        },
+                        _ = &mut evicted => return,
                     };
                     let connection = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
