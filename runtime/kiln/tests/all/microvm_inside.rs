@@ -552,7 +552,10 @@ fn read_events(kiln: &Kiln, mut response: reqwest::blocking::Response) -> (Vec<u
             "stdout" => stdout.extend(b64.decode(data).unwrap()),
             "stderr" => stderr.extend(b64.decode(data).unwrap()),
             "exit" => exit = serde_json::from_str(data).unwrap(),
-            other => panic!("unexpected event {other:?}: {data}"),
+            other => panic!(
+                "unexpected event {other:?}: {data}\nkiln's log: {}",
+                crate::microvm::tail(&kiln.log(), 4000)
+            ),
         }
     }
     (stdout, stderr, exit)
