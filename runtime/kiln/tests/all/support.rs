@@ -217,6 +217,15 @@ impl Kiln {
 impl Drop for Kiln {
     fn drop(&mut self) {
         self.kill();
+        // A failing test shows what the server said (a helper's death, a refused syscall).
+        if std::thread::panicking() {
+            let log = self.log();
+            let start = log.len().saturating_sub(8000);
+            let start = (start..log.len())
+                .find(|&i| log.is_char_boundary(i))
+                .unwrap_or(log.len());
+            eprintln!("--- the last of kiln's log ({}):\n{}", self.addr, &log[start..]);
+        }
     }
 }
 

@@ -226,8 +226,22 @@ fn rules(role: Role) -> BTreeMap<i64, Vec<SeccompRule>> {
     }
     rules.insert(libc::SYS_mmap, no_exec());
     rules.insert(libc::SYS_mprotect, no_exec());
+    // mimalloc names each region it maps (`prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, …)`): a label
+    // in /proc/<pid>/maps, nothing more. Refused, a helper whose allocator grew (a large write
+    // under load) died of SIGSYS.
+    rules.insert(
+        libc::SYS_prctl,
+        vec![rule(vec![
+            condition(0, SeccompCmpOp::Eq, PR_SET_VMA),
+            condition(1, SeccompCmpOp::Eq, PR_SET_VMA_ANON_NAME),
+        ])],
+    );
     rules
 }
+
+/// `<linux/prctl.h>`: name an anonymous mapping.
+const PR_SET_VMA: u64 = 0x53564d41;
+const PR_SET_VMA_ANON_NAME: u64 = 0;
 
 /// The BPF program of `role`'s filter; built before the jail closes (it allocates).
 pub fn program(role: Role) -> Result<BpfProgram, SeccompError> {
@@ -345,5 +359,66 @@ mod tests {
         assert!(!restore.contains_key(&libc::SYS_pwrite64) && boot.contains_key(&libc::SYS_pwrite64));
         assert!(!supervisor.contains_key(&libc::SYS_ioctl) && !supervisor.contains_key(&libc::SYS_read));
         assert!(restore[&libc::SYS_ioctl].len() < boot[&libc::SYS_ioctl].len());
+    }
+
+    /// Runs `call` in a forked child under `role`'s filter (with the violation reporter) and
+    /// returns how the child ended.
+    fn under_filter(role: Role, call: fn() -> i64) -> libc::c_int {
+        let program = program(role).unwrap();
+        // SAFETY: the child makes only raw syscalls (no allocation, no locks) and `_exit`s.
+        match unsafe { libc::fork() } {
+            0 => unsafe {
+                if report_violations().is_err() || install(&program).is_err() {
+                    libc::_exit(90);
+                }
+                let code = if call() == 0 { 0 } else { 91 };
+                libc::_exit(code);
+            },
+            pid => {
+                let mut status = 0;
+                // SAFETY: waiting for our own child.
+                assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+                status
+            }
+        }
+    }
+
+    #[test]
+    fn the_allocator_may_name_its_mappings_and_nothing_else_may_call_prctl() {
+        // SAFETY (both calls): prctl with integer arguments; the name's pointer is a static string.
+        let name_a_mapping = || unsafe {
+            let size = 4096;
+            let addr = libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            // EINVAL on kernels without CONFIG_ANON_VMA_NAME: what matters is that it is not SIGSYS.
+            libc::syscall(
+                libc::SYS_prctl,
+                PR_SET_VMA,
+                PR_SET_VMA_ANON_NAME,
+                addr,
+                size,
+                c"mimalloc".as_ptr(),
+            );
+            0
+        };
+        for role in [Role::Restore, Role::Boot, Role::Supervisor] {
+            let status = under_filter(role, name_a_mapping);
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "{role:?}: {status:#x}"
+            );
+        }
+        let drop_dumpable = || unsafe { libc::syscall(libc::SYS_prctl, libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
+        let status = under_filter(Role::Restore, drop_dumpable);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+            "{status:#x}"
+        );
     }
 }
