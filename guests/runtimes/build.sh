@@ -43,7 +43,7 @@ zig_pkg=ziglang==0.17.1
 declare -A output_sha=(
   [ruby]=2164784f5acf4baac1275655d0410922a80365f997c4472c885b7fada804804d
   [python]=dfde0dbe601ad4285431943944bf55cc6e66663285159a176af30e557436e8fa
-  [javascript]=72d82539ef3b257b764047500d3fb7217d6898d21b91e7aea8d7dafa1841ab8b
+  [javascript]=7f2f69f8716ce619540a70322bbc2d3c7053778baed654229fd128a87ac32204
 )
 
 log() { echo "runtimes: $*" >&2; }

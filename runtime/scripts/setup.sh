@@ -58,19 +58,22 @@ if ! dpkg -s busybox-static >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends busybox-static
 fi
 "$(dirname "$0")/../vmm/scripts/guest-kernel.sh"
-# Schemathesis checks the served OpenAPI document against the server (`openapi::schemathesis_*`):
-# a Python virtual environment under target/tools, every package version pinned. serve.sh does
-# not need it and sets KILN_SETUP_SCHEMATHESIS=0.
+# Python tools the tests drive Kiln with, each in a virtual environment under target/tools with
+# every package version pinned: Schemathesis checks the served OpenAPI document against the server
+# (`openapi::schemathesis_*`); boto3 and the AWS CLI speak Lambda's API (`lambda::*`). serve.sh
+# needs neither and sets KILN_SETUP_PYTHON_TOOLS=0.
 root=$(cd "$(dirname "$0")/../.." && pwd)
-schemathesis_env=$root/target/tools/schemathesis
-schemathesis_requirements=$root/runtime/kiln/tests/schemathesis/requirements.txt
-if [[ ${KILN_SETUP_SCHEMATHESIS:-1} == 1 ]] \
-  && ! cmp -s "$schemathesis_requirements" "$schemathesis_env/installed.txt" 2>/dev/null; then
-  echo "setup: installing schemathesis into $schemathesis_env"
-  if python3 -m venv "$schemathesis_env" \
-    && "$schemathesis_env/bin/pip" install -q --disable-pip-version-check -r "$schemathesis_requirements"; then
-    cp "$schemathesis_requirements" "$schemathesis_env/installed.txt"
+python_tool() { # python_tool NAME REQUIREMENTS
+  local env=$root/target/tools/$1 requirements=$2
+  cmp -s "$requirements" "$env/installed.txt" 2>/dev/null && return 0
+  echo "setup: installing $1 into $env"
+  if python3 -m venv "$env" && "$env/bin/pip" install -q --disable-pip-version-check -r "$requirements"; then
+    cp "$requirements" "$env/installed.txt"
   else
-    echo "setup: schemathesis could not be installed; its test will be skipped"
+    echo "setup: $1 could not be installed; its tests will be skipped"
   fi
+}
+if [[ ${KILN_SETUP_PYTHON_TOOLS:-1} == 1 ]]; then
+  python_tool schemathesis "$root/runtime/kiln/tests/schemathesis/requirements.txt"
+  python_tool aws "$root/runtime/kiln/tests/lambda/requirements.txt"
 fi

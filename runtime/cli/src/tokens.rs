@@ -11,9 +11,14 @@ use super::print_json;
 #[derive(clap::Subcommand, Debug)]
 pub enum TokenCommand {
     /// Create a token that may only invoke these functions; prints its secret (shown once).
+    /// With --aws: an access key for the Lambda API (SigV4), printed as AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY; without functions it has the admin's rights.
     Create {
-        #[arg(required = true)]
+        #[arg(required_unless_present = "aws")]
         functions: Vec<String>,
+        /// An AWS access key and secret (for boto3, the AWS CLI, the SDKs) instead of a token.
+        #[arg(long)]
+        aws: bool,
         /// Seconds the token is valid for [default: until revoked].
         #[arg(long = "ttl-s")]
         ttl_s: Option<u64>,
@@ -26,8 +31,11 @@ pub enum TokenCommand {
 
 pub fn run(client: &Client, command: TokenCommand, json: bool) -> Result<(), CliError> {
     match command {
-        TokenCommand::Create { functions, ttl_s } => {
-            let mut body = json!({ "functions": functions });
+        TokenCommand::Create { functions, aws, ttl_s } => {
+            let mut body = if aws { json!({ "kind": "aws" }) } else { json!({}) };
+            if !functions.is_empty() {
+                body["functions"] = json!(functions);
+            }
             if let Some(ttl_s) = ttl_s {
                 body["ttl_s"] = ttl_s.into();
             }
@@ -35,6 +43,17 @@ pub fn run(client: &Client, command: TokenCommand, json: bool) -> Result<(), Cli
             let created = client.json(request)?;
             if json {
                 print_json(&created);
+            } else if aws {
+                // As environment assignments: `eval "$(kiln token create --aws)"`, then `aws lambda …`.
+                println!(
+                    "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}",
+                    created["access_key_id"].as_str().unwrap_or(""),
+                    created["secret_access_key"].as_str().unwrap_or("")
+                );
+                eprintln!(
+                    "token id {} (keep the secret: it is not shown again)",
+                    created["id"].as_str().unwrap_or("")
+                );
             } else {
                 // The secret alone on stdout, so `KILN_TOKEN=$(kiln token create f)` works.
                 println!("{}", created["token"].as_str().unwrap_or(""));
@@ -57,11 +76,19 @@ pub fn run(client: &Client, command: TokenCommand, json: bool) -> Result<(), Cli
                     .flatten()
                     .filter_map(|f| f.as_str())
                     .collect();
+                let scope = match (token["kind"].as_str(), token["access_key_id"].as_str()) {
+                    (Some("aws"), Some(key_id)) => format!("aws:{key_id}  "),
+                    _ => String::new(),
+                };
+                let functions = if functions.is_empty() {
+                    "(admin)".to_owned()
+                } else {
+                    functions.join(",")
+                };
                 println!(
-                    "{}  {}  {}",
+                    "{}  {}  {scope}{functions}",
                     token["id"].as_str().unwrap_or(""),
                     token["created_at"].as_str().unwrap_or(""),
-                    functions.join(",")
                 );
             }
         }

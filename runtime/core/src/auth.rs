@@ -6,6 +6,12 @@
 //! memory by hash, so checking one is a hash and a map lookup; revoking one takes effect on the
 //! next request. The lookup is not constant-time, and need not be: what it could leak is the
 //! SHA-256 of a valid token, from which the token cannot be recovered.
+//!
+//! AWS access keys (`POST /v1/tokens` with `"kind": "aws"`) authenticate the Lambda API by
+//! Signature Version 4, which needs the secret itself to check a signature. The secret is not
+//! stored either: it is an HMAC of the access key id under this server's `aws.key` (created on
+//! first start, 0600), so the database alone does not give it away, and deleting the row revokes
+//! the key. The key's scope is a token's: admin, or invoking named functions.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -38,6 +44,10 @@ pub enum AuthSetupError {
 pub struct Auth {
     admin_hash: [u8; 32],
     scoped: DashMap<[u8; 32], Arc<ScopedToken>>,
+    /// AWS access keys by access key id.
+    aws: DashMap<String, Arc<ScopedToken>>,
+    /// The key AWS secrets are derived from.
+    aws_root: [u8; 32],
     /// What decides whether a token has expired.
     clock: Arc<dyn Clock>,
 }
@@ -52,6 +62,23 @@ pub struct ScopedToken {
     /// Unix seconds after which it is refused; `None`: until revoked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
+    /// An AWS access key (SigV4) rather than a bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
+    /// An AWS access key with the admin's rights (bearer tokens other than the admin's never are).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin: bool,
+}
+
+impl ScopedToken {
+    /// Who a request carrying it is from.
+    pub fn principal(self: &Arc<Self>) -> Principal {
+        if self.admin {
+            Principal::Admin
+        } else {
+            Principal::Invoke(self.clone())
+        }
+    }
 }
 
 /// The longest life a scoped token may be given.
@@ -107,8 +134,15 @@ impl Auth {
         store: &dyn Metadata,
         token_file: &Path,
         from_env: Option<&str>,
+        aws_key_file: &Path,
         clock: Arc<dyn Clock>,
     ) -> Result<(Auth, AdminTokenSource), AuthSetupError> {
+        let aws_root = crate::storage::seal::Sealer::open(aws_key_file)
+            .map_err(|source| AuthSetupError::Io {
+                path: aws_key_file.display().to_string(),
+                source,
+            })?
+            .key();
         let io_err = |source| AuthSetupError::Io {
             path: token_file.display().to_string(),
             source,
@@ -140,7 +174,7 @@ impl Auth {
         };
         let admin_hash = hash(&token);
         store.put_token_hash(ADMIN_ID, &admin_hash, "admin")?;
-        let scoped = DashMap::new();
+        let (scoped, aws) = (DashMap::new(), DashMap::new());
         for row in store.scoped_tokens()? {
             let Ok(hash) = <[u8; 32]>::try_from(row.hash.as_slice()) else {
                 tracing::warn!(id = %row.id, "ignoring a stored token with a malformed hash");
@@ -149,7 +183,10 @@ impl Auth {
             match serde_json::from_str::<ScopedToken>(&row.scope) {
                 Ok(mut token) => {
                     token.id = row.id;
-                    scoped.insert(hash, Arc::new(token));
+                    match token.access_key_id.clone() {
+                        Some(key_id) => aws.insert(key_id, Arc::new(token)),
+                        None => scoped.insert(hash, Arc::new(token)),
+                    };
                 }
                 Err(_) => tracing::warn!(id = %row.id, "ignoring a stored token with an unknown scope"),
             }
@@ -158,6 +195,8 @@ impl Auth {
             Auth {
                 admin_hash,
                 scoped,
+                aws,
+                aws_root,
                 clock,
             },
             source,
@@ -197,6 +236,8 @@ impl Auth {
             id: format!("tok_{}", hex::encode(rand::random::<[u8; 8]>())),
             functions,
             expires_at: ttl.map(|ttl| self.clock.now_secs() + ttl.as_secs()),
+            access_key_id: None,
+            admin: false,
         };
         let scope = serde_json::to_string(&token).expect("scope serialises");
         let token_hash = hash(&secret);
@@ -205,10 +246,64 @@ impl Auth {
         Ok((token, secret, created_at))
     }
 
-    /// Revokes a scoped token; false when there is none with this id. Blocking (SQLite).
+    /// Creates an AWS access key: admin when `functions` is empty, else invoke-only for them.
+    /// Returns the key (its `access_key_id` set), the secret (derived, shown once) and its
+    /// creation time. Blocking (SQLite).
+    pub fn create_aws_key(
+        &self,
+        store: &dyn Metadata,
+        functions: BTreeSet<String>,
+        ttl: Option<std::time::Duration>,
+    ) -> Result<(ScopedToken, String, String), TokenError> {
+        // `AKIA` and 16 base32 characters, as AWS's own ids look (clients check the shape).
+        const BASE32: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+        let key_id: String = "AKIA"
+            .chars()
+            .chain(
+                rand::random::<[u8; 16]>()
+                    .iter()
+                    .map(|b| BASE32[(b % 32) as usize] as char),
+            )
+            .collect();
+        let token = ScopedToken {
+            id: format!("tok_{}", hex::encode(rand::random::<[u8; 8]>())),
+            admin: functions.is_empty(),
+            functions,
+            expires_at: ttl.map(|ttl| self.clock.now_secs() + ttl.as_secs()),
+            access_key_id: Some(key_id.clone()),
+        };
+        let secret = self.aws_secret(&key_id);
+        let scope = serde_json::to_string(&token).expect("scope serialises");
+        let created_at = store.insert_token(&token.id, &hash(&secret), &scope)?;
+        self.aws.insert(key_id, Arc::new(token.clone()));
+        Ok((token, secret, created_at))
+    }
+
+    /// The secret of an access key id: 40 characters, as AWS's.
+    fn aws_secret(&self, key_id: &str) -> String {
+        use base64::Engine as _;
+        use hmac::Mac as _;
+        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(&self.aws_root).expect("any key length");
+        mac.update(b"kiln aws secret\0");
+        mac.update(key_id.as_bytes());
+        let digest = mac.finalize().into_bytes();
+        base64::engine::general_purpose::STANDARD.encode(&digest[..30])
+    }
+
+    /// An AWS access key's secret and who it speaks for; `None` when unknown or expired.
+    pub fn aws_key(&self, key_id: &str) -> Option<(String, Principal)> {
+        let token = self.aws.get(key_id)?.clone();
+        if token.expires_at.is_some_and(|at| self.clock.now_secs() >= at) {
+            return None;
+        }
+        Some((self.aws_secret(key_id), token.principal()))
+    }
+
+    /// Revokes a scoped token or AWS key; false when there is none with this id. Blocking.
     pub fn revoke(&self, store: &dyn Metadata, id: &str) -> Result<bool, TokenError> {
         let deleted = store.delete_token(id)?;
         self.scoped.retain(|_, token| token.id != id);
+        self.aws.retain(|_, token| token.id != id);
         Ok(deleted)
     }
 
@@ -248,7 +343,8 @@ mod tests {
         let store: &dyn Metadata = &sqlite;
         let file = dir.path().join("admin.token");
         let clock = crate::clock::ManualClock::at(1_800_000_000_000);
-        let init = |env: Option<&str>| Auth::init(store, &file, env, clock.clone());
+        let aws_key = dir.path().join("aws.key");
+        let init = |env: Option<&str>| Auth::init(store, &file, env, &aws_key, clock.clone());
         let (auth, source) = init(None).unwrap();
         assert!(matches!(source, AdminTokenSource::CreatedFile));
         assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
@@ -308,5 +404,46 @@ mod tests {
         let (env, _) = init(Some("secret")).unwrap();
         assert!(env.check(Some(b"Bearer secret")));
         assert!(!env.check(Some(format!("Bearer {token}").as_bytes())));
+    }
+
+    #[test]
+    fn aws_keys_derive_their_secret_and_are_not_bearer_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = crate::storage::Sqlite::open(&dir.path().join("db")).unwrap();
+        let store: &dyn Metadata = &sqlite;
+        let clock = crate::clock::ManualClock::at(1_800_000_000_000);
+        let (file, aws_key) = (dir.path().join("admin.token"), dir.path().join("aws.key"));
+        let init = || Auth::init(store, &file, None, &aws_key, clock.clone()).unwrap().0;
+        let auth = init();
+        let (admin, admin_secret, _) = auth.create_aws_key(store, BTreeSet::new(), None).unwrap();
+        let admin_id = admin.access_key_id.clone().unwrap();
+        assert!(admin_id.starts_with("AKIA") && admin_id.len() == 20, "{admin_id}");
+        assert_eq!(admin_secret.len(), 40);
+        let functions: BTreeSet<String> = ["f".to_owned()].into();
+        let (scoped, scoped_secret, _) = auth.create_aws_key(store, functions, None).unwrap();
+        let scoped_id = scoped.access_key_id.clone().unwrap();
+        assert_ne!(admin_secret, scoped_secret);
+
+        // After a restart the same secrets come back, and the scopes with them.
+        let again = init();
+        let (secret, principal) = again.aws_key(&admin_id).unwrap();
+        assert_eq!(secret, admin_secret);
+        assert!(principal.is_admin());
+        let (secret, principal) = again.aws_key(&scoped_id).unwrap();
+        assert_eq!(secret, scoped_secret);
+        assert!(!principal.is_admin() && principal.may_invoke("f") && !principal.may_invoke("g"));
+        // The secret is no bearer token, and the database does not hold it.
+        assert!(again
+            .authenticate(Some(format!("Bearer {admin_secret}").as_bytes()))
+            .is_none());
+        let rows = store.scoped_tokens().unwrap();
+        assert!(rows.iter().all(|r| !r.scope.contains(&admin_secret)));
+        // Another server's key derives other secrets.
+        std::fs::remove_file(&aws_key).unwrap();
+        assert_ne!(init().aws_key(&admin_id).unwrap().0, admin_secret);
+        // Revoked: unknown.
+        assert!(again.revoke(store, &scoped.id).unwrap());
+        assert!(again.aws_key(&scoped_id).is_none());
+        assert!(init().aws_key(&scoped_id).is_none());
     }
 }

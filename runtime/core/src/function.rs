@@ -204,6 +204,10 @@ pub struct FunctionConfig {
     /// `"src/handler.py"`); a single-file upload takes its file name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handler: Option<String>,
+    /// A function from source written to Lambda's handler convention (`crate::lambda`): its
+    /// Lambda runtime and handler string. Sets `runtime`; excludes `handler`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lambda: Option<crate::lambda::LambdaHandler>,
 }
 
 impl Default for FunctionConfig {
@@ -225,6 +229,7 @@ impl Default for FunctionConfig {
             hook_timeout_s: None,
             runtime: None,
             handler: None,
+            lambda: None,
         }
     }
 }
@@ -237,6 +242,10 @@ impl FunctionConfig {
         // A handler's extension names its language.
         if config.runtime.is_none() {
             config.runtime = config.handler.as_deref().and_then(Runtime::of_file_name);
+        }
+        // A Lambda runtime names its language.
+        if let (None, Some(lambda)) = (config.runtime, &config.lambda) {
+            config.runtime = crate::lambda::language(&lambda.runtime).ok();
         }
         config.check()?;
         Ok(config)
@@ -284,6 +293,19 @@ impl FunctionConfig {
     }
 
     fn check_source_fields(&self) -> Result<(), String> {
+        if let Some(lambda) = &self.lambda {
+            let language = lambda.check().map_err(|e| format!("lambda: {e}"))?;
+            if self.runtime != Some(language) {
+                return Err(format!(
+                    "lambda runtime {} runs {}, not the config's runtime",
+                    lambda.runtime,
+                    language.as_str()
+                ));
+            }
+            if self.handler.is_some() {
+                return Err("handler and lambda exclude each other: lambda names its own handler".into());
+            }
+        }
         let Some(runtime) = self.runtime else {
             return match self.handler {
                 Some(_) => Err("handler applies only to functions from source: name the \"runtime\" \

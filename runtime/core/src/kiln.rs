@@ -90,6 +90,7 @@ impl Kiln {
             storage.metadata.as_ref(),
             &layout.admin_token(),
             config.admin_token.as_deref(),
+            &layout.root.join("aws.key"),
             clock.clone(),
         )?;
         match source {

@@ -14,6 +14,7 @@
 //! - [`outcome`] and [`problem`]: how an invocation ends, and how errors are told;
 //! - [`invocations`]: asynchronous invocations (the durable queue);
 //! - [`sandboxes`]: long-lived instances — create, ingress, suspend, resume, fork, terminate;
+//! - [`lambda`]: Lambda's handler conventions on functions from source;
 //! - [`connectors`]: named egress policies functions and sandboxes reference;
 //! - [`auth`] (tokens) and [`signing`] (result URLs), on an injectable [`clock`];
 //! - [`identity`]: signed tokens that tell other services which sandbox or invocation calls them;
@@ -33,6 +34,7 @@ pub mod identity;
 pub mod invocations;
 pub mod json;
 pub mod kiln;
+pub mod lambda;
 pub mod outcome;
 pub mod permits;
 pub mod problem;

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod config;
 pub mod connections;
+pub mod lambda;
 pub mod listener;
 pub mod log_writer;
 pub mod open_files;

@@ -135,7 +135,7 @@ impl Resolver for AppResolver {
         let candidates: Vec<PathBuf> = if name.starts_with('.') || name.starts_with('/') {
             let dir = Path::new(base).parent().unwrap_or(Path::new(APP));
             let p = normalize(&dir.join(name));
-            vec![p.clone(), p.with_extension("js"), p.join("index.js")]
+            vec![p.clone(), p.with_extension("js"), p.with_extension("mjs"), p.join("index.js")]
         } else {
             let nm = Path::new(APP).join("node_modules").join(name);
             vec![nm.join("index.js"), nm.with_extension("js"), nm.clone(), Path::new(APP).join(name).with_extension("js")]
@@ -154,7 +154,8 @@ pub extern "C" fn initialize() {
     // QuickJS measures the C (shadow) stack in linear memory, Wasmtime bounds the native Wasm stack
     // (Kiln: 1 MiB). Keep QuickJS's limit low enough that deep recursion is a RangeError, not a trap.
     rt.set_max_stack_size(STACK_LIMIT);
-    rt.set_loader(AppResolver, ScriptLoader::default());
+    // ES modules in `.mjs` files too, as Node (and Lambda's documentation) name them.
+    rt.set_loader(AppResolver, ScriptLoader::default().with_extension("mjs"));
     let ctx = Context::full(&rt).expect("context");
     // Kiln names the entry file in KILN_HANDLER (deploy only); `/app/main.js` otherwise.
     let entry = std::env::var("KILN_HANDLER").unwrap_or_else(|_| format!("{APP}/main.js"));

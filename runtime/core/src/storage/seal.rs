@@ -37,6 +37,11 @@ impl Sealer {
         }
     }
 
+    /// The key itself, for a keyed derivation of another kind (`auth`'s AWS secrets).
+    pub fn key(&self) -> [u8; 32] {
+        self.key
+    }
+
     /// The seal of `parts`, each length-prefixed so that no two sequences of parts collide.
     pub fn seal(&self, parts: &[&[u8]]) -> String {
         hex::encode(self.mac(parts).finalize().into_bytes())

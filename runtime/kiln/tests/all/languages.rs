@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use crate::support::{client, expect_error, guests_dir, tar_of_files, wait_done, Kiln};
 
 /// Builds `lang`'s runtime if needed; `None` (the test skipped) when it cannot be built here.
-fn runtime(lang: &str, test: &str) -> Option<std::path::PathBuf> {
+pub(crate) fn runtime(lang: &str, test: &str) -> Option<std::path::PathBuf> {
     let output = Command::new("bash")
         .arg(guests_dir().join("runtimes/build.sh"))
         .args(["install", lang])

@@ -11,6 +11,7 @@ mod hardening;
 mod hostile;
 mod http_trigger;
 mod identity;
+mod lambda;
 mod languages;
 mod lifecycle;
 mod limits;

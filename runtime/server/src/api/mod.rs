@@ -63,6 +63,8 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
             return http_trigger::handle(&kiln.auth, &kiln.functions, &kiln.telemetry, name, req).await;
         }
         Route::Ingress(id) => return sandboxes::ingress(&kiln.auth, &kiln.sandboxes, id, req).await,
+        // Lambda's API signs its requests (SigV4) and answers in Lambda's shapes.
+        Route::Lambda => return Ok(crate::lambda::handle(server, req).await),
         // Result URLs carry their own authority (a signature), not a token.
         Route::Result(id) => return invocations::result(&kiln.signer, &kiln.storage, id, req.uri().query()).await,
         // Inside a sandbox, a sandbox token with the right scope may stand in for Kiln's.
@@ -134,6 +136,8 @@ pub enum Route<'a> {
     Result(&'a str),
     /// `/sbx/<id>/...`, any method: a sandbox's ingress, which authenticates on its own terms.
     Ingress(&'a str),
+    /// `/2015-03-31/...` (any of Lambda's API dates): AWS Lambda's API, signed with SigV4.
+    Lambda,
     /// Answered at once, before authentication or the shutdown check.
     Refused(Refusal<'a>),
     /// The rest of `/v1`: only for an authenticated, authorised caller.
@@ -237,6 +241,7 @@ pub fn classify<'a>(method: &Method, segments: &[&'a str]) -> Route<'a> {
         ["v1", "results", _] => Route::Refused(Refusal::MethodNotAllowed),
         ["sbx", id, ..] => Route::Ingress(id),
         ["v1", ..] => Route::Api(classify_api(method, segments)),
+        [date, ..] if crate::lambda::is_api_date(date) => Route::Lambda,
         _ => Route::Refused(Refusal::NotFound),
     }
 }

@@ -132,10 +132,22 @@ pub struct Invocation {
     result_url: Option<String>,
 }
 
+/// A bearer token, or an AWS access key.
+#[derive(ToSchema, serde::Deserialize)]
+#[allow(dead_code)]
+#[serde(untagged)]
+pub enum NewTokenRequest {
+    Bearer(NewBearerToken),
+    Aws(NewAwsKey),
+}
+
+/// A bearer token that may only invoke the functions it names.
 #[derive(ToSchema, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)]
-pub struct NewTokenRequest {
+pub struct NewBearerToken {
+    #[schema(inline)]
+    kind: Option<BearerKind>,
     /// Functions the token may invoke.
     #[schema(min_items = 1, max_items = 1000, inline)]
     functions: Vec<FunctionName>,
@@ -144,13 +156,47 @@ pub struct NewTokenRequest {
     ttl_s: Option<u64>,
 }
 
+/// An AWS access key for the Lambda API (SigV4): invoke-only for the functions named, or the
+/// admin's rights without `functions`.
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct NewAwsKey {
+    #[schema(inline)]
+    kind: AwsKind,
+    #[schema(min_items = 1, max_items = 1000, inline)]
+    functions: Option<Vec<FunctionName>>,
+    #[schema(minimum = 1, maximum = 31_536_000)]
+    ttl_s: Option<u64>,
+}
+
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum BearerKind {
+    Bearer,
+}
+
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum AwsKind {
+    Aws,
+}
+
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct TokenView {
     id: String,
-    /// The secret: in the creation answer only, never again.
+    /// `bearer` or `aws`.
+    kind: String,
+    /// A bearer token's secret: in the creation answer only, never again.
     token: Option<String>,
-    /// Always `invoke`.
+    /// An AWS key's id (SigV4's access key id).
+    access_key_id: Option<String>,
+    /// An AWS key's secret: in the creation answer only, never again.
+    secret_access_key: Option<String>,
+    /// `invoke`, or `admin` for an AWS key created without functions.
     scope: String,
     functions: Vec<String>,
     created_at: String,

@@ -78,8 +78,13 @@ pub async fn authorize(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NewToken {
+    /// `bearer` (default) or `aws`: an access key and secret for the Lambda API (SigV4).
+    #[serde(default)]
+    kind: Option<String>,
     /// As sent: the limit counts what was sent, repeats included (the document's `maxItems`).
-    functions: Vec<String>,
+    /// An AWS key without functions (absent or null) has the admin's rights.
+    #[serde(default)]
+    functions: Option<Vec<String>>,
     /// Seconds the token is valid for; without it, until revoked.
     #[serde(default)]
     ttl_s: Option<u64>,
@@ -104,8 +109,16 @@ pub async fn create(
 ) -> Result<Response<Body>, Problem> {
     let (parts, incoming) = req.into_parts();
     let (bytes, _held) = body::read(&parts.headers, incoming, 64 * 1024, Duration::from_secs(10), budget).await?;
-    let request: NewToken = kiln_core::json::from_slice(&bytes)
-        .map_err(|e| error::invalid_request(format!("expected {{\"functions\": [names], \"ttl_s\": seconds}}: {e}")))?;
+    let request: NewToken = kiln_core::json::from_slice(&bytes).map_err(|e| {
+        error::invalid_request(format!(
+            "expected {{\"functions\": [names], \"ttl_s\": seconds}} or {{\"kind\": \"aws\", ...}}: {e}"
+        ))
+    })?;
+    let aws = match request.kind.as_deref() {
+        None | Some("bearer") => false,
+        Some("aws") => true,
+        Some(other) => return Err(error::invalid_request(format!("kind {other:?} is not bearer or aws"))),
+    };
     let ttl = match request.ttl_s {
         None => None,
         Some(seconds) if (1..=MAX_TOKEN_TTL_SECS).contains(&seconds) => Some(Duration::from_secs(seconds)),
@@ -115,34 +128,53 @@ pub async fn create(
             )))
         }
     };
-    if request.functions.is_empty() || request.functions.len() > MAX_FUNCTIONS {
-        return Err(error::invalid_request(format!(
-            "functions must name 1 to {MAX_FUNCTIONS} functions"
-        )));
-    }
-    if let Some(bad) = request.functions.iter().find(|n| !is_valid_function_name(n)) {
+    // Absent: an AWS key with the admin's rights; a bearer token must name its functions.
+    let functions = match request.functions {
+        None if aws => Vec::new(),
+        functions => functions
+            .filter(|f| (1..=MAX_FUNCTIONS).contains(&f.len()))
+            .ok_or_else(|| error::invalid_request(format!("functions must name 1 to {MAX_FUNCTIONS} functions")))?,
+    };
+    if let Some(bad) = functions.iter().find(|n| !is_valid_function_name(n)) {
         return Err(error::invalid_request(format!(
             "invalid function name {bad:?}: names match ^[a-z0-9][a-z0-9_-]{{0,63}}$"
         )));
     }
-    let functions: BTreeSet<String> = request.functions.into_iter().collect();
+    let functions: BTreeSet<String> = functions.into_iter().collect();
     let (auth, metadata) = (auth.clone(), storage.metadata.clone());
-    let (token, secret, created_at) =
-        tokio::task::spawn_blocking(move || auth.create_scoped(metadata.as_ref(), functions, ttl))
-            .await
-            .expect("token task panicked")
-            .map_err(Problem::internal)?;
-    Ok(body::json(
-        StatusCode::CREATED,
-        &json!({
-            "id": token.id,
-            "token": secret,
-            "scope": "invoke",
-            "functions": token.functions,
-            "created_at": created_at,
-            "expires_at": token.expires_at.map(rfc3339),
-        }),
-    ))
+    let (token, secret, created_at) = tokio::task::spawn_blocking(move || {
+        if aws {
+            auth.create_aws_key(metadata.as_ref(), functions, ttl)
+        } else {
+            auth.create_scoped(metadata.as_ref(), functions, ttl)
+        }
+    })
+    .await
+    .expect("token task panicked")
+    .map_err(Problem::internal)?;
+    let mut view = view(&token, &created_at);
+    match &token.access_key_id {
+        // The secret AWS clients sign with; `token` stays absent (it is no bearer token).
+        Some(_) => view["secret_access_key"] = json!(secret),
+        None => view["token"] = json!(secret),
+    }
+    Ok(body::json(StatusCode::CREATED, &view))
+}
+
+/// A token as the API shows it, without its secret.
+fn view(token: &kiln_core::auth::ScopedToken, created_at: &str) -> serde_json::Value {
+    let mut view = json!({
+        "id": token.id,
+        "kind": if token.access_key_id.is_some() { "aws" } else { "bearer" },
+        "scope": if token.admin { "admin" } else { "invoke" },
+        "functions": token.functions,
+        "created_at": created_at,
+        "expires_at": token.expires_at.map(rfc3339),
+    });
+    if let Some(key_id) = &token.access_key_id {
+        view["access_key_id"] = json!(key_id);
+    }
+    view
 }
 
 #[utoipa::path(get, path = "/v1/tokens", tag = "tokens",
@@ -155,12 +187,7 @@ pub async fn list(auth: &Arc<Auth>, storage: &Storage) -> Result<Response<Body>,
         .map_err(Problem::internal)?;
     let tokens: Vec<_> = tokens
         .into_iter()
-        .map(|(token, created_at)| {
-            json!({
-                "id": token.id, "scope": "invoke", "functions": token.functions, "created_at": created_at,
-                "expires_at": token.expires_at.map(rfc3339),
-            })
-        })
+        .map(|(token, created_at)| view(&token, &created_at))
         .collect();
     Ok(body::json(StatusCode::OK, &json!({ "tokens": tokens })))
 }

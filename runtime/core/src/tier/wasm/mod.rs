@@ -329,7 +329,8 @@ impl Tier for WasmTier {
         let source = match config.runtime {
             Some(_) => {
                 let (runtimes, upload, config) = (self.runtimes.clone(), artifact.bytes.clone(), config.clone());
-                let prepared = tokio::task::spawn_blocking(move || runtimes.prepare(&upload, &config))
+                let name = name.to_owned();
+                let prepared = tokio::task::spawn_blocking(move || runtimes.prepare(&name, &upload, &config))
                     .await
                     .expect("deploy task panicked");
                 Some(prepared.map_err(|e| match e {

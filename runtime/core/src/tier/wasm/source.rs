@@ -73,14 +73,23 @@ impl Runtimes {
     }
 
     /// Unpacks `upload` into a private directory and reads the runtime's module. Blocking.
-    pub fn prepare(&self, upload: &[u8], config: &FunctionConfig) -> Result<Prepared, PrepareError> {
+    pub fn prepare(&self, name: &str, upload: &[u8], config: &FunctionConfig) -> Result<Prepared, PrepareError> {
         let runtime = config.runtime.expect("a function from source has a runtime");
         let path = self.path(runtime).map_err(PrepareError::Unavailable)?;
         let app = tempfile::Builder::new()
             .prefix("kiln-source-")
             .tempdir()
             .map_err(|e| PrepareError::Unavailable(format!("a staging directory: {e}")))?;
-        let entry = unpack(upload, config, app.path()).map_err(PrepareError::Invalid)?;
+        let mut entry = unpack(upload, config, app.path()).map_err(PrepareError::Invalid)?;
+        if let Some(lambda) = &config.lambda {
+            let defaults = crate::lambda::Defaults {
+                function_name: name,
+                memory_mb: config.memory_mb,
+                timeout_ms: config.timeout_ms,
+                env: &config.env,
+            };
+            entry = crate::lambda::write_entry(app.path(), lambda, &defaults).map_err(PrepareError::Invalid)?;
+        }
         let module = std::fs::read(&path).map_err(|e| PrepareError::Unavailable(format!("{}: {e}", path.display())))?;
         let mut preopens = vec![(app.path().to_owned(), "/app")];
         if runtime == Runtime::Python {
@@ -145,7 +154,10 @@ fn unpack(upload: &[u8], config: &FunctionConfig, dir: &Path) -> Result<String, 
     let mut budget = Budget::default();
     match shape(upload) {
         Shape::File => {
-            let entry = entry.unwrap_or_else(|| default_entry(runtime).to_owned());
+            let entry = match &config.lambda {
+                Some(lambda) => crate::lambda::single_file(lambda)?,
+                None => entry.unwrap_or_else(|| default_entry(runtime).to_owned()),
+            };
             if std::str::from_utf8(upload).is_err() {
                 return Err(format!(
                     "the {} source is not UTF-8 text (a zip or tar archive is recognised by its header)",
@@ -166,7 +178,7 @@ fn unpack(upload: &[u8], config: &FunctionConfig, dir: &Path) -> Result<String, 
                 let name = file.name().to_owned();
                 budget.write(dir, &name, &mut file)?;
             }
-            found_entry(dir, runtime, entry)
+            found_entry(dir, config, entry)
         }
         Shape::Tar(reader) => {
             let mut archive = tar::Archive::new(reader);
@@ -181,12 +193,17 @@ fn unpack(upload: &[u8], config: &FunctionConfig, dir: &Path) -> Result<String, 
                 let name = name.to_string_lossy().into_owned();
                 budget.write(dir, &name, &mut file)?;
             }
-            found_entry(dir, runtime, entry)
+            found_entry(dir, config, entry)
         }
     }
 }
 
-fn found_entry(dir: &Path, runtime: Runtime, entry: Option<String>) -> Result<String, String> {
+/// The entry file of an unpacked archive. A Lambda handler's entry is written afterwards.
+fn found_entry(dir: &Path, config: &FunctionConfig, entry: Option<String>) -> Result<String, String> {
+    let runtime = config.runtime.expect("a function from source has a runtime");
+    if config.lambda.is_some() {
+        return Ok(String::new());
+    }
     let named = entry.is_some();
     let entry = entry.unwrap_or_else(|| default_entry(runtime).to_owned());
     let entry = entry.trim_start_matches("./").to_owned();
