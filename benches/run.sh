@@ -4,6 +4,7 @@
 # Systems (same trivial work: a 2-byte POST in, a short greeting or echo out):
 #   bare-hyper        hyper answering a fixed body (the HTTP ceiling here)
 #   kiln-sync         Kiln sync invoke of guests/wat/hello.wat
+#   kiln-lambda       the same through Lambda's API (SigV4-signed, verified per request)
 #   kiln-snapshot     Kiln sync invoke of guests/wat/snapshot.wat (~0.3 s of init, run from its snapshot)
 #   kiln-trigger      Kiln HTTP trigger, guests/http-hello (a wasi:http/proxy component)
 #   kiln-sandbox      Kiln sandbox ingress, the same component (one live instance, no instantiation)
@@ -113,6 +114,13 @@ wrk.method = "POST"
 wrk.body = "{}"
 local token = os.getenv("KILN_TOKEN")
 if token then wrk.headers["Authorization"] = "Bearer " .. token end
+-- Lambda's API: one SigV4 signature of this request, valid for 15 minutes; Kiln checks it whole
+-- on every request (the signature, its scope and time, the body's SHA-256).
+local aws = os.getenv("BENCH_AWS_AUTHORIZATION")
+if aws then
+  wrk.headers["Authorization"] = aws
+  wrk.headers["X-Amz-Date"] = os.getenv("BENCH_AWS_DATE")
+end
 done = function(summary, latency, requests)
   local e = summary.errors
   local ms = function(us) return us / 1000 end
@@ -160,6 +168,11 @@ KILN_TOKEN=$(cat "$work/data/admin.token")
 put() { curl -fsS -o /dev/null -X PUT -H "Authorization: Bearer $KILN_TOKEN" --data-binary @"$2" "http://$3/v1/functions/$1"; }
 put hello guests/wat/hello.wat $kiln_addr
 bench kiln-sync "Kiln sync invoke, hello.wat" http://$kiln_addr/v1/functions/hello/invoke
+# The same function through Lambda's API, with an access key and a signature made here.
+aws_key=$(curl -fsS -X POST -H "Authorization: Bearer $KILN_TOKEN" --data '{"kind":"aws"}' http://$kiln_addr/v1/tokens)
+eval "$(python3 benches/sigv4.py "$aws_key" POST "$kiln_addr" /2015-03-31/functions/hello/invocations '{}')"
+BENCH_AWS_AUTHORIZATION=$aws_authorization BENCH_AWS_DATE=$aws_date \
+  bench kiln-lambda "Lambda API invoke (SigV4), hello.wat" http://$kiln_addr/2015-03-31/functions/hello/invocations
 put warm guests/wat/snapshot.wat $kiln_addr
 bench kiln-snapshot "Kiln sync invoke, 0.3 s-init guest from its snapshot" http://$kiln_addr/v1/functions/warm/invoke
 put web "$http_hello" $kiln_addr

@@ -13,9 +13,10 @@ use crate::record::{scenario, Record};
 use crate::svg::{self, Chart, Row};
 
 /// The order systems appear in tables and the plot; systems not listed follow in record order.
-const SYSTEM_ORDER: [&str; 10] = [
+const SYSTEM_ORDER: [&str; 11] = [
     "bare-hyper",
     "kiln-sync",
+    "kiln-lambda",
     "kiln-snapshot",
     "kiln-trigger",
     "kiln-sandbox",
@@ -245,6 +246,21 @@ pub fn ratios(records: &[Record]) -> Vec<Ratio> {
             ),
             "x",
             Goal::AtMost(1.2),
+        ),
+        (
+            "Lambda API invoke (SigV4) / Kiln sync invoke, req/s at c=32",
+            quotient(v(C32, "kiln-lambda", "rps"), v(C32, "kiln-sync", "rps")),
+            "x",
+            Goal::AtLeast(0.9),
+        ),
+        (
+            "Lambda API invoke minus Kiln sync invoke, p50 at c=1 (SigV4 and Lambda's shapes)",
+            match (v(C1, "kiln-lambda", "p50_ms"), v(C1, "kiln-sync", "p50_ms")) {
+                (Some(lambda), Some(sync)) => Some(lambda - sync),
+                _ => None,
+            },
+            "ms",
+            Goal::None,
         ),
         (
             "Kiln sync invoke / bare hyper, p99 at c=1",
