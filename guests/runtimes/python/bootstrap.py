@@ -2,6 +2,7 @@
 import os, sys, json, traceback, importlib.util
 _stdout = sys.stdout            # the real stdout (fd 1): only the JSON result goes there
 sys.stdout = sys.stderr         # print() in user code goes to the log
+sys.__stdout__ = sys.stderr     # and print(file=sys.__stdout__) too (_stdout keeps the real one)
 APP = "/app"
 MAIN = os.environ.get("KILN_HANDLER", APP + "/main.py")   # Kiln names the entry file (deploy only)
 sys.path[0:0] = [p for p in dict.fromkeys([os.path.dirname(MAIN), APP, APP + "/vendor"])]

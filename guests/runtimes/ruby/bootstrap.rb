@@ -3,6 +3,9 @@ require "json"
 module Kiln
   OUT = STDOUT          # the real stdout (fd 1): only the JSON result goes there
   $stdout = $stderr     # puts/print in user code go to the log
+  # STDOUT.puts too: the constant names the log from here on (OUT keeps the real one).
+  Object.send(:remove_const, :STDOUT)
+  Object.const_set(:STDOUT, $stderr)
   APP = "/app"
   Dir.glob("#{APP}/vendor/*/lib").sort.reverse_each { |d| $LOAD_PATH.unshift(d) }  # vendored gems
   $LOAD_PATH.unshift("#{APP}/lib", APP)

@@ -79,6 +79,8 @@ impl Functions {
             .map_err(DeployError::InvalidConfig)?;
         let artifact = tier.inspect(&upload, &config)?;
         drop(upload);
+        let mut config = config;
+        config.runtime_digest = artifact.built_with.clone();
         // One trip to the blocking pool: the latest version and, if this one differs, whether
         // what this deploy will write fits the disk budget, checked before anything is built.
         let (storage, owned, latest_config) = (self.storage.clone(), name.to_owned(), config.clone());
@@ -176,6 +178,8 @@ mod tests {
         fail_at: Mutex<Option<&'static str>>,
         calls: Mutex<Vec<&'static str>>,
         loads: AtomicUsize,
+        /// Stands for the language runtime a function from source is built with.
+        built_with: Mutex<Option<String>>,
     }
 
     impl Recording {
@@ -193,7 +197,9 @@ mod tests {
 
         fn inspect(&self, upload: &[u8], config: &FunctionConfig) -> Result<Artifact, DeployError> {
             self.step("inspect")?;
-            self.wasm.inspect(upload, config)
+            let mut artifact = self.wasm.inspect(upload, config)?;
+            artifact.built_with = self.built_with.lock().unwrap().clone();
+            Ok(artifact)
         }
 
         async fn stage(
@@ -232,6 +238,7 @@ mod tests {
             fail_at: Mutex::new(None),
             calls: Mutex::new(Vec::new()),
             loads: AtomicUsize::new(0),
+            built_with: Mutex::new(None),
         });
         (functions, recording)
     }
@@ -296,8 +303,15 @@ mod tests {
             timeout_ms: 99,
             ..FunctionConfig::default()
         };
-        assert_eq!(deploy(longer).await.unwrap().record.version, 2);
+        assert_eq!(deploy(longer.clone()).await.unwrap().record.version, 2);
         assert_eq!(artifacts(dir.path()), 1);
+        // The same upload and config built by another language runtime is another version too,
+        // and records which runtime built it.
+        *tier.built_with.lock().unwrap() = Some("sha256:upgraded".into());
+        let rebuilt = deploy(longer.clone()).await.unwrap();
+        assert_eq!(rebuilt.record.version, 3);
+        assert_eq!(rebuilt.record.config.runtime_digest.as_deref(), Some("sha256:upgraded"));
+        assert!(!deploy(longer).await.unwrap().created);
 
         functions.delete("f").await.unwrap();
         assert!(functions.resolve("f", None).await.is_err());

@@ -208,6 +208,11 @@ pub struct FunctionConfig {
     /// Lambda runtime and handler string. Sets `runtime`; excludes `handler`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lambda: Option<crate::lambda::LambdaHandler>,
+    /// Set by Kiln, not by a config: the SHA-256 of the language runtime a function from source
+    /// was built with. A deploy of the same source and config after the runtime changed is a new
+    /// version, built on the new runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_digest: Option<String>,
 }
 
 impl Default for FunctionConfig {
@@ -230,6 +235,7 @@ impl Default for FunctionConfig {
             runtime: None,
             handler: None,
             lambda: None,
+            runtime_digest: None,
         }
     }
 }
@@ -243,6 +249,8 @@ impl FunctionConfig {
         if config.runtime.is_none() {
             config.runtime = config.handler.as_deref().and_then(Runtime::of_file_name);
         }
+        // Kiln's to set at deploy (a config read back from GET and sent again carries it).
+        config.runtime_digest = None;
         // A Lambda runtime names its language.
         if let (None, Some(lambda)) = (config.runtime, &config.lambda) {
             config.runtime = crate::lambda::language(&lambda.runtime).ok();

@@ -39,6 +39,9 @@ pub struct Artifact {
     pub digest: Digest,
     /// The init hook a Wasm module exports, run once at deploy and snapshotted.
     pub init_hook: Option<&'static str>,
+    /// A function from source: the SHA-256 of the language runtime it is built with (part of
+    /// what makes a deploy "the same" as the latest version: a new runtime builds anew).
+    pub built_with: Option<String>,
 }
 
 /// What a tier does for deploy and invoke.

@@ -169,6 +169,11 @@ fn check(lang: Lang) {
         assert!(stderr.contains(needle), "{needle:?} not in {stderr:?}");
     }
     assert!(stderr.contains("printed by the handler"), "{stderr:?}");
+    // Writes to the real stdout (Ruby's STDOUT, Python's sys.__stdout__) are the log's too: the
+    // successful answers above stayed JSON.
+    if lang.name != "javascript" {
+        assert!(stderr.contains("written to the real stdout"), "{stderr:?}");
+    }
 
     // Asynchronously, with a signed result URL.
     let response = client()
@@ -234,6 +239,7 @@ def on_restore
 end
 def handler(event)
   puts "printed by the handler"
+  STDOUT.puts "written to the real stdout"
   raise ArgumentError, "asked to fail" if event["fail"]
   { greeting: Greeter.greet(event["name"]), counter: $counter, seed: SEED, reseeded: $reseeded }
 end
@@ -251,7 +257,7 @@ end
         ),
         load_error: "x = 1\nraise \"boom at load\"\n",
         endless: "loop {}\n",
-        exception: ["ArgumentError", "asked to fail", "main.rb:11"],
+        exception: ["ArgumentError", "asked to fail", "main.rb:12"],
     });
 }
 
@@ -263,6 +269,7 @@ fn python() {
             (
                 "src/app.py",
                 r#"import random
+import sys
 import greeter
 counter = 0
 counter += 1
@@ -273,6 +280,7 @@ def on_restore():
     reseeded = random.randrange(1_000_000_000)
 def handler(event):
     print("printed by the handler")
+    print("written to the real stdout", file=sys.__stdout__)
     if event.get("fail"):
         raise ValueError("asked to fail")
     return {"greeting": greeter.greet(event["name"]), "counter": counter, "seed": SEED, "reseeded": reseeded}

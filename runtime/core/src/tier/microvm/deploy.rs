@@ -65,6 +65,7 @@ impl MicrovmTier {
             digest: Digest::of(upload),
             bytes: Bytes::copy_from_slice(upload),
             init_hook: None,
+            built_with: None,
         })
     }
 

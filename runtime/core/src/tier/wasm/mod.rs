@@ -181,9 +181,7 @@ impl WasmTier {
             issuer,
             blobs,
             sandboxes: Arc::new(sandboxes),
-            runtimes: Arc::new(source::Runtimes {
-                dir: config.runtimes_dir.clone(),
-            }),
+            runtimes: Arc::new(source::Runtimes::new(config.runtimes_dir.clone())),
             _ticker: Arc::new(ticker),
         })
     }
@@ -300,12 +298,13 @@ impl Tier for WasmTier {
     fn inspect(&self, upload: &[u8], config: &FunctionConfig) -> Result<Artifact, DeployError> {
         if let Some(runtime) = config.runtime {
             // Source: stored as uploaded; unpacked and built by `stage`.
-            self.runtimes.check(runtime).map_err(DeployError::TierUnavailable)?;
+            let built_with = self.runtimes.digest(runtime).map_err(DeployError::TierUnavailable)?;
             return Ok(Artifact {
                 kind: ArtifactKind::Module,
                 digest: Digest::of(upload),
                 bytes: Bytes::copy_from_slice(upload),
                 init_hook: None,
+                built_with: Some(built_with),
             });
         }
         let limits = CodeLimits {
@@ -320,6 +319,7 @@ impl Tier for WasmTier {
             digest: Digest::of(&inspected.bytes),
             bytes: Bytes::from(inspected.bytes),
             init_hook: inspected.init_hook,
+            built_with: None,
         })
     }
 
@@ -352,6 +352,7 @@ impl Tier for WasmTier {
             bytes: artifact.bytes.clone(),
             digest: artifact.digest.clone(),
             init_hook: artifact.init_hook,
+            built_with: artifact.built_with.clone(),
         };
         tokio::task::spawn_blocking(move || tier.prepare(&name, &artifact, source.as_ref(), &config))
             .await

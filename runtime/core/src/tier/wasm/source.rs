@@ -35,7 +35,12 @@ const MAX_UNPACKED_BYTES: u64 = 256 << 20;
 #[derive(Debug, Clone, Default)]
 pub struct Runtimes {
     pub dir: Option<PathBuf>,
+    /// Each runtime module's SHA-256, by path, with the size and time it was read at.
+    digests: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<PathBuf, Hashed>>>,
 }
+
+/// A file's size and modification time when it was hashed, and its SHA-256.
+type Hashed = (u64, std::time::SystemTime, String);
 
 /// A runtime ready to pre-initialise: its module and the read-only directories its init sees.
 pub struct Prepared {
@@ -67,9 +72,36 @@ impl Runtimes {
         Ok(path)
     }
 
+    /// A runtime on the given directory.
+    pub fn new(dir: Option<PathBuf>) -> Runtimes {
+        Runtimes {
+            dir,
+            ..Runtimes::default()
+        }
+    }
+
     /// Whether `runtime` can be deployed here; the error says why not.
     pub fn check(&self, runtime: Runtime) -> Result<(), String> {
         self.path(runtime).map(drop)
+    }
+
+    /// The SHA-256 of `runtime`'s module (hashed again only when its file changed); the error
+    /// says why it cannot be deployed here.
+    pub fn digest(&self, runtime: Runtime) -> Result<String, String> {
+        let path = self.path(runtime)?;
+        let unreadable = |e: std::io::Error| format!("{}: {e}", path.display());
+        let meta = std::fs::metadata(&path).map_err(unreadable)?;
+        let stamp = (meta.len(), meta.modified().map_err(unreadable)?);
+        let mut digests = self.digests.lock().expect("digest cache poisoned");
+        if let Some((len, modified, digest)) = digests.get(&path) {
+            if (*len, *modified) == stamp {
+                return Ok(digest.clone());
+            }
+        }
+        let bytes = std::fs::read(&path).map_err(unreadable)?;
+        let digest = crate::digest::Digest::of(&bytes).prefixed();
+        digests.insert(path, (stamp.0, stamp.1, digest.clone()));
+        Ok(digest)
     }
 
     /// Unpacks `upload` into a private directory and reads the runtime's module. Blocking.
