@@ -95,3 +95,42 @@ fn boto3_and_the_aws_cli_run_python_node_and_ruby_handlers_as_lambda_writes_them
     assert_eq!(ours["access_key_id"], key["access_key_id"], "{ours}");
     assert!(ours.get("secret_access_key").is_none(), "{ours}");
 }
+
+/// Lambda's API without a valid key: Lambda's error shape, and nothing of the body read first
+/// (a client declaring a huge upload with an unknown key is answered at once).
+#[test]
+fn unsigned_and_unknown_key_requests_are_refused_before_the_body_is_read() {
+    let kiln = Kiln::start();
+    let response = crate::support::client()
+        .post(kiln.url("/2015-03-31/functions/hello/invocations"))
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    assert_eq!(response.headers()["x-amzn-errortype"], "InvalidSignatureException");
+    let body: Value = response.json().unwrap();
+    assert_eq!(body["Type"], "User", "{body}");
+    // Kiln's bearer token is no AWS signature.
+    let response = crate::support::client()
+        .get(kiln.url("/2015-03-31/functions/"))
+        .bearer_auth(&kiln.token)
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 403);
+
+    // Were the body awaited, no answer would come within raw_exchange's 10 s (the body's deadline is 60 s).
+    let head = format!(
+        "POST /2015-03-31/functions HTTP/1.1\r\nHost: {}\r\nContent-Length: 60000000\r\n\
+         X-Amz-Date: 20261204T000000Z\r\nAuthorization: AWS4-HMAC-SHA256 \
+         Credential=AKIAUNKNOWNUNKNOWN00/20261204/us-east-1/lambda/aws4_request, \
+         SignedHeaders=host;x-amz-date, Signature={}\r\n\r\n",
+        kiln.addr,
+        "0".repeat(64)
+    );
+    let (status, text) = crate::support::raw_exchange(&kiln.addr, head.as_bytes());
+    assert_eq!(status, 403, "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("unrecognizedclientexception"),
+        "{text}"
+    );
+}

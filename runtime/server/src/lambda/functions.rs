@@ -498,7 +498,7 @@ pub async fn publish(kiln: &Kiln, raw: &str) -> Result<Response<Body>, LambdaErr
     ))
 }
 
-pub async fn versions(kiln: &Kiln, raw: &str, query: &str) -> Result<Response<Body>, LambdaError> {
+pub async fn versions(kiln: &Kiln, raw: &str) -> Result<Response<Body>, LambdaError> {
     let (name, _) = function_name(raw, "")?;
     let all = kiln.functions.versions(&name).await.map_err(LambdaError::internal)?;
     let Some(latest) = all.last() else {
@@ -507,7 +507,6 @@ pub async fn versions(kiln: &Kiln, raw: &str, query: &str) -> Result<Response<Bo
             kiln_core::lambda::arn(&name, None)
         )));
     };
-    let _ = query;
     let mut versions = vec![configuration(kiln, latest, "$LATEST").await?];
     for record in &all {
         versions.push(configuration(kiln, record, &record.version.to_string()).await?);

@@ -19,7 +19,6 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::{header, Method, Request, Response};
 use hyper::body::Incoming;
-use kiln_core::auth::Principal;
 
 use crate::api::body::{self, Body};
 use crate::Server;
@@ -106,7 +105,19 @@ async fn serve(server: &Server, req: Request<Incoming>, request_id: &str) -> Res
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
     let (parts, incoming) = req.into_parts();
-    // The whole body is needed before anything else: its hash is part of the signature.
+    // Who signed it, before the body is read: an unknown key costs no buffering.
+    let authorization = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| LambdaError::signature(sigv4::Refused::Malformed))?;
+    let credential = sigv4::parse(authorization).map_err(LambdaError::signature)?;
+    let (secret, principal) = server
+        .kiln
+        .auth
+        .aws_key(credential.access_key_id)
+        .ok_or_else(|| LambdaError::signature(sigv4::Refused::UnknownKey))?;
+    // The whole body, then: its hash is part of the signature.
     let limit = server.config.max_code_bytes * 4 / 3 + 64 * 1024;
     let (bytes, _held) = body::read(
         &parts.headers,
@@ -117,7 +128,7 @@ async fn serve(server: &Server, req: Request<Incoming>, request_id: &str) -> Res
     )
     .await
     .map_err(LambdaError::from)?;
-    let principal = authenticate(server, &parts, &bytes)?;
+    verify(&parts, &credential, &secret, &bytes)?;
     let Some(op) = operation(&method, &segments) else {
         return Err(LambdaError::invalid(format!(
             "Kiln's Lambda API does not support {} ({method} {path})",
@@ -141,24 +152,18 @@ async fn serve(server: &Server, req: Request<Incoming>, request_id: &str) -> Res
         UpdateFunctionCode(name) => functions::update_code(kiln, name, &bytes).await,
         UpdateFunctionConfiguration(name) => functions::update_configuration(kiln, name, &bytes).await,
         PublishVersion(name) => functions::publish(kiln, name).await,
-        ListVersionsByFunction(name) => functions::versions(kiln, name, query).await,
+        ListVersionsByFunction(name) => functions::versions(kiln, name).await,
         Invoke(name) => invoke::invoke(server, &principal, name, query, &parts.headers, bytes, request_id).await,
     }
 }
 
-/// Checks the request's SigV4 signature; the principal is the access key's scope.
-fn authenticate(server: &Server, parts: &http::request::Parts, body: &Bytes) -> Result<Principal, LambdaError> {
-    let authorization = parts
-        .headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| LambdaError::signature(sigv4::Refused::Malformed))?;
-    let credential = sigv4::parse(authorization).map_err(LambdaError::signature)?;
-    let (secret, principal) = server
-        .kiln
-        .auth
-        .aws_key(credential.access_key_id)
-        .ok_or_else(|| LambdaError::signature(sigv4::Refused::UnknownKey))?;
+/// Checks the request's SigV4 signature against the access key's secret.
+fn verify(
+    parts: &http::request::Parts,
+    credential: &sigv4::Credential<'_>,
+    secret: &str,
+    body: &Bytes,
+) -> Result<(), LambdaError> {
     let host = parts
         .headers
         .get(header::HOST)
@@ -177,8 +182,7 @@ fn authenticate(server: &Server, parts: &http::request::Parts, body: &Bytes) -> 
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .as_secs() as i64;
-    sigv4::verify(&credential, &secret, &request, now).map_err(LambdaError::signature)?;
-    Ok(principal)
+    sigv4::verify(credential, secret, &request, now).map_err(LambdaError::signature)
 }
 
 /// A function name as Lambda's API may give it: a name, `name:qualifier`, or an ARN (Kiln's or
