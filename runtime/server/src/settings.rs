@@ -275,6 +275,29 @@ mod tests {
     }
 
     #[test]
+    fn the_shared_database_settings_from_the_file_and_flags() {
+        let (config, _) = ServeSettings::default().merge(ServeSettings::default());
+        assert_eq!(config.core.database, None, "SQLite in the data directory by default");
+        assert_eq!(config.core.blob_store, None);
+        let file: ServeSettings = toml::from_str(
+            r#"
+            database = "postgres://kiln@db:5432/kiln"
+            blob_store = "file:///mnt/blobs"
+            async_lease_ms = 5000
+            "#,
+        )
+        .unwrap();
+        let flags = ServeSettings {
+            database: Some("postgres://kiln@other:5432/kiln".into()),
+            ..Default::default()
+        };
+        let (config, _) = flags.merge(file);
+        assert_eq!(config.core.database.as_deref(), Some("postgres://kiln@other:5432/kiln"));
+        assert_eq!(config.core.blob_store.as_deref(), Some("file:///mnt/blobs"));
+        assert_eq!(config.core.async_lease, Duration::from_secs(5));
+    }
+
+    #[test]
     fn connection_settings_from_the_file() {
         let file: ServeSettings = toml::from_str(
             r#"

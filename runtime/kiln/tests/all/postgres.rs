@@ -126,9 +126,17 @@ fn two_nodes_share_functions_and_a_dead_nodes_invocation_runs_on_the_other() {
 /// A representative part of the single-node suite, each test as it is, on PostgreSQL.
 #[test]
 fn the_api_suite_runs_on_postgres() {
-    if server("the_api_suite_runs_on_postgres").is_none() {
+    let Some(server) = server("the_api_suite_runs_on_postgres") else {
         return;
-    }
+    };
+    let databases = || -> usize {
+        let count = server.sql(
+            "postgres",
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'kiln_%'",
+        );
+        count.unwrap().parse().unwrap()
+    };
+    let before = databases();
     support::on_postgres(|| {
         crate::api::list_get_and_delete();
         crate::api::redeploying_the_same_code_and_config_is_idempotent();
@@ -141,4 +149,6 @@ fn the_api_suite_runs_on_postgres() {
         crate::lifecycle::restart_keeps_functions_and_does_not_recompile();
         crate::sandboxes::a_sandbox_keeps_its_memory_across_requests_suspend_resume_and_a_restart();
     });
+    // Each of those tests had its servers on a database of its own (restarts find theirs again).
+    assert!(databases() >= before + 10, "the tests ran on SQLite");
 }
