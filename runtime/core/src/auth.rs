@@ -140,20 +140,7 @@ impl Auth {
         };
         let admin_hash = hash(&token);
         store.put_token_hash(ADMIN_ID, &admin_hash, "admin")?;
-        let scoped = DashMap::new();
-        for row in store.scoped_tokens()? {
-            let Ok(hash) = <[u8; 32]>::try_from(row.hash.as_slice()) else {
-                tracing::warn!(id = %row.id, "ignoring a stored token with a malformed hash");
-                continue;
-            };
-            match serde_json::from_str::<ScopedToken>(&row.scope) {
-                Ok(mut token) => {
-                    token.id = row.id;
-                    scoped.insert(hash, Arc::new(token));
-                }
-                Err(_) => tracing::warn!(id = %row.id, "ignoring a stored token with an unknown scope"),
-            }
-        }
+        let scoped = load_scoped(store)?;
         Ok((
             Auth {
                 admin_hash,
@@ -162,6 +149,17 @@ impl Auth {
             },
             source,
         ))
+    }
+
+    /// Reads the scoped tokens again (another node sharing the database created or revoked one).
+    /// Blocking.
+    pub fn reload_scoped(&self, store: &dyn Metadata) -> Result<(), StorageError> {
+        let fresh = load_scoped(store)?;
+        self.scoped.retain(|hash, _| fresh.contains_key(hash));
+        for (hash, token) in fresh {
+            self.scoped.insert(hash, token);
+        }
+        Ok(())
     }
 
     /// Checks an `Authorization` header value for the admin token.
@@ -225,6 +223,25 @@ impl Auth {
             })
             .collect()
     }
+}
+
+/// The scoped tokens in `store`, by the hash of their secret.
+fn load_scoped(store: &dyn Metadata) -> Result<DashMap<[u8; 32], Arc<ScopedToken>>, StorageError> {
+    let scoped = DashMap::new();
+    for row in store.scoped_tokens()? {
+        let Ok(hash) = <[u8; 32]>::try_from(row.hash.as_slice()) else {
+            tracing::warn!(id = %row.id, "ignoring a stored token with a malformed hash");
+            continue;
+        };
+        match serde_json::from_str::<ScopedToken>(&row.scope) {
+            Ok(mut token) => {
+                token.id = row.id;
+                scoped.insert(hash, Arc::new(token));
+            }
+            Err(_) => tracing::warn!(id = %row.id, "ignoring a stored token with an unknown scope"),
+        }
+    }
+    Ok(scoped)
 }
 
 fn bearer_token(header: &[u8]) -> Option<&str> {

@@ -79,11 +79,14 @@ impl Kiln {
             source,
         };
         layout.prepare().map_err(data_err)?;
+        let mut node = None;
         let (database, metadata): (Database, Arc<dyn Metadata>) = match config.database.as_deref() {
             Some(url) if postgres::is_url(url) => {
                 let pool = postgres::Pool::open(url)?;
                 tracing::info!("database: PostgreSQL, shared with any other node on it");
-                (Database::Postgres(pool.clone()), Arc::new(Postgres::new(pool)))
+                let store = Postgres::new(pool.clone());
+                node = Some(store.node().to_owned());
+                (Database::Postgres(pool), Arc::new(store))
             }
             other => {
                 let path = other.map_or_else(|| layout.database(), std::path::PathBuf::from);
@@ -159,6 +162,24 @@ impl Kiln {
         let mut functions = Functions::new(storage.clone(), tiers, connectors, metrics.clone())?;
         functions.shared = shared;
         let functions = Arc::new(functions);
+        let auth = Arc::new(auth);
+        if let (Database::Postgres(pool), Some(node)) = (&database, node) {
+            let (functions, auth) = (functions.clone(), auth.clone());
+            postgres::changes::listen(pool.clone(), node, move |change| {
+                use postgres::changes::Change;
+                // A dropped function is looked up in the database again at its next request.
+                match change {
+                    Change::Function(ref name) => functions.registry.remove(name),
+                    Change::Tokens => {}
+                    Change::Everything => functions.registry.clear(),
+                }
+                if matches!(change, Change::Tokens | Change::Everything) {
+                    if let Err(e) = auth.reload_scoped(functions.storage.metadata.as_ref()) {
+                        tracing::error!(error = %e, "reloading tokens another node changed failed");
+                    }
+                }
+            });
+        }
         if shared {
             // Another node may be between writing an artifact and committing its version: the
             // blobs are not this node's to sweep.
@@ -182,7 +203,7 @@ impl Kiln {
             storage,
             functions,
             sandboxes,
-            auth: Arc::new(auth),
+            auth,
             queue,
             signer: Arc::new(signer),
             identity,

@@ -73,8 +73,9 @@ fn a_node_refuses_a_database_migrated_by_a_newer_kiln() {
 }
 
 #[test]
-fn two_nodes_share_functions_and_a_dead_nodes_invocation_runs_on_the_other() {
-    let Some(server) = server("two_nodes_share_functions_and_a_dead_nodes_invocation_runs_on_the_other") else {
+fn two_nodes_share_functions_and_tokens_and_a_dead_nodes_invocation_runs_on_the_other() {
+    let Some(server) = server("two_nodes_share_functions_and_tokens_and_a_dead_nodes_invocation_runs_on_the_other")
+    else {
         return;
     };
     let url = server.create_database().unwrap();
@@ -96,6 +97,36 @@ fn two_nodes_share_functions_and_a_dead_nodes_invocation_runs_on_the_other() {
         again["version"], 1,
         "the same code deployed on another node is the same version"
     );
+
+    // Changes on one node reach the other's caches (LISTEN/NOTIFY): a new version deployed on A
+    // is what B runs, a function deleted on A is gone on B, a token created on B works on A.
+    // (A revocation does not reliably reach the other nodes yet: see README.)
+    a.must_deploy("f", wat("echo"));
+    assert_eq!(b.invoke("f", "one").text().unwrap(), "one");
+    a.must_deploy("f", wat("sleep"));
+    wait_until("B runs the version A deployed", Duration::from_secs(5), || {
+        b.invoke("f", "1").text().unwrap() == "slept"
+    });
+    assert!(a.delete("/v1/functions/f").status().is_success());
+    wait_until("B forgets the function A deleted", Duration::from_secs(5), || {
+        b.invoke("f", "1").status() == 404
+    });
+    let created: Value = client()
+        .post(b.url("/v1/tokens"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"functions": ["sleep"]}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let secret = created["token"].as_str().unwrap().to_owned();
+    wait_until("A accepts the token B created", Duration::from_secs(5), || {
+        let on_a = client()
+            .post(a.url("/v1/functions/sleep/invoke"))
+            .bearer_auth(&secret)
+            .body("1");
+        on_a.send().unwrap().status() == 200
+    });
 
     // Submitted on A, which runs it at once (it has free slots) under its lease.
     let response = client()

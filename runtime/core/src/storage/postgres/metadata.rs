@@ -9,6 +9,7 @@ use std::sync::Arc;
 use postgres::types::ToSql;
 use postgres::{GenericClient, Row, Transaction};
 
+use super::changes::{notify, Change};
 use super::Pool;
 use crate::clock::now_rfc3339;
 use crate::connectors::{Connector, ConnectorSpec, ConnectorUse, Deleted};
@@ -20,11 +21,20 @@ use crate::storage::{Durability, Metadata, Released, StateRecord, StorageError, 
 
 pub struct Postgres {
     pool: Arc<Pool>,
+    /// This node's name in the changes it announces (`changes`), so that it ignores its own.
+    node: String,
 }
 
 impl Postgres {
     pub fn new(pool: Arc<Pool>) -> Postgres {
-        Postgres { pool }
+        Postgres {
+            pool,
+            node: uuid::Uuid::now_v7().to_string(),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -260,6 +270,7 @@ impl Metadata for Postgres {
                     &[connector, &name, &version],
                 )?;
             }
+            notify(&mut tx, &self.node, &Change::Function(name.to_owned()))?;
             tx.commit()?;
             let record = VersionRecord {
                 name: name.to_owned(),
@@ -342,6 +353,7 @@ impl Metadata for Postgres {
                     orphans.push(parse_digest(&digest)?);
                 }
             }
+            notify(&mut tx, &self.node, &Change::Function(name.to_owned()))?;
             tx.commit()?;
             Ok(Some(orphans))
         })
@@ -374,10 +386,13 @@ impl Metadata for Postgres {
     fn insert_token(&self, id: &str, hash: &[u8], scope: &str) -> Result<String, StorageError> {
         let now = now_rfc3339();
         self.pool.with(|client| {
-            client.execute(
+            let mut tx = client.transaction()?;
+            tx.execute(
                 "INSERT INTO tokens (id, hash, scope, created_at) VALUES ($1, $2, $3, $4)",
                 &[&id, &hash, &scope, &now],
             )?;
+            notify(&mut tx, &self.node, &Change::Tokens)?;
+            tx.commit()?;
             Ok(())
         })?;
         Ok(now)

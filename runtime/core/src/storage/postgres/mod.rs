@@ -8,6 +8,7 @@
 //! Schema: [`schema::MIGRATIONS`], the same versions as SQLite's, applied at start-up by whichever
 //! node takes the advisory lock first; a node refuses to start against a schema newer than it knows.
 
+pub mod changes;
 mod metadata;
 pub mod schema;
 
