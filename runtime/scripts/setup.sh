@@ -40,6 +40,12 @@ if [[ ${KILN_SETUP_RUNTIMES:-1} == 1 ]]; then
     echo "setup: some language runtimes could not be built; their tests will be skipped"
   fi
 fi
+# PostgreSQL: the tests of the shared-database mode start throwaway servers from Debian's binaries
+# (kiln-testkit's `postgres`), on loopback in temporary directories; nothing is started here.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  echo "setup: installing postgresql"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql
+fi
 # The microVM tier's Linux guest: the agent is a static musl executable, the image is tested under
 # QEMU (software emulation), and the kernel is Debian's cloud kernel, version- and checksum-pinned.
 if ! grep -qx x86_64-unknown-linux-musl <<<"$installed"; then

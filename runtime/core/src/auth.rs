@@ -174,23 +174,7 @@ impl Auth {
         };
         let admin_hash = hash(&token);
         store.put_token_hash(ADMIN_ID, &admin_hash, "admin")?;
-        let (scoped, aws) = (DashMap::new(), DashMap::new());
-        for row in store.scoped_tokens()? {
-            let Ok(hash) = <[u8; 32]>::try_from(row.hash.as_slice()) else {
-                tracing::warn!(id = %row.id, "ignoring a stored token with a malformed hash");
-                continue;
-            };
-            match serde_json::from_str::<ScopedToken>(&row.scope) {
-                Ok(mut token) => {
-                    token.id = row.id;
-                    match token.access_key_id.clone() {
-                        Some(key_id) => aws.insert(key_id, Arc::new(token)),
-                        None => scoped.insert(hash, Arc::new(token)),
-                    };
-                }
-                Err(_) => tracing::warn!(id = %row.id, "ignoring a stored token with an unknown scope"),
-            }
-        }
+        let Loaded { scoped, aws } = load_scoped(store)?;
         Ok((
             Auth {
                 admin_hash,
@@ -201,6 +185,21 @@ impl Auth {
             },
             source,
         ))
+    }
+
+    /// Reads the scoped tokens again (another node sharing the database created or revoked one).
+    /// Blocking.
+    pub fn reload_scoped(&self, store: &dyn Metadata) -> Result<(), StorageError> {
+        let fresh = load_scoped(store)?;
+        self.scoped.retain(|hash, _| fresh.scoped.contains_key(hash));
+        for (hash, token) in fresh.scoped {
+            self.scoped.insert(hash, token);
+        }
+        self.aws.retain(|key_id, _| fresh.aws.contains_key(key_id));
+        for (key_id, token) in fresh.aws {
+            self.aws.insert(key_id, token);
+        }
+        Ok(())
     }
 
     /// Checks an `Authorization` header value for the admin token.
@@ -320,6 +319,34 @@ impl Auth {
             })
             .collect()
     }
+}
+
+/// The scoped tokens in `store`, by the hash of their secret.
+/// The stored tokens: bearer tokens by the hash of their secret, AWS keys by their id.
+struct Loaded {
+    scoped: DashMap<[u8; 32], Arc<ScopedToken>>,
+    aws: DashMap<String, Arc<ScopedToken>>,
+}
+
+fn load_scoped(store: &dyn Metadata) -> Result<Loaded, StorageError> {
+    let (scoped, aws) = (DashMap::new(), DashMap::new());
+    for row in store.scoped_tokens()? {
+        let Ok(hash) = <[u8; 32]>::try_from(row.hash.as_slice()) else {
+            tracing::warn!(id = %row.id, "ignoring a stored token with a malformed hash");
+            continue;
+        };
+        match serde_json::from_str::<ScopedToken>(&row.scope) {
+            Ok(mut token) => {
+                token.id = row.id;
+                match token.access_key_id.clone() {
+                    Some(key_id) => aws.insert(key_id, Arc::new(token)),
+                    None => scoped.insert(hash, Arc::new(token)),
+                };
+            }
+            Err(_) => tracing::warn!(id = %row.id, "ignoring a stored token with an unknown scope"),
+        }
+    }
+    Ok(Loaded { scoped, aws })
 }
 
 fn bearer_token(header: &[u8]) -> Option<&str> {

@@ -8,6 +8,16 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
     pub data_dir: PathBuf,
+    /// Where metadata, the async queue and the logs live: a SQLite file (`None`: `kiln.db` in the
+    /// data directory) or a `postgres://` URL several nodes share.
+    pub database: Option<String>,
+    /// With PostgreSQL, how long an async invocation a node claimed stays its own without a
+    /// renewal (renewed every third of it): how soon another node runs again what a dead node
+    /// was running. Shorter means faster recovery and more renewals.
+    pub async_lease: Duration,
+    /// Where blobs (artifacts, large async results, sandbox states) live: `file://DIR`, a
+    /// directory nodes may share (`None`: the data directory).
+    pub blob_store: Option<String>,
     /// The URL this server is reached at, the `iss` of the identity tokens it signs
     /// (`--public-url`; the server's default is `http://<listen address>`).
     pub public_url: String,
@@ -56,6 +66,9 @@ impl CoreConfig {
     pub fn new(data_dir: PathBuf) -> Self {
         CoreConfig {
             data_dir,
+            database: None,
+            async_lease: Duration::from_secs(30),
+            blob_store: None,
             public_url: "http://127.0.0.1:7878".to_owned(),
             max_instances: 1000,
             max_queued: 10_000,

@@ -47,6 +47,9 @@ pub struct Functions {
     pub(crate) metrics: Arc<Metrics>,
     /// The egress connectors configs may name.
     pub connectors: Arc<Connectors>,
+    /// The database is shared with other nodes (PostgreSQL): a function this node has not seen
+    /// is looked up there before it is called unknown.
+    pub(crate) shared: bool,
 }
 
 impl Functions {
@@ -67,6 +70,7 @@ impl Functions {
             commit_lock: tokio::sync::Mutex::new(()),
             metrics,
             connectors,
+            shared: false,
         })
     }
 
@@ -75,6 +79,18 @@ impl Functions {
     pub async fn resolve(&self, name: &str, version: Option<u32>) -> Result<Resolved, LoadError> {
         let (slot, concurrency) = match self.registry.lookup(name, version) {
             Lookup::Found(slot, concurrency) => (slot, concurrency),
+            Lookup::NoFunction if self.shared => {
+                // On a shared database another node may have deployed it since this node started:
+                // registered with its latest version, it resolves as any other function.
+                let metadata = self.storage.metadata.clone();
+                let owned = name.to_owned();
+                let latest = tokio::task::spawn_blocking(move || metadata.latest(&owned))
+                    .await
+                    .expect("store task panicked")?
+                    .ok_or_else(|| LoadError::NoFunction(name.to_owned()))?;
+                self.registry.install(latest, None);
+                return Box::pin(self.resolve(name, version)).await;
+            }
             Lookup::NoFunction => return Err(LoadError::NoFunction(name.to_owned())),
             Lookup::NotLoaded(concurrency) => {
                 // `install` registers every function with its latest version, so only an explicit

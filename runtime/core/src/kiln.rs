@@ -18,7 +18,8 @@ use crate::invocations::{Queue, QueueConfig};
 use crate::sandboxes::{Sandboxes, SandboxesConfig};
 use crate::signing::Signer;
 use crate::storage::budget::DiskBudget;
-use crate::storage::{BlobKind, Layout, LocalBlobs, Sqlite, Storage, StorageError};
+use crate::storage::postgres::{self, Postgres};
+use crate::storage::{BlobKind, Database, Layout, LocalBlobs, Metadata, Sqlite, Storage, StorageError};
 use crate::telemetry::invocation_logs::InvocationLogs;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::Telemetry;
@@ -39,6 +40,8 @@ pub enum StartError {
     IdentityKeys(#[from] KeyStoreError),
     #[error("{0}")]
     Engine(String),
+    #[error("blob store {0}")]
+    BlobStore(String),
 }
 
 pub struct Kiln {
@@ -76,9 +79,24 @@ impl Kiln {
             source,
         };
         layout.prepare().map_err(data_err)?;
+        let mut node = None;
+        let (database, metadata): (Database, Arc<dyn Metadata>) = match config.database.as_deref() {
+            Some(url) if postgres::is_url(url) => {
+                let pool = postgres::Pool::open(url)?;
+                tracing::info!("database: PostgreSQL, shared with any other node on it");
+                let store = Postgres::new(pool.clone());
+                node = Some(store.node().to_owned());
+                (Database::Postgres(pool), Arc::new(store))
+            }
+            other => {
+                let path = other.map_or_else(|| layout.database(), std::path::PathBuf::from);
+                (Database::Sqlite(path.clone()), Arc::new(Sqlite::open(&path)?))
+            }
+        };
+        let shared = matches!(database, Database::Postgres(_));
         let storage = Arc::new(Storage {
-            metadata: Arc::new(Sqlite::open(&layout.database())?),
-            blobs: Arc::new(LocalBlobs::new(layout.clone())),
+            metadata,
+            blobs: Arc::new(LocalBlobs::new(blob_layout(config.blob_store.as_deref(), &layout)?)),
             budget: Arc::new(DiskBudget::new(
                 layout.root.clone(),
                 config.min_free_bytes,
@@ -101,7 +119,8 @@ impl Kiln {
         }
         let queue = Queue::open(
             QueueConfig {
-                database: layout.database(),
+                database: database.clone(),
+                lease: config.async_lease,
                 max_queued: config.max_queued,
                 concurrency: config.async_workers,
                 retention: config.retention,
@@ -113,12 +132,7 @@ impl Kiln {
         let metrics = Arc::new(Metrics::default());
         let telemetry = Telemetry {
             metrics: metrics.clone(),
-            logs: InvocationLogs::open(
-                &layout.database(),
-                config.retention,
-                config.max_kept_logs,
-                clock.clone(),
-            )?,
+            logs: InvocationLogs::open(&database, config.retention, config.max_kept_logs, clock.clone())?,
         };
         let signer = Signer::open(&layout.keys(), clock.clone()).map_err(data_err)?;
         let identity = Arc::new(Issuer::open(
@@ -146,8 +160,34 @@ impl Kiln {
             wasm: Arc::new(wasm),
             microvm: Arc::new(microvm),
         };
-        let functions = Arc::new(Functions::new(storage.clone(), tiers, connectors, metrics.clone())?);
-        sweep_unreferenced(&functions)?;
+        let mut functions = Functions::new(storage.clone(), tiers, connectors, metrics.clone())?;
+        functions.shared = shared;
+        let functions = Arc::new(functions);
+        let auth = Arc::new(auth);
+        if let (Database::Postgres(pool), Some(node)) = (&database, node) {
+            let (functions, auth) = (functions.clone(), auth.clone());
+            postgres::changes::listen(pool.clone(), node, move |change| {
+                use postgres::changes::Change;
+                // A dropped function is looked up in the database again at its next request.
+                match change {
+                    Change::Function(ref name) => functions.registry.remove(name),
+                    Change::Tokens => {}
+                    Change::Everything => functions.registry.clear(),
+                }
+                if matches!(change, Change::Tokens | Change::Everything) {
+                    if let Err(e) = auth.reload_scoped(functions.storage.metadata.as_ref()) {
+                        tracing::error!(error = %e, "reloading tokens another node changed failed");
+                    }
+                }
+            });
+        }
+        if shared {
+            // Another node may be between writing an artifact and committing its version: the
+            // blobs are not this node's to sweep.
+            tracing::info!("shared database: the start-up sweep of unreferenced artifacts is skipped");
+        } else {
+            sweep_unreferenced(&functions)?;
+        }
         let sandboxes = Arc::new(Sandboxes::open(
             storage.clone(),
             functions.clone(),
@@ -164,7 +204,7 @@ impl Kiln {
             storage,
             functions,
             sandboxes,
-            auth: Arc::new(auth),
+            auth,
             queue,
             signer: Arc::new(signer),
             identity,
@@ -207,6 +247,31 @@ impl Kiln {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Relaxed)
     }
+}
+
+/// The directory blobs live in: the data directory, or the one `file://DIR` names (which other
+/// nodes may share, on a network file system).
+fn blob_layout(url: Option<&str>, data: &Layout) -> Result<Layout, StartError> {
+    let Some(url) = url else {
+        return Ok(data.clone());
+    };
+    let Some(dir) = url.strip_prefix("file://") else {
+        return Err(StartError::BlobStore(format!(
+            "{url}: not supported (only file://DIR so far)"
+        )));
+    };
+    let layout = Layout::new(dir.into());
+    // Not `prepare`: emptying `tmp/` would break other nodes' writes in flight.
+    for dir in [
+        layout.tmp(),
+        layout.artifacts(),
+        layout.results(),
+        layout.sandbox_states(),
+        layout.sandbox_chunks(),
+    ] {
+        std::fs::create_dir_all(&dir).map_err(|e| StartError::BlobStore(format!("{url}: {e}")))?;
+    }
+    Ok(layout)
 }
 
 /// Removes artifacts, compiled code and snapshots no version references: what a crash between

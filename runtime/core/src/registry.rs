@@ -132,6 +132,11 @@ impl Registry {
         self.functions.remove(name);
     }
 
+    /// Forgets every function (another node may have changed any of them).
+    pub fn clear(&self) {
+        self.functions.clear();
+    }
+
     pub fn len(&self) -> usize {
         self.functions.len()
     }

@@ -63,6 +63,19 @@ pub struct ServeSettings {
     /// Data directory: database, artifacts, compiled code, admin token [default: ./kiln-data].
     #[arg(long, env = "KILN_DATA")]
     pub data: Option<PathBuf>,
+    /// Where functions, versions, tokens, sandboxes' records, the async queue and logs live: a
+    /// SQLite file's path, or `postgres://USER@HOST:PORT/DB` for a database several nodes share
+    /// [default: <data>/kiln.db].
+    #[arg(long, env = "KILN_DATABASE_URL")]
+    pub database: Option<String>,
+    /// With PostgreSQL: how long an async invocation a node claimed stays its own without a renewal,
+    /// so how soon another node runs again what a dead node was running [default: 30000].
+    #[arg(long, env = "KILN_ASYNC_LEASE_MS")]
+    pub async_lease_ms: Option<u64>,
+    /// Where artifacts, large async results and sandbox states live: `file://DIR`, a directory
+    /// several nodes may share [default: the data directory].
+    #[arg(long, env = "KILN_BLOB_STORE")]
+    pub blob_store: Option<String>,
     /// Guest instances alive at once, across all functions; sizes the instance pool and is the
     /// global concurrency cap [default: 1000].
     #[arg(long, env = "KILN_MAX_INSTANCES")]
@@ -187,6 +200,9 @@ impl ServeSettings {
                 }
             };
         }
+        pick!(database => c.core.database, Some);
+        pick!(blob_store => c.core.blob_store, Some);
+        pick!(async_lease_ms => c.core.async_lease, |v: u64| Duration::from_millis(v.max(100)));
         pick!(max_instances => c.core.max_instances, |v| v);
         pick!(max_queued => c.core.max_queued, |v| v);
         pick!(async_workers => c.core.async_workers, |v| v);
@@ -256,6 +272,29 @@ mod tests {
         let (config, _) = ServeSettings::default().merge(file);
         assert_eq!(config.core.microvm_prestart, 0);
         assert_eq!(config.core.data_dir, PathBuf::from(DEFAULT_DATA));
+    }
+
+    #[test]
+    fn the_shared_database_settings_from_the_file_and_flags() {
+        let (config, _) = ServeSettings::default().merge(ServeSettings::default());
+        assert_eq!(config.core.database, None, "SQLite in the data directory by default");
+        assert_eq!(config.core.blob_store, None);
+        let file: ServeSettings = toml::from_str(
+            r#"
+            database = "postgres://kiln@db:5432/kiln"
+            blob_store = "file:///mnt/blobs"
+            async_lease_ms = 5000
+            "#,
+        )
+        .unwrap();
+        let flags = ServeSettings {
+            database: Some("postgres://kiln@other:5432/kiln".into()),
+            ..Default::default()
+        };
+        let (config, _) = flags.merge(file);
+        assert_eq!(config.core.database.as_deref(), Some("postgres://kiln@other:5432/kiln"));
+        assert_eq!(config.core.blob_store.as_deref(), Some("file:///mnt/blobs"));
+        assert_eq!(config.core.async_lease, Duration::from_secs(5));
     }
 
     #[test]

@@ -1,9 +1,11 @@
-//! What Kiln's test suites share. For now one thing: a test that cannot run on this host says so
-//! in a way CI can count. `skip` prints `SKIPPED <test>: <reason>` and, when `KILN_SKIP_LOG` names
+//! What Kiln's test suites share: a throwaway PostgreSQL server ([`postgres`]), and a way for a
+//! test that cannot run on this host to say so that CI can count. `skip` prints `SKIPPED <test>: <reason>` and, when `KILN_SKIP_LOG` names
 //! a file (the README's test command sets it), appends the same line there; `runtime/scripts/test.sh`
 //! prints that file and the totals when the suite ends, so a skip is never a silent green.
 
 use std::io::Write;
+
+pub mod postgres;
 
 /// Records that `test` did not run here, and why. The caller returns right after.
 pub fn skip(test: &str, reason: &str) {
@@ -37,5 +39,22 @@ mod tests {
         let text = std::fs::read_to_string(&log).unwrap();
         assert_eq!(text, "SKIPPED some_test: no /dev/kvm here\n");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_throwaway_postgres_serves_then_leaves_nothing() {
+        let server = match super::postgres::Postgres::start() {
+            Ok(server) => server,
+            Err(reason) => return super::skip("a_throwaway_postgres_serves_then_leaves_nothing", &reason),
+        };
+        let url = server.create_database().unwrap();
+        let name = url.rsplit('/').next().unwrap();
+        assert_eq!(server.sql(name, "SELECT 40 + 2").unwrap(), "42");
+        let port = server.port;
+        drop(server);
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "the server stopped with its handle"
+        );
     }
 }

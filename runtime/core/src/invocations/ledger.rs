@@ -68,12 +68,13 @@ struct Turn {
 
 impl Ledger {
     pub(super) fn open(
+        database: &std::path::Path,
         config: QueueConfig,
         blobs: Arc<dyn Blobs>,
         runners: UnboundedSender<Claimed>,
         depth: Arc<AtomicU64>,
     ) -> Result<Ledger, StorageError> {
-        let conn = sqlite::connect(&config.database)?;
+        let conn = sqlite::connect(database)?;
         let requeued = conn.execute("UPDATE invocations SET state = 'queued' WHERE state = 'running'", [])?;
         if requeued > 0 {
             tracing::info!(

@@ -20,12 +20,12 @@
 //!   SHA-256 under `<data>/results/`. Finished rows and unreferenced result files are swept after
 //!   `retention`.
 
+mod leases;
 mod ledger;
 mod records;
 mod run;
 
 use std::panic::AssertUnwindSafe;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
@@ -38,7 +38,7 @@ use crate::clock::Clock;
 use crate::digest::Digest;
 use crate::kiln::Kiln;
 use crate::storage::budget::{DiskBudget, StorageFull};
-use crate::storage::{Blobs, StorageError};
+use crate::storage::{Blobs, Database, StorageError};
 
 pub use records::Record;
 
@@ -134,8 +134,12 @@ pub struct Queue {
 
 /// The queue's settings, from the server's configuration.
 pub struct QueueConfig {
-    /// The SQLite database the ledger writes (its own connection).
-    pub database: PathBuf,
+    /// The database the ledger writes (its own connection): a SQLite file, or PostgreSQL shared
+    /// with other nodes (`leases`).
+    pub database: Database,
+    /// On PostgreSQL, how long a claimed invocation stays this node's without a renewal: how
+    /// soon another node runs again what a dead node was running.
+    pub lease: Duration,
     pub max_queued: u64,
     /// Invocations running at once.
     pub concurrency: usize,
@@ -150,11 +154,18 @@ impl Queue {
         let (tx, rx) = mpsc::channel();
         let (claimed_tx, claimed_rx) = tokio::sync::mpsc::unbounded_channel();
         let depth = Arc::new(AtomicU64::new(0));
-        let ledger = ledger::Ledger::open(config, blobs, claimed_tx, depth.clone())?;
-        std::thread::Builder::new()
-            .name("kiln-ledger".into())
-            .spawn(move || ledger.run(rx))
-            .expect("spawning the async ledger");
+        let thread = std::thread::Builder::new().name("kiln-ledger".into());
+        match config.database.clone() {
+            Database::Sqlite(path) => {
+                let ledger = ledger::Ledger::open(&path, config, blobs, claimed_tx, depth.clone())?;
+                thread.spawn(move || ledger.run(rx))
+            }
+            Database::Postgres(pool) => {
+                let ledger = leases::Leases::open(pool, config.lease, config, blobs, claimed_tx, depth.clone())?;
+                thread.spawn(move || ledger.run(rx))
+            }
+        }
+        .expect("spawning the async ledger");
         Ok(Queue {
             ledger: tx,
             budget,
@@ -259,7 +270,8 @@ mod tests {
         let metadata = Sqlite::open(&layout.database()).unwrap();
         let clock = ManualClock::at(1_800_000_000_000);
         let config = QueueConfig {
-            database: layout.database(),
+            database: Database::Sqlite(layout.database()),
+            lease: Duration::from_secs(30),
             max_queued,
             concurrency,
             retention: Duration::from_secs(3600),

@@ -6,15 +6,17 @@
 //! - [`Blobs`]: content-addressed bytes — uploaded artifacts and large async results. Today
 //!   [`local::LocalBlobs`], files under the data directory.
 //!
-//! Two writers stay SQLite components of their own, each on its own connection, because their
-//! whole design is SQLite's group commit: the async queue's ledger (`invocations::ledger`) and
-//! the invocation-log writer (`telemetry::invocation_logs`). A server on another database brings
-//! its own queue and log writer beside its `Metadata`.
+//! Two writers are components of their own, each on its own connection, because their whole
+//! design is group commit: the async queue's ledger (`invocations::ledger`, or
+//! `invocations::leases` on PostgreSQL) and the invocation-log writer
+//! (`telemetry::invocation_logs`). [`Database`] says which engine they all use: a SQLite file
+//! (the default), or PostgreSQL shared by several nodes ([`postgres`]).
 //!
 //! Calls block on disk; async callers run them on the blocking pool.
 
 pub mod budget;
 pub mod local;
+pub mod postgres;
 pub mod seal;
 pub mod sqlite;
 mod tokens;
@@ -35,6 +37,11 @@ use crate::sandboxes::record::{Sandbox, SandboxToken, State as SandboxState};
 pub enum StorageError {
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("database error: {0}")]
+    Postgres(#[from] ::postgres::Error),
+    /// The database was migrated by a newer Kiln; this one would misread it.
+    #[error("the database's schema is version {found}, newer than this Kiln knows ({known}): upgrade this node")]
+    NewerSchema { found: i64, known: i64 },
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
     /// A version or sandbox names a connector that does not exist.
@@ -156,6 +163,15 @@ pub trait Metadata: Send + Sync {
     fn connector_uses(&self, name: &str) -> Result<Vec<ConnectorUse>, StorageError>;
     /// Deletes a connector nothing live references, in one transaction with the check.
     fn delete_connector(&self, name: &str) -> Result<Deleted, StorageError>;
+}
+
+/// Where metadata, the async queue and the invocation logs live.
+#[derive(Clone)]
+pub enum Database {
+    /// A file, this node's alone (the default: `kiln.db` in the data directory).
+    Sqlite(std::path::PathBuf),
+    /// A PostgreSQL database several nodes share.
+    Postgres(std::sync::Arc<postgres::Pool>),
 }
 
 /// What a blob is, which is also its namespace.

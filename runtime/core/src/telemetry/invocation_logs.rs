@@ -12,10 +12,12 @@
 //! checkpointed. A graceful shutdown flushes the channel. Logs are diagnostics; invocation
 //! results that must survive anything are what asynchronous invocations are for.
 //!
+//! On PostgreSQL the same writer commits with `synchronous_commit = off`, the counterpart of
+//! `NORMAL`: a crash of the database server may lose the last batches, never tear one.
+//!
 //! Retention: entries older than the server's retention period, and all but the newest
 //! `max_kept` entries, are deleted by the writer thread once a minute.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -24,8 +26,9 @@ use std::time::{Duration, Instant};
 use rusqlite::{params, Connection};
 
 use crate::clock::Clock;
+use crate::storage::postgres::{blocking, Pool};
 use crate::storage::sqlite;
-use crate::storage::StorageError;
+use crate::storage::{Database, StorageError};
 
 /// Entries committed per transaction at most.
 const BATCH: usize = 1024;
@@ -59,14 +62,23 @@ pub struct InvocationLogs {
 impl InvocationLogs {
     /// Starts the writer thread on its own connection to the database.
     pub fn open(
-        db: &Path,
+        db: &Database,
         retention: Duration,
         max_kept: u64,
         clock: Arc<dyn Clock>,
     ) -> Result<InvocationLogs, StorageError> {
-        let conn = sqlite::connect(db)?;
-        // Not fsynced at commit (see the module doc); WAL keeps it consistent.
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let conn = match db {
+            Database::Sqlite(path) => {
+                let conn = sqlite::connect(path)?;
+                // Not fsynced at commit (see the module doc); WAL keeps it consistent.
+                conn.pragma_update(None, "synchronous", "NORMAL")?;
+                Writer::Sqlite(conn)
+            }
+            Database::Postgres(pool) => Writer::Postgres {
+                client: Some(connect_unsynced(pool)?),
+                pool: pool.clone(),
+            },
+        };
         let (tx, rx) = mpsc::sync_channel(CAPACITY);
         let dropped = Arc::new(AtomicU64::new(0));
         let writer_dropped = dropped.clone();
@@ -93,8 +105,54 @@ impl InvocationLogs {
     }
 }
 
+/// The writer's connection.
+enum Writer {
+    Sqlite(Connection),
+    /// Reconnected at the next batch when it broke.
+    Postgres {
+        pool: Arc<Pool>,
+        client: Option<postgres::Client>,
+    },
+}
+
+fn connect_unsynced(pool: &Pool) -> Result<postgres::Client, StorageError> {
+    let mut client = pool.connect()?;
+    blocking(|| client.batch_execute("SET synchronous_commit = off"))?;
+    Ok(client)
+}
+
+impl Writer {
+    fn write_batch(&mut self, batch: &[Message], now_ms: u64) -> Result<(), StorageError> {
+        match self {
+            Writer::Sqlite(conn) => Ok(write_batch(conn, batch, now_ms)?),
+            Writer::Postgres { .. } => self.postgres(|client| pg_write_batch(client, batch, now_ms)),
+        }
+    }
+
+    fn sweep(&mut self, cutoff_ms: u64, max_kept: u64) -> Result<usize, StorageError> {
+        match self {
+            Writer::Sqlite(conn) => Ok(sweep(conn, cutoff_ms, max_kept)?),
+            Writer::Postgres { .. } => self.postgres(|client| pg_sweep(client, cutoff_ms, max_kept)),
+        }
+    }
+
+    fn postgres<T: Send>(
+        &mut self,
+        work: impl FnOnce(&mut postgres::Client) -> Result<T, postgres::Error> + Send,
+    ) -> Result<T, StorageError> {
+        let Writer::Postgres { pool, client } = self else {
+            unreachable!("called on the PostgreSQL writer only");
+        };
+        if client.as_ref().is_none_or(postgres::Client::is_closed) {
+            *client = Some(connect_unsynced(pool)?);
+        }
+        let client = client.as_mut().expect("connected above");
+        Ok(blocking(|| work(client))?)
+    }
+}
+
 fn write_loop(
-    mut conn: Connection,
+    mut conn: Writer,
     rx: mpsc::Receiver<Message>,
     retention: Duration,
     max_kept: u64,
@@ -115,7 +173,7 @@ fn write_loop(
                 Err(_) => break,
             }
         }
-        if let Err(e) = write_batch(&mut conn, &batch, clock.now_ms()) {
+        if let Err(e) = conn.write_batch(&batch, clock.now_ms()) {
             tracing::error!(error = %e, entries = batch.len(), "writing invocation logs failed");
         }
         for message in batch.drain(..) {
@@ -129,11 +187,7 @@ fn write_loop(
         }
         if last_sweep.elapsed() >= SWEEP_EVERY {
             last_sweep = Instant::now();
-            match sweep(
-                &conn,
-                clock.now_ms().saturating_sub(retention.as_millis() as u64),
-                max_kept,
-            ) {
+            match conn.sweep(clock.now_ms().saturating_sub(retention.as_millis() as u64), max_kept) {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(deleted = n, "swept invocation logs past their retention"),
                 Err(e) => tracing::error!(error = %e, "sweeping invocation logs failed"),
@@ -173,6 +227,52 @@ fn write_batch(conn: &mut Connection, batch: &[Message], now_ms: u64) -> rusqlit
     tx.commit()
 }
 
+fn pg_write_batch(client: &mut postgres::Client, batch: &[Message], now_ms: u64) -> Result<(), postgres::Error> {
+    if !batch.iter().any(|m| matches!(m, Message::Entry(_))) {
+        return Ok(());
+    }
+    let now = now_ms as i64;
+    let mut tx = client.transaction()?;
+    let insert = tx.prepare(
+        "INSERT INTO invocation_logs (id, function, version, outcome, duration_us, created_ms, stderr)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (id) DO UPDATE SET function = excluded.function, version = excluded.version,
+             outcome = excluded.outcome, duration_us = excluded.duration_us,
+             created_ms = excluded.created_ms, stderr = excluded.stderr",
+    )?;
+    for message in batch {
+        if let Message::Entry(e) = message {
+            tx.execute(
+                &insert,
+                &[
+                    &e.id.to_string(),
+                    &e.function,
+                    &i64::from(e.version),
+                    &e.outcome,
+                    &(e.duration_us as i64),
+                    &now,
+                    &e.stderr,
+                ],
+            )?;
+        }
+    }
+    tx.commit()
+}
+
+/// [`sweep`] on PostgreSQL (same keys, same order).
+fn pg_sweep(client: &mut postgres::Client, cutoff_ms: u64, max_kept: u64) -> Result<usize, postgres::Error> {
+    let prefix = format!("{:08x}-{:04x}", (cutoff_ms >> 16) & 0xffff_ffff, cutoff_ms & 0xffff);
+    // `COLLATE "C"`: ids compare byte by byte, as SQLite compares them, whatever the database's
+    // collation.
+    let old = client.execute("DELETE FROM invocation_logs WHERE id < $1 COLLATE \"C\"", &[&prefix])?;
+    let excess = client.execute(
+        "DELETE FROM invocation_logs WHERE id COLLATE \"C\" <=
+           (SELECT id FROM invocation_logs ORDER BY id COLLATE \"C\" DESC LIMIT 1 OFFSET $1)",
+        &[&(max_kept as i64)],
+    )?;
+    Ok((old + excess) as usize)
+}
+
 /// Deletes entries older than `cutoff_ms` and all but the newest `max_kept`.
 fn sweep(conn: &Connection, cutoff_ms: u64, max_kept: u64) -> rusqlite::Result<usize> {
     // A UUIDv7 starts with its millisecond timestamp in hex (`tttttttt-tttt-7...`), so every id
@@ -210,7 +310,7 @@ mod tests {
         let store = Sqlite::open(&db).unwrap();
         let now = crate::clock::now_ms();
         let clock = crate::clock::ManualClock::at(now);
-        let logs = InvocationLogs::open(&db, Duration::from_secs(3600), 1000, clock).unwrap();
+        let logs = InvocationLogs::open(&Database::Sqlite(db.clone()), Duration::from_secs(3600), 1000, clock).unwrap();
         let ts = |ms: u64| uuid::Timestamp::from_unix(uuid::NoContext, ms / 1000, (ms % 1000) as u32 * 1_000_000);
         let old = uuid::Uuid::new_v7(ts(now - 7_200_000));
         let ids: Vec<_> = (0..5).map(|i| uuid::Uuid::new_v7(ts(now - 5 + i))).collect();

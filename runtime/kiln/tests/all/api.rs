@@ -70,7 +70,7 @@ fn component_round_trip_with_env_and_args() {
 }
 
 #[test]
-fn redeploying_the_same_code_and_config_is_idempotent() {
+pub(crate) fn redeploying_the_same_code_and_config_is_idempotent() {
     let kiln = Kiln::start();
     let first = kiln.deploy("hello", wat("hello"));
     assert_eq!(first.status(), 201);
@@ -95,7 +95,7 @@ fn redeploying_the_same_code_and_config_is_idempotent() {
 }
 
 #[test]
-fn list_get_and_delete() {
+pub(crate) fn list_get_and_delete() {
     let kiln = Kiln::start();
     kiln.must_deploy("a-fn", wat("hello"));
     kiln.must_deploy("b_fn", wat("echo"));

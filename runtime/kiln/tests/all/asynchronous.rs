@@ -69,7 +69,7 @@ fn submit_poll_and_fetch_the_result_without_a_token() {
 }
 
 #[test]
-fn an_idempotency_key_makes_a_retried_submit_return_the_same_id() {
+pub(crate) fn an_idempotency_key_makes_a_retried_submit_return_the_same_id() {
     let kiln = Kiln::start();
     kiln.must_deploy("echo", wat("echo"));
     let first = accepted(submit(&kiln, "echo", "once", Some("order-42")));
@@ -87,7 +87,7 @@ fn an_idempotency_key_makes_a_retried_submit_return_the_same_id() {
 }
 
 #[test]
-fn failures_are_retried_and_counted() {
+pub(crate) fn failures_are_retried_and_counted() {
     let kiln = Kiln::start();
     let response = kiln.deploy_with("trap", wat("trap"), json!({"retries": 1}));
     assert_eq!(response.status(), 201);
@@ -260,7 +260,7 @@ fn every_accepted_invocation_survives_kill_9() {
 }
 
 #[test]
-fn a_slow_invocation_does_not_hold_back_others_and_large_results_are_files() {
+pub(crate) fn a_slow_invocation_does_not_hold_back_others_and_large_results_are_files() {
     let kiln = Kiln::start();
     kiln.must_deploy("echo", wat("echo"));
     kiln.must_deploy("sleep", wat("sleep"));

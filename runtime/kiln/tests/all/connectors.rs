@@ -32,7 +32,7 @@ fn denied(answer: &(u16, String), why: &str) -> bool {
 }
 
 #[test]
-fn connectors_are_made_used_and_deleted_only_once_nothing_uses_them() {
+pub(crate) fn connectors_are_made_used_and_deleted_only_once_nothing_uses_them() {
     let mut kiln = Kiln::start();
     let port = upstream("from upstream");
     let other = upstream("should not be reached");

@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::support::{client, component, expect_error, signal, wait_until, wat, Kiln};
 
 #[test]
-fn restart_keeps_functions_and_does_not_recompile() {
+pub(crate) fn restart_keeps_functions_and_does_not_recompile() {
     let dir = tempfile::tempdir().unwrap();
     let mut kiln = Kiln::start_in(dir.path(), &[]);
     kiln.must_deploy("hello", wat("hello"));

@@ -22,6 +22,7 @@ mod musl;
 mod openapi;
 mod ops;
 mod polyglot;
+mod postgres;
 mod sandboxes;
 mod sdk;
 mod snapshot;

@@ -107,7 +107,7 @@ fn deploy_counter(kiln: &Kiln, config: Value) {
 }
 
 #[test]
-fn a_sandbox_keeps_its_memory_across_requests_suspend_resume_and_a_restart() {
+pub(crate) fn a_sandbox_keeps_its_memory_across_requests_suspend_resume_and_a_restart() {
     let mut kiln = Kiln::start();
     deploy_counter(&kiln, json!({}));
     let sandbox = must_create(&kiln, json!({"function": "counter", "metadata": {"team": "a"}}));

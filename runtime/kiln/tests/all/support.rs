@@ -1,5 +1,9 @@
 //! Test support: the real `kiln` binary on a loopback port with its own data directory, a blocking
 //! HTTP client, and the guests under `guests/`.
+//!
+//! `KILN_TEST_DATABASE=postgres` runs every server on PostgreSQL instead of its SQLite file: one
+//! database per data directory (a restart finds its own again) on a throwaway server the test
+//! process starts ([`kiln_testkit::postgres`]).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -47,10 +51,15 @@ impl Kiln {
         } else {
             &["--max-instances", "64"]
         };
+        let database: Vec<String> = match test_database(data, args) {
+            Some(url) => vec!["--database".into(), url],
+            None => Vec::new(),
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data)
             .args(pool)
+            .args(&database)
             .args(args)
             .env_remove("KILN_ADMIN_TOKEN")
             .env("RUST_LOG", "info")
@@ -227,6 +236,38 @@ impl Drop for Kiln {
             eprintln!("--- the last of kiln's log ({}):\n{}", self.addr, &log[start..]);
         }
     }
+}
+
+thread_local! {
+    static ON_POSTGRES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `tests` with every server this thread starts on PostgreSQL, as `KILN_TEST_DATABASE=postgres`
+/// does for the whole process.
+pub fn on_postgres(tests: impl FnOnce()) {
+    ON_POSTGRES.set(true);
+    tests();
+    ON_POSTGRES.set(false);
+}
+
+/// With `KILN_TEST_DATABASE=postgres` (or inside [`on_postgres`]), the PostgreSQL database of the server on `data`, unless
+/// the test names a database itself.
+fn test_database(data: &Path, args: &[&str]) -> Option<String> {
+    let asked = std::env::var("KILN_TEST_DATABASE").as_deref() == Ok("postgres") || ON_POSTGRES.get();
+    if !asked || args.contains(&"--database") {
+        return None;
+    }
+    static DATABASES: Mutex<Vec<(PathBuf, String)>> = Mutex::new(Vec::new());
+    let mut databases = DATABASES.lock().unwrap();
+    if let Some((_, url)) = databases.iter().find(|(dir, _)| dir == data) {
+        return Some(url.clone());
+    }
+    // Asked for explicitly: a missing PostgreSQL fails the run rather than testing SQLite.
+    let server = kiln_testkit::postgres::Postgres::shared()
+        .unwrap_or_else(|reason| panic!("KILN_TEST_DATABASE=postgres, but: {reason}"));
+    let url = server.create_database().expect("creating a test database");
+    databases.push((data.to_path_buf(), url.clone()));
+    Some(url)
 }
 
 pub fn signal(pid: i32, sig: i32) {

@@ -23,7 +23,7 @@ fn invoke_as(kiln: &Kiln, token: &str, path: &str) -> reqwest::blocking::Respons
 }
 
 #[test]
-fn invoke_only_token_is_limited_to_its_functions_and_revocable() {
+pub(crate) fn invoke_only_token_is_limited_to_its_functions_and_revocable() {
     let kiln = Kiln::start();
     kiln.must_deploy("logger", wat("logger"));
     kiln.must_deploy("bad", wat("exit3"));
@@ -136,7 +136,7 @@ fn token_requests_are_checked() {
 }
 
 #[test]
-fn scoped_tokens_survive_a_restart() {
+pub(crate) fn scoped_tokens_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let secret = {
         let kiln = Kiln::start_in(dir.path(), &[]);
