@@ -118,6 +118,7 @@ impl Kiln {
                 config.max_kept_logs,
                 clock.clone(),
             )?,
+            quiet: Default::default(),
         };
         let signer = Signer::open(&layout.keys(), clock.clone()).map_err(data_err)?;
         let identity = Arc::new(Issuer::open(
