@@ -169,13 +169,14 @@ mod tests {
     #[test]
     fn quantiles_interpolate_within_buckets() {
         let series = Series::default();
+        // 98 in the bucket (0.5, 1] ms, 2 in (25, 50] ms.
         for _ in 0..98 {
-            series.observe(7, Outcome::Success, Duration::from_micros(700)); // (0.5, 1] ms
+            series.observe(1_000, Outcome::Success, Duration::from_micros(700));
         }
         for _ in 0..2 {
-            series.observe(7, Outcome::Success, Duration::from_millis(40)); // (25, 50] ms
+            series.observe(1_000, Outcome::Success, Duration::from_millis(40));
         }
-        let minute = &series.last_hour(7)[MINUTES - 1];
+        let minute = &series.last_hour(1_000)[MINUTES - 1];
         let p50 = minute.quantile(0.5).unwrap();
         assert!((0.0005..=0.001).contains(&p50), "{p50}");
         let p99 = minute.quantile(0.99).unwrap();
