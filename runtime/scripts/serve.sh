@@ -3,7 +3,7 @@
 # Extra arguments go to `kiln serve`, e.g. `runtime/scripts/serve.sh --listen 0.0.0.0:7878`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-KILN_SETUP_POLYGLOT=0 KILN_SETUP_PYTHON_TOOLS=0 runtime/scripts/setup.sh
+KILN_SETUP_POLYGLOT=0 KILN_SETUP_PYTHON_TOOLS=0 KILN_SETUP_BROWSER=0 runtime/scripts/setup.sh
 # The microVM tier needs the guest kernel (setup.sh fetched it) and the guest agent. Where this host
 # has hardware virtualization, build the agent and hand both to Kiln (through the environment, so a
 # flag given here still wins); elsewhere the tier stays unavailable and /healthz says why.

@@ -83,3 +83,28 @@ if [[ ${KILN_SETUP_PYTHON_TOOLS:-1} == 1 ]]; then
   python_tool schemathesis "$root/runtime/kiln/tests/schemathesis/requirements.txt"
   python_tool aws "$root/runtime/kiln/tests/lambda/requirements.txt"
 fi
+# The web console's browser test (`console::*`): Debian's Chromium (Playwright cannot download a
+# browser here), driven by playwright-core and checked by axe-core, both from npm at the versions
+# of runtime/console/package-lock.json, into runtime/console/node_modules (git-ignored). The
+# console itself needs none of it: its files are built into the binary. serve.sh sets
+# KILN_SETUP_BROWSER=0. Without them the test is skipped, saying why.
+if [[ ${KILN_SETUP_BROWSER:-1} == 1 ]]; then
+  if ! command -v chromium >/dev/null 2>&1; then
+    echo "setup: installing chromium"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+      || echo "setup: chromium could not be installed; the console's browser test will be skipped"
+  fi
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "setup: installing nodejs and npm"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm || true
+  fi
+  console=$root/runtime/console
+  if command -v npm >/dev/null 2>&1 && ! cmp -s "$console/package-lock.json" "$console/node_modules/.kiln-installed" 2>/dev/null; then
+    echo "setup: installing the console's test tools into $console/node_modules"
+    if (cd "$console" && npm ci --no-audit --no-fund --loglevel=error); then
+      cp "$console/package-lock.json" "$console/node_modules/.kiln-installed"
+    else
+      echo "setup: the console's test tools could not be installed; its browser test will be skipped"
+    fi
+  fi
+fi

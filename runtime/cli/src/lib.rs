@@ -1,5 +1,5 @@
 //! The client half of the `kiln` binary: `kiln deploy`, `invoke`, `ls`, `get`, `rm`, `logs`,
-//! `status`, `token`, `connector`, `sandbox`. Each command is one or two requests to the HTTP API of `../shared/API.md`; the server
+//! `status`, `token`, `connector`, `sandbox`, `ui`. Each command is one or two requests to the HTTP API of `../shared/API.md`; the server
 //! is the only source of truth, so the CLI holds no state of its own.
 //!
 //! Output is for people by default and the server's JSON with `--json`, for scripts. Errors print
@@ -67,6 +67,8 @@ pub enum Command {
     /// Sandboxes: long-lived instances of a function.
     #[command(subcommand)]
     Sandbox(sandboxes::SandboxCommand),
+    /// Print the web console's link, signed in with the token (the local admin token by default).
+    Ui,
 }
 
 /// Runs one client command against the server.
@@ -86,7 +88,34 @@ pub fn run(connection: &Connection, command: Command) -> Result<(), CliError> {
         Command::Keys(command) => tokens::keys(&client, command, json),
         Command::Connector(command) => connectors::run(&client, command, json),
         Command::Sandbox(command) => sandboxes::run(&client, command, json),
+        Command::Ui => ui(&client, json),
     }
+}
+
+/// `kiln ui`: the console's address with the token in the fragment (`#token=…`), which the
+/// browser keeps to itself (a fragment is never sent to a server) and the console removes from
+/// the address bar once it has read it.
+fn ui(client: &Client, json: bool) -> Result<(), CliError> {
+    let (base, token) = client.base_and_token();
+    let token = token.ok_or_else(|| {
+        CliError::Usage(
+            "no token: give --token (or KILN_TOKEN), or run on the server's machine with --data-dir pointing at its data".into(),
+        )
+    })?;
+    let encoded: String = token
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let link = format!("{base}/ui/#token={encoded}");
+    if json {
+        print_json(&serde_json::json!({ "url": link }));
+    } else {
+        println!("{link}");
+    }
+    Ok(())
 }
 
 /// Prints a JSON value the way `--json` promises: one document, pretty for people reading it.

@@ -133,6 +133,7 @@ impl Kiln {
         let telemetry = Telemetry {
             metrics: metrics.clone(),
             logs: InvocationLogs::open(&database, config.retention, config.max_kept_logs, clock.clone())?,
+            quiet: Default::default(),
         };
         let signer = Signer::open(&layout.keys(), clock.clone()).map_err(data_err)?;
         let identity = Arc::new(Issuer::open(

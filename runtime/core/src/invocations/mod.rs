@@ -40,7 +40,7 @@ use crate::kiln::Kiln;
 use crate::storage::budget::{DiskBudget, StorageFull};
 use crate::storage::{Blobs, Database, StorageError};
 
-pub use records::Record;
+pub use records::{id_ms, uuid_ms, Mode, Query, Record, Summary, STATES};
 
 /// Results larger than this are stored as files rather than in the row.
 pub const INLINE_RESULT: usize = 64 * 1024;

@@ -30,7 +30,7 @@ pub use tokens::TokenRow;
 use crate::connectors::{Connector, ConnectorSpec, ConnectorUse, Deleted};
 use crate::digest::Digest;
 use crate::function::{ArtifactKind, FunctionConfig, VersionRecord};
-use crate::invocations::Record;
+use crate::invocations::{Query as InvocationQuery, Record, Summary as InvocationSummary};
 use crate::sandboxes::record::{Sandbox, SandboxToken, State as SandboxState};
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +122,9 @@ pub trait Metadata: Send + Sync {
     fn invocation_log(&self, id: &str) -> Result<Option<String>, StorageError>;
     /// The function an invocation (sync or async) belongs to, if it is known.
     fn invocation_function(&self, id: &str) -> Result<Option<String>, StorageError>;
+    /// Invocations with a kept record, newest first: every asynchronous one, and the synchronous
+    /// ones with a kept log (failures, and successes that wrote to stderr).
+    fn invocations(&self, query: &InvocationQuery) -> Result<Vec<InvocationSummary>, StorageError>;
 
     /// Adds a sandbox's record; if its idempotency key was used before, adds nothing and returns
     /// the id of the sandbox that used it.

@@ -15,7 +15,7 @@ use crate::connectors::{Connector, ConnectorSpec, ConnectorUse, Deleted};
 use crate::digest::Digest;
 use crate::function::Tier;
 use crate::function::{ArtifactKind, FunctionConfig, VersionRecord};
-use crate::invocations::Record;
+use crate::invocations::{id_ms, Mode, Query as InvocationQuery, Record, Summary as InvocationSummary};
 use crate::sandboxes::record::{Sandbox, SandboxToken, State as SandboxState};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts how many have run.
@@ -524,6 +524,51 @@ impl Metadata for Sqlite {
             .query_row(params![id], |r| r.get(0))
             .optional()?;
         Ok(asynchronous)
+    }
+
+    fn invocations(&self, query: &InvocationQuery) -> Result<Vec<InvocationSummary>, StorageError> {
+        // Each table is read newest first down its primary key (ids are UUIDv7, so key order is
+        // time order) and cut at `limit` before the two are merged: the cost follows `limit`, not
+        // the number of rows kept.
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT * FROM (
+                 SELECT id, function, version, 'async', state, duration_us, attempts, NULL FROM invocations
+                 WHERE (?1 IS NULL OR function IN (SELECT value FROM json_each(?1)))
+                   AND (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR id < ?3)
+                 ORDER BY id DESC LIMIT ?4)
+             UNION ALL
+             SELECT * FROM (
+                 SELECT id, function, version, 'sync',
+                        CASE outcome WHEN 'success' THEN 'succeeded' ELSE 'failed' END AS state,
+                        duration_us, NULL, outcome FROM invocation_logs
+                 WHERE (?1 IS NULL OR function IN (SELECT value FROM json_each(?1)))
+                   AND (?2 IS NULL OR ?2 = CASE outcome WHEN 'success' THEN 'succeeded' ELSE 'failed' END)
+                   AND (?3 IS NULL OR id < ?3)
+                 ORDER BY id DESC LIMIT ?4)
+             ORDER BY 1 DESC LIMIT ?4",
+        )?;
+        let functions = query
+            .functions
+            .as_ref()
+            .map(|f| serde_json::to_string(f).expect("names serialise"));
+        let rows = stmt.query_map(params![functions, query.state, query.before, query.limit as i64], |r| {
+            let id: String = r.get(0)?;
+            let mode: String = r.get(3)?;
+            Ok(InvocationSummary {
+                created_ms: id_ms(&id),
+                id,
+                function: r.get(1)?,
+                version: r.get(2)?,
+                mode: if mode == "sync" { Mode::Sync } else { Mode::Async },
+                state: r.get(4)?,
+                duration_us: r.get(5)?,
+                attempts: r.get(6)?,
+                outcome: r.get(7)?,
+                log_kept: true,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn insert_sandbox(&self, sandbox: &Sandbox) -> Result<Option<String>, StorageError> {

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 
+use super::series::{MinuteStats, Series};
+
 #[derive(Default)]
 pub struct Counter(AtomicU64);
 
@@ -24,6 +26,9 @@ impl Counter {
     }
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
+    }
+    pub fn reset(&self) {
+        self.0.store(0, Ordering::Relaxed);
     }
 }
 
@@ -53,9 +58,15 @@ impl Outcome {
 
 /// Upper bounds (seconds) of the duration histogram's buckets: from a warm Wasm call (~100 µs) to
 /// the longest timeout (15 min).
-const BUCKETS: [f64; 16] = [
+pub const BUCKETS: [f64; 16] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 900.0,
 ];
+
+/// The index in [`BUCKETS`] (or `+Inf`, the last) a duration is counted in.
+pub fn bucket_of(duration: Duration) -> usize {
+    let seconds = duration.as_secs_f64();
+    BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(BUCKETS.len())
+}
 
 /// One function's series.
 #[derive(Default)]
@@ -64,17 +75,18 @@ pub struct FunctionMetrics {
     /// Per bucket, not cumulative (rendering sums them); the last slot is `+Inf`.
     buckets: [Counter; BUCKETS.len() + 1],
     sum_us: Counter,
+    /// The last hour by minute, for the console.
+    recent: Series,
 }
 
 impl FunctionMetrics {
-    fn observe(&self, outcome: Outcome, duration: Duration) {
+    fn observe(&self, minute: u64, outcome: Outcome, duration: Duration) {
         self.outcomes[outcome as usize].inc();
+        self.recent.observe(minute, outcome, duration);
         if outcome == Outcome::Rejected {
             return;
         }
-        let seconds = duration.as_secs_f64();
-        let bucket = BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(BUCKETS.len());
-        self.buckets[bucket].inc();
+        self.buckets[bucket_of(duration)].inc();
         self.sum_us.0.fetch_add(duration.as_micros() as u64, Ordering::Relaxed);
     }
 }
@@ -89,9 +101,7 @@ pub struct Histogram {
 
 impl Histogram {
     pub fn observe(&self, duration: Duration) {
-        let seconds = duration.as_secs_f64();
-        let bucket = BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(BUCKETS.len());
-        self.buckets[bucket].inc();
+        self.buckets[bucket_of(duration)].inc();
         self.sum_us.0.fetch_add(duration.as_micros() as u64, Ordering::Relaxed);
     }
 
@@ -165,12 +175,26 @@ impl Metrics {
 
     /// Counts one invocation of `function`.
     pub fn observe(&self, function: &str, outcome: Outcome, duration: Duration) {
+        let minute = crate::clock::now_ms() / 60_000;
         if let Some(series) = self.functions.get(function) {
-            series.observe(outcome, duration);
+            series.observe(minute, outcome, duration);
             return;
         }
         let series = self.functions.entry(function.to_owned()).or_default().clone();
-        series.observe(outcome, duration);
+        series.observe(minute, outcome, duration);
+    }
+
+    /// The last hour of every function `visible` lets through, by name, up to minute `now`
+    /// (minutes since the Unix epoch).
+    pub fn last_hour(&self, now: u64, visible: impl Fn(&str) -> bool) -> Vec<(String, Vec<MinuteStats>)> {
+        let mut functions: Vec<(String, Vec<MinuteStats>)> = self
+            .functions
+            .iter()
+            .filter(|e| visible(e.key()))
+            .map(|e| (e.key().clone(), e.value().recent.last_hour(now)))
+            .collect();
+        functions.sort_by(|a, b| a.0.cmp(&b.0));
+        functions
     }
 
     pub fn render(&self, gauges: &Gauges) -> String {

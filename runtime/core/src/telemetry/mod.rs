@@ -1,5 +1,7 @@
 //! What Kiln records about what it runs: [`metrics`] (counters and histograms served at
-//! `/metrics`), [`invocation_logs`] (the kept stderr tail of synchronous invocations), and, here,
+//! `/metrics`, and per function the last hour by minute, [`series`], for the console),
+//! [`invocation_logs`] (the kept stderr tail of synchronous invocations), [`recent`] (the newest
+//! synchronous successes that left no log, so that the invocation list shows them), and, here,
 //! what each finished invocation records, in one place: its metrics, its one structured log line
 //! (target [`INVOCATION_TARGET`]) and (synchronous ones) its kept log; asynchronous runs keep
 //! theirs in their own record. Everything here is cheap and non-blocking: atomics, one `tracing`
@@ -10,12 +12,15 @@
 
 pub mod invocation_logs;
 pub mod metrics;
+pub mod recent;
+pub mod series;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use self::invocation_logs::{InvocationLogs, LogEntry};
 use self::metrics::{Metrics, Outcome};
+use self::recent::QuietSuccesses;
 use crate::function::VersionRecord;
 use crate::outcome::{InvokeError, Success};
 
@@ -26,6 +31,8 @@ pub struct Telemetry {
     pub metrics: Arc<Metrics>,
     /// Kept logs of synchronous invocations.
     pub logs: InvocationLogs,
+    /// The newest synchronous invocations that left no log.
+    pub quiet: QuietSuccesses,
 }
 
 impl Telemetry {
@@ -65,7 +72,9 @@ impl Telemetry {
         // log: nothing to keep. Skipping the quiet successes keeps the log writer's SQLite work (about
         // 10 µs a row) off the busiest path, a trivial function served at full speed.
         let quiet_success = outcome == Outcome::Success && stderr.is_empty();
-        if outcome != Outcome::Rejected && !quiet_success {
+        if quiet_success {
+            self.quiet.push(id, &record.name, record.version, duration_us);
+        } else if outcome != Outcome::Rejected {
             self.logs.record(LogEntry {
                 id,
                 function: record.name.clone(),

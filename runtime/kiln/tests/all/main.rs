@@ -6,6 +6,7 @@ mod asynchronous;
 mod cli;
 mod connections;
 mod connectors;
+mod console;
 mod errors;
 mod hardening;
 mod hostile;

@@ -81,6 +81,13 @@ fn one_json_log_line_per_invocation_without_body_or_token() {
     assert!(kiln.wait_for_log(&failed_id, std::time::Duration::from_secs(10)));
 
     let log = kiln.log();
+    // Every line the server writes is one JSON object, start-up lines included.
+    for line in log.lines() {
+        let parsed: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|_| panic!("not one JSON object: {line}"));
+        assert!(parsed.is_object() && parsed["level"].is_string(), "{line}");
+    }
+    assert!(log.contains("kiln listening on"), "{log}");
     let lines: Vec<serde_json::Value> = log
         .lines()
         .filter(|l| l.contains(&id))

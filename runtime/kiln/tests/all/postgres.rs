@@ -179,7 +179,8 @@ fn the_api_suite_runs_on_postgres() {
         crate::connectors::connectors_are_made_used_and_deleted_only_once_nothing_uses_them();
         crate::lifecycle::restart_keeps_functions_and_does_not_recompile();
         crate::sandboxes::a_sandbox_keeps_its_memory_across_requests_suspend_resume_and_a_restart();
+        crate::console::invocations_are_listed_sync_and_async_newest_first();
     });
     // Each of those tests had its servers on a database of its own (restarts find theirs again).
-    assert!(databases() >= before + 10, "the tests ran on SQLite");
+    assert!(databases() >= before + 11, "the tests ran on SQLite");
 }

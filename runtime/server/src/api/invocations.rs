@@ -1,16 +1,20 @@
-//! Asynchronous invocations: submit, the record, and the result behind a signed URL.
+//! Asynchronous invocations: submit, the record, and the result behind a signed URL; and the list
+//! of invocations, sync and async.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use kiln_core::auth::Principal;
+use kiln_core::function::is_valid_function_name;
 use kiln_core::functions::Functions;
-use kiln_core::invocations::{NewInvocation, Queue};
+use kiln_core::invocations::{Mode, NewInvocation, Query, Queue, STATES};
 use kiln_core::outcome::InvokeError;
 use kiln_core::problem::Problem;
 use kiln_core::signing::{self, Refused, Signer};
 use kiln_core::storage::{BlobKind, Storage, StoredResult};
+use kiln_core::telemetry::recent::QuietSuccesses;
 use serde_json::json;
 
 use super::body::{self, Body, BodyBudget, FileBody};
@@ -194,4 +198,143 @@ pub async fn result(
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .body(result)
         .expect("static headers are valid"))
+}
+
+/// One line of `GET /v1/invocations`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(super) struct SummaryView {
+    id: String,
+    function: String,
+    version: u32,
+    /// `sync` or `async`.
+    mode: &'static str,
+    /// `queued`, `running`, `succeeded` or `failed`.
+    state: String,
+    created_at: String,
+    duration_us: Option<i64>,
+    /// Asynchronous only: runs so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempts: Option<u32>,
+    /// Synchronous only: `success`, `failed` or `timeout`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: Option<String>,
+    /// Asynchronous only: the record, with the result URL once succeeded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status_url: Option<String>,
+    /// Present when a log is kept (every asynchronous invocation; synchronous ones that failed or
+    /// wrote to stderr).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logs_url: Option<String>,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(super) struct InvocationList {
+    invocations: Vec<SummaryView>,
+    /// The `before` of the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_before: Option<String>,
+}
+
+/// A page holds this many invocations unless `limit` says otherwise, and at most [`MAX_LIMIT`].
+const DEFAULT_LIMIT: usize = 50;
+const MAX_LIMIT: usize = 1000;
+
+/// The query of `GET /v1/invocations`; unknown parameters are refused so a typo is not ignored.
+fn list_query(query: Option<&str>) -> Result<(Option<String>, Query), Problem> {
+    let mut function = None;
+    let mut list = Query {
+        limit: DEFAULT_LIMIT,
+        ..Query::default()
+    };
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("function", name)) if is_valid_function_name(name) => function = Some(name.to_owned()),
+            Some(("state", state)) if STATES.contains(&state) => list.state = Some(state.to_owned()),
+            Some(("limit", n)) => {
+                list.limit = n
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_LIMIT).contains(n))
+                    .ok_or_else(|| error::invalid_request(format!("limit must be between 1 and {MAX_LIMIT}")))?;
+            }
+            Some(("before", id)) => {
+                // Any spelling of a UUID, compared as the store writes ids (lowercase, hyphenated).
+                let parsed = uuid::Uuid::try_parse(id)
+                    .map_err(|_| error::invalid_request(format!("before must be an invocation id, not {id:?}")))?;
+                list.before = Some(parsed.hyphenated().to_string());
+            }
+            _ => return Err(error::invalid_request(format!("unknown query parameter {pair:?}"))),
+        }
+    }
+    Ok((function, list))
+}
+
+#[utoipa::path(get, path = "/v1/invocations", tag = "invoke",
+    params(("function" = Option<String>, Query, description = "Only this function's", pattern = r"^[a-z0-9][a-z0-9_-]{0,63}$", max_length = 64),
+        ("state" = Option<String>, Query, description = "Only those in this state", pattern = "^(queued|running|succeeded|failed)$"),
+        ("limit" = Option<usize>, Query, description = "At most this many [50]", minimum = 1, maximum = 1000),
+        ("before" = Option<String>, Query, description = "Only those older than this invocation (the previous page's `next_before`)", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
+    responses((status = 200, description = "Invocations, newest first: every asynchronous one, the synchronous ones with a kept log, and the newest synchronous successes that wrote nothing to stderr (kept in memory, the last 10,000). A scoped token sees its functions' only.", body = InvocationList),
+        (status = 400, description = "Bad query", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody)))]
+pub async fn list(
+    storage: &Storage,
+    quiet: &QuietSuccesses,
+    principal: &Principal,
+    query: Option<&str>,
+) -> Result<Response<Body>, Problem> {
+    let (function, mut query) = list_query(query)?;
+    // A scoped token lists its own functions' invocations only, as it lists sandboxes.
+    query.functions = match (principal, function) {
+        (Principal::Admin, function) => function.map(|f| vec![f]),
+        (Principal::Invoke(token), Some(f)) => Some(if token.functions.contains(&f) { vec![f] } else { vec![] }),
+        (Principal::Invoke(token), None) => Some(token.functions.iter().cloned().collect()),
+    };
+    if query.functions.as_ref().is_some_and(Vec::is_empty) {
+        return Ok(body::json(StatusCode::OK, &json!({ "invocations": [] })));
+    }
+    let metadata = storage.metadata.clone();
+    let stored_query = query.clone();
+    let mut found = tokio::task::spawn_blocking(move || metadata.invocations(&stored_query))
+        .await
+        .expect("store task panicked")
+        .map_err(Problem::internal)?;
+    found.extend(quiet.list(&query));
+    found.sort_by(|a, b| b.id.cmp(&a.id));
+    found.truncate(query.limit);
+    let next_before = (found.len() == query.limit).then(|| found[found.len() - 1].id.clone());
+    let invocations = found
+        .into_iter()
+        .map(|s| {
+            let asynchronous = s.mode == Mode::Async;
+            SummaryView {
+                status_url: asynchronous.then(|| format!("/v1/invocations/{}", s.id)),
+                logs_url: s.log_kept.then(|| format!("/v1/invocations/{}/logs", s.id)),
+                created_at: rfc3339_ms(s.created_ms),
+                id: s.id,
+                function: s.function,
+                version: s.version,
+                mode: s.mode.as_str(),
+                state: s.state,
+                duration_us: s.duration_us,
+                attempts: s.attempts,
+                outcome: s.outcome,
+            }
+        })
+        .collect();
+    Ok(body::json(
+        StatusCode::OK,
+        &InvocationList {
+            invocations,
+            next_before,
+        },
+    ))
+}
+
+/// Unix milliseconds as the API shows times (RFC 3339, UTC, to the millisecond).
+fn rfc3339_ms(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
 }

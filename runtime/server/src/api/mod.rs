@@ -5,6 +5,7 @@
 
 pub mod body;
 mod connectors;
+mod console;
 pub mod error;
 mod functions;
 mod http_trigger;
@@ -16,6 +17,7 @@ mod keys;
 mod logs;
 mod openapi;
 mod sandboxes;
+mod stats;
 mod tokens;
 
 use std::convert::Infallible;
@@ -57,6 +59,8 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
         }
         Route::Jwks => return Ok(identity::jwks(&kiln.identity)),
         Route::Discovery => return Ok(identity::discovery(&kiln.identity)),
+        Route::ConsoleRedirect => return Ok(console::redirect()),
+        Route::Console(asset) => return console::asset(asset, req.headers()),
         Route::Refused(refusal) => return refusal.answer(&path, &segments),
         _ if kiln.is_shutting_down() => return Err(error::shutting_down()),
         Route::Trigger(name) => {
@@ -98,6 +102,10 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
         Api::DeleteFunction(name) => functions::delete(&kiln.functions, name).await,
         Api::Invoke(name) => invoke::sync(&kiln.functions, &kiln.telemetry, limits, bodies, name, req).await,
         Api::InvokeAsync(name) => invocations::submit(&kiln.functions, &kiln.queue, limits, bodies, name, req).await,
+        Api::ListInvocations => {
+            invocations::list(&kiln.storage, &kiln.telemetry.quiet, &principal, req.uri().query()).await
+        }
+        Api::FunctionStats => stats::get(&kiln.telemetry.metrics, &principal, req.uri().query()),
         Api::GetInvocation(id) => invocations::get(&kiln.storage, &kiln.signer, id, req.uri().query()).await,
         Api::InvocationLogs(id) => logs::get(&kiln.storage, &kiln.telemetry.logs, id).await,
         Api::CreateSandbox => sandboxes::create(&kiln.sandboxes, &principal, bodies, req).await,
@@ -130,6 +138,10 @@ pub enum Route<'a> {
     Jwks,
     /// `GET /.well-known/openid-configuration`: where those keys are (no token).
     Discovery,
+    /// `GET /ui`: to `/ui/`.
+    ConsoleRedirect,
+    /// `GET /ui/<file>`: the web console's files (`""` is its page), no token.
+    Console(&'a str),
     /// `/fn/<name>/...`, any method; the trigger checks the name and the caller.
     Trigger(&'a str),
     /// `GET /v1/results/<id>`: authorised by its signature, not by a token.
@@ -162,6 +174,9 @@ pub enum Api<'a> {
     DeleteFunction(&'a str),
     Invoke(&'a str),
     InvokeAsync(&'a str),
+    ListInvocations,
+    /// `GET /v1/metrics`: the last hour per function, as JSON.
+    FunctionStats,
     GetInvocation(&'a str),
     InvocationLogs(&'a str),
     CreateSandbox,
@@ -236,6 +251,9 @@ pub fn classify<'a>(method: &Method, segments: &[&'a str]) -> Route<'a> {
         [".well-known", "jwks.json"] if get => Route::Jwks,
         [".well-known", "openid-configuration"] if get => Route::Discovery,
         [".well-known", "jwks.json" | "openid-configuration"] => Route::Refused(Refusal::MethodNotAllowed),
+        ["ui"] if get => Route::ConsoleRedirect,
+        ["ui", asset] if get => Route::Console(asset),
+        ["ui"] | ["ui", _] => Route::Refused(Refusal::MethodNotAllowed),
         ["fn", name, ..] => Route::Trigger(name),
         ["v1", "results", id] if get => Route::Result(id),
         ["v1", "results", _] => Route::Refused(Refusal::MethodNotAllowed),
@@ -297,6 +315,10 @@ fn classify_api<'a>(method: &Method, segments: &[&'a str]) -> Api<'a> {
                 _ => refused(Refusal::NotFound),
             }
         }
+        (["v1", "metrics"], &Method::GET) => Api::FunctionStats,
+        (["v1", "metrics"], _) => refused(Refusal::MethodNotAllowed),
+        (["v1", "invocations"], &Method::GET) => Api::ListInvocations,
+        (["v1", "invocations"], _) => refused(Refusal::MethodNotAllowed),
         (["v1", "invocations", id], &Method::GET) => Api::GetInvocation(id),
         (["v1", "invocations", _], _) => refused(Refusal::MethodNotAllowed),
         (["v1", "invocations", id, "logs"], &Method::GET) => Api::InvocationLogs(id),
@@ -459,6 +481,14 @@ mod tests {
             (Method::POST, "/.well-known/jwks.json", Route::Refused(MethodNotAllowed)),
             (Method::GET, "/.well-known/openid-configuration", Route::Discovery),
             (Method::GET, "/.well-known/other", Route::Refused(NotFound)),
+            (Method::GET, "/ui", Route::ConsoleRedirect),
+            (Method::GET, "/ui/", Route::Console("")),
+            (Method::GET, "/ui/app.js", Route::Console("app.js")),
+            (Method::POST, "/ui/", Route::Refused(MethodNotAllowed)),
+            (Method::GET, "/ui/a/b", Route::Refused(NotFound)),
+            (Method::GET, "/v1/invocations", Route::Api(Api::ListInvocations)),
+            (Method::GET, "/v1/metrics", Route::Api(Api::FunctionStats)),
+            (Method::POST, "/v1/metrics", after_auth(MethodNotAllowed)),
             (Method::PATCH, "/fn/Bad/x", Route::Trigger("Bad")),
             (Method::GET, "/v1/results/abc", Route::Result("abc")),
             (Method::PUT, "/v1/results/abc", Route::Refused(MethodNotAllowed)),
@@ -497,6 +527,8 @@ mod tests {
             ("/v1/sandboxes/sbx_x/files", "GET, PUT"),
             ("/v1/tokens/t", "DELETE"),
             ("/v1/openapi.json", "GET"),
+            ("/ui/", "GET"),
+            ("/v1/invocations", "GET"),
         ] {
             assert_eq!(allowed_methods(&segments(path)), allow, "{path}");
         }

@@ -485,6 +485,7 @@ fn method_name(method: &utoipa::openapi::HttpMethod) -> &'static str {
         super::invoke::sync,
         super::http_trigger::handle,
         super::invocations::submit,
+        super::invocations::list,
         super::invocations::get,
         super::invocations::result,
         super::logs::get,
@@ -511,6 +512,10 @@ fn method_name(method: &utoipa::openapi::HttpMethod) -> &'static str {
         super::sandboxes::ingress,
         super::identity::jwks,
         super::identity::discovery,
+        super::stats::get,
+        super::console::redirect,
+        super::console::index,
+        super::console::asset,
         document,
     ),
     components(schemas(ErrorBody, ErrorObject, DeployForm, FunctionList, Submitted, Invocation, NewTokenRequest, TokenView, TokenList, Rotated, SandboxView, SandboxList, TokenForSandbox, ExecResult, Jwks, Jwk, Discovery, RotatedIdentity, kiln_core::sandboxes::record::State, KeyKind, NewSandbox, FunctionName)),
@@ -535,9 +540,14 @@ pub fn json() -> Bytes {
 /// - its links name their target `operation_ref` where OpenAPI says `operationRef`;
 /// - environment variables' names (`env`'s keys): not empty, no `=` or NUL, not starting with a
 ///   digit; their values without NUL; at most 256;
-/// - a sandbox's `metadata`: at most 64 entries.
+/// - a sandbox's `metadata`: at most 64 entries;
+/// - the console's files: the names `/ui/{asset}` serves.
 fn finish(document: &mut serde_json::Value) {
     use serde_json::{json, Value};
+    let asset = &mut document["paths"]["/ui/{asset}"]["get"]["parameters"][0]["schema"];
+    if asset.is_object() {
+        asset["enum"] = json!(super::console::names().collect::<Vec<_>>());
+    }
     if let Some(paths) = document["paths"].as_object_mut() {
         for operation in paths
             .values_mut()

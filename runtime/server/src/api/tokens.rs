@@ -24,7 +24,8 @@ use super::openapi::{ErrorBody, NewTokenRequest, TokenList, TokenView};
 const MAX_FUNCTIONS: usize = 1000;
 
 /// Lets the admin token through everything, and an invoke-only token through the invoke routes
-/// of its own functions and the records and logs of their invocations.
+/// of its own functions, the records and logs of their invocations, and the lists that show it
+/// only those (invocations, the console's metrics, sandboxes).
 pub async fn authorize(
     storage: &Storage,
     logs: &InvocationLogs,
@@ -41,8 +42,10 @@ pub async fn authorize(
                 Err(forbidden(format!("this token may not invoke `{name}`")))
             };
         }
-        // The sandbox handlers check the function of the sandbox themselves.
+        // The sandbox handlers check the function of the sandbox themselves; the invocation list
+        // and the console's metrics show a scoped token its own functions only.
         (Principal::Invoke(_), ["v1", "sandboxes", ..]) => return Ok(()),
+        (Principal::Invoke(_), ["v1", "invocations" | "metrics"]) if method == Method::GET => return Ok(()),
         (Principal::Invoke(_), ["v1", "invocations", id] | ["v1", "invocations", id, "logs"])
             if method == Method::GET =>
         {

@@ -476,6 +476,56 @@ impl Metadata for Postgres {
         })
     }
 
+    fn invocations(&self, query: &crate::invocations::Query) -> Result<Vec<crate::invocations::Summary>, StorageError> {
+        use crate::invocations::{id_ms, Mode, Summary};
+        // As on SQLite: each table newest first down its key (UUIDv7 ids sort by time; compared
+        // byte-wise, whatever the database's collation), cut at `limit`, then merged.
+        let limit = query.limit as i64;
+        self.pool.with(|client| {
+            let rows = client.query(
+                r#"SELECT * FROM (
+                     (SELECT id, function, version, 'async' AS mode, state, duration_us, attempts,
+                             NULL::TEXT AS outcome
+                      FROM invocations
+                      WHERE ($1::TEXT[] IS NULL OR function = ANY($1)) AND ($2::TEXT IS NULL OR state = $2)
+                        AND ($3::TEXT IS NULL OR id COLLATE "C" < $3)
+                      ORDER BY id COLLATE "C" DESC LIMIT $4)
+                     UNION ALL
+                     (SELECT id, function, version, 'sync',
+                             CASE outcome WHEN 'success' THEN 'succeeded' ELSE 'failed' END,
+                             duration_us, NULL::BIGINT, outcome
+                      FROM invocation_logs
+                      WHERE ($1::TEXT[] IS NULL OR function = ANY($1))
+                        AND ($2::TEXT IS NULL OR $2 = CASE outcome WHEN 'success' THEN 'succeeded' ELSE 'failed' END)
+                        AND ($3::TEXT IS NULL OR id COLLATE "C" < $3)
+                      ORDER BY id COLLATE "C" DESC LIMIT $4)
+                   ) AS merged
+                   ORDER BY id COLLATE "C" DESC LIMIT $4"#,
+                &[&query.functions, &query.state, &query.before, &limit],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|row| {
+                    let id: String = row.get(0);
+                    let mode: String = row.get(3);
+                    let attempts: Option<i64> = row.get(6);
+                    Summary {
+                        created_ms: id_ms(&id),
+                        function: row.get(1),
+                        version: row.get::<_, i64>(2) as u32,
+                        mode: if mode == "sync" { Mode::Sync } else { Mode::Async },
+                        state: row.get(4),
+                        duration_us: row.get(5),
+                        attempts: attempts.map(|a| a as u32),
+                        outcome: row.get(7),
+                        log_kept: true,
+                        id,
+                    }
+                })
+                .collect())
+        })
+    }
+
     fn invocation_function(&self, id: &str) -> Result<Option<String>, StorageError> {
         self.pool.with(|client| {
             if let Some(row) = client.query_opt("SELECT function FROM invocation_logs WHERE id = $1", &[&id])? {
