@@ -73,7 +73,13 @@ impl Kiln {
         let stderr = child.stderr.take().unwrap();
         let sink = log.clone();
         std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            // Byte lines, read lossily: a line that is not UTF-8 (a guest's output in a log line)
+            // must not end the capture.
+            let lines = BufReader::new(stderr)
+                .split(b'\n')
+                .map_while(Result::ok)
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+            for line in lines {
                 for scheme in ["http", "https"] {
                     if let Some(rest) = line.split(&format!("kiln listening on {scheme}://")).nth(1) {
                         // The address ends at the first character an address cannot have (a
