@@ -99,8 +99,8 @@ fn two_nodes_share_functions_and_tokens_and_a_dead_nodes_invocation_runs_on_the_
     );
 
     // Changes on one node reach the other's caches (LISTEN/NOTIFY): a new version deployed on A
-    // is what B runs, a function deleted on A is gone on B, a token created on B works on A.
-    // (A revocation does not reliably reach the other nodes yet: see README.)
+    // is what B runs, a function deleted on A is gone on B, a token created on B works on A, and
+    // once revoked on B it is refused on A.
     a.must_deploy("f", wat("echo"));
     assert_eq!(b.invoke("f", "one").text().unwrap(), "one");
     a.must_deploy("f", wat("sleep"));
@@ -126,6 +126,15 @@ fn two_nodes_share_functions_and_tokens_and_a_dead_nodes_invocation_runs_on_the_
             .bearer_auth(&secret)
             .body("1");
         on_a.send().unwrap().status() == 200
+    });
+    let id = created["id"].as_str().unwrap();
+    assert_eq!(b.delete(&format!("/v1/tokens/{id}")).status(), 204);
+    wait_until("A refuses the token B revoked", Duration::from_secs(5), || {
+        let on_a = client()
+            .post(a.url("/v1/functions/sleep/invoke"))
+            .bearer_auth(&secret)
+            .body("1");
+        on_a.send().unwrap().status() == 401
     });
 
     // Submitted on A, which runs it at once (it has free slots) under its lease.

@@ -399,8 +399,16 @@ impl Metadata for Postgres {
     }
 
     fn delete_token(&self, id: &str) -> Result<bool, StorageError> {
-        self.pool
-            .with(|client| Ok(client.execute("DELETE FROM tokens WHERE id = $1 AND id != 'admin'", &[&id])? > 0))
+        self.pool.with(|client| {
+            let mut tx = client.transaction()?;
+            let deleted = tx.execute("DELETE FROM tokens WHERE id = $1 AND id != 'admin'", &[&id])? > 0;
+            // Other nodes drop a revoked token from what they cached, as they learn of new ones.
+            if deleted {
+                notify(&mut tx, &self.node, &Change::Tokens)?;
+            }
+            tx.commit()?;
+            Ok(deleted)
+        })
     }
 
     fn scoped_tokens(&self) -> Result<Vec<TokenRow>, StorageError> {
