@@ -20,10 +20,12 @@
 //! - [`identity`]: signed tokens that tell other services which sandbox or invocation calls them;
 //! - [`telemetry`]: metrics, the one log line per invocation, kept invocation logs;
 //! - [`storage`]: metadata and blobs behind small interfaces (SQLite and the local disk today);
+//! - [`cluster`]: the nodes sharing a database, by their heartbeats;
 //! - [`kiln`]: all of it, built once at start-up.
 
 pub mod auth;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod connectors;
 pub mod deploy;

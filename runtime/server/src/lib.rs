@@ -32,6 +32,8 @@ pub struct Server {
     pub bodies: api::body::BodyBudget,
     /// The certificate, when the port speaks HTTPS.
     pub tls: Option<Arc<tls::Tls>>,
+    /// This process's id among the nodes of a database (`GET /v1/cluster`).
+    pub node: String,
 }
 
 impl Server {
@@ -41,6 +43,7 @@ impl Server {
             kiln,
             config,
             tls: None,
+            node: format!("node-{}", uuid::Uuid::now_v7().simple()),
         }
     }
 }
@@ -85,6 +88,7 @@ pub async fn serve(mut config: ServerConfig) -> Result<(), String> {
     let mut server = Server::new(kiln.clone(), config);
     server.tls = tls;
     let server = Arc::new(server);
+    api::start_heartbeat(kiln.clone(), server.node.clone(), kiln.config.public_url.clone());
     listener::run(server, listener, shutdown::signal_received()).await;
     // Invocation logs still queued for the disk are written before the process ends.
     let _ = tokio::task::spawn_blocking(move || kiln.telemetry.logs.flush()).await;

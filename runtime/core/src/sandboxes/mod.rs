@@ -1085,6 +1085,11 @@ impl Sandboxes {
     }
 
     /// Sandboxes by state, for `/metrics`.
+    /// Sandboxes live on this node now (each holds one of `max_running`).
+    pub fn live_here(&self) -> usize {
+        self.running.in_use()
+    }
+
     pub async fn counts(&self) -> HashMap<State, u64> {
         let mut counts = HashMap::new();
         if let Ok(all) = self.list(None, None).await {

@@ -122,6 +122,10 @@ pub trait Metadata: Send + Sync {
     fn invocation_log(&self, id: &str) -> Result<Option<String>, StorageError>;
     /// The function an invocation (sync or async) belongs to, if it is known.
     fn invocation_function(&self, id: &str) -> Result<Option<String>, StorageError>;
+    /// Writes this node's heartbeat row, and forgets nodes silent for `cluster::FORGOTTEN`.
+    fn heartbeat(&self, node: &crate::cluster::Node) -> Result<(), StorageError>;
+    /// Every node with a heartbeat row, by id.
+    fn nodes(&self) -> Result<Vec<crate::cluster::Node>, StorageError>;
     /// Invocations with a kept record, newest first: every asynchronous one, and the synchronous
     /// ones with a kept log (failures, and successes that wrote to stderr).
     fn invocations(&self, query: &InvocationQuery) -> Result<Vec<InvocationSummary>, StorageError>;

@@ -168,6 +168,14 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (connector, sandbox)
     );
 "#,
+    r#"
+    -- The nodes serving this database (crate::cluster), one heartbeat row each.
+    CREATE TABLE nodes (
+        id           TEXT PRIMARY KEY,
+        info         TEXT NOT NULL,
+        last_seen_ms INTEGER NOT NULL
+    );
+"#,
 ];
 
 pub struct Sqlite {
@@ -508,6 +516,30 @@ impl Metadata for Sqlite {
             .query_row(params![id], |r| r.get(0))
             .optional()?;
         Ok(asynchronous.map(Option::unwrap_or_default))
+    }
+
+    fn heartbeat(&self, node: &crate::cluster::Node) -> Result<(), StorageError> {
+        let info = serde_json::to_string(node).expect("a node serialises");
+        let forgotten = node
+            .last_seen_ms
+            .saturating_sub(crate::cluster::FORGOTTEN.as_millis() as u64);
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO nodes (id, info, last_seen_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(id) DO UPDATE SET info = excluded.info, last_seen_ms = excluded.last_seen_ms",
+            params![node.id, info, node.last_seen_ms as i64],
+        )?;
+        conn.execute("DELETE FROM nodes WHERE last_seen_ms < ?1", params![forgotten as i64])?;
+        Ok(())
+    }
+
+    fn nodes(&self) -> Result<Vec<crate::cluster::Node>, StorageError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT info FROM nodes ORDER BY id")?;
+        let infos = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        infos
+            .map(|info| serde_json::from_str(&info?).map_err(|e| StorageError::Corrupt(format!("a node's row: {e}"))))
+            .collect()
     }
 
     fn invocation_function(&self, id: &str) -> Result<Option<String>, StorageError> {

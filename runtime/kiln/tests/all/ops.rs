@@ -214,3 +214,47 @@ fn settings_precedence_file_env_flag() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("max_sync_inputbytes"), "{stderr}");
 }
+
+/// `GET /v1/cluster` on the embedded default: this one node, alive, with what its heartbeat says;
+/// admin only.
+#[test]
+fn the_cluster_lists_this_node_by_its_heartbeat() {
+    let kiln = Kiln::start();
+    // The first heartbeat is written as the server starts serving.
+    let mut listed = serde_json::Value::Null;
+    crate::support::wait_until("the first heartbeat", std::time::Duration::from_secs(10), || {
+        listed = kiln.get("/v1/cluster").json().unwrap();
+        !listed["nodes"].as_array().unwrap().is_empty()
+    });
+    let nodes = listed["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 1, "{listed}");
+    let node = &nodes[0];
+    assert_eq!(
+        (node["alive"].as_bool(), node["this_node"].as_bool()),
+        (Some(true), Some(true)),
+        "{node}"
+    );
+    assert_eq!(node["address"], kiln.url(""), "{node}");
+    assert!(
+        node["cpu"].as_str().unwrap().contains("x86_64") || std::env::consts::ARCH != "x86_64",
+        "{node}"
+    );
+    assert!(
+        node["load"].as_f64().is_some() && node["last_seen_ms"].as_u64().unwrap() > 0,
+        "{node}"
+    );
+    let scoped: serde_json::Value = crate::support::client()
+        .post(kiln.url("/v1/tokens"))
+        .bearer_auth(&kiln.token)
+        .json(&serde_json::json!({"functions": ["f"]}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let response = crate::support::client()
+        .get(kiln.url("/v1/cluster"))
+        .bearer_auth(scoped["token"].as_str().unwrap())
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 403);
+}

@@ -98,6 +98,16 @@ fn two_nodes_share_functions_and_tokens_and_a_dead_nodes_invocation_runs_on_the_
         "the same code deployed on another node is the same version"
     );
 
+    // Each node's heartbeat lists it on the other.
+    wait_until("each node lists both", Duration::from_secs(10), || {
+        [&a, &b].iter().all(|node| {
+            let listed: Value = node.get("/v1/cluster").json().unwrap();
+            let nodes = listed["nodes"].as_array().unwrap();
+            nodes.iter().filter(|n| n["alive"] == true).count() == 2
+                && nodes.iter().filter(|n| n["this_node"] == true).count() == 1
+        })
+    });
+
     // Changes on one node reach the other's caches (LISTEN/NOTIFY): a new version deployed on A
     // is what B runs, a function deleted on A is gone on B, a token created on B works on A, and
     // once revoked on B it is refused on A.

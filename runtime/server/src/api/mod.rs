@@ -4,6 +4,7 @@
 //! status and JSON body.
 
 pub mod body;
+mod cluster;
 mod connectors;
 mod console;
 pub mod error;
@@ -34,6 +35,7 @@ use sha2::Digest as _;
 
 use crate::Server;
 use body::Body;
+pub use cluster::start_heartbeat;
 
 pub async fn handle(server: Arc<Server>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let response = match route(&server, req).await {
@@ -106,6 +108,7 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
             invocations::list(&kiln.storage, &kiln.telemetry.quiet, &principal, req.uri().query()).await
         }
         Api::FunctionStats => stats::get(&kiln.telemetry.metrics, &principal, req.uri().query()),
+        Api::Cluster => cluster::list(kiln, &server.node).await,
         Api::GetInvocation(id) => invocations::get(&kiln.storage, &kiln.signer, id, req.uri().query()).await,
         Api::InvocationLogs(id) => logs::get(&kiln.storage, &kiln.telemetry.logs, id).await,
         Api::CreateSandbox => sandboxes::create(&kiln.sandboxes, &principal, bodies, req).await,
@@ -177,6 +180,8 @@ pub enum Api<'a> {
     ListInvocations,
     /// `GET /v1/metrics`: the last hour per function, as JSON.
     FunctionStats,
+    /// `GET /v1/cluster`: the nodes serving this database.
+    Cluster,
     GetInvocation(&'a str),
     InvocationLogs(&'a str),
     CreateSandbox,
@@ -315,6 +320,8 @@ fn classify_api<'a>(method: &Method, segments: &[&'a str]) -> Api<'a> {
                 _ => refused(Refusal::NotFound),
             }
         }
+        (["v1", "cluster"], &Method::GET) => Api::Cluster,
+        (["v1", "cluster"], _) => refused(Refusal::MethodNotAllowed),
         (["v1", "metrics"], &Method::GET) => Api::FunctionStats,
         (["v1", "metrics"], _) => refused(Refusal::MethodNotAllowed),
         (["v1", "invocations"], &Method::GET) => Api::ListInvocations,

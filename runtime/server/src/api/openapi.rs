@@ -513,6 +513,7 @@ fn method_name(method: &utoipa::openapi::HttpMethod) -> &'static str {
         super::identity::jwks,
         super::identity::discovery,
         super::stats::get,
+        super::cluster::list,
         super::console::redirect,
         super::console::index,
         super::console::asset,

@@ -534,6 +534,35 @@ impl Metadata for Postgres {
         })
     }
 
+    fn heartbeat(&self, node: &crate::cluster::Node) -> Result<(), StorageError> {
+        let info = serde_json::to_string(node).expect("a node serialises");
+        let seen = node.last_seen_ms as i64;
+        let forgotten = seen - crate::cluster::FORGOTTEN.as_millis() as i64;
+        self.pool.with(|client| {
+            client.execute(
+                "INSERT INTO nodes (id, info, last_seen_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET info = excluded.info, last_seen_ms = excluded.last_seen_ms",
+                &[&node.id, &info, &seen],
+            )?;
+            client.execute("DELETE FROM nodes WHERE last_seen_ms < $1", &[&forgotten])?;
+            Ok(())
+        })
+    }
+
+    fn nodes(&self) -> Result<Vec<crate::cluster::Node>, StorageError> {
+        let infos: Vec<String> = self.pool.with(|client| {
+            Ok(client
+                .query("SELECT info FROM nodes ORDER BY id", &[])?
+                .iter()
+                .map(|row| row.get(0))
+                .collect())
+        })?;
+        infos
+            .iter()
+            .map(|info| serde_json::from_str(info).map_err(|e| StorageError::Corrupt(format!("a node's row: {e}"))))
+            .collect()
+    }
+
     fn invocation_function(&self, id: &str) -> Result<Option<String>, StorageError> {
         self.pool.with(|client| {
             if let Some(row) = client.query_opt("SELECT function FROM invocation_logs WHERE id = $1", &[&id])? {

@@ -151,6 +151,13 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (connector, sandbox)
     );
 "#,
+    r#"
+    CREATE TABLE nodes (
+        id           TEXT PRIMARY KEY,
+        info         TEXT NOT NULL,
+        last_seen_ms BIGINT NOT NULL
+    );
+"#,
 ];
 
 /// Brings the schema up to [`MIGRATIONS`], under the migration lock.
