@@ -188,7 +188,7 @@ fn verify(
 /// A function name as Lambda's API may give it: a name, `name:qualifier`, or an ARN (Kiln's or
 /// any region's), with the qualifier of the path or the `Qualifier` parameter.
 fn function_name<'a>(raw: &'a str, query: &'a str) -> Result<(String, Option<String>), LambdaError> {
-    let decoded = decode(raw);
+    let decoded = sigv4::decode(raw);
     let rest = match decoded.split_once(":function:") {
         Some((_, rest)) => rest.to_owned(),
         None => decoded,
@@ -225,26 +225,8 @@ fn version_of(qualifier: Option<&str>) -> Result<Option<u32>, LambdaError> {
 fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
     query.split('&').filter(|p| !p.is_empty()).map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (decode(k), decode(v))
+        (sigv4::decode(k), sigv4::decode(v))
     })
-}
-
-fn decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&text[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

@@ -235,7 +235,8 @@ fn encode(text: &str, slash: bool) -> String {
     out
 }
 
-fn decode(text: &str) -> String {
+/// Percent-decoding (and `+` as a space, as query strings write it); invalid escapes stay as sent.
+pub(super) fn decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
