@@ -18,6 +18,7 @@ use crate::invocations::{Queue, QueueConfig};
 use crate::sandboxes::{Sandboxes, SandboxesConfig};
 use crate::signing::Signer;
 use crate::storage::budget::DiskBudget;
+use crate::storage::postgres::secrets::{JoinError, Secrets, IDENTITY_KEYS, RESULT_KEYS};
 use crate::storage::postgres::{self, Postgres};
 use crate::storage::{BlobKind, Database, Layout, LocalBlobs, Metadata, Sqlite, Storage, StorageError};
 use crate::telemetry::invocation_logs::InvocationLogs;
@@ -42,6 +43,19 @@ pub enum StartError {
     Engine(String),
     #[error("blob store {0}")]
     BlobStore(String),
+    #[error("joining the cluster: {0}")]
+    Cluster(#[from] JoinError),
+}
+
+/// Why a key rotation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RotateError {
+    #[error("result-URL signing keys: {0}")]
+    ResultKeys(#[from] std::io::Error),
+    #[error(transparent)]
+    IdentityKeys(#[from] KeyStoreError),
+    #[error("sharing the keys with the cluster: {0}")]
+    Cluster(#[from] JoinError),
 }
 
 pub struct Kiln {
@@ -56,6 +70,8 @@ pub struct Kiln {
     /// Signs guests' identity tokens and publishes the keys that verify them.
     pub identity: Arc<Issuer>,
     pub telemetry: Telemetry,
+    /// The secrets this node shares with the others of its cluster (on PostgreSQL).
+    secrets: Option<Secrets>,
     shutting_down: AtomicBool,
 }
 
@@ -94,6 +110,15 @@ impl Kiln {
             }
         };
         let shared = matches!(database, Database::Postgres(_));
+        // Before anything reads a secret: take the cluster's (the lock is held until `finish`).
+        let secrets = match (&database, &node) {
+            (Database::Postgres(pool), Some(node)) => Some(Secrets::new(pool.clone(), &layout.root, node)),
+            _ => None,
+        };
+        let joining = match &secrets {
+            Some(secrets) => Some(secrets.join(config.admin_token.as_deref())?),
+            None => None,
+        };
         let storage = Arc::new(Storage {
             metadata,
             blobs: Arc::new(LocalBlobs::new(blob_layout(config.blob_store.as_deref(), &layout)?)),
@@ -135,12 +160,15 @@ impl Kiln {
             logs: InvocationLogs::open(&database, config.retention, config.max_kept_logs, clock.clone())?,
             quiet: Default::default(),
         };
-        let signer = Signer::open(&layout.keys(), clock.clone()).map_err(data_err)?;
+        let signer = Arc::new(Signer::open(&layout.keys(), clock.clone()).map_err(data_err)?);
         let identity = Arc::new(Issuer::open(
             &config.public_url,
             &layout.identity_keys(),
             clock.clone(),
         )?);
+        if let Some(joining) = joining {
+            joining.finish()?;
+        }
 
         let connectors = Arc::new(Connectors::open(storage.metadata.clone())?);
         let wasm = WasmTier::open(
@@ -165,19 +193,29 @@ impl Kiln {
         functions.shared = shared;
         let functions = Arc::new(functions);
         let auth = Arc::new(auth);
-        if let (Database::Postgres(pool), Some(node)) = (&database, node) {
+        if let (Database::Postgres(pool), Some(node), Some(secrets)) = (&database, node, secrets.clone()) {
             let (functions, auth) = (functions.clone(), auth.clone());
+            let (signer, issuer) = (signer.clone(), identity.clone());
             postgres::changes::listen(pool.clone(), node, move |change| {
                 use postgres::changes::Change;
                 // A dropped function is looked up in the database again at its next request.
                 match change {
                     Change::Function(ref name) => functions.registry.remove(name),
-                    Change::Tokens => {}
+                    Change::Tokens | Change::Secrets => {}
                     Change::Everything => functions.registry.clear(),
                 }
                 if matches!(change, Change::Tokens | Change::Everything) {
                     if let Err(e) = auth.reload_scoped(functions.storage.metadata.as_ref()) {
                         tracing::error!(error = %e, "reloading tokens another node changed failed");
+                    }
+                }
+                if matches!(change, Change::Secrets | Change::Everything) {
+                    let results = secrets.pull(RESULT_KEYS).map_err(RotateError::from);
+                    let results = results.and_then(|()| Ok(signer.reload()?));
+                    let identity = secrets.pull(IDENTITY_KEYS).map_err(RotateError::from);
+                    let identity = identity.and_then(|()| Ok(issuer.keys().reload()?));
+                    for failed in [results, identity].into_iter().filter_map(Result::err) {
+                        tracing::error!(error = %failed, "taking the keys another node rotated failed");
                     }
                 }
             });
@@ -207,9 +245,10 @@ impl Kiln {
             sandboxes,
             auth,
             queue,
-            signer: Arc::new(signer),
+            signer,
             identity,
             telemetry,
+            secrets,
             shutting_down: AtomicBool::new(false),
         }))
     }
@@ -238,7 +277,54 @@ impl Kiln {
     pub fn start_queue(self: &Arc<Kiln>) {
         Queue::start(self);
         self.sandboxes.start_reaper();
-        self.identity.start_rotation();
+        self.start_identity_rotation();
+    }
+
+    /// Makes a new result-URL signing key and retires every other, on every node of the
+    /// cluster: URLs signed before are refused from now on. Returns the new key's id and how many
+    /// were retired. Blocking.
+    pub fn rotate_result_keys(&self) -> Result<(String, usize), RotateError> {
+        let rotate = || Ok(self.signer.rotate()?);
+        match &self.secrets {
+            None => rotate(),
+            Some(secrets) => secrets.rotate(RESULT_KEYS, || Ok(self.signer.reload()?), rotate),
+        }
+    }
+
+    /// Makes a new identity signing key (`due_only`: only if the current one is due), on every
+    /// node of the cluster; returns its id if it did. Tokens signed before still verify until
+    /// they expire. Blocking.
+    pub fn rotate_identity_key(&self, due_only: bool) -> Result<Option<String>, RotateError> {
+        let keys = self.identity.keys();
+        let rotate = || match due_only {
+            true => Ok(keys.rotate_if_due()?),
+            false => Ok(Some(keys.rotate()?)),
+        };
+        match &self.secrets {
+            None => rotate(),
+            Some(secrets) => secrets.rotate(IDENTITY_KEYS, || Ok(keys.reload()?), rotate),
+        }
+    }
+
+    /// Replaces the identity signing key when it is due, every hour, while the core lives.
+    fn start_identity_rotation(self: &Arc<Kiln>) {
+        let kiln = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let Some(kiln) = kiln.upgrade() else {
+                    return;
+                };
+                match tokio::task::spawn_blocking(move || kiln.rotate_identity_key(true)).await {
+                    Ok(Ok(Some(kid))) => tracing::info!(kid = %kid, "identity signing key rotated"),
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "identity key rotation failed"),
+                    Err(_) => return,
+                }
+            }
+        });
     }
 
     pub fn begin_shutdown(&self) {

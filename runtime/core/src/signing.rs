@@ -61,42 +61,57 @@ fn new_key(dir: &Path) -> std::io::Result<(String, [u8; 32])> {
     Ok((kid, key))
 }
 
+/// The keys in `dir`, the newest signing; `None` if there is none.
+fn load(dir: &Path) -> std::io::Result<Option<Keys>> {
+    let mut all = HashMap::new();
+    let mut newest: Option<(SystemTime, String)> = None;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(kid) = name.to_str().and_then(|n| n.strip_suffix(".key")) else {
+            continue;
+        };
+        let bytes = std::fs::read(entry.path())?;
+        let Ok(key) = <[u8; 32]>::try_from(bytes.as_slice()) else {
+            tracing::warn!(file = %entry.path().display(), "ignoring a signing key that is not 32 bytes");
+            continue;
+        };
+        let modified = entry.metadata()?.modified()?;
+        if newest.as_ref().is_none_or(|(t, k)| (modified, kid) > (*t, k.as_str())) {
+            newest = Some((modified, kid.to_owned()));
+        }
+        all.insert(kid.to_owned(), key);
+    }
+    Ok(newest.map(|(_, current)| Keys { all, current }))
+}
+
 impl Signer {
     /// Loads the keys in `dir`, creating the first one if there is none.
     pub fn open(dir: &Path, clock: Arc<dyn Clock>) -> std::io::Result<Signer> {
         std::fs::create_dir_all(dir)?;
-        let mut keys = HashMap::new();
-        let mut newest: Option<(SystemTime, String)> = None;
-        for entry in std::fs::read_dir(dir)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let Some(kid) = name.to_str().and_then(|n| n.strip_suffix(".key")) else {
-                continue;
-            };
-            let bytes = std::fs::read(entry.path())?;
-            let Ok(key) = <[u8; 32]>::try_from(bytes.as_slice()) else {
-                tracing::warn!(file = %entry.path().display(), "ignoring a signing key that is not 32 bytes");
-                continue;
-            };
-            let modified = entry.metadata()?.modified()?;
-            if newest.as_ref().is_none_or(|(t, k)| (modified, kid) > (*t, k.as_str())) {
-                newest = Some((modified, kid.to_owned()));
-            }
-            keys.insert(kid.to_owned(), key);
-        }
-        let current = match newest {
-            Some((_, kid)) => kid,
+        let keys = match load(dir)? {
+            Some(keys) => keys,
             None => {
                 let (kid, key) = new_key(dir)?;
-                keys.insert(kid.clone(), key);
-                kid
+                Keys {
+                    all: HashMap::from([(kid.clone(), key)]),
+                    current: kid,
+                }
             }
         };
         Ok(Signer {
             dir: dir.to_path_buf(),
-            keys: RwLock::new(Keys { all: keys, current }),
+            keys: RwLock::new(keys),
             clock,
         })
+    }
+
+    /// Reads the keys again (another node of the cluster rotated them). Blocking.
+    pub fn reload(&self) -> std::io::Result<()> {
+        if let Some(keys) = load(&self.dir)? {
+            *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        }
+        Ok(())
     }
 
     /// Makes a new signing key and retires every other, on disk and here: URLs signed before are

@@ -109,25 +109,10 @@ impl KeyStore {
         DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
         // An existing directory keeps the mode it was made with: make sure of it.
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
-        let mut keys = BTreeMap::new();
-        for entry in std::fs::read_dir(dir).map_err(io)? {
-            let path = entry.map_err(io)?.path();
-            let Some((created, kid)) = parse_name(&path) else {
-                continue;
-            };
-            let bytes = std::fs::read(&path).map_err(io)?;
-            let malformed = || KeyStoreError::Malformed {
-                path: path.display().to_string(),
-            };
-            let pair = Ed25519KeyPair::from_pkcs8(&bytes).map_err(|_| malformed())?;
-            if thumbprint(pair.public_key().as_ref()) != kid {
-                return Err(malformed());
-            }
-            keys.insert((created, kid.clone()), Arc::new(SigningKey { kid, created, pair }));
-        }
+        let keys = load(dir)?;
         let store = KeyStore {
             dir: dir.to_path_buf(),
-            keys: RwLock::new(keys.into_values().collect()),
+            keys: RwLock::new(keys),
             clock,
         };
         if store.read().is_empty() {
@@ -136,6 +121,15 @@ impl KeyStore {
             store.prune()?;
         }
         Ok(store)
+    }
+
+    /// Reads the keys again (another node of the cluster rotated them). Blocking.
+    pub fn reload(&self) -> Result<(), KeyStoreError> {
+        let keys = load(&self.dir)?;
+        if !keys.is_empty() {
+            *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        }
+        Ok(())
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<SigningKey>>> {
@@ -233,6 +227,31 @@ impl KeyStore {
         }
         Ok(())
     }
+}
+
+/// The keys in `dir`, oldest first.
+fn load(dir: &Path) -> Result<Vec<Arc<SigningKey>>, KeyStoreError> {
+    let io = |source| KeyStoreError::Io {
+        path: dir.display().to_string(),
+        source,
+    };
+    let mut keys = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        let Some((created, kid)) = parse_name(&path) else {
+            continue;
+        };
+        let bytes = std::fs::read(&path).map_err(io)?;
+        let malformed = || KeyStoreError::Malformed {
+            path: path.display().to_string(),
+        };
+        let pair = Ed25519KeyPair::from_pkcs8(&bytes).map_err(|_| malformed())?;
+        if thumbprint(pair.public_key().as_ref()) != kid {
+            return Err(malformed());
+        }
+        keys.insert((created, kid.clone()), Arc::new(SigningKey { kid, created, pair }));
+    }
+    Ok(keys.into_values().collect())
 }
 
 /// When a key replaced at `replaced` (Unix seconds) stops being published.

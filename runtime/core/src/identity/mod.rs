@@ -210,25 +210,6 @@ impl Issuer {
             "claims_supported": ["iss", "sub", "aud", "iat", "exp", "function", "version", "digest"],
         })
     }
-
-    /// Replaces the signing key when it is due, every hour, until the runtime ends.
-    pub fn start_rotation(self: &Arc<Issuer>) {
-        let issuer = self.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_secs(3600));
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                every.tick().await;
-                let issuer = issuer.clone();
-                match tokio::task::spawn_blocking(move || issuer.keys.rotate_if_due()).await {
-                    Ok(Ok(Some(kid))) => tracing::info!(kid = %kid, "identity signing key rotated"),
-                    Ok(Ok(None)) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "identity key rotation failed"),
-                    Err(_) => return,
-                }
-            }
-        });
-    }
 }
 
 /// An audience is printable text (a URL, a name), not empty and at most [`MAX_AUDIENCE_BYTES`].

@@ -176,6 +176,14 @@ const MIGRATIONS: &[&str] = &[
         last_seen_ms INTEGER NOT NULL
     );
 "#,
+    r#"
+    -- The secrets the nodes of a PostgreSQL cluster share (postgres::secrets). A single node
+    -- keeps them in its data directory only; the table keeps the two schemas' versions one for one.
+    CREATE TABLE secrets (
+        name  TEXT PRIMARY KEY,
+        bytes BLOB NOT NULL
+    );
+"#,
 ];
 
 pub struct Sqlite {

@@ -203,3 +203,128 @@ fn the_api_suite_runs_on_postgres() {
     // Each of those tests had its servers on a database of its own (restarts find theirs again).
     assert!(databases() >= before + 11, "the tests ran on SQLite");
 }
+
+/// The secrets in a node's data directory are the cluster's: a node that joins takes the first
+/// node's admin token, result-URL and identity keys and AWS key root, so a result URL signed by
+/// one node verifies on another and both publish the same JWKS; a rotation on one node reaches
+/// the other; a node given another admin token refuses to join.
+#[test]
+fn every_node_holds_the_clusters_secrets_and_a_rotation_reaches_them_all() {
+    let Some(server) = server("every_node_holds_the_clusters_secrets_and_a_rotation_reaches_them_all") else {
+        return;
+    };
+    let url = server.create_database().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = format!("file://{}", dir.path().join("blobs").display());
+    let args = ["--database", url.as_str(), "--blob-store", blobs.as_str()];
+    // The first node makes the secrets (its admin token too) and publishes them.
+    let a = Kiln::start_in(&dir.path().join("a"), &args);
+
+    // A node given another token refuses to join, by either way of giving it, and says why.
+    let b_data = dir.path().join("b");
+    std::fs::create_dir_all(&b_data).unwrap();
+    std::fs::write(b_data.join("admin.token"), "kiln_not-the-clusters-token\n").unwrap();
+    let refused = |env: Option<&str>| {
+        let mut serve = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        serve
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(&b_data)
+            .args(args);
+        match env {
+            Some(token) => serve.env("KILN_ADMIN_TOKEN", token),
+            None => serve.env_remove("KILN_ADMIN_TOKEN"),
+        };
+        let out = serve.stdin(Stdio::null()).output().unwrap();
+        assert!(!out.status.success(), "joined with another admin token");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let said = refused(None);
+    assert!(said.contains("is not this cluster's admin token"), "{said}");
+    std::fs::remove_file(b_data.join("admin.token")).unwrap();
+    let said = refused(Some("kiln_another-token-from-the-environment"));
+    assert!(
+        said.contains("KILN_ADMIN_TOKEN is not this cluster's admin token"),
+        "{said}"
+    );
+
+    // Without a token of its own, the node joins with the cluster's secrets.
+    let b = Kiln::start_in(&b_data, &args);
+    assert_eq!(b.token, a.token, "B's admin.token is the cluster's");
+    for secret in ["aws.key", "keys", "identity"] {
+        let files = |node: &Kiln| -> Vec<(String, Vec<u8>)> {
+            let path = node.data.join(secret);
+            if path.is_file() {
+                return vec![(secret.to_owned(), std::fs::read(&path).unwrap())];
+            }
+            let mut files: Vec<_> = std::fs::read_dir(&path)
+                .unwrap()
+                .map(|entry| {
+                    let entry = entry.unwrap();
+                    (
+                        entry.file_name().into_string().unwrap(),
+                        std::fs::read(entry.path()).unwrap(),
+                    )
+                })
+                .collect();
+            files.sort();
+            files
+        };
+        assert!(!files(&a).is_empty(), "{secret}");
+        assert_eq!(files(&a), files(&b), "{secret} differs between the nodes");
+    }
+    let jwks = |node: &Kiln| -> Value { node.get("/.well-known/jwks.json").json().unwrap() };
+    assert_eq!(jwks(&a), jwks(&b));
+
+    // A result URL signed by A verifies on B.
+    a.must_deploy("echo", wat("echo"));
+    let submitted: Value = client()
+        .post(a.url("/v1/functions/echo/invoke-async"))
+        .bearer_auth(&a.token)
+        .body("kept")
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let id = submitted["id"].as_str().unwrap();
+    let signed_by_a = wait_done(&a, id, Duration::from_secs(30))["result_url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        client().get(b.url(&signed_by_a)).send().unwrap().text().unwrap(),
+        "kept"
+    );
+
+    // Rotated on B: A refuses what it signed before, and verifies what B signs now; A publishes
+    // B's new identity key.
+    let rotated: Value = client()
+        .post(b.url("/v1/keys/rotate"))
+        .bearer_auth(&b.token)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let new_identity_kid = rotated["identity"]["kid"].as_str().unwrap().to_owned();
+    wait_until(
+        "A refuses the URLs signed before B rotated",
+        Duration::from_secs(5),
+        || client().get(a.url(&signed_by_a)).send().unwrap().status() == 403,
+    );
+    let signed_by_b = wait_done(&b, id, Duration::from_secs(5))["result_url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(signed_by_b, signed_by_a);
+    assert_eq!(
+        client().get(a.url(&signed_by_b)).send().unwrap().text().unwrap(),
+        "kept"
+    );
+    wait_until("A publishes B's new identity key", Duration::from_secs(5), || {
+        jwks(&a)["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|key| key["kid"] == new_identity_kid.as_str())
+    });
+    assert_eq!(jwks(&a), jwks(&b));
+}

@@ -12,9 +12,8 @@
 use std::sync::Arc;
 
 use http::{Response, StatusCode};
-use kiln_core::identity::Issuer;
+use kiln_core::kiln::Kiln;
 use kiln_core::problem::Problem;
-use kiln_core::signing::Signer;
 use serde_json::json;
 
 use super::body::{self, Body};
@@ -45,24 +44,23 @@ pub fn which(query: Option<&str>) -> Result<Which, Problem> {
     responses((status = 200, description = "New signing keys: result URLs signed before are refused from now on; identity tokens signed before still verify until they expire", body = Rotated),
         (status = 400, description = "An unknown `keys`", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
-pub async fn rotate(
-    signer: &Arc<Signer>,
-    issuer: &Arc<Issuer>,
-    query: Option<&str>,
-) -> Result<Response<Body>, Problem> {
+pub async fn rotate(kiln: &Arc<Kiln>, query: Option<&str>) -> Result<Response<Body>, Problem> {
     let which = which(query)?;
-    let (signer, issuer) = (signer.clone(), issuer.clone());
+    let kiln = kiln.clone();
     let answer = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, Problem> {
         let mut answer = json!({});
         if which != Which::Identity {
-            let (kid, retired) = signer.rotate().map_err(Problem::internal)?;
+            let (kid, retired) = kiln.rotate_result_keys().map_err(Problem::internal)?;
             tracing::info!(kid = %kid, retired, "result-URL signing key rotated; earlier URLs are refused");
             answer["kid"] = kid.into();
             answer["retired"] = retired.into();
         }
         if which != Which::Results {
-            let kid = issuer.keys().rotate().map_err(Problem::internal)?;
-            let published: Vec<String> = issuer.keys().published().iter().map(|k| k.kid.clone()).collect();
+            let kid = kiln
+                .rotate_identity_key(false)
+                .map_err(Problem::internal)?
+                .unwrap_or_default();
+            let published: Vec<String> = kiln.identity.keys().published().iter().map(|k| k.kid.clone()).collect();
             tracing::info!(kid = %kid, published = published.len(), "identity signing key rotated");
             answer["identity"] = json!({ "kid": kid, "published": published });
         }

@@ -93,7 +93,7 @@ async fn route(server: &Server, req: Request<Incoming>) -> Result<Response<Body>
         Api::CreateToken => tokens::create(&kiln.auth, &kiln.storage, bodies, req).await,
         Api::ListTokens => tokens::list(&kiln.auth, &kiln.storage).await,
         Api::DeleteToken(id) => tokens::delete(&kiln.auth, &kiln.storage, id).await,
-        Api::RotateKeys => keys::rotate(&kiln.signer, &kiln.identity, req.uri().query()).await,
+        Api::RotateKeys => keys::rotate(kiln, req.uri().query()).await,
         Api::CreateConnector => connectors::create(&kiln.functions.connectors, bodies, req).await,
         Api::ListConnectors => connectors::list(&kiln.functions.connectors).await,
         Api::GetConnector(name) => connectors::get(&kiln.functions.connectors, name).await,

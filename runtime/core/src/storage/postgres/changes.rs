@@ -23,6 +23,8 @@ pub enum Change {
     Function(String),
     /// A token was created or revoked.
     Tokens,
+    /// A signing key was rotated (`secrets`).
+    Secrets,
     /// Anything may have changed (the listening connection was lost and is back).
     Everything,
 }
@@ -32,6 +34,7 @@ pub fn payload(node: &str, change: &Change) -> String {
     match change {
         Change::Function(name) => format!("{node} function {name}"),
         Change::Tokens => format!("{node} tokens"),
+        Change::Secrets => format!("{node} secrets"),
         Change::Everything => format!("{node} everything"),
     }
 }
@@ -50,6 +53,7 @@ fn parse(payload: &str, me: &str) -> Option<Change> {
     match rest.split_once(' ') {
         Some(("function", name)) => Some(Change::Function(name.to_owned())),
         _ if rest == "tokens" => Some(Change::Tokens),
+        _ if rest == "secrets" => Some(Change::Secrets),
         _ => Some(Change::Everything),
     }
 }

@@ -11,6 +11,7 @@
 pub mod changes;
 mod metadata;
 pub mod schema;
+pub mod secrets;
 
 use std::sync::{Arc, Condvar, Mutex};
 

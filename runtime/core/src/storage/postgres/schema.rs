@@ -158,6 +158,12 @@ pub const MIGRATIONS: &[&str] = &[
         last_seen_ms BIGINT NOT NULL
     );
 "#,
+    r#"
+    CREATE TABLE secrets (
+        name  TEXT PRIMARY KEY,
+        bytes BYTEA NOT NULL
+    );
+"#,
 ];
 
 /// Brings the schema up to [`MIGRATIONS`], under the migration lock.
