@@ -65,7 +65,7 @@ struct Floor {
 
 impl Floor {
     fn load(path: &str) -> Floor {
-        let engine = kiln_core::tier::wasm::engine::engine(64).expect("engine");
+        let engine = kiln_core::tier::wasm::engine::engine(64, None).expect("engine");
         let component = Component::from_file(&engine, path).expect("a wasi:http component");
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).expect("link WASI");

@@ -66,7 +66,7 @@ struct Bench {
 
 impl Bench {
     fn new() -> Bench {
-        let engine = kiln_core::tier::wasm::engine::engine(8).expect("engine");
+        let engine = kiln_core::tier::wasm::engine::engine(8, None).expect("engine");
         let Instrumented { component, layout } =
             instrument(&wat::parse_str(GUEST).expect("valid WAT")).expect("instrumented");
         let weight = Footprint::of(ArtifactKind::Component, &component).weight();

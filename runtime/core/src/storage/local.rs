@@ -134,6 +134,10 @@ impl Layout {
         self.root.join("sandboxes").join("chunks")
     }
     /// The key that seals compiled code and snapshots (`seal`).
+    /// Cranelift's incremental compilation cache (`tier::wasm::incremental`).
+    pub fn incremental_cache(&self) -> PathBuf {
+        self.root.join("incremental")
+    }
     pub fn seal_key(&self) -> PathBuf {
         self.root.join("seal.key")
     }

@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use wasmparser::WasmFeatures;
-use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{CacheStore, Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::function::MAX_MEMORY_MB;
 
@@ -61,16 +61,16 @@ const MIB: usize = 1 << 20;
 
 /// Builds the one engine every function shares. Its settings are part of the compile cache key
 /// (see `compile`), so changing anything here recompiles cached code, never misloads it.
-pub fn engine(max_instances: u32) -> wasmtime::Result<Engine> {
-    let mut config = settings();
+pub fn engine(max_instances: u32, cache: Option<Arc<dyn CacheStore>>) -> wasmtime::Result<Engine> {
+    let mut config = settings(cache)?;
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool(max_instances)));
     Engine::new(&config)
 }
 
 /// The engine for sandboxes' long-lived instances: the same settings (the same compiled code),
 /// each instance's memory and stack mapped for it and unmapped when it ends.
-pub fn sandbox_engine() -> wasmtime::Result<Engine> {
-    let mut config = settings();
+pub fn sandbox_engine(cache: Option<Arc<dyn CacheStore>>) -> wasmtime::Result<Engine> {
+    let mut config = settings(cache)?;
     config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
     Engine::new(&config)
 }
@@ -101,9 +101,13 @@ fn pool(max_instances: u32) -> PoolingAllocationConfig {
     pool
 }
 
-/// Everything but the instance allocator.
-fn settings() -> Config {
+/// Everything but the instance allocator. `cache` is Cranelift's incremental compilation cache
+/// (`incremental`), if any.
+fn settings(cache: Option<Arc<dyn CacheStore>>) -> wasmtime::Result<Config> {
     let mut config = Config::new();
+    if let Some(cache) = cache {
+        config.enable_incremental_compilation(cache)?;
+    }
     config
         .wasm_component_model(true)
         // No component-model async (WASI 0.3) yet: without its per-store state, an
@@ -123,7 +127,7 @@ fn settings() -> Config {
         .memory_guaranteed_dense_image_size(256 << 20)
         .cranelift_opt_level(wasmtime::OptLevel::Speed);
     config.wasm_features(DISABLED, false);
-    config
+    Ok(config)
 }
 
 /// The proposals turned off (see the module doc).

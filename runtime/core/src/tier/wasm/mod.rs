@@ -22,6 +22,7 @@ pub mod compile;
 pub mod egress;
 pub mod engine;
 pub mod footprint;
+pub mod incremental;
 pub mod instance;
 mod invoke;
 pub mod limits;
@@ -41,6 +42,7 @@ use self::compile::{CompileCache, CompileError, Precompiled};
 use self::egress::{Connector, Egress, Rule};
 use self::engine::{EpochTicker, MAX_WEIGHT};
 use self::footprint::Footprint;
+use self::incremental::IncrementalCache;
 use self::instance::Guest;
 use self::limits::PoolShare;
 use self::link::{Code, Linkers};
@@ -155,11 +157,16 @@ impl WasmTier {
         connectors: Arc<Connectors>,
         issuer: Arc<Issuer>,
     ) -> Result<WasmTier, String> {
-        let engine = engine::engine(config.max_instances).map_err(|e| format!("wasmtime engine: {e:#}"))?;
-        let sandbox_engine = engine::sandbox_engine().map_err(|e| format!("wasmtime engine: {e:#}"))?;
-        let ticker = EpochTicker::start(&[&engine, &sandbox_engine]);
         let sealer =
             Sealer::open(&layout.seal_key()).map_err(|e| format!("seal key {}: {e}", layout.seal_key().display()))?;
+        let incremental = IncrementalCache::open(layout.incremental_cache(), sealer.clone())
+            .map_err(|e| format!("compilation cache {}: {e}", layout.incremental_cache().display()))?;
+        let incremental: Arc<dyn wasmtime::CacheStore> = Arc::new(incremental);
+        let engine = engine::engine(config.max_instances, Some(incremental.clone()))
+            .map_err(|e| format!("wasmtime engine: {e:#}"))?;
+        let sandbox_engine =
+            engine::sandbox_engine(Some(incremental)).map_err(|e| format!("wasmtime engine: {e:#}"))?;
+        let ticker = EpochTicker::start(&[&engine, &sandbox_engine]);
         let cache_for = |engine: &wasmtime::Engine| {
             CompileCache::open(engine.clone(), layout.clone(), blobs.clone(), sealer.clone())
                 .map_err(|e| format!("compile cache {}: {e}", layout.compiled().display()))

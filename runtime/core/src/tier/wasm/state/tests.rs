@@ -33,7 +33,7 @@ const MIB: usize = 1 << 20;
 
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(|| crate::tier::wasm::engine::engine(32).expect("engine"))
+    ENGINE.get_or_init(|| crate::tier::wasm::engine::engine(32, None).expect("engine"))
 }
 
 /// A `guests/` crate built as a component (the guests are built once per test process).
