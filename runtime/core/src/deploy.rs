@@ -38,6 +38,10 @@ pub enum DeployError {
     Store(#[from] StorageError),
     #[error("writing files: {0}")]
     Io(#[from] std::io::Error),
+    /// The blob store did not take the artifact (a remote one down or refusing): nothing was
+    /// committed, and trying again later may work.
+    #[error("the blob store did not keep the artifact, nothing was deployed: {0}")]
+    BlobStore(std::io::Error),
     #[error("compile cache: {0}")]
     Cache(String),
     #[error("{0}")]
@@ -108,7 +112,10 @@ impl Functions {
         let (storage, committing, owned) = (self.storage.clone(), tier.clone(), name.to_owned());
         let (digest, kind, commit_config) = (artifact.digest.clone(), artifact.kind, config.clone());
         let (record, created) = tokio::task::spawn_blocking(move || -> Result<_, DeployError> {
-            storage.blobs.put(BlobKind::Artifact, &digest, &artifact.bytes)?;
+            storage
+                .blobs
+                .put(BlobKind::Artifact, &digest, &artifact.bytes)
+                .map_err(DeployError::BlobStore)?;
             let code_digest = committing.publish(staged)?;
             Ok(storage
                 .metadata

@@ -20,7 +20,8 @@ use crate::signing::Signer;
 use crate::storage::budget::DiskBudget;
 use crate::storage::postgres::secrets::{JoinError, Secrets, IDENTITY_KEYS, RESULT_KEYS};
 use crate::storage::postgres::{self, Postgres};
-use crate::storage::{BlobKind, Database, Layout, LocalBlobs, Metadata, Sqlite, Storage, StorageError};
+use crate::storage::s3::{S3Blobs, S3Location};
+use crate::storage::{BlobKind, Blobs, Database, Layout, LocalBlobs, Metadata, Sqlite, Storage, StorageError};
 use crate::telemetry::invocation_logs::InvocationLogs;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::Telemetry;
@@ -121,7 +122,7 @@ impl Kiln {
         };
         let storage = Arc::new(Storage {
             metadata,
-            blobs: Arc::new(LocalBlobs::new(blob_layout(config.blob_store.as_deref(), &layout)?)),
+            blobs: open_blobs(config.blob_store.as_deref(), &layout)?,
             budget: Arc::new(DiskBudget::new(
                 layout.root.clone(),
                 config.min_free_bytes,
@@ -336,6 +337,30 @@ impl Kiln {
     }
 }
 
+/// The blob store `--blob-store` names: files under the data directory (none given) or under
+/// `file://DIR`, or the bucket of `s3://BUCKET?endpoint=…&region=…` with credentials from the AWS
+/// variables, checked reachable now so that a wrong endpoint or key stops the start rather than
+/// the first deploy.
+fn open_blobs(url: Option<&str>, data: &Layout) -> Result<Arc<dyn Blobs>, StartError> {
+    let Some(url) = url.filter(|url| url.starts_with("s3://")) else {
+        return Ok(Arc::new(LocalBlobs::new(blob_layout(url, data)?)));
+    };
+    let location = S3Location::parse(url).map_err(StartError::BlobStore)?;
+    let blobs = S3Blobs::open(&location, |name| std::env::var(name).ok(), data)
+        .map_err(|e| StartError::BlobStore(format!("{url}: {e}")))?;
+    blobs
+        .check()
+        .map_err(|e| StartError::BlobStore(format!("{url}: the bucket cannot be reached: {e}")))?;
+    tracing::info!(
+        bucket = %location.bucket,
+        endpoint = location.endpoint.as_deref().unwrap_or("AWS"),
+        region = %location.region,
+        cache = %data.root.join("blob-cache").display(),
+        "blobs: in an S3 bucket, cached in the data directory"
+    );
+    Ok(Arc::new(blobs))
+}
+
 /// The directory blobs live in: the data directory, or the one `file://DIR` names (which other
 /// nodes may share, on a network file system).
 fn blob_layout(url: Option<&str>, data: &Layout) -> Result<Layout, StartError> {
@@ -344,7 +369,7 @@ fn blob_layout(url: Option<&str>, data: &Layout) -> Result<Layout, StartError> {
     };
     let Some(dir) = url.strip_prefix("file://") else {
         return Err(StartError::BlobStore(format!(
-            "{url}: not supported (only file://DIR so far)"
+            "{url}: not supported (file://DIR or s3://BUCKET?endpoint=URL&region=NAME)"
         )));
     };
     let layout = Layout::new(dir.into());

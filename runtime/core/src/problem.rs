@@ -99,6 +99,7 @@ impl From<DeployError> for Problem {
                 Problem::new(ErrorCode::InvalidRequest, e.to_string())
             }
             DeployError::TierUnavailable(msg) => Problem::new(ErrorCode::Unavailable, msg),
+            e @ DeployError::BlobStore(_) => Problem::new(ErrorCode::Unavailable, e.to_string()),
             e @ DeployError::NotFound(_) => Problem::new(ErrorCode::NotFound, e.to_string()),
             e @ DeployError::InsufficientStorage(_) => Problem::new(ErrorCode::InsufficientStorage, e.to_string()),
             e @ (DeployError::Store(_) | DeployError::Io(_) | DeployError::Cache(_)) => Problem::internal(e),

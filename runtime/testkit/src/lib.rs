@@ -1,4 +1,5 @@
-//! What Kiln's test suites share: a throwaway PostgreSQL server ([`postgres`]), and a way for a
+//! What Kiln's test suites share: a throwaway PostgreSQL server ([`postgres`]), a throwaway
+//! S3-compatible server ([`s3`]), and a way for a
 //! test that cannot run on this host to say so that CI can count. `skip` prints `SKIPPED <test>: <reason>` and, when `KILN_SKIP_LOG` names
 //! a file (the README's test command sets it), appends the same line there; `runtime/scripts/test.sh`
 //! prints that file and the totals when the suite ends, so a skip is never a silent green.
@@ -6,6 +7,7 @@
 use std::io::Write;
 
 pub mod postgres;
+pub mod s3;
 
 /// Records that `test` did not run here, and why. The caller returns right after.
 pub fn skip(test: &str, reason: &str) {
@@ -39,6 +41,21 @@ mod tests {
         let text = std::fs::read_to_string(&log).unwrap();
         assert_eq!(text, "SKIPPED some_test: no /dev/kvm here\n");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_throwaway_s3_server_serves_then_leaves_nothing() {
+        let server = super::s3::S3Server::start().unwrap();
+        let addr = server.endpoint.strip_prefix("http://").unwrap().to_owned();
+        assert!(std::net::TcpStream::connect(&addr).is_ok(), "it listens");
+        assert!(server.object_path("").is_dir(), "the bucket exists");
+        let dir = server.object_path("");
+        drop(server);
+        assert!(
+            std::net::TcpStream::connect(&addr).is_err(),
+            "the server stopped with its handle"
+        );
+        assert!(!dir.exists(), "its directory is gone");
     }
 
     #[test]

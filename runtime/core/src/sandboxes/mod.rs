@@ -696,8 +696,8 @@ impl Sandboxes {
                 sandbox.id
             )));
         };
-        let saved = self.saved.clone();
-        let (state, manifest) = tokio::task::spawn_blocking(move || saved.load(&digest))
+        let (saved, function) = (self.saved.clone(), sandbox.function.clone());
+        let (state, manifest) = tokio::task::spawn_blocking(move || saved.load(&function, &digest))
             .await
             .expect("state task panicked")?;
         slot.set_saved(manifest);

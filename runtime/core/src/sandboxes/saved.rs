@@ -249,8 +249,9 @@ impl SavedStates {
         Ok((digest, manifest))
     }
 
-    /// The state `digest` and, if it has chunks, its manifest (for the next save to build on).
-    pub fn load(&self, digest: &Digest) -> Result<(Vec<u8>, Option<Manifest>), SandboxError> {
+    /// The state `digest` of a sandbox of `function` and, if it has chunks, its manifest (for the
+    /// next save to build on).
+    pub fn load(&self, function: &str, digest: &Digest) -> Result<(Vec<u8>, Option<Manifest>), SandboxError> {
         let blobs = &self.storage.blobs;
         let failed = |e: std::io::Error| SandboxError::State(format!("reading the saved state: {e}"));
         // A manifest registered before they were kept in the store, or a state saved whole, is a
@@ -271,6 +272,14 @@ impl SavedStates {
             if state.len() - before != chunk.len as usize {
                 return Err(SandboxError::State(format!(
                     "the saved state's chunk {} has the wrong length",
+                    chunk.digest.hex()
+                )));
+            }
+            // A remote store cannot check a chunk (it is named within its function): this does,
+            // so that its wrong bytes are never resumed.
+            if blobs.remote() && Digest::scoped(function, &state[before..]) != chunk.digest {
+                return Err(SandboxError::State(format!(
+                    "the saved state's chunk {} does not match its digest: the blob store returned other bytes",
                     chunk.digest.hex()
                 )));
             }
@@ -398,6 +407,39 @@ mod tests {
         (storage, sqlite)
     }
 
+    #[test]
+    fn a_chunk_the_remote_store_damaged_is_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = kiln_testkit::s3::S3Server::start().unwrap();
+        let layout = Layout::new(dir.path().to_path_buf());
+        layout.prepare().unwrap();
+        let location = crate::storage::s3::S3Location::parse(&server.url()).unwrap();
+        let env = |name: &str| server.env().into_iter().find(|(k, _)| *k == name).map(|(_, v)| v);
+        let storage = Arc::new(Storage {
+            metadata: Arc::new(Sqlite::open(&layout.database()).unwrap()),
+            blobs: Arc::new(crate::storage::s3::S3Blobs::open(&location, env, &layout).unwrap()),
+            budget: Arc::new(DiskBudget::new(layout.root.clone(), 0, None)),
+            layout,
+        });
+        let saved = SavedStates::new(storage.clone());
+        let register = |record: &StateRecord<'_>| Ok(storage.metadata.register_sandbox_state(record)?);
+        let state = pattern(3 * CHUNK, 2);
+        let (digest, manifest) = saved.save("f", &state, 0..state.len(), &[], None, register).unwrap();
+        assert_eq!(saved.load("f", &digest).unwrap().0, state);
+
+        // Same length, other bytes: only the digest can tell.
+        let damaged = &manifest.chunks[1].digest;
+        let file = server.object_path(&format!("sandboxes/chunks/{}", damaged.hex()));
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[0] ^= 1;
+        std::fs::write(&file, bytes).unwrap();
+        let error = saved.load("f", &digest).unwrap_err().to_string();
+        assert!(
+            error.contains(damaged.hex()) && error.contains("does not match"),
+            "{error}"
+        );
+    }
+
     /// A state of `len` bytes no two chunks of which are alike.
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len).map(|i| (i / 7) as u8 ^ (i >> 16) as u8 ^ seed).collect()
@@ -422,7 +464,10 @@ mod tests {
             (100, 8, 5)
         );
         assert_eq!(chunk_files(&storage), 5);
-        assert_eq!(saved.load(&first).unwrap(), (state.clone(), Some(manifest.clone())));
+        assert_eq!(
+            saved.load("f", &first).unwrap(),
+            (state.clone(), Some(manifest.clone()))
+        );
 
         // A byte of the directory, one of the third chunk and the checksum change: one file.
         state[3] ^= 1;
@@ -433,14 +478,14 @@ mod tests {
         assert_eq!(chunk_files(&storage), 6, "one chunk written");
         let changed: Vec<usize> = (0..5).filter(|&n| next.chunks[n] != manifest.chunks[n]).collect();
         assert_eq!(changed, [2]);
-        assert_eq!(saved.load(&second).unwrap().0, state);
+        assert_eq!(saved.load("f", &second).unwrap().0, state);
         // No state or manifest file: the manifests are in the store.
         assert!(storage.blobs.list(BlobKind::SandboxState).unwrap().is_empty());
 
         // Releasing the first removes only the chunk the second does not list.
         saved.release(&first).unwrap();
         assert_eq!(chunk_files(&storage), 5);
-        assert_eq!(saved.load(&second).unwrap().0, state);
+        assert_eq!(saved.load("f", &second).unwrap().0, state);
     }
 
     #[test]
@@ -454,7 +499,7 @@ mod tests {
         let whole = pattern(3 * CHUNK, 2);
         let whole_digest = Digest::of(&whole);
         blobs.put(BlobKind::SandboxState, &whole_digest, &whole).unwrap();
-        assert_eq!(saved.load(&whole_digest).unwrap(), (whole, None));
+        assert_eq!(saved.load("f", &whole_digest).unwrap(), (whole, None));
 
         // Version 1: chunks from the first byte, the manifest a blob, the state registered
         // without it.
@@ -486,7 +531,7 @@ mod tests {
                 .unwrap();
             }
         }
-        let (loaded, manifest) = saved.load(&digest).unwrap();
+        let (loaded, manifest) = saved.load("f", &digest).unwrap();
         assert_eq!(loaded, state);
         let manifest = manifest.unwrap();
         assert_eq!((manifest.head.len(), manifest.tail.len()), (0, 0));
@@ -497,12 +542,12 @@ mod tests {
         let (next, _) = saved
             .save("f", &state, 0..state.len(), &[], Some(&manifest), register)
             .unwrap();
-        assert_eq!(saved.load(&next).unwrap().0, state);
+        assert_eq!(saved.load("f", &next).unwrap().0, state);
         saved.release(&digest).unwrap();
         assert!(
             !blobs.exists(BlobKind::SandboxState, &digest),
             "the manifest blob went with it"
         );
-        assert_eq!(saved.load(&next).unwrap().0, state, "its chunks are still listed");
+        assert_eq!(saved.load("f", &next).unwrap().0, state, "its chunks are still listed");
     }
 }

@@ -3,8 +3,9 @@
 //! - [`Metadata`]: functions, versions, tokens, and the read side of invocation records and logs.
 //!   Today [`sqlite::Sqlite`] (WAL, `synchronous=FULL`). A version row is the commit point of a
 //!   deploy: it is written last, in one transaction, after every blob it names is durable.
-//! - [`Blobs`]: content-addressed bytes — uploaded artifacts and large async results. Today
-//!   [`local::LocalBlobs`], files under the data directory.
+//! - [`Blobs`]: content-addressed bytes — uploaded artifacts, large async results and suspended
+//!   sandboxes' states. [`local::LocalBlobs`], files under the data directory (or a directory
+//!   nodes share), or [`s3::S3Blobs`], an S3 bucket with a cache in the data directory.
 //!
 //! Two writers are components of their own, each on its own connection, because their whole
 //! design is group commit: the async queue's ledger (`invocations::ledger`, or
@@ -17,6 +18,7 @@
 pub mod budget;
 pub mod local;
 pub mod postgres;
+pub mod s3;
 pub mod seal;
 pub mod sqlite;
 mod tokens;
@@ -190,7 +192,8 @@ pub enum BlobKind {
     Result,
     /// A suspended sandbox's state: the manifest of its chunks (`sandboxes::saved`).
     SandboxState,
-    /// A piece of one or more sandbox states.
+    /// A piece of one or more sandbox states. Named by its SHA-256 within its function
+    /// (`Digest::scoped`), so a store cannot check it: the reader does (`sandboxes::saved`).
     SandboxChunk,
 }
 
@@ -212,6 +215,11 @@ pub trait Blobs: Send + Sync {
     /// Removes a blob; removing one that is not there is not an error.
     fn remove(&self, kind: BlobKind, digest: &Digest) -> std::io::Result<()>;
     fn list(&self, kind: BlobKind) -> std::io::Result<Vec<Digest>>;
+    /// Whether what `get` and `open` return may differ from what was put: a store on another
+    /// host. It checks every blob it can against its digest; readers check the rest.
+    fn remote(&self) -> bool {
+        false
+    }
 }
 
 /// Where a succeeded asynchronous invocation's output is kept.

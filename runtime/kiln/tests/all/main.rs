@@ -24,6 +24,7 @@ mod openapi;
 mod ops;
 mod polyglot;
 mod postgres;
+mod s3;
 mod sandboxes;
 mod sdk;
 mod snapshot;

@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::support::{self, client, wait_done, wait_until, wat, Kiln};
 
 /// The shared server, or `None` after recording why this test is skipped.
-fn server(test: &str) -> Option<&'static Postgres> {
+pub(crate) fn server(test: &str) -> Option<&'static Postgres> {
     match Postgres::shared() {
         Ok(server) => Some(server),
         Err(reason) => {
@@ -25,11 +25,16 @@ fn server(test: &str) -> Option<&'static Postgres> {
 /// A node on `database` with `data` as its private directory and a given admin token, so that
 /// every node of a test answers the same token.
 fn node(data: &Path, database: &str, token: &str, args: &[&str]) -> Kiln {
+    node_with_env(data, database, token, args, &[])
+}
+
+/// [`node`] with extra environment variables.
+pub(crate) fn node_with_env(data: &Path, database: &str, token: &str, args: &[&str], env: &[(&str, &str)]) -> Kiln {
     std::fs::create_dir_all(data).unwrap();
     std::fs::write(data.join("admin.token"), token).unwrap();
     let mut all = vec!["--database", database];
     all.extend_from_slice(args);
-    Kiln::start_in(data, &all)
+    Kiln::start_in_with_env(data, &all, env)
 }
 
 #[test]

@@ -81,7 +81,7 @@ impl<'a> From<&'a VersionRecord> for VersionView<'a> {
         (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody),
         (status = 413, description = "Artifact over the limit", body = ErrorBody),
         (status = 422, description = "Not valid code, or imports Kiln cannot provide", body = ErrorBody),
-        (status = 503, description = "This server cannot build or run it: the microVM tier, or the language runtime of a function from source, is not available here", body = ErrorBody)))]
+        (status = 503, description = "This server cannot build or run it: the microVM tier, or the language runtime of a function from source, is not available here; or the blob store did not keep the artifact (nothing deployed: try again)", body = ErrorBody)))]
 pub async fn deploy(
     functions: &Functions,
     telemetry: &Telemetry,
