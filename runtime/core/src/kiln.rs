@@ -168,6 +168,8 @@ impl Kiln {
             clock.clone(),
         )?);
         if let Some(joining) = joining {
+            // The tiers open the seal key later: made now, so that a first node publishes it.
+            crate::storage::seal::Sealer::open(&layout.seal_key()).map_err(data_err)?;
             joining.finish()?;
         }
 
@@ -380,6 +382,7 @@ fn blob_layout(url: Option<&str>, data: &Layout) -> Result<Layout, StartError> {
         layout.results(),
         layout.sandbox_states(),
         layout.sandbox_chunks(),
+        layout.published_compiled(),
     ] {
         std::fs::create_dir_all(&dir).map_err(|e| StartError::BlobStore(format!("{url}: {e}")))?;
     }

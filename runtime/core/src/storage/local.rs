@@ -133,11 +133,15 @@ impl Layout {
     pub fn sandbox_chunks(&self) -> PathBuf {
         self.root.join("sandboxes").join("chunks")
     }
-    /// The key that seals compiled code and snapshots (`seal`).
     /// Cranelift's incremental compilation cache (`tier::wasm::incremental`).
     pub fn incremental_cache(&self) -> PathBuf {
         self.root.join("incremental")
     }
+    /// Compiled code published for a cluster's other nodes, in a shared blob directory.
+    pub fn published_compiled(&self) -> PathBuf {
+        self.root.join("compiled-published")
+    }
+    /// The key that seals compiled code and snapshots (`seal`).
     pub fn seal_key(&self) -> PathBuf {
         self.root.join("seal.key")
     }
@@ -229,6 +233,7 @@ impl LocalBlobs {
             BlobKind::Result => self.layout.result(digest),
             BlobKind::SandboxState => self.layout.sandbox_states().join(digest.hex()),
             BlobKind::SandboxChunk => self.layout.sandbox_chunks().join(digest.hex()),
+            BlobKind::Compiled => self.layout.published_compiled().join(digest.hex()),
         }
     }
 
@@ -238,6 +243,7 @@ impl LocalBlobs {
             BlobKind::Result => self.layout.results(),
             BlobKind::SandboxState => self.layout.sandbox_states(),
             BlobKind::SandboxChunk => self.layout.sandbox_chunks(),
+            BlobKind::Compiled => self.layout.published_compiled(),
         }
     }
 }
@@ -284,7 +290,7 @@ impl Blobs for LocalBlobs {
     fn list(&self, kind: BlobKind) -> io::Result<Vec<Digest>> {
         let suffix = match kind {
             BlobKind::Artifact => ".wasm",
-            BlobKind::Result | BlobKind::SandboxState | BlobKind::SandboxChunk => "",
+            BlobKind::Result | BlobKind::SandboxState | BlobKind::SandboxChunk | BlobKind::Compiled => "",
         };
         let mut digests = Vec::new();
         for entry in fs::read_dir(self.dir(kind))? {

@@ -195,6 +195,18 @@ pub enum BlobKind {
     /// A piece of one or more sandbox states. Named by its SHA-256 within its function
     /// (`Digest::scoped`), so a store cannot check it: the reader does (`sandboxes::saved`).
     SandboxChunk,
+    /// Compiled code a node published for the other nodes of its cluster with the same engine
+    /// and CPU: its seal, then the code (`tier::wasm::compile`). Named by the engine key and the
+    /// artifact's digest, not by its content: the reader checks its seal.
+    Compiled,
+}
+
+impl BlobKind {
+    /// Whether the name is the SHA-256 of the content, which a store can check; the reader checks
+    /// the others.
+    pub fn content_addressed(self) -> bool {
+        !matches!(self, BlobKind::SandboxChunk | BlobKind::Compiled)
+    }
 }
 
 /// Content-addressed bytes.

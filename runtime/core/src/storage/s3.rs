@@ -237,7 +237,7 @@ impl S3Blobs {
                 });
             }
         };
-        if kind != BlobKind::SandboxChunk && sha != digest.hex() {
+        if kind.content_addressed() && sha != digest.hex() {
             let _ = fs::remove_file(&tmp);
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -253,7 +253,7 @@ impl S3Blobs {
 
     /// Keeps `bytes` in the cache (what this node put, it will likely read): best effort.
     fn keep(&self, kind: BlobKind, digest: &Digest, bytes: &[u8]) {
-        if kind == BlobKind::SandboxChunk || self.cached(kind, digest).exists() {
+        if !kind.content_addressed() || self.cached(kind, digest).exists() {
             return;
         }
         if let Err(e) = super::local::write_atomic(&self.tmp, &self.cached(kind, digest), bytes) {
@@ -283,6 +283,7 @@ fn prefix(kind: BlobKind) -> &'static str {
         BlobKind::Result => "results",
         BlobKind::SandboxState => "sandboxes",
         BlobKind::SandboxChunk => "sandboxes/chunks",
+        BlobKind::Compiled => "compiled",
     }
 }
 
@@ -332,7 +333,7 @@ impl Blobs for S3Blobs {
     }
 
     fn open(&self, kind: BlobKind, digest: &Digest) -> io::Result<File> {
-        if kind == BlobKind::SandboxChunk {
+        if !kind.content_addressed() {
             // Not cached (unchecked here): read once from a file gone with its handle.
             let tmp = self.download(kind, digest)?;
             let file = File::open(&tmp);

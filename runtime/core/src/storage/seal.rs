@@ -2,7 +2,9 @@
 //! code, microVM snapshots. Whoever can write the data directory (a restored backup, a shared
 //! volume) could otherwise swap one function's native code for another's, or for their own; a
 //! file whose seal does not verify is never loaded. The key is this node's own, created on first
-//! start (`<data>/seal.key`, 0600), so a file sealed elsewhere does not verify here either.
+//! start (`<data>/seal.key`, 0600), so a file sealed elsewhere does not verify here either; the
+//! nodes of a cluster share theirs (`storage::postgres::secrets`), to check the compiled code they
+//! publish for each other.
 
 use std::fs::OpenOptions;
 use std::io::Write;

@@ -93,10 +93,36 @@ fn two_nodes_share_functions_and_tokens_and_a_dead_nodes_invocation_runs_on_the_
     let mut a = node(&dir.path().join("a"), &url, token, &args);
     let b = node(&dir.path().join("b"), &url, token, &args);
     // Deployed on A after B started: B finds it in the database and the shared blob store.
+    let published = || -> Vec<std::path::PathBuf> {
+        let listing = std::fs::read_dir(dir.path().join("blobs").join("compiled-published")).unwrap();
+        listing.map(|entry| entry.unwrap().path()).collect()
+    };
     a.must_deploy("sleep", wat("sleep"));
     let on_b = b.invoke("sleep", "1");
     assert_eq!(on_b.status(), 200);
     assert_eq!(on_b.text().unwrap(), "slept");
+    // B ran the code A compiled and published (same engine and CPU), after checking its seal.
+    assert_eq!(compilations(&b), 0, "B compiled:\n{}", b.log());
+    assert!(
+        b.log().contains("took compiled code another node published"),
+        "{}",
+        b.log()
+    );
+    // Published code that does not match its seal is not run: B compiles the function itself.
+    let before = published();
+    a.must_deploy("tampered", wat("echo"));
+    let tampered: Vec<_> = published().into_iter().filter(|path| !before.contains(path)).collect();
+    assert_eq!(tampered.len(), 1, "{tampered:?}");
+    let mut bytes = std::fs::read(&tampered[0]).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(&tampered[0], &bytes).unwrap();
+    assert_eq!(b.invoke("tampered", "still right").text().unwrap(), "still right");
+    assert_eq!(compilations(&b), 1);
+    assert!(
+        b.log().contains("published compiled code does not match its seal"),
+        "{}",
+        b.log()
+    );
     let again = b.must_deploy("sleep", wat("sleep"));
     assert_eq!(
         again["version"], 1,
@@ -176,6 +202,14 @@ fn two_nodes_share_functions_and_tokens_and_a_dead_nodes_invocation_runs_on_the_
         .send()
         .unwrap();
     assert_eq!(result.text().unwrap(), "slept");
+}
+
+/// The node's `kiln_compilations_total`.
+pub fn compilations(node: &Kiln) -> u64 {
+    let text = node.get("/metrics").text().unwrap();
+    let line = text.lines().find(|line| line.starts_with("kiln_compilations_total "));
+    line.and_then(|line| line.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("no kiln_compilations_total in\n{text}"))
 }
 
 /// A representative part of the single-node suite, each test as it is, on PostgreSQL.

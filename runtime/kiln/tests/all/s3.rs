@@ -66,11 +66,17 @@ fn two_nodes_share_artifacts_and_large_results_through_an_s3_bucket() {
     let on_b = b.invoke("echo", "from B");
     assert_eq!(on_b.status(), 200, "{}", b.log());
     assert_eq!(on_b.text().unwrap(), "from B");
+    // B ran the code A compiled and published to the bucket: no artifact to fetch, nothing compiled.
     assert_eq!(
-        names(&b.data.join("blob-cache/artifacts")),
-        vec![hex],
-        "B downloaded it into its cache"
+        names(&s3.object_path("compiled")).len(),
+        1,
+        "the bucket holds A's compiled code"
     );
+    assert!(
+        names(&b.data.join("blob-cache/artifacts")).is_empty(),
+        "B fetched the artifact"
+    );
+    assert_eq!(crate::postgres::compilations(&b), 0, "B compiled:\n{}", b.log());
 
     // Larger than a row keeps inline (64 KiB): a result blob, written by A, read by B.
     let big: String = (0..300_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();

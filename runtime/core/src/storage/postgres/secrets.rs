@@ -1,9 +1,10 @@
 //! The secrets every node of a cluster must hold the same, kept in the database (`secrets`) and
 //! mirrored into each node's data directory, where the code that uses them reads them exactly as
 //! on a single node: the result-URL signing keys (`keys/`), the identity signing keys
-//! (`identity/`), the root AWS secrets derive from (`aws.key`) and the admin token
-//! (`admin.token`). Without them shared, a result URL signed by one node, an identity token's
-//! key, an AWS key or the admin token would work on one node only.
+//! (`identity/`), the root AWS secrets derive from (`aws.key`), the admin token (`admin.token`)
+//! and the key that seals compiled code and snapshots (`seal.key`). Without them shared, a result
+//! URL signed by one node, an identity token's key, an AWS key or the admin token would work on
+//! one node only, and no node could check the compiled code another published.
 //!
 //! A node joins at start-up under an advisory lock, before anything reads those files: it takes
 //! the cluster's copy of each (replacing its own), and publishes what the cluster had none of (the
@@ -30,8 +31,9 @@ pub const RESULT_KEYS: &str = "keys/";
 pub const IDENTITY_KEYS: &str = "identity/";
 const AWS_ROOT: &str = "aws.key";
 const ADMIN_TOKEN: &str = "admin.token";
+const SEAL_KEY: &str = "seal.key";
 /// Every shared entry: a directory (ending in `/`) or a file.
-const SHARED: [&str; 4] = [RESULT_KEYS, IDENTITY_KEYS, AWS_ROOT, ADMIN_TOKEN];
+const SHARED: [&str; 5] = [RESULT_KEYS, IDENTITY_KEYS, AWS_ROOT, ADMIN_TOKEN, SEAL_KEY];
 
 /// Why a node cannot join its cluster.
 #[derive(Debug, thiserror::Error)]

@@ -10,6 +10,12 @@
 //! over another function's, restored from another node, half-written — is logged, set aside
 //! (`<name>.rejected`) and compiled again from its artifact, whose own digest is checked; it is
 //! never executed. Loading maps the verified file (`deserialize_open_file`) rather than copying it.
+//!
+//! In a cluster (a shared database and blob store) the nodes share one seal key
+//! (`storage::postgres::secrets`), and a node publishes what it compiles to the blob store
+//! (`BlobKind::Compiled`, named by the engine key and the artifact's digest): a node with the same
+//! engine and CPU takes it there instead of compiling, after checking its seal as it checks its
+//! own files', so a fleet of identical nodes compiles each function once.
 
 use std::fs::File;
 use std::hash::Hasher;
@@ -73,6 +79,8 @@ pub struct CompileCache {
     dir: PathBuf,
     key: String,
     compilations: AtomicU64,
+    /// Whether compiled code is published to, and taken from, a blob store other nodes share.
+    publish: bool,
 }
 
 impl CompileCache {
@@ -81,6 +89,7 @@ impl CompileCache {
         layout: Layout,
         blobs: Arc<dyn Blobs>,
         sealer: Sealer,
+        publish: bool,
     ) -> std::io::Result<CompileCache> {
         let key = cache_key(&engine);
         let dir = layout.compiled().join(&key);
@@ -96,6 +105,7 @@ impl CompileCache {
             dir,
             key,
             compilations: AtomicU64::new(0),
+            publish,
         })
     }
 
@@ -164,16 +174,96 @@ impl CompileCache {
             mac: self.sealer.seal(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>()),
         };
         let seal = serde_json::to_vec(&seal).expect("a seal serialises");
-        Ok(write_atomic_all(
+        write_atomic_all(
             &self.layout.tmp(),
             &[(&self.path(digest), &compiled.cwasm), (&self.seal_path(digest), &seal)],
-        )?)
+        )?;
+        if self.publish {
+            // Best effort: another node that does not find it compiles it.
+            let published = [&(seal.len() as u32).to_le_bytes()[..], &seal, &compiled.cwasm].concat();
+            if let Err(e) = self
+                .blobs
+                .put(BlobKind::Compiled, &self.published_name(digest), &published)
+            {
+                tracing::warn!(digest = digest.hex(), error = %e, "could not publish compiled code to the blob store");
+            }
+        }
+        Ok(())
+    }
+
+    /// The blob name of the compiled code of `digest` for this engine and CPU.
+    fn published_name(&self, digest: &Digest) -> Digest {
+        Digest::scoped(
+            "kiln compiled code v1",
+            format!("{}/{}", self.key, digest.hex()).as_bytes(),
+        )
+    }
+
+    /// Takes the compiled code of `digest` another node published, if there is one whose seal
+    /// verifies, into this node's cache. Whether it did.
+    fn take_published(&self, digest: &Digest) -> bool {
+        let published = match self.blobs.get(BlobKind::Compiled, &self.published_name(digest)) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+            Err(e) => {
+                tracing::warn!(digest = digest.hex(), error = %e, "could not read published compiled code");
+                return false;
+            }
+        };
+        let parsed = published.split_first_chunk::<4>().and_then(|(len, rest)| {
+            let len = u32::from_le_bytes(*len) as usize;
+            let (seal, cwasm) = (rest.get(..len)?, rest.get(len..)?);
+            Some((serde_json::from_slice::<Seal>(seal).ok()?, seal, cwasm))
+        });
+        let verified = parsed.filter(|(seal, _, cwasm)| {
+            let parts = self.sealed_parts(digest, &seal.footprint, &Sha256::digest(cwasm));
+            self.sealer
+                .verify(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>(), &seal.mac)
+        });
+        let Some((_, seal, cwasm)) = verified else {
+            tracing::warn!(
+                digest = digest.hex(),
+                "published compiled code does not match its seal: ignored, compiling"
+            );
+            return false;
+        };
+        let (code_path, seal_path) = (self.path(digest), self.seal_path(digest));
+        match write_atomic_all(&self.layout.tmp(), &[(&code_path, cwasm), (&seal_path, seal)]) {
+            Ok(()) => {
+                tracing::info!(digest = digest.hex(), key = %self.key, "took compiled code another node published");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(digest = digest.hex(), error = %e, "could not keep published compiled code");
+                false
+            }
+        }
     }
 
     /// Loads the compiled code of an artifact and its footprint, compiling it first if this
     /// engine/CPU has no entry, or the entry does not verify or load. Blocking; call it off the
     /// async threads.
     pub fn load(&self, kind: ArtifactKind, digest: &Digest) -> Result<(Compiled, Footprint), CompileError> {
+        if let Some(loaded) = self.load_cached(kind, digest)? {
+            return Ok(loaded);
+        }
+        if self.publish && self.take_published(digest) {
+            if let Some(loaded) = self.load_cached(kind, digest)? {
+                return Ok(loaded);
+            }
+        }
+        let bytes = self.blobs.get(BlobKind::Artifact, digest)?;
+        if Digest::of(&bytes) != *digest {
+            return Err(CompileError::CorruptArtifact(digest.prefixed()));
+        }
+        let compiled = self.precompile(kind, &bytes)?;
+        self.store(digest, &compiled)?;
+        let loaded = self.load_bytes(kind, &compiled.cwasm)?;
+        Ok((loaded, compiled.footprint))
+    }
+
+    /// This node's compiled code of `digest`, if it has some that verifies and loads.
+    fn load_cached(&self, kind: ArtifactKind, digest: &Digest) -> Result<Option<(Compiled, Footprint)>, CompileError> {
         match self.open_sealed(digest)? {
             Cached::Sealed(file, footprint) => {
                 // SAFETY: the file's bytes are what this node compiled for `digest` with this
@@ -192,7 +282,7 @@ impl CompileCache {
                     }
                 };
                 match loaded {
-                    Ok(compiled) => return Ok((compiled, footprint)),
+                    Ok(compiled) => return Ok(Some((compiled, footprint))),
                     Err(e) => {
                         tracing::warn!(digest = digest.hex(), error = %e, "cached code does not load; recompiling")
                     }
@@ -209,14 +299,7 @@ impl CompileCache {
                 );
             }
         }
-        let bytes = self.blobs.get(BlobKind::Artifact, digest)?;
-        if Digest::of(&bytes) != *digest {
-            return Err(CompileError::CorruptArtifact(digest.prefixed()));
-        }
-        let compiled = self.precompile(kind, &bytes)?;
-        self.store(digest, &compiled)?;
-        let loaded = self.load_bytes(kind, &compiled.cwasm)?;
-        Ok((loaded, compiled.footprint))
+        Ok(None)
     }
 
     /// The cache entry of `digest`, verified against its seal; one that does not verify is moved

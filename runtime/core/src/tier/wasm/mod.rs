@@ -167,8 +167,11 @@ impl WasmTier {
         let sandbox_engine =
             engine::sandbox_engine(Some(incremental)).map_err(|e| format!("wasmtime engine: {e:#}"))?;
         let ticker = EpochTicker::start(&[&engine, &sandbox_engine]);
+        // Nodes sharing a database and a blob store share compiled code too (`compile`).
+        let publish =
+            config.blob_store.is_some() && config.database.as_deref().is_some_and(crate::storage::postgres::is_url);
         let cache_for = |engine: &wasmtime::Engine| {
-            CompileCache::open(engine.clone(), layout.clone(), blobs.clone(), sealer.clone())
+            CompileCache::open(engine.clone(), layout.clone(), blobs.clone(), sealer.clone(), publish)
                 .map_err(|e| format!("compile cache {}: {e}", layout.compiled().display()))
         };
         let linkers_for =
