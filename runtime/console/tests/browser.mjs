@@ -1,12 +1,14 @@
 // The console in a real browser (Debian's Chromium driven by playwright-core), against a running
 // Kiln: sign in, deploy a function by dropping its file, invoke it and see its output and log
 // line, find it in the invocations list, read the metrics page, create a scoped token and see
-// what it may and may not see, revoke it and see its requests fail. axe-core checks every page
+// what it may and may not see, revoke it and see its requests fail; make a sandbox, see its ingress
+// count, suspend, resume (the count carries on), fork and terminate it. axe-core checks every page
 // (no serious or critical violation); the page must log no error (a CSP refusal would be one).
 // Screenshots go to $KILN_SCREENSHOTS (and the README's three to $KILN_DOCS_SCREENSHOTS if set).
 //
 // Run by runtime/kiln/tests/all/console.rs, which starts Kiln and passes, in the environment:
-// KILN_URL, KILN_TOKEN (admin), KILN_UI_LINK (what `kiln ui` printed), KILN_FUNCTION_FILE (guests/wat/logger.wat), KILN_CHROMIUM.
+// KILN_URL, KILN_TOKEN (admin), KILN_UI_LINK (what `kiln ui` printed), KILN_FUNCTION_FILE (guests/wat/logger.wat),
+// KILN_SANDBOX_COMPONENT (guests/http-counter, built), KILN_CHROMIUM.
 
 import { readFile, mkdir, copyFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
@@ -23,6 +25,7 @@ const base = env('KILN_URL');
 const adminToken = env('KILN_TOKEN');
 const uiLink = env('KILN_UI_LINK');
 const functionFile = env('KILN_FUNCTION_FILE');
+const sandboxComponent = env('KILN_SANDBOX_COMPONENT');
 const shots = env('KILN_SCREENSHOTS');
 const docs = process.env.KILN_DOCS_SCREENSHOTS;
 const axeSource = await readFile(require.resolve('axe-core/axe.min.js'), 'utf8');
@@ -233,10 +236,43 @@ try {
   await accessible(scoped, 'sign-in');
   await screenshot(scoped, 'revoked');
 
-  step('the sandboxes page');
+  step('the sandboxes page: create, suspend, resume, fork, terminate');
   await admin.getByRole('link', { name: 'Sandboxes', exact: true }).click();
   await admin.getByText('No sandbox.').waitFor();
+  await accessible(admin, 'sandboxes (empty)');
+  const deployed = await fetch(`${base}/v1/functions/counter`, { method: 'PUT', headers: { Authorization: `Bearer ${adminToken}` }, body: await readFile(sandboxComponent) });
+  check(deployed.status === 201, `deploying counter: ${deployed.status} ${await deployed.text()}`);
+  await admin.getByLabel('New sandbox of function').fill('counter');
+  await admin.getByRole('button', { name: 'Create' }).click();
+  const created = admin.locator('[aria-live] .done', { hasText: /^Created sbx_/ });
+  await created.waitFor();
+  const sandboxId = (await created.textContent()).match(/sbx_[a-z0-9]+/)[0];
+  const sandboxRow = (id) => admin.getByRole('row').filter({ hasText: id });
+  const stateOf = async (id) => (await sandboxRow(id).locator('.badge').first().textContent()).trim();
+  const waitState = async (id, state) => {
+    await sandboxRow(id).locator('.badge', { hasText: state }).waitFor();
+    check(await stateOf(id) === state, `sandbox ${id} is ${await stateOf(id)}, not ${state}`);
+  };
+  await waitState(sandboxId, 'running');
+  // Its ingress answers, and counts: the state the page suspends and resumes.
+  const ingress = (await sandboxRow(sandboxId).locator('code').nth(1).textContent()).trim();
+  check(ingress === `/sbx/${sandboxId}/`, `ingress ${ingress}`);
+  const count = async () => admin.evaluate(async ([url, token]) => (await (await fetch(url, { headers: { Authorization: `Bearer ${token}` } })).text()), [ingress, adminToken]);
+  const first = await count();
+  await sandboxRow(sandboxId).getByRole('button', { name: 'suspend' }).click();
+  await waitState(sandboxId, 'suspended');
+  check(await sandboxRow(sandboxId).getByRole('button', { name: 'suspend' }).isDisabled(), 'suspend is enabled on a suspended sandbox');
+  await sandboxRow(sandboxId).getByRole('button', { name: 'resume' }).click();
+  await waitState(sandboxId, 'running');
+  const second = await count();
+  check(first !== second && first.length > 0, `the counter did not carry on across suspend and resume: ${first} then ${second}`);
+  await sandboxRow(sandboxId).getByRole('button', { name: 'fork' }).click();
+  await admin.getByRole('row').filter({ hasText: 'counter@1' }).nth(1).waitFor();
   await accessible(admin, 'sandboxes');
+  await screenshot(admin, 'sandboxes');
+  await sandboxRow(sandboxId).getByRole('button', { name: 'terminate' }).click();
+  await waitState(sandboxId, 'terminated');
+  check((await sandboxRow(sandboxId).textContent()).includes('—'), 'a terminated sandbox still offers actions');
 
   check(problems.length === 0, problems.join('\n'));
   console.log(`browser: passed; axe checked ${checkedPages.length} pages: ${checkedPages.join(', ')}`);

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::support::{client, guests_dir, Kiln};
+use crate::support::{client, component, guests_dir, Kiln};
 
 /// What the browser test needs beyond Kiln, or why it cannot run here.
 fn browser_tools(console: &Path) -> Result<PathBuf, String> {
@@ -42,6 +42,10 @@ fn the_console_deploys_invokes_and_revokes_a_token_in_a_browser() {
         Err(reason) => return kiln_testkit::skip(TEST, &reason),
     };
     let kiln = Kiln::start();
+    // What the sandboxes page makes sandboxes of (deployed by the browser test when it gets there):
+    // a component that counts requests.
+    let counter = kiln.data.join("http-counter.wasm");
+    std::fs::write(&counter, component("http-counter")).unwrap();
     // The link `kiln ui` prints is what the browser signs in with.
     let ui = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .arg("ui")
@@ -61,6 +65,7 @@ fn the_console_deploys_invokes_and_revokes_a_token_in_a_browser() {
         .env("KILN_TOKEN", &kiln.token)
         .env("KILN_UI_LINK", &link)
         .env("KILN_FUNCTION_FILE", guests_dir().join("wat/logger.wat"))
+        .env("KILN_SANDBOX_COMPONENT", &counter)
         .env("KILN_CHROMIUM", &chromium)
         .env("KILN_SCREENSHOTS", &screenshots);
     if std::env::var_os("KILN_DOCS_SCREENSHOTS").is_some() {
