@@ -34,6 +34,8 @@ pub struct Server {
     pub tls: Option<Arc<tls::Tls>>,
     /// This process's id among the nodes of a database (`GET /v1/cluster`).
     pub node: String,
+    /// Lambda functions whose creation is still running (`lambda::creations`).
+    pub lambda_creations: Arc<lambda::creations::Creations>,
 }
 
 impl Server {
@@ -44,6 +46,7 @@ impl Server {
             config,
             tls: None,
             node: format!("node-{}", uuid::Uuid::now_v7().simple()),
+            lambda_creations: Arc::default(),
         }
     }
 }

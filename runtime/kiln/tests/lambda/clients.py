@@ -28,7 +28,7 @@ import botocore.awsrequest
 import botocore.credentials
 import urllib3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, WaiterError
 
 ENDPOINT, KEY_ID, SECRET, AWS_CLI, LANGUAGES, WAT_FILE, KILN_FUNCTION = sys.argv[1:8]
 ROLE = "arn:aws:iam::123456789012:role/lambda-role"
@@ -125,7 +125,8 @@ def client(secret=SECRET):
         region_name="us-east-1",
         aws_access_key_id=KEY_ID,
         aws_secret_access_key=secret,
-        config=Config(retries={"max_attempts": 1}, read_timeout=900, connect_timeout=10),
+        # boto3's own read timeout: a slow build answers Pending rather than outlasting it.
+        config=Config(retries={"max_attempts": 1}, read_timeout=60, connect_timeout=10),
     )
 
 
@@ -151,13 +152,20 @@ def language(lam, lang):
         Environment={"Variables": {"GREETING": "Hello"}},
     )
     check(created["Runtime"] == spec["runtime"] and created["Handler"] == spec["handler"], f"{lang} created: {created}")
-    check(created["Role"] == ROLE and created["Version"] == "$LATEST" and created["State"] == "Active", f"{lang} shape: {created}")
+    check(created["Role"] == ROLE and created["Version"] == "$LATEST", f"{lang} shape: {created}")
+    # Active when the build took under 10 s, else Pending until it is done, as on Lambda.
+    check(created["State"] == "Active" or (created["State"] == "Pending" and created["StateReasonCode"] == "Creating"), f"{lang} state: {created}")
     check(created["CodeSize"] == len(v1), f"{lang} CodeSize: {created['CodeSize']} != {len(v1)}")
     try:
         lam.create_function(FunctionName=name, Runtime=spec["runtime"], Role=ROLE, Handler=spec["handler"], Code={"ZipFile": v1})
         raise AssertionError("a second create succeeded")
     except ClientError as e:
         check(e.response["Error"]["Code"] == "ResourceConflictException", f"{lang} create twice: {e}")
+    if created["State"] == "Pending":
+        print(f"{lang}: created Pending; waiting as Lambda's clients do", flush=True)
+    lam.get_waiter("function_active_v2").wait(FunctionName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 300})
+    active = lam.get_function_configuration(FunctionName=name)
+    check(active["State"] == "Active" and active["LastUpdateStatus"] == "Successful", f"{lang} active: {active}")
 
     # Sync, with the log's tail.
     response, payload = invoke(lam, name, {"name": "Ada"}, LogType="Tail")
@@ -266,9 +274,40 @@ def both_apis(lam):
     check(response["Payload"].read() == b"echoed", "kiln-wasm invoked")
 
 
+def slow_creations(lam):
+    """A build longer than CreateFunction waits (its top level sleeps 11 s at deploy): Pending, then
+    Active or Failed, as Lambda's clients expect."""
+    slow = "import time\ntime.sleep(11)\n%s\ndef handler(event, context):\n    return {'slow': True}\n"
+    created = lam.create_function(FunctionName="lambda-slow", Runtime="python3.12", Role=ROLE, Handler="slow.handler",
+                                  Timeout=60, Code={"ZipFile": zipped("slow.py", slow % "")})
+    check(created["State"] == "Pending" and created["StateReasonCode"] == "Creating"
+          and created["LastUpdateStatus"] == "InProgress", f"a slow build answers Pending: {created}")
+    check(lam.get_function(FunctionName="lambda-slow")["Configuration"]["State"] == "Pending", "GetFunction shows it Pending")
+    try:
+        lam.invoke(FunctionName="lambda-slow", Payload=b"{}")
+        raise AssertionError("a pending function was invoked")
+    except ClientError as e:
+        check(e.response["Error"]["Code"] == "ResourceConflictException" and "Pending" in str(e), f"invoking it while pending: {e}")
+    lam.get_waiter("function_active_v2").wait(FunctionName="lambda-slow", WaiterConfig={"Delay": 1, "MaxAttempts": 120})
+    response, payload = invoke(lam, "lambda-slow", {})
+    check(payload == {"slow": True}, f"invoked once active: {payload}")
+    lam.delete_function(FunctionName="lambda-slow")
+
+    lam.create_function(FunctionName="lambda-broken", Runtime="python3.12", Role=ROLE, Handler="slow.handler",
+                        Timeout=60, Code={"ZipFile": zipped("slow.py", slow % "raise ValueError('broken at load')")})
+    try:
+        lam.get_waiter("function_active_v2").wait(FunctionName="lambda-broken", WaiterConfig={"Delay": 1, "MaxAttempts": 120})
+        raise AssertionError("a function whose load raises became active")
+    except WaiterError:
+        pass
+    failed = lam.get_function_configuration(FunctionName="lambda-broken")
+    check(failed["State"] == "Failed" and "broken at load" in failed["StateReason"], f"a failed build shows Failed with its reason: {failed}")
+
+
 def main():
     lam = client()
     both_apis(lam)
+    slow_creations(lam)
     names = [language(lam, lang) for lang in LANGUAGES.split(",") if lang]
     # Listed a page at a time with Marker/NextMarker (boto3's paginator).
     listed = []

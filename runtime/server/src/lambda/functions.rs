@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -16,6 +17,7 @@ use kiln_core::storage::BlobKind;
 use kiln_core::Kiln;
 use serde_json::{json, Map, Value};
 
+use super::creations::{Creations, CREATE_WAIT};
 use super::{function_name, query_pairs, version_of, LambdaError};
 use crate::api::body::{self, Body};
 
@@ -176,7 +178,7 @@ fn code_for(runtime: &str, zip: Bytes, handler: Option<&str>) -> Result<Bytes, L
     Ok(Bytes::from(wasm))
 }
 
-pub async fn create(kiln: &Kiln, body: &[u8]) -> Result<Response<Body>, LambdaError> {
+pub async fn create(kiln: &Arc<Kiln>, creations: &Arc<Creations>, body: &[u8]) -> Result<Response<Body>, LambdaError> {
     let object = request_object(
         body,
         &[
@@ -206,6 +208,7 @@ pub async fn create(kiln: &Kiln, body: &[u8]) -> Result<Response<Body>, LambdaEr
         }
     }
     let zip = zip_file(object.get("Code").and_then(|c| c.get("ZipFile")))?;
+    let zip_len = zip.len();
     let mut config = FunctionConfig {
         timeout_ms: DEFAULT_TIMEOUT_S * 1000,
         memory_mb: DEFAULT_MEMORY_MB,
@@ -215,10 +218,36 @@ pub async fn create(kiln: &Kiln, body: &[u8]) -> Result<Response<Body>, LambdaEr
     config.check().map_err(LambdaError::invalid)?;
     let code = code_for(runtime, zip, string(&object, "Handler")?)?;
     let existing = kiln.functions.versions(&name).await.map_err(LambdaError::internal)?;
+    let exists = || LambdaError::conflict(format!("Function already exist: {name}"));
     if !existing.is_empty() {
-        return Err(LambdaError::conflict(format!("Function already exist: {name}")));
+        return Err(exists());
     }
-    let deployed = kiln.functions.deploy(&name, code, config).await.map_err(kiln_error)?;
+    if !creations.begin(&name, pending_view(&name, &config, &code, zip_len)) {
+        return Err(exists());
+    }
+    // The deploy runs on its own: past `CREATE_WAIT` the answer is `Pending` and it carries on.
+    let deploy = tokio::spawn({
+        let (kiln, creations, name) = (kiln.clone(), creations.clone(), name.clone());
+        async move {
+            let deployed = kiln.functions.deploy(&name, code, config).await;
+            match &deployed {
+                Ok(_) => creations.succeeded(&name),
+                Err(e) => creations.failed(&name, &e.to_string()),
+            }
+            deployed
+        }
+    });
+    let deployed = match tokio::time::timeout(CREATE_WAIT, deploy).await {
+        Ok(done) => {
+            // Answered now, whatever the outcome: nothing for GetFunction to show meanwhile.
+            creations.succeeded(&name);
+            done.expect("the deploy task panicked").map_err(kiln_error)?
+        }
+        Err(_) => {
+            let view = creations.view(&name).unwrap_or_default();
+            return Ok(body::json(StatusCode::CREATED, &view));
+        }
+    };
     let publish = object.get("Publish").and_then(Value::as_bool).unwrap_or(false);
     let label = if publish {
         deployed.record.version.to_string()
@@ -227,6 +256,31 @@ pub async fn create(kiln: &Kiln, body: &[u8]) -> Result<Response<Body>, LambdaEr
     };
     let view = configuration(kiln, &deployed.record, &label).await?;
     Ok(body::json(StatusCode::CREATED, &view))
+}
+
+/// `FunctionConfiguration` of a function being created (`creations` sets its state).
+fn pending_view(name: &str, config: &FunctionConfig, code: &[u8], zip_len: usize) -> Value {
+    let lambda = config.lambda.as_ref();
+    let text = |value: Option<&String>| value.cloned().unwrap_or_default();
+    json!({
+        "FunctionName": name,
+        "FunctionArn": kiln_core::lambda::arn(name, None),
+        "Runtime": lambda.map(|l| l.runtime.clone()).unwrap_or_else(|| KILN_WASM.to_owned()),
+        "Role": text(lambda.and_then(|l| l.role.as_ref())),
+        "Handler": lambda.map(|l| l.handler.clone()).unwrap_or_default(),
+        "CodeSize": zip_len,
+        "Description": text(lambda.and_then(|l| l.description.as_ref())),
+        "Timeout": config.timeout_ms.div_ceil(1000),
+        "MemorySize": config.memory_mb,
+        "LastModified": last_modified(&kiln_core::clock::now_rfc3339()),
+        "CodeSha256": hex_to_base64(kiln_core::digest::Digest::of(code).hex()),
+        "Version": "$LATEST",
+        "Environment": { "Variables": config.env },
+        "TracingConfig": { "Mode": "PassThrough" },
+        "PackageType": "Zip",
+        "Architectures": ["x86_64"],
+        "EphemeralStorage": { "Size": 512 },
+    })
 }
 
 /// `FunctionConfiguration` of a version, shown as `label` (`$LATEST` or its number).
@@ -330,10 +384,21 @@ async fn record(kiln: &Kiln, name: &str, qualifier: Option<&str>) -> Result<(Ver
     }
 }
 
-pub async fn get(kiln: &Kiln, raw: &str, query: &str, full: bool) -> Result<Response<Body>, LambdaError> {
+pub async fn get(
+    kiln: &Kiln,
+    creations: &Creations,
+    raw: &str,
+    query: &str,
+    full: bool,
+) -> Result<Response<Body>, LambdaError> {
     let (name, qualifier) = function_name(raw, query)?;
-    let (record, label) = record(kiln, &name, qualifier.as_deref()).await?;
-    let view = configuration(kiln, &record, &label).await?;
+    let view = match record(kiln, &name, qualifier.as_deref()).await {
+        Ok((record, label)) => configuration(kiln, &record, &label).await?,
+        Err(e) => match qualifier {
+            None => creations.view(&name).ok_or(e)?,
+            Some(_) => return Err(e),
+        },
+    };
     let answer = if full {
         json!({ "Configuration": view, "Code": { "RepositoryType": "Kiln" } })
     } else {

@@ -46,6 +46,14 @@ pub async fn invoke(
     let kiln = &server.kiln;
     let version = version_of(qualifier.as_deref())?;
     let resolved = kiln.functions.resolve(&name, version).await.map_err(|e| match e {
+        kiln_core::functions::LoadError::NoFunction(_) if server.lambda_creations.view(&name).is_some() => {
+            let state = if server.lambda_creations.pending(&name) {
+                "Pending"
+            } else {
+                "Failed"
+            };
+            LambdaError::conflict(super::creations::not_active(state))
+        }
         kiln_core::functions::LoadError::NoFunction(_) | kiln_core::functions::LoadError::NoVersion(..) => {
             LambdaError::not_found(format!(
                 "Function not found: {}",

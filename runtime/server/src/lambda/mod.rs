@@ -9,6 +9,7 @@
 //! source (`kiln_core::lambda`); `kiln-wasm` deploys the `.wasm` a zip holds. What the API has
 //! and Kiln has not (layers, VPCs, aliases…) is refused naming it, never ignored.
 
+pub mod creations;
 mod error;
 mod functions;
 mod invoke;
@@ -144,10 +145,10 @@ async fn serve(server: &Server, req: Request<Incoming>, request_id: &str) -> Res
     }
     use Operation::*;
     match op {
-        CreateFunction => functions::create(kiln, &bytes).await,
+        CreateFunction => functions::create(kiln, &server.lambda_creations, &bytes).await,
         ListFunctions => functions::list(kiln, query).await,
-        GetFunction(name) => functions::get(kiln, name, query, true).await,
-        GetFunctionConfiguration(name) => functions::get(kiln, name, query, false).await,
+        GetFunction(name) => functions::get(kiln, &server.lambda_creations, name, query, true).await,
+        GetFunctionConfiguration(name) => functions::get(kiln, &server.lambda_creations, name, query, false).await,
         DeleteFunction(name) => functions::delete(kiln, name, query).await,
         UpdateFunctionCode(name) => functions::update_code(kiln, name, &bytes).await,
         UpdateFunctionConfiguration(name) => functions::update_configuration(kiln, name, &bytes).await,
