@@ -15,7 +15,7 @@
 #
 # Usage: benches/cluster_kill.sh [--db-cost] [path/to/kiln]
 #   (default binary: target/release/kiln, built first; target/debug/kiln works for a quick run)
-# Environment: N (2000), KILL_EVERY_S (3), LEASE_MS (2000), SLEEP_MS (200, the guest's sleep),
+# Environment: N (2000), KILL_EVERY_S (3, whole seconds), LEASE_MS (2000), SLEEP_MS (200, the guest's sleep),
 #   PARALLEL (8 submitting clients), DEADLINE_S (300, to drain), PGBENCH_S (20).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +43,8 @@ work=$(mktemp -d /tmp/kiln-cluster-kill.XXXXXX)
 chmod 755 "$work"
 pg=$work/pg
 cleanup() {
-  exec 2>/dev/null  # not the shell's "Killed" notices of the nodes it ends
+  set +e  # every step, whatever the one before did
+  exec 2>/dev/null
   touch "$work/stop" 2>/dev/null || true
   [[ -n "${killer:-}" ]] && kill "$killer" 2>/dev/null
   for f in "$work"/node*.pid; do
@@ -264,7 +265,7 @@ submit_cmd='ports_list=($ports_list); submit_one "$0"'
 ( # the killer: a random node every KILL_EVERY_S, restarted at once on the same port and data
   n=0
   while [[ ! -e "$work/stop" ]]; do
-    sleep "$KILL_EVERY_S"
+    for _ in $(seq "$(( KILL_EVERY_S * 10 ))"); do [[ -e "$work/stop" ]] && break; sleep 0.1; done
     [[ -e "$work/stop" ]] && break
     i=$(( RANDOM % 3 ))
     kill_node "$i"; n=$(( n + 1 )); echo "$n" >"$work/kills"
