@@ -72,7 +72,7 @@ as_pg "$pgbin/initdb" -A trust -U postgres -E UTF8 -D "$pg/data" >/dev/null
 # fsync stays on (the default): commits are what a real server would pay.
 as_pg "$pgbin/pg_ctl" -D "$pg/data" -l "$pg/log" -w -o "-p $pgport -k $pg -c listen_addresses=127.0.0.1 \
   -c max_connections=200 -c shared_preload_libraries=pg_stat_statements" start >/dev/null
-psql_() { psql -X -q -t -A -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$pgport" -U postgres "$@"; }
+psql_() { "$pgbin/psql" -X -q -t -A -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$pgport" -U postgres "$@"; }
 # Kiln connects as its own role, so that its statements can be told from this script's.
 psql_ -d postgres -c "CREATE ROLE kiln LOGIN" -c "CREATE DATABASE kiln OWNER kiln" >/dev/null
 db="postgres://kiln@127.0.0.1:$pgport/kiln"
