@@ -212,6 +212,90 @@ pub fn compilations(node: &Kiln) -> u64 {
         .unwrap_or_else(|| panic!("no kiln_compilations_total in\n{text}"))
 }
 
+/// Three nodes on one database and one `file://` blob store, each change made on one node and
+/// checked on another: a function deployed on A runs on B and C, a token created on B works on C,
+/// a function deleted on C is gone on A (whose cache held it). One test, as each start costs.
+#[test]
+fn three_nodes_deploy_on_one_invoke_on_the_others_and_see_each_others_changes() {
+    let Some(server) = server("three_nodes_deploy_on_one_invoke_on_the_others_and_see_each_others_changes") else {
+        return;
+    };
+    let url = server.create_database().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token = "t0ken-admin-0123456789";
+    let blobs = format!("file://{}", dir.path().join("blobs").display());
+    let args = ["--blob-store", blobs.as_str()];
+    let a = node(&dir.path().join("a"), &url, token, &args);
+    let b = node(&dir.path().join("b"), &url, token, &args);
+    let c = node(&dir.path().join("c"), &url, token, &args);
+
+    // Deployed on A once B and C run: they find it in the database and the shared blob store.
+    let deployed = a.must_deploy("echo", wat("echo"));
+    assert_eq!(deployed["version"], 1);
+    for (node, input) in [(&a, "on A"), (&b, "on B"), (&c, "on C")] {
+        let response = node.invoke("echo", input);
+        assert_eq!(response.status(), 200, "{}", node.log());
+        assert_eq!(response.text().unwrap(), input);
+    }
+    let version: Value = c.get("/v1/functions/echo").json().unwrap();
+    assert_eq!(version["version"], 1, "C sees A's version: {version}");
+
+    // All three list each other.
+    wait_until("each node lists all three", Duration::from_secs(10), || {
+        [&a, &b, &c].iter().all(|node| {
+            let listed: Value = node.get("/v1/cluster").json().unwrap();
+            let nodes = listed["nodes"].as_array().unwrap();
+            nodes.iter().filter(|n| n["alive"] == true).count() == 3
+                && nodes.iter().filter(|n| n["this_node"] == true).count() == 1
+        })
+    });
+
+    // A token created on B, limited to `echo`, works on C (which started before it existed) and
+    // only for `echo`.
+    let created: Value = client()
+        .post(b.url("/v1/tokens"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"functions": ["echo"]}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let secret = created["token"].as_str().unwrap().to_owned();
+    let with_secret = |node: &Kiln, function: &str| {
+        client()
+            .post(node.url(&format!("/v1/functions/{function}/invoke")))
+            .bearer_auth(&secret)
+            .body("scoped")
+            .send()
+            .unwrap()
+    };
+    wait_until("C accepts the token B created", Duration::from_secs(5), || {
+        with_secret(&c, "echo").status() == 200
+    });
+    assert_eq!(with_secret(&c, "echo").text().unwrap(), "scoped");
+    assert_eq!(
+        client()
+            .get(c.url("/v1/functions"))
+            .bearer_auth(&secret)
+            .send()
+            .unwrap()
+            .status(),
+        403,
+        "an invoke-only token B created is not an admin token on C"
+    );
+
+    // Deleted on C: A, which has the function cached (it just ran it), answers 404 once the
+    // notification arrives; B as well.
+    assert_eq!(a.invoke("echo", "cached").status(), 200);
+    assert!(c.delete("/v1/functions/echo").status().is_success());
+    wait_until("A forgets the function C deleted", Duration::from_secs(5), || {
+        a.invoke("echo", "gone?").status() == 404
+    });
+    wait_until("B forgets the function C deleted", Duration::from_secs(5), || {
+        b.invoke("echo", "gone?").status() == 404
+    });
+}
+
 /// A representative part of the single-node suite, each test as it is, on PostgreSQL.
 #[test]
 fn the_api_suite_runs_on_postgres() {
