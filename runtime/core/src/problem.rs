@@ -6,6 +6,7 @@
 
 use serde_json::{Map, Value};
 
+use crate::auth::TokenError;
 use crate::connectors::ConnectorError;
 use crate::deploy::DeployError;
 use crate::functions::LoadError;
@@ -90,6 +91,30 @@ impl Problem {
     }
 }
 
+/// The database's errors: unreachable is `503 unavailable` (the same request may work in a moment);
+/// anything else is Kiln's own failure.
+impl From<StorageError> for Problem {
+    fn from(e: StorageError) -> Problem {
+        if e.is_unreachable() {
+            tracing::warn!(error = %e, "the database cannot be reached");
+            return Problem::new(
+                ErrorCode::Unavailable,
+                "the database cannot be reached; try again (the server log has the cause)",
+            );
+        }
+        Problem::internal(e)
+    }
+}
+
+impl From<TokenError> for Problem {
+    fn from(e: TokenError) -> Problem {
+        match e {
+            TokenError::Store(e) => e.into(),
+            e @ TokenError::Corrupt(_) => Problem::internal(e),
+        }
+    }
+}
+
 impl From<DeployError> for Problem {
     fn from(e: DeployError) -> Problem {
         match e {
@@ -102,7 +127,8 @@ impl From<DeployError> for Problem {
             e @ DeployError::BlobStore(_) => Problem::new(ErrorCode::Unavailable, e.to_string()),
             e @ DeployError::NotFound(_) => Problem::new(ErrorCode::NotFound, e.to_string()),
             e @ DeployError::InsufficientStorage(_) => Problem::new(ErrorCode::InsufficientStorage, e.to_string()),
-            e @ (DeployError::Store(_) | DeployError::Io(_) | DeployError::Cache(_)) => Problem::internal(e),
+            DeployError::Store(e) => e.into(),
+            e @ (DeployError::Io(_) | DeployError::Cache(_)) => Problem::internal(e),
         }
     }
 }
@@ -113,7 +139,8 @@ impl From<LoadError> for Problem {
             e @ (LoadError::NoFunction(_) | LoadError::NoVersion(..)) => {
                 Problem::new(ErrorCode::NotFound, e.to_string())
             }
-            e @ (LoadError::Store(_) | LoadError::Compile(_) | LoadError::Link(_)) => Problem::internal(e),
+            LoadError::Store(e) => e.into(),
+            e @ (LoadError::Compile(_) | LoadError::Link(_)) => Problem::internal(e),
             LoadError::Unavailable(reason) => Problem::new(ErrorCode::Unavailable, reason),
         }
     }
@@ -150,7 +177,8 @@ impl From<SubmitError> for Problem {
             e @ SubmitError::QueueFull(_) => Problem::new(ErrorCode::TooManyRequests, e.to_string()),
             SubmitError::Closed => Problem::new(ErrorCode::Unavailable, "kiln is shutting down"),
             e @ SubmitError::InsufficientStorage(_) => Problem::new(ErrorCode::InsufficientStorage, e.to_string()),
-            e @ (SubmitError::Store(_) | SubmitError::Commit(_)) => Problem::internal(e),
+            SubmitError::Store(e) => e.into(),
+            e @ SubmitError::Commit(_) => Problem::internal(e),
         }
     }
 }
@@ -171,7 +199,8 @@ impl From<SandboxError> for Problem {
             SandboxError::Load(e) => e.into(),
             SandboxError::Invoke(e) => e.into(),
             e @ SandboxError::InsufficientStorage(_) => Problem::new(ErrorCode::InsufficientStorage, e.to_string()),
-            e @ (SandboxError::Storage(_) | SandboxError::State(_)) => Problem::internal(e),
+            SandboxError::Storage(e) => e.into(),
+            e @ SandboxError::State(_) => Problem::internal(e),
         }
     }
 }
@@ -188,7 +217,7 @@ impl From<ConnectorError> for Problem {
                 problem.details.insert("used_by".into(), used_by);
                 problem
             }
-            e @ ConnectorError::Store(_) => Problem::internal(e),
+            ConnectorError::Store(e) => e.into(),
         }
     }
 }

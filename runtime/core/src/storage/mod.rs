@@ -51,6 +51,21 @@ pub enum StorageError {
     UnknownConnector(String),
 }
 
+impl StorageError {
+    /// Whether the database could not be reached — down, restarting, shutting connections, the
+    /// network — rather than refusing a statement: a client may try again; not Kiln's bug.
+    pub fn is_unreachable(&self) -> bool {
+        let StorageError::Postgres(e) = self else {
+            return false;
+        };
+        // SQLSTATE classes 08 (connection exception) and 57 (operator intervention: a shutdown).
+        let class = e.code().map(|code| &code.code()[..2]);
+        e.is_closed()
+            || matches!(class, Some("08" | "57"))
+            || std::error::Error::source(e).is_some_and(|cause| cause.is::<std::io::Error>())
+    }
+}
+
 /// What releasing a sandbox state did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Released {

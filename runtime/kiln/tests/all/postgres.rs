@@ -9,7 +9,7 @@ use std::time::Duration;
 use kiln_testkit::postgres::Postgres;
 use serde_json::Value;
 
-use crate::support::{self, client, wait_done, wait_until, wat, Kiln};
+use crate::support::{self, client, expect_error, wait_done, wait_until, wat, Kiln};
 
 /// The shared server, or `None` after recording why this test is skipped.
 pub(crate) fn server(test: &str) -> Option<&'static Postgres> {
@@ -294,6 +294,45 @@ fn three_nodes_deploy_on_one_invoke_on_the_others_and_see_each_others_changes() 
     wait_until("B forgets the function C deleted", Duration::from_secs(5), || {
         b.invoke("echo", "gone?").status() == 404
     });
+}
+
+/// A node whose database went away keeps serving what it holds (a loaded function's sync invoke
+/// needs no database) and answers what needs the database `503 unavailable`, saying why, rather
+/// than a bare `500`.
+#[test]
+fn a_node_whose_database_is_gone_answers_503_and_keeps_serving_loaded_functions() {
+    const TEST: &str = "postgres::a_node_whose_database_is_gone_answers_503_and_keeps_serving_loaded_functions";
+    // A server of its own, to stop.
+    let server = match Postgres::start() {
+        Ok(server) => server,
+        Err(reason) => return kiln_testkit::skip(TEST, &reason),
+    };
+    let url = server.create_database().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token = "t0ken-admin-0123456789";
+    let a = node(&dir.path().join("a"), &url, token, &[]);
+    a.must_deploy("echo", wat("echo"));
+    assert_eq!(a.invoke("echo", "before").text().unwrap(), "before");
+    drop(server);
+
+    assert_eq!(a.invoke("echo", "after").text().unwrap(), "after", "{}", a.log());
+    let submit = client()
+        .post(a.url("/v1/functions/echo/invoke-async"))
+        .bearer_auth(token)
+        .body("later")
+        .send()
+        .unwrap();
+    for (what, response) in [
+        ("list", a.get("/v1/functions")),
+        ("get", a.get("/v1/functions/echo")),
+        ("deploy", a.deploy("other", wat("echo"))),
+        ("submit", submit),
+        ("tokens", a.get("/v1/tokens")),
+    ] {
+        let error = expect_error(response, 503, "unavailable");
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains("database cannot be reached"), "{what}: {error}");
+    }
 }
 
 /// A representative part of the single-node suite, each test as it is, on PostgreSQL.

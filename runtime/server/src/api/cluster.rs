@@ -38,7 +38,7 @@ pub async fn list(kiln: &Arc<Kiln>, this_node: &str) -> Result<Response<Body>, P
     let nodes = tokio::task::spawn_blocking(move || metadata.nodes())
         .await
         .expect("store task panicked")
-        .map_err(Problem::internal)?;
+        .map_err(Problem::from)?;
     let now = now_ms();
     let nodes: Vec<_> = nodes
         .into_iter()

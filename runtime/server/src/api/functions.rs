@@ -194,7 +194,7 @@ fn source_by_name(config: &mut FunctionConfig, file_name: Option<&str>, content_
 #[utoipa::path(get, path = "/v1/functions", tag = "functions",
     responses((status = 200, description = "Every function's latest version", body = FunctionList), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody)))]
 pub async fn list(functions: &Functions) -> Result<Response<Body>, Problem> {
-    let records = functions.list().await.map_err(Problem::internal)?;
+    let records = functions.list().await.map_err(Problem::from)?;
     #[derive(Serialize)]
     struct List<'a> {
         functions: Vec<VersionView<'a>>,
@@ -208,7 +208,7 @@ pub async fn list(functions: &Functions) -> Result<Response<Body>, Problem> {
         (status = 400, description = "Not a function name", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 403, description = "The token may not do this", body = ErrorBody), (status = 404, description = "No such function", body = ErrorBody)))]
 pub async fn get(functions: &Functions, name: &str) -> Result<Response<Body>, Problem> {
-    let versions = functions.versions(name).await.map_err(Problem::internal)?;
+    let versions = functions.versions(name).await.map_err(Problem::from)?;
     let Some(latest) = versions.last() else {
         return Err(error::not_found(format!("no function named `{name}`")));
     };

@@ -125,7 +125,7 @@ pub async fn get(storage: &Storage, signer: &Signer, id: &str, query: Option<&st
     let record = tokio::task::spawn_blocking(move || metadata.invocation(&owned))
         .await
         .expect("store task panicked")
-        .map_err(Problem::internal)?
+        .map_err(Problem::from)?
         .ok_or_else(|| error::not_found(format!("no invocation {id}")))?;
     let result_url = (record.state == "succeeded").then(|| signer.url(&record.id, lifetime));
     /// The record as the API shows it, in the contract's field order.
@@ -298,7 +298,7 @@ pub async fn list(
     let mut found = tokio::task::spawn_blocking(move || metadata.invocations(&stored_query))
         .await
         .expect("store task panicked")
-        .map_err(Problem::internal)?;
+        .map_err(Problem::from)?;
     found.extend(quiet.list(&query));
     found.sort_by(|a, b| b.id.cmp(&a.id));
     found.truncate(query.limit);

@@ -67,7 +67,7 @@ pub async fn authorize(
     })
     .await
     .expect("store task panicked")
-    .map_err(Problem::internal)?;
+    .map_err(Problem::from)?;
     match function {
         // Unknown: the handler answers 404, as it would to anyone.
         None => Ok(()),
@@ -154,7 +154,7 @@ pub async fn create(
     })
     .await
     .expect("token task panicked")
-    .map_err(Problem::internal)?;
+    .map_err(Problem::from)?;
     let mut view = view(&token, &created_at);
     match &token.access_key_id {
         // The secret AWS clients sign with; `token` stays absent (it is no bearer token).
@@ -187,7 +187,7 @@ pub async fn list(auth: &Arc<Auth>, storage: &Storage) -> Result<Response<Body>,
     let tokens = tokio::task::spawn_blocking(move || auth.list_scoped(metadata.as_ref()))
         .await
         .expect("token task panicked")
-        .map_err(Problem::internal)?;
+        .map_err(Problem::from)?;
     let tokens: Vec<_> = tokens
         .into_iter()
         .map(|(token, created_at)| view(&token, &created_at))
@@ -204,7 +204,7 @@ pub async fn delete(auth: &Arc<Auth>, storage: &Storage, id: &str) -> Result<Res
     let deleted = tokio::task::spawn_blocking(move || auth.revoke(metadata.as_ref(), &owned))
         .await
         .expect("token task panicked")
-        .map_err(Problem::internal)?;
+        .map_err(Problem::from)?;
     if !deleted {
         return Err(error::not_found(format!("no token {id:?}")));
     }
