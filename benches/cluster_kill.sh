@@ -170,7 +170,7 @@ if [[ $mode == db-cost ]]; then
     if [[ $par == 1 ]]; then curl -s -K "$cfg"; else curl -s --parallel --parallel-max "$par" -K "$cfg" 2>/dev/null; fi \
       | sort | uniq -c | awk '{printf "%s answered %s; ", $1, $2} END {print ""}' >"$work/answers"
     # Polled through the node's metrics, not the database, so as not to add to what is counted.
-    until curl -fsS "$url/metrics" | grep -qx 'kiln_async_queue_depth 0'; do sleep 0.1; done
+    until curl -fs "$url/metrics" | grep -qx 'kiln_async_queue_depth 0'; do sleep 0.1; done
     sleep 1.5  # the invocation-log writer's batch and the stats collector
     local s c; s=$(echo "$(date +%s.%N) - $t0" | bc); c=$(calls); local k=$(( $(commits) - c0 ))
     local net_calls net_commits
