@@ -96,13 +96,20 @@ impl Problem {
 impl From<StorageError> for Problem {
     fn from(e: StorageError) -> Problem {
         if e.is_unreachable() {
-            tracing::warn!(error = %e, "the database cannot be reached");
-            return Problem::new(
-                ErrorCode::Unavailable,
-                "the database cannot be reached; try again (the server log has the cause)",
-            );
+            return StorageError::unreachable_problem(&e);
         }
         Problem::internal(e)
+    }
+}
+
+impl StorageError {
+    /// `503 unavailable`: the database could not be reached (`cause` is logged, not shown).
+    fn unreachable_problem(cause: &dyn std::fmt::Display) -> Problem {
+        tracing::warn!(error = %cause, "the database cannot be reached");
+        Problem::new(
+            ErrorCode::Unavailable,
+            "the database cannot be reached; try again (the server log has the cause)",
+        )
     }
 }
 
@@ -179,6 +186,7 @@ impl From<SubmitError> for Problem {
             e @ SubmitError::InsufficientStorage(_) => Problem::new(ErrorCode::InsufficientStorage, e.to_string()),
             SubmitError::Store(e) => e.into(),
             e @ SubmitError::Commit(_) => Problem::internal(e),
+            SubmitError::Unreachable(cause) => StorageError::unreachable_problem(&cause),
         }
     }
 }

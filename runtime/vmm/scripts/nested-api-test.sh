@@ -54,7 +54,7 @@ done
 cargo run -q -p kiln-vmm --example initramfs -- "$work/outer.cpio" "${entries[@]}"
 
 echo "nested: running the API test in a QEMU TCG VM with KVM inside (a few minutes)"
-timeout 1800 qemu-system-x86_64 -accel tcg -cpu max -m 3072 -smp 1 -nodefaults -no-reboot \
+timeout 1800 qemu-system-x86_64 -accel tcg -cpu max -m 4096 -smp 1 -nodefaults -no-reboot \
   -display none -serial stdio -kernel "$guest/vmlinuz" -initrd "$work/outer.cpio" \
   -append "console=ttyS0 panic=-1 rdinit=/init quiet" | tee "$work/console.log"
 grep -q "test result: ok. 1 passed" "$work/console.log"

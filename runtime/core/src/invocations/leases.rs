@@ -258,8 +258,13 @@ impl Leases {
             }
             Err(e) => {
                 tracing::error!(error = %e, "committing the async queue's changes failed");
+                let unreachable = e.is_unreachable();
                 for reply in replies {
-                    let _ = reply.send(Err(SubmitError::Commit(e.to_string())));
+                    let error = match unreachable {
+                        true => SubmitError::Unreachable(e.to_string()),
+                        false => SubmitError::Commit(e.to_string()),
+                    };
+                    let _ = reply.send(Err(error));
                 }
                 self.unrecorded = done;
                 std::thread::sleep(ERROR_PAUSE);

@@ -55,6 +55,9 @@ pub enum SubmitError {
     Closed,
     #[error("committing the submit failed: {0}")]
     Commit(String),
+    /// The database could not be reached to commit it (a shared queue on PostgreSQL).
+    #[error("committing the submit failed: {0}")]
+    Unreachable(String),
     #[error("{0}")]
     InsufficientStorage(#[from] StorageFull),
 }

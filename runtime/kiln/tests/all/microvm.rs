@@ -809,8 +809,11 @@ fn native_functions_and_sandboxes_nested_in_qemu_where_the_host_has_no_hardware_
             "tcg",
             "-cpu",
             "max",
+            // The initramfs is the guest's disk: the binaries, the data directory and the
+            // sandboxes' snapshots all live in this memory (3 GiB left a suspend 530 MB short of
+            // the disk budget once the binaries grew).
             "-m",
-            "3072",
+            "4096",
             "-smp",
             "1",
         ])
