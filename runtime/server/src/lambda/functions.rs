@@ -229,10 +229,11 @@ pub async fn create(kiln: &Arc<Kiln>, creations: &Arc<Creations>, body: &[u8]) -
     let deploy = tokio::spawn({
         let (kiln, creations, name) = (kiln.clone(), creations.clone(), name.clone());
         async move {
-            let deployed = kiln.functions.deploy(&name, code, config).await;
+            // The reason shown is the user's message (an internal failure's cause stays in the log).
+            let deployed = kiln.functions.deploy(&name, code, config).await.map_err(Problem::from);
             match &deployed {
                 Ok(_) => creations.succeeded(&name),
-                Err(e) => creations.failed(&name, &e.to_string()),
+                Err(problem) => creations.failed(&name, &problem.message),
             }
             deployed
         }
